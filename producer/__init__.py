@@ -1,0 +1,1 @@
+"""refexp producer: seeding, enqueueing, run status and the ``producer`` CLI."""

@@ -1,0 +1,318 @@
+"""The ``producer`` command line.
+
+Every command validates its inputs first and exits with status 2 and one clear message on a
+user error; per-image problems never stop a run (they are counted and listed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from tqdm import tqdm
+
+from worker.errors import ConfigError
+from worker.spec import Spec, default_spec_yaml, load_spec
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="refexp: KITTI-labelled images -> grounded referring expressions, with a VLM teacher.")
+
+SpecOpt = Annotated[Path | None, typer.Option("-c", "--spec", help="Spec YAML (TAO layout).")]
+Overrides = Annotated[list[str] | None, typer.Argument(help="Dot-notation overrides, key.path=value.")]
+ImageDir = Annotated[Path | None, typer.Option("--image-dir", help="= image_referring_expression.data.image_dir")]
+LabelDir = Annotated[Path | None, typer.Option("--label-dir", help="= ...data.kitti_label_dir")]
+ResultsDir = Annotated[Path | None, typer.Option("--results-dir", help="= results_dir")]
+RequiredResults = Annotated[Path, typer.Option("--results-dir", help="The run's results_dir.")]
+MaxInflight = Annotated[int, typer.Option("--max-inflight", min=1,
+                                          help="Images enqueued but not finished, at most.")]
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    try:
+        yield
+    except ConfigError as exc:
+        _fail(str(exc))
+
+
+def _spec(spec: Path | None, overrides: list[str] | None, image_dir: Path | None,
+          label_dir: Path | None, results_dir: Path | None) -> Spec:
+    extra = list(overrides or [])
+    if image_dir is not None:
+        extra.append(f"image_referring_expression.data.image_dir={image_dir}")
+    if label_dir is not None:
+        extra.append(f"image_referring_expression.data.kitti_label_dir={label_dir}")
+    if results_dir is not None:
+        extra.append(f"results_dir={results_dir}")
+    return load_spec(spec, extra)
+
+
+class _Bars:
+    """tqdm bars for the seeding/enqueueing phases."""
+
+    def __init__(self) -> None:
+        self.bars: dict[str, tqdm] = {}
+
+    def __call__(self, phase: str, advance: int, total: int | None) -> None:
+        bar = self.bars.get(phase)
+        if bar is None:
+            bar = self.bars[phase] = tqdm(total=total, desc=f"{phase:>8}", unit="img", file=sys.stderr,
+                                          dynamic_ncols=True, mininterval=0.5)
+        if total is not None and bar.total != total:
+            bar.total = total
+        bar.update(advance)
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
+def _watch(state, timeout: float | None) -> dict:
+    from producer.pipeline import wait
+
+    bars: dict[str, tqdm] = {}
+
+    def show(st: dict) -> None:
+        for s, c in st["steps"].items():
+            bar = bars.get(s)
+            if bar is None:
+                bar = bars[s] = tqdm(total=st["images"], desc=f"  step {s}", unit="img", file=sys.stderr,
+                                     dynamic_ncols=True, position=len(bars))
+            bar.n = c["done"] + c["failed"] + c["blocked"]
+            bar.set_postfix(failed=c["failed"], refresh=False)
+            bar.refresh()
+
+    try:
+        return wait(state, timeout=timeout, on_status=show)
+    finally:
+        for bar in bars.values():
+            bar.close()
+
+
+def _print_seed(sub) -> None:
+    r = sub.seed
+    typer.echo(f"seeded {r.images} images, {r.boxes} boxes ({r.ignored_boxes} ignored by type, "
+               f"{r.skipped_lines} label lines skipped, {r.missing_labels} label files missing, "
+               f"{r.unreadable_images} images unreadable)", err=True)
+    for p in r.problems[:20]:
+        typer.echo(f"  warning: {p}", err=True)
+    if len(r.problems) > 20:
+        typer.echo(f"  ... {len(r.problems) - 20} more (see failures.jsonl for unreadable images)", err=True)
+
+
+def _finalize_and_report(layout, steps: list[int]) -> None:
+    from producer.status import finalize
+
+    rep = finalize(layout, steps)
+    typer.echo(f"wrote {rep.path} ({rep.written} images; {len(rep.failed)} failed, {len(rep.missing)} missing)")
+    if rep.failed:
+        typer.echo(f"  failed images: {', '.join(rep.failed[:20])}{' ...' if len(rep.failed) > 20 else ''}"
+                   f" — details in {layout.failures.path}; `producer retry-failed --results-dir "
+                   f"{layout.root}` tries them again", err=True)
+
+
+@app.command("default-spec")
+def default_spec() -> None:
+    """Print the default spec (TAO's defaults plus refexp's keys)."""
+    typer.echo(default_spec_yaml(), nl=False)
+
+
+@app.command()
+def enqueue(
+    overrides: Overrides = None,
+    spec: SpecOpt = None,
+    image_dir: ImageDir = None,
+    label_dir: LabelDir = None,
+    results_dir: ResultsDir = None,
+    max_inflight: MaxInflight = 5000,
+    wait_: Annotated[bool, typer.Option("--wait", help="Show progress until done, then finalize.")] = False,
+    timeout: Annotated[float | None, typer.Option(help="With --wait: give up after this many s.")] = None,
+) -> None:
+    """Seed and enqueue a run on the fleet's Redis (REDIS_URL)."""
+    from producer.pipeline import submit
+    from producer.runs import connect
+
+    with user_errors():
+        s = _spec(spec, overrides, image_dir, label_dir, results_dir)
+        client = connect()
+        bars = _Bars()
+        try:
+            sub = submit(s, client, max_inflight=max_inflight, progress=bars)
+        except KeyboardInterrupt:
+            bars.close()
+            typer.echo("\ninterrupted: nothing is lost. Re-run the same command to finish the enqueue "
+                       "(queued and done images are not sent again).", err=True)
+            raise typer.Exit(130) from None
+        bars.close()
+        _print_seed(sub)
+        e = sub.enqueue
+        typer.echo(f"run {sub.run.run_id}: enqueued {e.enqueued} images ({e.already_done} already done, "
+                   f"{e.already_queued} already queued) -> {sub.run.layout.root}")
+        if not wait_:
+            typer.echo(f"watch: producer status --results-dir {sub.run.layout.root}   (or Flower on :5555)")
+            return
+        _watch(sub.run.state, timeout)
+        _finalize_and_report(sub.run.layout, sub.run.spec.ire.workflow.steps)
+
+
+@app.command()
+def run(
+    overrides: Overrides = None,
+    spec: SpecOpt = None,
+    image_dir: ImageDir = None,
+    label_dir: LabelDir = None,
+    results_dir: ResultsDir = None,
+) -> None:
+    """Run the whole pipeline on this machine: embedded Redis, in-process worker, then finalize."""
+    with user_errors():
+        s = _spec(spec, overrides, image_dir, label_dir, results_dir)
+        run_local(s)
+
+
+def run_local(s: Spec, *, quiet: bool = False) -> Path:
+    """``producer run`` as a function (the demo and the tests call it)."""
+    from producer.embedded import embedded_redis
+
+    with embedded_redis() as url:
+        os.environ["REDIS_URL"] = url
+        os.environ.pop("CELERY_BROKER_URL", None)
+        os.environ.pop("CELERY_RESULT_BACKEND", None)
+        os.environ.pop("REFEXP_STATE_URL", None)
+        from producer.local import in_process_worker
+        from producer.pipeline import submit
+        from producer.runs import connect
+        from worker.app import repoint
+
+        repoint(url)
+        client = connect(url)
+        with in_process_worker(s.ire.workflow.max_workers):
+            bars = _Bars() if not quiet else None
+            sub = submit(s, client, progress=bars)
+            if bars:
+                bars.close()
+                _print_seed(sub)
+            from producer.pipeline import wait
+
+            (wait(sub.run.state) if quiet else _watch(sub.run.state, None))
+        if not quiet:
+            _finalize_and_report(sub.run.layout, sub.run.spec.ire.workflow.steps)
+        else:
+            from producer.status import finalize
+
+            finalize(sub.run.layout, sub.run.spec.ire.workflow.steps)
+        return sub.run.layout.root
+
+
+@app.command()
+def status(
+    results_dir: RequiredResults,
+    json_: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
+) -> None:
+    """Images, done / failed / blocked / pending per step, throughput, ETA, workers, budget."""
+    from producer.runs import connect, existing_run
+    from producer.status import format_status
+    from producer.status import status as get_status
+
+    with user_errors():
+        _, _, state = existing_run(results_dir, connect())
+        st = get_status(state)
+        typer.echo(json.dumps(st) if json_ else format_status(st))
+
+
+@app.command()
+def wait(
+    results_dir: RequiredResults,
+    timeout: Annotated[float | None, typer.Option(help="Give up after this many seconds.")] = None,
+    finalize_: Annotated[bool, typer.Option("--finalize/--no-finalize")] = True,
+) -> None:
+    """Show progress until the run is finished, then finalize."""
+    from producer.runs import connect, existing_run
+
+    with user_errors():
+        _, layout, state = existing_run(results_dir, connect())
+        try:
+            _watch(state, timeout)
+        except TimeoutError as exc:
+            _fail(str(exc))
+        if finalize_:
+            _finalize_and_report(layout, state.meta().get("steps", []))
+
+
+@app.command()
+def finalize(results_dir: RequiredResults) -> None:
+    """Write results_dir/annotations.jsonl from the sinks (one record per image, sorted)."""
+    from producer.runs import connect, existing_run
+
+    with user_errors():
+        _, layout, state = existing_run(results_dir, connect())
+        steps = state.meta().get("steps")
+        if not steps:
+            _fail(f"run in {layout.root} has no steps recorded in Redis; enqueue it first")
+        _finalize_and_report(layout, steps)
+
+
+@app.command("retry-failed")
+def retry_failed_cmd(results_dir: RequiredResults, max_inflight: MaxInflight = 5000) -> None:
+    """Re-enqueue only the failed image-steps (and the steps after them)."""
+    from producer.pipeline import retry_failed
+    from producer.runs import connect, existing_run
+
+    with user_errors():
+        run_id, layout, state = existing_run(results_dir, connect())
+        n = retry_failed(run_id, layout, state, max_inflight=max_inflight)
+        typer.echo(f"re-enqueued {n} images with failed steps")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="Where the demo dataset and results go.")] = Path("demo-out"),
+    images: Annotated[int, typer.Option("--images", min=1, help="How many synthetic images.")] = 12,
+) -> None:
+    """Make a small synthetic road-scene dataset and run it locally on the offline teacher."""
+    from producer.demo import make_demo_dataset
+
+    with user_errors():
+        image_dir, label_dir = make_demo_dataset(out / "data", n_images=images)
+        s = load_spec(None, [
+            "image_referring_expression.vlm.backend=offline",
+            f"image_referring_expression.data.image_dir={image_dir}",
+            f"image_referring_expression.data.kitti_label_dir={label_dir}",
+            f"results_dir={out / 'results'}",
+            "image_referring_expression.workflow.output_format=both",
+        ])
+        root = run_local(s)
+        typer.echo(f"demo results in {root} (try: head -n 1 {root / 'annotations.jsonl'})")
+
+
+@app.command("check-endpoint")
+def check_endpoint(
+    overrides: Overrides = None,
+    spec: SpecOpt = None,
+    image: Annotated[Path | None, typer.Option(help="Image to send (default: a drawn test scene).")] = None,
+) -> None:
+    """One real call on one image: prints model, latency and the parsed answer, or what to fix."""
+    from producer.check import check
+
+    with user_errors():
+        s = load_spec(spec, list(overrides or []))
+        code = check(s, image)
+        raise typer.Exit(code)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

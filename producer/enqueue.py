@@ -1,0 +1,106 @@
+"""Enqueueing: one canvas per image, published in a bounded window.
+
+For the steps an image still needs, the canvas is ``chord(group(step0, step1), chain(step2,
+step3))`` or the matching smaller one. Signatures are immutable (``si``): tasks read their
+inputs from the sinks through the run index, so results carry only status strings.
+
+The window is the run's in-flight set in Redis (images enqueued and not yet settled): the
+producer waits while it holds ``max_inflight`` images, so Redis memory stays bounded by the
+window, not by the dataset. Publishing happens before marking an image in flight, so a producer
+killed mid-batch can only cause a duplicate message (which the worker's done check absorbs),
+never a lost image. The producer keeps no per-image state.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from celery import chain, chord, group
+from celery.canvas import Signature
+
+from producer.runs import Run
+from producer.seed import iter_seed
+from worker.runstate import RunState
+
+BATCH = 200
+DEFAULT_MAX_INFLIGHT = 5000
+
+
+@dataclass
+class EnqueueReport:
+    images: int = 0
+    enqueued: int = 0
+    already_done: int = 0
+    already_queued: int = 0
+
+
+def canvas(steps: list[int], run_ref: str, image_id: str, seed_offset: int) -> Signature:
+    """The canvas running ``steps`` (sorted) for one image."""
+    from worker.tasks import STEP_TASKS  # the producer publishes through the worker's app
+
+    args = (run_ref, image_id, seed_offset)
+    header = [STEP_TASKS[s].si(*args) for s in steps if s in (0, 1)]
+    tail = [STEP_TASKS[s].si(*args) for s in steps if s in (2, 3)]
+    if len(header) == 2 and tail:
+        return chord(group(header), chain(*tail) if len(tail) > 1 else tail[0])
+    if len(header) == 2:
+        return group(header)
+    parts = header + tail
+    return chain(*parts) if len(parts) > 1 else parts[0]
+
+
+def _batches(run: Run) -> Iterator[list[tuple[int, str]]]:
+    batch: list[tuple[int, str]] = []
+    for offset, rec in iter_seed(run.layout.seed):
+        batch.append((offset, rec["image_id"]))
+        if len(batch) >= BATCH:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def wait_for_window(state: RunState, max_inflight: int, incoming: int, poll: float = 0.5) -> None:
+    """Block while the run has ``max_inflight`` images in flight (workers drain it)."""
+    while state.queued_count() > 0 and state.queued_count() + incoming > max_inflight:
+        time.sleep(poll)
+
+
+def enqueue(
+    run: Run,
+    *,
+    max_inflight: int = DEFAULT_MAX_INFLIGHT,
+    progress: Callable[[int], None] | None = None,
+) -> EnqueueReport:
+    """Publish the canvases for every seeded image that still has work; return the counts."""
+    steps = run.spec.ire.workflow.steps
+    force = run.spec.ire.workflow.force_reprocess
+    report = EnqueueReport()
+    for batch in _batches(run):
+        ids = [image_id for _, image_id in batch]
+        report.images += len(ids)
+        queued = run.state.queued_many(ids)
+        done = {s: run.state.done_many(s, ids) for s in steps} if not force else {}
+        todo: list[tuple[int, str, list[int]]] = []
+        for i, (offset, image_id) in enumerate(batch):
+            if queued[i]:
+                report.already_queued += 1
+                continue
+            remaining = steps if force else [s for s in steps if not done[s][i]]
+            if not remaining:
+                report.already_done += 1
+                continue
+            todo.append((offset, image_id, remaining))
+        if todo:
+            wait_for_window(run.state, max_inflight, len(todo))
+            for s in steps:
+                run.state.clear_attempt(s, [image_id for _, image_id, r in todo if s in r])
+            for offset, image_id, remaining in todo:
+                canvas(remaining, run.ref, image_id, offset).apply_async()
+            run.state.mark_queued([image_id for _, image_id, _ in todo], time.time())
+            report.enqueued += len(todo)
+        if progress is not None:
+            progress(len(batch))
+    return report

@@ -1,0 +1,124 @@
+"""What ``producer enqueue`` / ``run`` / ``wait`` / ``retry-failed`` do, without the CLI."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import redis
+
+from producer.enqueue import DEFAULT_MAX_INFLIGHT, EnqueueReport, canvas, enqueue, wait_for_window
+from producer.runs import Run, open_run
+from producer.seed import SeedReport, iter_seed, write_seed
+from producer.status import status
+from worker.clients.factory import endpoint_key
+from worker.constants import ALL_STEPS
+from worker.errors import ConfigError
+from worker.layout import Layout
+from worker.runstate import RunState
+from worker.spec import Spec
+
+Progress = Callable[[str, int, int | None], None]  # (phase, advance, total)
+
+
+@dataclass
+class Submission:
+    run: Run
+    seed: SeedReport
+    enqueue: EnqueueReport
+    reindexed: dict[int, int]
+
+
+def reindex(run_state: RunState, layout: Layout) -> dict[int, int]:
+    """Rebuild the done index from the sinks (Redis was flushed, restarted empty, or is new)."""
+    counts = {}
+    for step in ALL_STEPS:
+        sink = layout.sink(step)
+        if sink.path.exists():
+            counts[step] = run_state.bulk_done(step, sink.latest_offsets().items())
+    return counts
+
+
+def submit(
+    spec: Spec,
+    client: redis.Redis,
+    *,
+    max_inflight: int = DEFAULT_MAX_INFLIGHT,
+    progress: Progress | None = None,
+) -> Submission:
+    """Validate, seed, store the run, and enqueue every image that still has work."""
+    run = open_run(spec, client)
+    meta = run.state.meta()
+    reindexed = {}
+    if not meta.get("indexed"):
+        reindexed = reindex(run.state, run.layout)
+    report = SeedReport()
+    tick = (lambda e: progress("seed", 1, None)) if progress else None
+    write_seed(run.spec, run.layout.root, report, on_record=tick)
+    for image_id, path, message in report.failures:
+        run.layout.record_failure(image_id=image_id, step="seed", error=message, attempts=1, image_path=path)
+    steps = run.spec.ire.workflow.steps
+    last_done = run.state.counts([steps[-1]])[steps[-1]]["done"]
+    run.state.store_spec(run.spec_hash, run.spec.public_dict(), {
+        "images": report.images, "steps": steps, "spec_hash": run.spec_hash, "indexed": True,
+        "seed_failed": len(report.failures), "enqueued_at": time.time(), "enqueue_complete": False,
+        "endpoint": endpoint_key(run.spec.ire.vlm), "done_at_start": last_done,
+        "results_dir": str(run.layout.root),
+    })
+    if progress:
+        progress("enqueue", 0, report.images)
+    enq = enqueue(run, max_inflight=max_inflight,
+                  progress=(lambda n: progress("enqueue", n, report.images)) if progress else None)
+    run.state.set_meta(enqueue_complete=True)
+    return Submission(run, report, enq, reindexed)
+
+
+def wait(state: RunState, *, timeout: float | None = None, poll: float = 0.5,
+         on_status: Callable[[dict], None] | None = None) -> dict:
+    """Poll the run until it is finished (or ``timeout`` seconds pass); return the last status."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        st = status(state)
+        if on_status:
+            on_status(st)
+        if st["finished"]:
+            return st
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"run {state.run_id} not finished after {timeout} s")
+        time.sleep(poll)
+
+
+def retry_failed(run_id: str, layout: Layout, state: RunState, *,
+                 max_inflight: int = DEFAULT_MAX_INFLIGHT) -> int:
+    """Re-enqueue only the failed image-steps (and the steps after them) of a run."""
+    meta = state.meta()
+    steps: list[int] = meta.get("steps") or []
+    spec_hash = meta.get("spec_hash")
+    if not steps or not spec_hash:
+        raise ConfigError(f"run {run_id}: no enqueue recorded in Redis; run `producer enqueue` again")
+    first_failed: dict[str, int] = {}
+    for s in steps:
+        for image_id in state.iter_failed(s):
+            first_failed[image_id] = min(first_failed.get(image_id, s), s)
+    if not first_failed:
+        return 0
+    run_ref = f"{run_id}:{spec_hash}"
+    n = 0
+    state.set_meta(enqueue_complete=False)
+    for offset, rec in iter_seed(layout.seed):
+        image_id = rec["image_id"]
+        if image_id not in first_failed:
+            continue
+        redo = [s for s in steps if s >= first_failed[image_id] and state.done_offset(s, image_id) is None]
+        if not redo:
+            continue
+        wait_for_window(state, max_inflight, 1)
+        for s in redo:
+            state.clear_attempt(s, [image_id])
+        canvas(redo, run_ref, image_id, offset).apply_async()
+        state.mark_queued([image_id], time.time())
+        n += 1
+    state.set_meta(enqueue_complete=True)
+    return n
+

@@ -1,0 +1,149 @@
+"""A run is a results directory: ``run.json`` there names its id; Redis holds its spec and index.
+
+Everything a user passes is checked here, before any work starts, with errors that name the
+key and the path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+
+from worker import settings
+from worker.errors import ConfigError
+from worker.layout import Layout
+from worker.runstate import RunState
+from worker.sinks import write_atomic
+from worker.spec import Spec
+from worker.steps.prompts import load_prompts
+
+
+@dataclass
+class Run:
+    run_id: str
+    spec: Spec
+    layout: Layout
+    state: RunState
+    spec_hash: str
+
+    @property
+    def ref(self) -> str:
+        return f"{self.run_id}:{self.spec_hash}"
+
+
+def spec_hash(public: dict) -> str:
+    return hashlib.sha256(json.dumps(public, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def connect(url: str | None = None) -> redis.Redis:
+    """A Redis client that has answered a PING, or a ConfigError saying how to get one."""
+    url = url or settings.state_url()
+    client = redis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        raise ConfigError(
+            f"cannot reach Redis at {_redact(url)} ({exc}); start one or set REDIS_URL "
+            "(for a single machine without Redis, use `producer run`)"
+        ) from None
+    return client
+
+
+def _redact(url: str) -> str:
+    """The URL without its password, for messages."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+def check_paths(spec: Spec) -> None:
+    """Every input path the spec names exists and has the right kind; the results dir is writable."""
+    data = spec.ire.data
+    if not spec.results_dir or spec.results_dir == "???":
+        raise ConfigError("results_dir is not set (pass --results-dir or results_dir=/path)")
+    if data.input_annotations_jsonl:
+        if not Path(data.input_annotations_jsonl).is_file():
+            raise ConfigError(f"data.input_annotations_jsonl: file not found: {data.input_annotations_jsonl}")
+    else:
+        if not data.image_dir or data.image_dir == "???":
+            raise ConfigError("data.image_dir is not set (pass --image-dir or "
+                              "image_referring_expression.data.image_dir=/path)")
+        if not Path(data.image_dir).is_dir():
+            raise ConfigError(f"data.image_dir: not a directory: {data.image_dir}")
+        if data.kitti_label_dir and data.kitti_label_dir != "???" and not Path(data.kitti_label_dir).is_dir():
+            raise ConfigError(f"data.kitti_label_dir: not a directory: {data.kitti_label_dir}")
+    load_prompts(spec.ire.workflow.prompts_file)
+    results = Path(spec.results_dir)
+    try:
+        results.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"results_dir: cannot create {results} ({exc})") from None
+    if not os.access(results, os.W_OK):
+        raise ConfigError(f"results_dir: {results} is not writable")
+
+
+def normalise(spec: Spec) -> Spec:
+    """Absolute paths everywhere ('???' placeholders from TAO specs become unset), so every
+    worker host resolves the same files on the shared volume."""
+    data = spec.model_dump()
+
+    def absolute(p: str) -> str:
+        return "" if p in ("", "???") else str(Path(p).expanduser().resolve())
+
+    data["results_dir"] = absolute(data["results_dir"])
+    d = data["image_referring_expression"]["data"]
+    for key in ("image_dir", "kitti_label_dir", "input_annotations_jsonl"):
+        d[key] = absolute(d[key])
+    wf = data["image_referring_expression"]["workflow"]
+    wf["prompts_file"] = absolute(wf["prompts_file"])
+    return Spec.model_validate(data)
+
+
+def check_wiring(spec: Spec, layout: Layout) -> None:
+    """Steps that need an earlier step's output either run it or find its sink from a past run."""
+    steps = spec.ire.workflow.steps
+    for step, need in ((2, 0), (3, 2)):
+        if step in steps and need not in steps and not layout.sink(need).path.exists():
+            raise ConfigError(
+                f"workflow.steps {steps}: step {step} reads step {need}'s results, but step {need} is "
+                f"not in the steps and {layout.sink(need).path} does not exist; add step {need}"
+            )
+
+
+def run_id_for(layout: Layout) -> str:
+    """The run id stored in ``results_dir/run.json``, created on first use."""
+    path = layout.run_file
+    if path.exists():
+        try:
+            return json.loads(path.read_text())["run_id"]
+        except (ValueError, KeyError) as exc:
+            raise ConfigError(f"{path}: not a refexp run file ({exc}); move it away to start afresh") from None
+    run_id = uuid.uuid4().hex[:12]
+    write_atomic(path, json.dumps({"run_id": run_id}) + "\n")
+    return run_id
+
+
+def open_run(spec: Spec, client: redis.Redis) -> Run:
+    """Validate the spec's paths and wiring, and bind it to its run id and Redis state."""
+    spec = normalise(spec)
+    check_paths(spec)
+    layout = Layout(Path(spec.results_dir))
+    check_wiring(spec, layout)
+    run_id = run_id_for(layout)
+    return Run(run_id, spec, layout, RunState(client, run_id), spec_hash(spec.public_dict()))
+
+
+def existing_run(results_dir: str | Path, client: redis.Redis) -> tuple[str, Layout, RunState]:
+    """The run living in ``results_dir`` (for status, wait, finalize, retry-failed)."""
+    layout = Layout(Path(results_dir).expanduser().resolve())
+    if not layout.run_file.exists():
+        raise ConfigError(f"{layout.root}: no refexp run here ({layout.run_file.name} missing)")
+    run_id = run_id_for(layout)
+    return run_id, layout, RunState(client, run_id)

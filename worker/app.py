@@ -1,0 +1,82 @@
+"""The Celery app: the only module that builds it. ``celery -A worker worker`` finds it here.
+
+Pool: tasks spend their time waiting on the VLM's HTTP answer, so the threads pool
+(``-P threads -c 16``) gives the most concurrent calls per MB; prefork works too.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from worker import settings
+from worker.constants import QUEUE
+
+
+def _backend_url(url: str) -> str:
+    """Route Redis result URLs through ``RefexpRedisBackend`` (see worker/backend.py)."""
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        return f"worker.backend:RefexpRedisBackend+{url}"
+    return url
+
+
+def make_app() -> Celery:
+    vt = settings.visibility_timeout()
+    app = Celery("refexp", include=["worker.tasks"])
+    app.conf.update(
+        broker_url=settings.broker_url(),
+        result_backend=_backend_url(settings.result_backend()),
+        # One dedicated queue, so a shared Redis can host other Celery apps without crosstalk.
+        task_default_queue=QUEUE,
+        task_default_exchange=QUEUE,
+        task_default_routing_key=QUEUE,
+        # Ack after the task ran, not when it was received: a worker that dies mid-task leaves
+        # the message unacked and Redis redelivers it after the visibility timeout.
+        task_acks_late=True,
+        # ... and a task whose worker process was killed (OOM, SIGKILL) is requeued, not failed.
+        task_reject_on_worker_lost=True,
+        # Take one message per free thread: long VLM calls must not strand prefetched work on
+        # one busy worker while others idle (and unacked prefetched messages count against the
+        # visibility timeout).
+        worker_prefetch_multiplier=1,
+        # Redis redelivers a message not acked within this many seconds. It must exceed the
+        # longest task (VLM timeout x calls) and every retry countdown (capped in tasks.py).
+        # REFEXP_VISIBILITY_TIMEOUT lowers it in tests so a killed worker's tasks come back fast.
+        broker_transport_options={"visibility_timeout": vt},
+        result_backend_transport_options={"visibility_timeout": vt},
+        # Results are tiny status strings, read only by chord counting; let them go quickly.
+        result_expires=3600,
+        # The chord join counter must outlive the deepest backlog (an image's header may wait
+        # days behind a million others), so it lives much longer than plain results.
+        result_chord_expires=14 * 24 * 3600,
+        # JSON only: messages carry ids and offsets, never pickled objects.
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        # Sent events for every one of a million tasks cost the producer; task events on the
+        # worker (-E) are what Flower needs.
+        task_send_sent_event=False,
+        worker_send_task_events=True,
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        worker_hijack_root_logger=False,
+        task_track_started=False,
+    )
+    return app
+
+
+app = make_app()
+
+
+def repoint(url: str) -> None:
+    """Point this process's app at another Redis (``producer run`` starts its own, per run).
+
+    Celery caches the broker pool and the result backend on first use; drop both so the next
+    publish and the next chord count use ``url``.
+    """
+    import threading
+
+    app.conf.update(broker_url=url, result_backend=_backend_url(url))
+    app.close()
+    app._backend_cache = None
+    app._local = threading.local()
+    app.__dict__.pop("amqp", None)

@@ -1,0 +1,1 @@
+"""VLM clients: one protocol (``base.VLMClient``), one module per backend."""

@@ -1,0 +1,30 @@
+"""Names shared by the producer and the workers: queue, Redis keys, file names, step ids."""
+
+from __future__ import annotations
+
+QUEUE = "refexp"
+KEY_PREFIX = "refexp"
+
+SEED_FILE = "seed_annotations.jsonl"
+FAILURES_FILE = "failures.jsonl"
+FINAL_FILE = "annotations.jsonl"
+RUN_FILE = "run.json"
+SINK_FILE = "annotations.jsonl"
+LEGACY_DIR = "labels"
+
+# Step number -> name, as in the reference; directory is step_<N>_<name>.
+STEP_NAMES: dict[int, str] = {
+    0: "region_expr",
+    1: "image_caption",
+    2: "grounding_expr",
+    3: "double_check",
+}
+ALL_STEPS: tuple[int, ...] = (0, 1, 2, 3)
+
+# Box coordinates the VLM sees are normalised to this range.
+NORM = 1000
+
+
+def step_dir_name(step: int) -> str:
+    """``step_<N>_<name>``, the reference's directory name for a step."""
+    return f"step_{step}_{STEP_NAMES[step]}"

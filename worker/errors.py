@@ -1,0 +1,61 @@
+"""The error tree every layer speaks.
+
+The task layer only needs to know one thing about an error: can trying again help? Retryable
+errors (rate limits, 5xx, timeouts, unparseable answers) are re-scheduled; everything in
+``PERMANENT`` fails the image-step at once and is recorded in ``failures.jsonl``.
+"""
+
+from __future__ import annotations
+
+
+class PipelineError(Exception):
+    """Root of every error refexp raises on purpose."""
+
+
+class ConfigError(PipelineError, ValueError):
+    """A spec, an override or a path the user gave is wrong. Raised before any work starts."""
+
+
+class InputError(PipelineError):
+    """One image or label file cannot be used (unreadable, too large, malformed)."""
+
+
+class ClientError(PipelineError):
+    """A VLM call failed in a way that trying again may fix (429, 5xx, timeout, connection)."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None, status: int | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.status = status
+
+
+class RateLimited(ClientError):
+    """HTTP 429 / RESOURCE_EXHAUSTED; ``retry_after`` holds the server's hint when it gave one."""
+
+
+class EmptyAnswer(ClientError):
+    """The model returned no text (blocked, empty candidates); a new sample may succeed."""
+
+
+class PermanentClientError(PipelineError):
+    """A VLM call that will fail the same way every time: bad request, auth, unknown model."""
+
+    def __init__(self, message: str, *, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+class ParseError(PipelineError):
+    """The answer held nothing we could use. Retried (a new sample often parses); raw text kept."""
+
+    def __init__(self, message: str, *, raw: str = ""):
+        super().__init__(message)
+        self.raw = raw
+
+
+class UpstreamFailed(PipelineError):
+    """A step this one depends on failed for good, so this one does not run on partial input."""
+
+
+PERMANENT: tuple[type[Exception], ...] = (ConfigError, InputError, PermanentClientError, UpstreamFailed)
+RETRYABLE: tuple[type[Exception], ...] = (ClientError, ParseError)

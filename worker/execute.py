@@ -1,0 +1,78 @@
+"""One image-step, end to end, without Celery: skip if done, read inputs, ask, append, index.
+
+The Celery task (``worker.tasks``) is a thin adapter over ``execute``; retries and failure
+recording are decided there from the exception ``execute`` lets through.
+"""
+
+from __future__ import annotations
+
+import json
+
+from worker.context import RunContext
+from worker.errors import InputError
+from worker.steps import REQUIRES, USES, input_record, run_step
+
+DONE, SKIPPED, BLOCKED, FAILED = "done", "skipped", "blocked", "failed"
+
+
+def required_inputs(step: int, steps: list[int]) -> tuple[int, ...]:
+    """Steps whose records must exist: the fixed ones, plus step 1 for step 2 when it runs."""
+    extra = (1,) if step == 2 and 1 in steps else ()
+    return REQUIRES[step] + extra
+
+
+def read_seed(ctx: RunContext, image_id: str, offset: int) -> dict:
+    """The seed record at ``offset``; falls back to a scan if the seed file was rewritten."""
+    path = ctx.layout.seed
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            rec = json.loads(f.readline())
+        if rec.get("image_id") == image_id:
+            return rec
+    except (OSError, ValueError):
+        pass
+    try:
+        with open(path, "rb") as f:
+            for line in f:
+                rec = json.loads(line)
+                if rec.get("image_id") == image_id:
+                    return rec
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read the seed file ({exc})") from exc
+    raise InputError(f"{path}: image '{image_id}' is not in the seed file")
+
+
+def execute(ctx: RunContext, step: int, image_id: str, seed_offset: int) -> str:
+    """Run ``step`` for one image; return DONE, SKIPPED or BLOCKED, or raise."""
+    wf = ctx.spec.ire.workflow
+    if not wf.force_reprocess and ctx.state.done_offset(step, image_id) is not None:
+        return SKIPPED
+    upstream: dict[int, dict] = {}
+    for s in USES[step]:
+        off = ctx.state.done_offset(s, image_id)
+        if off is not None:
+            upstream[s] = ctx.layout.sink(s).read_at(off)
+    missing = [s for s in required_inputs(step, wf.steps) if s not in upstream]
+    if missing:
+        ctx.state.mark_blocked(step, image_id, f"waiting on step(s) {missing}")
+        return BLOCKED
+    seed = read_seed(ctx, image_id, seed_offset) if step != 3 else {}
+    record = input_record(step, seed, upstream)
+    outcome = run_step(step, record, ctx.client, ctx.templates, max_pixels=ctx.spec.ire.vlm.max_image_pixels)
+    offset = ctx.layout.sink(step).append(outcome.record)
+    if wf.output_format in ("legacy", "both"):
+        ctx.layout.write_legacy(step, image_id, outcome.legacy)
+    ctx.state.mark_done(step, image_id, offset)
+    return DONE
+
+
+def record_failure(ctx: RunContext, step: int, image_id: str, exc: BaseException, attempts: int) -> str:
+    """A failure for good: a line in failures.jsonl and the failed index; the image stays resumable."""
+    extra = {}
+    raw = getattr(exc, "raw", None)
+    if raw:
+        extra["raw"] = raw[:4000]
+    ctx.layout.record_failure(image_id=image_id, step=step, error=exc, attempts=attempts, **extra)
+    ctx.state.mark_failed(step, image_id, f"{type(exc).__name__}: {exc}")
+    return FAILED

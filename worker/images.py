@@ -1,0 +1,106 @@
+"""Image access: header-only size reads for seeding, and the bytes we send to a VLM.
+
+Seeding reads only the header (PIL opens lazily), so a million images cost a million small
+reads, not a million decodes. A call path reads the file once and sends its original bytes
+unless the provider cannot take them (palette or 16-bit PNG, CMYK JPEG, other formats).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from worker.errors import InputError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+DEFAULT_MAX_PIXELS = 64_000_000
+
+_MIME = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
+# Modes every provider decodes as-is; anything else is re-encoded.
+_SAFE_MODES = {"RGB", "L", "RGBA", "LA"}
+
+
+@dataclass(frozen=True)
+class ImagePayload:
+    """What a VLM call sends: the bytes, their MIME type and the image's pixel size."""
+
+    data: bytes
+    mime: str
+    width: int
+    height: int
+    path: str
+    reencoded: bool = False
+
+
+def _check_pixels(path: Path, width: int, height: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise InputError(
+            f"{path}: image is {width}x{height} = {width * height} pixels, above the limit of "
+            f"{max_pixels} (raise vlm.max_image_pixels if this is intended)"
+        )
+
+
+def read_size(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """Width and height from the header only; raises InputError naming the file."""
+    p = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(p) as im:
+                width, height = im.size
+    except FileNotFoundError as exc:
+        raise InputError(f"{p}: image file not found") from exc
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InputError(f"{p}: image too large ({exc})") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InputError(f"{p}: not a readable image ({exc})") from exc
+    if width <= 0 or height <= 0:
+        raise InputError(f"{p}: image has no pixels ({width}x{height})")
+    _check_pixels(p, width, height, max_pixels)
+    return width, height
+
+
+def load_payload(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImagePayload:
+    """Read an image once and return the bytes to send, re-encoding only when needed.
+
+    The image is fully decoded (``load``) so a truncated file fails here with its name rather
+    than at the provider.
+    """
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError as exc:
+        raise InputError(f"{p}: image file not found") from exc
+    except OSError as exc:
+        raise InputError(f"{p}: cannot read image ({exc})") from exc
+    if not data:
+        raise InputError(f"{p}: image file is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                _check_pixels(p, im.width, im.height, max_pixels)
+                im.load()
+                fmt, mode, size = im.format, im.mode, im.size
+                if fmt in _MIME and mode in _SAFE_MODES:
+                    return ImagePayload(data, _MIME[fmt], size[0], size[1], str(p))
+                rgb = im.convert("RGBA" if "A" in mode or "transparency" in im.info else "RGB")
+    except InputError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InputError(f"{p}: image too large ({exc})") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InputError(f"{p}: not a readable image ({exc})") from exc
+    buf = io.BytesIO()
+    rgb.save(buf, format="PNG")
+    return ImagePayload(buf.getvalue(), "image/png", size[0], size[1], str(p), reencoded=True)
+
+
+def open_rgb(payload: ImagePayload) -> Image.Image:
+    """Decode a payload to RGB pixels (the offline teacher and the preview look at pixels)."""
+    with Image.open(io.BytesIO(payload.data)) as im:
+        return im.convert("RGB")

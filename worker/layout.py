@@ -1,0 +1,66 @@
+"""Where every output file lives under ``results_dir`` (the reference's layout)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from worker.constants import (
+    FAILURES_FILE,
+    FINAL_FILE,
+    LEGACY_DIR,
+    RUN_FILE,
+    SEED_FILE,
+    SINK_FILE,
+    step_dir_name,
+)
+from worker.sinks import JsonlSink, write_atomic
+
+
+@dataclass(frozen=True)
+class Layout:
+    root: Path
+
+    @property
+    def seed(self) -> Path:
+        return self.root / SEED_FILE
+
+    @property
+    def final(self) -> Path:
+        return self.root / FINAL_FILE
+
+    @property
+    def run_file(self) -> Path:
+        return self.root / RUN_FILE
+
+    @property
+    def failures(self) -> JsonlSink:
+        return JsonlSink(self.root / FAILURES_FILE)
+
+    def sink(self, step: int) -> JsonlSink:
+        return JsonlSink(self.root / step_dir_name(step) / SINK_FILE)
+
+    def legacy_path(self, step: int, image_id: str) -> Path:
+        return self.root / step_dir_name(step) / LEGACY_DIR / f"{image_id}.txt.step{step}"
+
+    def write_legacy(self, step: int, image_id: str, text: str) -> None:
+        write_atomic(self.legacy_path(step, image_id), text)
+
+    def record_failure(
+        self, *, image_id: str, step: int | str, error: BaseException | str, attempts: int, **extra: object
+    ) -> None:
+        """One line in ``failures.jsonl``: what failed, why, after how many attempts, and when."""
+        if isinstance(error, BaseException):
+            kind, message = type(error).__name__, str(error)
+        else:
+            kind, message = "Error", error
+        self.failures.append({
+            "image_id": image_id,
+            "step": step,
+            "error": kind,
+            "message": message,
+            "attempts": attempts,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **extra,
+        })

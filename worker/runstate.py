@@ -1,0 +1,159 @@
+"""Run state in Redis: the public spec, the per-step done / failed / blocked indexes, heartbeats.
+
+The sinks on the shared volume are the truth. Redis holds an index over them so a worker can
+tell in one round trip whether an image-step is done, and where its record sits:
+``done:{step}`` maps ``image_id -> byte offset`` in that step's sink. ``failed:{step}`` and
+``blocked:{step}`` hold a short reason. If Redis loses the index, ``reindex`` rebuilds it from
+the sinks. No secret is ever written here.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Iterator
+
+import redis
+
+from worker.constants import KEY_PREFIX
+
+SPEC_TTL = 60 * 60 * 24 * 60  # the spec outlives any sane run; re-enqueue refreshes it
+WORKER_SEEN_WINDOW = 120.0
+
+
+def run_key(run_id: str, *parts: object) -> str:
+    return ":".join((KEY_PREFIX, "run", run_id, *map(str, parts)))
+
+
+class RunState:
+    """All Redis access for one run."""
+
+    def __init__(self, client: redis.Redis, run_id: str):
+        self.r = client
+        self.run_id = run_id
+
+    # -- spec ---------------------------------------------------------------------------------
+    def store_spec(self, spec_hash: str, public_spec: dict, meta: dict) -> None:
+        pipe = self.r.pipeline()
+        pipe.set(run_key(self.run_id, "spec", spec_hash), json.dumps(public_spec), ex=SPEC_TTL)
+        pipe.hset(run_key(self.run_id, "meta"), mapping={k: json.dumps(v) for k, v in meta.items()})
+        pipe.execute()
+
+    def load_spec(self, spec_hash: str) -> dict | None:
+        raw = self.r.get(run_key(self.run_id, "spec", spec_hash))
+        return json.loads(raw) if raw else None
+
+    def meta(self) -> dict:
+        raw = self.r.hgetall(run_key(self.run_id, "meta"))
+        return {k.decode(): json.loads(v) for k, v in raw.items()}
+
+    def set_meta(self, **values: object) -> None:
+        self.r.hset(run_key(self.run_id, "meta"), mapping={k: json.dumps(v) for k, v in values.items()})
+
+    # -- per image-step index ---------------------------------------------------------------
+    def done_offset(self, step: int, image_id: str) -> int | None:
+        raw = self.r.hget(run_key(self.run_id, "done", step), image_id)
+        return int(raw) if raw is not None else None
+
+    def done_many(self, step: int, image_ids: list[str]) -> list[bool]:
+        if not image_ids:
+            return []
+        return [v is not None for v in self.r.hmget(run_key(self.run_id, "done", step), image_ids)]
+
+    def mark_done(self, step: int, image_id: str, offset: int) -> None:
+        pipe = self.r.pipeline()
+        pipe.hset(run_key(self.run_id, "done", step), image_id, offset)
+        pipe.hdel(run_key(self.run_id, "failed", step), image_id)
+        pipe.hdel(run_key(self.run_id, "blocked", step), image_id)
+        pipe.execute()
+
+    def mark_failed(self, step: int, image_id: str, reason: str) -> None:
+        self.r.hset(run_key(self.run_id, "failed", step), image_id, reason[:500])
+
+    def mark_blocked(self, step: int, image_id: str, reason: str) -> None:
+        self.r.hset(run_key(self.run_id, "blocked", step), image_id, reason[:200])
+
+    def clear_attempt(self, step: int, image_ids: Iterable[str]) -> None:
+        """Forget failed/blocked marks before a retry, so status counts them as pending again."""
+        ids = list(image_ids)
+        if ids:
+            pipe = self.r.pipeline()
+            pipe.hdel(run_key(self.run_id, "failed", step), *ids)
+            pipe.hdel(run_key(self.run_id, "blocked", step), *ids)
+            pipe.execute()
+
+    def failed(self, step: int) -> dict[str, str]:
+        return {k.decode(): v.decode() for k, v in self.r.hgetall(run_key(self.run_id, "failed", step)).items()}
+
+    def iter_failed(self, step: int) -> Iterator[str]:
+        for key, _ in self.r.hscan_iter(run_key(self.run_id, "failed", step)):
+            yield key.decode()
+
+    def counts(self, steps: Iterable[int]) -> dict[int, dict[str, int]]:
+        pipe = self.r.pipeline()
+        steps = list(steps)
+        for s in steps:
+            for kind in ("done", "failed", "blocked"):
+                pipe.hlen(run_key(self.run_id, kind, s))
+        values = iter(pipe.execute())
+        return {s: {kind: next(values) for kind in ("done", "failed", "blocked")} for s in steps}
+
+    def reset_index(self, steps: Iterable[int]) -> None:
+        keys = [run_key(self.run_id, kind, s) for s in steps for kind in ("done", "failed", "blocked")]
+        if keys:
+            self.r.delete(*keys)
+
+    def bulk_done(self, step: int, pairs: Iterable[tuple[str, int]], batch: int = 1000) -> int:
+        n = 0
+        key = run_key(self.run_id, "done", step)
+        chunk: dict[str, int] = {}
+        for image_id, offset in pairs:
+            chunk[image_id] = offset
+            if len(chunk) >= batch:
+                self.r.hset(key, mapping=chunk)
+                n += len(chunk)
+                chunk = {}
+        if chunk:
+            self.r.hset(key, mapping=chunk)
+            n += len(chunk)
+        return n
+
+    # -- images in flight (the producer's window) ----------------------------------------------
+    def mark_queued(self, image_ids: list[str], stamp: float) -> None:
+        if image_ids:
+            self.r.hset(run_key(self.run_id, "queued"), mapping=dict.fromkeys(image_ids, stamp))
+
+    def queued_many(self, image_ids: list[str]) -> list[bool]:
+        if not image_ids:
+            return []
+        return [v is not None for v in self.r.hmget(run_key(self.run_id, "queued"), image_ids)]
+
+    def queued_count(self) -> int:
+        return int(self.r.hlen(run_key(self.run_id, "queued")))
+
+    def clear_queued(self) -> None:
+        self.r.delete(run_key(self.run_id, "queued"))
+
+    def settle(self, image_id: str, steps: list[int]) -> bool:
+        """Drop the image from the in-flight set once every step is done, failed or blocked.
+
+        Called after each step's outcome is marked; of two header tasks finishing together at
+        least one sees both marks, so the image always leaves the set.
+        """
+        pipe = self.r.pipeline()
+        for s in steps:
+            for kind in ("done", "failed", "blocked"):
+                pipe.hexists(run_key(self.run_id, kind, s), image_id)
+        flags = pipe.execute()
+        settled = all(any(flags[i * 3 : i * 3 + 3]) for i in range(len(steps)))
+        if settled:
+            self.r.hdel(run_key(self.run_id, "queued"), image_id)
+        return settled
+
+    # -- fleet ---------------------------------------------------------------------------------
+    def heartbeat(self, worker: str) -> None:
+        self.r.zadd(run_key(self.run_id, "workers"), {worker: time.time()})
+
+    def workers_seen(self, window: float = WORKER_SEEN_WINDOW) -> list[str]:
+        since = time.time() - window
+        return [w.decode() for w in self.r.zrangebyscore(run_key(self.run_id, "workers"), since, "+inf")]

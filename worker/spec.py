@@ -1,0 +1,221 @@
+"""The run spec: TAO's ``image_referring_expression`` layout, validated by pydantic.
+
+A TAO spec file loads unchanged. Dot-notation overrides (``a.b.c=value``, lists as ``[0,2,3]``)
+are merged by OmegaConf, whose grammar is the one TAO users already type. Errors name the file,
+the line, the key and, for unknown keys, the closest valid one.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from worker.constants import ALL_STEPS
+from worker.errors import ConfigError
+
+SECRET_KEYS = ("api_key",)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class GeminiSpec(_Strict):
+    api_key: str = Field("", description="Prefer GOOGLE_API_KEY in the worker environment.")
+    model: str = "gemini-2.5-flash"
+    media_resolution: str = "MEDIA_RESOLUTION_HIGH"
+    temperature: float = 0.0
+    max_output_tokens: int = 8192
+    timeout: float = 120.0
+    base_url: str = Field("", description="refexp: proxy or test endpoint; empty = Google's.")
+
+
+class OpenAISpec(_Strict):
+    api_key: str = Field("", description="Prefer OPENAI_API_KEY / NVIDIA_API_KEY in the worker env.")
+    base_url: str = "https://integrate.api.nvidia.com/v1"
+    model_name: str = "qwen/qwen2.5-vl-72b-instruct"
+    temperature: float = 0.0
+    max_tokens: int = 8192
+    timeout: float = 120.0
+
+
+class VLMSpec(_Strict):
+    backend: Literal["gemini", "openai", "offline"] = "gemini"
+    gemini: GeminiSpec = GeminiSpec()
+    openai: OpenAISpec = OpenAISpec()
+    # refexp additions
+    max_concurrency: int = Field(16, ge=1, description="Fleet-wide VLM calls in flight per endpoint.")
+    requests_per_minute: int = Field(0, ge=0, description="Fleet-wide per endpoint; 0 = unlimited.")
+    max_retries: int = Field(5, ge=0, description="Retries of a retryable VLM failure per image-step.")
+    max_image_pixels: int = Field(64_000_000, ge=1, description="Larger images fail (bomb guard).")
+
+
+class WorkflowSpec(_Strict):
+    steps: list[int] = Field(default_factory=lambda: list(ALL_STEPS))
+    max_workers: int = Field(8, ge=1)
+    force_reprocess: bool = False
+    output_format: Literal["jsonl", "legacy", "both"] = "both"
+    prompts_file: str = ""
+
+    @field_validator("steps", mode="before")
+    @classmethod
+    def _steps(cls, value: Any) -> Any:
+        if isinstance(value, (str, int)):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            return value
+        out = []
+        for v in value:
+            try:
+                n = int(v)
+            except (TypeError, ValueError):
+                raise ValueError(f"step {v!r} is not one of 0, 1, 2, 3") from None
+            if n not in ALL_STEPS:
+                raise ValueError(f"step {v!r} is not one of 0, 1, 2, 3")
+            out.append(n)
+        if not out:
+            raise ValueError("at least one step must run")
+        return sorted(set(out))
+
+
+class DataSpec(_Strict):
+    image_dir: str = ""
+    kitti_label_dir: str = ""
+    input_annotations_jsonl: str = ""
+    ignore_types: list[str] = Field(default_factory=lambda: ["DontCare"])
+
+
+class ReferringSpec(_Strict):
+    vlm: VLMSpec = VLMSpec()
+    workflow: WorkflowSpec = WorkflowSpec()
+    data: DataSpec = DataSpec()
+
+
+class Spec(_Strict):
+    results_dir: str = "/results"
+    autolabel_type: Literal["image_referring_expression"] = "image_referring_expression"
+    image_referring_expression: ReferringSpec = ReferringSpec()
+
+    # convenience
+    @property
+    def ire(self) -> ReferringSpec:
+        return self.image_referring_expression
+
+    def public_dict(self) -> dict:
+        """The spec as a plain dict with every secret blanked: what may reach Redis and files."""
+        data = self.model_dump(mode="json")
+        _blank_secrets(data)
+        return data
+
+
+def _blank_secrets(node: Any) -> None:
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k in SECRET_KEYS and v:
+                node[k] = ""
+            else:
+                _blank_secrets(v)
+
+
+def _valid_keys(model: type[BaseModel]) -> list[str]:
+    return list(model.model_fields)
+
+
+def _model_at(loc: tuple) -> type[BaseModel]:
+    model: type[BaseModel] = Spec
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            break
+        model = field.annotation
+    return model
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """``dotted.key -> line number`` for every mapping key in a YAML document."""
+    out: dict[str, int] = {}
+
+    def walk(node: yaml.Node, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = f"{prefix}{k.value}"
+                out[key] = k.start_mark.line + 1
+                walk(v, key + ".")
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                out[f"{prefix}{i}"] = item.start_mark.line + 1
+                walk(item, f"{prefix}{i}.")
+
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return out
+    if root is not None:
+        walk(root, "")
+    return out
+
+
+def _format_errors(exc: ValidationError, source: str, lines: dict[str, int], overrides: set[str]) -> str:
+    msgs = []
+    for err in exc.errors():
+        loc = tuple(str(p) for p in err["loc"])
+        dotted = ".".join(loc)
+        where = source
+        if any(k == dotted or k.startswith(dotted + ".") for k in overrides):
+            where = "command-line override"
+        elif dotted in lines:
+            where = f"{source}:{lines[dotted]}"
+        if err["type"] == "extra_forbidden":
+            parent = _model_at(loc[:-1])
+            close = difflib.get_close_matches(loc[-1], _valid_keys(parent), n=1, cutoff=0.5)
+            hint = f"; did you mean '{'.'.join((*loc[:-1], close[0]))}'?" if close else ""
+            valid = ", ".join(_valid_keys(parent))
+            msgs.append(f"{where}: unknown key '{dotted}'{hint} (valid here: {valid})")
+        else:
+            value = err.get("input")
+            msgs.append(f"{where}: '{dotted}' = {value!r}: {err['msg']}")
+    return "invalid spec:\n  " + "\n  ".join(msgs)
+
+
+def load_spec(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Spec:
+    """Load a spec file (or the defaults), apply ``key=value`` overrides, validate.
+
+    Raises ConfigError with file:line for anything wrong.
+    """
+    source = str(path) if path else "<defaults>"
+    text = ""
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"spec file not found: {p}")
+        text = p.read_text(encoding="utf-8")
+    try:
+        base = OmegaConf.create(yaml.safe_load(text) or {}) if text else OmegaConf.create({})
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.path=value")
+    try:
+        merged = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides)))
+        data = OmegaConf.to_container(merged, resolve=True)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{source}: cannot apply overrides {list(overrides)}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the spec must be a mapping at the top level")
+    try:
+        return Spec.model_validate(data)
+    except ValidationError as exc:
+        keys = {o.split("=", 1)[0].strip() for o in overrides}
+        raise ConfigError(_format_errors(exc, source, _key_lines(text), keys)) from None
+
+
+def default_spec_yaml() -> str:
+    """The default spec as YAML (what ``producer default-spec`` prints)."""
+    return yaml.safe_dump(Spec().model_dump(mode="json"), sort_keys=False)

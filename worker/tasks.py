@@ -1,0 +1,78 @@
+"""Celery tasks: thin adapters from a message to ``worker.execute``.
+
+A message carries ``(run_ref, image_id, seed_offset)`` — ids and an offset, never records or
+secrets. Each task returns a short status string (its result only feeds chord counting); the
+record itself goes to the step's sink. A step that fails for good records the failure and
+returns ``"failed"``; the steps after it find their input missing and return ``"blocked"``
+without calling the model, so the chain stops for that image and every other image goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+
+from celery import Task
+
+from worker import settings
+from worker.app import app
+from worker.constants import STEP_NAMES
+from worker.context import RunContext, get_context
+from worker.errors import PERMANENT, RETRYABLE, ClientError
+from worker.execute import execute, record_failure
+
+log = logging.getLogger("refexp.worker")
+
+BACKOFF_BASE = 2.0
+BACKOFF_CAP = 300.0
+
+
+def retry_countdown(retries: int, retry_after: float | None, visibility_timeout: int) -> float:
+    """Exponential backoff with full jitter, at least the server's Retry-After, and always well
+    below the visibility timeout (a countdown past it would make Redis redeliver the task)."""
+    delay = random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2**retries)) + 0.5
+    if retry_after:
+        delay = max(delay, retry_after + random.uniform(0, 1))
+    return min(delay, visibility_timeout * 0.5)
+
+
+def run_task(task: Task, step: int, run_ref: str, image_id: str, seed_offset: int) -> str:
+    ctx = get_context(run_ref)
+    ctx.state.heartbeat(task.request.hostname or "unknown")
+    outcome = _attempt(task, ctx, step, image_id, seed_offset)
+    ctx.state.settle(image_id, ctx.spec.ire.workflow.steps)
+    return outcome
+
+
+def _attempt(task: Task, ctx: RunContext, step: int, image_id: str, seed_offset: int) -> str:
+    retries = task.request.retries
+    try:
+        return execute(ctx, step, image_id, seed_offset)
+    except RETRYABLE as exc:
+        max_retries = ctx.spec.ire.vlm.max_retries
+        if retries < max_retries:
+            retry_after = exc.retry_after if isinstance(exc, ClientError) else None
+            countdown = retry_countdown(retries, retry_after, settings.visibility_timeout())
+            log.warning("%s step %s attempt %d failed (%s: %s); retry in %.1fs",
+                        image_id, step, retries + 1, type(exc).__name__, exc, countdown)
+            raise task.retry(exc=exc, countdown=countdown, max_retries=max_retries) from None
+        return record_failure(ctx, step, image_id, exc, retries + 1)
+    except PERMANENT as exc:
+        return record_failure(ctx, step, image_id, exc, retries + 1)
+    except Exception as exc:  # a bug or an unforeseen input: record it, never lose the image
+        log.exception("%s step %s: unexpected error", image_id, step)
+        return record_failure(ctx, step, image_id, exc, retries + 1)
+
+
+def _make(step: int) -> Task:
+    name = STEP_NAMES[step]
+
+    @app.task(bind=True, name=f"refexp.{name}", acks_late=True)
+    def step_task(self: Task, run_ref: str, image_id: str, seed_offset: int) -> str:
+        return run_task(self, step, run_ref, image_id, seed_offset)
+
+    step_task.__doc__ = f"Step {step} ({name}) for one image."
+    return step_task
+
+
+STEP_TASKS: dict[int, Task] = {step: _make(step) for step in STEP_NAMES}
