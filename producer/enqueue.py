@@ -96,7 +96,7 @@ def enqueue(
         if todo:
             wait_for_window(run.state, max_inflight, len(todo))
             for s in steps:
-                run.state.clear_attempt(s, [image_id for _, image_id, r in todo if s in r])
+                run.state.clear_attempt(s, [image_id for _, image_id, r in todo if s in r], done=force)
             for offset, image_id, remaining in todo:
                 canvas(remaining, run.ref, image_id, offset).apply_async()
             run.state.mark_queued([image_id for _, image_id, _ in todo], time.time())

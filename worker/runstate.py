@@ -73,13 +73,14 @@ class RunState:
     def mark_blocked(self, step: int, image_id: str, reason: str) -> None:
         self.r.hset(run_key(self.run_id, "blocked", step), image_id, reason[:200])
 
-    def clear_attempt(self, step: int, image_ids: Iterable[str]) -> None:
-        """Forget failed/blocked marks before a retry, so status counts them as pending again."""
+    def clear_attempt(self, step: int, image_ids: Iterable[str], *, done: bool = False) -> None:
+        """Forget failed/blocked marks (and done marks, for a forced redo) before an image-step is
+        enqueued again, so status counts it as pending until its new outcome lands."""
         ids = list(image_ids)
         if ids:
             pipe = self.r.pipeline()
-            pipe.hdel(run_key(self.run_id, "failed", step), *ids)
-            pipe.hdel(run_key(self.run_id, "blocked", step), *ids)
+            for kind in ("failed", "blocked", *(("done",) if done else ())):
+                pipe.hdel(run_key(self.run_id, kind, step), *ids)
             pipe.execute()
 
     def failed(self, step: int) -> dict[str, str]:

@@ -1,17 +1,21 @@
 """Append-only JSONL sinks shared by every worker on every host, and the legacy label files.
 
 A sink line is written with one ``write`` under a lock held across threads (``threading.Lock``)
-and processes/hosts (POSIX ``lockf`` on the file, which NFS honours), then flushed and fsynced.
+and processes/hosts (``flock`` on the file, which Linux maps to NFS byte-range locks on a shared
+volume), then fsynced. Byte-range locks are owned per *process*, so the kernel may report a
+false deadlock (EDEADLK) between two multi-threaded workers each holding one sink; we retry.
 A crash can only leave a torn *last* line; the next writer seals it with a newline so it stays
 an isolated bad line, and readers skip bad lines and take the last record per ``image_id``.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +31,19 @@ def _thread_lock(path: Path) -> threading.Lock:
         if lock is None:
             lock = _LOCKS[key] = threading.Lock()
         return lock
+
+
+def _lock(fd: int) -> None:
+    delay = 0.001
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            return
+        except OSError as exc:
+            if exc.errno != errno.EDEADLK:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
 
 
 def dumps(record: dict) -> str:
@@ -56,7 +73,7 @@ class JsonlSink:
         with _thread_lock(self.path):
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
             try:
-                fcntl.lockf(fd, fcntl.LOCK_EX)
+                _lock(fd)
                 try:
                     end = os.lseek(fd, 0, os.SEEK_END)
                     if end > 0 and os.pread(fd, 1, end - 1) != b"\n":
@@ -66,7 +83,7 @@ class JsonlSink:
                     if self.fsync:
                         os.fsync(fd)
                 finally:
-                    fcntl.lockf(fd, fcntl.LOCK_UN)
+                    fcntl.flock(fd, fcntl.LOCK_UN)
             finally:
                 os.close(fd)
         return end

@@ -16,6 +16,8 @@ from worker.images import DEFAULT_MAX_PIXELS, load_payload
 from worker.steps import double_check, grounding_expr, image_caption, region_expr
 from worker.steps.records import merge
 
+CLEAN_STOPS = ("stop", "STOP", "end_turn")
+
 STEPS: dict[int, ModuleType] = {0: region_expr, 1: image_caption, 2: grounding_expr, 3: double_check}
 
 # Which earlier steps a step reads: required, and used when present.
@@ -60,9 +62,14 @@ def run_step(
         prompt, hint = call
         image = load_payload(record["image_path"], max_pixels=max_pixels)
         response = client.generate(VLMRequest(image=image, prompt=prompt, step=mod.NAME, hint=hint))
-        if not response.text or not response.text.strip():
+        if response.text and response.text.strip():
+            parsed = mod.parse(response.text, record)
+        elif step == 3 and response.finish_reason in CLEAN_STOPS:
+            # The step-3 prompt says to omit every line whose boxes were all removed, so a
+            # cleanly finished empty answer means "nothing survived" (flagged in meta).
+            parsed = double_check.all_removed(record)
+        else:
             raise EmptyAnswer(f"step {step}: the model returned no text (finish: {response.finish_reason})")
-        parsed = mod.parse(response.text, record)
     out = mod.record(record, parsed)
     return StepOutcome(record=out, legacy=mod.legacy(out), response=response)
 

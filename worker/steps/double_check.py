@@ -77,6 +77,15 @@ def parse(text: str, record: dict) -> dict:
     return {"expressions": out, "report": {"repairs": parsed.repairs, **counts}}
 
 
+def all_removed(record: dict) -> dict:
+    """A cleanly finished empty answer: the model removed every box, so no expression survives."""
+    exprs = record.get("expressions") or []
+    n_boxes = sum(len(e.get("instances", [])) for e in exprs)
+    return {"expressions": [], "report": {"repairs": ["empty_answer_all_removed"], "removed": n_boxes,
+                                          "updated": 0, "added_dropped": 0, "invalid_boxes": 0,
+                                          "dropped_expressions": len(exprs)}}
+
+
 def empty() -> dict:
     return {"expressions": [], "report": {}}
 

@@ -1,0 +1,171 @@
+"""Box arithmetic: sanitising model boxes, IoU, one-to-one matching, nearest target."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from worker.geometry import area, clip, iou, match_one_to_one, nearest, sanitize_norm_box, to_norm, to_pixels
+
+# --------------------------------------------------------------------------- sanitize_norm_box
+
+
+def test_sanitize_plain_ints():
+    assert sanitize_norm_box([1, 2, 3, 4]) == [1, 2, 3, 4]
+
+
+def test_sanitize_tuple_and_floats_rounded():
+    out = sanitize_norm_box((10.2, 20.7, 30.0, 40.0))
+    assert out == [10, 21, 30, 40]
+    assert all(isinstance(v, int) for v in out)
+
+
+def test_sanitize_numeric_strings():
+    assert sanitize_norm_box(["10", "20", "30.0", " 40 "]) == [10, 20, 30, 40]
+
+
+def test_sanitize_swapped_corners_reordered():
+    assert sanitize_norm_box([300, 400, 100, 200]) == [100, 200, 300, 400]
+    assert sanitize_norm_box([100, 400, 300, 200]) == [100, 200, 300, 400]
+
+
+def test_sanitize_clamps_to_range():
+    assert sanitize_norm_box([-50, -1, 1200, 1001]) == [0, 0, 1000, 1000]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        [1, 2, 3],
+        [1, 2, 3, 4, 5],
+        [],
+        None,
+        "1, 2, 3, 4",
+        {"x1": 1},
+        [1, 2, float("nan"), 4],
+        [1, 2, float("inf"), 4],
+        [1, 2, "x", 4],
+        [1, 2, None, 4],
+        [True, 2, 3, 4],
+        [0, 0, False, 4],
+        [[1], 2, 3, 4],
+        [5, 5, 5, 9],  # no width
+        [5, 5, 9, 5],  # no height
+        [1100, 10, 1200, 20],  # clamps to zero width
+    ],
+)
+def test_sanitize_rejects(bad):
+    assert sanitize_norm_box(bad) is None
+
+
+# --------------------------------------------------------------------------- iou / area / clip
+
+
+def test_iou_identical():
+    assert iou([0, 0, 10, 10], [0, 0, 10, 10]) == pytest.approx(1.0)
+
+
+def test_iou_disjoint_and_touching():
+    assert iou([0, 0, 10, 10], [20, 20, 30, 30]) == 0.0
+    assert iou([0, 0, 10, 10], [10, 0, 20, 10]) == 0.0
+
+
+def test_iou_partial():
+    # intersection 5x10=50, union 100+100-50=150
+    assert iou([0, 0, 10, 10], [5, 0, 15, 10]) == pytest.approx(1 / 3)
+
+
+def test_iou_contained():
+    assert iou([0, 0, 10, 10], [0, 0, 5, 10]) == pytest.approx(0.5)
+
+
+def test_iou_zero_area_boxes():
+    assert iou([0, 0, 0, 0], [0, 0, 0, 0]) == 0.0
+
+
+def test_area_and_clip():
+    assert area([0, 0, 10, 5]) == 50
+    assert area([10, 10, 0, 0]) == 0
+    assert clip([-5, -5, 50, 50], 40, 30) == [0.0, 0.0, 40, 30]
+
+
+def test_norm_pixel_conversions():
+    assert to_norm([100, 200, 300, 400], 1920, 1080) == [52, 185, 156, 370]
+    assert to_pixels([500, 500, 1000, 1000], 640, 480) == [320.0, 240.0, 640.0, 480.0]
+    px = to_pixels([52, 185, 156, 370], 1920, 1080)
+    assert all(math.isclose(a, b, abs_tol=2) for a, b in zip(px, [100, 200, 300, 400], strict=True))
+
+
+# --------------------------------------------------------------------------- match_one_to_one
+
+
+def test_match_identity():
+    boxes = [[0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50]]
+    assert match_one_to_one(boxes, boxes, min_iou=0.5) == {0: 0, 1: 1, 2: 2}
+
+
+def test_match_permuted():
+    targets = [[0, 0, 10, 10], [20, 20, 30, 30]]
+    cands = [[21, 21, 30, 30], [0, 0, 10, 9]]
+    assert match_one_to_one(cands, targets, min_iou=0.5) == {0: 1, 1: 0}
+
+
+def test_match_is_one_to_one():
+    # two candidates both overlap the only target; only the better one gets it
+    targets = [[0, 0, 10, 10]]
+    cands = [[0, 0, 10, 8], [0, 0, 10, 10]]
+    assert match_one_to_one(cands, targets, min_iou=0.5) == {1: 0}
+
+
+def test_match_best_pairs_first_not_first_come():
+    # candidate 0 overlaps both targets; greedy-by-order would give it target 0 and starve
+    # candidate 1, whose only good match is target 0.
+    targets = [[0, 0, 10, 10], [0, 0, 10, 14]]
+    cands = [[0, 0, 10, 12], [0, 0, 10, 10]]
+    # iou(c0,t0)=10/12=.833, iou(c0,t1)=12/14=.857, iou(c1,t0)=1.0, iou(c1,t1)=.714
+    result = match_one_to_one(cands, targets, min_iou=0.5)
+    assert result == {1: 0, 0: 1}
+
+
+def test_match_threshold():
+    targets = [[0, 0, 10, 10]]
+    cands = [[5, 0, 15, 10]]  # iou 1/3
+    assert match_one_to_one(cands, targets, min_iou=0.5) == {}
+    assert match_one_to_one(cands, targets, min_iou=0.3) == {0: 0}
+
+
+def test_match_threshold_inclusive():
+    targets = [[0, 0, 10, 10]]
+    cands = [[0, 0, 5, 10]]  # iou exactly 0.5
+    assert match_one_to_one(cands, targets, min_iou=0.5) == {0: 0}
+
+
+def test_match_empty_inputs():
+    assert match_one_to_one([], [[0, 0, 1, 1]], min_iou=0.5) == {}
+    assert match_one_to_one([[0, 0, 1, 1]], [], min_iou=0.5) == {}
+
+
+def test_match_ties_break_on_index():
+    targets = [[0, 0, 10, 10], [0, 0, 10, 10]]
+    cands = [[0, 0, 10, 10]]
+    assert match_one_to_one(cands, targets, min_iou=0.5) == {0: 0}
+
+
+# --------------------------------------------------------------------------- nearest
+
+
+def test_nearest_picks_highest_iou():
+    targets = [[0, 0, 10, 10], [2, 0, 12, 10], [100, 100, 110, 110]]
+    assert nearest([2, 0, 12, 10], targets) == (1, pytest.approx(1.0))
+
+
+def test_nearest_none_overlapping():
+    assert nearest([500, 500, 510, 510], [[0, 0, 10, 10]]) == (-1, 0.0)
+    assert nearest([0, 0, 1, 1], []) == (-1, 0.0)
+
+
+def test_nearest_returns_iou_value():
+    idx, v = nearest([5, 0, 15, 10], [[0, 0, 10, 10]])
+    assert idx == 0
+    assert v == pytest.approx(1 / 3)

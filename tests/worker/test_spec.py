@@ -1,0 +1,285 @@
+"""The spec loader: TAO files load unchanged, overrides merge, and errors point at the mistake."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from worker.errors import ConfigError
+from worker.spec import Spec, default_spec_yaml, load_spec
+
+# TAO's shipped nvidia_tao_ds/auto_label/experiment_specs/image_referring_expression.yaml, verbatim.
+TAO_SPEC = """\
+results_dir: ???
+autolabel_type: "image_referring_expression"
+
+image_referring_expression:
+  vlm:
+    backend: "gemini"
+    gemini:
+      api_key: ""                               # Set GOOGLE_API_KEY env var or fill in here
+      model: "gemini-3.1-flash-lite-preview"
+      media_resolution: "MEDIA_RESOLUTION_HIGH"
+      temperature: 0.3
+      max_output_tokens: 8192
+      timeout: 120
+
+  workflow:
+    steps: ["0", "1", "2", "3"]
+    max_workers: 4
+    force_reprocess: false
+    output_format: "both"   # "jsonl", "legacy", or "both"
+
+  data:
+    image_dir: ???                  # Directory containing input images (.jpg/.png)
+    kitti_label_dir: ???            # Directory containing KITTI-format label files
+    input_annotations_jsonl: ""     # Optional: pre-seeded annotations.jsonl to resume from
+"""
+
+# The documented openai block (references/configuration.md).
+TAO_OPENAI_BLOCK = """\
+    openai:
+      api_key: ""
+      base_url: "https://inference-api.nvidia.com/v1"
+      model_name: ""
+      temperature: 0.7
+      max_tokens: 4096
+      timeout: 60
+"""
+
+STEPS_KEY = "image_referring_expression.workflow.steps"
+
+
+@pytest.fixture
+def tao_file(tmp_path):
+    p = tmp_path / "image_referring_expression.yaml"
+    p.write_text(TAO_SPEC)
+    return p
+
+
+def write(tmp_path, text, name="spec.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+# --------------------------------------------------------------------------- TAO compatibility
+
+
+def test_tao_spec_loads_unchanged(tao_file):
+    spec = load_spec(tao_file)
+    ire = spec.image_referring_expression
+    assert spec.autolabel_type == "image_referring_expression"
+    assert ire.vlm.backend == "gemini"
+    assert ire.vlm.gemini.model == "gemini-3.1-flash-lite-preview"
+    assert ire.vlm.gemini.media_resolution == "MEDIA_RESOLUTION_HIGH"
+    assert ire.vlm.gemini.temperature == pytest.approx(0.3)
+    assert ire.vlm.gemini.max_output_tokens == 8192
+    assert ire.vlm.gemini.timeout == 120
+    assert ire.workflow.steps == [0, 1, 2, 3]
+    assert ire.workflow.max_workers == 4
+    assert ire.workflow.force_reprocess is False
+    assert ire.workflow.output_format == "both"
+    assert ire.data.input_annotations_jsonl == ""
+    # '???' (OmegaConf "missing") is kept as a marker for the producer to check, not a crash.
+    assert spec.results_dir == "???"
+    assert ire.data.image_dir == "???"
+    assert ire.data.kitti_label_dir == "???"
+
+
+def test_tao_spec_with_openai_block_loads(tmp_path):
+    text = TAO_SPEC.replace("  workflow:\n", TAO_OPENAI_BLOCK + "\n  workflow:\n", 1)
+    spec = load_spec(write(tmp_path, text))
+    oa = spec.ire.vlm.openai
+    assert oa.base_url == "https://inference-api.nvidia.com/v1"
+    assert oa.temperature == pytest.approx(0.7)
+    assert oa.max_tokens == 4096
+    assert oa.timeout == 60
+
+
+def test_tao_cli_overrides_fill_the_missing_values(tao_file):
+    spec = load_spec(tao_file, [
+        "results_dir=/out",
+        "image_referring_expression.data.image_dir=/data/images",
+        "image_referring_expression.data.kitti_label_dir=/data/labels",
+        "image_referring_expression.vlm.gemini.api_key=secret-key",
+    ])
+    assert spec.results_dir == "/out"
+    assert spec.ire.data.image_dir == "/data/images"
+    assert spec.ire.data.kitti_label_dir == "/data/labels"
+    assert spec.ire.vlm.gemini.api_key == "secret-key"
+    # untouched values stay as the file set them
+    assert spec.ire.workflow.max_workers == 4
+
+
+# --------------------------------------------------------------------------- defaults
+
+
+def test_defaults_without_a_file():
+    spec = load_spec()
+    ire = spec.ire
+    assert spec.autolabel_type == "image_referring_expression"
+    assert ire.vlm.backend == "gemini"
+    assert ire.workflow.steps == [0, 1, 2, 3]
+    assert ire.workflow.force_reprocess is False
+    assert ire.workflow.output_format in ("jsonl", "legacy", "both")
+    assert ire.workflow.prompts_file == ""
+    assert ire.data.image_dir == ""
+    assert ire.data.kitti_label_dir == ""
+    assert ire.data.input_annotations_jsonl == ""
+    # refexp additions, with the defaults the issue names
+    assert ire.vlm.max_concurrency == 16
+    assert ire.vlm.requests_per_minute == 0
+    assert ire.vlm.max_retries == 5
+    assert ire.data.ignore_types == ["DontCare"]
+    assert ire.vlm.gemini.base_url == ""
+
+
+def test_empty_file_gives_defaults(tmp_path):
+    assert load_spec(write(tmp_path, "")) == Spec()
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def test_override_steps_list_of_ints():
+    spec = load_spec(None, [f"{STEPS_KEY}=[0,2,3]"])
+    assert spec.ire.workflow.steps == [0, 2, 3]
+
+
+def test_override_steps_list_of_strings():
+    spec = load_spec(None, [f'{STEPS_KEY}=["0","1"]'])
+    assert spec.ire.workflow.steps == [0, 1]
+
+
+def test_steps_as_strings_in_file_are_ints(tmp_path):
+    p = write(tmp_path, 'image_referring_expression:\n  workflow:\n    steps: ["1", "0"]\n')
+    assert load_spec(p).ire.workflow.steps == [0, 1]
+
+
+def test_override_beats_file(tao_file):
+    spec = load_spec(tao_file, [f"{STEPS_KEY}=[1]", "image_referring_expression.workflow.max_workers=2"])
+    assert spec.ire.workflow.steps == [1]
+    assert spec.ire.workflow.max_workers == 2
+
+
+def test_override_bool_and_float():
+    spec = load_spec(None, [
+        "image_referring_expression.workflow.force_reprocess=true",
+        "image_referring_expression.vlm.gemini.temperature=0.5",
+    ])
+    assert spec.ire.workflow.force_reprocess is True
+    assert spec.ire.vlm.gemini.temperature == pytest.approx(0.5)
+
+
+def test_override_without_equals_is_an_error():
+    with pytest.raises(ConfigError, match="key.path=value"):
+        load_spec(None, ["image_referring_expression.workflow.steps"])
+
+
+@pytest.mark.parametrize("bad", ["[5]", "[0,x]", "[]"])
+def test_bad_steps_are_rejected(bad):
+    with pytest.raises(ConfigError) as exc:
+        load_spec(None, [f"{STEPS_KEY}={bad}"])
+    assert STEPS_KEY in str(exc.value)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_unknown_key_in_file_names_key_line_and_suggestion(tmp_path):
+    p = write(tmp_path, "results_dir: /r\nimage_referring_expression:\n  workflow:\n    max_wokers: 4\n")
+    with pytest.raises(ConfigError) as exc:
+        load_spec(p)
+    msg = str(exc.value)
+    assert "image_referring_expression.workflow.max_wokers" in msg
+    assert f"{p}:4" in msg
+    assert "did you mean 'image_referring_expression.workflow.max_workers'" in msg
+
+
+def test_unknown_top_level_key_suggests_closest(tmp_path):
+    p = write(tmp_path, "result_dir: /r\n")
+    with pytest.raises(ConfigError) as exc:
+        load_spec(p)
+    msg = str(exc.value)
+    assert "'result_dir'" in msg
+    assert f"{p}:1" in msg
+    assert "did you mean 'results_dir'" in msg
+
+
+def test_unknown_key_in_override_names_override_and_suggestion():
+    with pytest.raises(ConfigError) as exc:
+        load_spec(None, ["image_referring_expression.vlm.gemni.model=x"])
+    msg = str(exc.value)
+    assert "image_referring_expression.vlm.gemni" in msg
+    assert "command-line override" in msg
+    assert "did you mean 'image_referring_expression.vlm.gemini'" in msg
+
+
+def test_wrong_type_in_file_names_key_value_and_line(tmp_path):
+    p = write(tmp_path, "image_referring_expression:\n  workflow:\n    max_workers: lots\n")
+    with pytest.raises(ConfigError) as exc:
+        load_spec(p)
+    msg = str(exc.value)
+    assert "image_referring_expression.workflow.max_workers" in msg
+    assert "'lots'" in msg
+    assert f"{p}:3" in msg
+
+
+def test_wrong_type_in_override_names_key_and_value():
+    with pytest.raises(ConfigError) as exc:
+        load_spec(None, ["image_referring_expression.workflow.max_workers=abc"])
+    msg = str(exc.value)
+    assert "image_referring_expression.workflow.max_workers" in msg
+    assert "'abc'" in msg
+
+
+def test_invalid_choice_names_key(tmp_path):
+    with pytest.raises(ConfigError) as exc:
+        load_spec(None, ["image_referring_expression.vlm.backend=claude"])
+    assert "image_referring_expression.vlm.backend" in str(exc.value)
+    assert "'claude'" in str(exc.value)
+
+
+def test_missing_spec_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_spec(tmp_path / "nope.yaml")
+
+
+def test_invalid_yaml_names_file(tmp_path):
+    p = write(tmp_path, "results_dir: [unclosed\n")
+    with pytest.raises(ConfigError) as exc:
+        load_spec(p)
+    assert str(p) in str(exc.value)
+
+
+def test_top_level_not_a_mapping(tmp_path):
+    with pytest.raises(ConfigError):
+        load_spec(write(tmp_path, "- a\n- b\n"))
+
+
+# --------------------------------------------------------------------------- secrets & round trip
+
+
+def test_public_dict_blanks_api_keys():
+    spec = load_spec(None, [
+        "image_referring_expression.vlm.gemini.api_key=g-secret",
+        "image_referring_expression.vlm.openai.api_key=o-secret",
+        "image_referring_expression.vlm.gemini.model=m1",
+    ])
+    assert spec.ire.vlm.gemini.api_key == "g-secret"  # the spec itself keeps it
+    public = spec.public_dict()
+    vlm = public["image_referring_expression"]["vlm"]
+    assert vlm["gemini"]["api_key"] == ""
+    assert vlm["openai"]["api_key"] == ""
+    assert vlm["gemini"]["model"] == "m1"
+    assert "secret" not in repr(public)
+
+
+def test_default_spec_yaml_round_trips(tmp_path):
+    text = default_spec_yaml()
+    data = yaml.safe_load(text)
+    assert "image_referring_expression" in data
+    assert set(data["image_referring_expression"]) == {"vlm", "workflow", "data"}
+    p = write(tmp_path, text, "default.yaml")
+    assert load_spec(p) == Spec()

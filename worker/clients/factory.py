@@ -1,0 +1,84 @@
+"""One VLM client per process and endpoint, shared by every thread of a worker.
+
+Why: an SDK client owns a connection pool; building one per call would redo TLS handshakes and
+defeat keep-alive. Clients are cached by backend and a hash of the spec fields and environment
+keys they were built from, so a changed spec or a rotated key gets a fresh client while the key
+itself is never kept in the cache key. Backends are imported lazily, so a Gemini worker does
+not import the OpenAI SDK and vice versa.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+
+from worker.clients.base import VLMClient
+from worker.errors import ConfigError
+from worker.spec import VLMSpec
+
+GEMINI_DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com"
+OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
+# Environment variables each backend reads (see its resolve_key); part of the cache key.
+_ENV = {"gemini": ("GOOGLE_API_KEY", "GEMINI_API_KEY"),
+        "openai": ("OPENAI_API_KEY", "NVIDIA_API_KEY", "OPENAI_BASE_URL")}
+
+_lock = threading.Lock()
+_clients: dict[tuple[str, str], VLMClient] = {}
+
+
+def _fingerprint(vlm: VLMSpec) -> str:
+    """sha256 over the backend's spec section and the environment it reads."""
+    section = getattr(vlm, vlm.backend, None)
+    fields = section.model_dump(mode="json") if section is not None else vlm.model_dump(mode="json")
+    env = {k: os.environ.get(k, "") for k in _ENV.get(vlm.backend, ())}
+    raw = json.dumps({"spec": fields, "env": env}, sort_keys=True)
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+def _build(vlm: VLMSpec) -> VLMClient:
+    if vlm.backend == "gemini":
+        from worker.clients.gemini import GeminiClient
+
+        return GeminiClient(vlm.gemini)
+    if vlm.backend == "openai":
+        from worker.clients.openai_compat import OpenAICompatClient
+
+        return OpenAICompatClient(vlm.openai)
+    if vlm.backend == "offline":
+        from worker.clients.offline import OfflineClient
+
+        return OfflineClient(vlm)
+    raise ConfigError(f"vlm.backend = {vlm.backend!r} is not one of: gemini, openai, offline")
+
+
+def get_client(vlm: VLMSpec) -> VLMClient:
+    """The process-wide client for this spec; built on first use, under a lock."""
+    key = (vlm.backend, _fingerprint(vlm))
+    with _lock:
+        client = _clients.get(key)
+        if client is None:
+            client = _clients[key] = _build(vlm)
+        return client
+
+
+def clear_cache() -> None:
+    """Forget every cached client (tests; a worker never needs it)."""
+    with _lock:
+        _clients.clear()
+
+
+def endpoint_key(vlm: VLMSpec) -> str:
+    """``backend|base_url|model``: what fleet-wide rate and concurrency limits are counted by.
+
+    Defaults are spelled out, so an empty ``base_url`` and the provider's URL share a budget.
+    """
+    if vlm.backend == "gemini":
+        base = (vlm.gemini.base_url or GEMINI_DEFAULT_BASE_URL).rstrip("/")
+        return f"gemini|{base}|{vlm.gemini.model}"
+    if vlm.backend == "openai":
+        base = vlm.openai.base_url or os.environ.get("OPENAI_BASE_URL") or OPENAI_DEFAULT_BASE_URL
+        base = base.rstrip("/")
+        return f"openai|{base}|{vlm.openai.model_name}"
+    return f"{vlm.backend}||"

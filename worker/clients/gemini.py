@@ -1,0 +1,202 @@
+"""Gemini through the official ``google-genai`` SDK.
+
+Why the SDK and not raw HTTP: it tracks the wire format (camelCase fields, media resolution,
+continuation) as Google changes it. What we add: the key from the worker's environment, the
+SDK's own retries switched off (the task layer owns retries, honouring Retry-After across the
+fleet), and every failure mapped onto ``worker.errors`` so the task layer knows whether trying
+again can help. One client per process is shared by all threads (the SDK's httpx pool is
+thread-safe); ``worker.clients.factory`` caches it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from email.utils import parsedate_to_datetime
+
+from google import genai
+from google.genai import errors as genai_errors
+from google.genai import types
+
+from worker.clients.base import VLMRequest, VLMResponse
+from worker.errors import ClientError, ConfigError, EmptyAnswer, PermanentClientError, RateLimited
+from worker.spec import GeminiSpec
+
+DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com"
+KEY_ENV = ("GOOGLE_API_KEY", "GEMINI_API_KEY")
+# Finish reasons that mean "the model would not answer", as opposed to "it stopped early".
+_REFUSALS = {"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY",
+             "IMAGE_PROHIBITED_CONTENT", "IMAGE_RECITATION", "LANGUAGE"}
+_RETRYABLE_4XX = {408, 409, 425, 499}
+_THINK = re.compile(r"<think>.*?</think>", re.S)
+
+
+def _transport_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
+    """(timeouts, other transport failures) of whichever httpx flavour the SDK runs on."""
+    timeouts, transport = [], []
+    for name in ("httpx2", "httpx"):
+        try:
+            mod = __import__(name)
+        except ImportError:
+            continue
+        timeouts.append(mod.TimeoutException)
+        transport.append(mod.TransportError)
+    return tuple(timeouts), tuple(transport)
+
+
+_TIMEOUTS, _TRANSPORT = _transport_errors()
+
+
+def resolve_key(spec: GeminiSpec) -> str:
+    """GOOGLE_API_KEY, then GEMINI_API_KEY (the SDK's own order), then ``vlm.gemini.api_key``."""
+    for var in KEY_ENV:
+        if os.environ.get(var):
+            return os.environ[var]
+    return spec.api_key
+
+
+def media_resolution(value: str) -> types.MediaResolution | None:
+    """The spec's value as the SDK enum; empty means "let the server choose"."""
+    if not value:
+        return None
+    name = value.strip().upper()
+    if not name.startswith("MEDIA_RESOLUTION_"):
+        name = "MEDIA_RESOLUTION_" + name
+    if name not in types.MediaResolution.__members__:
+        valid = ", ".join(types.MediaResolution.__members__)
+        raise ConfigError(f"vlm.gemini.media_resolution = {value!r} is not one of: {valid}")
+    return types.MediaResolution[name]
+
+
+def retry_after_seconds(headers, details=None) -> float | None:
+    """The server's wait hint: ``Retry-After`` (seconds or HTTP date), else a RetryInfo detail."""
+    value = headers.get("retry-after") if headers is not None else None
+    if value:
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            try:
+                return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+            except (TypeError, ValueError):
+                pass
+    error = details.get("error", details) if isinstance(details, dict) else {}
+    for d in error.get("details") or []:
+        delay = d.get("retryDelay") if isinstance(d, dict) else None
+        if isinstance(delay, str) and delay.endswith("s"):
+            try:
+                return max(0.0, float(delay[:-1]))
+            except ValueError:
+                pass
+    return None
+
+
+def _error_reasons(details) -> set[str]:
+    error = details.get("error", details) if isinstance(details, dict) else {}
+    return {d.get("reason", "") for d in error.get("details") or [] if isinstance(d, dict)}
+
+
+class GeminiClient:
+    """``VLMClient`` for Google's Gemini API (or anything speaking it at ``spec.base_url``)."""
+
+    def __init__(self, spec: GeminiSpec):
+        key = resolve_key(spec)
+        if not key:
+            raise PermanentClientError(
+                "GOOGLE_API_KEY is not set on this worker (nor GEMINI_API_KEY or vlm.gemini.api_key): "
+                "export it in the worker's environment"
+            )
+        self.spec = spec
+        self.model = spec.model
+        self.name = f"gemini:{spec.model}"
+        self.base_url = (spec.base_url or DEFAULT_BASE_URL).rstrip("/")
+        self._key = key
+        self._resolution = media_resolution(spec.media_resolution)
+        self._client = genai.Client(
+            vertexai=False,  # an inherited GOOGLE_GENAI_USE_VERTEXAI must not reroute us
+            api_key=key,
+            http_options=types.HttpOptions(
+                base_url=spec.base_url or None,
+                timeout=max(1, round(spec.timeout * 1000)),  # the SDK takes milliseconds
+                retry_options=types.HttpRetryOptions(attempts=1),  # one attempt: retries are ours
+            ),
+        )
+
+    def _config(self) -> types.GenerateContentConfig:
+        return types.GenerateContentConfig(
+            temperature=self.spec.temperature,
+            max_output_tokens=self.spec.max_output_tokens,
+            media_resolution=self._resolution,
+            automatic_function_calling=types.AutomaticFunctionCallingConfig(disable=True),
+        )
+
+    def generate(self, request: VLMRequest) -> VLMResponse:
+        contents = [types.Content(role="user", parts=[
+            types.Part.from_bytes(data=request.image.data, mime_type=request.image.mime),
+            types.Part.from_text(text=request.prompt),
+        ])]
+        try:
+            resp = self._client.models.generate_content(
+                model=self.model, contents=contents, config=self._config())
+        except genai_errors.APIError as exc:
+            raise self._map_status(exc) from exc
+        except _TIMEOUTS as exc:
+            raise ClientError(f"{self.name}: no answer from {self.base_url} within {self.spec.timeout:g}s "
+                              f"({type(exc).__name__})") from exc
+        except _TRANSPORT as exc:
+            raise ClientError(f"{self.name}: cannot reach {self.base_url}: "
+                              f"{self._redact(str(exc)) or type(exc).__name__}") from exc
+        return self._response(resp)
+
+    def _response(self, resp: types.GenerateContentResponse) -> VLMResponse:
+        cand = resp.candidates[0] if resp.candidates else None
+        finish = getattr(cand.finish_reason, "value", cand.finish_reason) if cand else None
+        finish = str(finish or "")
+        parts = (cand.content.parts or []) if cand and cand.content else []
+        text = _THINK.sub("", "".join(p.text for p in parts if p.text and not p.thought)).strip()
+        um = resp.usage_metadata
+        usage = {}
+        if um is not None:
+            usage = {"input_tokens": um.prompt_token_count or 0,
+                     "output_tokens": um.candidates_token_count or 0,
+                     "total_tokens": um.total_token_count or 0}
+            if um.thoughts_token_count:
+                usage["thinking_tokens"] = um.thoughts_token_count
+        if not text:
+            block = resp.prompt_feedback.block_reason if resp.prompt_feedback else None
+            if block:
+                reason = getattr(block, "value", block)
+                raise EmptyAnswer(
+                    f"{self.name}: the prompt was blocked (prompt_feedback.block_reason={reason})")
+            if finish in _REFUSALS:
+                raise EmptyAnswer(f"{self.name}: no text, the model stopped with finish_reason={finish}")
+            raise EmptyAnswer(f"{self.name}: empty answer (finish_reason={finish or 'none'})")
+        return VLMResponse(text=text, model=resp.model_version or self.model, finish_reason=finish,
+                           truncated=finish == "MAX_TOKENS", usage=usage)
+
+    def _redact(self, text: str) -> str:
+        return text.replace(self._key, "***") if self._key else text
+
+    def _map_status(self, exc: genai_errors.APIError) -> Exception:
+        code = int(exc.code or 0)
+        detail = self._redact(str(exc.message or exc.status or ""))[:500]
+        headers = getattr(getattr(exc, "response", None), "headers", None)
+        if code == 429:
+            return RateLimited(f"{self.name}: rate limited by {self.base_url} (429 {exc.status}): {detail}",
+                               retry_after=retry_after_seconds(headers, exc.details), status=429)
+        auth = code in (401, 403) or (code == 400 and "API_KEY_INVALID" in _error_reasons(exc.details))
+        if auth:
+            return PermanentClientError(
+                f"the API key was rejected by {self.base_url} (HTTP {code} {exc.status}: {detail}): "
+                "check GOOGLE_API_KEY on this worker", status=code)
+        if code == 404:
+            return PermanentClientError(f"model '{self.model}' not found at {self.base_url} ({detail})",
+                                        status=404)
+        if code >= 500 or code in _RETRYABLE_4XX:
+            return ClientError(f"{self.name}: {self.base_url} answered HTTP {code} {exc.status}: {detail}",
+                               status=code)
+        if code == 400:
+            return PermanentClientError(
+                f"the endpoint rejected the request: {detail} (HTTP 400 {exc.status})", status=400)
+        return PermanentClientError(
+            f"{self.name}: {self.base_url} answered HTTP {code} {exc.status}: {detail}", status=code)

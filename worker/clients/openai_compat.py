@@ -1,0 +1,154 @@
+"""OpenAI-compatible chat completions (NVIDIA NIM, vLLM, OpenAI) through the official SDK.
+
+Why the SDK: it is what every compatible server is tested against. What we add: the key from
+the worker's environment (a self-hosted server without auth works with no key at all), the
+SDK's retries switched off (the task layer owns retries and honours Retry-After across the
+fleet), and every failure mapped onto ``worker.errors``. One client per process is shared by
+all threads (the SDK's httpx pool is thread-safe); ``worker.clients.factory`` caches it.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import time
+from email.utils import parsedate_to_datetime
+from urllib.parse import urlsplit
+
+import openai
+
+from worker.clients.base import VLMRequest, VLMResponse
+from worker.errors import ClientError, EmptyAnswer, PermanentClientError, RateLimited
+from worker.spec import OpenAISpec
+
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+KEY_ENV = ("OPENAI_API_KEY", "NVIDIA_API_KEY")
+# Hosted endpoints that always need a key: without one we fail at start, not on every image.
+KEYED_HOSTS = {"api.openai.com": "OPENAI_API_KEY", "integrate.api.nvidia.com": "NVIDIA_API_KEY"}
+# The SDK refuses to build a client without a key; self-hosted servers (vLLM, TGI, llama.cpp)
+# started without --api-key ignore the header, and "EMPTY" is the value vLLM's docs use.
+NO_KEY_PLACEHOLDER = "EMPTY"
+_RETRYABLE_4XX = {408, 409, 425}
+_THINK = re.compile(r"<think>.*?</think>", re.S)
+
+
+def resolve_key(spec: OpenAISpec) -> str:
+    """OPENAI_API_KEY, then NVIDIA_API_KEY, then ``vlm.openai.api_key``; "" when none is set."""
+    for var in KEY_ENV:
+        if os.environ.get(var):
+            return os.environ[var]
+    return spec.api_key
+
+
+def retry_after_seconds(headers) -> float | None:
+    """``retry-after-ms`` or ``Retry-After`` (seconds or an HTTP date), as the SDK reads them."""
+    if headers is None:
+        return None
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return max(0.0, float(ms) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        try:
+            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+        except (TypeError, ValueError):
+            return None
+
+
+class OpenAICompatClient:
+    """``VLMClient`` for any server implementing ``POST {base_url}/chat/completions``."""
+
+    def __init__(self, spec: OpenAISpec):
+        self.spec = spec
+        self.model = spec.model_name
+        self.name = f"openai:{spec.model_name}"
+        self.base_url = (spec.base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
+        key = resolve_key(spec)
+        if not key:
+            host = (urlsplit(self.base_url).hostname or "").lower()
+            if host in KEYED_HOSTS:
+                raise PermanentClientError(
+                    f"{KEYED_HOSTS[host]} is not set on this worker (nor OPENAI_API_KEY/NVIDIA_API_KEY or "
+                    f"vlm.openai.api_key), and {self.base_url} requires a key"
+                )
+            key = NO_KEY_PLACEHOLDER
+        self._key = key
+        self._client = openai.OpenAI(base_url=spec.base_url or None, api_key=key, timeout=spec.timeout,
+                                     max_retries=0)
+
+    def generate(self, request: VLMRequest) -> VLMResponse:
+        b64 = base64.b64encode(request.image.data).decode("ascii")
+        content = [{"type": "image_url", "image_url": {"url": f"data:{request.image.mime};base64,{b64}"}},
+                   {"type": "text", "text": request.prompt}]
+        try:
+            resp = self._client.chat.completions.create(
+                model=self.model, messages=[{"role": "user", "content": content}],
+                temperature=self.spec.temperature, max_tokens=self.spec.max_tokens,
+            )
+        except openai.APIStatusError as exc:
+            raise self._map_status(exc) from exc
+        except openai.APITimeoutError as exc:
+            raise ClientError(
+                f"{self.name}: no answer from {self.base_url} within {self.spec.timeout:g}s") from exc
+        except openai.APIConnectionError as exc:
+            cause = exc.__cause__ or exc
+            raise ClientError(f"{self.name}: cannot reach {self.base_url}: "
+                              f"{self._redact(str(cause)) or type(cause).__name__}") from exc
+        return self._response(resp)
+
+    def _response(self, resp) -> VLMResponse:
+        choices = getattr(resp, "choices", None) or []
+        if not choices:
+            raise EmptyAnswer(f"{self.name}: the answer holds no choices")
+        choice = choices[0]
+        finish = str(choice.finish_reason or "")
+        raw = choice.message.content if choice.message is not None else None
+        text = _THINK.sub("", raw or "").strip()
+        if finish == "content_filter":
+            raise EmptyAnswer(f"{self.name}: the answer was withheld (finish_reason=content_filter)")
+        if not text:
+            raise EmptyAnswer(f"{self.name}: empty answer (finish_reason={finish or 'none'})")
+        usage = {}
+        if resp.usage is not None:
+            usage = {"input_tokens": resp.usage.prompt_tokens or 0,
+                     "output_tokens": resp.usage.completion_tokens or 0,
+                     "total_tokens": resp.usage.total_tokens or 0}
+        return VLMResponse(text=text, model=resp.model or self.model, finish_reason=finish,
+                           truncated=finish == "length", usage=usage)
+
+    def _redact(self, text: str) -> str:
+        return text.replace(self._key, "***") if self._key else text
+
+    def _detail(self, exc: openai.APIStatusError) -> str:
+        body = exc.body
+        if isinstance(body, dict) and isinstance(body.get("error"), dict):
+            body = body["error"]  # servers that do not unwrap it the way the SDK expects
+        msg = body.get("message") if isinstance(body, dict) else None
+        return self._redact(str(msg or exc.message))[:500]
+
+    def _map_status(self, exc: openai.APIStatusError) -> Exception:
+        code, detail = exc.status_code, self._detail(exc)
+        if code == 429:
+            return RateLimited(f"{self.name}: rate limited by {self.base_url} (429): {detail}",
+                               retry_after=retry_after_seconds(exc.response.headers), status=429)
+        if code in (401, 403):
+            return PermanentClientError(
+                f"the API key was rejected by {self.base_url} (HTTP {code}: {detail}): "
+                "check OPENAI_API_KEY/NVIDIA_API_KEY on this worker", status=code)
+        if code == 404:
+            return PermanentClientError(f"model '{self.model}' not found at {self.base_url} ({detail})",
+                                        status=404)
+        if code >= 500 or code in _RETRYABLE_4XX:
+            return ClientError(f"{self.name}: {self.base_url} answered HTTP {code}: {detail}", status=code)
+        if code == 400:
+            return PermanentClientError(f"the endpoint rejected the request: {detail} (HTTP 400)", status=400)
+        return PermanentClientError(
+            f"{self.name}: {self.base_url} answered HTTP {code}: {detail}", status=code)
