@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
@@ -68,7 +69,8 @@ class _Bars:
         bar = self.bars.get(phase)
         if bar is None:
             bar = self.bars[phase] = tqdm(total=total, desc=f"{phase:>8}", unit="img", file=sys.stderr,
-                                          dynamic_ncols=True, mininterval=0.5)
+                                          dynamic_ncols=True, mininterval=0.5,
+                                          disable=not sys.stderr.isatty())
         if total is not None and bar.total != total:
             bar.total = total
         bar.update(advance)
@@ -79,16 +81,25 @@ class _Bars:
 
 
 def _watch(state, timeout: float | None) -> dict:
+    """Wait for the run, with one bar per step on a terminal and a line every 10 s otherwise."""
     from producer.pipeline import wait
 
     bars: dict[str, tqdm] = {}
+    last = [0.0]
 
     def show(st: dict) -> None:
+        if not sys.stderr.isatty():
+            now = time.monotonic()
+            if now - last[0] >= 10 or st["finished"]:
+                last[0] = now
+                parts = [f"step {s}: {c['done']} done, {c['failed']} failed" for s, c in st["steps"].items()]
+                typer.echo(f"[{st['images']} images] " + "; ".join(parts), err=True)
+            return
         for s, c in st["steps"].items():
             bar = bars.get(s)
             if bar is None:
                 bar = bars[s] = tqdm(total=st["images"], desc=f"  step {s}", unit="img", file=sys.stderr,
-                                     dynamic_ncols=True, position=len(bars))
+                                     dynamic_ncols=True, position=len(bars), leave=True)
             bar.n = c["done"] + c["failed"] + c["blocked"]
             bar.set_postfix(failed=c["failed"], refresh=False)
             bar.refresh()

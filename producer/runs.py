@@ -79,6 +79,9 @@ def check_paths(spec: Spec) -> None:
             raise ConfigError(f"data.image_dir: not a directory: {data.image_dir}")
         if data.kitti_label_dir and data.kitti_label_dir != "???" and not Path(data.kitti_label_dir).is_dir():
             raise ConfigError(f"data.kitti_label_dir: not a directory: {data.kitti_label_dir}")
+    if spec.ire.vlm.backend == "openai" and not spec.ire.vlm.openai.model_name:
+        raise ConfigError("vlm.openai.model_name is not set (the model your endpoint serves, "
+                          "e.g. image_referring_expression.vlm.openai.model_name=Qwen/Qwen2.5-VL-7B-Instruct)")
     load_prompts(spec.ire.workflow.prompts_file)
     results = Path(spec.results_dir)
     try:

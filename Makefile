@@ -1,0 +1,28 @@
+# Two commands do everything on a fresh machine with only Python 3.11+:
+#   make demo   - venv, install, synthetic dataset, full pipeline on the offline teacher
+#   make test   - venv, install, the whole test suite (starts its own Redis when none is given)
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install demo test lint clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: install
+	$(BIN)/producer demo --out demo-out
+
+test: install
+	$(BIN)/pytest -q -p no:cacheprovider
+
+lint: install
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf demo-out .pytest_cache

@@ -1,0 +1,287 @@
+"""Seeding: image listing, KITTI labels, the JSONL resume path, and the streamed seed file."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from producer.seed import SeedEntry, SeedReport, iter_seed, list_images, seed_from_images, write_seed
+from worker.constants import SEED_FILE
+from worker.errors import ConfigError
+from worker.spec import load_spec
+from worker.steps.records import SOURCE
+
+
+def kitti_line(kind, x1, y1, x2, y2):
+    return f"{kind} 0.00 0 0.00 {x1:.2f} {y1:.2f} {x2:.2f} {y2:.2f} 0.00 0.00 0.00 0.00 0.00 0.00 0.00\n"
+
+
+def image(path, size=(64, 48), fmt=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (20, 40, 60)).save(path, format=fmt)
+    return path
+
+
+@pytest.fixture
+def dirs(tmp_path):
+    images, labels, results = tmp_path / "images", tmp_path / "labels", tmp_path / "results"
+    images.mkdir()
+    labels.mkdir()
+    return images, labels, results
+
+
+def spec_for(images, labels=None, **more):
+    overrides = [f"image_referring_expression.data.image_dir={images}"]
+    if labels is not None:
+        overrides.append(f"image_referring_expression.data.kitti_label_dir={labels}")
+    overrides += [f"{k}={v}" for k, v in more.items()]
+    return load_spec(None, overrides)
+
+
+def seed_all(spec):
+    report = SeedReport()
+    return list(seed_from_images(spec, report)), report
+
+
+# --------------------------------------------------------------------------- listing
+
+
+def test_list_images_sorted_any_case_other_files_ignored(dirs):
+    images, _, _ = dirs
+    for name in ("b.PNG", "a.jpg", "c.JPEG", "d.jpeg", "e.Jpg"):
+        image(images / name, fmt="PNG")
+    (images / "notes.txt").write_text("x")
+    (images / "f.gif").write_bytes(b"GIF89a")
+    (images / "g.bmp").write_bytes(b"BM")
+    (images / "sub.jpg").mkdir()  # a directory with an image-like name
+    (images / "nested").mkdir()
+    image(images / "nested" / "z.jpg", fmt="PNG")  # not recursive
+    assert list_images(images) == [("a", "a.jpg"), ("b", "b.PNG"), ("c", "c.JPEG"), ("d", "d.jpeg"), ("e", "e.Jpg")]
+
+
+def test_list_images_empty_dir(dirs):
+    assert list_images(dirs[0]) == []
+
+
+def test_duplicate_stems_name_both_files(dirs):
+    images, _, _ = dirs
+    image(images / "a.jpg", fmt="JPEG")
+    image(images / "a.png")
+    image(images / "b.png")
+    with pytest.raises(ConfigError) as exc:
+        list_images(images)
+    msg = str(exc.value)
+    assert str(images / "a.jpg") in msg
+    assert str(images / "a.png") in msg
+    assert "'a'" in msg
+
+
+def test_duplicate_stems_differing_in_extension_case(dirs):
+    images, _, _ = dirs
+    image(images / "x.PNG")
+    image(images / "x.png")
+    with pytest.raises(ConfigError) as exc:
+        list_images(images)
+    assert "x.PNG" in str(exc.value) and "x.png" in str(exc.value)
+
+
+# --------------------------------------------------------------------------- seed records
+
+
+def test_seed_record_schema_and_kitti_rows(dirs):
+    images, labels, _ = dirs
+    image(images / "000001.png", size=(1000, 500))
+    (labels / "000001.txt").write_text(kitti_line("Car", 100, 200, 300, 400) + kitti_line("Pedestrian", 50, 60, 70, 90))
+    records, report = seed_all(spec_for(images, labels))
+    assert records == [{
+        "image_id": "000001",
+        "image_path": str((images / "000001.png").resolve()),
+        "width": 1000,
+        "height": 500,
+        "kitti_bboxes": [[100.0, 200.0, 300.0, 400.0, "Car"], [50.0, 60.0, 70.0, 90.0, "Pedestrian"]],
+        "source": SOURCE,
+        "pipeline_steps": [],
+    }]
+    assert report.images == 1 and report.boxes == 2
+    assert report.problems == [] and report.failures == []
+
+
+def test_seed_records_in_sorted_order(dirs):
+    images, labels, _ = dirs
+    for stem in ("c", "a", "b"):
+        image(images / f"{stem}.png")
+        (labels / f"{stem}.txt").write_text(kitti_line("Car", 1, 2, 30, 40))
+    records, _ = seed_all(spec_for(images, labels))
+    assert [r["image_id"] for r in records] == ["a", "b", "c"]
+
+
+def test_missing_label_gives_record_without_boxes_and_a_problem(dirs):
+    images, labels, _ = dirs
+    image(images / "a.png")
+    image(images / "b.png")
+    (labels / "a.txt").write_text(kitti_line("Car", 1, 2, 30, 40))
+    records, report = seed_all(spec_for(images, labels))
+    assert [(r["image_id"], len(r["kitti_bboxes"])) for r in records] == [("a", 1), ("b", 0)]
+    assert report.missing_labels == 1
+    assert any(str(labels.resolve() / "b.txt") in p for p in report.problems)
+    assert report.failures == []
+
+
+def test_no_label_dir_gives_no_boxes_and_no_problems(dirs):
+    images, _, _ = dirs
+    image(images / "a.png")
+    records, report = seed_all(spec_for(images))
+    assert records[0]["kitti_bboxes"] == []
+    assert report.missing_labels == 0 and report.problems == []
+
+
+def test_skipped_lines_reported_as_path_line(dirs):
+    images, labels, _ = dirs
+    image(images / "a.png", size=(100, 100))
+    (labels / "a.txt").write_text(
+        kitti_line("Car", 1, 2, 30, 40) + "Car 0.0 0\n" + kitti_line("DontCare", 0, 0, 5, 5)
+        + "Van 0 0 0 nan 1 2 3 0 0 0 0 0 0 0\n" + kitti_line("Truck", 200, 200, 300, 300)
+    )
+    records, report = seed_all(spec_for(images, labels))
+    assert records[0]["kitti_bboxes"] == [[1.0, 2.0, 30.0, 40.0, "Car"]]
+    assert report.skipped_lines == 3
+    assert report.ignored_boxes == 1
+    label = labels.resolve() / "a.txt"
+    for line in (2, 4, 5):
+        assert any(p.startswith(f"{label}:{line}:") for p in report.problems), report.problems
+
+
+def test_boxes_clipped_to_image_size_from_header(dirs):
+    images, labels, _ = dirs
+    image(images / "a.png", size=(64, 48))
+    (labels / "a.txt").write_text(kitti_line("Car", -5, -5, 100, 100))
+    records, _ = seed_all(spec_for(images, labels))
+    assert records[0]["kitti_bboxes"] == [[0.0, 0.0, 64.0, 48.0, "Car"]]
+
+
+def test_latin1_label_file(dirs):
+    images, labels, _ = dirs
+    image(images / "a.png")
+    (labels / "a.txt").write_bytes("Caf\xe9 0 0 0 1 2 30 40 0 0 0 0 0 0 0\n".encode("latin-1"))
+    records, _ = seed_all(spec_for(images, labels))
+    assert records[0]["kitti_bboxes"] == [[1.0, 2.0, 30.0, 40.0, "Café"]]
+
+
+def test_unreadable_image_is_a_seed_failure_not_a_crash(dirs):
+    images, labels, _ = dirs
+    image(images / "a.png")
+    (images / "b.jpg").write_text("not really a jpeg")
+    (images / "c.png").write_bytes(b"")
+    image(images / "d.png")
+    records, report = seed_all(spec_for(images, labels))
+    assert [r["image_id"] for r in records] == ["a", "d"]
+    assert report.unreadable_images == 2
+    assert [f[0] for f in report.failures] == ["b", "c"]
+    assert report.failures[0][1] == str((images / "b.jpg").resolve())
+    assert str((images / "b.jpg").resolve()) in report.failures[0][2]
+    assert report.images == 2
+
+
+def test_image_over_pixel_limit_is_a_seed_failure(dirs):
+    images, _, _ = dirs
+    image(images / "a.png", size=(64, 48))
+    records, report = seed_all(spec_for(images, **{"image_referring_expression.vlm.max_image_pixels": 100}))
+    assert records == []
+    assert report.failures and report.failures[0][0] == "a"
+
+
+# --------------------------------------------------------------------------- write_seed / iter_seed
+
+
+def test_write_seed_offsets_point_at_the_right_lines(dirs):
+    images, labels, results = dirs
+    for stem in ("b", "a", "c"):
+        image(images / f"{stem}.png")
+        (labels / f"{stem}.txt").write_text(kitti_line("Car", 1, 2, 30, 40))
+    entries: list[SeedEntry] = []
+    path = write_seed(spec_for(images, labels), results, SeedReport(), entries.append)
+    assert path == results / SEED_FILE
+    lines = list(iter_seed(path))
+    assert [e.image_id for e in entries] == ["a", "b", "c"]
+    assert [e.offset for e in entries] == [off for off, _ in lines]
+    raw = path.read_bytes()
+    for e in entries:
+        line = raw[e.offset:].split(b"\n", 1)[0]
+        assert json.loads(line)["image_id"] == e.image_id
+    assert [r["image_id"] for _, r in lines] == ["a", "b", "c"]
+    assert not any(p.name.endswith(".tmp") for p in results.iterdir())
+
+
+def test_write_seed_replaces_an_old_file(dirs):
+    images, _, results = dirs
+    results.mkdir()
+    (results / SEED_FILE).write_text('{"image_id": "old"}\n')
+    image(images / "new.png")
+    write_seed(spec_for(images), results, SeedReport())
+    assert [r["image_id"] for _, r in iter_seed(results / SEED_FILE)] == ["new"]
+
+
+# --------------------------------------------------------------------------- input_annotations_jsonl
+
+
+def jsonl_spec(path):
+    return load_spec(None, [f"image_referring_expression.data.input_annotations_jsonl={path}"])
+
+
+def test_seed_from_input_jsonl(tmp_path):
+    img = image(tmp_path / "x.png", size=(30, 20))
+    src = tmp_path / "in.jsonl"
+    src.write_text(
+        json.dumps({"image_id": "x", "image_path": str(img), "kitti_bboxes": [[1, 2, 3, 4, "Car"]]}) + "\n\n"
+        + json.dumps({"image_id": "y", "image_path": str(img), "width": 640, "height": 480,
+                      "pipeline_steps": ["step0_region_expr"], "caption": "kept"}) + "\n"
+    )
+    results = tmp_path / "results"
+    report = SeedReport()
+    entries: list[SeedEntry] = []
+    path = write_seed(jsonl_spec(src), results, report, entries.append)
+    got = [r for _, r in iter_seed(path)]
+    assert [r["image_id"] for r in got] == ["x", "y"]
+    assert (got[0]["width"], got[0]["height"]) == (30, 20)  # read from the header when absent
+    assert got[0]["kitti_bboxes"] == [[1, 2, 3, 4, "Car"]]
+    assert got[0]["source"] == SOURCE
+    assert got[0]["pipeline_steps"] == []
+    assert (got[1]["width"], got[1]["height"]) == (640, 480)
+    assert got[1]["caption"] == "kept"
+    assert got[1]["kitti_bboxes"] == []
+    assert [e.offset for e in entries] == [off for off, _ in iter_seed(path)]
+    assert report.images == 2 and report.boxes == 1
+
+
+@pytest.mark.parametrize(
+    ("bad", "words"),
+    [
+        ('{"image_id": "b", "image_path": ', "not a JSON object"),
+        ("[1, 2]", "expected a JSON object"),
+        ('{"image_path": "/x.png"}', "image_id"),
+        ('{"image_id": "a", "image_path": "/x.png", "width": 1, "height": 1}', "already seeded"),
+        ('{"image_id": "b", "image_path": "/x.png", "width": 1, "height": 1, "kitti_bboxes": [[1, 2, 3, 4]]}',
+         "kitti_bboxes"),
+    ],
+)
+def test_malformed_input_line_names_path_and_line(tmp_path, bad, words):
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"image_id": "a", "image_path": "/x.png", "width": 1, "height": 1}) + "\n" + bad + "\n")
+    with pytest.raises(ConfigError) as exc:
+        write_seed(jsonl_spec(src), tmp_path / "results", SeedReport())
+    assert f"{src}:2" in str(exc.value)
+    assert words in str(exc.value)
+
+
+def test_input_jsonl_unreadable_image_is_a_seed_failure(tmp_path):
+    src = tmp_path / "in.jsonl"
+    missing = tmp_path / "missing.png"
+    src.write_text(json.dumps({"image_id": "m", "image_path": str(missing)}) + "\n")
+    report = SeedReport()
+    path = write_seed(jsonl_spec(src), tmp_path / "results", report)
+    assert list(iter_seed(path)) == []
+    assert report.failures[0][0] == "m"
+    assert str(missing) in report.failures[0][2]
+    assert any(f"{src}:1" in p for p in report.problems)

@@ -1,0 +1,235 @@
+"""Append-only JSONL sinks: offsets, torn lines, last-wins, and concurrent writers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import pytest
+
+from worker.sinks import JsonlSink, ReadStats, dumps, write_atomic
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def rec(image_id: str, **extra) -> dict:
+    return {"image_id": image_id, **extra}
+
+
+# --------------------------------------------------------------------------- append / read_at
+
+
+def test_append_returns_offsets_usable_by_read_at(tmp_path):
+    sink = JsonlSink(tmp_path / "s" / "annotations.jsonl", fsync=False)
+    offsets = [sink.append(rec(f"img{i}", n=i, text="é" * i)) for i in range(5)]
+    assert offsets[0] == 0
+    assert offsets == sorted(offsets) and len(set(offsets)) == 5
+    for i, off in enumerate(offsets):
+        assert sink.read_at(off) == rec(f"img{i}", n=i, text="é" * i)
+
+
+def test_append_writes_one_compact_line_per_record(tmp_path):
+    sink = JsonlSink(tmp_path / "a.jsonl")
+    sink.append({"image_id": "a", "caption": "ünïcode"})
+    sink.append({"image_id": "b"})
+    raw = sink.path.read_bytes()
+    assert raw == (dumps({"image_id": "a", "caption": "ünïcode"}) + "\n" + dumps({"image_id": "b"}) + "\n").encode()
+    assert "ünïcode".encode() in raw  # not \u-escaped
+    assert b", " not in raw
+
+
+def test_append_creates_parent_dirs(tmp_path):
+    sink = JsonlSink(tmp_path / "x" / "y" / "z.jsonl", fsync=False)
+    sink.append(rec("a"))
+    assert sink.path.is_file()
+
+
+def test_read_at_rejects_an_incomplete_line(tmp_path):
+    sink = JsonlSink(tmp_path / "a.jsonl", fsync=False)
+    sink.append(rec("a"))
+    with open(sink.path, "ab") as f:
+        f.write(b'{"image_id": "b"')
+    with pytest.raises(ValueError):
+        sink.read_at(sink.path.stat().st_size - len(b'{"image_id": "b"'))
+
+
+# --------------------------------------------------------------------------- scan / torn lines
+
+
+def test_scan_of_missing_file_is_empty(tmp_path):
+    sink = JsonlSink(tmp_path / "none.jsonl")
+    assert list(sink.scan()) == []
+    assert sink.latest_offsets() == {}
+
+
+def test_torn_last_line_skipped_by_scan(tmp_path):
+    sink = JsonlSink(tmp_path / "a.jsonl", fsync=False)
+    sink.append(rec("a", v=1))
+    with open(sink.path, "ab") as f:
+        f.write(b'{"image_id": "b", "v": 2')  # a writer crashed mid-line
+    stats = ReadStats()
+    assert [r for _, r in sink.scan(stats)] == [rec("a", v=1)]
+    assert stats.lines == 2
+    assert stats.bad_lines == 1
+
+
+def test_torn_line_that_is_valid_json_but_unterminated_is_skipped(tmp_path):
+    sink = JsonlSink(tmp_path / "a.jsonl", fsync=False)
+    sink.path.write_bytes(b'{"image_id": "a"}\n{"image_id": "b"}')
+    assert list(sink.latest()) == ["a"]
+
+
+def test_next_append_seals_a_torn_line(tmp_path):
+    sink = JsonlSink(tmp_path / "a.jsonl", fsync=False)
+    sink.append(rec("a", v=1))
+    with open(sink.path, "ab") as f:
+        f.write(b'{"image_id": "b", "v"')
+    off = sink.append(rec("c", v=3))
+    assert sink.read_at(off) == rec("c", v=3)
+    lines = sink.path.read_bytes().split(b"\n")
+    assert lines[1] == b'{"image_id": "b", "v"'  # isolated on its own line
+    assert json.loads(lines[2]) == rec("c", v=3)
+    stats = ReadStats()
+    assert [r["image_id"] for _, r in sink.scan(stats)] == ["a", "c"]
+    assert stats.bad_lines == 1
+
+
+def test_scan_skips_garbage_and_records_without_image_id(tmp_path):
+    sink = JsonlSink(tmp_path / "a.jsonl", fsync=False)
+    sink.path.write_bytes(b'{"image_id": "a"}\nnot json\n[1, 2]\n{"no_id": 1}\n\n{"image_id": "b"}\n')
+    stats = ReadStats()
+    assert [r["image_id"] for _, r in sink.scan(stats)] == ["a", "b"]
+    assert stats.bad_lines == 4
+
+
+def test_scan_offsets_match_read_at(tmp_path):
+    sink = JsonlSink(tmp_path / "a.jsonl", fsync=False)
+    for i in range(3):
+        sink.append(rec(f"i{i}", pad="x" * (i * 10)))
+    for off, r in sink.scan():
+        assert sink.read_at(off) == r
+
+
+# --------------------------------------------------------------------------- last wins
+
+
+def test_latest_offsets_last_wins(tmp_path):
+    sink = JsonlSink(tmp_path / "a.jsonl", fsync=False)
+    sink.append(rec("a", v=1))
+    off_b = sink.append(rec("b", v=1))
+    off_a2 = sink.append(rec("a", v=2))
+    with open(sink.path, "ab") as f:
+        f.write(b'{"image_id": "a", "v": 3')  # torn: must not win
+    offsets = sink.latest_offsets()
+    assert offsets == {"a": off_a2, "b": off_b}
+    assert sink.read_at(offsets["a"]) == rec("a", v=2)
+    assert sink.latest() == {"a": rec("a", v=2), "b": rec("b", v=1)}
+
+
+# --------------------------------------------------------------------------- concurrency
+
+_WRITER = textwrap.dedent(
+    """
+    import sys, threading
+    from worker.sinks import JsonlSink
+
+    path, tag, n, threads, go = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+    import os, time
+    while not os.path.exists(go):  # start together
+        time.sleep(0.001)
+    sink = JsonlSink(path)
+    pad = tag * 3000  # big lines make interleaving visible if locking were broken
+
+    def work(t):
+        for i in range(t, n, threads):
+            sink.append({"image_id": f"{tag}-{i}", "proc": tag, "i": i, "pad": pad})
+
+    ts = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    """
+)
+
+
+def _two_processes(tmp_path, threads: int):
+    path = tmp_path / "shared" / "annotations.jsonl"
+    go = tmp_path / "go"
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _WRITER, str(path), tag, "1000", str(threads), str(go)],
+                         cwd=REPO, env=env, stderr=subprocess.PIPE)
+        for tag in ("A", "B")
+    ]
+    go.touch()
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err.decode()
+    raw = path.read_bytes()
+    assert raw.endswith(b"\n")
+    lines = raw.split(b"\n")[:-1]
+    assert len(lines) == 2000
+    seen = set()
+    for line in lines:
+        r = json.loads(line)  # every line is one whole record
+        assert r["pad"] == r["proc"] * 3000
+        assert r["image_id"] == f"{r['proc']}-{r['i']}"
+        seen.add(r["image_id"])
+    assert seen == {f"{t}-{i}" for t in "AB" for i in range(1000)}
+    sink = JsonlSink(path)
+    stats = ReadStats()
+    assert len(sink.latest_offsets(stats)) == 2000
+    assert stats.bad_lines == 0
+
+
+def test_two_processes_append_1000_each(tmp_path):
+    _two_processes(tmp_path, threads=1)
+
+
+def test_two_processes_with_four_threads_each(tmp_path):
+    _two_processes(tmp_path, threads=4)
+
+
+def test_threads_in_one_process(tmp_path):
+    sink = JsonlSink(tmp_path / "a.jsonl", fsync=False)
+    offsets: list[int] = []
+    lock = threading.Lock()
+
+    def work(t):
+        for i in range(200):
+            off = sink.append(rec(f"{t}-{i}", pad="p" * 2000))
+            with lock:
+                offsets.append(off)
+
+    ts = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert len(set(offsets)) == 1600
+    assert len(sink.latest()) == 1600
+    assert sink.path.read_bytes().count(b"\n") == 1600
+
+
+# --------------------------------------------------------------------------- write_atomic
+
+
+def test_write_atomic_creates_and_replaces(tmp_path):
+    p = tmp_path / "labels" / "a.txt.step1"
+    write_atomic(p, "first")
+    assert p.read_text() == "first"
+    write_atomic(p, "second ünï\n")
+    assert p.read_text(encoding="utf-8") == "second ünï\n"
+    assert sorted(x.name for x in p.parent.iterdir()) == ["a.txt.step1"]  # no temp file left
+
+
+def test_write_atomic_empty_text(tmp_path):
+    p = tmp_path / "a.txt.step2"
+    write_atomic(p, "")
+    assert p.exists() and p.stat().st_size == 0
