@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -139,10 +140,14 @@ def seed_from_jsonl(spec: Spec, report: SeedReport) -> Iterator[dict]:
                 raise ConfigError(f"{path}:{lineno}: image_id '{image_id}' already seeded on line {seen[image_id]}")
             seen[image_id] = lineno
             kitti = rec.get("kitti_bboxes") or []
-            if not isinstance(kitti, list) or any(not isinstance(b, list) or len(b) != 5 for b in kitti):
-                raise ConfigError(f"{path}:{lineno}: kitti_bboxes must be a list of [x1, y1, x2, y2, type]")
+            if not isinstance(kitti, list) or not all(_valid_row(b) for b in kitti):
+                raise ConfigError(f"{path}:{lineno}: kitti_bboxes must be a list of [x1, y1, x2, y2, type] "
+                                  "with numeric coordinates and a string type")
             width, height = rec.get("width") or 0, rec.get("height") or 0
-            if not width or not height:
+            if not _positive_int(width) or not _positive_int(height):
+                if width or height:
+                    raise ConfigError(f"{path}:{lineno}: width and height must be positive integers "
+                                      f"(got {width!r} x {height!r}); leave them out to read them from the image")
                 try:
                     width, height = read_size(rec["image_path"], max_pixels=max_pixels)
                 except InputError as exc:
@@ -152,10 +157,21 @@ def seed_from_jsonl(spec: Spec, report: SeedReport) -> Iterator[dict]:
                     continue
             report.images += 1
             report.boxes += len(kitti)
-            rec.update(width=int(width), height=int(height), kitti_bboxes=kitti)
+            steps = rec.get("pipeline_steps") or []
+            rec.update(image_id=image_id, width=int(width), height=int(height), kitti_bboxes=kitti,
+                       pipeline_steps=list(steps) if isinstance(steps, list) else [str(steps)])
             rec.setdefault("source", SOURCE)
-            rec["pipeline_steps"] = list(rec.get("pipeline_steps") or [])
             yield rec
+
+
+def _positive_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _valid_row(b: object) -> bool:
+    if not isinstance(b, list) or len(b) != 5 or not isinstance(b[4], str):
+        return False
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in b[:4])
 
 
 def write_seed(

@@ -19,6 +19,10 @@ from worker.errors import InputError
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 DEFAULT_MAX_PIXELS = 64_000_000
 
+# Our own limit (vlm.max_image_pixels) is checked from the header before any decode; Pillow's
+# fixed one would otherwise make raising ours above ~89 Mpx impossible.
+Image.MAX_IMAGE_PIXELS = None
+
 _MIME = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
 # Modes every provider decodes as-is; anything else is re-encoded.
 _SAFE_MODES = {"RGB", "L", "RGBA", "LA"}

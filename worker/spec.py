@@ -210,9 +210,12 @@ def load_spec(path: str | Path | None = None, overrides: list[str] | tuple[str, 
             raise ConfigError(f"spec file not found: {p}")
         text = p.read_text(encoding="utf-8")
     try:
-        base = OmegaConf.create(yaml.safe_load(text) or {}) if text else OmegaConf.create({})
+        loaded = yaml.safe_load(text) if text else None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{source}: the spec must be a mapping at the top level, not a {type(loaded).__name__}")
+    base = OmegaConf.create(loaded or {})
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.path=value")

@@ -258,12 +258,19 @@ def test_seed_from_input_jsonl(tmp_path):
 @pytest.mark.parametrize(
     ("bad", "words"),
     [
-        ('{"image_id": "b", "image_path": ', "not a JSON object"),
-        ("[1, 2]", "expected a JSON object"),
-        ('{"image_path": "/x.png"}', "image_id"),
-        ('{"image_id": "a", "image_path": "/x.png", "width": 1, "height": 1}', "already seeded"),
-        ('{"image_id": "b", "image_path": "/x.png", "width": 1, "height": 1, "kitti_bboxes": [[1, 2, 3, 4]]}',
-         "kitti_bboxes"),
+        pytest.param('{"image_id": "b", "image_path": ', "not a JSON object", id="cut-json"),
+        pytest.param("[1, 2]", "expected a JSON object", id="not-an-object"),
+        pytest.param('{"image_path": "/x.png"}', "image_id", id="no-image-id"),
+        pytest.param('{"image_id": "a", "image_path": "/x.png", "width": 1, "height": 1}', "already seeded",
+                     id="duplicate-id"),
+        pytest.param('{"image_id": "b", "image_path": "/x.png", "width": 1, "height": 1, '
+                     '"kitti_bboxes": [[1, 2, 3, 4]]}', "kitti_bboxes", id="kitti-row-short"),
+        pytest.param('{"image_id": "b", "image_path": "/x.png", "width": 1, "height": 1, '
+                     '"kitti_bboxes": [["x", 2, 3, 4, "Car"]]}', "kitti_bboxes", id="kitti-row-non-numeric"),
+        pytest.param('{"image_id": "b", "image_path": "/x.png", "width": "wide", "height": 1}', "width",
+                     id="width-not-a-number"),
+        pytest.param('{"image_id": "b", "image_path": "/x.png", "width": -640, "height": 480}', "width",
+                     id="width-negative"),
     ],
 )
 def test_malformed_input_line_names_path_and_line(tmp_path, bad, words):
@@ -285,3 +292,14 @@ def test_input_jsonl_unreadable_image_is_a_seed_failure(tmp_path):
     assert report.failures[0][0] == "m"
     assert str(missing) in report.failures[0][2]
     assert any(f"{src}:1" in p for p in report.problems)
+
+
+def test_input_jsonl_numeric_image_id_becomes_a_string(tmp_path):
+    # image_id is a str in the schema (and finalize sorts ids): a TAO file with numeric ids must not
+    # leak ints into the seed file.
+    img = image(tmp_path / "7.png")
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"image_id": 7, "image_path": str(img)}) + "\n"
+                   + json.dumps({"image_id": "a", "image_path": str(img)}) + "\n")
+    path = write_seed(jsonl_spec(src), tmp_path / "results", SeedReport())
+    assert [r["image_id"] for _, r in iter_seed(path)] == ["7", "a"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -120,9 +122,6 @@ def test_defaults_without_a_file():
     ire = spec.ire
     assert spec.autolabel_type == "image_referring_expression"
     assert ire.vlm.backend == "gemini"
-    assert ire.workflow.steps == [0, 1, 2, 3]
-    assert ire.workflow.force_reprocess is False
-    assert ire.workflow.output_format in ("jsonl", "legacy", "both")
     assert ire.workflow.prompts_file == ""
     assert ire.data.image_dir == ""
     assert ire.data.kitti_label_dir == ""
@@ -133,6 +132,33 @@ def test_defaults_without_a_file():
     assert ire.vlm.max_retries == 5
     assert ire.data.ignore_types == ["DontCare"]
     assert ire.vlm.gemini.base_url == ""
+
+
+def test_defaults_match_tao_dataclasses():
+    """TAO's TestImageREConfig: ImageREWorkflowConfig / ImageREDataConfig / LLMBackendConfig defaults."""
+    ire = load_spec().ire
+    assert ire.workflow.steps == [0, 1, 2, 3]
+    assert ire.workflow.max_workers == 4
+    assert ire.workflow.output_format == "jsonl"
+    assert ire.workflow.force_reprocess is False
+    g, o = ire.vlm.gemini, ire.vlm.openai
+    assert (g.api_key, g.model, g.temperature, g.max_output_tokens, g.timeout) == (
+        "", "gemini-3.1-flash-lite-preview", 0.3, 8192, 120)
+    assert (o.api_key, o.base_url, o.model_name, o.temperature, o.max_tokens, o.timeout) == (
+        "", "", "", 0.7, 4096, 60)
+
+
+def test_tao_workflow_long_video_keys_accepted(tmp_path):
+    p = write(tmp_path, "image_referring_expression:\n  workflow:\n    long_video_threshold_sec: 30\n"
+                        "    long_video_sample_fps: 1.0\n    long_video_max_frames: 10\n")
+    assert load_spec(p).ire.workflow.max_workers == 4
+
+
+def test_shipped_default_config_loads():
+    cfg = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
+    spec = load_spec(cfg)
+    assert spec.ire.workflow.output_format == "both"
+    assert spec.ire.workflow.steps == [0, 1, 2, 3]
 
 
 def test_empty_file_gives_defaults(tmp_path):
@@ -173,7 +199,7 @@ def test_override_bool_and_float():
 
 
 def test_override_without_equals_is_an_error():
-    with pytest.raises(ConfigError, match="key.path=value"):
+    with pytest.raises(ConfigError, match=r"key\.path=value"):
         load_spec(None, ["image_referring_expression.workflow.steps"])
 
 

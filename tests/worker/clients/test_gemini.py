@@ -26,7 +26,8 @@ def keyed(monkeypatch):
 
 
 def test_request_carries_image_prompt_model_and_params(keyed, fake_vlm, png):
-    c = client(fake_vlm, model="gemini-test", temperature=0.3, max_output_tokens=321)
+    c = client(fake_vlm, model="gemini-test", temperature=0.3, max_output_tokens=321,
+               media_resolution="MEDIA_RESOLUTION_HIGH")
     assert isinstance(c, VLMClient)
     assert c.name == "gemini:gemini-test"
 
@@ -212,6 +213,6 @@ def test_factory_shares_one_client_per_spec_and_key(keyed, monkeypatch, fake_vlm
 
 def test_endpoint_key_spells_out_the_default_url():
     assert factory.endpoint_key(VLMSpec(backend="gemini")) == (
-        "gemini|https://generativelanguage.googleapis.com|gemini-2.5-flash")
+        "gemini|https://generativelanguage.googleapis.com|gemini-3.1-flash-lite-preview")
     custom = VLMSpec(backend="gemini", gemini=GeminiSpec(base_url="http://proxy:8080/", model="m"))
     assert factory.endpoint_key(custom) == "gemini|http://proxy:8080|m"

@@ -77,7 +77,7 @@ def test_tao_single_box(tmp_path):
 
 
 def test_regions_map_back_to_kitti_pixel_boxes(seed):
-    out, client = run(seed, json.dumps([VAN, CAR, PED]))  # order of the answer does not matter
+    out, _ = run(seed, json.dumps([VAN, CAR, PED]))  # order of the answer does not matter
     regions = out.record["regions"]
     assert [r["kitti_index"] for r in regions] == [0, 1, 2]  # KITTI order
     assert [r["bbox"] for r in regions] == [[100, 100, 300, 200], [500, 250, 700, 400], [800, 0, 900, 100]]
