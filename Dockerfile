@@ -28,5 +28,10 @@ RUN useradd --create-home --uid 10001 --user-group refexp \
 USER refexp
 WORKDIR /app
 
-# Default: one worker. docker-compose.yml sets the same command with its sizing knobs.
-CMD ["celery", "-A", "worker", "worker", "-P", "threads", "-c", "16", "-E", "-Q", "refexp", "-l", "INFO"]
+# Example specs, usable as `producer enqueue -c /app/configs/gemini.yaml ...` (read-only; put your
+# own spec on the shared volume, e.g. /data/spec.yaml).
+COPY configs /app/configs
+
+# Default: one worker, as docker-compose.yml's `worker` service runs it (there, -c is a variable).
+CMD ["celery", "-A", "worker", "worker", "-P", "threads", "-c", "16", "-E", "-Q", "refexp", "-l", "INFO", \
+     "--without-gossip", "--without-mingle"]

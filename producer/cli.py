@@ -156,6 +156,9 @@ def enqueue(
 
     with user_errors():
         s = _spec(spec, overrides, image_dir, label_dir, results_dir)
+        for var in _spec_keys(s):
+            typer.echo(f"warning: the spec holds an API key; it is not sent to the workers (keys never go "
+                       f"through Redis). Set {var} in every worker's environment instead.", err=True)
         client = connect()
         bars = _Bars()
         try:
@@ -191,9 +194,25 @@ def run(
         run_local(s)
 
 
+def _spec_keys(s: Spec) -> dict[str, str]:
+    """API keys written in the spec, as the environment variables the clients read."""
+    vlm = s.ire.vlm
+    keys = {}
+    if vlm.gemini.api_key:
+        keys["GOOGLE_API_KEY"] = vlm.gemini.api_key
+    if vlm.openai.api_key:
+        keys["OPENAI_API_KEY"] = vlm.openai.api_key
+    return keys
+
+
 def run_local(s: Spec, *, quiet: bool = False) -> Path:
     """``producer run`` as a function (the demo and the tests call it)."""
     from producer.embedded import embedded_redis
+
+    # Keys never travel through Redis; the in-process worker reads them from this process's
+    # environment, so a key given in the spec (TAO users do) is handed over that way.
+    for var, value in _spec_keys(s).items():
+        os.environ.setdefault(var, value)
 
     with embedded_redis() as url:
         os.environ["REDIS_URL"] = url

@@ -26,9 +26,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import redis
 import yaml
 
+from producer.embedded import redis_server_binary
 from tests.support.fleet import ROOT, producer, wait_until
+from worker.constants import QUEUE
 
 pytestmark = pytest.mark.integration
 
@@ -193,7 +196,7 @@ def test_compose_file_keeps_its_promises():
     assert option(wargs, "-P") == "threads"
     assert option(wargs, "-c") == COMPOSE_ENV["WORKER_CONCURRENCY"]
     assert "-E" in wargs
-    assert option(wargs, "-Q") in (None, "refexp")
+    assert option(wargs, "-Q") in (None, QUEUE)
     assert "container_name" not in worker and "ports" not in worker and "hostname" not in worker
     assert worker.get("build") is not None
     for key in ("GOOGLE_API_KEY", "OPENAI_API_KEY", "NVIDIA_API_KEY"):
@@ -222,9 +225,85 @@ def test_compose_file_keeps_its_promises():
     assert any(wm[t] in compose.get("volumes", {}) for t in shared)
 
 
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
+    text = (ROOT / "Dockerfile").read_text()
+    lines = [ln for ln in text.splitlines() if not ln.lstrip().startswith("#")]
+    joined = re.sub(r"\\\n", " ", "\n".join(lines))
+    out = []
+    for ln in joined.splitlines():
+        if ln.strip():
+            word, _, rest = ln.strip().partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def test_dockerfile_builds_the_image_compose_runs():
+    ins = dockerfile_instructions()
+    kinds = [k for k, _ in ins]
+    assert ins[0] == ("FROM", "python:3.11-slim")
+    assert any(k == "RUN" and "pip install" in a for k, a in ins)
+    user = [a for k, a in ins if k == "USER"]
+    assert user and user[-1] not in ("root", "0"), "the image must not run as root"
+    assert [a for k, a in ins if k == "WORKDIR"][-1] == "/app"
+    for k, a in ins:
+        assert not (k in ("ENV", "ARG") and "API_KEY" in a), "API keys must never be baked into the image"
+        if k == "COPY":
+            sources = a.split()[:-1]
+            assert all((ROOT / src).exists() for src in sources if not src.startswith("--")), a
+    # The default command is the compose worker's, at its default concurrency.
+    cmd = json.loads(next(a for k, a in reversed(ins) if k == "CMD"))
+    compose = load_compose({k: v for k, v in COMPOSE_ENV.items() if k != "WORKER_CONCURRENCY"})
+    assert ["celery", *argv_of(compose["services"]["worker"]["command"])[3:]] == cmd
+    assert kinds.index("USER") > max(i for i, (k, a) in enumerate(ins) if k == "RUN" and "pip install" in a)
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".git", ".venv"} <= set(ignored)
+
+
 # ---------------------------------------------------------------------------------------------
 # The declared commands, run
 # ---------------------------------------------------------------------------------------------
+
+def test_compose_redis_command_runs_and_guards_itself(tmp_path):
+    """The Redis command as declared (plus a free loopback port and a temp dir, which the container
+    has by itself): durable, noeviction, password required; its healthcheck tells a good password
+    from a bad one."""
+    svc = load_compose(COMPOSE_ENV)["services"]["redis"]
+    server = redis_server_binary()
+    cli = str(Path(server).with_name("redis-cli")) if Path(server).with_name("redis-cli").exists() else "redis-cli"
+    port = free_port()
+    args = [server, *redis_args(svc)[1:], "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path)]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    client = redis.Redis(port=port, password=COMPOSE_ENV["REDIS_PASSWORD"])
+    try:
+        def up():
+            assert proc.poll() is None, f"redis-server {args} exited {proc.returncode}"
+            try:
+                return client.ping()
+            except redis.ConnectionError:
+                return False
+
+        wait_until(up, 20, "redis-server from the compose command")
+        assert client.config_get("appendonly") == {"appendonly": "yes"}
+        assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
+        assert int(client.config_get("maxmemory")["maxmemory"]) > 0
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=port).ping()
+
+        test = svc["healthcheck"]["test"]
+        assert test[0] == "CMD-SHELL"
+        check = test[1].replace("redis-cli", f"{shlex.quote(cli)} -p {port}")
+        auth = service_env(svc)["REDISCLI_AUTH"]
+        assert auth == COMPOSE_ENV["REDIS_PASSWORD"]
+        ok = subprocess.run(["sh", "-c", check], env={**os.environ, "REDISCLI_AUTH": auth}, timeout=30)
+        bad = subprocess.run(["sh", "-c", check], env={**os.environ, "REDISCLI_AUTH": "wrong"}, timeout=30,
+                             capture_output=True)
+        assert ok.returncode == 0 and bad.returncode != 0
+    finally:
+        client.close()
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)
+
 
 def http(url: str, auth: tuple[str, str] | None = None) -> tuple[int, str]:
     req = urllib.request.Request(url)
