@@ -19,7 +19,7 @@ from worker.errors import PipelineError
 from worker.images import read_size
 from worker.kitti import decode_label_bytes, parse_kitti
 from worker.spec import Spec
-from worker.steps import run_step
+from worker.steps import StepOptions, run_step
 from worker.steps.prompts import load_prompts
 
 
@@ -52,7 +52,7 @@ def check(spec: Spec, image: Path | None) -> int:
         try:
             client = get_client(vlm)
             outcome = run_step(step, record, client, load_prompts(spec.ire.workflow.prompts_file),
-                               max_pixels=vlm.max_image_pixels)
+                               max_pixels=vlm.max_image_pixels, options=StepOptions.from_vlm(vlm))
         except PipelineError as exc:
             typer.echo(f"FAILED after {time.monotonic() - start:.2f}s: {type(exc).__name__}: {exc}", err=True)
             return 1

@@ -18,6 +18,9 @@ from typing import Annotated
 import typer
 from tqdm import tqdm
 
+from producer import estimate as estimate_cmd
+from producer import export as export_cmd
+from producer import preview as preview_cmd
 from worker.errors import ConfigError
 from worker.spec import Spec, default_spec_yaml, load_spec
 
@@ -122,11 +125,13 @@ def _print_seed(sub) -> None:
         typer.echo(f"  ... {len(r.problems) - 20} more (see failures.jsonl for unreadable images)", err=True)
 
 
-def _finalize_and_report(layout, steps: list[int]) -> None:
-    from producer.status import finalize
+def _finalize_and_report(layout, steps: list[int], prices: dict | None = None) -> None:
+    from producer.status import finalize, format_usage
 
-    rep = finalize(layout, steps)
+    rep = finalize(layout, steps, prices)
     typer.echo(f"wrote {rep.path} ({rep.written} images; {len(rep.failed)} failed, {len(rep.missing)} missing)")
+    if rep.usage.get("total", {}).get("calls"):
+        typer.echo("\n".join(format_usage(rep.usage)))
     if rep.failed:
         typer.echo(f"  failed images: {', '.join(rep.failed[:20])}{' ...' if len(rep.failed) > 20 else ''}"
                    f" — details in {layout.failures.path}; `producer retry-failed --results-dir "
@@ -177,7 +182,7 @@ def enqueue(
             typer.echo(f"watch: producer status --results-dir {sub.run.layout.root}   (or Flower on :5555)")
             return
         _watch(sub.run.state, timeout)
-        _finalize_and_report(sub.run.layout, sub.run.spec.ire.workflow.steps)
+        _finalize_and_report(sub.run.layout, sub.run.spec.ire.workflow.steps, sub.run.spec.ire.vlm.prices.model_dump())
 
 
 @app.command()
@@ -236,7 +241,8 @@ def run_local(s: Spec, *, quiet: bool = False) -> Path:
 
             (wait(sub.run.state) if quiet else _watch(sub.run.state, None))
         if not quiet:
-            _finalize_and_report(sub.run.layout, sub.run.spec.ire.workflow.steps)
+            _finalize_and_report(sub.run.layout, sub.run.spec.ire.workflow.steps,
+                                 sub.run.spec.ire.vlm.prices.model_dump())
         else:
             from producer.status import finalize
 
@@ -276,7 +282,9 @@ def wait(
         except TimeoutError as exc:
             _fail(str(exc))
         if finalize_:
-            _finalize_and_report(layout, state.meta().get("steps", []))
+            from producer.status import run_prices
+
+            _finalize_and_report(layout, state.meta().get("steps", []), run_prices(state))
 
 
 @app.command()
@@ -289,7 +297,9 @@ def finalize(results_dir: RequiredResults) -> None:
         steps = state.meta().get("steps")
         if not steps:
             _fail(f"run in {layout.root} has no steps recorded in Redis; enqueue it first")
-        _finalize_and_report(layout, steps)
+        from producer.status import run_prices
+
+        _finalize_and_report(layout, steps, run_prices(state))
 
 
 @app.command("retry-failed")
@@ -338,6 +348,10 @@ def check_endpoint(
         s = load_spec(spec, list(overrides or []))
         code = check(s, image)
         raise typer.Exit(code)
+
+
+for _module in (preview_cmd, export_cmd, estimate_cmd):
+    _module.register(app)
 
 
 def main() -> None:

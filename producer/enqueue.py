@@ -8,7 +8,8 @@ The window is the run's in-flight set in Redis (images enqueued and not yet sett
 producer waits while it holds ``max_inflight`` images, so Redis memory stays bounded by the
 window, not by the dataset. Publishing happens before marking an image in flight, so a producer
 killed mid-batch can only cause a duplicate message (which the worker's done check absorbs),
-never a lost image. The producer keeps no per-image state.
+never a lost image; an image a worker finished before it was marked is settled right after
+the mark, so it cannot stay "in flight" for ever. The producer keeps no per-image state.
 """
 
 from __future__ import annotations
@@ -99,7 +100,9 @@ def enqueue(
                 run.state.clear_attempt(s, [image_id for _, image_id, r in todo if s in r], done=force)
             for offset, image_id, remaining in todo:
                 canvas(remaining, run.ref, image_id, offset).apply_async()
-            run.state.mark_queued([image_id for _, image_id, _ in todo], time.time())
+            marked = [image_id for _, image_id, _ in todo]
+            run.state.mark_queued(marked, time.time())
+            run.state.settle_many(marked, steps)  # images a fast worker finished before the mark
             report.enqueued += len(todo)
         if progress is not None:
             progress(len(batch))

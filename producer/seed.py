@@ -36,7 +36,9 @@ class SeedReport:
     ignored_boxes: int = 0
     skipped_lines: int = 0
     missing_labels: int = 0
+    orphan_labels: int = 0  # label files with no image of their stem (ignored)
     unreadable_images: int = 0
+    outside_root: int = 0  # input_annotations_jsonl images outside the allowed root (not seeded)
     problems: list[str] = field(default_factory=list)
     failures: list[tuple[str, str, str]] = field(default_factory=list)  # (image_id, path, message)
 
@@ -80,7 +82,10 @@ def seed_from_images(spec: Spec, report: SeedReport) -> Iterator[dict]:
     image_dir = Path(data.image_dir).resolve()
     label_dir = Path(data.kitti_label_dir).resolve() if data.kitti_label_dir else None
     max_pixels = spec.ire.vlm.max_image_pixels
-    for stem, name in list_images(image_dir):
+    images = list_images(image_dir)
+    if label_dir is not None:
+        _count_orphan_labels(label_dir, {stem for stem, _ in images}, report)
+    for stem, name in images:
         path = image_dir / name
         try:
             width, height = read_size(path, max_pixels=max_pixels)
@@ -117,9 +122,39 @@ def seed_from_images(spec: Spec, report: SeedReport) -> Iterator[dict]:
         }
 
 
+def _count_orphan_labels(label_dir: Path, stems: set[str], report: SeedReport) -> None:
+    """Label files whose image does not exist are ignored, but counted and named."""
+    with os.scandir(label_dir) as it:
+        for entry in it:
+            stem, ext = os.path.splitext(entry.name)
+            if ext == ".txt" and stem not in stems and entry.is_file():
+                report.orphan_labels += 1
+                report.note(f"{label_dir / entry.name}: label file with no image '{stem}' in data.image_dir; ignored")
+
+
+def allowed_root(spec: Spec) -> Path:
+    """Where ``input_annotations_jsonl`` image paths must lie: ``data.image_dir`` when set, else
+    the jsonl file's directory. Relative image paths are resolved against it."""
+    data = spec.ire.data
+    if data.image_dir and data.image_dir != "???":
+        return Path(os.path.abspath(data.image_dir))
+    return Path(os.path.abspath(data.input_annotations_jsonl)).parent
+
+
+def _inside(image_path: str, root: Path) -> str | None:
+    """The absolute, normalised image path if it lies under ``root`` (as written, or once
+    symlinks are resolved), else None. ``..`` cannot climb out: the check is on the normalised path."""
+    norm = Path(os.path.normpath(root / Path(image_path).expanduser()))
+    real_root = root.resolve()
+    if norm.is_relative_to(root) or norm.is_relative_to(real_root) or norm.resolve().is_relative_to(real_root):
+        return str(norm)
+    return None
+
+
 def seed_from_jsonl(spec: Spec, report: SeedReport) -> Iterator[dict]:
     """Seed records from ``data.input_annotations_jsonl`` (TAO's resume schema)."""
     path = Path(spec.ire.data.input_annotations_jsonl)
+    root = allowed_root(spec)
     seen: dict[str, int] = {}
     max_pixels = spec.ire.vlm.max_image_pixels
     with open(path, encoding="utf-8", errors="replace") as f:
@@ -144,10 +179,19 @@ def seed_from_jsonl(spec: Spec, report: SeedReport) -> Iterator[dict]:
                 raise ConfigError(f"{path}:{lineno}: kitti_bboxes must be a list of [x1, y1, x2, y2, type] "
                                   "with numeric coordinates and a string type")
             width, height = rec.get("width") or 0, rec.get("height") or 0
-            if not _positive_int(width) or not _positive_int(height):
-                if width or height:
-                    raise ConfigError(f"{path}:{lineno}: width and height must be positive integers "
-                                      f"(got {width!r} x {height!r}); leave them out to read them from the image")
+            if (width or height) and not (_positive_int(width) and _positive_int(height)):
+                raise ConfigError(f"{path}:{lineno}: width and height must be positive integers "
+                                  f"(got {width!r} x {height!r}); leave them out to read them from the image")
+            image_path = _inside(str(rec["image_path"]), root)
+            if image_path is None:
+                message = (f"{path}:{lineno}: image {rec['image_path']} is outside the allowed root {root} "
+                           "(data.image_dir, or the jsonl file's directory when image_dir is unset); not seeded")
+                report.outside_root += 1
+                report.failures.append((image_id, str(rec["image_path"]), message))
+                report.note(message)
+                continue
+            rec["image_path"] = image_path
+            if not width:
                 try:
                     width, height = read_size(rec["image_path"], max_pixels=max_pixels)
                 except InputError as exc:

@@ -11,9 +11,11 @@ from pathlib import Path
 from producer.seed import iter_seed
 from worker.budget import budget_stats
 from worker.layout import Layout
-from worker.runstate import RunState
+from worker.runstate import USAGE_FIELDS, RunState
 from worker.sinks import ReadStats, dumps
 from worker.steps import final_record
+from worker.steps.records import deterministic
+from worker.steps.records import PIPELINE_NAMES
 
 
 def status(state: RunState) -> dict:
@@ -50,7 +52,113 @@ def status(state: RunState) -> dict:
     }
     if meta.get("endpoint"):
         result["budget"] = {"endpoint": meta["endpoint"], **budget_stats(state.r, meta["endpoint"])}
+    counted = state.usage()
+    if counted:
+        per_step = {}
+        for s in steps:
+            c = counted.get(s, {})
+            per_step[s] = {"images": out_steps[str(s)]["done"], "calls": c.get("calls", 0),
+                           **{f: c.get(f, 0) for f in USAGE_FIELDS},
+                           "latency_s": c.get("latency_ms", 0) / 1000}
+        result["usage"] = usage_summary(per_step, run_prices(state, meta))
     return result
+
+
+def run_prices(state: RunState, meta: dict | None = None) -> dict | None:
+    """The run's ``vlm.prices`` from the spec stored in Redis (None when there is none)."""
+    meta = state.meta() if meta is None else meta
+    spec = state.load_spec(meta["spec_hash"]) if meta.get("spec_hash") else None
+    return (((spec or {}).get("image_referring_expression") or {}).get("vlm") or {}).get("prices")
+
+
+# --------------------------------------------------------------------------- tokens and cost
+
+
+def call_cost(prices: dict | None, input_tokens: int, output_tokens: int, thinking_tokens: int = 0) -> float | None:
+    """What the tokens cost under ``vlm.prices``; None when there is no price table.
+
+    Image tokens are part of ``input_tokens`` (every API counts them in the prompt), and
+    thinking tokens are billed as output.
+    """
+    if not prices:
+        return None
+    pin, pout = float(prices.get("input_per_million") or 0), float(prices.get("output_per_million") or 0)
+    if not pin and not pout:
+        return None
+    return (input_tokens * pin + (output_tokens + thinking_tokens) * pout) / 1e6
+
+
+def usage_summary(per_step: dict[int, dict], prices: dict | None = None) -> dict:
+    """Totals and per-image / per-call averages from ``step -> {images, calls, <tokens>, latency_s}``.
+
+    ``images`` is how many images have a record for the step (those with no boxes made no call,
+    and count with 0 tokens in the per-image average).
+    """
+
+    def finish(c: dict) -> dict:
+        images, calls = c.get("images", 0), c.get("calls", 0)
+        out = {"images": images, "calls": calls, **{f: c.get(f, 0) for f in USAGE_FIELDS},
+               "latency_s": round(c.get("latency_s", 0.0), 3)}
+        for f in ("input_tokens", "output_tokens"):
+            out[f"{f}_per_image"] = round(out[f] / images, 1) if images else None
+        out["latency_s_per_call"] = round(out["latency_s"] / calls, 3) if calls else None
+        cost = call_cost(prices, out["input_tokens"], out["output_tokens"], out["thinking_tokens"])
+        if cost is not None:
+            out["cost"] = round(cost, 6)
+            out["cost_per_image"] = round(cost / images, 6) if images else None
+        return out
+
+    steps = {str(s): finish(c) for s, c in sorted(per_step.items())}
+    total: dict = {"images": max((c["images"] for c in steps.values()), default=0)}
+    for f in ("calls", *USAGE_FIELDS, "latency_s"):
+        total[f] = sum(c[f] for c in steps.values())
+    return {"steps": steps, "total": finish(total)}
+
+
+def usage_from_sinks(layout: Layout, steps: list[int], prices: dict | None = None) -> dict:
+    """Token usage per step from the step sinks (the record of every call that succeeded).
+
+    Every valid line counts as a call made (a forced re-run or a re-delivered task is a call paid
+    for); ``images`` counts distinct image ids. Calls whose answer could not be parsed left no
+    record and are not counted.
+    """
+    per_step: dict[int, dict] = {}
+    for s in steps:
+        name = PIPELINE_NAMES[s]
+        ids: set[str] = set()
+        c: dict = {"calls": 0, **dict.fromkeys(USAGE_FIELDS, 0), "latency_s": 0.0}
+        for _, rec in layout.sink(s).scan():
+            ids.add(rec["image_id"])
+            call = ((rec.get("meta") or {}).get(name) or {}).get("call")
+            if not call:
+                continue
+            c["calls"] += 1
+            for f in USAGE_FIELDS:
+                c[f] += int(call.get(f) or 0)
+            c["latency_s"] += float(call.get("latency_s") or 0)
+        per_step[s] = {"images": len(ids), **c}
+    return usage_summary(per_step, prices)
+
+
+def format_usage(usage: dict) -> list[str]:
+    """Human lines for a ``usage_summary``: per step and total, tokens and per-image averages."""
+
+    def line(label: str, c: dict) -> str:
+        text = (f"  {label:<7} {c['calls']:>7} calls  in {c['input_tokens']:>11,}  out {c['output_tokens']:>10,}")
+        if c["images"]:
+            text += f"  per image: in {c['input_tokens_per_image']:,.0f}, out {c['output_tokens_per_image']:,.0f}"
+        extras = [f"{f.split('_')[0]} {c[f]:,}" for f in ("image_tokens", "thinking_tokens") if c.get(f)]
+        if c.get("latency_s_per_call") is not None and label != "total":
+            extras.append(f"{c['latency_s_per_call']:.2f} s/call")
+        if "cost" in c:
+            extras.append(f"cost {c['cost']:,.4f}" + (f" ({c['cost_per_image']:.6f}/image)" if c.get("cost_per_image")
+                                                     is not None else ""))
+        return text + (f"  [{', '.join(extras)}]" if extras else "")
+
+    lines = ["  tokens (calls that succeeded):"]
+    lines += [line(f"step {s}", c) for s, c in usage["steps"].items()]
+    lines.append(line("total", usage["total"]))
+    return lines
 
 
 def format_status(st: dict) -> str:
@@ -69,6 +177,8 @@ def format_status(st: dict) -> str:
         b = st["budget"]
         lines.append(f"  endpoint {b['endpoint']}: {b['in_flight']} calls in flight, "
                      f"{b['calls_last_minute']} calls/min, {b['rate_limited_last_minute']} 429s last minute")
+    if st.get("usage"):
+        lines += format_usage(st["usage"])
     return "\n".join(lines)
 
 
@@ -79,6 +189,7 @@ class FinalizeReport:
     failed: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     bad_lines: int = 0
+    usage: dict = field(default_factory=dict)
 
 
 def _failed_ids(layout: Layout, done: dict[int, dict[str, int]]) -> set[str]:
@@ -92,11 +203,13 @@ def _failed_ids(layout: Layout, done: dict[int, dict[str, int]]) -> set[str]:
     return failed
 
 
-def finalize(layout: Layout, steps: list[int]) -> FinalizeReport:
+def finalize(layout: Layout, steps: list[int], prices: dict | None = None) -> FinalizeReport:
     """Write ``annotations.jsonl``: one record per image (the last step's), sorted by image_id.
 
     Works from the files alone. Images that failed are listed, not emitted; images with no final
-    record and no failure are reported as missing.
+    record and no failure are reported as missing. Records keep their per-call token usage but
+    not its latency (the step sinks keep that), so two runs of the same data give the same bytes.
+    ``report.usage`` sums the step sinks' token usage (``prices`` adds the cost).
     """
     stats = ReadStats()
     final_steps = [max(steps)] if max(steps) >= 2 else list(steps)
@@ -112,12 +225,13 @@ def finalize(layout: Layout, steps: list[int]) -> FinalizeReport:
                 (report.failed if image_id in failed else report.missing).append(image_id)
                 continue
             records = {s: sinks[s].read_at(offsets[s][image_id]) for s in final_steps}
-            out.write(dumps(final_record(steps, records)) + "\n")
+            out.write(dumps(deterministic(final_record(steps, records))) + "\n")
             report.written += 1
     os.replace(tmp, layout.final)
+    report.usage = usage_from_sinks(layout, steps, prices)
     return report
 
 
 def summary_json(report: FinalizeReport) -> str:
     return json.dumps({"annotations": str(report.path), "written": report.written,
-                       "failed": len(report.failed), "missing": len(report.missing)})
+                       "failed": len(report.failed), "missing": len(report.missing), "usage": report.usage})

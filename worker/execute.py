@@ -6,13 +6,38 @@ recording are decided there from the exception ``execute`` lets through.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
+import re
 
+from worker.clients.base import VLMClient, VLMRequest, VLMResponse
 from worker.context import RunContext
 from worker.errors import InputError
-from worker.steps import REQUIRES, USES, input_record, run_step
+from worker.steps import REQUIRES, USES, StepOptions, input_record, run_step
+from worker.steps.records import PIPELINE_NAMES
 
 DONE, SKIPPED, BLOCKED, FAILED = "done", "skipped", "blocked", "failed"
+
+log = logging.getLogger("refexp.worker")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+class ValidText:
+    """A client whose answers are valid Unicode: bytes that were not UTF-8 reach us as lone
+    surrogates, which no sink can encode; they become U+FFFD (and are logged, not fatal)."""
+
+    def __init__(self, inner: VLMClient, image_id: str):
+        self.inner, self.image_id, self.name = inner, image_id, inner.name
+
+    def generate(self, request: VLMRequest) -> VLMResponse:
+        response = self.inner.generate(request)
+        text, n = _SURROGATE.subn("\ufffd", response.text or "")
+        if not n:
+            return response
+        log.warning("%s %s: the answer was not valid UTF-8; %d character(s) replaced", self.image_id,
+                    request.step, n)
+        return dataclasses.replace(response, text=text)
 
 
 def required_inputs(step: int, steps: list[int]) -> tuple[int, ...]:
@@ -59,11 +84,15 @@ def execute(ctx: RunContext, step: int, image_id: str, seed_offset: int) -> str:
         return BLOCKED
     seed = read_seed(ctx, image_id, seed_offset) if step != 3 else {}
     record = input_record(step, seed, upstream)
-    outcome = run_step(step, record, ctx.client, ctx.templates, max_pixels=ctx.spec.ire.vlm.max_image_pixels)
+    outcome = run_step(step, record, ValidText(ctx.client, image_id), ctx.templates,
+                       max_pixels=ctx.spec.ire.vlm.max_image_pixels, options=StepOptions.from_vlm(ctx.spec.ire.vlm))
     offset = ctx.layout.sink(step).append(outcome.record)
     if wf.output_format in ("legacy", "both"):
         ctx.layout.write_legacy(step, image_id, outcome.legacy)
     ctx.state.mark_done(step, image_id, offset)
+    call = outcome.record.get("meta", {}).get(PIPELINE_NAMES[step], {}).get("call")
+    if call:
+        ctx.state.add_usage(step, call)
     return DONE
 
 

@@ -92,7 +92,11 @@ def load_payload(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> I
                 fmt, mode, size = im.format, im.mode, im.size
                 if fmt in _MIME and mode in _SAFE_MODES:
                     return ImagePayload(data, _MIME[fmt], size[0], size[1], str(p))
-                rgb = im.convert("RGBA" if "A" in mode or "transparency" in im.info else "RGB")
+                src = im
+                if mode.startswith("I;16"):
+                    # 16-bit grey: scale to 8 bits; convert() alone clips every value above 255 to white.
+                    src = im.convert("I").point(lambda v: v * (1 / 256)).convert("L")
+                rgb = src.convert("RGBA" if "A" in mode or "transparency" in im.info else "RGB")
     except InputError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

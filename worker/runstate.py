@@ -19,6 +19,7 @@ from worker.constants import KEY_PREFIX
 
 SPEC_TTL = 60 * 60 * 24 * 60  # the spec outlives any sane run; re-enqueue refreshes it
 WORKER_SEEN_WINDOW = 120.0
+USAGE_FIELDS = ("input_tokens", "output_tokens", "image_tokens", "thinking_tokens")
 
 
 def run_key(run_id: str, *parts: object) -> str:
@@ -66,6 +67,26 @@ class RunState:
         pipe.hdel(run_key(self.run_id, "failed", step), image_id)
         pipe.hdel(run_key(self.run_id, "blocked", step), image_id)
         pipe.execute()
+
+    def add_usage(self, step: int, call: dict) -> None:
+        """Count one finished call's tokens into ``usage`` (``<step>:<field>`` -> total), for
+        live status; latency is kept in milliseconds so every field is an integer."""
+        pipe = self.r.pipeline()
+        key = run_key(self.run_id, "usage")
+        pipe.hincrby(key, f"{step}:calls", 1)
+        for field in USAGE_FIELDS:
+            if call.get(field):
+                pipe.hincrby(key, f"{step}:{field}", int(call[field]))
+        pipe.hincrby(key, f"{step}:latency_ms", round(float(call.get("latency_s") or 0) * 1000))
+        pipe.execute()
+
+    def usage(self) -> dict[int, dict[str, int]]:
+        """``step -> {calls, input_tokens, ..., latency_ms}`` as counted by ``add_usage``."""
+        out: dict[int, dict[str, int]] = {}
+        for k, v in self.r.hgetall(run_key(self.run_id, "usage")).items():
+            step, _, field = k.decode().partition(":")
+            out.setdefault(int(step), {})[field] = int(v)
+        return out
 
     def mark_failed(self, step: int, image_id: str, reason: str) -> None:
         self.r.hset(run_key(self.run_id, "failed", step), image_id, reason[:500])
@@ -150,6 +171,28 @@ class RunState:
         if settled:
             self.r.hdel(run_key(self.run_id, "queued"), image_id)
         return settled
+
+    def settle_many(self, image_ids: list[str], steps: list[int]) -> int:
+        """``settle`` for a batch in two round trips; returns how many left the in-flight set.
+
+        The producer calls it right after marking a batch in flight: a worker that finished an
+        image between its publish and that mark found nothing to drop, and would otherwise leave
+        it "in flight" for ever (and the run never finished).
+        """
+        if not image_ids:
+            return 0
+        pipe = self.r.pipeline(transaction=False)
+        for image_id in image_ids:
+            for s in steps:
+                for kind in ("done", "failed", "blocked"):
+                    pipe.hexists(run_key(self.run_id, kind, s), image_id)
+        flags = pipe.execute()
+        per_image = len(steps) * 3
+        settled = [image_id for i, image_id in enumerate(image_ids)
+                   if all(any(flags[i * per_image + j * 3: i * per_image + j * 3 + 3]) for j in range(len(steps)))]
+        if settled:
+            self.r.hdel(run_key(self.run_id, "queued"), *settled)
+        return len(settled)
 
     # -- fleet ---------------------------------------------------------------------------------
     def heartbeat(self, worker: str) -> None:

@@ -34,6 +34,9 @@ class GeminiSpec(_Strict):
     max_output_tokens: int = 8192
     timeout: float = 120.0
     base_url: str = Field("", description="refexp: proxy or test endpoint; empty = Google's.")
+    thinking_budget: int | None = Field(
+        None, description="refexp: thinking tokens (-1 = dynamic); null = the least the model allows "
+                          "(0 on 2.5 Flash/Lite, MINIMAL/LOW level on 3.x); thinking counts against max_output_tokens.")
 
 
 class OpenAISpec(_Strict):
@@ -45,6 +48,15 @@ class OpenAISpec(_Strict):
     timeout: float = 60.0
 
 
+class PriceSpec(_Strict):
+    """refexp: what the endpoint charges, for ``producer estimate`` and the run summaries."""
+
+    input_per_million: float = Field(0.0, ge=0, description="Price per million input tokens (prompt + image); "
+                                     "0 with output_per_million 0 = no price table, no cost shown.")
+    output_per_million: float = Field(0.0, ge=0, description="Price per million output tokens "
+                                      "(thinking tokens are billed as output).")
+
+
 class VLMSpec(_Strict):
     backend: Literal["gemini", "openai", "offline"] = "gemini"
     gemini: GeminiSpec = GeminiSpec()
@@ -54,6 +66,13 @@ class VLMSpec(_Strict):
     requests_per_minute: int = Field(0, ge=0, description="Fleet-wide per endpoint; 0 = unlimited.")
     max_retries: int = Field(5, ge=0, description="Retries of a retryable VLM failure per image-step.")
     max_image_pixels: int = Field(64_000_000, ge=1, description="Larger images fail (bomb guard).")
+    structured_output: Literal["auto", "off"] = Field(
+        "auto", description="auto: JSON schema + box ids where the endpoint takes them (falls back to the "
+                           "text prompt once per endpoint); off: TAO's text prompts.")
+    box_format: Literal["auto", "xyxy_1000", "yxyx_1000", "xyxy_pixels", "xyxy_norm1", "xyxy_smart_resize"] = Field(
+        "auto", description="How the model writes boxes; auto = by model name (worker/coords.py).")
+    prices: PriceSpec = Field(PriceSpec(), description="Optional price table {input_per_million, "
+                              "output_per_million} in your currency; all 0 (the default) = none.")
 
 
 class WorkflowSpec(_Strict):

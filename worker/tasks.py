@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 
+import redis
 from celery import Task
 
 from worker import settings
 from worker.app import app
 from worker.constants import STEP_NAMES
-from worker.context import RunContext, get_context
+from worker.context import RunContext, get_context, state_redis
 from worker.errors import PERMANENT, RETRYABLE, ClientError
 from worker.execute import execute, record_failure
 
@@ -25,6 +27,10 @@ log = logging.getLogger("refexp.worker")
 
 BACKOFF_BASE = 2.0
 BACKOFF_CAP = 300.0
+# Run state unreachable (Redis restarting, a failover): nothing is known about the image-step, so
+# nothing is recorded as failed; the task waits for Redis (bounded) and is tried again.
+INFRA_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+REDIS_WAIT = 60.0
 
 
 def retry_countdown(retries: int, retry_after: float | None, visibility_timeout: int) -> float:
@@ -37,11 +43,30 @@ def retry_countdown(retries: int, retry_after: float | None, visibility_timeout:
 
 
 def run_task(task: Task, step: int, run_ref: str, image_id: str, seed_offset: int) -> str:
-    ctx = get_context(run_ref)
-    ctx.state.heartbeat(task.request.hostname or "unknown")
-    outcome = _attempt(task, ctx, step, image_id, seed_offset)
-    ctx.state.settle(image_id, ctx.spec.ire.workflow.steps)
-    return outcome
+    try:
+        ctx = get_context(run_ref)
+        ctx.state.heartbeat(task.request.hostname or "unknown")
+        outcome = _attempt(task, ctx, step, image_id, seed_offset)
+        ctx.state.settle(image_id, ctx.spec.ire.workflow.steps)
+        return outcome
+    except INFRA_ERRORS as exc:
+        log.warning("%s step %s: Redis unreachable (%s); retrying the task once it is back", image_id, step, exc)
+        _wait_for_redis(REDIS_WAIT)
+        countdown = retry_countdown(min(task.request.retries, 3), None, settings.visibility_timeout())
+        raise task.retry(exc=exc, countdown=countdown, max_retries=None) from None
+
+
+def _wait_for_redis(timeout: float) -> None:
+    """Block (at most ``timeout`` s) until Redis answers: the retry is published through it."""
+    deadline = time.monotonic() + timeout
+    delay = 0.1
+    while time.monotonic() < deadline:
+        try:
+            state_redis().ping()
+            return
+        except INFRA_ERRORS:
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
 
 def _attempt(task: Task, ctx: RunContext, step: int, image_id: str, seed_offset: int) -> str:
@@ -59,6 +84,8 @@ def _attempt(task: Task, ctx: RunContext, step: int, image_id: str, seed_offset:
         return record_failure(ctx, step, image_id, exc, retries + 1)
     except PERMANENT as exc:
         return record_failure(ctx, step, image_id, exc, retries + 1)
+    except INFRA_ERRORS:
+        raise
     except Exception as exc:  # a bug or an unforeseen input: record it, never lose the image
         log.exception("%s step %s: unexpected error", image_id, step)
         return record_failure(ctx, step, image_id, exc, retries + 1)

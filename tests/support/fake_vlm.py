@@ -221,8 +221,79 @@ def _answer_check(prompt: str) -> str:
     return "\n".join(out)
 
 
+_S_LINE0 = re.compile(r"^(\d+): (\S+) \[\s*(-?[\d.]+),\s*(-?[\d.]+),\s*(-?[\d.]+),\s*(-?[\d.]+)\s*\]\s*$")
+_S_LINE2 = re.compile(r"^(\d+): (.*?) \[\s*(-?[\d.]+),\s*(-?[\d.]+),\s*(-?[\d.]+),\s*(-?[\d.]+)\s*\]\s*$")
+_S_GROUP3 = re.compile(r'^(".*?"): \{(.*)\}\s*$')
+_S_ID3 = re.compile(r"(\d+): \[")
+STRUCTURED_MARKERS = {
+    "region_expr": "one per line as <id>: <type> [x1, y1, x2, y2]:",
+    "grounding_expr": "one per line as <id>: <description> [x1, y1, x2, y2]:",
+    "double_check": 'written as "<phrase>": {<id>: [x1, y1, x2, y2], ...}:',
+}
+
+
+def _listed(prompt: str, marker: str) -> list[str]:
+    lines = prompt.splitlines()
+    start = next((i for i, x in enumerate(lines) if x.rstrip().endswith(marker)), None)
+    if start is None:
+        return []
+    out = []
+    for x in lines[start + 1:]:
+        if not x.strip():
+            break
+        out.append(x.strip())
+    return out
+
+
+def structured_answer(prompt: str, image: bytes | None) -> str | None:
+    """Answer our structured prompts (ids instead of coordinates) with JSON, or None."""
+    if STRUCTURED_MARKERS["region_expr"] in prompt:
+        im = _decode(image)
+        objects = []
+        for line in _listed(prompt, STRUCTURED_MARKERS["region_expr"]):
+            m = _S_LINE0.match(line)
+            if not m:
+                continue
+            box = [round(float(v)) for v in m.groups()[2:]]
+            kind, color = m.group(2), _crop_color(im, box)
+            objects.append({"id": int(m.group(1)), "type": kind, "color": color,
+                            "description": f"{color} {kind.lower()} {_where(box)}"})
+        return json.dumps({"objects": objects})
+    if STRUCTURED_MARKERS["grounding_expr"] in prompt:
+        groups: dict[str, list[tuple[str, int]]] = {}
+        for line in _listed(prompt, STRUCTURED_MARKERS["grounding_expr"]):
+            m = _S_LINE2.match(line)
+            if not m:
+                continue
+            desc = m.group(2).strip() or "object"
+            groups.setdefault(_group_key(desc), []).append((desc, int(m.group(1))))
+        out = [{"phrase": members[0][0] if len(members) == 1 else f"the {key}s", "box_ids": [i for _, i in members]}
+               for key, members in groups.items()]
+        return json.dumps({"groups": out})
+    if STRUCTURED_MARKERS["double_check"] in prompt:
+        out = []
+        for line in _listed(prompt, STRUCTURED_MARKERS["double_check"]):
+            m = _S_GROUP3.match(line)
+            if m:
+                out.append({"phrase": json.loads(m.group(1)), "box_ids": [int(i) for i in _S_ID3.findall(m.group(2))]})
+        return json.dumps({"groups": out})
+    return None
+
+
+def wants_schema(protocol: str, params: dict) -> bool:
+    """Whether a request asks for structured output (a JSON schema)."""
+    if protocol == "openai":
+        fmt = params.get("response_format")
+        return isinstance(fmt, dict) and fmt.get("type") == "json_schema"
+    return any(k in params for k in ("responseJsonSchema", "response_json_schema", "responseSchema",
+                                     "response_schema"))
+
+
 def default_answer(prompt: str, image: bytes | None, protocol: str) -> str:
     """Answer our four prompts like a literal-minded model; anything else gets one sentence."""
+    structured = structured_answer(prompt, image)
+    if structured is not None:
+        return structured
     if '"bbox_2d": [x1, y1, x2, y2]' in prompt and "Objects in the image at [x1, y1, x2, y2]:" in prompt:
         return _answer_regions(prompt, image)
     if prompt.startswith("You are an AI visual assistant that specializes"):
@@ -430,11 +501,15 @@ class FakeVLM:
     :param models: when given, other models -> 404.
     :param seed: seeds the latency sampler.
     :param record: keep every request in ``requests`` (off for long benchmarks: images add up).
+    :param reject_json_schema: answer requests asking for structured output (OpenAI
+        ``response_format`` json_schema, Gemini ``responseJsonSchema``) with HTTP 400, as
+        servers that predate it do.
     """
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0, latency: float = 0.0,
                  latency_dist: str = "fixed", max_concurrency: int = 0, rpm: int = 0,
-                 api_key: str | None = None, models=None, seed: int = 0, record: bool = True):
+                 api_key: str | None = None, models=None, seed: int = 0, record: bool = True,
+                 reject_json_schema: bool = False):
         if latency_dist not in ("fixed", "lognormal"):
             raise ValueError(f"latency_dist must be 'fixed' or 'lognormal', not {latency_dist!r}")
         self.host, self.port = host, port
@@ -443,6 +518,7 @@ class FakeVLM:
         self.api_key = api_key
         self.models = set(models) if models is not None else None
         self.record = record
+        self.reject_json_schema = reject_json_schema
         self.answer_fn: Callable[[str, bytes | None, str], str] | None = None
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
@@ -655,6 +731,14 @@ class FakeVLM:
             header = directive.retry_after if directive.retry_header else None
             return self._error(protocol, directive.status, directive.message, retry_after=header,
                                detail_retry=directive.retry_after, reason=directive.reason)
+        if self.reject_json_schema and wants_schema(protocol, parsed.params):
+            if protocol == "openai":
+                msg = ("1 validation error for ChatCompletionRequest\nresponse_format.type\n  Input should be "
+                       "'text' or 'json_object' [type=literal_error, input_value='json_schema']")
+            else:
+                msg = ("Invalid JSON payload received. Unknown name \"responseJsonSchema\" at "
+                       "'generation_config': Cannot find field.")
+            return self._error(protocol, 400, msg)
         if isinstance(directive, _Hang):
             self._sleep(directive.seconds)
         self._sleep(self.sample_latency())
@@ -719,11 +803,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--models", default="", help="comma-separated; empty = any model")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--record", action="store_true", help="keep request bodies in memory")
+    p.add_argument("--reject-json-schema", action="store_true", help="answer structured-output requests with 400")
     a = p.parse_args(argv)
     models = {m for m in a.models.split(",") if m} or None
     fake = FakeVLM(host=a.host, port=a.port, latency=a.latency, latency_dist=a.latency_dist,
                    max_concurrency=a.max_concurrency, rpm=a.rpm, api_key=a.api_key, models=models,
-                   seed=a.seed, record=a.record).start()
+                   seed=a.seed, record=a.record, reject_json_schema=a.reject_json_schema).start()
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())

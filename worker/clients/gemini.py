@@ -19,16 +19,14 @@ from google import genai
 from google.genai import errors as genai_errors
 from google.genai import types
 
-from worker.clients.base import VLMRequest, VLMResponse
-from worker.errors import ClientError, ConfigError, EmptyAnswer, PermanentClientError, RateLimited
+from worker.clients.base import StructuredOutputRejected, VLMRequest, VLMResponse, check_answer
+from worker.errors import ClientError, ConfigError, PermanentClientError, RateLimited
 from worker.spec import GeminiSpec
 
 DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com"
 KEY_ENV = ("GOOGLE_API_KEY", "GEMINI_API_KEY")
-# Finish reasons that mean "the model would not answer", as opposed to "it stopped early".
-_REFUSALS = {"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY",
-             "IMAGE_PROHIBITED_CONTENT", "IMAGE_RECITATION", "LANGUAGE"}
 _RETRYABLE_4XX = {408, 409, 425, 499}
+_VERSION = re.compile(r"gemini-(\d+(?:\.\d+)?)")
 _THINK = re.compile(r"<think>.*?</think>", re.S)
 
 
@@ -67,6 +65,36 @@ def media_resolution(value: str) -> types.MediaResolution | None:
         valid = ", ".join(types.MediaResolution.__members__)
         raise ConfigError(f"vlm.gemini.media_resolution = {value!r} is not one of: {valid}")
     return types.MediaResolution[name]
+
+
+def thinking_config(model: str, budget: int | None) -> types.ThinkingConfig | None:
+    """What to send about thinking: ``vlm.gemini.thinking_budget`` when set, else the least the
+    model allows — Google advises thinking off for boxes, and thinking tokens count against
+    ``max_output_tokens``.
+
+    ========================  ===============================================
+    model                     auto (``thinking_budget: null``)
+    ========================  ===============================================
+    gemini-2.5 flash / lite   ``thinking_budget=0`` (off)
+    gemini-2.5 pro            nothing (it cannot be switched off)
+    gemini-3+ flash / lite    ``thinking_level=MINIMAL``
+    gemini-3+ pro             ``thinking_level=LOW`` (its least)
+    older or unknown names    nothing
+    ========================  ===============================================
+    """
+    if budget is not None:
+        return types.ThinkingConfig(thinking_budget=budget)
+    name = (model or "").lower()
+    m = _VERSION.search(name)
+    if not m:
+        return None
+    version = float(m.group(1))
+    if version >= 3:
+        level = types.ThinkingLevel.LOW if "pro" in name else types.ThinkingLevel.MINIMAL
+        return types.ThinkingConfig(thinking_level=level)
+    if version >= 2.5 and "pro" not in name:
+        return types.ThinkingConfig(thinking_budget=0)
+    return None
 
 
 def retry_after_seconds(headers, details=None) -> float | None:
@@ -112,6 +140,8 @@ class GeminiClient:
         self.base_url = (spec.base_url or DEFAULT_BASE_URL).rstrip("/")
         self._key = key
         self._resolution = media_resolution(spec.media_resolution)
+        self._thinking = thinking_config(spec.model, getattr(spec, "thinking_budget", None))
+        self.structured_output = True  # Gemini has response_json_schema
         self._client = genai.Client(
             vertexai=False,  # an inherited GOOGLE_GENAI_USE_VERTEXAI must not reroute us
             api_key=key,
@@ -122,12 +152,18 @@ class GeminiClient:
             ),
         )
 
-    def _config(self) -> types.GenerateContentConfig:
+    def _config(self, request: VLMRequest | None = None) -> types.GenerateContentConfig:
+        extra: dict = {}
+        if request is not None and request.response_schema is not None:
+            extra = {"response_mime_type": "application/json", "response_json_schema": request.response_schema}
         return types.GenerateContentConfig(
             temperature=self.spec.temperature,
-            max_output_tokens=self.spec.max_output_tokens,
+            max_output_tokens=(request.max_tokens if request is not None and request.max_tokens
+                               else self.spec.max_output_tokens),
             media_resolution=self._resolution,
+            thinking_config=self._thinking,
             automatic_function_calling=types.AutomaticFunctionCallingConfig(disable=True),
+            **extra,
         )
 
     def generate(self, request: VLMRequest) -> VLMResponse:
@@ -137,9 +173,9 @@ class GeminiClient:
         ])]
         try:
             resp = self._client.models.generate_content(
-                model=self.model, contents=contents, config=self._config())
+                model=self.model, contents=contents, config=self._config(request))
         except genai_errors.APIError as exc:
-            raise self._map_status(exc) from exc
+            raise self._map_status(exc, schema=request.response_schema is not None) from exc
         except _TIMEOUTS as exc:
             raise ClientError(f"{self.name}: no answer from {self.base_url} within {self.spec.timeout:g}s "
                               f"({type(exc).__name__})") from exc
@@ -162,22 +198,16 @@ class GeminiClient:
                      "total_tokens": um.total_token_count or 0}
             if um.thoughts_token_count:
                 usage["thinking_tokens"] = um.thoughts_token_count
-        if not text:
-            block = resp.prompt_feedback.block_reason if resp.prompt_feedback else None
-            if block:
-                reason = getattr(block, "value", block)
-                raise EmptyAnswer(
-                    f"{self.name}: the prompt was blocked (prompt_feedback.block_reason={reason})")
-            if finish in _REFUSALS:
-                raise EmptyAnswer(f"{self.name}: no text, the model stopped with finish_reason={finish}")
-            raise EmptyAnswer(f"{self.name}: empty answer (finish_reason={finish or 'none'})")
+        block = resp.prompt_feedback.block_reason if resp.prompt_feedback else None
+        block = str(getattr(block, "value", block) or "") if block else ""
+        truncated = check_answer(self.name, text, finish, block)
         return VLMResponse(text=text, model=resp.model_version or self.model, finish_reason=finish,
-                           truncated=finish == "MAX_TOKENS", usage=usage)
+                           truncated=truncated, usage=usage)
 
     def _redact(self, text: str) -> str:
         return text.replace(self._key, "***") if self._key else text
 
-    def _map_status(self, exc: genai_errors.APIError) -> Exception:
+    def _map_status(self, exc: genai_errors.APIError, *, schema: bool = False) -> Exception:
         code = int(exc.code or 0)
         detail = self._redact(str(exc.message or exc.status or ""))[:500]
         headers = getattr(getattr(exc, "response", None), "headers", None)
@@ -195,6 +225,10 @@ class GeminiClient:
         if code >= 500 or code in _RETRYABLE_4XX:
             return ClientError(f"{self.name}: {self.base_url} answered HTTP {code} {exc.status}: {detail}",
                                status=code)
+        if code in (400, 422) and schema:
+            return StructuredOutputRejected(
+                f"the endpoint rejected the request with a response schema: {detail} (HTTP {code} {exc.status})",
+                status=code)
         if code == 400:
             return PermanentClientError(
                 f"the endpoint rejected the request: {detail} (HTTP 400 {exc.status})", status=400)

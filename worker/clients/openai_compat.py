@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 import openai
 
-from worker.clients.base import VLMRequest, VLMResponse
+from worker.clients.base import StructuredOutputRejected, VLMRequest, VLMResponse, check_answer
 from worker.errors import ClientError, EmptyAnswer, PermanentClientError, RateLimited
 from worker.spec import OpenAISpec
 
@@ -31,6 +31,18 @@ KEYED_HOSTS = {"api.openai.com": "OPENAI_API_KEY", "integrate.api.nvidia.com": "
 NO_KEY_PLACEHOLDER = "EMPTY"
 _RETRYABLE_4XX = {408, 409, 425}
 _THINK = re.compile(r"<think>.*?</think>", re.S)
+
+
+def strict(schema: dict) -> dict:
+    """A JSON schema with ``additionalProperties: false`` on every object (OpenAI strict mode)."""
+    if isinstance(schema, dict):
+        out = {k: strict(v) for k, v in schema.items()}
+        if out.get("type") == "object":
+            out.setdefault("additionalProperties", False)
+        return out
+    if isinstance(schema, list):
+        return [strict(v) for v in schema]
+    return schema
 
 
 def resolve_key(spec: OpenAISpec) -> str:
@@ -81,6 +93,7 @@ class OpenAICompatClient:
                 )
             key = NO_KEY_PLACEHOLDER
         self._key = key
+        self.structured_output = True  # until the endpoint says otherwise (see worker.steps.converse)
         self._client = openai.OpenAI(base_url=spec.base_url or None, api_key=key, timeout=spec.timeout,
                                      max_retries=0)
 
@@ -88,13 +101,18 @@ class OpenAICompatClient:
         b64 = base64.b64encode(request.image.data).decode("ascii")
         content = [{"type": "image_url", "image_url": {"url": f"data:{request.image.mime};base64,{b64}"}},
                    {"type": "text", "text": request.prompt}]
+        extra: dict = {}
+        if request.response_schema is not None:
+            extra["response_format"] = {"type": "json_schema", "json_schema": {
+                "name": request.schema_name or "answer", "schema": strict(request.response_schema), "strict": True}}
         try:
             resp = self._client.chat.completions.create(
                 model=self.model, messages=[{"role": "user", "content": content}],
-                temperature=self.spec.temperature, max_tokens=self.spec.max_tokens,
+                temperature=self.spec.temperature, max_tokens=request.max_tokens or self.spec.max_tokens,
+                **extra,
             )
         except openai.APIStatusError as exc:
-            raise self._map_status(exc) from exc
+            raise self._map_status(exc, schema=request.response_schema is not None) from exc
         except openai.APITimeoutError as exc:
             raise ClientError(
                 f"{self.name}: no answer from {self.base_url} within {self.spec.timeout:g}s") from exc
@@ -112,17 +130,15 @@ class OpenAICompatClient:
         finish = str(choice.finish_reason or "")
         raw = choice.message.content if choice.message is not None else None
         text = _THINK.sub("", raw or "").strip()
-        if finish == "content_filter":
-            raise EmptyAnswer(f"{self.name}: the answer was withheld (finish_reason=content_filter)")
-        if not text:
-            raise EmptyAnswer(f"{self.name}: empty answer (finish_reason={finish or 'none'})")
+        refusal = getattr(choice.message, "refusal", None) if choice.message is not None else None
+        truncated = check_answer(self.name, text, "content_filter" if refusal and not text else finish)
         usage = {}
         if resp.usage is not None:
             usage = {"input_tokens": resp.usage.prompt_tokens or 0,
                      "output_tokens": resp.usage.completion_tokens or 0,
                      "total_tokens": resp.usage.total_tokens or 0}
         return VLMResponse(text=text, model=resp.model or self.model, finish_reason=finish,
-                           truncated=finish == "length", usage=usage)
+                           truncated=truncated, usage=usage)
 
     def _redact(self, text: str) -> str:
         return text.replace(self._key, "***") if self._key else text
@@ -134,7 +150,7 @@ class OpenAICompatClient:
         msg = body.get("message") if isinstance(body, dict) else None
         return self._redact(str(msg or exc.message))[:500]
 
-    def _map_status(self, exc: openai.APIStatusError) -> Exception:
+    def _map_status(self, exc: openai.APIStatusError, *, schema: bool = False) -> Exception:
         code, detail = exc.status_code, self._detail(exc)
         if code == 429:
             return RateLimited(f"{self.name}: rate limited by {self.base_url} (429): {detail}",
@@ -148,6 +164,10 @@ class OpenAICompatClient:
                                         status=404)
         if code >= 500 or code in _RETRYABLE_4XX:
             return ClientError(f"{self.name}: {self.base_url} answered HTTP {code}: {detail}", status=code)
+        if code in (400, 422) and schema:
+            return StructuredOutputRejected(
+                f"the endpoint rejected the request with response_format json_schema: {detail} (HTTP {code})",
+                status=code)
         if code == 400:
             return PermanentClientError(f"the endpoint rejected the request: {detail} (HTTP 400)", status=400)
         return PermanentClientError(

@@ -7,16 +7,19 @@ Each step module has ``build_prompt(record, template) -> (prompt, hint) | None``
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from types import ModuleType
 
-from worker.clients.base import VLMClient, VLMRequest, VLMResponse
-from worker.errors import EmptyAnswer
-from worker.images import DEFAULT_MAX_PIXELS, load_payload
+from worker.clients.base import VLMClient, VLMResponse
+from worker.images import DEFAULT_MAX_PIXELS
 from worker.steps import double_check, grounding_expr, image_caption, region_expr
-from worker.steps.records import merge
+from worker.steps.converse import CLEAN_STOPS, converse
+from worker.steps.options import StepOptions
+from worker.steps.records import PIPELINE_NAMES, canonical, merge
 
-CLEAN_STOPS = ("stop", "STOP", "end_turn")
+__all__ = ["CLEAN_STOPS", "REQUIRES", "STEPS", "USES", "StepOptions", "StepOutcome", "final_record",
+           "input_record", "run_step"]
 
 STEPS: dict[int, ModuleType] = {0: region_expr, 1: image_caption, 2: grounding_expr, 3: double_check}
 
@@ -48,29 +51,43 @@ def run_step(
     templates: dict[str, str],
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    options: StepOptions | None = None,
 ) -> StepOutcome:
     """Build the prompt, ask the model (unless nothing needs asking), parse, build the record.
+
+    ``options`` (``StepOptions.from_vlm(spec.ire.vlm)``) choose structured output and the box
+    convention; ``worker.steps.converse`` holds the conversation (fallback, truncation, re-ask)
+    and the record's ``meta[<step>]["quality"]`` reports it (``worker.steps.quality``).
+
+    When a call was made, the record's ``meta[<step>]["call"]`` holds what it cost:
+    ``{model, input_tokens, output_tokens[, image_tokens][, thinking_tokens], latency_s}`` (the
+    API's usage, whichever names the client used, summed over the conversation's calls;
+    ``latency_s`` is the conversation's wall time; ``finalize`` drops it so the final output
+    stays deterministic).
 
     Raises the errors of ``worker.errors``: the caller decides about retries and failures.
     """
     mod = STEPS[step]
-    call = mod.build_prompt(record, templates[mod.NAME])
-    response = None
-    if call is None:
-        parsed = mod.empty()
-    else:
-        prompt, hint = call
-        image = load_payload(record["image_path"], max_pixels=max_pixels)
-        response = client.generate(VLMRequest(image=image, prompt=prompt, step=mod.NAME, hint=hint))
-        if response.text and response.text.strip():
-            parsed = mod.parse(response.text, record)
-        elif step == 3 and response.finish_reason in CLEAN_STOPS:
-            # The step-3 prompt says to omit every line whose boxes were all removed, so a
-            # cleanly finished empty answer means "nothing survived" (flagged in meta).
-            parsed = double_check.all_removed(record)
-        else:
-            raise EmptyAnswer(f"step {step}: the model returned no text (finish: {response.finish_reason})")
+    started = time.monotonic()
+    exchange = converse(step, mod, record, client, templates, options=options, max_pixels=max_pixels)
+    latency = time.monotonic() - started
+    parsed, response = exchange.parsed, exchange.response
     out = mod.record(record, parsed)
+    if response is not None:
+        usage = response.usage or {}
+        cost: dict = {
+            "model": response.model,
+            "input_tokens": int(usage.get("input_tokens", usage.get("prompt_tokens")) or 0),
+            "output_tokens": int(usage.get("output_tokens", usage.get("completion_tokens")) or 0),
+        }
+        for key in ("image_tokens", "thinking_tokens"):
+            if usage.get(key):
+                cost[key] = int(usage[key])
+        cost["latency_s"] = round(latency, 3)
+        name = PIPELINE_NAMES[step]
+        meta = dict(out.get("meta") or {})
+        meta[name] = {**meta.get(name, {}), "call": cost}
+        out = canonical({**out, "meta": meta})
     return StepOutcome(record=out, legacy=mod.legacy(out), response=response)
 
 

@@ -2,17 +2,27 @@
 
 Each parser returns what it could use plus a list of the repairs it had to make, so the quality
 report can say how often answers needed help. Finding nothing is the caller's ``ParseError``.
+
+What they cope with, all seen from real models: code fences (closed or not, several, inside JSON
+mode), prose before, between and after, single quotes and Python literals (``True``, tuples),
+trailing commas, unquoted keys, ``//`` comments, raw newlines inside strings, duplicated keys
+(last wins, as every JSON parser does), answers cut by the token limit (the last complete
+element is kept, the cut one dropped), repetition loops (identical items or lines dropped, a
+phrase repeated over and over collapsed), objects keyed by id, and grounding lines with bullets,
+markdown, other separators, single boxes, boxes without the outer brackets, boxes as strings.
+Repairs never invent content: whatever is not complete is dropped, and a box is never guessed.
 """
 
 from __future__ import annotations
 
-import ast
 import json
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 
-_FENCE = re.compile(r"```[a-zA-Z0-9_-]*\s*\n?(.*?)(?:```|\Z)", re.S)
-_TRAILING_COMMA = re.compile(r",\s*([\]}])")
+_FENCE = re.compile(r"```[a-zA-Z0-9_+-]*[ \t]*\n?(.*?)(?:```|\Z)", re.S)
+_FENCE_LINE = re.compile(r"^\s*```[a-zA-Z0-9_+-]*\s*$")
+_THINK = re.compile(r"<think>.*?(?:</think>|\Z)", re.S)
 MAX_ANSWER_CHARS = 200_000
 
 
@@ -22,6 +32,24 @@ class Parsed:
 
     items: list = field(default_factory=list)
     repairs: list[str] = field(default_factory=list)
+    # lines or objects cut off by truncation (their phrases, when known)
+    cut: list[str] = field(default_factory=list)
+    # "groups" when the answer was a structured groups object (even an empty one)
+    shape: str = ""
+
+    def add(self, *kinds: str) -> None:
+        for k in kinds:
+            if k and k not in self.repairs:
+                self.repairs.append(k)
+
+
+def repair_counts(repairs: list[str]) -> dict[str, int]:
+    """``["code_fence", "skipped_lines:2"]`` -> ``{"code_fence": 1, "skipped_lines": 2}``."""
+    out: Counter[str] = Counter()
+    for r in repairs:
+        kind, _, n = r.partition(":")
+        out[kind] += int(n) if n.isdigit() else 1
+    return dict(out)
 
 
 def strip_fences(text: str) -> tuple[str, bool]:
@@ -32,36 +60,152 @@ def strip_fences(text: str) -> tuple[str, bool]:
     return text.strip(), False
 
 
-def _loads_lenient(s: str) -> tuple[object, list[str]] | None:
-    """``json.loads`` and, failing that, the usual repairs: trailing commas, Python literals."""
-    try:
-        return json.loads(s), []
-    except (ValueError, RecursionError):
-        pass
-    fixed = _TRAILING_COMMA.sub(r"\1", s)
-    if fixed != s:
-        try:
-            return json.loads(fixed), ["trailing_comma"]
-        except (ValueError, RecursionError):
-            pass
-    try:
-        value = ast.literal_eval(fixed)
-    except (ValueError, SyntaxError, MemoryError, RecursionError, TypeError):
-        return None
-    if isinstance(value, (list, dict)):
-        return value, ["python_literal"]
-    return None
+def fenced_blocks(text: str) -> list[str]:
+    """The contents of every ``` fenced block, in order (an unclosed last one included)."""
+    return [m.group(1).strip() for m in _FENCE.finditer(text)]
 
 
-def _objects_in(text: str) -> list[dict]:
-    """Every balanced top-level ``{...}`` in ``text`` that decodes to an object.
+def strip_reasoning(text: str) -> tuple[str, bool]:
+    """The text without ``<think>...</think>`` blocks (an unclosed one runs to the end)."""
+    out = _THINK.sub("", text)
+    return out, out != text
 
-    This is how truncated arrays and NDJSON both come apart: complete objects survive, the cut
-    one at the end is dropped.
+
+# --------------------------------------------------------------------------- JSON repair
+
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_PY_LITERALS = {"True": "true", "False": "false", "None": "null"}
+_CLOSERS = {"[": "]", "{": "}"}
+
+
+def _prev_significant(out: list[str]) -> str:
+    for chunk in reversed(out):
+        s = chunk.rstrip()
+        if s:
+            return s[-1]
+    return ""
+
+
+def _next_significant(s: str, i: int) -> str:
+    n = len(s)
+    while i < n and s[i] in " \t\r\n":
+        i += 1
+    return s[i] if i < n else ""
+
+
+def repair_json(s: str) -> tuple[str, list[str]]:
+    """JSON-ish text as JSON: the repairs models need, applied outside strings only.
+
+    Single-quoted strings become double-quoted (an apostrophe inside a word stays), trailing
+    commas go, ``True/False/None`` and tuples become JSON, bare keys are quoted, ``//``
+    comments are dropped and raw newlines inside strings are escaped. Unterminated strings are
+    left unterminated: closing a cut answer is :func:`close_truncated`'s job.
     """
-    out: list[dict] = []
-    depth, start, in_str, esc = 0, -1, False, False
-    for i, ch in enumerate(text):
+    out: list[str] = []
+    repairs: list[str] = []
+    i, n = 0, len(s)
+
+    def note(kind: str) -> None:
+        if kind not in repairs:
+            repairs.append(kind)
+
+    while i < n:
+        c = s[i]
+        if c == '"':
+            j = i + 1
+            buf = ['"']
+            while j < n:
+                d = s[j]
+                if d == "\\" and j + 1 < n:
+                    buf.append(s[j:j + 2])
+                    j += 2
+                    continue
+                if d == '"':
+                    buf.append('"')
+                    j += 1
+                    break
+                if d in "\n\r\t":
+                    buf.append({"\n": "\\n", "\r": "\\r", "\t": "\\t"}[d])
+                    note("control_char")
+                else:
+                    buf.append(d)
+                j += 1
+            out.append("".join(buf))
+            i = j
+            continue
+        if c == "'" and _prev_significant(out) in ("", "{", "[", ",", ":", "("):
+            j = i + 1
+            buf = []
+            closed = False
+            while j < n:
+                d = s[j]
+                if d == "\\" and j + 1 < n:
+                    buf.append(s[j + 1] if s[j + 1] in "'\"\\" else s[j:j + 2])
+                    j += 2
+                    continue
+                if d == "'" and _next_significant(s, j + 1) in ("", ",", "}", "]", ":", ")"):
+                    closed = True
+                    j += 1
+                    break
+                buf.append(d)
+                j += 1
+            text = json.dumps("".join(buf), ensure_ascii=False)
+            out.append(text if closed else text[:-1])
+            note("single_quotes")
+            i = j
+            continue
+        if c == "/" and i + 1 < n and s[i + 1] == "/":
+            while i < n and s[i] != "\n":
+                i += 1
+            note("comment")
+            continue
+        if c == ",":
+            nxt = _next_significant(s, i + 1)
+            if nxt in ("]", "}", ")"):
+                note("trailing_comma")
+                i += 1
+                continue
+        if c == "(" and _prev_significant(out) in ("", "[", ",", ":"):
+            out.append("[")
+            note("python_literal")
+            i += 1
+            continue
+        if c == ")":
+            out.append("]")
+            note("python_literal")
+            i += 1
+            continue
+        if c.isalpha() or c == "_":
+            m = _IDENT.match(s, i)
+            word = m.group(0)
+            if word in _PY_LITERALS:
+                out.append(_PY_LITERALS[word])
+                note("python_literal")
+            elif word in ("true", "false", "null"):
+                out.append(word)
+            elif _prev_significant(out) in ("{", ",") and _next_significant(s, m.end()) == ":":
+                out.append(json.dumps(word))
+                note("unquoted_key")
+            else:
+                out.append(word)
+            i = m.end()
+            continue
+        out.append(c)
+        i += 1
+    return "".join(out), repairs
+
+
+def close_truncated(s: str) -> str | None:
+    """A cut JSON text closed after its last complete array element, or None if none is.
+
+    Only an element that closes inside an array (``}`` or ``]`` whose parent is ``[``) is a safe
+    cut point, so a cut object is dropped whole rather than kept without its last fields.
+    """
+    stack: list[str] = []
+    safe: tuple[int, list[str]] | None = None
+    in_str = esc = False
+    start = -1
+    for i, ch in enumerate(s):
         if in_str:
             if esc:
                 esc = False
@@ -72,101 +216,513 @@ def _objects_in(text: str) -> list[dict]:
             continue
         if ch == '"':
             in_str = True
-        elif ch == "{":
+        elif ch in "[{":
+            if start < 0:
+                start = i
+            stack.append(ch)
+        elif ch in "]}":
+            if not stack or _CLOSERS[stack[-1]] != ch:
+                return None
+            stack.pop()
+            if stack and stack[-1] == "[":
+                safe = (i + 1, list(stack))
+            if not stack:
+                return None  # complete: nothing to close
+    if start < 0 or not stack or safe is None:
+        return None
+    end, open_ = safe
+    return s[start:end] + "".join(_CLOSERS[b] for b in reversed(open_))
+
+
+class _Dupes:
+    """``object_pairs_hook`` that keeps the last value of a repeated key and counts repeats."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, pairs: list[tuple[str, object]]) -> dict:
+        out: dict = {}
+        for k, v in pairs:
+            if k in out:
+                self.count += 1
+            out[k] = v
+        return out
+
+
+def _loads(s: str) -> tuple[object, int]:
+    hook = _Dupes()
+    return json.loads(s, object_pairs_hook=hook), hook.count
+
+
+def loads_lenient(s: str) -> tuple[object, list[str]] | None:
+    """``json.loads`` and, failing that, :func:`repair_json` and :func:`close_truncated`."""
+    s = s.strip()
+    if not s:
+        return None
+    attempts: list[tuple[str, list[str]]] = [(s, [])]
+    fixed, repairs = repair_json(s)
+    if fixed != s:
+        attempts.append((fixed, repairs))
+    closed = close_truncated(fixed)
+    if closed is not None:
+        kind = "truncated_array" if closed.lstrip().startswith("[") else "truncated_object"
+        attempts.append((closed, [*repairs, kind]))
+    for text, reps in attempts:
+        try:
+            value, dupes = _loads(text)
+        except (ValueError, RecursionError):
+            continue
+        if dupes:
+            reps = [*reps, "duplicate_key"]
+        return value, reps
+    return None
+
+
+# Kept for callers of the old name.
+_loads_lenient = loads_lenient
+
+
+def _segments(text: str) -> list[tuple[int, int, bool]]:
+    """Top-level ``[...]``/``{...}`` spans of ``text``: (start, end, closed). Strings are
+    tracked only inside a span, so quotes and apostrophes in prose do not confuse it."""
+    out = []
+    depth, start, in_str, esc, quote = 0, -1, False, False, ""
+    for i, ch in enumerate(text):
+        if depth and in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == quote:
+                in_str = False
+            continue
+        if depth and ch in "\"'":
+            if ch == '"' or text[i - 1] in "[{,: \n\t":
+                in_str, quote = True, ch
+            continue
+        if ch in "[{":
             if depth == 0:
                 start = i
             depth += 1
-        elif ch == "}" and depth > 0:
+        elif ch in "]}" and depth:
             depth -= 1
-            if depth == 0 and start >= 0:
-                got = _loads_lenient(text[start : i + 1])
-                if got is not None and isinstance(got[0], dict):
-                    out.append(got[0])
-                start = -1
+            if depth == 0:
+                out.append((start, i + 1, True))
+    if depth and start >= 0:
+        out.append((start, len(text), False))
     return out
+
+
+def _objects_in(text: str) -> list[dict]:
+    """Every top-level ``{...}`` in ``text`` that decodes to an object (NDJSON, prose)."""
+    out = []
+    for s, e, closed in _segments(text):
+        if closed and text[s] == "{":
+            got = loads_lenient(text[s:e])
+            if got is not None and isinstance(got[0], dict):
+                out.append(got[0])
+    return out
+
+
+def decode_json(body: str) -> tuple[object, list[str]] | None:
+    """The JSON value an answer holds, wherever it sits in the text, and the repairs made."""
+    got = loads_lenient(body)
+    if got is not None and isinstance(got[0], (list, dict)):
+        return got
+    values = []
+    for s, e, _closed in _segments(body):
+        got = loads_lenient(body[s:e])
+        if got is not None and isinstance(got[0], (list, dict)):
+            values.append((got, s, e))
+    if not values:
+        return None
+    outside = body[: values[0][1]] + "".join(
+        body[values[k][2]: values[k + 1][1]] for k in range(len(values) - 1)) + body[values[-1][2]:]
+    prose = bool(outside.strip(" \t\r\n,;"))
+    if len(values) == 1:
+        (value, reps), _, _ = values[0]
+        return value, [*reps, *(["prose_around_json"] if prose else [])]
+    if all(isinstance(v[0][0], dict) for v in values):
+        reps = [r for v in values for r in v[0][1]]
+        return [v[0][0] for v in values], [*reps, "prose_around_json" if prose else "ndjson"]
+    # several arrays: the one holding the most objects (the last on ties)
+    best = max(values, key=lambda v: (sum(isinstance(x, dict) for x in v[0][0]) if isinstance(v[0][0], list)
+                                      else 1, v[1]))
+    (value, reps), _, _ = best
+    return value, [*reps, "several_json_values"]
+
+
+def _dict_items(value: object, result: Parsed) -> list[dict]:
+    if isinstance(value, list):
+        items = [v for v in value if isinstance(v, dict)]
+        if len(items) != len(value):
+            result.add("non_object_items_dropped")
+        return items
+    if isinstance(value, dict):
+        lists = [v for v in value.values() if isinstance(v, list) and v and isinstance(v[0], dict)]
+        if len(lists) == 1:
+            result.add("wrapped_in_object")
+            return [v for v in lists[0] if isinstance(v, dict)]
+        if len(value) == 1 and isinstance(next(iter(value.values())), dict):
+            inner = next(iter(value.values()))
+            if any(isinstance(v, list) and v and isinstance(v[0], dict) for v in inner.values()):
+                result.add("wrapped_in_object")
+                return _dict_items(inner, result)
+        if value and all(isinstance(v, dict) for v in value.values()) and not any(
+                k in value for k in ("bbox_2d", "bbox", "box_2d", "box")):
+            result.add("keyed_objects")
+            return [{"_key": k, **v} for k, v in value.items()]
+        return [value]
+    return []
+
+
+def _dedupe(items: list, result: Parsed) -> list:
+    seen: set[str] = set()
+    out = []
+    dropped = 0
+    for it in items:
+        key = json.dumps(it, sort_keys=True, default=str)
+        if key in seen:
+            dropped += 1
+            continue
+        seen.add(key)
+        out.append(it)
+    if dropped:
+        result.repairs.append(f"repetition:{dropped}")
+    return out
+
+
+def _cut(text: str, result: Parsed) -> str:
+    if len(text) > MAX_ANSWER_CHARS:
+        result.add("oversized_answer_cut")
+        return text[:MAX_ANSWER_CHARS]
+    return text
+
+
+def _bodies(text: str, result: Parsed) -> list[str]:
+    text, thought = strip_reasoning(text)
+    if thought:
+        result.add("reasoning_removed")
+    blocks = fenced_blocks(text)
+    if blocks:
+        result.add("code_fence")
+        rest = _FENCE.sub("\n", text)
+        return [*blocks, rest] if rest.strip() else blocks
+    return [text.strip()]
 
 
 def parse_json_objects(text: str) -> Parsed:
     """A list of JSON objects from a model answer.
 
-    Tries, in order: the whole (de-fenced) text as an array or object; then every complete
-    object found in it (NDJSON, truncated arrays, prose around the JSON).
+    The first fenced block (or the whole text) that holds a JSON value gives the items: an
+    array's objects, the one list of objects an object wraps (``{"regions": [...]}``), the
+    values of an object keyed by id, or a single object. Identical items (repetition loops)
+    are dropped.
     """
     result = Parsed()
-    if len(text) > MAX_ANSWER_CHARS:
-        text = text[:MAX_ANSWER_CHARS]
-        result.repairs.append("oversized_answer_cut")
-    body, fenced = strip_fences(text)
-    if fenced:
-        result.repairs.append("code_fence")
-    got = _loads_lenient(body)
-    if got is not None:
+    text = _cut(text, result)
+    for body in _bodies(text, result):
+        got = decode_json(body)
+        if got is None:
+            continue
         value, repairs = got
-        result.repairs.extend(repairs)
-        if isinstance(value, dict):
-            # {"regions": [...]} or a single object
-            lists = [v for v in value.values() if isinstance(v, list) and v and isinstance(v[0], dict)]
-            if len(lists) == 1:
-                result.items = list(lists[0])
-                result.repairs.append("wrapped_in_object")
-            else:
-                result.items = [value]
-            return result
-        if isinstance(value, list):
-            result.items = [v for v in value if isinstance(v, dict)]
-            if len(result.items) != len(value):
-                result.repairs.append("non_object_items_dropped")
-            return result
-    objects = _objects_in(body)
-    if objects:
-        stripped = body.lstrip()
-        if stripped.startswith("[") and not stripped.rstrip().endswith("]"):
-            result.repairs.append("truncated_array")
-        elif not stripped.startswith(("[", "{")):
-            result.repairs.append("prose_around_json")
-        else:
-            result.repairs.append("ndjson")
-        result.items = objects
+        items = _dict_items(value, result)
+        if not items:
+            continue
+        result.add(*repairs)
+        result.items = _dedupe(items, result)
+        return result
     return result
 
 
-_GROUNDING_LINE = re.compile(r"^\s*(?:[-*•]\s+|\d+[.)]\s+)?(?P<phrase>[^\n]+?)\s*:\s*(?P<boxes>\[.*\])\s*$")
+# --------------------------------------------------------------------------- repetition
+
+_REPEAT = re.compile(r"(\b.{3,80}?)(?:[\s,;]*\1){2,}", re.S)
 
 
-def parse_grounding_lines(text: str) -> Parsed:
+def collapse_repeats(text: str) -> tuple[str, bool]:
+    """A phrase repeated three or more times in a row, kept once (repetition loops)."""
+    out = _REPEAT.sub(r"\1", text)
+    return out, out != text
+
+
+def norm_phrase(text: str) -> str:
+    """A phrase for comparison: lower case, no quotes, markup or punctuation, single spaces."""
+    t = re.sub(r"[*_`\"'“”‘’]", "", str(text)).lower()
+    t = re.sub(r"[^\w\s-]", " ", t)
+    return " ".join(w for w in t.split() if w not in ("the", "a", "an"))
+
+
+# --------------------------------------------------------------------------- grounding lines
+
+_BULLET = r"(?:[-*•]\s+|\d+[.)]\s+)?"
+_GROUNDING_LINE = re.compile(
+    rf"^\s*{_BULLET}(?P<phrase>[^\n]*?)\s*(?::|->|=>|=|\s[-–—]\s)\s*(?P<boxes>[\[(].*)$")
+_GROUP_LABEL = re.compile(r"^(?:group|line|expression|phrase)\s*#?\d+\s*[:.)\-–]\s*", re.I)
+
+
+def _box_list(raw: str) -> tuple[list | None, list[str], bool]:
+    """The boxes of a line's ``[...]`` part: (boxes, repairs, complete)."""
+    raw = raw.strip().rstrip(",;.")
+    got = loads_lenient(raw)
+    if got is not None and isinstance(got[0], list):
+        value, reps = got
+        complete = not any(r.startswith("truncated") for r in reps)
+        return value, [r for r in reps if not r.startswith("truncated")], complete
+    spans = _segments(raw)
+    if not spans or spans[0][0] != 0:
+        return None, [], True
+    if not spans[0][2]:
+        return None, [], False  # the brackets never close
+    if len(spans) > 1 and all(sp[2] for sp in spans):
+        # "[1, 2, 3, 4], [5, 6, 7, 8]": single boxes without the outer brackets
+        got = loads_lenient("[" + raw[: spans[-1][1]] + "]")
+        if got is not None and isinstance(got[0], list):
+            return got[0], [*got[1], "unwrapped_boxes"], True
+    got = loads_lenient(raw[: spans[0][1]])
+    if got is not None and isinstance(got[0], list):
+        return got[0], [*got[1], "text_after_boxes"], True
+    return None, [], True
+
+
+def parse_grounding_lines(text: str, *, truncated: bool = False) -> Parsed:
     """``<phrase>: [[x1, y1, x2, y2], ...]`` lines -> ``[(phrase, [box, ...]), ...]``.
 
     Lines that do not have this shape are skipped (and counted); a single flat box
-    ``[x1, y1, x2, y2]`` is taken as a list of one. Phrases lose surrounding quotes and markup.
+    ``[x1, y1, x2, y2]`` is taken as a list of one; boxes written as strings are decoded.
+    Phrases lose surrounding quotes, markup and ``Group 1:`` labels. A line whose brackets do
+    not close keeps its complete boxes, unless the answer was ``truncated`` and it is the last
+    line: then it is reported in ``cut`` (its phrase) and left out, since its unseen boxes were
+    not removed, only cut. An answer in JSON (``{"phrase": [[...]]}`` or a list of
+    ``{"phrase", "boxes"}``) is read too. Identical lines (repetition loops) count once.
     """
     result = Parsed()
-    if len(text) > MAX_ANSWER_CHARS:
-        text = text[:MAX_ANSWER_CHARS]
-        result.repairs.append("oversized_answer_cut")
-    body, fenced = strip_fences(text)
-    if fenced:
-        result.repairs.append("code_fence")
+    text = _cut(text, result)
+    text, thought = strip_reasoning(text)
+    if thought:
+        result.add("reasoning_removed")
+    if "```" in text:
+        result.add("code_fence")
+        text = "\n".join(line for line in text.splitlines() if not _FENCE_LINE.match(line)).replace("```", "")
+    from_json = _grounding_from_json(text)
+    if from_json is not None:
+        items, reps = from_json
+        result.add(*reps, "json_groups")
+        result.items = items
+        return result
+    lines = [ln for ln in text.splitlines() if ln.strip()]
     skipped = 0
-    for line in body.splitlines():
-        if not line.strip():
-            continue
+    seen: set[str] = set()
+    repeats = 0
+    for idx, line in enumerate(lines):
         m = _GROUNDING_LINE.match(line)
         if not m:
             skipped += 1
             continue
-        got = _loads_lenient(m.group("boxes"))
-        if got is None or not isinstance(got[0], list):
+        phrase = clean_phrase(m.group("phrase"), result)
+        boxes, reps, complete = _box_list(m.group("boxes"))
+        last = idx == len(lines) - 1
+        if not complete:
+            if truncated and last:
+                if phrase:
+                    result.cut.append(phrase)
+                result.add("truncated_line")
+                continue
+            salvage = close_truncated(m.group("boxes").strip())
+            got = loads_lenient(salvage) if salvage else None
+            if got is None or not isinstance(got[0], list):
+                skipped += 1
+                continue
+            boxes, reps = got[0], [*got[1], "unclosed_brackets"]
+        if boxes is None:
             skipped += 1
             continue
-        boxes = got[0]
-        if boxes and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in boxes):
-            boxes = [boxes]
-            result.repairs.append("flat_box")
-        phrase = m.group("phrase").strip().strip("*_`\"'").strip()
         if not phrase:
             skipped += 1
             continue
-        result.items.append((phrase, [b for b in boxes if isinstance(b, list)]))
+        result.add(*reps)
+        if boxes and all(isinstance(v, (int, float, str)) and not isinstance(v, bool) for v in boxes) \
+                and len(boxes) == 4 and not all(isinstance(v, str) and "[" in v for v in boxes):
+            boxes = [boxes]
+            result.add("flat_box")
+        elif len(boxes) == 2 and all(isinstance(p, list) and len(p) == 2 for p in boxes):
+            boxes = [boxes]  # [[x1, y1], [x2, y2]]: one box as its two corners
+            result.add("corner_pairs")
+        kept = []
+        for b in boxes:
+            if isinstance(b, (list, tuple, dict)):
+                kept.append(list(b) if isinstance(b, tuple) else b)
+            elif isinstance(b, str) and re.search(r"\d", b) and "[" in b:
+                kept.append(b)
+                result.add("box_as_string")
+        key = json.dumps([phrase, kept], default=str)
+        if key in seen:
+            repeats += 1
+            continue
+        seen.add(key)
+        result.items.append((phrase, kept))
     if skipped:
         result.repairs.append(f"skipped_lines:{skipped}")
+    if repeats:
+        result.repairs.append(f"repeated_line:{repeats}")
+    return result
+
+
+def clean_phrase(raw: str, result: Parsed | None = None) -> str:
+    phrase = raw.strip().strip("*_`\"'“”").strip().rstrip(":").strip().strip("*_`\"'“”").strip()
+    labelled = _GROUP_LABEL.sub("", phrase)
+    if labelled != phrase and labelled:
+        phrase = labelled.strip().strip("*_`\"'“”").strip()
+        if result is not None:
+            result.add("group_label")
+    collapsed, looped = collapse_repeats(phrase)
+    if looped and result is not None:
+        result.add("repetition_collapsed")
+    return collapsed
+
+
+_PHRASE_KEYS = ("phrase", "text", "expression", "description", "label", "name", "group")
+_BOXES_KEYS = ("boxes", "bboxes", "bbox_2d", "bbox", "box_2d", "bounding_boxes", "coordinates")
+
+
+def _as_boxes(v: object) -> list | None:
+    """A JSON value as a list of boxes: a flat box is a list of one."""
+    if not isinstance(v, list):
+        return None
+    if len(v) == 4 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+        return [v]
+    if all(isinstance(b, (list, str, dict)) for b in v):
+        return v
+    return None
+
+
+def _grounding_from_json(text: str) -> tuple[list, list[str]] | None:
+    """Grounding groups an answer wrote as JSON, or None when it is not JSON of that shape."""
+    body = text.strip()
+    if not body.startswith(("{", "[")):
+        return None
+    got = decode_json(body)
+    if got is None:
+        return None
+    value, reps = got
+    items: list = []
+    if isinstance(value, dict) and isinstance(value.get("groups"), list):
+        value = value["groups"]
+    if isinstance(value, dict) and any(isinstance(value.get(k), str) for k in _PHRASE_KEYS):
+        value = [value]
+    if isinstance(value, dict):
+        for k, v in value.items():
+            boxes = _as_boxes(v)
+            if boxes is not None:
+                items.append((clean_phrase(str(k)), boxes))
+    elif isinstance(value, list):
+        for obj in value:
+            if not isinstance(obj, dict):
+                continue
+            phrase = next((obj[k] for k in _PHRASE_KEYS if isinstance(obj.get(k), str)), None)
+            boxes = next((_as_boxes(obj[k]) for k in _BOXES_KEYS if _as_boxes(obj.get(k)) is not None), None)
+            if phrase is None or boxes is None:
+                continue
+            items.append((clean_phrase(phrase), boxes))
+    if not items:
+        return None
+    return items, reps
+
+
+# --------------------------------------------------------------------------- ids (structured)
+
+_ID = re.compile(r"^\s*(?:#|id\s*[:=]?\s*|box\s*[_#-]?\s*|obj(?:ect)?\s*[_#-]?\s*)?(\d+)(?:\.0+)?\s*$", re.I)
+_ID_KEYS = ("id", "box_id", "object_id", "idx", "index", "_key")
+_IDS_KEYS = ("box_ids", "ids", "boxes", "box_id", "members", "objects", "items", "object_ids")
+
+
+def as_id(value: object) -> int | None:
+    """An id a model wrote: ``3``, ``"3"``, ``3.0``, ``"#3"``, ``"id 3"``, ``"box_3"``."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int):
+        return value if value >= 0 else None
+    if isinstance(value, float):
+        return int(value) if value.is_integer() and value >= 0 else None
+    if isinstance(value, str):
+        m = _ID.match(value)
+        return int(m.group(1)) if m else None
+    if isinstance(value, dict):
+        for k in _ID_KEYS:
+            if k in value:
+                return as_id(value[k])
+    return None
+
+
+def item_id(item: dict) -> int | None:
+    """The id an object carries; a key it was filed under counts only when it is a bare number
+    (``{"3": {...}}``), never a name like ``object_1`` (1-based or 0-based, nobody knows)."""
+    for k in _ID_KEYS:
+        if k in item:
+            if k == "_key" and not str(item[k]).strip().isdigit():
+                return None
+            return as_id(item[k])
+    return None
+
+
+def parse_groups(text: str) -> Parsed:
+    """``{"groups": [{"phrase", "box_ids"}]}`` -> ``[(phrase, [ids], [bad id values])]``.
+
+    Accepts a bare list of groups, other key names (``text``, ``ids``...), ids as strings
+    (``"3"``, ``"#3"``, ``"box_3"``) and groups keyed by phrase (``{"red cars": [1, 2]}``).
+    Returns no items when the answer is not shaped like that (the caller falls back to lines).
+    """
+    result = Parsed()
+    text = _cut(text, result)
+    for body in _bodies(text, result):
+        got = decode_json(body)
+        if got is None:
+            continue
+        value, reps = got
+        groups: list = []
+        if isinstance(value, dict):
+            inner = next((value[k] for k in ("groups", "expressions", "results") if isinstance(value.get(k), list)),
+                         None)
+            if inner is not None:
+                result.shape = "groups"
+            if inner is None:
+                lists = [v for v in value.values() if isinstance(v, list) and v and isinstance(v[0], dict)]
+                inner = lists[0] if len(lists) == 1 else None
+            if inner is not None:
+                value = inner
+            elif all(isinstance(v, list) for v in value.values()):
+                groups = [(clean_phrase(str(k), result), v, []) for k, v in value.items()]
+                result.add("keyed_groups")
+        if isinstance(value, list):
+            for obj in value:
+                if not isinstance(obj, dict):
+                    continue
+                phrase = next((obj[k] for k in _PHRASE_KEYS if isinstance(obj.get(k), str)), None)
+                ids = next((obj[k] for k in _IDS_KEYS if k in obj), None)
+                if phrase is None or ids is None:
+                    continue
+                if not isinstance(ids, list):
+                    ids = [ids]
+                groups.append((clean_phrase(phrase, result), ids, []))
+        if not groups:
+            if result.shape:
+                result.add(*reps)
+                return result  # a well-formed answer with no groups
+            continue
+        result.shape = "groups"
+        result.add(*reps)
+        out = []
+        for phrase, raw_ids, _ in groups:
+            ids, bad = [], []
+            for v in raw_ids:
+                i = as_id(v)
+                if i is None:
+                    bad.append(v)
+                else:
+                    if isinstance(v, str):
+                        result.add("id_as_string")
+                    ids.append(i)
+            out.append((phrase, ids, bad))
+        result.items = _dedupe(out, result)
+        return result
     return result

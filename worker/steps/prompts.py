@@ -91,6 +91,50 @@ PROMPT_TEMPLATES: dict[str, str] = {
     ),
 }
 
+# Structured mode (``vlm.structured_output: auto``): the same instructions, but every input box
+# carries an id and the model answers JSON (constrained by a schema where the API has one)
+# with ids instead of coordinates, so nothing has to be copied back digit by digit.
+_STEP0_RULES = PROMPT_TEMPLATES["region_expr"].split("For each object, ", 1)[1].split("Output ONLY", 1)[0]
+_STEP3_CHECKS = PROMPT_TEMPLATES["double_check"].split("{expr}\n\n", 1)[1].split("Actions:", 1)[0]
+
+STRUCTURED_TEMPLATES: dict[str, str] = {
+    "region_expr_structured": (
+        "You are an AI visual assistant. Describe each object in one short, "
+        "discriminative phrase.\n\n"
+        "Objects in the image, one per line as <id>: <type> [x1, y1, x2, y2]:\n{objects}\n\n"
+        "For each object, " + _STEP0_RULES.replace("{", "{{").replace("}", "}}")
+        + "Answer with a JSON object {{\"objects\": [...]}} holding one element for each id above, "
+        "each with exactly these fields:\n"
+        "  \"id\": <the object's id>, \"type\": <object type>, "
+        "\"color\": <primary color or \"unknown\">, \"description\": <short phrase>\n"
+        "Do not repeat the coordinates.\n"
+    ),
+    "grounding_expr_structured": (
+        "As an AI visual assistant, your role involves analyzing a single image.\n"
+        "You are supplied with the objects in the image, one per line as "
+        "<id>: <description> [x1, y1, x2, y2]:\n{objects}\n"
+        "{caption_section}\n"
+        "Your task is to classify the provided objects into groups based on shared characteristics "
+        "(e.g., direction of travel, type, color, lane position), while justifying each grouping "
+        "with direct visual evidence from the image.\n\n"
+        "Answer with a JSON object {{\"groups\": [...]}} with one element per group: "
+        "{{\"phrase\": <descriptive phrase for the group>, \"box_ids\": [<ids of the objects in the group>]}}.\n"
+        "Use only the ids listed above. Do not include reasoning or coordinates.\n"
+    ),
+    "double_check_structured": (
+        "You are verifying grounding expressions against an image. Each group below is a "
+        "grounding phrase with its boxes, written as \"<phrase>\": {{<id>: [x1, y1, x2, y2], ...}}:\n"
+        "{groups}\n\n"
+        + _STEP3_CHECKS.replace("{", "{{").replace("}", "}}")
+        + "Actions:\n"
+        "- KEEP a box's id if the box passes all checks.\n"
+        "- REMOVE a box's id from its group if the object inside does not match the phrase.\n"
+        "- Do NOT add ids that were not in the group.\n"
+        "- Do NOT rewrite phrases — keep them exactly as given.\n\n"
+        "Answer with a JSON object {{\"groups\": [...]}} with one element per group that keeps at "
+        "least one box: {{\"phrase\": <original phrase>, \"box_ids\": [<ids kept>]}}.\n"
+    ),
+}
 # The placeholders each template must use, no more and no fewer.
 PLACEHOLDERS: dict[str, frozenset[str]] = {
     "region_expr": frozenset({"bboxes"}),
@@ -98,6 +142,20 @@ PLACEHOLDERS: dict[str, frozenset[str]] = {
     "grounding_expr": frozenset({"bboxes", "caption_section"}),
     "double_check": frozenset({"expr"}),
 }
+STRUCTURED_PLACEHOLDERS: dict[str, frozenset[str]] = {
+    "region_expr_structured": frozenset({"objects"}),
+    "grounding_expr_structured": frozenset({"objects", "caption_section"}),
+    "double_check_structured": frozenset({"groups"}),
+}
+
+
+def template_for(templates: dict[str, str], name: str, structured: bool) -> str:
+    """The template a step uses: ``<name>_structured`` in structured mode (the user's if their
+    prompts file has one, else ours), else ``<name>``."""
+    if structured:
+        key = f"{name}_structured"
+        return templates.get(key) or STRUCTURED_TEMPLATES[key]
+    return templates[name]
 
 
 def placeholders_of(template: str) -> set[str]:
@@ -107,15 +165,16 @@ def placeholders_of(template: str) -> set[str]:
 
 def check_template(name: str, template: str, source: str = "prompts") -> None:
     """Raise ConfigError naming the template when its placeholders are not the expected ones."""
-    if name not in PLACEHOLDERS:
-        raise ConfigError(f"{source}: unknown prompt '{name}' (valid: {', '.join(PLACEHOLDERS)})")
+    known = {**PLACEHOLDERS, **STRUCTURED_PLACEHOLDERS}
+    if name not in known:
+        raise ConfigError(f"{source}: unknown prompt '{name}' (valid: {', '.join(known)})")
     if not isinstance(template, str) or not template.strip():
         raise ConfigError(f"{source}: prompt '{name}' must be a non-empty string")
     try:
         used = placeholders_of(template)
     except ValueError as exc:
         raise ConfigError(f"{source}: prompt '{name}' is not a valid template: {exc}") from None
-    want = PLACEHOLDERS[name]
+    want = known[name]
     missing, unknown = want - used, used - want
     if missing or unknown:
         parts = []

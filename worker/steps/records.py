@@ -82,3 +82,16 @@ def grounding_lines(expressions: Iterable[dict]) -> list[str]:
         text = expr.get("text", "").strip() or "object"
         lines.append(f"{text}: {json.dumps(boxes)}")
     return lines
+
+
+def deterministic(record: dict) -> dict:
+    """The record without what differs between two identical runs: each call's ``latency_s``."""
+    meta = record.get("meta")
+    if not meta or not any(isinstance(m, dict) and "latency_s" in (m.get("call") or {}) for m in meta.values()):
+        return record
+    clean = {}
+    for name, m in meta.items():
+        if isinstance(m, dict) and isinstance(m.get("call"), dict):
+            m = {**m, "call": {k: v for k, v in m["call"].items() if k != "latency_s"}}
+        clean[name] = m
+    return {**record, "meta": clean}

@@ -1,0 +1,146 @@
+"""The fleet budget on a real Redis: concurrent slots, lease expiry, calls per minute, stats.
+
+Several ``FleetBudget`` objects with their own connections stand in for worker processes on
+different hosts: they share nothing but Redis and the endpoint key.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import pytest
+import redis
+
+from tests.support.fleet import wait_until
+from worker.budget import FleetBudget, budget_stats
+
+
+@pytest.fixture
+def endpoint() -> str:
+    # A fresh endpoint per test: threads a test leaves waiting cannot touch another test's budget.
+    return f"openai|http://test-{uuid.uuid4().hex[:8]}/v1|fake-vl"
+
+
+def make(redis_url: str, endpoint: str, *, max_concurrency: int = 3, rpm: int = 0,
+         lease_seconds: float = 30.0) -> FleetBudget:
+    return FleetBudget(redis.Redis.from_url(redis_url), redis_url, endpoint_key=endpoint,
+                       max_concurrency=max_concurrency, requests_per_minute=rpm, lease_seconds=lease_seconds)
+
+
+def test_many_threads_on_many_hosts_never_exceed_max_concurrency(redis_client, redis_url, endpoint):
+    budgets = [make(redis_url, endpoint, max_concurrency=3) for _ in range(3)]  # three "hosts"
+    lock = threading.Lock()
+    holders = peak = calls = 0
+    samples: list[int] = []
+
+    def call(budget: FleetBudget) -> None:
+        nonlocal holders, peak, calls
+        for _ in range(4):
+            with budget.slot():
+                with lock:
+                    holders += 1
+                    peak = max(peak, holders)
+                samples.append(budget_stats(redis_client, endpoint)["in_flight"])
+                time.sleep(0.02)  # the "VLM call": hold the slot a moment
+                with lock:
+                    holders -= 1
+                    calls += 1
+
+    threads = [threading.Thread(target=call, args=(budgets[i % 3],)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "a thread never got a slot"
+    assert calls == 48
+    assert peak == 3, f"at most 3 holders at once, and the limit is reached (peak {peak})"
+    assert max(samples) <= 3
+    assert budget_stats(redis_client, endpoint)["in_flight"] == 0
+
+
+def test_two_endpoints_do_not_share_a_budget(redis_client, redis_url, endpoint):
+    a = make(redis_url, endpoint, max_concurrency=1)
+    b = make(redis_url, endpoint + "-other", max_concurrency=1)
+    with a.slot():
+        got = threading.Event()
+
+        def other() -> None:
+            with b.slot():
+                got.set()
+
+        t = threading.Thread(target=other, daemon=True)
+        t.start()
+        assert got.wait(5), "a full budget on one endpoint blocked another endpoint"
+        t.join(5)
+
+
+def test_a_killed_holders_lease_expires_and_frees_its_slot(redis_client, redis_url, endpoint):
+    dead = make(redis_url, endpoint, max_concurrency=1, lease_seconds=1.5)
+    held = dead.slot()
+    held.__enter__()  # acquired, and its process "dies": never released
+    assert budget_stats(redis_client, endpoint)["in_flight"] == 1
+
+    alive = make(redis_url, endpoint, max_concurrency=1, lease_seconds=30)
+    acquired_after: list[float] = []
+    start = time.monotonic()
+
+    def take() -> None:
+        with alive.slot():
+            acquired_after.append(time.monotonic() - start)
+
+    t = threading.Thread(target=take, daemon=True)
+    t.start()
+    t.join(timeout=10)
+    assert acquired_after, "the dead holder's lease never expired"
+    assert 1.0 <= acquired_after[0] < 6.0, f"the slot was taken {acquired_after[0]:.2f}s after the holder died"
+    wait_until(lambda: budget_stats(redis_client, endpoint)["in_flight"] == 0, 5, "the expired lease to be gone")
+    del held  # keep the generator (and its release) alive until here
+
+
+def test_requests_per_minute_limits_a_burst_across_hosts(redis_client, redis_url, endpoint):
+    rpm = 5
+    budgets = [make(redis_url, endpoint, max_concurrency=50, rpm=rpm) for _ in range(2)]
+    done: list[float] = []
+    lock = threading.Lock()
+
+    def call(budget: FleetBudget) -> None:
+        with budget.slot(), lock:
+            done.append(time.monotonic())
+
+    # Twice the per-minute allowance, at once, from two "hosts"; the extra ones wait for the
+    # window (up to a minute) in daemon threads the test leaves behind.
+    threads = [threading.Thread(target=call, args=(budgets[i % 2],), daemon=True) for i in range(2 * rpm)]
+    for t in threads:
+        t.start()
+    wait_until(lambda: len(done) >= rpm, 10, f"{rpm} calls to get through")
+    # The rest must still be waiting a moment later (bounded wait for a negative).
+    still_waiting = [t for t in threads if t.is_alive()]
+    for t in still_waiting:
+        t.join(timeout=1.5 / len(still_waiting))
+    assert len(done) == rpm, f"{len(done)} calls in the burst; the limit is {rpm} per minute"
+    st = budget_stats(redis_client, endpoint)
+    assert st["calls_last_minute"] + st["calls_this_minute"] == rpm
+
+
+def test_budget_stats_report_in_flight_calls_and_429s(redis_client, redis_url, endpoint):
+    budget = make(redis_url, endpoint, max_concurrency=4)
+    zero = budget_stats(redis_client, endpoint)
+    assert zero == {"in_flight": 0, "calls_last_minute": 0, "calls_this_minute": 0,
+                    "rate_limited_last_minute": 0, "rate_limited_this_minute": 0}
+    first, second = budget.slot(), budget.slot()
+    first.__enter__()
+    second.__enter__()
+    st = budget_stats(redis_client, endpoint)
+    assert st["in_flight"] == 2
+    assert st["calls_last_minute"] + st["calls_this_minute"] == 2
+    budget.note_rate_limited()
+    first.__exit__(None, None, None)
+    st = budget_stats(redis_client, endpoint)
+    assert st["in_flight"] == 1
+    assert st["rate_limited_last_minute"] + st["rate_limited_this_minute"] == 1
+    second.__exit__(None, None, None)
+    assert budget_stats(redis_client, endpoint)["in_flight"] == 0
+    # Stats are per endpoint.
+    assert budget_stats(redis_client, endpoint + "-other")["calls_this_minute"] == 0

@@ -1,0 +1,291 @@
+"""One step's conversation with the model: which prompt, how many tokens, and what to do when
+the answer is cut or the endpoint refuses a schema.
+
+1. **Mode.** With ``vlm.structured_output: auto`` a step that has boxes (0, 2, 3) sends its
+   structured prompt (ids, no coordinates to copy back) with a JSON schema, if the client can
+   send one (``client.structured_output``) and this endpoint has not refused one before. An
+   endpoint that answers the schema with 400/422 (``StructuredOutputRejected``) is remembered
+   for the life of the process, a notice is logged once, and the same call is made again with
+   the text prompt. If that fails with a permanent error too, the schema was not the problem:
+   the endpoint is forgotten again and the error raised.
+2. **Budget.** The output budget is sized from the number of boxes (never below the configured
+   one; Gemini only may go above it on the first call, since its limit is known — 65536 from
+   2.5 on), thinking included when a budget is set.
+3. **Truncation** (``MAX_TOKENS``/``length``, or an answer cut before any text): once, with
+   twice the budget (up to the ceiling). Steps 0 and 3 keep what the cut answer holds and
+   re-ask only about the missing ids (KITTI boxes, groups) and merge; steps 1 and 2 ask again
+   whole. If the retry fails for good, the cut answer is used as it is (flagged ``truncated``).
+
+Pure: no Celery, no Redis; the client is passed in.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, replace
+from types import ModuleType
+
+from worker.clients.base import (
+    EmptyText,
+    StructuredOutputRejected,
+    TruncatedAnswer,
+    VLMClient,
+    VLMRequest,
+    VLMResponse,
+    check_answer,
+)
+from worker.errors import EmptyAnswer, ParseError, PermanentClientError
+from worker.images import DEFAULT_MAX_PIXELS, load_payload
+from worker.steps.options import STRUCTURED, TEXT, AnswerContext, StepOptions
+from worker.steps.prompts import template_for
+from worker.steps.structured import schema_for
+
+log = logging.getLogger("refexp.steps")
+
+CLEAN_STOPS = ("stop", "STOP", "end_turn")
+
+# Output tokens a step needs per box (text mode repeats coordinates; structured mode does not),
+# and the overhead of an answer.
+TOKENS_PER_BOX = {
+    "region_expr": {TEXT: 70, STRUCTURED: 45},
+    "image_caption": {TEXT: 0, STRUCTURED: 0},
+    "grounding_expr": {TEXT: 40, STRUCTURED: 20},
+    "double_check": {TEXT: 35, STRUCTURED: 15},
+}
+BASE_TOKENS = 512
+
+_rejected: set[str] = set()
+_lock = threading.Lock()
+
+
+def forget_rejections() -> None:
+    """Forget which endpoints refused a schema (tests; a new run in the same process)."""
+    with _lock:
+        _rejected.clear()
+
+
+def _rejected_endpoint(key: str) -> bool:
+    with _lock:
+        return key in _rejected
+
+
+def _endpoint(client: VLMClient, options: StepOptions) -> str:
+    return options.endpoint or getattr(client, "name", "") or type(client).__name__
+
+
+def supports_structured(client: VLMClient) -> bool:
+    """Whether the client can send a response schema; wrappers (budget, text checks) that hold
+    the real client as ``inner`` are looked through."""
+    for _ in range(8):
+        value = getattr(client, "structured_output", None)
+        if value is not None:
+            return bool(value)
+        client = getattr(client, "inner", None)
+        if client is None:
+            return False
+    return False
+
+
+def n_items(mod: ModuleType, record: dict) -> int:
+    if mod.NAME == "region_expr":
+        return len(record.get("kitti_bboxes") or [])
+    if mod.NAME == "grounding_expr":
+        return len(record.get("regions") or [])
+    if mod.NAME == "double_check":
+        return sum(len(e.get("instances", [])) for e in record.get("expressions") or [])
+    return 0
+
+
+def budget(mod: ModuleType, n: int, mode: str, options: StepOptions) -> int | None:
+    """The first call's output budget, or None to leave the client's configured one."""
+    if not options.max_tokens:
+        return None
+    need = BASE_TOKENS + TOKENS_PER_BOX.get(mod.NAME, {}).get(mode, 0) * n + max(0, options.thinking_budget or 0)
+    if not options.grow_first_call:
+        return options.max_tokens
+    return min(max(options.max_tokens, need), max(options.token_ceiling, options.max_tokens))
+
+
+def _bigger(tokens: int | None, options: StepOptions) -> int | None:
+    if tokens is None:
+        return None
+    return min(2 * tokens, max(options.token_ceiling, tokens))
+
+
+@dataclass
+class Exchange:
+    """What a step's conversation produced: the parsed result and the (combined) response."""
+
+    parsed: dict
+    response: VLMResponse | None
+
+
+def _sum_usage(responses: list[VLMResponse]) -> dict:
+    total: dict = {}
+    for r in responses:
+        for k, v in (r.usage or {}).items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                total[k] = total.get(k, 0) + v
+    return total
+
+
+class _Conversation:
+    def __init__(self, step: int, mod: ModuleType, record: dict, client: VLMClient, templates: dict[str, str],
+                 options: StepOptions, max_pixels: int):
+        self.step, self.mod, self.record, self.client = step, mod, record, client
+        self.templates, self.options, self.max_pixels = templates, options, max_pixels
+        self.responses: list[VLMResponse] = []
+        self.reasks = 0
+        self.n_calls = 0
+        self.fallback = ""
+        self.image = None
+
+    def build(self, ctx: AnswerContext):
+        template = template_for(self.templates, self.mod.NAME, ctx.mode == STRUCTURED)
+        return self.mod.build_prompt(self.record, template, ctx=ctx)
+
+    def call(self, ctx: AnswerContext, built, tokens: int | None) -> tuple[VLMResponse | None, bool]:
+        """One request: (response, truncated). An answer cut before any text is (None, True)."""
+        prompt, hint = built
+        if self.image is None:
+            self.image = load_payload(self.record["image_path"], max_pixels=self.max_pixels)
+        schema = schema_for(self.mod.NAME) if ctx.mode == STRUCTURED else None
+        request = VLMRequest(image=self.image, prompt=prompt, step=self.mod.NAME, hint=hint,
+                             response_schema=schema, schema_name=f"refexp_{self.mod.NAME}" if schema else "",
+                             max_tokens=tokens)
+        self.n_calls += 1
+        try:
+            response = self.client.generate(request)
+        except TruncatedAnswer:
+            return None, True
+        except EmptyText as exc:
+            if self.step != 3 or exc.finish_reason not in CLEAN_STOPS:
+                raise
+            # keep the clean stop: parse() turns it into "every box removed"
+            response = VLMResponse(text="", finish_reason=exc.finish_reason)
+        self.responses.append(response)
+        truncated = bool(response.truncated)
+        if response.text and response.text.strip() and not truncated:
+            # clients check finish reasons; a test double may not, so check again (cheap)
+            truncated = check_answer(getattr(self.client, "name", "client"), response.text, response.finish_reason)
+        return response, truncated
+
+    def first_call(self, ctx: AnswerContext, tokens: int | None):
+        built = self.build(ctx)
+        if built is None:
+            return ctx, None, None, False
+        if ctx.mode != STRUCTURED:
+            response, truncated = self.call(ctx, built, tokens)
+            return ctx, built, response, truncated
+        key = _endpoint(self.client, self.options)
+        try:
+            response, truncated = self.call(ctx, built, tokens)
+            return ctx, built, response, truncated
+        except StructuredOutputRejected as exc:
+            with _lock:
+                first = key not in _rejected
+                _rejected.add(key)
+            if first:
+                log.warning("%s refused a response schema (%s); using the text prompts for this endpoint "
+                            "from now on (vlm.structured_output: off silences this)", key, exc)
+            self.fallback = "structured_rejected"
+        ctx = ctx.but(mode=TEXT)
+        built = self.build(ctx)
+        try:
+            response, truncated = self.call(ctx, built, tokens)
+        except PermanentClientError:
+            with _lock:
+                _rejected.discard(key)  # the text request fails too: the schema was not the cause
+            raise
+        return ctx, built, response, truncated
+
+    def parse(self, response: VLMResponse | None, ctx: AnswerContext) -> dict:
+        if response is None or not (response.text and response.text.strip()):
+            if self.step == 3 and response is not None and response.finish_reason in CLEAN_STOPS and ctx.only is None:
+                # The step-3 prompt says to omit every line whose boxes were all removed, so a
+                # cleanly finished empty answer means "nothing survived".
+                return self.mod.all_removed(self.record)
+            finish = response.finish_reason if response is not None else "cut before any text"
+            raise EmptyAnswer(f"step {self.step}: the model returned no text (finish: {finish})")
+        return self.mod.parse(response.text, self.record, ctx=ctx)
+
+    def run(self) -> Exchange:
+        options = self.options
+        mode = TEXT
+        if (options.structured_output == "auto" and schema_for(self.mod.NAME) is not None
+                and supports_structured(self.client)
+                and not _rejected_endpoint(_endpoint(self.client, options))):
+            mode = STRUCTURED
+        ctx = AnswerContext(mode=mode, convention=options.convention)
+        tokens = budget(self.mod, n_items(self.mod, self.record), mode, options)
+        ctx, built, response, truncated = self.first_call(ctx, tokens)
+        if built is None:
+            return Exchange(self.mod.empty(), None)
+        parsed = None
+        if truncated:
+            parsed, response, truncated = self.after_truncation(ctx, response, tokens)
+        if parsed is None:
+            parsed = self.parse(response, ctx.but(truncated=truncated))
+        return self.finish(parsed, response, ctx, truncated)
+
+    def after_truncation(self, ctx: AnswerContext, response: VLMResponse | None, tokens: int | None):
+        """(parsed or None, response, still truncated) after the one retry a cut answer gets."""
+        bigger = _bigger(tokens, self.options)
+        partial = None
+        if self.mod.NAME in ("region_expr", "double_check") and response is not None:
+            try:
+                partial = self.mod.parse(response.text, self.record, ctx=ctx.but(truncated=True))
+            except ParseError:
+                partial = None
+        if partial is not None:
+            missing = partial.get("missing") or []
+            if not missing:
+                return partial, response, False
+            self.reasks += 1
+            ask = ctx.but(only=tuple(missing))
+            try:
+                again, cut = self.call(ask, self.build(ask), bigger)
+                more = self.parse(again, ask.but(truncated=cut))
+            except (PermanentClientError, ParseError, EmptyAnswer) as exc:
+                log.info("step %s: the re-ask about %d missing ids failed (%s); keeping the cut answer",
+                         self.step, len(missing), exc)
+                return partial, response, True
+            merged = self.mod.merge(partial, more) if self.mod.NAME == "region_expr" else \
+                self.mod.merge(partial, more, self.record)
+            return merged, again, cut
+        try:
+            again, cut = self.call(ctx, self.build(ctx), bigger)
+        except PermanentClientError:
+            if response is None:
+                raise
+            return None, response, True
+        if again is None and response is not None:
+            return None, response, True
+        return None, again, cut
+
+    def finish(self, parsed: dict, response: VLMResponse | None, ctx: AnswerContext, truncated: bool) -> Exchange:
+        parsed = dict(parsed)
+        parsed.pop("missing", None)
+        report = dict(parsed.get("report") or {})
+        q = dict(report.get("quality") or {})
+        if q:
+            q.update({"mode": ctx.mode, "fallback": self.fallback, "calls": self.n_calls, "reasks": self.reasks,
+                      "truncated": bool(truncated),
+                      "finish_reason": response.finish_reason if response is not None else ""})
+            report["quality"] = q
+            parsed["report"] = report
+        combined = None
+        if self.responses:
+            last = response if response is not None else self.responses[-1]
+            combined = replace(last, usage=_sum_usage(self.responses)) if len(self.responses) > 1 else last
+        return Exchange(parsed, combined)
+
+
+def converse(step: int, mod: ModuleType, record: dict, client: VLMClient, templates: dict[str, str], *,
+             options: StepOptions | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Exchange:
+    """Ask the model about one image-step and parse the answer (see the module docstring).
+
+    Raises the errors of ``worker.errors``; the caller decides about retries and failures.
+    """
+    return _Conversation(step, mod, record, client, templates, options or StepOptions(), max_pixels).run()

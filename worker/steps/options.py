@@ -1,0 +1,100 @@
+"""What a step needs to know about the model besides the prompt: answer mode and box convention.
+
+``StepOptions`` is resolved once per run from the ``vlm`` spec section; ``AnswerContext`` is what
+one prompt/parse pair runs with (the mode actually used, the convention, whether the answer was
+cut, and, for a re-ask, the subset of ids asked about).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from worker.coords import Convention, Frame, convention_for
+
+TEXT = "text"
+STRUCTURED = "structured"
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    """Per-run options of the step runner, from ``vlm.*``.
+
+    :param structured_output: ``auto`` (JSON schema where the endpoint takes it, ids instead of
+        coordinates) or ``off`` (TAO's text prompts and formats).
+    :param box_format: ``auto`` (the model table in ``worker.coords``) or a format name.
+    :param model: the model name, for the convention table and the thinking defaults.
+    :param max_tokens: the configured output budget (``max_output_tokens`` / ``max_tokens``).
+    :param token_ceiling: the most a budget may grow to (sized from boxes, or after truncation).
+    :param endpoint: the endpoint key the structured-output fallback is remembered under.
+    :param grow_first_call: whether the first call's budget may exceed ``max_tokens`` when many
+        boxes need it (Gemini: its output limit is known; OpenAI-compatible servers refuse a
+        budget beyond their context, so only the truncation retry grows there).
+    :param thinking_budget: Gemini's thinking budget, added to a sized budget when positive.
+    """
+
+    structured_output: str = "auto"
+    box_format: str = "auto"
+    model: str = ""
+    max_tokens: int = 0
+    token_ceiling: int = 0
+    endpoint: str = ""
+    grow_first_call: bool = False
+    thinking_budget: int | None = None
+
+    @property
+    def convention(self) -> Convention:
+        return convention_for(self.model, self.box_format)
+
+    @classmethod
+    def from_vlm(cls, vlm) -> StepOptions:
+        """Options from a ``VLMSpec`` (duck-typed, so tests may pass a namespace)."""
+        backend = getattr(vlm, "backend", "")
+        structured = getattr(vlm, "structured_output", "off")
+        box_format = getattr(vlm, "box_format", "auto")
+        thinking = None
+        if backend == "gemini":
+            model, max_tokens = vlm.gemini.model, vlm.gemini.max_output_tokens
+            ceiling = gemini_output_ceiling(model, max_tokens)
+            base = vlm.gemini.base_url or "google"
+            thinking = getattr(vlm.gemini, "thinking_budget", None)
+        elif backend == "openai":
+            model, max_tokens = vlm.openai.model_name, vlm.openai.max_tokens
+            ceiling = 2 * max_tokens  # a server refuses budgets beyond its context: grow only on retry
+            base = vlm.openai.base_url or "openai"
+        else:
+            model, max_tokens, ceiling, base = backend, 0, 0, backend
+        return cls(structured_output=structured, box_format=box_format, model=model, max_tokens=max_tokens,
+                   token_ceiling=ceiling, endpoint=f"{backend}|{base}|{model}", grow_first_call=backend == "gemini",
+                   thinking_budget=thinking)
+
+
+def gemini_output_ceiling(model: str, configured: int) -> int:
+    """The output-token limit of a Gemini model: 65536 from 2.5 on, 8192 before."""
+    name = model.lower()
+    if any(old in name for old in ("gemini-1.", "gemini-2.0", "gemini-pro", "gemini-1")):
+        return max(configured, 8192)
+    return max(configured, 65536)
+
+
+@dataclass(frozen=True)
+class AnswerContext:
+    """How one answer is read.
+
+    :param mode: ``text`` or ``structured`` (the prompt that was sent).
+    :param convention: how the model writes boxes (``worker.coords``).
+    :param truncated: the answer was cut by the token limit: its last line or object is
+        incomplete, and what it does not mention was not seen rather than left out.
+    :param only: the ids a re-ask asked about (KITTI indices for step 0, expression indices
+        for step 3); None for a first ask.
+    """
+
+    mode: str = TEXT
+    convention: Convention = field(default_factory=Convention)
+    truncated: bool = False
+    only: tuple[int, ...] | None = None
+
+    def frame(self, record: dict) -> Frame:
+        return Frame(int(record["width"]), int(record["height"]))
+
+    def but(self, **changes) -> AnswerContext:
+        return replace(self, **changes)
