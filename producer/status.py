@@ -14,8 +14,7 @@ from worker.layout import Layout
 from worker.runstate import USAGE_FIELDS, RunState
 from worker.sinks import ReadStats, dumps
 from worker.steps import final_record
-from worker.steps.records import deterministic
-from worker.steps.records import PIPELINE_NAMES
+from worker.steps.records import PIPELINE_NAMES, deterministic
 
 
 def status(state: RunState) -> dict:

@@ -41,7 +41,15 @@ def make_app() -> Celery:
         # Redis redelivers a message not acked within this many seconds. It must exceed the
         # longest task (VLM timeout x calls) and every retry countdown (capped in tasks.py).
         # REFEXP_VISIBILITY_TIMEOUT lowers it in tests so a killed worker's tasks come back fast.
-        broker_transport_options={"visibility_timeout": vt},
+        # kombu looks for unacked messages past their timeout only every
+        # unacked_restore_interval x unacked_restore_throttle seconds (10 x 10 by default), so a
+        # short timeout alone would still leave a dead worker's tasks waiting 100 s: sweep at
+        # least four times per timeout (at most every 10 s), and scan on every sweep.
+        broker_transport_options={
+            "visibility_timeout": vt,
+            "unacked_restore_interval": max(1, min(10, vt // 4)),
+            "unacked_restore_throttle": 1,
+        },
         result_backend_transport_options={"visibility_timeout": vt},
         # Results are tiny status strings, read only by chord counting; let them go quickly.
         result_expires=3600,

@@ -107,10 +107,10 @@ def hash_ids(client: redis.Redis, run_id: str, kind: str, step: int) -> set[str]
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> tuple[Path, Path]:
-    """12 drawn road scenes with KITTI labels (one has no label file, so no boxes)."""
+    """8 drawn road scenes with KITTI labels (one has no label file, so no boxes)."""
     from producer.demo import make_demo_dataset
 
-    return make_demo_dataset(tmp_path_factory.mktemp("faults-data"), n_images=12, seed=5)
+    return make_demo_dataset(tmp_path_factory.mktemp("faults-data"), n_images=8, seed=5)
 
 
 def tiny_images(directory: Path, n: int) -> tuple[Path, None]:
@@ -329,13 +329,16 @@ def test_redis_restart_mid_run_with_aof(fleet_env, fake_vlm, data, tmp_path):
 
         crashed: dict[str, float] = {}
 
-        def supervise() -> bool:
-            """Restart a worker that hit the known upstream crash, as `restart: unless-stopped` does,
-            once its unacked tasks are older than the visibility timeout (so they are restored)."""
+        def note_dead() -> None:
             for w in list(fleet.workers):
                 if w.proc.poll() is not None and w.name not in crashed:
                     assert KOMBU_RECONNECT_CRASH in w.text(), f"worker {w.name} died:\n{w.text()[-4000:]}"
                     crashed[w.name] = time.monotonic()
+
+        def supervise() -> bool:
+            """Restart a worker that hit the known upstream crash, as `restart: unless-stopped` does,
+            once its unacked tasks are older than the visibility timeout (so they are restored)."""
+            note_dead()
             due = [k for k, t in crashed.items() if t and time.monotonic() - t > int(SHORT_VT) + 1]
             for k in due:
                 crashed[k] = 0.0
@@ -346,9 +349,10 @@ def test_redis_restart_mid_run_with_aof(fleet_env, fake_vlm, data, tmp_path):
         out, err = watcher.communicate()
         assert watcher.returncode == 0, (f"producer wait did not survive the restart:\n{out}\n{err[-1500:]}\n"
                                          f"{failures(results)}\n{fleet.logs()}")
+        note_dead()  # every worker is alive, or died of the known upstream crash only
         if crashed:
-            print(f"workers that hit the upstream reconnect crash and were restarted: {sorted(crashed)}")
-        assert sum(w.proc.poll() is None for w in fleet.workers) == 2, fleet.logs()
+            print(f"workers that hit the upstream reconnect crash: {sorted(crashed)}")
+        assert any(w.proc.poll() is None for w in fleet.workers), fleet.logs()
         ids = [r["image_id"] for r in seed_records(results)]
         assert_finalized_once(results, ids)
         assert failures(results) == [], failures(results)  # a Redis outage is not an image failure
@@ -397,8 +401,24 @@ def test_producer_killed_mid_enqueue_rerun_finishes_without_duplicates(fleet, fl
     assert all(len(c) == n and set(c.values()) == {1} for c in lines.values()), "an image-step ran twice"
 
 
-def test_tasks_delivered_twice_leave_one_correct_record_per_image(fleet, fleet_env, fake_vlm, data, tmp_path,
-                                                                  redis_url):
+REPUBLISH = """
+import sys
+from producer.enqueue import canvas
+from producer.runs import connect, existing_run
+from producer.seed import iter_seed
+
+run_id, layout, state = existing_run(sys.argv[1], connect())
+meta = state.meta()
+ref = f"{run_id}:{meta['spec_hash']}"
+n = 0
+for offset, rec in iter_seed(layout.seed):
+    canvas(meta["steps"], ref, rec["image_id"], offset).apply_async()
+    n += 1
+print(n)
+"""
+
+
+def test_tasks_delivered_twice_leave_one_correct_record_per_image(fleet, fleet_env, fake_vlm, data, tmp_path):
     # Reference output, no duplicates.
     fleet.start(2, concurrency=4)
     clean = tmp_path / "clean"
@@ -409,15 +429,11 @@ def test_tasks_delivered_twice_leave_one_correct_record_per_image(fleet, fleet_e
     fake_vlm.latency = 0.2
     results = tmp_path / "results"
     producer(fleet_env, "enqueue", *job(fake_vlm, data, results))
-    from producer.enqueue import canvas
-    from producer.seed import iter_seed
-    from worker.app import repoint
-
-    repoint(redis_url)
-    state = run_state(redis_url, results)
-    ref = f"{state.run_id}:{state.meta()['spec_hash']}"
-    for offset, rec in iter_seed(results / "seed_annotations.jsonl"):
-        canvas(list(STEPS), ref, rec["image_id"], offset).apply_async()
+    # A second publish of every image's canvas, by hand, from another process.
+    republish = subprocess.run([sys.executable, "-c", REPUBLISH, str(results)], cwd=ROOT, env=fleet_env,
+                               capture_output=True, text=True, timeout=60)
+    assert republish.returncode == 0, republish.stderr
+    assert int(republish.stdout) == len(seed_records(results))
     calls_before = fake_vlm.stats()["calls"]
     fleet.start(2, concurrency=4)
     producer(fleet_env, "wait", "--results-dir", str(results), "--timeout", "90")
@@ -437,3 +453,20 @@ def test_tasks_delivered_twice_leave_one_correct_record_per_image(fleet, fleet_e
     # Each duplicate either skipped (done already) or ran concurrently and appended a second line.
     assert calls >= sum(normal_calls(r) for r in seed_records(results))
     print(f"duplicate deliveries: {extra} image-steps processed twice, {calls} VLM calls")
+
+
+def test_images_finished_before_they_are_marked_in_flight_do_not_hang_the_run(fleet, fleet_env, fake_vlm,
+                                                                              tmp_path):
+    # Warm workers finish a one-task image faster than the producer publishes a 200-image batch and
+    # marks it in flight; such images must still leave the in-flight set, or the run never ends.
+    fleet.start(2, concurrency=8)
+    warm = tiny_images(tmp_path / "warm", 4)
+    producer(fleet_env, "enqueue", *job(fake_vlm, warm, tmp_path / "warm-results",
+                                        "image_referring_expression.workflow.steps=[1]"), "--wait", "--timeout", "30")
+    n = 400
+    images = tiny_images(tmp_path / "images", n)
+    results = tmp_path / "results"
+    producer(fleet_env, "enqueue", *job(fake_vlm, images, results, "image_referring_expression.workflow.steps=[1]"),
+             "--wait", "--timeout", "40")
+    st = status_json(fleet_env, results)
+    assert st["finished"] and st["in_flight_images"] == 0 and st["steps"]["1"]["done"] == n

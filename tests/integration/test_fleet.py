@@ -114,4 +114,5 @@ def test_local_run_matches_the_fleet_byte_for_byte(fleet, fleet_env, fake_vlm, d
         fleet_files = sorted(p.name for p in (fleet_results / d / "labels").iterdir())
         assert fleet_files == sorted(p.name for p in (local_results / d / "labels").iterdir())
         for name in fleet_files:
-            assert (fleet_results / d / "labels" / name).read_bytes() == (local_results / d / "labels" / name).read_bytes()
+            fleet_bytes = (fleet_results / d / "labels" / name).read_bytes()
+            assert fleet_bytes == (local_results / d / "labels" / name).read_bytes()

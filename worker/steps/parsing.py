@@ -15,6 +15,7 @@ Repairs never invent content: whatever is not complete is dropped, and a box is 
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 from collections import Counter
@@ -581,6 +582,21 @@ def clean_phrase(raw: str, result: Parsed | None = None) -> str:
     return collapsed
 
 
+def field_of(obj: dict, keys: tuple[str, ...], want: type | tuple[type, ...] = object):
+    """The value of the first of ``keys`` present in ``obj`` (of type ``want``), else of a key
+    that is a near miss of one of them (a typo, or a byte lost to bad UTF-8: ``"phras\ufffd"``)."""
+    for k in keys:
+        if k in obj and isinstance(obj[k], want):
+            return obj[k]
+    for name, value in obj.items():
+        if not isinstance(value, want) or not isinstance(name, str):
+            continue
+        clean = re.sub(r"[^a-z_]", "", name.lower())
+        if clean and difflib.get_close_matches(clean, keys, n=1, cutoff=0.8):
+            return value
+    return None
+
+
 _PHRASE_KEYS = ("phrase", "text", "expression", "description", "label", "name", "group")
 _BOXES_KEYS = ("boxes", "bboxes", "bbox_2d", "bbox", "box_2d", "bounding_boxes", "coordinates")
 
@@ -688,6 +704,8 @@ def parse_groups(text: str) -> Parsed:
             if inner is None:
                 lists = [v for v in value.values() if isinstance(v, list) and v and isinstance(v[0], dict)]
                 inner = lists[0] if len(lists) == 1 else None
+                if inner is not None:
+                    result.shape = "groups"
             if inner is not None:
                 value = inner
             elif all(isinstance(v, list) for v in value.values()):
@@ -697,9 +715,9 @@ def parse_groups(text: str) -> Parsed:
             for obj in value:
                 if not isinstance(obj, dict):
                     continue
-                phrase = next((obj[k] for k in _PHRASE_KEYS if isinstance(obj.get(k), str)), None)
-                ids = next((obj[k] for k in _IDS_KEYS if k in obj), None)
-                if phrase is None or ids is None:
+                phrase = field_of(obj, _PHRASE_KEYS, str)
+                ids = field_of(obj, _IDS_KEYS, (list, int, str))
+                if phrase is None or ids is None or ids is phrase:
                     continue
                 if not isinstance(ids, list):
                     ids = [ids]

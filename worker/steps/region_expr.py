@@ -17,7 +17,7 @@ from worker.coords import Frame, prompt_box_in, raw_values, refine, rescue, reso
 from worker.errors import ParseError
 from worker.geometry import iou, match_one_to_one
 from worker.steps.options import STRUCTURED, AnswerContext
-from worker.steps.parsing import collapse_repeats, item_id, parse_json_objects
+from worker.steps.parsing import collapse_repeats, field_of, item_id, parse_json_objects
 from worker.steps.quality import merge_quality, new_quality
 from worker.steps.records import with_step
 
@@ -86,7 +86,8 @@ def _first(item: dict, keys: tuple[str, ...]):
     for k in keys:
         if k in item and item[k] not in (None, ""):
             return item[k]
-    return None
+    value = field_of({k: v for k, v in item.items() if v not in (None, "")}, keys)
+    return value
 
 
 def _text(value) -> str:

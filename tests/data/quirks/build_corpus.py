@@ -394,6 +394,8 @@ def build_step0_text() -> None:
     add(0, ["json_mode_fence"], json_mode_fence, s0_input(K), {"regions": all_truth(K)}, model="gemini-2.5-flash")
     floats = [obj(W, i, box=[v + 0.4 for v in p1000(W, i)]) for i in range(3)]
     add(0, ["float_coordinates"], arr(floats), s0_input(W), {"regions": all_truth(W)})
+    bad = arr(all_objs(W)).replace('"bbox_2d"', '"bbox_2\ufffd"').replace('"description"', '"descriptoin"')
+    add(0, ["garbled_keys"], bad, s0_input(W), {"regions": all_truth(W)})
     add(0, ["xywh_boxes"], arr(all_objs(H, fmt="xywh")), s0_input(H), {"regions": all_truth(H)},
         model="gpt-4o")
     mixed = [obj(K, i, fmt="yxyx_1000" if i % 2 else "xyxy_1000", box_key="box_2d") for i in allk]
@@ -495,6 +497,9 @@ def build_step0_structured() -> None:
         {"regions": all_truth(W, [1, 2])}, mode="structured")
     keyed = {f"object_{i + 1}": {k: v for k, v in sobj(W, i).items() if k != "id"} for i in range(3)}
     add(0, ["keyed_by_name_not_id"], json.dumps(keyed), s0_input(W), {"error": "parse"}, mode="structured")
+    bad = json.dumps({"objects": [sobj(W, i) for i in range(3)]}, ensure_ascii=False).replace(
+        '"description"', '"d\ufffdscription"').replace('"type"', '"typ\ufffd"')
+    add(0, ["garbled_keys_bad_utf8"], bad, s0_input(W), {"regions": all_truth(W)}, mode="structured")
 
 
 # --------------------------------------------------------------------------- step 1
@@ -758,6 +763,8 @@ def build_step2_structured() -> None:
         s2_input(W), {"expressions": tr(W, WG)}, mode="structured", finish="length")
     add(2, ["one_based_ids"], json.dumps({"groups": [g(p, [i + 1 for i in m]) for p, m in KG]}), s2_input(K),
         {"expressions": tr(K, KG)}, mode="structured")
+    bad = json.dumps({"gr\ufffdups": [{"phras\ufffd": p, "box_\ufffdds": m} for p, m in WG]}, ensure_ascii=False)
+    add(2, ["garbled_keys_bad_utf8"], bad, s2_input(W), {"expressions": tr(W, WG)}, mode="structured")
 
 
 # --------------------------------------------------------------------------- step 3

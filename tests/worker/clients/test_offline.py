@@ -13,8 +13,8 @@ from worker.clients.offline import OfflineClient, name_color
 from worker.errors import PermanentClientError
 from worker.images import load_payload
 from worker.steps import input_record, run_step
-from worker.steps.records import deterministic
 from worker.steps.prompts import PROMPT_TEMPLATES
+from worker.steps.records import deterministic
 
 BACKGROUND = (128, 128, 128)
 W, H = 620, 188
