@@ -60,7 +60,35 @@ def status(state: RunState) -> dict:
                            **{f: c.get(f, 0) for f in USAGE_FIELDS},
                            "latency_s": c.get("latency_ms", 0) / 1000}
         result["usage"] = usage_summary(per_step, run_prices(state, meta))
+    quality = state.quality()
+    if quality:
+        result["quality"] = {str(s): quality[s] for s in steps if s in quality}
     return result
+
+
+def format_quality(quality: dict) -> list[str]:
+    """Per step: boxes matched, dropped and skipped, re-asks, fallbacks, the commonest repairs."""
+    lines = ["  answer quality:"]
+    for s, q in quality.items():
+        repairs = sorted(((k.split(":", 1)[1], v) for k, v in q.items() if k.startswith("repair:")),
+                         key=lambda kv: -kv[1])
+        modes = ", ".join(f"{k.split(':', 1)[1]} {v}" for k, v in q.items() if k.startswith("mode:"))
+        parts = [f"{q.get('images', 0)} images ({modes})" if modes else f"{q.get('images', 0)} images"]
+        if q.get("boxes_returned"):
+            parts.append(f"boxes matched {q.get('boxes_matched', 0)} of {q['boxes_returned']} returned "
+                         f"({q.get('boxes_expected', 0)} asked about)")
+        for key, label in (("hallucinated_dropped", "hallucinated dropped"), ("kitti_skipped", "skipped"),
+                           ("boxes_flagged", "unmatched kept"), ("reasks", "re-asks"),
+                           ("truncated", "truncated"), ("calls", "calls")):
+            if q.get(key):
+                parts.append(f"{label} {q[key]}")
+        fallbacks = sum(v for k, v in q.items() if k.startswith("fallback:"))
+        if fallbacks:
+            parts.append(f"fallbacks to text {fallbacks}")
+        if repairs:
+            parts.append("repairs " + ", ".join(f"{k} {v}" for k, v in repairs[:4]))
+        lines.append(f"    step {s}: " + "; ".join(parts))
+    return lines
 
 
 def run_prices(state: RunState, meta: dict | None = None) -> dict | None:
@@ -178,6 +206,8 @@ def format_status(st: dict) -> str:
                      f"{b['calls_last_minute']} calls/min, {b['rate_limited_last_minute']} 429s last minute")
     if st.get("usage"):
         lines += format_usage(st["usage"])
+    if st.get("quality"):
+        lines += format_quality(st["quality"])
     return "\n".join(lines)
 
 

@@ -90,9 +90,11 @@ def execute(ctx: RunContext, step: int, image_id: str, seed_offset: int) -> str:
     if wf.output_format in ("legacy", "both"):
         ctx.layout.write_legacy(step, image_id, outcome.legacy)
     ctx.state.mark_done(step, image_id, offset)
-    call = outcome.record.get("meta", {}).get(PIPELINE_NAMES[step], {}).get("call")
-    if call:
-        ctx.state.add_usage(step, call)
+    step_meta = outcome.record.get("meta", {}).get(PIPELINE_NAMES[step], {})
+    if step_meta.get("call"):
+        ctx.state.add_usage(step, step_meta["call"])
+    if step_meta.get("quality"):
+        ctx.state.add_quality(step, step_meta["quality"])
     return DONE
 
 

@@ -88,6 +88,33 @@ class RunState:
             out.setdefault(int(step), {})[field] = int(v)
         return out
 
+    def add_quality(self, step: int, quality: dict) -> None:
+        """Add one image-step's quality report (``worker.steps.quality``) into ``quality``
+        (``<step>:<count>``, ``<step>:repair:<kind>``, ``<step>:mode:<mode>`` -> total)."""
+        key = run_key(self.run_id, "quality")
+        pipe = self.r.pipeline()
+        pipe.hincrby(key, f"{step}:images", 1)
+        for field, value in quality.items():
+            if isinstance(value, bool):
+                if value:
+                    pipe.hincrby(key, f"{step}:{field}", 1)
+            elif isinstance(value, int) and value:
+                pipe.hincrby(key, f"{step}:{field}", value)
+        for kind, n in (quality.get("repairs") or {}).items():
+            pipe.hincrby(key, f"{step}:repair:{kind}", int(n))
+        for field in ("mode", "fallback"):
+            if quality.get(field):
+                pipe.hincrby(key, f"{step}:{field}:{quality[field]}", 1)
+        pipe.execute()
+
+    def quality(self) -> dict[int, dict[str, int]]:
+        """``step -> {field or 'repair:<kind>' or 'mode:<m>': total}`` as counted by ``add_quality``."""
+        out: dict[int, dict[str, int]] = {}
+        for k, v in self.r.hgetall(run_key(self.run_id, "quality")).items():
+            step, _, field = k.decode().partition(":")
+            out.setdefault(int(step), {})[field] = int(v)
+        return out
+
     def mark_failed(self, step: int, image_id: str, reason: str) -> None:
         self.r.hset(run_key(self.run_id, "failed", step), image_id, reason[:500])
 
