@@ -170,6 +170,24 @@ def _number(v: object) -> float | None:
     return None
 
 
+def line_values(lines: list[list], repairs: list[str]) -> tuple[list[list[list[float] | None]], list[list[float]]]:
+    """Every box of every answer line as raw numbers (``None`` where unreadable), and the distinct
+    readable boxes in first-seen order (what a convention is resolved over). Repairs are appended."""
+    by_line: list[list[list[float] | None]] = []
+    unique: list[list[float]] = []
+    for boxes in lines:
+        vals = []
+        for b in boxes:
+            values, rep = raw_values(b)
+            if rep:
+                repairs.append(rep)
+            vals.append(values)
+            if values is not None and values not in unique:
+                unique.append(values)
+        by_line.append(vals)
+    return by_line, unique
+
+
 def raw_values(value: object) -> tuple[list[float] | None, str]:
     """A model's box as a flat list of numbers and the repair it took ("" for none).
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 
-from worker.coords import Convention, Frame, from_canonical, raw_values, refine, rescue, resolve
+from worker.coords import Convention, Frame, from_canonical, line_values, refine, rescue, resolve
 from worker.errors import ParseError
 from worker.geometry import iou, to_pixels
 from worker.steps.options import STRUCTURED, AnswerContext
@@ -261,20 +261,7 @@ def parse(text: str, record: dict, *, ctx: AnswerContext | None = None) -> dict:
         cut_phrases = parsed.cut
         if ctx.mode == STRUCTURED and parsed.items:
             repairs.append("structured_answer_without_ids")
-        raw_lines = []
-        for _, boxes in parsed.items:
-            vals = []
-            for b in boxes:
-                values, rep = raw_values(b)
-                if rep:
-                    repairs.append(rep)
-                vals.append(values)
-            raw_lines.append(vals)
-        unique: list[list[float]] = []
-        for vals in raw_lines:
-            for v in vals:
-                if v is not None and v not in unique:
-                    unique.append(v)
+        raw_lines, unique = line_values([boxes for _, boxes in parsed.items], repairs)
         targets: list[list] = []
         for k in asked:
             for i in exprs[k]["instances"]:

@@ -9,7 +9,7 @@ kept with ``matched: false`` and ``bbox`` converted from the model's box.
 
 from __future__ import annotations
 
-from worker.coords import Frame, from_canonical, raw_values, refine, rescue, resolve
+from worker.coords import Frame, from_canonical, line_values, refine, rescue, resolve
 from worker.errors import ParseError
 from worker.geometry import nearest, to_pixels
 from worker.steps.options import STRUCTURED, AnswerContext
@@ -92,20 +92,7 @@ def _groups_by_id(parsed, n_regions: int, q: dict, repairs: list[str]):
 
 
 def _groups_by_box(parsed, targets, ctx: AnswerContext, frame: Frame, repairs: list[str], q: dict):
-    raw_by_line: list[list[list[float] | None]] = []
-    for _, boxes in parsed.items:
-        vals = []
-        for b in boxes:
-            values, rep = raw_values(b)
-            if rep:
-                repairs.append(rep)
-            vals.append(values)
-        raw_by_line.append(vals)
-    unique: list[list[float]] = []
-    for vals in raw_by_line:
-        for v in vals:
-            if v is not None and v not in unique:
-                unique.append(v)
+    raw_by_line, unique = line_values([boxes for _, boxes in parsed.items], repairs)
     reading = resolve(unique, targets, ctx.convention, frame, min_iou=MIN_IOU)
     ambiguous: set[int] = set()
     for tie in reading.ties:

@@ -7,24 +7,11 @@ import json
 import pytest
 from PIL import Image
 
-from worker.clients.base import VLMRequest, VLMResponse
+from tests.support.doubles import FakeClient
 from worker.errors import ParseError
 from worker.steps import input_record, run_step
 from worker.steps.prompts import PROMPT_TEMPLATES
-from worker.steps.records import SOURCE
-
-
-class FakeClient:
-    name = "fake"
-
-    def __init__(self, text: str = ""):
-        self.text = text
-        self.requests: list[VLMRequest] = []
-
-    def generate(self, request: VLMRequest) -> VLMResponse:
-        self.requests.append(request)
-        return VLMResponse(text=self.text)
-
+from worker.steps.records import SOURCE, deterministic
 
 SEDAN = "white sedan in the left lane"
 
@@ -117,7 +104,7 @@ def test_deterministic_ids(seed, step0):
     exprs = out1.record["expressions"]
     assert [e["expression_id"] for e in exprs] == ["000001/expr_0", "000001/expr_1"]
     assert [i["bbox_id"] for e in exprs for i in e["instances"]] == ["000001/box_0", "000001/box_1", "000001/box_2"]
-    assert out1.record == out2.record
+    assert deterministic(out1.record) == deterministic(out2.record)
 
 
 def test_instances_matched_to_regions(seed, step0):

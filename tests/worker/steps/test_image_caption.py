@@ -5,23 +5,11 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from worker.clients.base import VLMRequest, VLMResponse
+from tests.support.doubles import FakeClient
 from worker.errors import EmptyAnswer, ParseError
 from worker.steps import image_caption, run_step
 from worker.steps.prompts import PROMPT_TEMPLATES
 from worker.steps.records import SOURCE
-
-
-class FakeClient:
-    name = "fake"
-
-    def __init__(self, text: str = ""):
-        self.text = text
-        self.requests: list[VLMRequest] = []
-
-    def generate(self, request: VLMRequest) -> VLMResponse:
-        self.requests.append(request)
-        return VLMResponse(text=self.text)
 
 
 @pytest.fixture

@@ -7,25 +7,11 @@ import json
 import pytest
 from PIL import Image
 
-from worker.clients.base import VLMRequest, VLMResponse
+from tests.support.doubles import FakeClient
 from worker.errors import EmptyAnswer, InputError, ParseError
 from worker.steps import run_step
 from worker.steps.prompts import PROMPT_TEMPLATES
 from worker.steps.records import SOURCE
-
-
-class FakeClient:
-    """Answers every call with ``text`` and records the requests."""
-
-    name = "fake"
-
-    def __init__(self, text: str = ""):
-        self.text = text
-        self.requests: list[VLMRequest] = []
-
-    def generate(self, request: VLMRequest) -> VLMResponse:
-        self.requests.append(request)
-        return VLMResponse(text=self.text)
 
 
 @pytest.fixture
