@@ -12,22 +12,20 @@ from __future__ import annotations
 
 import os
 import re
-import time
-from email.utils import parsedate_to_datetime
 
 from google import genai
 from google.genai import errors as genai_errors
 from google.genai import types
 
-from worker.clients.base import StructuredOutputRejected, VLMRequest, VLMResponse, check_answer
-from worker.errors import ClientError, ConfigError, PermanentClientError, RateLimited
+from worker.clients.base import VLMRequest, VLMResponse, check_answer
+from worker.clients.http import Endpoint, map_status, retry_after_from_headers, strip_thinking
+from worker.errors import ClientError, ConfigError, PermanentClientError
 from worker.spec import GeminiSpec
 
 DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com"
 KEY_ENV = ("GOOGLE_API_KEY", "GEMINI_API_KEY")
-_RETRYABLE_4XX = {408, 409, 425, 499}
+_RETRYABLE_4XX = frozenset({408, 409, 425, 499})
 _VERSION = re.compile(r"gemini-(\d+(?:\.\d+)?)")
-_THINK = re.compile(r"<think>.*?</think>", re.S)
 
 
 def _transport_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
@@ -99,15 +97,9 @@ def thinking_config(model: str, budget: int | None) -> types.ThinkingConfig | No
 
 def retry_after_seconds(headers, details=None) -> float | None:
     """The server's wait hint: ``Retry-After`` (seconds or HTTP date), else a RetryInfo detail."""
-    value = headers.get("retry-after") if headers is not None else None
-    if value:
-        try:
-            return max(0.0, float(value))
-        except ValueError:
-            try:
-                return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-            except (TypeError, ValueError):
-                pass
+    from_headers = retry_after_from_headers(headers)
+    if from_headers is not None:
+        return from_headers
     error = details.get("error", details) if isinstance(details, dict) else {}
     for d in error.get("details") or []:
         delay = d.get("retryDelay") if isinstance(d, dict) else None
@@ -189,7 +181,7 @@ class GeminiClient:
         finish = getattr(cand.finish_reason, "value", cand.finish_reason) if cand else None
         finish = str(finish or "")
         parts = (cand.content.parts or []) if cand and cand.content else []
-        text = _THINK.sub("", "".join(p.text for p in parts if p.text and not p.thought)).strip()
+        text = strip_thinking("".join(p.text for p in parts if p.text and not p.thought))
         um = resp.usage_metadata
         usage = {}
         if um is not None:
@@ -209,28 +201,9 @@ class GeminiClient:
 
     def _map_status(self, exc: genai_errors.APIError, *, schema: bool = False) -> Exception:
         code = int(exc.code or 0)
-        detail = self._redact(str(exc.message or exc.status or ""))[:500]
         headers = getattr(getattr(exc, "response", None), "headers", None)
-        if code == 429:
-            return RateLimited(f"{self.name}: rate limited by {self.base_url} (429 {exc.status}): {detail}",
-                               retry_after=retry_after_seconds(headers, exc.details), status=429)
-        auth = code in (401, 403) or (code == 400 and "API_KEY_INVALID" in _error_reasons(exc.details))
-        if auth:
-            return PermanentClientError(
-                f"the API key was rejected by {self.base_url} (HTTP {code} {exc.status}: {detail}): "
-                "check GOOGLE_API_KEY on this worker", status=code)
-        if code == 404:
-            return PermanentClientError(f"model '{self.model}' not found at {self.base_url} ({detail})",
-                                        status=404)
-        if code >= 500 or code in _RETRYABLE_4XX:
-            return ClientError(f"{self.name}: {self.base_url} answered HTTP {code} {exc.status}: {detail}",
-                               status=code)
-        if code in (400, 422) and schema:
-            return StructuredOutputRejected(
-                f"the endpoint rejected the request with a response schema: {detail} (HTTP {code} {exc.status})",
-                status=code)
-        if code == 400:
-            return PermanentClientError(
-                f"the endpoint rejected the request: {detail} (HTTP 400 {exc.status})", status=400)
-        return PermanentClientError(
-            f"{self.name}: {self.base_url} answered HTTP {code} {exc.status}: {detail}", status=code)
+        return map_status(
+            Endpoint(self.name, self.base_url, self.model, "GOOGLE_API_KEY", _RETRYABLE_4XX), code,
+            self._redact(str(exc.message or exc.status or ""))[:500], status_text=str(exc.status or ""),
+            retry_after=retry_after_seconds(headers, exc.details) if code == 429 else None,
+            auth=code == 400 and "API_KEY_INVALID" in _error_reasons(exc.details), schema=schema)

@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import base64
 import os
-import re
-import time
-from email.utils import parsedate_to_datetime
 from urllib.parse import urlsplit
 
 import openai
 
-from worker.clients.base import StructuredOutputRejected, VLMRequest, VLMResponse, check_answer
-from worker.errors import ClientError, EmptyAnswer, PermanentClientError, RateLimited
+from worker.clients.base import VLMRequest, VLMResponse, check_answer
+from worker.clients.http import Endpoint, map_status, retry_after_from_headers, strip_thinking
+from worker.errors import ClientError, EmptyAnswer, PermanentClientError
 from worker.spec import OpenAISpec
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
@@ -29,8 +27,6 @@ KEYED_HOSTS = {"api.openai.com": "OPENAI_API_KEY", "integrate.api.nvidia.com": "
 # The SDK refuses to build a client without a key; self-hosted servers (vLLM, TGI, llama.cpp)
 # started without --api-key ignore the header, and "EMPTY" is the value vLLM's docs use.
 NO_KEY_PLACEHOLDER = "EMPTY"
-_RETRYABLE_4XX = {408, 409, 425}
-_THINK = re.compile(r"<think>.*?</think>", re.S)
 
 
 def strict(schema: dict) -> dict:
@@ -51,28 +47,6 @@ def resolve_key(spec: OpenAISpec) -> str:
         if os.environ.get(var):
             return os.environ[var]
     return spec.api_key
-
-
-def retry_after_seconds(headers) -> float | None:
-    """``retry-after-ms`` or ``Retry-After`` (seconds or an HTTP date), as the SDK reads them."""
-    if headers is None:
-        return None
-    ms = headers.get("retry-after-ms")
-    if ms:
-        try:
-            return max(0.0, float(ms) / 1000)
-        except ValueError:
-            pass
-    value = headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        try:
-            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-        except (TypeError, ValueError):
-            return None
 
 
 class OpenAICompatClient:
@@ -129,7 +103,7 @@ class OpenAICompatClient:
         choice = choices[0]
         finish = str(choice.finish_reason or "")
         raw = choice.message.content if choice.message is not None else None
-        text = _THINK.sub("", raw or "").strip()
+        text = strip_thinking(raw)
         refusal = getattr(choice.message, "refusal", None) if choice.message is not None else None
         truncated = check_answer(self.name, text, "content_filter" if refusal and not text else finish)
         usage = {}
@@ -151,24 +125,7 @@ class OpenAICompatClient:
         return self._redact(str(msg or exc.message))[:500]
 
     def _map_status(self, exc: openai.APIStatusError, *, schema: bool = False) -> Exception:
-        code, detail = exc.status_code, self._detail(exc)
-        if code == 429:
-            return RateLimited(f"{self.name}: rate limited by {self.base_url} (429): {detail}",
-                               retry_after=retry_after_seconds(exc.response.headers), status=429)
-        if code in (401, 403):
-            return PermanentClientError(
-                f"the API key was rejected by {self.base_url} (HTTP {code}: {detail}): "
-                "check OPENAI_API_KEY/NVIDIA_API_KEY on this worker", status=code)
-        if code == 404:
-            return PermanentClientError(f"model '{self.model}' not found at {self.base_url} ({detail})",
-                                        status=404)
-        if code >= 500 or code in _RETRYABLE_4XX:
-            return ClientError(f"{self.name}: {self.base_url} answered HTTP {code}: {detail}", status=code)
-        if code in (400, 422) and schema:
-            return StructuredOutputRejected(
-                f"the endpoint rejected the request with response_format json_schema: {detail} (HTTP {code})",
-                status=code)
-        if code == 400:
-            return PermanentClientError(f"the endpoint rejected the request: {detail} (HTTP 400)", status=400)
-        return PermanentClientError(
-            f"{self.name}: {self.base_url} answered HTTP {code}: {detail}", status=code)
+        code = exc.status_code
+        return map_status(
+            Endpoint(self.name, self.base_url, self.model, "OPENAI_API_KEY/NVIDIA_API_KEY"), code, self._detail(exc),
+            retry_after=retry_after_from_headers(exc.response.headers) if code == 429 else None, schema=schema)

@@ -1,0 +1,75 @@
+"""What every HTTP backend shares: the server's wait hint, reasoning tags, and one mapping of an
+HTTP status onto ``worker.errors`` (with messages that say what to fix, and no key in them)."""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+
+from worker.clients.base import StructuredOutputRejected
+from worker.errors import ClientError, PermanentClientError, RateLimited
+
+THINK = re.compile(r"<think>.*?</think>", re.S)
+
+
+def strip_thinking(text: str | None) -> str:
+    """The answer without ``<think>...</think>`` blocks some reasoning models emit."""
+    return THINK.sub("", text or "").strip()
+
+
+def retry_after_from_headers(headers) -> float | None:
+    """``retry-after-ms`` or ``Retry-After`` (seconds or an HTTP date), in seconds."""
+    if headers is None:
+        return None
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return max(0.0, float(ms) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        try:
+            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+        except (TypeError, ValueError):
+            return None
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Who answered, for messages: the client's name, its base URL, the model and the key hint."""
+
+    name: str
+    base_url: str
+    model: str
+    key_env: str  # e.g. "GOOGLE_API_KEY" or "OPENAI_API_KEY/NVIDIA_API_KEY"
+    retryable_4xx: frozenset[int] = frozenset({408, 409, 425})
+
+
+def map_status(ep: Endpoint, code: int, detail: str, *, status_text: str = "", retry_after: float | None = None,
+               auth: bool = False, schema: bool = False) -> Exception:
+    """An HTTP error as ``RateLimited`` / ``ClientError`` (retry) or ``PermanentClientError`` (fix
+    something first); ``auth`` marks a rejected key that did not come as 401/403."""
+    http = f"HTTP {code}{' ' + status_text if status_text else ''}"
+    if code == 429:
+        return RateLimited(f"{ep.name}: rate limited by {ep.base_url} ({http}): {detail}",
+                           retry_after=retry_after, status=429)
+    if auth or code in (401, 403):
+        return PermanentClientError(f"the API key was rejected by {ep.base_url} ({http}: {detail}): "
+                                    f"check {ep.key_env} on this worker", status=code)
+    if code == 404:
+        return PermanentClientError(f"model '{ep.model}' not found at {ep.base_url} ({detail})", status=404)
+    if code >= 500 or code in ep.retryable_4xx:
+        return ClientError(f"{ep.name}: {ep.base_url} answered {http}: {detail}", status=code)
+    if code in (400, 422) and schema:
+        return StructuredOutputRejected(
+            f"the endpoint rejected the request with a response schema: {detail} ({http})", status=code)
+    if code == 400:
+        return PermanentClientError(f"the endpoint rejected the request: {detail} ({http})", status=400)
+    return PermanentClientError(f"{ep.name}: {ep.base_url} answered {http}: {detail}", status=code)
