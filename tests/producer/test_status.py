@@ -1,0 +1,51 @@
+"""producer status from the run's Redis state (fakeredis: plain hashes, no transport)."""
+
+from __future__ import annotations
+
+import fakeredis
+
+from producer.status import format_status, status
+from worker.runstate import RunState
+from worker.steps.quality import new_quality
+
+
+def make_state() -> RunState:
+    state = RunState(fakeredis.FakeRedis(), "run1")
+    state.set_meta(images=3, steps=[0, 1], enqueue_complete=True, enqueued_at=0.0)
+    return state
+
+
+def test_counts_pending_and_finished():
+    state = make_state()
+    for image in ("a", "b", "c"):
+        state.mark_done(1, image, 0)
+    state.mark_done(0, "a", 0)
+    state.mark_failed(0, "b", "ParseError: nothing")
+    st = status(state)
+    assert st["steps"]["0"] == {"done": 1, "failed": 1, "blocked": 0, "pending": 1}
+    assert st["steps"]["1"]["pending"] == 0
+    assert st["finished"] is False
+    state.mark_blocked(0, "c", "waiting")
+    assert status(state)["finished"] is True
+    # a later success clears the failure mark
+    state.mark_done(0, "b", 10)
+    assert status(state)["steps"]["0"] == {"done": 2, "failed": 0, "blocked": 1, "pending": 0}
+
+
+def test_quality_report_adds_up_per_step_and_is_shown():
+    state = make_state()
+    q1 = new_quality(mode="structured", repairs=["code_fence"], calls=1, boxes_expected=4, boxes_returned=4,
+                     boxes_matched=3, hallucinated_dropped=1, kitti_skipped=1)
+    q2 = new_quality(mode="text", repairs=["code_fence", "trailing_comma"], calls=2, reasks=1,
+                     boxes_expected=2, boxes_returned=2, boxes_matched=2)
+    state.add_quality(0, q1)
+    state.add_quality(0, q2)
+    q = status(state)["quality"]["0"]
+    assert q["images"] == 2 and q["calls"] == 3 and q["reasks"] == 1
+    assert (q["boxes_matched"], q["boxes_returned"], q["boxes_expected"]) == (5, 6, 6)
+    assert q["hallucinated_dropped"] == 1 and q["kitti_skipped"] == 1
+    assert q["repair:code_fence"] == 2 and q["repair:trailing_comma"] == 1
+    assert q["mode:structured"] == 1 and q["mode:text"] == 1
+    text = format_status(status(state))
+    assert "boxes matched 5 of 6 returned (6 asked about)" in text
+    assert "hallucinated dropped 1" in text and "re-asks 1" in text and "code_fence 2" in text
