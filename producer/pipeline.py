@@ -118,6 +118,7 @@ def retry_failed(run_id: str, layout: Layout, state: RunState, *,
             state.clear_attempt(s, [image_id])
         canvas(redo, run_ref, image_id, offset).apply_async()
         state.mark_queued([image_id], time.time())
+        state.settle_many([image_id], steps)  # it may have finished before the mark
         n += 1
     state.set_meta(enqueue_complete=True)
     return n
