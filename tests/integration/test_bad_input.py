@@ -38,10 +38,11 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def seed_summary(stderr: str) -> dict[str, int]:
     m = re.search(r"seeded (\d+) images, (\d+) boxes \((\d+) ignored by type, (\d+) label lines skipped, "
-                  r"(\d+) label files missing, (\d+) images unreadable\)", stderr)
+                  r"(\d+) label files missing, (\d+) images unreadable, (\d+) label files without an image",
+                  stderr)
     assert m, stderr
-    return dict(zip(("images", "boxes", "ignored", "skipped", "missing", "unreadable"), map(int, m.groups()),
-                    strict=True))
+    return dict(zip(("images", "boxes", "ignored", "skipped", "missing", "unreadable", "orphans"),
+                    map(int, m.groups()), strict=True))
 
 
 def by_image_step(fails: list[dict]) -> dict[tuple[str, object], dict]:

@@ -68,6 +68,7 @@ EXPECTED_SEED = {
     "skipped": MESSY_SKIPPED,
     "missing": 1,  # no_label
     "unreadable": len(SEED_FAILS),
+    "orphans": 1,  # labels/no_such_image.txt
 }
 
 

@@ -196,11 +196,16 @@ def repair_json(s: str) -> tuple[str, list[str]]:
     return "".join(out), repairs
 
 
+MAX_DEPTH = 64
+
+
 def close_truncated(s: str) -> str | None:
     """A cut JSON text closed after its last complete array element, or None if none is.
 
     Only an element that closes inside an array (``}`` or ``]`` whose parent is ``[``) is a safe
     cut point, so a cut object is dropped whole rather than kept without its last fields.
+    No real answer nests deeper than a few levels; past ``MAX_DEPTH`` we give up rather than
+    copy a deep bracket stack at every cut point (quadratic on adversarial answers).
     """
     stack: list[str] = []
     safe: tuple[int, list[str]] | None = None
@@ -221,6 +226,8 @@ def close_truncated(s: str) -> str | None:
             if start < 0:
                 start = i
             stack.append(ch)
+            if len(stack) > MAX_DEPTH:
+                return None
         elif ch in "]}":
             if not stack or _CLOSERS[stack[-1]] != ch:
                 return None
