@@ -203,7 +203,7 @@ def format_status(st: dict) -> str:
     if "budget" in st:
         b = st["budget"]
         lines.append(f"  endpoint {b['endpoint']}: {b['in_flight']} calls in flight, "
-                     f"{b['calls_last_minute']} calls/min, {b['rate_limited_last_minute']} 429s last minute")
+                     f"~{b['calls_per_minute']} calls/min, ~{b['rate_limited_per_minute']} 429s/min (last 60 s)")
     if st.get("usage"):
         lines += format_usage(st["usage"])
     if st.get("quality"):

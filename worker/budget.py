@@ -117,5 +117,9 @@ def budget_stats(client: redis.Redis, endpoint_key: str) -> dict[str, int]:
     in_flight = int(client.eval(_IN_FLIGHT, 1, _key(ep, "leases")))
     vals = client.mget([_key(ep, w, m) for w in ("calls", "429") for m in (minute - 1, minute)])
     n = [int(v or 0) for v in vals]
+    # A sliding-minute estimate from the two fixed buckets: all of this one, the part of the
+    # previous one that is still within the last 60 s.
+    left = 1.0 - (time.time() % 60) / 60
     return {"in_flight": in_flight, "calls_last_minute": n[0], "calls_this_minute": n[1],
-            "rate_limited_last_minute": n[2], "rate_limited_this_minute": n[3]}
+            "rate_limited_last_minute": n[2], "rate_limited_this_minute": n[3],
+            "calls_per_minute": round(n[1] + n[0] * left), "rate_limited_per_minute": round(n[3] + n[2] * left)}

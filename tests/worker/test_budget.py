@@ -128,13 +128,15 @@ def test_budget_stats_report_in_flight_calls_and_429s(redis_client, redis_url, e
     budget = make(redis_url, endpoint, max_concurrency=4)
     zero = budget_stats(redis_client, endpoint)
     assert zero == {"in_flight": 0, "calls_last_minute": 0, "calls_this_minute": 0,
-                    "rate_limited_last_minute": 0, "rate_limited_this_minute": 0}
+                    "rate_limited_last_minute": 0, "rate_limited_this_minute": 0,
+                    "calls_per_minute": 0, "rate_limited_per_minute": 0}
     first, second = budget.slot(), budget.slot()
     first.__enter__()
     second.__enter__()
     st = budget_stats(redis_client, endpoint)
     assert st["in_flight"] == 2
     assert st["calls_last_minute"] + st["calls_this_minute"] == 2
+    assert st["calls_per_minute"] == 2  # both within the last 60 s
     budget.note_rate_limited()
     first.__exit__(None, None, None)
     st = budget_stats(redis_client, endpoint)
