@@ -69,13 +69,18 @@ def read_seed(ctx: RunContext, image_id: str, offset: int) -> dict:
 
 
 def execute(ctx: RunContext, step: int, image_id: str, seed_offset: int) -> str:
-    """Run ``step`` for one image; return DONE, SKIPPED or BLOCKED, or raise."""
+    """Run ``step`` for one image; return DONE, SKIPPED or BLOCKED, or raise.
+
+    DONE means the outcome is marked and the image settled (``RunState.finish``); the caller
+    settles the other outcomes.
+    """
     wf = ctx.spec.ire.workflow
-    if not wf.force_reprocess and ctx.state.done_offset(step, image_id) is not None:
+    offsets = ctx.state.done_offsets(image_id, (step, *USES[step]))  # one round trip
+    if not wf.force_reprocess and offsets[step] is not None:
         return SKIPPED
     upstream: dict[int, dict] = {}
     for s in USES[step]:
-        off = ctx.state.done_offset(s, image_id)
+        off = offsets[s]
         if off is not None:
             upstream[s] = ctx.layout.sink(s).read_at(off)
     missing = [s for s in required_inputs(step, wf.steps) if s not in upstream]
@@ -89,12 +94,9 @@ def execute(ctx: RunContext, step: int, image_id: str, seed_offset: int) -> str:
     offset = ctx.layout.sink(step).append(outcome.record)
     if wf.output_format in ("legacy", "both"):
         ctx.layout.write_legacy(step, image_id, outcome.legacy)
-    ctx.state.mark_done(step, image_id, offset)
     step_meta = outcome.record.get("meta", {}).get(PIPELINE_NAMES[step], {})
-    if step_meta.get("call"):
-        ctx.state.add_usage(step, step_meta["call"])
-    if step_meta.get("quality"):
-        ctx.state.add_quality(step, step_meta["quality"])
+    # Mark done, count tokens and quality, settle: one transaction, one round trip.
+    ctx.state.finish(step, image_id, offset, wf.steps, call=step_meta.get("call"), quality=step_meta.get("quality"))
     return DONE
 
 

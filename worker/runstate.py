@@ -61,24 +61,54 @@ class RunState:
             return []
         return [v is not None for v in self.r.hmget(run_key(self.run_id, "done", step), image_ids)]
 
+    def done_offsets(self, image_id: str, steps: Iterable[int]) -> dict[int, int | None]:
+        """``done_offset`` for several steps of one image in one round trip."""
+        steps = list(steps)
+        pipe = self.r.pipeline(transaction=False)
+        for s in steps:
+            pipe.hget(run_key(self.run_id, "done", s), image_id)
+        return {s: int(raw) if raw is not None else None for s, raw in zip(steps, pipe.execute(), strict=True)}
+
     def mark_done(self, step: int, image_id: str, offset: int) -> None:
         pipe = self.r.pipeline()
+        self._mark_done(pipe, step, image_id, offset)
+        pipe.execute()
+
+    def _mark_done(self, pipe, step: int, image_id: str, offset: int) -> None:
         pipe.hset(run_key(self.run_id, "done", step), image_id, offset)
         pipe.hdel(run_key(self.run_id, "failed", step), image_id)
         pipe.hdel(run_key(self.run_id, "blocked", step), image_id)
-        pipe.execute()
+
+    def finish(self, step: int, image_id: str, offset: int, steps: list[int], *,
+               call: dict | None = None, quality: dict | None = None) -> bool:
+        """``mark_done``, ``add_usage``, ``add_quality`` and ``settle`` in one transaction (one
+        round trip, a second only when the image leaves the in-flight set); returns ``settle``'s
+        answer. The settle check runs after the mark inside the same MULTI/EXEC, so of two
+        header tasks finishing together the later transaction sees both marks."""
+        pipe = self.r.pipeline()
+        self._mark_done(pipe, step, image_id, offset)
+        if call:
+            self._add_usage(pipe, step, call)
+        if quality:
+            self._add_quality(pipe, step, quality)
+        self._settle_checks(pipe, image_id, steps)
+        results = pipe.execute()
+        return self._settle_finish(results[len(results) - 3 * len(steps):], image_id, steps)
 
     def add_usage(self, step: int, call: dict) -> None:
         """Count one finished call's tokens into ``usage`` (``<step>:<field>`` -> total), for
         live status; latency is kept in milliseconds so every field is an integer."""
         pipe = self.r.pipeline()
+        self._add_usage(pipe, step, call)
+        pipe.execute()
+
+    def _add_usage(self, pipe, step: int, call: dict) -> None:
         key = run_key(self.run_id, "usage")
         pipe.hincrby(key, f"{step}:calls", 1)
         for field in USAGE_FIELDS:
             if call.get(field):
                 pipe.hincrby(key, f"{step}:{field}", int(call[field]))
         pipe.hincrby(key, f"{step}:latency_ms", round(float(call.get("latency_s") or 0) * 1000))
-        pipe.execute()
 
     def usage(self) -> dict[int, dict[str, int]]:
         """``step -> {calls, input_tokens, ..., latency_ms}`` as counted by ``add_usage``."""
@@ -91,8 +121,12 @@ class RunState:
     def add_quality(self, step: int, quality: dict) -> None:
         """Add one image-step's quality report (``worker.steps.quality``) into ``quality``
         (``<step>:<count>``, ``<step>:repair:<kind>``, ``<step>:mode:<mode>`` -> total)."""
-        key = run_key(self.run_id, "quality")
         pipe = self.r.pipeline()
+        self._add_quality(pipe, step, quality)
+        pipe.execute()
+
+    def _add_quality(self, pipe, step: int, quality: dict) -> None:
+        key = run_key(self.run_id, "quality")
         pipe.hincrby(key, f"{step}:images", 1)
         for field, value in quality.items():
             if isinstance(value, bool):
@@ -105,7 +139,6 @@ class RunState:
         for field in ("mode", "fallback"):
             if quality.get(field):
                 pipe.hincrby(key, f"{step}:{field}:{quality[field]}", 1)
-        pipe.execute()
 
     def quality(self) -> dict[int, dict[str, int]]:
         """``step -> {field or 'repair:<kind>' or 'mode:<m>': total}`` as counted by ``add_quality``."""
@@ -190,10 +223,15 @@ class RunState:
         least one sees both marks, so the image always leaves the set.
         """
         pipe = self.r.pipeline()
+        self._settle_checks(pipe, image_id, steps)
+        return self._settle_finish(pipe.execute(), image_id, steps)
+
+    def _settle_checks(self, pipe, image_id: str, steps: list[int]) -> None:
         for s in steps:
             for kind in ("done", "failed", "blocked"):
                 pipe.hexists(run_key(self.run_id, kind, s), image_id)
-        flags = pipe.execute()
+
+    def _settle_finish(self, flags: list, image_id: str, steps: list[int]) -> bool:
         settled = all(any(flags[i * 3 : i * 3 + 3]) for i in range(len(steps)))
         if settled:
             self.r.hdel(run_key(self.run_id, "queued"), image_id)

@@ -21,7 +21,7 @@ from worker.app import app
 from worker.constants import STEP_NAMES
 from worker.context import RunContext, get_context, state_redis
 from worker.errors import PERMANENT, RETRYABLE, ClientError
-from worker.execute import execute, record_failure
+from worker.execute import DONE, execute, record_failure
 
 log = logging.getLogger("refexp.worker")
 
@@ -31,6 +31,8 @@ BACKOFF_CAP = 300.0
 # nothing is recorded as failed; the task waits for Redis (bounded) and is tried again.
 INFRA_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 REDIS_WAIT = 60.0
+HEARTBEAT_EVERY = 15.0
+_last_beat: dict[tuple[str, str], float] = {}
 
 
 def retry_countdown(retries: int, retry_after: float | None, visibility_timeout: int) -> float:
@@ -45,15 +47,28 @@ def retry_countdown(retries: int, retry_after: float | None, visibility_timeout:
 def run_task(task: Task, step: int, run_ref: str, image_id: str, seed_offset: int) -> str:
     try:
         ctx = get_context(run_ref)
-        ctx.state.heartbeat(task.request.hostname or "unknown")
+        _heartbeat(ctx, task.request.hostname or "unknown")
         outcome = _attempt(task, ctx, step, image_id, seed_offset)
-        ctx.state.settle(image_id, ctx.spec.ire.workflow.steps)
+        if outcome != DONE:  # a DONE step was settled in the same transaction that marked it
+            ctx.state.settle(image_id, ctx.spec.ire.workflow.steps)
         return outcome
     except INFRA_ERRORS as exc:
         log.warning("%s step %s: Redis unreachable (%s); retrying the task once it is back", image_id, step, exc)
         _wait_for_redis(REDIS_WAIT)
         countdown = retry_countdown(min(task.request.retries, 3), None, settings.visibility_timeout())
         raise task.retry(exc=exc, countdown=countdown, max_retries=None) from None
+
+
+def _heartbeat(ctx: RunContext, hostname: str) -> None:
+    """Tell ``producer status`` this worker is on the run, at most every HEARTBEAT_EVERY s per
+    process and run (it shows workers seen in the last two minutes; a beat per task was one more
+    Redis round trip on every task)."""
+    key = (ctx.run_id, hostname)
+    now = time.monotonic()
+    last = _last_beat.get(key)
+    if last is None or now - last >= HEARTBEAT_EVERY:
+        _last_beat[key] = now
+        ctx.state.heartbeat(hostname)
 
 
 def _wait_for_redis(timeout: float) -> None:
@@ -94,7 +109,9 @@ def _attempt(task: Task, ctx: RunContext, step: int, image_id: str, seed_offset:
 def _make(step: int) -> Task:
     name = STEP_NAMES[step]
 
-    @app.task(bind=True, name=f"refexp.{name}", acks_late=True)
+    # Steps 2 and 3 never head a chord and nothing reads their status: no result to store (one
+    # Redis round trip and one key per task less). The chord header (steps 0, 1) must keep its.
+    @app.task(bind=True, name=f"refexp.{name}", acks_late=True, ignore_result=step in (2, 3))
     def step_task(self: Task, run_ref: str, image_id: str, seed_offset: int) -> str:
         return run_task(self, step, run_ref, image_id, seed_offset)
 

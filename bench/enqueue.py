@@ -1,0 +1,176 @@
+"""Target 4: one ``producer enqueue`` publishing 100k pre-seeded images, no workers running.
+
+The 100k records come as ``data.input_annotations_jsonl`` with ``width``/``height`` given (so
+seeding reads no image) and one shared tiny image file, each with three KITTI boxes. Measured:
+the seeding time, images/s published (from the run's in-flight set, which the producer fills
+batch by batch), the producer's RSS as the count grows (peak and at every 10k), and Redis
+``used_memory`` per pending image, with the queue's messages taken apart.
+
+    .venv/bin/python -m bench.enqueue                    # 100k images
+    .venv/bin/python -m bench.enqueue --images 20000 --timeout 120
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from bench.common import (
+    Deadline,
+    banner,
+    emit_json,
+    hwm_mb,
+    producer_popen,
+    redis_client,
+    redis_server,
+    rss_mb,
+    run_key,
+    stop_group,
+    worker_env,
+)
+
+
+def make_records(out: Path, n: int) -> Path:
+    """``n`` seed records sharing one tiny PNG, width/height given."""
+    from PIL import Image
+
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"input-{n}.jsonl"
+    if path.exists():
+        return path
+    Image.new("RGB", (8, 8), (90, 90, 90)).save(out / "tiny.png")
+    boxes = [[100.0, 150.0, 220.0, 260.0, "Car"], [400.5, 160.0, 470.0, 300.0, "Pedestrian"],
+             [700.0, 120.0, 980.0, 330.0, "Truck"]]
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for i in range(n):
+            f.write(json.dumps({"image_id": f"img_{i:07d}", "image_path": "tiny.png", "width": 1242,
+                                "height": 375, "kitti_bboxes": boxes}) + "\n")
+    tmp.rename(path)
+    return path
+
+
+def describe_message(raw: bytes) -> list[str]:
+    """One queued message, taken apart: envelope, headers, body."""
+    msg = json.loads(raw)
+    body = msg.get("body", "")
+    props = msg.get("properties", {})
+    decoded = base64.b64decode(body) if props.get("body_encoding") == "base64" else body.encode()
+    body = json.dumps(body)[1:-1] if props.get("body_encoding") != "base64" else body  # as stored
+    headers = msg.get("headers", {})
+    lines = [f"message {len(raw)} B: body {len(body)} B as sent ({props.get('body_encoding')}; "
+             f"{len(decoded)} B decoded), headers {len(json.dumps(headers))} B, properties "
+             f"{len(json.dumps(props))} B; task {headers.get('task')}"]
+    try:
+        args, _kwargs, embed = json.loads(decoded)
+        lines.append(f"  body: args {json.dumps(args)}; embed keys {sorted(embed)}; "
+                     f"chord {len(json.dumps(embed.get('chord')))} B, chain {len(json.dumps(embed.get('chain')))} B")
+    except (ValueError, TypeError):
+        pass
+    big = sorted(((k, len(json.dumps(v))) for k, v in headers.items()), key=lambda kv: -kv[1])[:8]
+    lines.append("  largest headers: " + ", ".join(f"{k} {n} B" for k, n in big))
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=100_000)
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/refexp-bench"))
+    ap.add_argument("--timeout", type=float, default=300)
+    ap.add_argument("--list-compress-depth", type=int, default=0,
+                    help="Redis list-compress-depth for the bench's private server (0 = Redis's default, off)")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+    deadline = Deadline(a.timeout)
+    m = banner("bench.enqueue: one producer publishing pre-seeded images, no workers", images=a.images,
+               list_compress_depth=a.list_compress_depth)
+    data = a.workdir / "enqueue-data"
+    jsonl = make_records(data, a.images)
+    results = a.workdir / "results-enqueue"
+    shutil.rmtree(results, ignore_errors=True)
+    marks = list(range(10_000, a.images + 1, 10_000)) or [a.images]
+    rss_at: dict[int, float] = {}
+    with redis_server() as url:
+        r = redis_client(url)
+        if a.list_compress_depth:
+            r.config_set("list-compress-depth", a.list_compress_depth)
+        mem0 = int(r.info("memory")["used_memory"])
+        mem_peak = mem0
+        env = worker_env(url)
+        p = "image_referring_expression"
+        t0 = time.monotonic()
+        prod = producer_popen(env, "enqueue", f"{p}.vlm.backend=offline",
+                              f"{p}.data.input_annotations_jsonl={jsonl}", "--results-dir", str(results),
+                              "--max-inflight", str(10 * a.images), log=a.workdir / "enqueue-producer.log")
+        rid = None
+        t_first = t_last = None
+        published = 0
+        peak = 0.0
+        try:
+            while prod.poll() is None and not deadline.hit:
+                peak = max(peak, rss_mb(prod.pid), hwm_mb(prod.pid))
+                if rid is None and (results / "run.json").exists():
+                    rid = json.loads((results / "run.json").read_text())["run_id"]
+                if rid is not None:
+                    published = int(r.hlen(run_key(rid, "queued")))
+                    mem_peak = max(mem_peak, int(r.info("memory")["used_memory"]))
+                    now = time.monotonic()
+                    if published and t_first is None:
+                        t_first = now
+                    if published:
+                        t_last = now
+                    for mark in marks:
+                        if mark not in rss_at and published >= mark:
+                            rss_at[mark] = rss_mb(prod.pid)
+                time.sleep(0.05)
+        finally:
+            bound = prod.poll() is None
+            if bound:
+                stop_group(prod, timeout=10)
+        elapsed = time.monotonic() - t0
+        if rid is not None:
+            published = int(r.hlen(run_key(rid, "queued")))
+        mem1 = int(r.info("memory")["used_memory"])
+        qlen = int(r.llen("refexp"))
+        sample = r.lindex("refexp", -1)  # the oldest message: a chord header
+        sample_usage = {k: r.memory_usage(k) or 0 for k in ("refexp", run_key(rid, "queued") if rid else "")}
+        keys = int(r.dbsize())
+        chord_keys = sum(1 for _ in r.scan_iter(match="*chord*", count=10_000))
+
+    seed_s = (t_first - t0) if t_first else float("nan")
+    rate = (published - 200) / (t_last - t_first) if t_first and t_last and t_last > t_first else float("nan")
+    per_image = (mem1 - mem0) / published if published else float("nan")
+    partial = " (PARTIAL: time bound hit, producer stopped)" if bound else ""
+    print(f"-- {published}/{a.images} images published in {elapsed:.1f} s{partial}")
+    print(f"   seeding + start (launch -> first batch marked) {seed_s:.1f} s; publishing {rate:.0f} images/s "
+          f"(target >= 500)")
+    print(f"   producer RSS: peak {peak:.0f} MB (target <= 150); at " +
+          ", ".join(f"{k // 1000}k {v:.0f}" for k, v in sorted(rss_at.items())) + " MB")
+    if len(rss_at) >= 2:
+        ks = sorted(rss_at)
+        print(f"   RSS growth {ks[0] // 1000}k -> {ks[-1] // 1000}k: {rss_at[ks[-1]] - rss_at[ks[0]]:+.1f} MB")
+    print(f"   Redis used_memory peak while the producer was connected +{(mem_peak - mem0) / 2**20:.1f} MB")
+    per = max(published, 1)
+    queued_key = run_key(rid, "queued") if rid else ""
+    print(f"   Redis used_memory +{(mem1 - mem0) / 2**20:.1f} MB = {per_image:.0f} B per pending image "
+          f"(target <= 2048); {qlen} messages in the queue ({qlen / per:.2f} per image), {keys} keys "
+          f"({chord_keys} chord keys); queue list {sample_usage.get('refexp', 0) / per:.0f} B/image, "
+          f"in-flight hash {sample_usage.get(queued_key, 0) / per:.0f} B/image")
+    if sample:
+        print("\n".join("   " + x for x in describe_message(sample)))
+    emit_json(a.json, {"bench": "enqueue", "machine": m, "params": vars(a) | {"workdir": str(a.workdir)},
+                       "published": published, "elapsed_s": round(elapsed, 1), "seed_s": round(seed_s, 1),
+                       "images_per_s": round(rate), "rss_peak_mb": round(peak),
+                       "rss_at_mb": {k: round(v, 1) for k, v in rss_at.items()},
+                       "redis_bytes_per_image": round(per_image), "messages_per_image": round(qlen / per, 2),
+                       "bound_hit": bound})
+    return 0 if not bound and rate >= 500 and peak <= 150 and per_image <= 2048 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
