@@ -58,7 +58,8 @@ def needles(secret: str) -> list[bytes]:
 
 
 def _expand(value: bytes) -> Iterator[bytes]:
-    """A value, plus whatever base64 strings inside its JSON decode to (Celery bodies, results)."""
+    """A value, plus the JSON documents inside its JSON: strings holding JSON or base64 (Celery
+    message bodies, results)."""
     yield value
     try:
         doc = json.loads(value)
@@ -71,6 +72,8 @@ def _expand(value: bytes) -> Iterator[bytes]:
             stack.extend(node.values())
         elif isinstance(node, list):
             stack.extend(node)
+        elif isinstance(node, str) and node[:1] in ("[", "{"):
+            yield from _expand(node.encode())  # a JSON body stored as text (body_encoding utf-8)
         elif isinstance(node, str) and len(node) >= 16:
             try:
                 decoded = base64.b64decode(node, validate=True)
