@@ -10,6 +10,7 @@ its bound exits 1, which is reported here and does not stop the others.
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -30,10 +31,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default="", help="comma-separated subset of: " + ", ".join(SCRIPTS))
     ap.add_argument("--json", default="/tmp/refexp-bench/results.jsonl")
+    ap.add_argument("--wait-quiet", type=float, default=0,
+                    help="before each script, wait up to this many s for the 1-min load average to drop below 1")
     a = ap.parse_args(argv)
     chosen = [s for s in (a.only.split(",") if a.only else SCRIPTS) if s]
     outcome = {}
     for name in chosen:
+        quiet_by = time.monotonic() + a.wait_quiet
+        while os.getloadavg()[0] >= 1.0 and time.monotonic() < quiet_by:
+            time.sleep(5)
         t = time.monotonic()
         rc = subprocess.call([sys.executable, "-m", f"bench.{name}", *SCRIPTS[name], "--json", a.json], cwd=ROOT)
         outcome[name] = (rc, time.monotonic() - t)

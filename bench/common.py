@@ -68,6 +68,7 @@ def machine() -> dict:
         "kombu": kombu.__version__,
         "redis_py": redis_py.__version__,
         "redis_server": redis_version,
+        "load_avg_1m": round(os.getloadavg()[0], 2),
     }
 
 
@@ -82,7 +83,8 @@ def _mem_total_kb() -> int:
 def machine_line(m: dict | None = None) -> str:
     m = m or machine()
     return (f"machine: {m['cores_usable']} cores ({m['cpu']}), {m['ram_gb']} GB RAM, Python {m['python']}, "
-            f"{m['os']}; celery {m['celery']}, kombu {m['kombu']}, redis-server {m['redis_server']}")
+            f"{m['os']}; celery {m['celery']}, kombu {m['kombu']}, redis-server {m['redis_server']}; "
+            f"load average {m['load_avg_1m']} at start (other work on the machine skews every figure)")
 
 
 def banner(title: str, **params: object) -> dict:
