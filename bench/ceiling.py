@@ -26,7 +26,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="experiment: start workers with sys.setswitchinterval(S)")
     ap.add_argument("--warmup", type=int, default=16,
                     help="images through the fleet before the measured run (0 = measure a cold fleet)")
-    ap.add_argument("--no-events", action="store_true", help="start workers without -E")
+    ap.add_argument("--no-events", action="store_true",
+                    help="start workers without -E (worker/app.py sets worker_send_task_events, so task events "
+                         "are still sent: this changes nothing today)")
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/refexp-bench"))
     ap.add_argument("--timeout", type=float, default=240)
