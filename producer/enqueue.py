@@ -14,7 +14,6 @@ the mark, so it cannot stay "in flight" for ever. The producer keeps no per-imag
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -51,31 +50,6 @@ def canvas(steps: list[int], run_ref: str, image_id: str, seed_offset: int) -> S
         return group(header)
     parts = header + tail
     return chain(*parts) if len(parts) > 1 else parts[0]
-
-
-def _untracked(result, weak: bool = False, start_drainer: bool = True):
-    return result
-
-
-@contextlib.contextmanager
-def untracked_results() -> Iterator[None]:
-    """Publish without the result backend tracking what was sent.
-
-    Publishing a chord builds a GroupResult whose ready barrier registers each header task's
-    AsyncResult with the backend as *pending*, and the Redis backend subscribes this process to
-    each one's result channel. The producer never waits on a result (outcomes live in the sinks
-    and the run index), so that only cost memory: about 4 KB per image here (489 MB of RSS after
-    100k images, bench/enqueue.py) and two pub/sub subscriptions per image in Redis for as long
-    as the producer stays connected. Within this block, this thread's backend keeps none.
-    """
-    from worker.app import app
-
-    backend = app.backend  # per thread: a worker running in this process keeps its own
-    backend.add_pending_result = _untracked  # shadows the method on this instance only
-    try:
-        yield
-    finally:
-        backend.__dict__.pop("add_pending_result", None)
 
 
 def _batches(run: Run) -> Iterator[list[tuple[int, str]]]:
@@ -124,9 +98,8 @@ def enqueue(
             wait_for_window(run.state, max_inflight, len(todo))
             for s in steps:
                 run.state.clear_attempt(s, [image_id for _, image_id, r in todo if s in r], done=force)
-            with untracked_results():
-                for offset, image_id, remaining in todo:
-                    canvas(remaining, run.ref, image_id, offset).apply_async()
+            for offset, image_id, remaining in todo:
+                canvas(remaining, run.ref, image_id, offset).apply_async()
             marked = [image_id for _, image_id, _ in todo]
             run.state.mark_queued(marked, time.time())
             run.state.settle_many(marked, steps)  # images a fast worker finished before the mark
