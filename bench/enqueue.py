@@ -82,13 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=int, default=100_000)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/refexp-bench"))
     ap.add_argument("--timeout", type=float, default=300)
-    ap.add_argument("--list-compress-depth", type=int, default=0,
-                    help="Redis list-compress-depth for the bench's private server (0 = Redis's default, off)")
+    ap.add_argument("--list-compress-depth", type=int, default=None,
+                    help="Redis list-compress-depth for the bench's private server (default: as shipped, "
+                         "producer.embedded.LIST_COMPRESS_DEPTH; 0 = Redis's own default, off)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     deadline = Deadline(a.timeout)
-    m = banner("bench.enqueue: one producer publishing pre-seeded images, no workers", images=a.images,
-               list_compress_depth=a.list_compress_depth)
+    m = banner("bench.enqueue: one producer publishing pre-seeded images, no workers", images=a.images)
     data = a.workdir / "enqueue-data"
     jsonl = make_records(data, a.images)
     results = a.workdir / "results-enqueue"
@@ -97,8 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     rss_at: dict[int, float] = {}
     with redis_server() as url:
         r = redis_client(url)
-        if a.list_compress_depth:
+        if a.list_compress_depth is not None:
             r.config_set("list-compress-depth", a.list_compress_depth)
+        depth = r.config_get("list-compress-depth")["list-compress-depth"]
+        print(f"redis list-compress-depth {depth}")
         mem0 = int(r.info("memory")["used_memory"])
         mem_peak = mem0
         env = worker_env(url)
@@ -167,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
                        "published": published, "elapsed_s": round(elapsed, 1), "seed_s": round(seed_s, 1),
                        "images_per_s": round(rate), "rss_peak_mb": round(peak),
                        "rss_at_mb": {k: round(v, 1) for k, v in rss_at.items()},
-                       "redis_bytes_per_image": round(per_image), "messages_per_image": round(qlen / per, 2),
+                       "redis_bytes_per_image": round(per_image), "list_compress_depth": int(depth),
+                       "messages_per_image": round(qlen / per, 2),
                        "bound_hit": bound})
     return 0 if not bound and rate >= 500 and peak <= 150 and per_image <= 2048 else 1
 

