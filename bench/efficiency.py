@@ -5,7 +5,7 @@ budget) and L the fake endpoint's latency; the window runs from the first call's
 last image's step-3 record. Also per-image latency (first call start -> step 3 done) p50/p99 and
 the time to the first finished image.
 
-    .venv/bin/python -m bench.efficiency                      # L=0.5 s fixed, C=32, 400 images, 2 workers x 16
+    .venv/bin/python -m bench.efficiency                      # L=0.5 s fixed, C=32, 400 images, 2 workers x 20
     .venv/bin/python -m bench.efficiency --layout 2x16,2x20,1x32 --dist lognormal
 """
 
@@ -25,7 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--latency", type=float, default=0.5)
     ap.add_argument("--dist", choices=("fixed", "lognormal"), default="fixed")
     ap.add_argument("--concurrency", type=int, default=32, help="vlm.max_concurrency (C)")
-    ap.add_argument("--layout", default="2x16", help="workers x threads, comma-separated to compare several")
+    ap.add_argument("--layout", default="2x20",
+                    help="workers x threads, comma-separated to compare several (default: 25%% more threads "
+                         "than C, as README.md advises)")
     ap.add_argument("--fmt", choices=("jpg", "png", "small"), default="jpg", help="dataset images (bench.common)")
     ap.add_argument("--switch-interval", type=float, default=None,
                     help="experiment: start workers with sys.setswitchinterval(S)")

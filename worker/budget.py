@@ -5,6 +5,14 @@ expiry (Redis server time, so host clocks do not matter). A worker killed mid-ca
 its slot for longer than the lease. The per-minute rate is the ``limits`` library's sliding
 window counter on the same Redis: a well-kept implementation, two small keys per endpoint, and
 it answers "when may I try again" so a waiting thread sleeps exactly that long.
+
+A thread that finds every slot taken blocks on the endpoint's wake list (``BLPOP``), and each
+release pushes one token there, so a freed slot is taken within a Redis round trip rather than
+after a polling sleep. That is what lets a fleet run more threads than ``max_concurrency``: the
+spare threads have their next message fetched and their image read while they wait, and a
+finishing call's sink write and bookkeeping no longer leave its slot idle (bench/README.md, 1).
+The wait still gives up every ``wait_poll`` seconds to try again, which is how a dead holder's
+expired lease is noticed.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from limits.strategies import SlidingWindowCounterRateLimiter
 
 from worker.constants import KEY_PREFIX
 
+# KEYS: leases, this minute's call counter. ARGV: lease seconds, max concurrency, token, stats TTL.
 _ACQUIRE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
@@ -30,7 +39,19 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
   redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[3])
   redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[1])) + 60)
+  redis.call('INCR', KEYS[2])
+  redis.call('EXPIRE', KEYS[2], tonumber(ARGV[4]))
   return 1
+end
+return 0
+"""
+# KEYS: leases, wake list. ARGV: token, max concurrency. A lease that already expired (and may
+# have been reclaimed) wakes nobody: its slot was handed on when it was found expired.
+_RELEASE = """
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
+  redis.call('RPUSH', KEYS[2], 1)
+  redis.call('LTRIM', KEYS[2], -tonumber(ARGV[2]), -1)
+  redis.call('EXPIRE', KEYS[2], 60)
 end
 return 0
 """
@@ -41,6 +62,9 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 return redis.call('ZCARD', KEYS[1])
 """
 STATS_TTL = 600
+#: Longest a waiting thread blocks before trying again: the bound on noticing an expired lease
+#: of a dead holder (whole seconds: Redis before 6.0 takes only integer BLPOP timeouts).
+WAIT_POLL = 1
 
 
 def endpoint_id(endpoint_key: str) -> str:
@@ -50,6 +74,11 @@ def endpoint_id(endpoint_key: str) -> str:
 
 def _key(endpoint: str, *parts: object) -> str:
     return ":".join((KEY_PREFIX, "ep", endpoint, *map(str, parts)))
+
+
+def _stats_key(endpoint: str, what: str) -> str:
+    """This minute's counter of ``what`` (calls, 429) for the endpoint."""
+    return _key(endpoint, what, int(time.time() // 60))
 
 
 class FleetBudget:
@@ -64,12 +93,17 @@ class FleetBudget:
         max_concurrency: int,
         requests_per_minute: int,
         lease_seconds: float,
+        wait_poll: int = WAIT_POLL,
     ):
         self.r = client
         self.endpoint = endpoint_id(endpoint_key)
         self.max_concurrency = max_concurrency
         self.lease_seconds = lease_seconds
+        self.wait_poll = wait_poll
+        self._leases = _key(self.endpoint, "leases")
+        self._wake = _key(self.endpoint, "wake")
         self._acquire = client.register_script(_ACQUIRE)
+        self._release = client.register_script(_RELEASE)
         self._in_flight = client.register_script(_IN_FLIGHT)
         self._limiter = None
         if requests_per_minute > 0:
@@ -81,16 +115,14 @@ class FleetBudget:
         """Hold one of the endpoint's concurrency slots (and one rate token) for one call."""
         self._wait_rate()
         token = uuid.uuid4().hex
-        delay = 0.01
-        while not self._acquire(keys=[_key(self.endpoint, "leases")],
-                                args=[self.lease_seconds, self.max_concurrency, token]):
-            time.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, 0.25)
+        while not self._acquire(keys=[self._leases, _stats_key(self.endpoint, "calls")],
+                                args=[self.lease_seconds, self.max_concurrency, token, STATS_TTL]):
+            # A token left by a release nobody waited for wakes us at once: one more try, no harm.
+            self.r.blpop([self._wake], timeout=self.wait_poll)
         try:
-            self._count("calls")
             yield
         finally:
-            self.r.zrem(_key(self.endpoint, "leases"), token)
+            self._release(keys=[self._leases, self._wake], args=[token, self.max_concurrency])
 
     def _wait_rate(self) -> None:
         if self._limiter is None:
@@ -100,7 +132,7 @@ class FleetBudget:
             time.sleep(min(max(reset - time.time(), 0.05), 5.0) * (0.5 + random.random()))
 
     def _count(self, what: str) -> None:
-        key = _key(self.endpoint, what, int(time.time() // 60))
+        key = _stats_key(self.endpoint, what)
         pipe = self.r.pipeline()
         pipe.incr(key)
         pipe.expire(key, STATS_TTL)

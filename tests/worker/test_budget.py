@@ -146,3 +146,33 @@ def test_budget_stats_report_in_flight_calls_and_429s(redis_client, redis_url, e
     assert budget_stats(redis_client, endpoint)["in_flight"] == 0
     # Stats are per endpoint.
     assert budget_stats(redis_client, endpoint + "-other")["calls_this_minute"] == 0
+
+
+def test_a_release_wakes_a_waiting_thread_without_waiting_for_the_poll(redis_url, endpoint):
+    # With a 60 s poll, the waiter can only get the slot within the test's bound if the release
+    # wakes it.
+    holder = make(redis_url, endpoint, max_concurrency=1)
+    waiter = FleetBudget(redis.Redis.from_url(redis_url), redis_url, endpoint_key=endpoint, max_concurrency=1,
+                         requests_per_minute=0, lease_seconds=30, wait_poll=60)
+    got = threading.Event()
+
+    def take() -> None:
+        with waiter.slot():
+            got.set()
+
+    with holder.slot():
+        t = threading.Thread(target=take, daemon=True)
+        t.start()
+        assert not got.wait(0.5), "the waiter got a slot while the only one was held"
+    assert got.wait(10), "the release did not wake the waiting thread"
+    t.join(5)
+
+
+def test_releases_nobody_waits_for_leave_at_most_max_concurrency_wake_tokens(redis_client, redis_url, endpoint):
+    budget = make(redis_url, endpoint, max_concurrency=3)
+    for _ in range(10):
+        with budget.slot():
+            pass
+    assert redis_client.llen(budget._wake) == 3
+    st = budget_stats(redis_client, endpoint)
+    assert st["calls_this_minute"] + st["calls_last_minute"] == 10  # counted in the acquire script
