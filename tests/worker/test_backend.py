@@ -1,0 +1,31 @@
+"""Publishing chords keeps no per-task state in the producer, nor subscriptions in Redis.
+
+A real Redis and the real Celery app: the producer's canvases are published as ``enqueue`` does
+(no worker is running, so they stay queued), then we look at what the sender holds.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from producer.enqueue import canvas
+
+
+@pytest.fixture
+def app(redis_client, redis_url):
+    from worker.app import app, repoint
+
+    repoint(redis_url)
+    yield app
+    redis_client.delete("refexp")
+
+
+def test_publishing_chords_registers_no_pending_results_and_no_subscriptions(app, redis_client):
+    backend = app.backend
+    for i in range(200):
+        canvas([0, 1, 2, 3], "run0:spec0", f"img_{i:04d}", i).apply_async()
+    assert redis_client.llen("refexp") == 400  # both header tasks of every chord are queued
+    concrete, weak = backend._pending_results
+    assert len(concrete) == 0 and len(weak) == 0, "the sender tracks results it will never wait on"
+    channels = redis_client.pubsub_channels("celery-task-meta-*")
+    assert channels == [], f"the sender subscribed to {len(channels)} result channels"
