@@ -154,6 +154,9 @@ def enqueue(
     label_dir: LabelDir = None,
     results_dir: ResultsDir = None,
     max_inflight: MaxInflight = 5000,
+    publishers: Annotated[int, typer.Option(
+        "--publishers", min=0, help="Processes publishing tasks (0 = one per core, up to 4, for runs of "
+                                    "20k+ images to enqueue; else 1).")] = 0,
     wait_: Annotated[bool, typer.Option("--wait", help="Show progress until done, then finalize.")] = False,
     timeout: Annotated[float | None, typer.Option(help="With --wait: give up after this many s.")] = None,
 ) -> None:
@@ -172,7 +175,7 @@ def enqueue(
             typer.echo(f"warning: {note}", err=True)
         bars = _Bars()
         try:
-            sub = submit(s, client, max_inflight=max_inflight, progress=bars)
+            sub = submit(s, client, max_inflight=max_inflight, progress=bars, publishers=publishers)
         except KeyboardInterrupt:
             bars.close()
             typer.echo("\ninterrupted: nothing is lost. Re-run the same command to finish the enqueue "

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from celery import chain, chord, group
 from celery.canvas import Signature
 
+from producer.publish import Publisher
 from producer.runs import Run
 from producer.seed import iter_seed
 from worker.runstate import RunState
@@ -52,11 +53,11 @@ def canvas(steps: list[int], run_ref: str, image_id: str, seed_offset: int) -> S
     return chain(*parts) if len(parts) > 1 else parts[0]
 
 
-def _batches(run: Run) -> Iterator[list[tuple[int, str]]]:
+def _batches(run: Run, size: int = BATCH) -> Iterator[list[tuple[int, str]]]:
     batch: list[tuple[int, str]] = []
     for offset, rec in iter_seed(run.layout.seed):
         batch.append((offset, rec["image_id"]))
-        if len(batch) >= BATCH:
+        if len(batch) >= size:
             yield batch
             batch = []
     if batch:
@@ -74,12 +75,18 @@ def enqueue(
     *,
     max_inflight: int = DEFAULT_MAX_INFLIGHT,
     progress: Callable[[int], None] | None = None,
+    publisher: Publisher | None = None,
 ) -> EnqueueReport:
-    """Publish the canvases for every seeded image that still has work; return the counts."""
+    """Publish the canvases for every seeded image that still has work; return the counts.
+
+    ``publisher`` spreads each batch over publisher processes (``producer/publish.py``); by
+    default this process publishes.
+    """
+    publisher = publisher or Publisher(1)
     steps = run.spec.ire.workflow.steps
     force = run.spec.ire.workflow.force_reprocess
     report = EnqueueReport()
-    for batch in _batches(run):
+    for batch in _batches(run, BATCH * publisher.processes):
         ids = [image_id for _, image_id in batch]
         report.images += len(ids)
         queued = run.state.queued_many(ids)
@@ -98,8 +105,7 @@ def enqueue(
             wait_for_window(run.state, max_inflight, len(todo))
             for s in steps:
                 run.state.clear_attempt(s, [image_id for _, image_id, r in todo if s in r], done=force)
-            for offset, image_id, remaining in todo:
-                canvas(remaining, run.ref, image_id, offset).apply_async()
+            publisher.publish([(remaining, run.ref, image_id, offset) for offset, image_id, remaining in todo])
             marked = [image_id for _, image_id, _ in todo]
             run.state.mark_queued(marked, time.time())
             run.state.settle_many(marked, steps)  # images a fast worker finished before the mark

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import redis
 
 from producer.enqueue import DEFAULT_MAX_INFLIGHT, EnqueueReport, canvas, enqueue, wait_for_window
+from producer.publish import Publisher, auto_publishers
 from producer.runs import Run, open_run
 from producer.seed import SeedReport, iter_seed, write_seed
 from producer.status import status
@@ -46,8 +47,12 @@ def submit(
     *,
     max_inflight: int = DEFAULT_MAX_INFLIGHT,
     progress: Progress | None = None,
+    publishers: int = 0,
 ) -> Submission:
-    """Validate, seed, store the run, and enqueue every image that still has work."""
+    """Validate, seed, store the run, and enqueue every image that still has work.
+
+    ``publishers``: processes publishing canvases (0 = by the run's size, ``auto_publishers``).
+    """
     run = open_run(spec, client)
     meta = run.state.meta()
     reindexed = {}
@@ -68,8 +73,9 @@ def submit(
     })
     if progress:
         progress("enqueue", 0, report.images)
-    enq = enqueue(run, max_inflight=max_inflight,
-                  progress=(lambda n: progress("enqueue", n, report.images)) if progress else None)
+    with Publisher(publishers or auto_publishers(report.images - last_done)) as publisher:
+        enq = enqueue(run, max_inflight=max_inflight, publisher=publisher,
+                      progress=(lambda n: progress("enqueue", n, report.images)) if progress else None)
     run.state.set_meta(enqueue_complete=True)
     return Submission(run, report, enq, reindexed)
 

@@ -1,0 +1,86 @@
+"""Publishing canvases, in this process or spread over a few publisher processes.
+
+Building and sending a Celery chord is pure-Python work (freezing the canvas, one chord-size
+key, two messages through kombu): about 2 ms of one core per image, so one process tops out
+near 450 images/s on our 2-core bench machine, whatever Redis can take (bench/README.md,
+target 4). A million-image enqueue is then 40 minutes of a producer at 100% CPU. Publisher
+processes split each batch and publish their shares side by side; the producer still marks a
+batch in flight only after every share is published, so the "publish, then mark" rule that makes
+a killed producer harmless holds unchanged.
+
+Children are spawned (not forked: the parent holds Redis connections), ignore Ctrl-C (the parent
+decides when to stop, and lets the shares being published finish), and are handed the broker
+and result-backend URLs explicitly, since ``producer run`` repoints its app at runtime.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+
+#: (steps still to run, run_ref, image_id, seed offset) for one image.
+Item = tuple[list[int], str, str, int]
+
+#: Below this many images to enqueue, one process: spawning publishers costs ~1 s.
+AUTO_MIN_IMAGES = 20_000
+AUTO_MAX_PUBLISHERS = 4
+
+
+def auto_publishers(images: int) -> int:
+    """How many publisher processes a run of ``images`` images is worth on this machine."""
+    if images < AUTO_MIN_IMAGES:
+        return 1
+    return max(1, min(AUTO_MAX_PUBLISHERS, os.cpu_count() or 1))
+
+
+def publish_items(items: Sequence[Item]) -> int:
+    """Publish one canvas per item through this process's app; returns how many."""
+    from producer.enqueue import canvas
+
+    for steps, run_ref, image_id, offset in items:
+        canvas(steps, run_ref, image_id, offset).apply_async()
+    return len(items)
+
+
+def _init_child(broker_url: str, result_backend: str) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from worker.app import app
+
+    app.conf.update(broker_url=broker_url, result_backend=result_backend)
+
+
+class Publisher:
+    """Publishes batches inline (``processes=1``) or split over ``processes`` child processes."""
+
+    def __init__(self, processes: int = 1):
+        self.processes = max(1, processes)
+        self._pool: ProcessPoolExecutor | None = None
+        if self.processes > 1:
+            from worker.app import app
+
+            self._pool = ProcessPoolExecutor(
+                self.processes, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_child, initargs=(app.conf.broker_url, app.conf.result_backend))
+
+    def publish(self, items: Sequence[Item]) -> int:
+        """Publish every item; returns only once all of them are sent (or raises)."""
+        if self._pool is None or len(items) < 2 * self.processes:
+            return publish_items(items)
+        share = -(-len(items) // self.processes)
+        futures = [self._pool.submit(publish_items, list(items[i:i + share]))
+                   for i in range(0, len(items), share)]
+        return sum(f.result() for f in futures)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def __enter__(self) -> Publisher:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
