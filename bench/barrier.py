@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--latency", type=float, default=0.5, help="median latency, s")
     ap.add_argument("--dist", choices=("fixed", "lognormal"), default="lognormal")
     ap.add_argument("--concurrency", type=int, default=32)
-    ap.add_argument("--layout", default="2x16", help="our fleet: workers x threads")
+    ap.add_argument("--layout", default="2x20", help="our fleet: workers x threads (C is the budget)")
     ap.add_argument("--phase1", choices=("split", "shared"), default="split")
     ap.add_argument("--fmt", choices=("jpg", "png", "small"), default="jpg")
     ap.add_argument("--seed", type=int, default=3)

@@ -151,6 +151,21 @@ def hwm_mb(pid: int) -> float:
     return 0.0
 
 
+def children_of(pid: int) -> list[int]:
+    """Every descendant of ``pid`` (the producer's publisher processes, for example)."""
+    try:
+        import psutil
+
+        return [c.pid for c in psutil.Process(pid).children(recursive=True)]
+    except Exception:  # gone, or psutil missing: no children to count
+        return []
+
+
+def tree_rss_mb(pid: int) -> float:
+    """RSS of a process and all its descendants, MB (each counted whole; shared pages twice)."""
+    return rss_mb(pid) + sum(rss_mb(c) for c in children_of(pid))
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds a process has used so far."""
     try:

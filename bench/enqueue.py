@@ -23,14 +23,15 @@ from pathlib import Path
 from bench.common import (
     Deadline,
     banner,
+    children_of,
     emit_json,
     hwm_mb,
     producer_popen,
     redis_client,
     redis_server,
-    rss_mb,
     run_key,
     stop_group,
+    tree_rss_mb,
     worker_env,
 )
 
@@ -85,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--list-compress-depth", type=int, default=None,
                     help="Redis list-compress-depth for the bench's private server (default: as shipped, "
                          "producer.embedded.LIST_COMPRESS_DEPTH; 0 = Redis's own default, off)")
+    ap.add_argument("--publishers", type=int, default=0,
+                    help="producer enqueue --publishers (0 = its default: by run size and cores)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     deadline = Deadline(a.timeout)
@@ -108,14 +111,18 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.monotonic()
         prod = producer_popen(env, "enqueue", f"{p}.vlm.backend=offline",
                               f"{p}.data.input_annotations_jsonl={jsonl}", "--results-dir", str(results),
-                              "--max-inflight", str(10 * a.images), log=a.workdir / "enqueue-producer.log")
+                              "--max-inflight", str(10 * a.images), "--publishers", str(a.publishers),
+                              log=a.workdir / "enqueue-producer.log")
         rid = None
         t_first = t_last = None
         published = 0
         peak = 0.0
+        n_publishers = 0
         try:
             while prod.poll() is None and not deadline.hit:
-                peak = max(peak, rss_mb(prod.pid), hwm_mb(prod.pid))
+                kids = children_of(prod.pid)
+                n_publishers = max(n_publishers, len(kids))
+                peak = max(peak, tree_rss_mb(prod.pid), hwm_mb(prod.pid))
                 if rid is None and (results / "run.json").exists():
                     rid = json.loads((results / "run.json").read_text())["run_id"]
                 if rid is not None:
@@ -128,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                         t_last = now
                     for mark in marks:
                         if mark not in rss_at and published >= mark:
-                            rss_at[mark] = rss_mb(prod.pid)
+                            rss_at[mark] = tree_rss_mb(prod.pid)
                 time.sleep(0.05)
         finally:
             bound = prod.poll() is None
@@ -151,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"-- {published}/{a.images} images published in {elapsed:.1f} s{partial}")
     print(f"   seeding + start (launch -> first batch marked) {seed_s:.1f} s; publishing {rate:.0f} images/s "
           f"(target >= 500)")
-    print(f"   producer RSS: peak {peak:.0f} MB (target <= 150); at " +
+    print(f"   producer RSS, its {n_publishers} publisher processes included: peak {peak:.0f} MB "
+          f"(target <= 150); at " +
           ", ".join(f"{k // 1000}k {v:.0f}" for k, v in sorted(rss_at.items())) + " MB")
     if len(rss_at) >= 2:
         ks = sorted(rss_at)
@@ -167,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join("   " + x for x in describe_message(sample)))
     emit_json(a.json, {"bench": "enqueue", "machine": m, "params": vars(a) | {"workdir": str(a.workdir)},
                        "published": published, "elapsed_s": round(elapsed, 1), "seed_s": round(seed_s, 1),
-                       "images_per_s": round(rate), "rss_peak_mb": round(peak),
+                       "images_per_s": round(rate), "rss_peak_mb": round(peak), "publishers": n_publishers,
                        "rss_at_mb": {k: round(v, 1) for k, v in rss_at.items()},
                        "redis_bytes_per_image": round(per_image), "list_compress_depth": int(depth),
                        "messages_per_image": round(qlen / per, 2),
