@@ -166,6 +166,22 @@ def tree_rss_mb(pid: int) -> float:
     return rss_mb(pid) + sum(rss_mb(c) for c in children_of(pid))
 
 
+def pss_mb(pid: int) -> float:
+    """Proportional set size of one process, MB: shared pages split among their sharers."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def tree_pss_mb(pid: int) -> float:
+    """PSS of a process and all its descendants, MB: what the tree costs the machine."""
+    return pss_mb(pid) + sum(pss_mb(c) for c in children_of(pid))
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds a process has used so far."""
     try:

@@ -31,6 +31,7 @@ from bench.common import (
     redis_server,
     run_key,
     stop_group,
+    tree_pss_mb,
     tree_rss_mb,
     worker_env,
 )
@@ -118,11 +119,13 @@ def main(argv: list[str] | None = None) -> int:
         published = 0
         peak = 0.0
         n_publishers = 0
+        pss_peak = 0.0
         try:
             while prod.poll() is None and not deadline.hit:
                 kids = children_of(prod.pid)
                 n_publishers = max(n_publishers, len(kids))
                 peak = max(peak, tree_rss_mb(prod.pid), hwm_mb(prod.pid))
+                pss_peak = max(pss_peak, tree_pss_mb(prod.pid))
                 if rid is None and (results / "run.json").exists():
                     rid = json.loads((results / "run.json").read_text())["run_id"]
                 if rid is not None:
@@ -158,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"-- {published}/{a.images} images published in {elapsed:.1f} s{partial}")
     print(f"   seeding + start (launch -> first batch marked) {seed_s:.1f} s; publishing {rate:.0f} images/s "
           f"(target >= 500)")
-    print(f"   producer RSS, its {n_publishers} publisher processes included: peak {peak:.0f} MB "
-          f"(target <= 150); at " +
+    print(f"   producer RSS, its {n_publishers} child processes included: peak {peak:.0f} MB "
+          f"(target <= 150; PSS, shared pages counted once: {pss_peak:.0f} MB); at " +
           ", ".join(f"{k // 1000}k {v:.0f}" for k, v in sorted(rss_at.items())) + " MB")
     if len(rss_at) >= 2:
         ks = sorted(rss_at)
@@ -175,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join("   " + x for x in describe_message(sample)))
     emit_json(a.json, {"bench": "enqueue", "machine": m, "params": vars(a) | {"workdir": str(a.workdir)},
                        "published": published, "elapsed_s": round(elapsed, 1), "seed_s": round(seed_s, 1),
-                       "images_per_s": round(rate), "rss_peak_mb": round(peak), "publishers": n_publishers,
+                       "images_per_s": round(rate), "rss_peak_mb": round(peak), "pss_peak_mb": round(pss_peak),
+                       "child_processes": n_publishers,
                        "rss_at_mb": {k: round(v, 1) for k, v in rss_at.items()},
                        "redis_bytes_per_image": round(per_image), "list_compress_depth": int(depth),
                        "messages_per_image": round(qlen / per, 2),

@@ -18,9 +18,6 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from celery import chain, chord, group
-from celery.canvas import Signature
-
 from producer.publish import Publisher
 from producer.runs import Run
 from producer.seed import iter_seed
@@ -36,21 +33,6 @@ class EnqueueReport:
     enqueued: int = 0
     already_done: int = 0
     already_queued: int = 0
-
-
-def canvas(steps: list[int], run_ref: str, image_id: str, seed_offset: int) -> Signature:
-    """The canvas running ``steps`` (sorted) for one image."""
-    from worker.tasks import STEP_TASKS  # the producer publishes through the worker's app
-
-    args = (run_ref, image_id, seed_offset)
-    header = [STEP_TASKS[s].si(*args) for s in steps if s in (0, 1)]
-    tail = [STEP_TASKS[s].si(*args) for s in steps if s in (2, 3)]
-    if len(header) == 2 and tail:
-        return chord(group(header), chain(*tail) if len(tail) > 1 else tail[0])
-    if len(header) == 2:
-        return group(header)
-    parts = header + tail
-    return chain(*parts) if len(parts) > 1 else parts[0]
 
 
 def _batches(run: Run, size: int = BATCH) -> Iterator[list[tuple[int, str]]]:

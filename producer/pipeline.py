@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import redis
 
-from producer.enqueue import DEFAULT_MAX_INFLIGHT, EnqueueReport, canvas, enqueue, wait_for_window
-from producer.publish import Publisher, auto_publishers
+from producer.enqueue import DEFAULT_MAX_INFLIGHT, EnqueueReport, enqueue, wait_for_window
+from producer.publish import Publisher, auto_publishers, canvas
 from producer.runs import Run, open_run
 from producer.seed import SeedReport, iter_seed, write_seed
 from producer.status import status

@@ -3,14 +3,16 @@
 Building and sending a Celery chord is pure-Python work (freezing the canvas, one chord-size
 key, two messages through kombu): about 2 ms of one core per image, so one process tops out
 near 450 images/s on our 2-core bench machine, whatever Redis can take (bench/README.md,
-target 4). A million-image enqueue is then 40 minutes of a producer at 100% CPU. Publisher
-processes split each batch and publish their shares side by side; the producer still marks a
-batch in flight only after every share is published, so the "publish, then mark" rule that makes
-a killed producer harmless holds unchanged.
+target 4). A million-image enqueue is then 40 minutes of a producer at 100% CPU. With
+``processes=P`` the producer and ``P - 1`` child processes split each batch and publish their
+shares side by side; the producer still marks a batch in flight only after every share is
+published, so the "publish, then mark" rule that makes a killed producer harmless holds
+unchanged.
 
 Children are spawned (not forked: the parent holds Redis connections), ignore Ctrl-C (the parent
 decides when to stop, and lets the shares being published finish), and are handed the broker
-and result-backend URLs explicitly, since ``producer run`` repoints its app at runtime.
+and result-backend URLs explicitly, since ``producer run`` repoints its app at runtime. They
+import the Celery app and nothing else of ours: signatures go by task name.
 """
 
 from __future__ import annotations
@@ -20,6 +22,11 @@ import os
 import signal
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
+
+from celery import chain, chord, group
+from celery.canvas import Signature
+
+from worker.constants import RESULTLESS_STEPS, task_name
 
 #: (steps still to run, run_ref, image_id, seed offset) for one image.
 Item = tuple[list[int], str, str, int]
@@ -36,10 +43,32 @@ def auto_publishers(images: int) -> int:
     return max(1, min(AUTO_MAX_PUBLISHERS, os.cpu_count() or 1))
 
 
+def _sig(step: int, args: tuple) -> Signature:
+    from worker.app import app
+
+    return app.signature(task_name(step), args=args, immutable=True,
+                         options={"ignore_result": step in RESULTLESS_STEPS})
+
+
+def canvas(steps: list[int], run_ref: str, image_id: str, seed_offset: int) -> Signature:
+    """The canvas running ``steps`` (sorted) for one image.
+
+    Signatures are by task name, so a publisher needs the Celery app but not the task module
+    and everything it imports (clients, step logic, Pillow): a publisher process stays ~30 MB.
+    """
+    args = (run_ref, image_id, seed_offset)
+    header = [_sig(s, args) for s in steps if s in (0, 1)]
+    tail = [_sig(s, args) for s in steps if s in (2, 3)]
+    if len(header) == 2 and tail:
+        return chord(group(header), chain(*tail) if len(tail) > 1 else tail[0])
+    if len(header) == 2:
+        return group(header)
+    parts = header + tail
+    return chain(*parts) if len(parts) > 1 else parts[0]
+
+
 def publish_items(items: Sequence[Item]) -> int:
     """Publish one canvas per item through this process's app; returns how many."""
-    from producer.enqueue import canvas
-
     for steps, run_ref, image_id, offset in items:
         canvas(steps, run_ref, image_id, offset).apply_async()
     return len(items)
@@ -53,7 +82,8 @@ def _init_child(broker_url: str, result_backend: str) -> None:
 
 
 class Publisher:
-    """Publishes batches inline (``processes=1``) or split over ``processes`` child processes."""
+    """Publishes batches in this process alone (``processes=1``) or split over this process and
+    ``processes - 1`` children (this one would otherwise only wait for them)."""
 
     def __init__(self, processes: int = 1):
         self.processes = max(1, processes)
@@ -62,7 +92,7 @@ class Publisher:
             from worker.app import app
 
             self._pool = ProcessPoolExecutor(
-                self.processes, mp_context=multiprocessing.get_context("spawn"),
+                self.processes - 1, mp_context=multiprocessing.get_context("spawn"),
                 initializer=_init_child, initargs=(app.conf.broker_url, app.conf.result_backend))
 
     def publish(self, items: Sequence[Item]) -> int:
@@ -71,8 +101,12 @@ class Publisher:
             return publish_items(items)
         share = -(-len(items) // self.processes)
         futures = [self._pool.submit(publish_items, list(items[i:i + share]))
-                   for i in range(0, len(items), share)]
-        return sum(f.result() for f in futures)
+                   for i in range(share, len(items), share)]
+        try:
+            sent = publish_items(items[:share])
+        finally:
+            sent_by_children = sum(f.result() for f in futures)  # every share is out before we return
+        return sent + sent_by_children
 
     def close(self) -> None:
         if self._pool is not None:

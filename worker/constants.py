@@ -20,6 +20,15 @@ STEP_NAMES: dict[int, str] = {
     3: "double_check",
 }
 ALL_STEPS: tuple[int, ...] = (0, 1, 2, 3)
+# Steps 2 and 3 never head a chord and nobody reads their status, so they store no result. The
+# producer sends tasks by name (it need not import the task module), so this travels in the
+# message as well as on the task.
+RESULTLESS_STEPS = frozenset({2, 3})
+
+
+def task_name(step: int) -> str:
+    """The Celery task name of a step: ``refexp.<step name>``."""
+    return f"refexp.{STEP_NAMES[step]}"
 
 # Box coordinates the VLM sees are normalised to this range.
 NORM = 1000

@@ -18,7 +18,7 @@ from celery import Task
 
 from worker import settings
 from worker.app import app
-from worker.constants import STEP_NAMES
+from worker.constants import RESULTLESS_STEPS, STEP_NAMES, task_name
 from worker.context import RunContext, get_context, state_redis
 from worker.errors import PERMANENT, RETRYABLE, ClientError
 from worker.execute import DONE, execute, record_failure
@@ -111,7 +111,7 @@ def _make(step: int) -> Task:
 
     # Steps 2 and 3 never head a chord and nothing reads their status: no result to store (one
     # Redis round trip and one key per task less). The chord header (steps 0, 1) must keep its.
-    @app.task(bind=True, name=f"refexp.{name}", acks_late=True, ignore_result=step in (2, 3))
+    @app.task(bind=True, name=task_name(step), acks_late=True, ignore_result=step in RESULTLESS_STEPS)
     def step_task(self: Task, run_ref: str, image_id: str, seed_offset: int) -> str:
         return run_task(self, step, run_ref, image_id, seed_offset)
 

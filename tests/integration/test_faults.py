@@ -401,7 +401,7 @@ def test_producer_killed_mid_enqueue_rerun_finishes_without_duplicates(fleet, fl
 
 REPUBLISH = """
 import sys
-from producer.enqueue import canvas
+from producer.publish import canvas
 from producer.runs import connect, existing_run
 from producer.seed import iter_seed
 

@@ -6,9 +6,11 @@ A real Redis and the real Celery app: the producer's canvases are published as `
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from producer.enqueue import canvas
+from producer.publish import canvas
 
 
 @pytest.fixture
@@ -29,3 +31,16 @@ def test_publishing_chords_registers_no_pending_results_and_no_subscriptions(app
     assert len(concrete) == 0 and len(weak) == 0, "the sender tracks results it will never wait on"
     channels = redis_client.pubsub_channels("celery-task-meta-*")
     assert channels == [], f"the sender subscribed to {len(channels)} result channels"
+
+
+def test_steps_2_and_3_are_sent_to_store_no_result(app, redis_client):
+    # The producer sends tasks by name; a request's ignore_result overrides the task's, so the
+    # message must say it (worker/constants.RESULTLESS_STEPS).
+    canvas([0, 1, 2, 3], "run0:spec0", "img_0000", 0).apply_async()
+    raw = redis_client.lindex("refexp", 0)
+    msg = json.loads(raw)
+    assert msg["headers"]["ignore_result"] is False  # a chord header: its result counts the chord
+    _args, _kwargs, embed = json.loads(msg["body"])
+    body = embed["chord"]
+    tails = {t["task"]: t["options"].get("ignore_result") for t in body["kwargs"]["tasks"]}
+    assert tails == {"refexp.grounding_expr": True, "refexp.double_check": True}
