@@ -129,26 +129,25 @@ class Deadline:
 
 # --------------------------------------------------------------------------- processes
 
-def rss_mb(pid: int) -> float:
-    """Resident set size of one process, MB (0 when it is gone)."""
+def _proc_mb(pid: int, file: str, field: str) -> float:
+    """One ``<field>: <n> kB`` line of ``/proc/<pid>/<file>``, in MB (0 when the process is gone)."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+        for line in Path(f"/proc/{pid}/{file}").read_text().splitlines():
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
     return 0.0
+
+
+def rss_mb(pid: int) -> float:
+    """Resident set size of one process, MB (0 when it is gone)."""
+    return _proc_mb(pid, "status", "VmRSS")
 
 
 def hwm_mb(pid: int) -> float:
     """Peak resident set size (VmHWM) of one process, MB."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
+    return _proc_mb(pid, "status", "VmHWM")
 
 
 def children_of(pid: int) -> list[int]:
@@ -168,13 +167,7 @@ def tree_rss_mb(pid: int) -> float:
 
 def pss_mb(pid: int) -> float:
     """Proportional set size of one process, MB: shared pages split among their sharers."""
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
+    return _proc_mb(pid, "smaps_rollup", "Pss")
 
 
 def tree_pss_mb(pid: int) -> float:
