@@ -334,16 +334,8 @@ def parse(text: str, record: dict, *, ctx: AnswerContext | None = None) -> dict:
     q["invalid_boxes"] = counts["invalid_boxes"]
     q["kitti_skipped"] = sum(1 for k in missing for i in exprs[k]["instances"] if i.get("bbox_2d"))
     q["repairs"] = new_quality(repairs=repairs)["repairs"]
-    report = {"repairs": _unique(repairs), **counts, "quality": q}
+    report = {"repairs": list(dict.fromkeys(repairs)), **counts, "quality": q}
     return {"expressions": out, "report": report, "missing": missing}
-
-
-def _unique(items: list[str]) -> list[str]:
-    out: list[str] = []
-    for x in items:
-        if x not in out:
-            out.append(x)
-    return out
 
 
 def merge(first: dict, reask: dict, record: dict) -> dict:
@@ -354,7 +346,7 @@ def merge(first: dict, reask: dict, record: dict) -> dict:
         got.setdefault(e["expression_id"], e)
     exprs = sorted(got.values(), key=lambda e: order.get(e["expression_id"], 1 << 30))
     a, b = first["report"], reask["report"]
-    report = {"repairs": _unique(a["repairs"] + b["repairs"])}
+    report = {"repairs": list(dict.fromkeys(a["repairs"] + b["repairs"]))}
     for key in ("removed", "updated", "added_dropped", "invalid_boxes", "dropped_expressions"):
         report[key] = a.get(key, 0) + b.get(key, 0)
     q = merge_quality(a["quality"], b["quality"])

@@ -210,17 +210,9 @@ def parse(text: str, record: dict, *, ctx: AnswerContext | None = None) -> dict:
     q["box_format"] = fmt
     q["kitti_skipped"] = len([i for i in range(len(regions)) if i not in used])
     q["repairs"] = new_quality(repairs=repairs)["repairs"]
-    report = {"repairs": _unique(repairs), "invalid_boxes": q["invalid_boxes"], "unmatched_boxes": q["boxes_flagged"],
-              "quality": q}
+    report = {"repairs": list(dict.fromkeys(repairs)), "invalid_boxes": q["invalid_boxes"],
+              "unmatched_boxes": q["boxes_flagged"], "quality": q}
     return {"expressions": expressions, "report": report}
-
-
-def _unique(items: list[str]) -> list[str]:
-    out: list[str] = []
-    for x in items:
-        if x not in out:
-            out.append(x)
-    return out
 
 
 def empty() -> dict:

@@ -19,6 +19,7 @@ import difflib
 import json
 import re
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 _FENCE = re.compile(r"```[a-zA-Z0-9_+-]*[ \t]*\n?(.*?)(?:```|\Z)", re.S)
@@ -407,6 +408,14 @@ def _cut(text: str, result: Parsed) -> str:
     return text
 
 
+def _json_values(text: str, result: Parsed) -> Iterator[tuple[object, list[str]]]:
+    """(value, repairs) for each fenced block, or the whole text, that decodes as JSON."""
+    for body in _bodies(_cut(text, result), result):
+        got = decode_json(body)
+        if got is not None:
+            yield got
+
+
 def _bodies(text: str, result: Parsed) -> list[str]:
     text, thought = strip_reasoning(text)
     if thought:
@@ -428,12 +437,7 @@ def parse_json_objects(text: str) -> Parsed:
     are dropped.
     """
     result = Parsed()
-    text = _cut(text, result)
-    for body in _bodies(text, result):
-        got = decode_json(body)
-        if got is None:
-            continue
-        value, repairs = got
+    for value, repairs in _json_values(text, result):
         items = _dict_items(value, result)
         if not items:
             continue
@@ -696,12 +700,7 @@ def parse_groups(text: str) -> Parsed:
     Returns no items when the answer is not shaped like that (the caller falls back to lines).
     """
     result = Parsed()
-    text = _cut(text, result)
-    for body in _bodies(text, result):
-        got = decode_json(body)
-        if got is None:
-            continue
-        value, reps = got
+    for value, reps in _json_values(text, result):
         groups: list = []
         if isinstance(value, dict):
             inner = next((value[k] for k in ("groups", "expressions", "results") if isinstance(value.get(k), list)),

@@ -302,21 +302,13 @@ def parse(text: str, record: dict, *, ctx: AnswerContext | None = None) -> dict:
     q["kitti_skipped"] = len(missing)
     q["repairs"] = new_quality(repairs=repairs)["repairs"]
     report = {
-        "repairs": _unique(repairs),
+        "repairs": list(dict.fromkeys(repairs)),
         "invalid_boxes": q["invalid_boxes"],
         "invented": q["hallucinated_dropped"] + q["duplicates_dropped"],
         "missed_kitti": missing,
         "quality": q,
     }
     return {"regions": [regions[i] for i in sorted(regions)], "report": report, "missing": missing}
-
-
-def _unique(items: list[str]) -> list[str]:
-    out: list[str] = []
-    for x in items:
-        if x not in out:
-            out.append(x)
-    return out
 
 
 def merge(first: dict, reask: dict) -> dict:
@@ -330,8 +322,9 @@ def merge(first: dict, reask: dict) -> dict:
     q["boxes_expected"] = a["quality"]["boxes_expected"]
     q["boxes_matched"] = len(regions)
     q["kitti_skipped"] = len(missing)
-    report = {"repairs": _unique(a["repairs"] + b["repairs"]), "invalid_boxes": a["invalid_boxes"] + b["invalid_boxes"],
-              "invented": a["invented"] + b["invented"], "missed_kitti": missing, "quality": q}
+    report = {"repairs": list(dict.fromkeys(a["repairs"] + b["repairs"])),
+              "invalid_boxes": a["invalid_boxes"] + b["invalid_boxes"], "invented": a["invented"] + b["invented"],
+              "missed_kitti": missing, "quality": q}
     return {"regions": [regions[i] for i in sorted(regions)], "report": report, "missing": missing}
 
 
