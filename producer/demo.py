@@ -491,11 +491,15 @@ def _draw_truck(p: _Painter, o: DemoObject, body: Color) -> None:
         _lights(p, o, zn, 0.62, 0.78, 0.1, 0.3)
 
 
-def _draw_pedestrian(p: _Painter, o: DemoObject) -> None:
-    s = p.s
+def _figure_frame(p: _Painter, o: DemoObject) -> tuple[float, float, float]:
+    """A person's foot point (u, v) and height hp on the canvas, in drawing pixels."""
     u, v = project(o.x, CAM_HEIGHT, o.z)
     hp = FOCAL * o.h / o.z
-    u, v, hp = u * s, v * s, hp * s
+    return u * p.s, v * p.s, hp * p.s
+
+
+def _draw_pedestrian(p: _Painter, o: DemoObject) -> None:
+    u, v, hp = _figure_frame(p, o)
     shirt, pants, skin = SHIRT_COLORS[o.color], o.extra["pants"], o.extra["skin"]
     d = p.draw
     stride = 0.09 * hp * o.extra["stride"]
@@ -521,10 +525,7 @@ def _draw_pedestrian(p: _Painter, o: DemoObject) -> None:
 
 
 def _draw_cyclist(p: _Painter, o: DemoObject) -> None:
-    s = p.s
-    u, v = project(o.x, CAM_HEIGHT, o.z)
-    hp = FOCAL * o.h / o.z
-    u, v, hp = u * s, v * s, hp * s
+    u, v, hp = _figure_frame(p, o)
     shirt, pants, skin = SHIRT_COLORS[o.color], o.extra["pants"], o.extra["skin"]
     d = p.draw
     d.ellipse([u - 0.03 * hp, v - 0.38 * hp, u + 0.03 * hp, v], fill=TYRE)          # wheel, end-on
