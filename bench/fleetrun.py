@@ -317,6 +317,62 @@ def print_run(label: str, res: RunResult, *, concurrency: int, latency: float, d
     return fig
 
 
+# --------------------------------------------------------------------------- direct step calls
+
+class _DirectRun:
+    """Our step functions called directly (no Celery, no Redis) against the fake: the seeded
+    images, one client, and each step's records in memory and in a sink, as a worker keeps them."""
+
+    def __init__(self, *, fake: Fake, images_dir: Path, labels_dir: Path, results: Path, concurrency: int,
+                 name: str):
+        from producer.runs import normalise
+        from producer.seed import SeedReport, iter_seed, write_seed
+        from worker.clients.factory import get_client
+        from worker.sinks import JsonlSink
+        from worker.spec import load_spec
+        from worker.steps import StepOptions
+        from worker.steps.prompts import load_prompts
+
+        shutil.rmtree(results, ignore_errors=True)
+        results.mkdir(parents=True)
+        p = "image_referring_expression"
+        spec = normalise(load_spec(None, [
+            f"{p}.vlm.backend=openai", f"{p}.vlm.openai.base_url={fake.openai_base_url}",
+            f"{p}.vlm.openai.model_name=fake-vl", f"{p}.vlm.openai.timeout=60",
+            f"{p}.vlm.max_concurrency={concurrency}", f"{p}.data.image_dir={images_dir}",
+            f"{p}.data.kitti_label_dir={labels_dir}", f"results_dir={results}"]))
+        write_seed(spec, results, SeedReport())
+        self.seeds = {rec["image_id"]: rec for _, rec in iter_seed(results / "seed_annotations.jsonl")}
+        self.vlm = spec.ire.vlm
+        self.client = get_client(self.vlm)
+        self.templates = load_prompts("")
+        self.options = StepOptions.from_vlm(self.vlm)
+        self.records: dict[int, dict[str, dict]] = {0: {}, 1: {}, 2: {}, 3: {}}
+        self.sinks = {s: JsonlSink(results / f"{name}_step_{s}.jsonl") for s in range(4)}
+        self.lock = threading.Lock()
+        fake.reset()  # the calls counted from here are the run's
+
+    def ready(self, step: int, image_id: str) -> bool:
+        """Whether the step's required upstream record is there (a failed one blocks it)."""
+        need = {2: 0, 3: 2}.get(step)
+        return need is None or image_id in self.records[need]
+
+    def call(self, step: int, image_id: str) -> dict | None:
+        """Run one image-step; its record (appended to the sink), or None if it failed. The
+        caller keeps it in ``records``, under ``lock`` with whatever it decides from it."""
+        from worker.steps import input_record, run_step
+
+        with self.lock:
+            upstream = {s: self.records[s][image_id] for s in (0, 1, 2) if image_id in self.records[s]}
+        try:
+            rec = run_step(step, input_record(step, self.seeds[image_id], upstream), self.client, self.templates,
+                           max_pixels=self.vlm.max_image_pixels, options=self.options).record
+        except Exception:
+            return None
+        self.sinks[step].append(rec)
+        return rec
+
+
 # --------------------------------------------------------------------------- the barrier schedule
 
 @dataclass
@@ -335,52 +391,21 @@ def run_barrier(*, fake: Fake, images_dir: Path, labels_dir: Path, results: Path
     step 2, then all through step 3; each step its own ThreadPoolExecutor, the real OpenAI client
     against the same endpoint, the same total concurrency. ``phase1``: ``split`` runs steps 0 and
     1 together on two pools of C/2; ``shared`` gives phase 1 one pool of C for both steps."""
-    from producer.runs import normalise
-    from producer.seed import SeedReport, iter_seed, write_seed
-    from worker.clients.factory import get_client
-    from worker.sinks import JsonlSink
-    from worker.spec import load_spec
-    from worker.steps import StepOptions, input_record, run_step
-    from worker.steps.prompts import load_prompts
-
-    shutil.rmtree(results, ignore_errors=True)
-    results.mkdir(parents=True)
-    fake.reset()
-    p = "image_referring_expression"
-    spec = normalise(load_spec(None, [
-        f"{p}.vlm.backend=openai", f"{p}.vlm.openai.base_url={fake.openai_base_url}",
-        f"{p}.vlm.openai.model_name=fake-vl", f"{p}.vlm.openai.timeout=60", f"{p}.vlm.max_concurrency={concurrency}",
-        f"{p}.data.image_dir={images_dir}", f"{p}.data.kitti_label_dir={labels_dir}", f"results_dir={results}"]))
-    write_seed(spec, results, SeedReport())
-    seeds = {rec["image_id"]: rec for _, rec in iter_seed(results / "seed_annotations.jsonl")}
-    vlm = spec.ire.vlm
-    client = get_client(vlm)
-    templates = load_prompts("")
-    options = StepOptions.from_vlm(vlm)
-    records: dict[int, dict[str, dict]] = {0: {}, 1: {}, 2: {}, 3: {}}
-    sinks = {s: JsonlSink(results / f"barrier_step_{s}.jsonl") for s in range(4)}
-    out = BarrierResult(images=len(seeds))
-    lock = threading.Lock()
+    run = _DirectRun(fake=fake, images_dir=images_dir, labels_dir=labels_dir, results=results,
+                     concurrency=concurrency, name="barrier")
+    out = BarrierResult(images=len(run.seeds))
 
     def one(step: int, image_id: str) -> None:
-        if deadline.hit:
+        if deadline.hit or not run.ready(step, image_id):
             return
-        seed = seeds[image_id]
-        upstream = {s: records[s][image_id] for s in (0, 1, 2) if image_id in records[s]}
-        if (step == 2 and 0 not in upstream) or (step == 3 and 2 not in upstream):
-            return
-        try:
-            outcome = run_step(step, input_record(step, seed, upstream), client, templates,
-                               max_pixels=vlm.max_image_pixels, options=options)
-        except Exception:
-            with lock:
+        rec = run.call(step, image_id)
+        with run.lock:
+            if rec is None:
                 out.failures += 1
-            return
-        sinks[step].append(outcome.record)
-        with lock:
-            records[step][image_id] = outcome.record
+            else:
+                run.records[step][image_id] = rec
 
-    ids = sorted(seeds)
+    ids = sorted(run.seeds)
     t0 = time.monotonic()
     if phase1 == "split":
         half = max(1, concurrency // 2)
@@ -414,38 +439,16 @@ def run_inprocess(*, fake: Fake, images_dir: Path, labels_dir: Path, results: Pa
     allow on this machine, so the fleet's gap to it is the orchestration's own cost."""
     import queue
 
-    from producer.runs import normalise
-    from producer.seed import SeedReport, iter_seed, write_seed
-    from worker.clients.factory import get_client
-    from worker.sinks import JsonlSink
-    from worker.spec import load_spec
-    from worker.steps import StepOptions, input_record, run_step
-    from worker.steps.prompts import load_prompts
-
-    shutil.rmtree(results, ignore_errors=True)
-    results.mkdir(parents=True)
-    p = "image_referring_expression"
-    spec = normalise(load_spec(None, [
-        f"{p}.vlm.backend=openai", f"{p}.vlm.openai.base_url={fake.openai_base_url}",
-        f"{p}.vlm.openai.model_name=fake-vl", f"{p}.vlm.openai.timeout=60", f"{p}.vlm.max_concurrency={concurrency}",
-        f"{p}.data.image_dir={images_dir}", f"{p}.data.kitti_label_dir={labels_dir}", f"results_dir={results}"]))
-    write_seed(spec, results, SeedReport())
-    seeds = {rec["image_id"]: rec for _, rec in iter_seed(results / "seed_annotations.jsonl")}
-    vlm = spec.ire.vlm
-    client = get_client(vlm)
-    templates = load_prompts("")
-    options = StepOptions.from_vlm(vlm)
-    records: dict[int, dict[str, dict]] = {0: {}, 1: {}, 2: {}, 3: {}}
-    sinks = {s: JsonlSink(results / f"inproc_step_{s}.jsonl") for s in range(4)}
-    out = BarrierResult(images=len(seeds))
-    lock = threading.Lock()
+    run = _DirectRun(fake=fake, images_dir=images_dir, labels_dir=labels_dir, results=results,
+                     concurrency=concurrency, name="inproc")
+    records, lock = run.records, run.lock
+    out = BarrierResult(images=len(run.seeds))
     todo: queue.Queue = queue.Queue()
-    left = [len(seeds)]
+    left = [len(run.seeds)]
     finished = threading.Event()
-    for image_id in sorted(seeds):
+    for image_id in sorted(run.seeds):
         todo.put((0, image_id))
         todo.put((1, image_id))
-    fake.reset()
 
     def worker() -> None:
         while not finished.is_set():
@@ -453,13 +456,7 @@ def run_inprocess(*, fake: Fake, images_dir: Path, labels_dir: Path, results: Pa
                 step, image_id = todo.get(timeout=0.2)
             except queue.Empty:
                 continue
-            upstream = {s: records[s][image_id] for s in (0, 1, 2) if image_id in records[s]}
-            try:
-                rec = run_step(step, input_record(step, seeds[image_id], upstream), client, templates,
-                               max_pixels=vlm.max_image_pixels, options=options).record
-                sinks[step].append(rec)
-            except Exception:
-                rec = None
+            rec = run.call(step, image_id)
             with lock:
                 if rec is not None:
                     records[step][image_id] = rec
