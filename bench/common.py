@@ -427,8 +427,36 @@ class StepEvent:
     latency: float  # the call's latency_s from the record (0 when no call was made)
 
 
+class _Poller:
+    """A daemon thread calling ``tick()`` every ``poll`` seconds between ``start()`` and ``stop()``;
+    ``stop()`` ticks once more so nothing that happened before it is missed."""
+
+    poll: float
+
+    def start(self):
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        with contextlib.suppress(Exception):  # the source may be gone already; the samples stay
+            self.tick()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(Exception):
+                self.tick()
+            self._stop.wait(self.poll)
+
+    def tick(self) -> None:
+        raise NotImplementedError
+
+
 @dataclass
-class SinkTailer:
+class SinkTailer(_Poller):
     """Polls the four step sinks and notes when each image's record appeared (±poll interval).
 
     Sinks are the output, so this needs no hook in the code under test. With a 20 ms poll the
@@ -438,31 +466,10 @@ class SinkTailer:
     results: Path
     poll: float = 0.02
     events: dict[int, dict[str, StepEvent]] = field(default_factory=lambda: {s: {} for s in STEP_DIRS})
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
+    _pos: dict[int, int] = field(default_factory=lambda: dict.fromkeys(STEP_DIRS, 0))
+    _partial: dict[int, bytes] = field(default_factory=lambda: dict.fromkeys(STEP_DIRS, b""))
 
-    def start(self) -> SinkTailer:
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join(5)
-        self._scan_all()
-
-    def _run(self) -> None:
-        self._pos = dict.fromkeys(STEP_DIRS, 0)
-        self._partial = dict.fromkeys(STEP_DIRS, b"")
-        while not self._stop.is_set():
-            self._scan_all()
-            self._stop.wait(self.poll)
-
-    def _scan_all(self) -> None:
-        if not hasattr(self, "_pos"):
-            self._pos = dict.fromkeys(STEP_DIRS, 0)
-            self._partial = dict.fromkeys(STEP_DIRS, b"")
+    def tick(self) -> None:
         now = time.monotonic()
         for step, d in STEP_DIRS.items():
             path = self.results / d / "annotations.jsonl"
@@ -487,31 +494,16 @@ class SinkTailer:
 
 
 @dataclass
-class FakeSampler:
+class FakeSampler(_Poller):
     """Polls the fake's ``/_stats``: calls made and calls in flight over time."""
 
     fake: Fake
     poll: float = 0.05
     samples: list[tuple[float, int, int]] = field(default_factory=list)  # (t, calls, in_flight)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
 
-    def start(self) -> FakeSampler:
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join(5)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            with contextlib.suppress(Exception):
-                s = self.fake.stats()
-                self.samples.append((time.monotonic(), int(s["calls"]), int(s["in_flight"])))
-            self._stop.wait(self.poll)
+    def tick(self) -> None:
+        s = self.fake.stats()
+        self.samples.append((time.monotonic(), int(s["calls"]), int(s["in_flight"])))
 
     def first_call(self) -> float | None:
         return next((t for t, calls, _ in self.samples if calls > 0), None)
