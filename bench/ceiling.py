@@ -12,8 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from bench.common import Deadline, banner, emit_json, fake_vlm, make_dataset, redis_client, redis_server, workers
-from bench.fleetrun import print_run, run_fleet, summarize_profile, warm_up
+from bench.common import Deadline, banner, emit_json, fake_vlm, make_dataset, redis_server
+from bench.fleetrun import print_run, run_layouts, summarize_profile
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,25 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     images_dir, labels_dir = make_dataset(a.workdir / f"data-{a.fmt}-{a.images}", a.images, fmt=a.fmt)
     ok = True
     with redis_server() as url, fake_vlm(0.0, "fixed") as fake:
-        redis_pid = int(redis_client(url).info("server")["process_id"])
-        for layout in a.layout.split(","):
-            n, t = (int(x) for x in layout.lower().split("x"))
-            if deadline.left() < 30:
-                print(f"-- {layout}: skipped (time bound)")
+        for n, t, res in run_layouts(a, redis_url=url, fake=fake, images_dir=images_dir, labels_dir=labels_dir,
+                                     deadline=deadline, tag="ceiling", profile_seconds=0 if a.no_profile else 8):
+            if res is None:
                 ok = False
                 continue
-            redis_client(url).flushdb()
-            prof = a.workdir / f"profile-{layout}.txt"
-            prof.unlink(missing_ok=True)
-            with workers(url, n, t, a.workdir / "logs", events=not a.no_events,
-                         switch_interval=a.switch_interval) as ws:
-                if a.warmup:
-                    warm_up(redis_url=url, fake=fake, workers=ws, workdir=a.workdir, fmt=a.fmt,
-                            concurrency=a.concurrency, deadline=deadline, images=a.warmup)
-                res = run_fleet(redis_url=url, fake=fake, workers=ws, images_dir=images_dir, labels_dir=labels_dir,
-                                results=a.workdir / f"results-ceiling-{layout}", concurrency=a.concurrency,
-                                deadline=deadline, redis_pid=redis_pid, fake_pid=fake.proc.pid,
-                                profile_seconds=0 if a.no_profile else 8, profile_out=prof)
             fig = print_run(f"{n} workers x {t} threads, L=0", res, concurrency=a.concurrency, latency=0.0,
                             dist="fixed")
             tasks = 4 * res.finished  # every image runs four tasks (no-box images skip the call, not the task)
@@ -72,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
                 lines = summarize_profile(Path(res.profile))
                 print("\n".join("   " + x for x in lines))
                 fig["profile"] = lines
-            emit_json(a.json, {"bench": "ceiling", "machine": m, "params": vars(a) | {"layout": layout,
+            emit_json(a.json, {"bench": "ceiling", "machine": m, "params": vars(a) | {"layout": f"{n}x{t}",
                                                                                      "workdir": str(a.workdir)},
                                **fig})
             ok = ok and not res.bound_hit

@@ -15,8 +15,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from bench.common import Deadline, banner, emit_json, fake_vlm, make_dataset, redis_client, redis_server, workers
-from bench.fleetrun import mean_latency, print_run, run_fleet, run_inprocess, summarize_profile, warm_up
+from bench.common import Deadline, banner, emit_json, fake_vlm, make_dataset, redis_server
+from bench.fleetrun import mean_latency, print_run, run_inprocess, run_layouts, summarize_profile
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,7 +51,6 @@ def main(argv: list[str] | None = None) -> int:
     images_dir, labels_dir = make_dataset(a.workdir / f"data-{a.fmt}-{a.images}", a.images, fmt=a.fmt)
     ok = True
     with redis_server() as url, fake_vlm(a.latency, a.dist, seed=a.seed) as fake:
-        redis_pid = int(redis_client(url).info("server")["process_id"])
         base_eff = None
         if a.baseline:
             b = run_inprocess(fake=fake, images_dir=images_dir, labels_dir=labels_dir,
@@ -62,22 +61,11 @@ def main(argv: list[str] | None = None) -> int:
             emit_json(a.json, {"bench": "efficiency-baseline", "machine": m, "params": vars(a) | {
                 "workdir": str(a.workdir)}, "calls": b.calls, "makespan_s": round(b.makespan, 2),
                 "efficiency": round(base_eff, 3)})
-        for layout in a.layout.split(","):
-            n, t = (int(x) for x in layout.lower().split("x"))
-            if deadline.left() < 30:
-                print(f"-- {layout}: skipped (time bound)")
+        for n, t, res in run_layouts(a, redis_url=url, fake=fake, images_dir=images_dir, labels_dir=labels_dir,
+                                     deadline=deadline, tag="eff", profile_seconds=a.profile):
+            if res is None:
                 ok = False
                 continue
-            redis_client(url).flushdb()
-            with workers(url, n, t, a.workdir / "logs", events=not a.no_events,
-                         switch_interval=a.switch_interval) as ws:
-                if a.warmup:
-                    warm_up(redis_url=url, fake=fake, workers=ws, workdir=a.workdir, fmt=a.fmt,
-                            concurrency=a.concurrency, deadline=deadline, images=a.warmup)
-                res = run_fleet(redis_url=url, fake=fake, workers=ws, images_dir=images_dir, labels_dir=labels_dir,
-                                results=a.workdir / f"results-eff-{layout}", concurrency=a.concurrency,
-                                deadline=deadline, redis_pid=redis_pid, fake_pid=fake.proc.pid,
-                                profile_seconds=a.profile, profile_out=a.workdir / f"profile-eff-{layout}.txt")
             fig = print_run(f"{n} workers x {t} threads, C={a.concurrency}, L={a.latency} {a.dist}", res,
                             concurrency=a.concurrency, latency=a.latency, dist=a.dist)
             if res.profile:
@@ -89,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                 verdict = "meets" if fig["efficiency"] >= 0.95 else "MISSES"
                 print(f"   target efficiency >= 0.95: {verdict}")
                 ok = ok and fig["efficiency"] >= 0.95
-            emit_json(a.json, {"bench": "efficiency", "machine": m, "params": vars(a) | {"layout": layout,
+            emit_json(a.json, {"bench": "efficiency", "machine": m, "params": vars(a) | {"layout": f"{n}x{t}",
                                                                                         "workdir": str(a.workdir)},
                                **fig})
             ok = ok and not res.bound_hit

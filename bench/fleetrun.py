@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,6 +173,34 @@ def warm_up(*, redis_url: str, fake: Fake, workers: list, workdir: Path, fmt: st
     run_fleet(redis_url=redis_url, fake=fake, workers=workers, images_dir=images_dir, labels_dir=labels_dir,
               results=workdir / "results-warmup", concurrency=concurrency, deadline=deadline)
     return time.monotonic() - t
+
+
+def run_layouts(a, *, redis_url: str, fake: Fake, images_dir: Path, labels_dir: Path, deadline: Deadline,
+                tag: str, profile_seconds: float) -> Iterator[tuple[int, int, RunResult | None]]:
+    """For each ``workers x threads`` layout in ``a.layout``: a flushed Redis, fresh workers
+    (warmed on ``a.warmup`` images), and one measured run. Yields ``(n, threads, result)``;
+    the result is None when the time bound left no room for the layout."""
+    from bench.common import workers
+
+    redis_pid = int(redis_client(redis_url).info("server")["process_id"])
+    for layout in a.layout.split(","):
+        n, t = (int(x) for x in layout.lower().split("x"))
+        if deadline.left() < 30:
+            print(f"-- {layout}: skipped (time bound)")
+            yield n, t, None
+            continue
+        redis_client(redis_url).flushdb()
+        prof = a.workdir / f"profile-{tag}-{layout}.txt"
+        prof.unlink(missing_ok=True)
+        with workers(redis_url, n, t, a.workdir / "logs", events=not a.no_events,
+                     switch_interval=a.switch_interval) as ws:
+            if a.warmup:
+                warm_up(redis_url=redis_url, fake=fake, workers=ws, workdir=a.workdir, fmt=a.fmt,
+                        concurrency=a.concurrency, deadline=deadline, images=a.warmup)
+            yield n, t, run_fleet(redis_url=redis_url, fake=fake, workers=ws, images_dir=images_dir,
+                                  labels_dir=labels_dir, results=a.workdir / f"results-{tag}-{layout}",
+                                  concurrency=a.concurrency, deadline=deadline, redis_pid=redis_pid,
+                                  fake_pid=fake.proc.pid, profile_seconds=profile_seconds, profile_out=prof)
 
 
 def _commandstats(r) -> dict[str, int]:
