@@ -251,14 +251,22 @@ def _some_but_not_all_done(url: str, results: Path, n: int) -> bool:
     return 1 <= run_state(url, results).counts([3])[3]["done"] <= n - 2
 
 
-def test_kill_9_of_a_worker_mid_run_redelivers_its_tasks(fleet, fleet_env, fake_vlm, data, tmp_path, redis_url):
-    w1, w2 = fleet.start(2, concurrency=2, extra_env={"REFEXP_VISIBILITY_TIMEOUT": SHORT_VT})
+def _mid_run(fleet, fleet_env, fake_vlm, data, tmp_path, redis_url, extra_env=None):
+    """Two workers with two threads each, a job enqueued, and returns once some images are done
+    and calls are in flight on both: (worker 1, worker 2, results dir)."""
+    w1, w2 = fleet.start(2, concurrency=2, extra_env=extra_env)
     fake_vlm.latency = 0.4
     results = tmp_path / "results"
     producer(fleet_env, "enqueue", *job(fake_vlm, data, results))
     n = len(seed_records(results))
     wait_until(lambda: _some_but_not_all_done(redis_url, results, n) and fake_vlm.stats()["in_flight"] >= 3, 60,
                "some images to finish, and calls in flight on both workers", interval=0.05)
+    return w1, w2, results
+
+
+def test_kill_9_of_a_worker_mid_run_redelivers_its_tasks(fleet, fleet_env, fake_vlm, data, tmp_path, redis_url):
+    w1, w2, results = _mid_run(fleet, fleet_env, fake_vlm, data, tmp_path, redis_url,
+                               {"REFEXP_VISIBILITY_TIMEOUT": SHORT_VT})
     fleet.kill(w1, signal.SIGKILL)
     w1.proc.wait(timeout=10)
     # Its unacked tasks come back after the visibility timeout (10 s) plus one restore sweep.
@@ -277,13 +285,7 @@ def test_kill_9_of_a_worker_mid_run_redelivers_its_tasks(fleet, fleet_env, fake_
 
 def test_sigterm_warm_shutdown_mid_run_loses_nothing(fleet, fleet_env, fake_vlm, data, tmp_path, redis_url):
     # The default (long) visibility timeout: nothing may depend on redelivery here.
-    w1, w2 = fleet.start(2, concurrency=2)
-    fake_vlm.latency = 0.4
-    results = tmp_path / "results"
-    producer(fleet_env, "enqueue", *job(fake_vlm, data, results))
-    n = len(seed_records(results))
-    wait_until(lambda: _some_but_not_all_done(redis_url, results, n) and fake_vlm.stats()["in_flight"] >= 3, 60,
-               "some images to finish, and calls in flight on both workers", interval=0.05)
+    w1, w2, results = _mid_run(fleet, fleet_env, fake_vlm, data, tmp_path, redis_url)
     fleet.kill(w1, signal.SIGTERM)
     assert w1.proc.wait(timeout=30) == 0, w1.text()[-3000:]
     assert "warm shutdown" in w1.text().lower()
