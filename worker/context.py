@@ -22,6 +22,7 @@ from worker.errors import ConfigError, RateLimited
 from worker.layout import Layout
 from worker.runstate import RunState
 from worker.spec import Spec
+from worker.steps import StepOptions
 from worker.steps.prompts import load_prompts
 
 _LOCK = threading.Lock()
@@ -43,6 +44,11 @@ class RunContext:
     templates: dict[str, str]
     budget: FleetBudget
     _client: VLMClient | None = None
+
+    @functools.cached_property
+    def options(self) -> StepOptions:
+        """The step options this run's VLM spec implies: derived once per run, not per task."""
+        return StepOptions.from_vlm(self.spec.ire.vlm)
 
     @property
     def client(self) -> VLMClient:

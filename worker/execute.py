@@ -14,7 +14,7 @@ import re
 from worker.clients.base import VLMClient, VLMRequest, VLMResponse
 from worker.context import RunContext
 from worker.errors import InputError
-from worker.steps import REQUIRES, USES, StepOptions, input_record, run_step
+from worker.steps import REQUIRES, USES, input_record, run_step
 from worker.steps.records import PIPELINE_NAMES
 
 DONE, SKIPPED, BLOCKED, FAILED = "done", "skipped", "blocked", "failed"
@@ -90,7 +90,7 @@ def execute(ctx: RunContext, step: int, image_id: str, seed_offset: int) -> str:
     seed = read_seed(ctx, image_id, seed_offset) if step != 3 else {}
     record = input_record(step, seed, upstream)
     outcome = run_step(step, record, ValidText(ctx.client, image_id), ctx.templates,
-                       max_pixels=ctx.spec.ire.vlm.max_image_pixels, options=StepOptions.from_vlm(ctx.spec.ire.vlm))
+                       max_pixels=ctx.spec.ire.vlm.max_image_pixels, options=ctx.options)
     offset = ctx.layout.sink(step).append(outcome.record)
     if wf.output_format in ("legacy", "both"):
         ctx.layout.write_legacy(step, image_id, outcome.legacy)
