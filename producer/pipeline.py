@@ -70,7 +70,7 @@ def submit(
         "seed_failed": len(report.failures), "enqueued_at": time.time(), "enqueue_complete": False,
         "endpoint": endpoint_key(run.spec.ire.vlm), "done_at_start": last_done,
         "results_dir": str(run.layout.root),
-    })
+    }, prompts=run.templates)
     if progress:
         progress("enqueue", 0, report.images)
     with Publisher(publishers or auto_publishers(report.images - last_done)) as publisher:

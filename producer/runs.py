@@ -31,14 +31,19 @@ class Run:
     layout: Layout
     state: RunState
     spec_hash: str
+    #: The prompt templates checked at enqueue; stored with the spec for the workers.
+    templates: dict[str, str] | None = None
 
     @property
     def ref(self) -> str:
         return f"{self.run_id}:{self.spec_hash}"
 
 
-def spec_hash(public: dict) -> str:
-    return hashlib.sha256(json.dumps(public, sort_keys=True).encode()).hexdigest()[:16]
+def spec_hash(public: dict, templates: dict[str, str] | None = None) -> str:
+    """The id of one version of a run's spec: the public spec and, when given, the prompt
+    templates it resolved to (an edited prompts file is a new version, so workers reload)."""
+    doc = public if templates is None else {"spec": public, "prompts": templates}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def connect(url: str | None = None) -> redis.Redis:
@@ -140,7 +145,8 @@ def open_run(spec: Spec, client: redis.Redis) -> Run:
     layout = Layout(Path(spec.results_dir))
     check_wiring(spec, layout)
     run_id = run_id_for(layout)
-    return Run(run_id, spec, layout, RunState(client, run_id), spec_hash(spec.public_dict()))
+    templates = load_prompts(spec.ire.workflow.prompts_file)
+    return Run(run_id, spec, layout, RunState(client, run_id), spec_hash(spec.public_dict(), templates), templates)
 
 
 def existing_run(results_dir: str | Path, client: redis.Redis) -> tuple[str, Layout, RunState]:

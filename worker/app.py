@@ -10,6 +10,7 @@ from celery import Celery
 
 from worker import settings
 from worker.constants import QUEUE
+from worker.settings import REDIS_SOCKET_TIMEOUT
 
 
 def _backend_url(url: str) -> str:
@@ -48,13 +49,21 @@ def make_app() -> Celery:
         # Message bodies are JSON already: store them as text, not base64 (kombu's default for
         # Redis), which made every queued message a third larger. Each message names its own
         # encoding, so messages queued before this change are still read.
+        # Timeouts on every socket operation: without them a stalled Redis (a failover, a cut
+        # network, `kill -STOP`) holds a publish, an ack or a chord count for ever, and the
+        # worker thread with it. With them the operation fails, and the task layer keeps the
+        # image-step (worker/tasks.py: retry, or leave the message unacked).
         broker_transport_options={
             "visibility_timeout": vt,
             "unacked_restore_interval": max(1, min(10, vt // 4)),
             "unacked_restore_throttle": 1,
             "body_encoding": "utf-8",
+            "socket_timeout": REDIS_SOCKET_TIMEOUT,
+            "socket_connect_timeout": 10,
         },
         result_backend_transport_options={"visibility_timeout": vt},
+        redis_socket_timeout=REDIS_SOCKET_TIMEOUT,
+        redis_socket_connect_timeout=10,
         # Results are tiny status strings, read only by chord counting; let them go quickly.
         result_expires=3600,
         # The chord join counter must outlive the deepest backlog (an image's header may wait

@@ -18,7 +18,7 @@ from worker import settings
 from worker.budget import FleetBudget
 from worker.clients.base import VLMClient, VLMRequest, VLMResponse
 from worker.clients.factory import endpoint_key, get_client
-from worker.errors import ConfigError, RateLimited
+from worker.errors import RateLimited
 from worker.layout import Layout
 from worker.runstate import RunState
 from worker.spec import Spec
@@ -31,8 +31,11 @@ _CONTEXTS: dict[str, RunContext] = {}
 
 @functools.cache
 def state_redis() -> redis.Redis:
-    """One connection pool per process for run state (thread-safe)."""
-    return redis.Redis.from_url(settings.state_url(), health_check_interval=30, socket_keepalive=True)
+    """One connection pool per process for run state (thread-safe), with timeouts on every
+    socket operation, so a stalled Redis costs a task a retry, never a wedged thread (the
+    budget's BLPOP waits 1 s, well inside the timeout)."""
+    return redis.Redis.from_url(settings.state_url(), health_check_interval=30, socket_keepalive=True,
+                                socket_timeout=settings.REDIS_SOCKET_TIMEOUT, socket_connect_timeout=10)
 
 
 @dataclass
@@ -41,9 +44,19 @@ class RunContext:
     spec: Spec
     layout: Layout
     state: RunState
-    templates: dict[str, str]
     budget: FleetBudget
+    stored_templates: dict[str, str] | None = None
     _client: VLMClient | None = None
+
+    @functools.cached_property
+    def templates(self) -> dict[str, str]:
+        """The prompt templates the producer checked and stored with the run; a run enqueued by an
+        older producer (none stored) reads ``workflow.prompts_file`` here. Loaded on first use, so
+        a bad file is a ``ConfigError`` of the task (recorded as the image-step's failure), not
+        an error while building the context, where there is nowhere to record it."""
+        if self.stored_templates is not None:
+            return self.stored_templates
+        return load_prompts(self.spec.ire.workflow.prompts_file)
 
     @functools.cached_property
     def options(self) -> StepOptions:
@@ -75,6 +88,11 @@ class BudgetedClient:
                 raise
 
 
+class RunNotInRedis(Exception):
+    """Redis holds no spec for the run a message names: Redis lost it (restarted empty) or the
+    message came from another Redis. Not a per-image failure: the task is retried later."""
+
+
 def split_ref(run_ref: str) -> tuple[str, str]:
     run_id, _, spec_hash = run_ref.partition(":")
     return run_id, spec_hash
@@ -89,7 +107,8 @@ def get_context(run_ref: str) -> RunContext:
         state = RunState(state_redis(), run_id)
         public = state.load_spec(spec_hash)
         if public is None:
-            raise ConfigError(f"run {run_id}: spec {spec_hash} is not in Redis (was it enqueued on this Redis?)")
+            raise RunNotInRedis(f"run {run_id}: spec {spec_hash} is not in Redis (was it enqueued on this Redis, "
+                                "or was Redis restarted empty? `producer enqueue` stores it again)")
         spec = Spec.model_validate(public)
         vlm = spec.ire.vlm
         timeout = vlm.gemini.timeout if vlm.backend == "gemini" else vlm.openai.timeout
@@ -105,8 +124,8 @@ def get_context(run_ref: str) -> RunContext:
             spec=spec,
             layout=Layout(Path(spec.results_dir)),
             state=state,
-            templates=load_prompts(spec.ire.workflow.prompts_file),
             budget=budget,
+            stored_templates=state.load_prompts(spec_hash),
         )
         _CONTEXTS[run_ref] = ctx
         return ctx

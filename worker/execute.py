@@ -68,11 +68,25 @@ def read_seed(ctx: RunContext, image_id: str, offset: int) -> dict:
     raise InputError(f"{path}: image '{image_id}' is not in the seed file")
 
 
+class Uncommitted(Exception):
+    """The answer arrived but could not be written (disk or Redis unusable).
+
+    Carries what ``commit`` needs to finish later without paying for the call again: the task
+    layer puts ``pending`` in the retry's arguments. ``cause`` is the error that stopped it.
+    """
+
+    def __init__(self, pending: dict, cause: BaseException):
+        super().__init__(f"answer kept for a later write: {type(cause).__name__}: {cause}")
+        self.pending = pending
+        self.cause = cause
+
+
 def execute(ctx: RunContext, step: int, image_id: str, seed_offset: int) -> str:
     """Run ``step`` for one image; return DONE, SKIPPED or BLOCKED, or raise.
 
-    DONE means the outcome is marked and the image settled (``RunState.finish``); the caller
-    settles the other outcomes.
+    DONE means the outcome is written, marked and the image settled (``commit``); the caller
+    settles the other outcomes. When the call succeeded but its write failed, raises
+    ``Uncommitted`` with the answer, so the write can be retried without a second call.
     """
     wf = ctx.spec.ire.workflow
     offsets = ctx.state.done_offsets(image_id, (step, *USES[step]))  # one round trip
@@ -91,21 +105,50 @@ def execute(ctx: RunContext, step: int, image_id: str, seed_offset: int) -> str:
     record = input_record(step, seed, upstream)
     outcome = run_step(step, record, ValidText(ctx.client, image_id), ctx.templates,
                        max_pixels=ctx.spec.ire.vlm.max_image_pixels, options=ctx.options)
-    offset = ctx.layout.sink(step).append(outcome.record)
+    pending = {"record": outcome.record, "legacy": outcome.legacy}
+    try:
+        return commit(ctx, step, image_id, pending)
+    except Exception as exc:
+        raise Uncommitted(pending, exc) from exc
+
+
+def commit(ctx: RunContext, step: int, image_id: str, pending: dict) -> str:
+    """Write a finished step's answer and mark it done, in the order that keeps "done" true.
+
+    The legacy file first (when the output format asks for one), then the sink line (written in
+    full and verified by ``JsonlSink.append``), and only then the done mark, usage and quality
+    counters and the settle check, in one Redis transaction. A failure at any point leaves the
+    image-step not done, and ``commit`` can simply run again: the legacy file is replaced
+    whole, and a second sink line for the image is absorbed by readers (last line wins).
+    """
+    wf = ctx.spec.ire.workflow
+    record = pending["record"]
     if wf.output_format in ("legacy", "both"):
-        ctx.layout.write_legacy(step, image_id, outcome.legacy)
-    step_meta = outcome.record.get("meta", {}).get(PIPELINE_NAMES[step], {})
-    # Mark done, count tokens and quality, settle: one transaction, one round trip.
+        ctx.layout.write_legacy(step, image_id, pending["legacy"])
+    offset = ctx.layout.sink(step).append(record)
+    step_meta = record.get("meta", {}).get(PIPELINE_NAMES[step], {})
     ctx.state.finish(step, image_id, offset, wf.steps, call=step_meta.get("call"), quality=step_meta.get("quality"))
     return DONE
 
 
-def record_failure(ctx: RunContext, step: int, image_id: str, exc: BaseException, attempts: int) -> str:
-    """A failure for good: a line in failures.jsonl and the failed index; the image stays resumable."""
-    extra = {}
+def record_failure(ctx: RunContext, step: int, image_id: str, exc: BaseException | dict, attempts: int) -> str:
+    """A failure for good: a line in failures.jsonl, then the failed mark; the image stays resumable.
+
+    ``exc`` may be the failure as ``failure_payload`` made it, when recording is retried.
+    """
+    payload = exc if isinstance(exc, dict) else failure_payload(exc)
+    payload = {k: v for k, v in payload.items() if k != "attempts"}
+    extra = {"raw": payload["raw"]} if payload.get("raw") else {}
+    ctx.layout.record_failure(image_id=image_id, step=step, error=payload["message"], kind=payload["error"],
+                              attempts=attempts, **extra)
+    ctx.state.mark_failed(step, image_id, f"{payload['error']}: {payload['message']}")
+    return FAILED
+
+
+def failure_payload(exc: BaseException) -> dict:
+    """What ``record_failure`` writes about ``exc``, as plain JSON (it may travel in a retry)."""
+    payload = {"error": type(exc).__name__, "message": str(exc)[:4000]}
     raw = getattr(exc, "raw", None)
     if raw:
-        extra["raw"] = raw[:4000]
-    ctx.layout.record_failure(image_id=image_id, step=step, error=exc, attempts=attempts, **extra)
-    ctx.state.mark_failed(step, image_id, f"{type(exc).__name__}: {exc}")
-    return FAILED
+        payload["raw"] = raw[:4000]
+    return payload

@@ -48,13 +48,17 @@ class Layout:
         write_atomic(self.legacy_path(step, image_id), text)
 
     def record_failure(
-        self, *, image_id: str, step: int | str, error: BaseException | str, attempts: int, **extra: object
+        self, *, image_id: str, step: int | str, error: BaseException | str, attempts: int,
+        kind: str | None = None, **extra: object,
     ) -> None:
-        """One line in ``failures.jsonl``: what failed, why, after how many attempts, and when."""
+        """One line in ``failures.jsonl``: what failed, why, after how many attempts, and when.
+
+        ``error`` is an exception, or a message whose error class is ``kind`` (default "Error").
+        """
         if isinstance(error, BaseException):
             kind, message = type(error).__name__, str(error)
         else:
-            kind, message = "Error", error
+            kind, message = kind or "Error", error
         self.failures.append({
             "image_id": image_id,
             "step": step,

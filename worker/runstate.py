@@ -34,14 +34,24 @@ class RunState:
         self.run_id = run_id
 
     # -- spec ---------------------------------------------------------------------------------
-    def store_spec(self, spec_hash: str, public_spec: dict, meta: dict) -> None:
+    def store_spec(self, spec_hash: str, public_spec: dict, meta: dict,
+                   prompts: dict[str, str] | None = None) -> None:
+        """The spec (secrets blanked), the run's meta and the prompt templates the producer
+        checked: workers use these templates, not the prompts file, so a file edited under a
+        running fleet cannot change (or break) a run already enqueued."""
         pipe = self.r.pipeline()
         pipe.set(run_key(self.run_id, "spec", spec_hash), json.dumps(public_spec), ex=SPEC_TTL)
+        if prompts is not None:
+            pipe.set(run_key(self.run_id, "prompts", spec_hash), json.dumps(prompts), ex=SPEC_TTL)
         pipe.hset(run_key(self.run_id, "meta"), mapping={k: json.dumps(v) for k, v in meta.items()})
         pipe.execute()
 
     def load_spec(self, spec_hash: str) -> dict | None:
         raw = self.r.get(run_key(self.run_id, "spec", spec_hash))
+        return json.loads(raw) if raw else None
+
+    def load_prompts(self, spec_hash: str) -> dict[str, str] | None:
+        raw = self.r.get(run_key(self.run_id, "prompts", spec_hash))
         return json.loads(raw) if raw else None
 
     def meta(self) -> dict:

@@ -10,6 +10,10 @@ import os
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 DEFAULT_VISIBILITY_TIMEOUT = 3600
+#: Seconds any Redis socket operation may take before it fails (a healthy command takes ms; the
+#: longest blocking ones, BRPOP and the budget's BLPOP, wait 1 s). Without a bound a stalled
+#: Redis holds a thread for ever.
+REDIS_SOCKET_TIMEOUT = 20.0
 
 
 def redis_url() -> str:

@@ -10,6 +10,7 @@ an isolated bad line, and readers skip bad lines and take the last record per ``
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -46,6 +47,25 @@ def _lock(fd: int) -> None:
             delay = min(delay * 2, 0.05)
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    """``os.write`` until every byte is written: a write may be short (a disk that fills up
+    mid-line writes what fits and reports the count; only the next write raises ENOSPC)."""
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        if n <= 0:
+            raise OSError(errno.EIO, "write returned 0 bytes")
+        view = view[n:]
+
+
+def _cut(fd: int, end: int) -> None:
+    """Take a partly written line off the end again (we still hold the lock). If even that
+    fails (a volume gone read-only), the torn tail stays; the next writer seals it and readers
+    skip it, and nothing was indexed to point at it."""
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, end)
+
+
 def dumps(record: dict) -> str:
     """The one JSON encoding every output file uses (stable key order, UTF-8, no spaces wasted)."""
     return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
@@ -67,7 +87,15 @@ class JsonlSink:
         self.fsync = fsync
 
     def append(self, record: dict) -> int:
-        """Append one record as one line; return the byte offset where the line starts."""
+        """Append one record as one whole line; return the byte offset where the line starts.
+
+        The line is on disk (written in full, fsynced, read back) when this returns. Anything
+        short of that raises ``OSError`` and leaves the file as it was: a short write (a full
+        disk, a quota) or a failed fsync is cut off again under the lock, so no torn line is
+        ever left behind for a reader, and the caller (``worker.execute.commit``) retries the
+        write later. Only a crash between the write and the cut can leave a torn tail, which
+        the next writer seals.
+        """
         line = (dumps(record) + "\n").encode("utf-8")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with _thread_lock(self.path):
@@ -77,11 +105,18 @@ class JsonlSink:
                 try:
                     end = os.lseek(fd, 0, os.SEEK_END)
                     if end > 0 and os.pread(fd, 1, end - 1) != b"\n":
-                        os.write(fd, b"\n")  # seal a torn line a crashed writer left behind
+                        _write_all(fd, b"\n")  # seal a torn line a crashed writer left behind
                         end += 1
-                    os.write(fd, line)
-                    if self.fsync:
-                        os.fsync(fd)
+                    try:
+                        _write_all(fd, line)
+                        if self.fsync:
+                            os.fsync(fd)
+                        if os.pread(fd, len(line), end) != line:
+                            raise OSError(errno.EIO, f"{self.path}: the line written at byte {end} reads back "
+                                                     "different")
+                    except OSError:
+                        _cut(fd, end)
+                        raise
                 finally:
                     fcntl.flock(fd, fcntl.LOCK_UN)
             finally:
@@ -133,8 +168,20 @@ class JsonlSink:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write a whole file so readers see the old or the new one, never half of it."""
+    """Write a whole file so readers see the old or the new one, never half of it.
+
+    The temporary file is removed again when the write fails (a full or read-only disk), so a
+    failure leaves nothing behind; the caller decides whether to try again.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(text.encode("utf-8"))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise

@@ -1,10 +1,34 @@
-"""Celery tasks: thin adapters from a message to ``worker.execute``.
+"""Celery tasks: thin adapters from a message to ``worker.execute``, and the one place that
+settles an image-step on every path out of a task.
 
-A message carries ``(run_ref, image_id, seed_offset)`` — ids and an offset, never records or
-secrets. Each task returns a short status string (its result only feeds chord counting); the
-record itself goes to the step's sink. A step that fails for good records the failure and
-returns ``"failed"``; the steps after it find their input missing and return ``"blocked"``
-without calling the model, so the chain stops for that image and every other image goes on.
+A message carries ``(run_ref, image_id, seed_offset)`` — ids and an offset, never secrets. Each
+task returns a short status string (its result only feeds chord counting); the record itself
+goes to the step's sink. A step that fails for good records the failure and returns
+``"failed"``; the steps after it find their input missing and return ``"blocked"`` without
+calling the model, so the chain stops for that image and every other image goes on.
+
+Every way out of ``run_task`` leaves the image-step in exactly one of three states (invariant
+7): **done** (``execute.commit`` wrote the line and marked it), **failed** (a line in
+failures.jsonl and the failed mark), or **retrying** (a retry message is published, or the
+message stays unacknowledged in Redis and comes back after the visibility timeout). Which one
+is decided by ``_settle_error`` from what went wrong:
+
+- an answer that arrived but could not be written (``Uncommitted``) is retried as a *write*:
+  the parsed record travels in the retry's arguments, so the call is not paid for twice;
+- a retryable VLM error (429, 5xx, timeout, unparseable answer) is retried with backoff until
+  ``vlm.max_retries``, then recorded as failed;
+- the infrastructure failing (the results volume full or read-only, Redis unreachable, stalled,
+  out of memory or read-only, the run missing from Redis) is nobody's fault in the image: the
+  task is retried later, without limit, and nothing is recorded as failed;
+- anything else (a bad input, a config error, a bug) is recorded as failed with its reason; if
+  recording itself hits the infrastructure, the failure travels in the retry and is recorded
+  by a later attempt.
+
+When even the retry cannot be published (Redis refuses writes or is gone), the message must not
+be acknowledged: the task waits a bounded time for Redis, tries once more, and otherwise
+rejects the message with ``requeue=True``. Redis then either puts it back on the queue, or (when
+it refuses that too) keeps it in its unacked set, from where the visibility timeout brings it
+back. No path acknowledges a message whose image-step is not settled.
 """
 
 from __future__ import annotations
@@ -15,24 +39,43 @@ import time
 
 import redis
 from celery import Task
+from celery.exceptions import Reject, Retry
 
 from worker import settings
 from worker.app import app
 from worker.constants import RESULTLESS_STEPS, STEP_NAMES, task_name
-from worker.context import RunContext, get_context, state_redis
+from worker.context import RunContext, RunNotInRedis, get_context, state_redis
 from worker.errors import PERMANENT, RETRYABLE, ClientError
-from worker.execute import DONE, execute, record_failure
+from worker.execute import DONE, SKIPPED, Uncommitted, commit, execute, failure_payload, record_failure
 
 log = logging.getLogger("refexp.worker")
 
 BACKOFF_BASE = 2.0
 BACKOFF_CAP = 300.0
-# Run state unreachable (Redis restarting, a failover): nothing is known about the image-step, so
-# nothing is recorded as failed; the task waits for Redis (bounded) and is tried again.
-INFRA_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
-REDIS_WAIT = 60.0
 HEARTBEAT_EVERY = 15.0
 _last_beat: dict[tuple[str, str], float] = {}
+
+#: Redis answering with one of these is Redis being unusable (full, loading, a read-only replica,
+#: a failover), not a problem of the image.
+_REDIS_UNUSABLE = ("OOM", "MISCONF", "READONLY", "LOADING", "BUSY", "TRYAGAIN", "CLUSTERDOWN", "MASTERDOWN",
+                   "NOREPLICAS", "EXECABORT")
+
+
+def is_infra_error(exc: BaseException) -> bool:
+    """The infrastructure failed (Redis, the results volume), not the image: retry later, record nothing.
+
+    Any ``OSError`` reaching the task layer comes from our own files on the results volume
+    (images that cannot be read are ``InputError`` already, and the clients map their transport
+    errors to ``ClientError``): a full or read-only disk, a stale NFS handle, an I/O error, a
+    volume not mounted on this host.
+    """
+    if isinstance(exc, Uncommitted | OSError | RunNotInRedis):
+        return True
+    if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
+        return True
+    if isinstance(exc, redis.exceptions.ResponseError):
+        return str(exc).split(" ", 1)[0].upper() in _REDIS_UNUSABLE
+    return False
 
 
 def retry_countdown(retries: int, retry_after: float | None, visibility_timeout: int) -> float:
@@ -44,19 +87,115 @@ def retry_countdown(retries: int, retry_after: float | None, visibility_timeout:
     return min(delay, visibility_timeout * 0.5)
 
 
-def run_task(task: Task, step: int, run_ref: str, image_id: str, seed_offset: int) -> str:
+def run_task(task: Task, step: int, run_ref: str, image_id: str, seed_offset: int,
+             pending: dict | None = None, failure: dict | None = None, vlm_retries: int = 0) -> str:
+    """One attempt at one image-step; settles it on every path (see the module docstring).
+
+    ``pending``: an answer an earlier attempt got but could not write; ``failure``: a failure an
+    earlier attempt could not record. Either way this attempt only finishes that work.
+    ``vlm_retries``: how many retries the VLM's errors have used (``vlm.max_retries`` bounds
+    them; retries for the infrastructure are not counted against it).
+    """
+    ctx: RunContext | None = None
     try:
         ctx = get_context(run_ref)
         _heartbeat(ctx, task.request.hostname or "unknown")
-        outcome = _attempt(task, ctx, step, image_id, seed_offset)
+        if failure is not None:
+            outcome = record_failure(ctx, step, image_id, failure, failure.get("attempts", vlm_retries + 1))
+        elif pending is not None:
+            outcome = _commit_pending(ctx, step, image_id, pending)
+        else:
+            outcome = execute(ctx, step, image_id, seed_offset)
         if outcome != DONE:  # a DONE step was settled in the same transaction that marked it
             ctx.state.settle(image_id, ctx.spec.ire.workflow.steps)
         return outcome
-    except INFRA_ERRORS as exc:
-        log.warning("%s step %s: Redis unreachable (%s); retrying the task once it is back", image_id, step, exc)
-        _wait_for_redis(REDIS_WAIT)
-        countdown = retry_countdown(min(task.request.retries, 3), None, settings.visibility_timeout())
-        raise task.retry(exc=exc, countdown=countdown, max_retries=None) from None
+    except (Retry, Reject):
+        raise
+    except Exception as exc:
+        return _settle_error(task, ctx, step, image_id, exc, vlm_retries)
+
+
+def _commit_pending(ctx: RunContext, step: int, image_id: str, pending: dict) -> str:
+    """Write the answer an earlier attempt kept (unless a duplicate delivery wrote it since)."""
+    if not ctx.spec.ire.workflow.force_reprocess and ctx.state.done_offset(step, image_id) is not None:
+        return SKIPPED
+    try:
+        return commit(ctx, step, image_id, pending)
+    except Exception as exc:
+        raise Uncommitted(pending, exc) from exc
+
+
+def _settle_error(task: Task, ctx: RunContext | None, step: int, image_id: str, exc: Exception,
+                  vlm_retries: int) -> str:
+    """Turn what went wrong into a retry or a recorded failure; never let the image-step go."""
+    backoff = min(task.request.retries, 5)
+    if is_infra_error(exc):
+        cause = exc.cause if isinstance(exc, Uncommitted) else exc
+        kept = {"pending": exc.pending} if isinstance(exc, Uncommitted) else {}
+        log.warning("%s step %s: %s: %s%s; trying again later", image_id, step, type(cause).__name__, cause,
+                    " (the answer is kept: no new call)" if kept else "")
+        return _retry_later(task, exc, retry_countdown(backoff, None, settings.visibility_timeout()), kept)
+    if ctx is None:  # the run could not be loaded, and not for an infrastructure reason: a bug
+        log.error("%s step %s: cannot load the run: %s: %s; trying again later", image_id, step,
+                  type(exc).__name__, exc, exc_info=True)
+        return _retry_later(task, exc, retry_countdown(backoff, None, settings.visibility_timeout()), {})
+    if isinstance(exc, RETRYABLE) and vlm_retries < ctx.spec.ire.vlm.max_retries:
+        retry_after = exc.retry_after if isinstance(exc, ClientError) else None
+        countdown = retry_countdown(vlm_retries, retry_after, settings.visibility_timeout())
+        log.warning("%s step %s attempt %d failed (%s: %s); retry in %.1fs",
+                    image_id, step, vlm_retries + 1, type(exc).__name__, exc, countdown)
+        return _retry_later(task, exc, countdown, {"vlm_retries": vlm_retries + 1})
+    expected = isinstance(exc, PERMANENT | RETRYABLE)
+    log.log(logging.WARNING if expected else logging.ERROR, "%s step %s failed for good: %s: %s",
+            image_id, step, type(exc).__name__, exc, exc_info=not expected)
+    payload = {**failure_payload(exc), "attempts": vlm_retries + 1}
+    try:
+        outcome = record_failure(ctx, step, image_id, payload, payload["attempts"])
+        ctx.state.settle(image_id, ctx.spec.ire.workflow.steps)
+        return outcome
+    except Exception as rec_exc:
+        log.warning("%s step %s: could not record the failure (%s: %s); trying again later",
+                    image_id, step, type(rec_exc).__name__, rec_exc)
+        return _retry_later(task, rec_exc, retry_countdown(backoff, None, settings.visibility_timeout()),
+                            {"failure": payload})
+
+
+def _retry_later(task: Task, exc: BaseException, countdown: float, kwargs: dict) -> str:
+    """Publish a retry of this task in ``countdown`` s (with ``kwargs`` added); if Redis cannot
+    take it, keep the message unacknowledged so Redis gives it back later. Never returns."""
+    new_kwargs = {**(task.request.kwargs or {}), **kwargs}
+    for _ in range(2):
+        try:
+            raise task.retry(exc=exc, countdown=countdown, kwargs=new_kwargs)
+        except Reject as rej:  # the retry could not be published
+            log.warning("%s: cannot publish the retry (%s); waiting for Redis", task.request.id, rej.reason)
+            if not _wait_for_redis(redis_wait()):
+                break
+    log.error("%s: Redis still refuses writes; the message stays with Redis, which hands it out again "
+              "(at the latest after the visibility timeout)", task.request.id)
+    raise Reject(exc, requeue=True)
+
+
+def redis_wait() -> float:
+    """How long a task holding an unsettled image-step waits for Redis before giving its message
+    back: long enough to ride out a restart or a failover, well inside the visibility timeout."""
+    return min(120.0, settings.visibility_timeout() / 4)
+
+
+def _wait_for_redis(timeout: float) -> bool:
+    """Block (at most ``timeout`` s) until Redis answers *and* takes a write (a full Redis answers
+    PING but refuses the retry we want to publish). True when it does."""
+    deadline = time.monotonic() + timeout
+    delay = 0.2
+    while True:
+        try:
+            state_redis().set("refexp:probe", "1", ex=10)
+            return True
+        except redis.exceptions.RedisError:
+            if time.monotonic() + delay > deadline:
+                return False
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 def _heartbeat(ctx: RunContext, hostname: str) -> None:
@@ -71,49 +210,19 @@ def _heartbeat(ctx: RunContext, hostname: str) -> None:
         ctx.state.heartbeat(hostname)
 
 
-def _wait_for_redis(timeout: float) -> None:
-    """Block (at most ``timeout`` s) until Redis answers: the retry is published through it."""
-    deadline = time.monotonic() + timeout
-    delay = 0.1
-    while time.monotonic() < deadline:
-        try:
-            state_redis().ping()
-            return
-        except INFRA_ERRORS:
-            time.sleep(delay)
-            delay = min(delay * 2, 2.0)
-
-
-def _attempt(task: Task, ctx: RunContext, step: int, image_id: str, seed_offset: int) -> str:
-    retries = task.request.retries
-    try:
-        return execute(ctx, step, image_id, seed_offset)
-    except RETRYABLE as exc:
-        max_retries = ctx.spec.ire.vlm.max_retries
-        if retries < max_retries:
-            retry_after = exc.retry_after if isinstance(exc, ClientError) else None
-            countdown = retry_countdown(retries, retry_after, settings.visibility_timeout())
-            log.warning("%s step %s attempt %d failed (%s: %s); retry in %.1fs",
-                        image_id, step, retries + 1, type(exc).__name__, exc, countdown)
-            raise task.retry(exc=exc, countdown=countdown, max_retries=max_retries) from None
-        return record_failure(ctx, step, image_id, exc, retries + 1)
-    except PERMANENT as exc:
-        return record_failure(ctx, step, image_id, exc, retries + 1)
-    except INFRA_ERRORS:
-        raise
-    except Exception as exc:  # a bug or an unforeseen input: record it, never lose the image
-        log.exception("%s step %s: unexpected error", image_id, step)
-        return record_failure(ctx, step, image_id, exc, retries + 1)
-
-
 def _make(step: int) -> Task:
     name = STEP_NAMES[step]
 
     # Steps 2 and 3 never head a chord and nothing reads their status: no result to store (one
     # Redis round trip and one key per task less). The chord header (steps 0, 1) must keep its.
-    @app.task(bind=True, name=task_name(step), acks_late=True, ignore_result=step in RESULTLESS_STEPS)
-    def step_task(self: Task, run_ref: str, image_id: str, seed_offset: int) -> str:
-        return run_task(self, step, run_ref, image_id, seed_offset)
+    # max_retries=None: Celery must never give up on a retry by itself (it would fail the task and
+    # acknowledge the message with the image-step unsettled); ``_settle_error`` bounds the VLM's
+    # retries by ``vlm.max_retries`` and lets the infrastructure's go on.
+    @app.task(bind=True, name=task_name(step), acks_late=True, ignore_result=step in RESULTLESS_STEPS,
+              max_retries=None)
+    def step_task(self: Task, run_ref: str, image_id: str, seed_offset: int,
+                  pending: dict | None = None, failure: dict | None = None, vlm_retries: int = 0) -> str:
+        return run_task(self, step, run_ref, image_id, seed_offset, pending, failure, vlm_retries)
 
     step_task.__doc__ = f"Step {step} ({name}) for one image."
     return step_task
