@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import random
 import time
 import uuid
@@ -30,6 +31,8 @@ from limits.storage import storage_from_string
 from limits.strategies import SlidingWindowCounterRateLimiter
 
 from worker.constants import KEY_PREFIX
+
+log = logging.getLogger("refexp.worker")
 
 # KEYS: leases, this minute's call counter. ARGV: lease seconds, max concurrency, token, stats TTL.
 _ACQUIRE = """
@@ -122,7 +125,13 @@ class FleetBudget:
         try:
             yield
         finally:
-            self._release(keys=[self._leases, self._wake], args=[token, self.max_concurrency])
+            try:
+                self._release(keys=[self._leases, self._wake], args=[token, self.max_concurrency])
+            except redis.exceptions.RedisError as exc:
+                # The call is made and paid for: its answer must not be lost because Redis is
+                # unusable right now. The slot frees itself when its lease runs out.
+                log.warning("could not release a budget slot (%s: %s); it frees itself within %.0f s",
+                            type(exc).__name__, exc, self.lease_seconds)
 
     def _wait_rate(self) -> None:
         if self._limiter is None:

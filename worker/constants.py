@@ -11,6 +11,7 @@ FINAL_FILE = "annotations.jsonl"
 RUN_FILE = "run.json"
 SINK_FILE = "annotations.jsonl"
 LEGACY_DIR = "labels"
+SPOOL_DIR = ".spool"  # answers paid for but not yet written (worker/tasks.py)
 
 # Step number -> name, as in the reference; directory is step_<N>_<name>.
 STEP_NAMES: dict[int, str] = {

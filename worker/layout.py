@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,9 +15,10 @@ from worker.constants import (
     RUN_FILE,
     SEED_FILE,
     SINK_FILE,
+    SPOOL_DIR,
     step_dir_name,
 )
-from worker.sinks import JsonlSink, write_atomic
+from worker.sinks import JsonlSink, dumps, write_atomic
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,26 @@ class Layout:
 
     def write_legacy(self, step: int, image_id: str, text: str) -> None:
         write_atomic(self.legacy_path(step, image_id), text)
+
+    # -- answers kept for a later write (worker/tasks.py) -----------------------------------
+    def spool_path(self, step: int, image_id: str) -> Path:
+        return self.root / SPOOL_DIR / step_dir_name(step) / f"{image_id}.json"
+
+    def write_spool(self, step: int, image_id: str, pending: dict) -> None:
+        """Keep an answer that was paid for but could not be committed because Redis was unusable
+        (the retry that would carry it cannot be published either). The redelivered message,
+        on whichever host, finds it here instead of calling the model again."""
+        write_atomic(self.spool_path(step, image_id), dumps(pending))
+
+    def read_spool(self, step: int, image_id: str) -> dict | None:
+        try:
+            return json.loads(self.spool_path(step, image_id).read_bytes())
+        except (OSError, ValueError):
+            return None
+
+    def drop_spool(self, step: int, image_id: str) -> None:
+        with contextlib.suppress(OSError):
+            self.spool_path(step, image_id).unlink()
 
     def record_failure(
         self, *, image_id: str, step: int | str, error: BaseException | str, attempts: int,

@@ -33,6 +33,7 @@ back. No path acknowledges a message whose image-step is not settled.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -59,6 +60,10 @@ _last_beat: dict[tuple[str, str], float] = {}
 #: a failover), not a problem of the image.
 _REDIS_UNUSABLE = ("OOM", "MISCONF", "READONLY", "LOADING", "BUSY", "TRYAGAIN", "CLUSTERDOWN", "MASTERDOWN",
                    "NOREPLICAS", "EXECABORT")
+_REDIS_UNUSABLE_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
+                          redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError,
+                          redis.exceptions.ExecAbortError, redis.exceptions.TryAgainError,
+                          redis.exceptions.ClusterDownError)
 
 
 def is_infra_error(exc: BaseException) -> bool:
@@ -71,10 +76,11 @@ def is_infra_error(exc: BaseException) -> bool:
     """
     if isinstance(exc, Uncommitted | OSError | RunNotInRedis):
         return True
-    if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
+    if isinstance(exc, _REDIS_UNUSABLE_ERRORS):
         return True
-    if isinstance(exc, redis.exceptions.ResponseError):
-        return str(exc).split(" ", 1)[0].upper() in _REDIS_UNUSABLE
+    if isinstance(exc, redis.exceptions.ResponseError):  # e.g. an error raised inside a Lua script
+        text = str(exc)
+        return text.split(" ", 1)[0].upper() in _REDIS_UNUSABLE or "maxmemory" in text
     return False
 
 
@@ -100,10 +106,13 @@ def run_task(task: Task, step: int, run_ref: str, image_id: str, seed_offset: in
     try:
         ctx = get_context(run_ref)
         _heartbeat(ctx, task.request.hostname or "unknown")
+        if failure is None and pending is None and (task.request.delivery_info or {}).get("redelivered"):
+            pending = ctx.layout.read_spool(step, image_id)  # an answer kept while Redis was unusable
         if failure is not None:
             outcome = record_failure(ctx, step, image_id, failure, failure.get("attempts", vlm_retries + 1))
         elif pending is not None:
             outcome = _commit_pending(ctx, step, image_id, pending)
+            ctx.layout.drop_spool(step, image_id)
         else:
             outcome = execute(ctx, step, image_id, seed_offset)
         if outcome != DONE:  # a DONE step was settled in the same transaction that marked it
@@ -113,6 +122,15 @@ def run_task(task: Task, step: int, run_ref: str, image_id: str, seed_offset: in
         raise
     except Exception as exc:
         return _settle_error(task, ctx, step, image_id, exc, vlm_retries)
+
+
+def _keep(ctx: RunContext, step: int, image_id: str, exc: Uncommitted) -> None:
+    """Spool an answer that Redis could not take, for the redelivered message to find: the
+    retry that would carry it goes through the same unusable Redis. When the results volume is
+    what failed, the retry carries it and the spool write fails too: nothing to do here."""
+    if is_infra_error(exc.cause) and not isinstance(exc.cause, OSError):
+        with contextlib.suppress(OSError):
+            ctx.layout.write_spool(step, image_id, exc.pending)
 
 
 def _commit_pending(ctx: RunContext, step: int, image_id: str, pending: dict) -> str:
@@ -132,6 +150,8 @@ def _settle_error(task: Task, ctx: RunContext | None, step: int, image_id: str, 
     if is_infra_error(exc):
         cause = exc.cause if isinstance(exc, Uncommitted) else exc
         kept = {"pending": exc.pending} if isinstance(exc, Uncommitted) else {}
+        if isinstance(exc, Uncommitted) and ctx is not None:
+            _keep(ctx, step, image_id, exc)
         log.warning("%s step %s: %s: %s%s; trying again later", image_id, step, type(cause).__name__, cause,
                     " (the answer is kept: no new call)" if kept else "")
         return _retry_later(task, exc, retry_countdown(backoff, None, settings.visibility_timeout()), kept)

@@ -1,0 +1,222 @@
+"""Nothing stranded, nothing lost: the results volume full or read-only, a config edited under
+the fleet, Redis full, stalled or emptied, and images stranded on purpose.
+
+Every test injects its fault for real (a tmpfs of a few MB, a remount, SIGSTOP, a Redis at its
+``maxmemory``), against real worker processes and the OpenAI SDK talking to the fake endpoint,
+and ends with every image done (or in failures.jsonl), annotations.jsonl complete, and no manual
+Redis command. The figures each prints (calls repeated, time to recover) are in the closing notes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.integration.test_faults import (
+    SHORT_VT,
+    assert_finalized_once,
+    failures,
+    job,
+    normal_calls,
+    seed_records,
+    status_json,
+)
+from tests.support.faults import PrivateRedis, fill, remount, tmpfs
+from tests.support.fleet import producer, wait_until
+from worker.constants import step_dir_name
+from worker.sinks import JsonlSink, ReadStats
+
+pytestmark = pytest.mark.integration
+
+STEPS = (0, 1, 2, 3)
+WORKER_ENV = {"REFEXP_VISIBILITY_TIMEOUT": SHORT_VT}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> tuple[Path, Path]:
+    """8 drawn road scenes with KITTI labels (one has no label file, so no boxes)."""
+    from producer.demo import make_demo_dataset
+
+    return make_demo_dataset(tmp_path_factory.mktemp("settle-data"), n_images=8, seed=11)
+
+
+def baseline_calls(results: Path) -> int:
+    return sum(normal_calls(r) for r in seed_records(results))
+
+
+def assert_sinks_clean(results: Path, ids: list[str]) -> None:
+    """No torn or corrupt line in any sink, and every image has its record in each."""
+    for s in STEPS:
+        stats = ReadStats()
+        latest = JsonlSink(results / step_dir_name(s) / "annotations.jsonl").latest_offsets(stats)
+        assert stats.bad_lines == 0, f"step {s}: {stats.bad_lines} torn or corrupt lines"
+        assert sorted(latest) == sorted(ids), f"step {s}: missing {sorted(set(ids) - set(latest))}"
+
+
+def assert_legacy_complete(results: Path, ids: list[str], seeds: dict[str, dict]) -> None:
+    for s in STEPS:
+        for i in ids:
+            path = results / step_dir_name(s) / "labels" / f"{i}.txt.step{s}"
+            assert path.exists(), f"{path} missing"
+
+
+def worker_logs(fleet) -> str:
+    return "\n".join(w.text() for w in fleet.workers)
+
+
+def test_results_volume_full_mid_run_then_freed(fleet, fleet_env, fake_vlm, data, tmp_path):
+    with tmpfs(tmp_path / "vol", "2m") as vol:
+        results = vol / "results"
+        fake_vlm.latency = 0.05
+        producer(fleet_env, "enqueue", *job(fake_vlm, data, results,
+                                            "image_referring_expression.workflow.output_format=both"))
+        filler = fill(vol)  # not one byte left: every sink, legacy and failures write fails
+        fleet.start(2, concurrency=4, extra_env=WORKER_ENV)
+        wait_until(lambda: worker_logs(fleet).count("No space left on device") >= 6, 60,
+                   "workers to hit the full disk a few times")
+        calls_while_full = fake_vlm.stats()["calls"]
+        started = time.monotonic()
+        filler.unlink()
+        producer(fleet_env, "wait", "--results-dir", str(results), "--timeout", "90")
+        recovered = time.monotonic() - started
+        seeds = {r["image_id"]: r for r in seed_records(results)}
+        ids = sorted(seeds)
+        assert_finalized_once(results, ids)
+        assert failures(results) == [], "a full disk is not an image failure"
+        assert_sinks_clean(results, ids)
+        assert_legacy_complete(results, ids, seeds)
+        calls = fake_vlm.stats()["calls"]
+        assert calls == baseline_calls(results), "an answer that could not be written was paid for again"
+        assert "the answer is kept: no new call" in worker_logs(fleet)
+        assert not list(results.rglob(".*.tmp")), "temporary files left behind"
+        print(f"disk full: {len(ids)} done, 0 failed, 0 stranded; {calls - baseline_calls(results)} calls "
+              f"repeated ({calls_while_full} made while full); recovered {recovered:.1f} s after space was freed")
+
+
+def test_results_volume_read_only_for_a_while(fleet, fleet_env, fake_vlm, data, tmp_path):
+    with tmpfs(tmp_path / "vol", "64m") as vol:
+        results = vol / "results"
+        fake_vlm.latency = 0.2
+        fleet.start(2, concurrency=4, extra_env=WORKER_ENV)
+        producer(fleet_env, "enqueue", *job(fake_vlm, data, results,
+                                            "image_referring_expression.workflow.output_format=both"))
+        wait_until(lambda: status_json(fleet_env, results)["steps"]["0"]["done"] >= 1, 60, "a first image-step")
+        remount(vol, "ro")
+        try:
+            wait_until(lambda: worker_logs(fleet).count("Read-only file system") >= 4, 60,
+                       "workers to hit the read-only volume")
+        finally:
+            remount(vol, "rw")
+        started = time.monotonic()
+        producer(fleet_env, "wait", "--results-dir", str(results), "--timeout", "90")
+        recovered = time.monotonic() - started
+        ids = [r["image_id"] for r in seed_records(results)]
+        assert_finalized_once(results, ids)
+        assert failures(results) == []
+        assert_sinks_clean(results, ids)
+        calls = fake_vlm.stats()["calls"]
+        assert calls == baseline_calls(results), "an answer that could not be written was paid for again"
+        print(f"read-only volume: {len(ids)} done, 0 failed, 0 stranded; {calls - baseline_calls(results)} calls "
+              f"repeated; recovered {recovered:.1f} s after the remount")
+
+
+def test_prompts_file_edited_under_the_fleet_changes_nothing_enqueued(fleet, fleet_env, fake_vlm, data, tmp_path):
+    prompts = tmp_path / "prompts.yaml"
+    marker = "You are an AI visual assistant that specializes in captions (custom)."
+    prompts.write_text(json.dumps({"image_caption": marker}))
+    results = tmp_path / "results"
+    producer(fleet_env, "enqueue", *job(fake_vlm, data, results,
+                                        f"image_referring_expression.workflow.prompts_file={prompts}"))
+    prompts.write_text("image_caption: [this is: not: a template\n")  # broken before any worker starts
+    fleet.start(2, concurrency=4, extra_env=WORKER_ENV)
+    producer(fleet_env, "wait", "--results-dir", str(results), "--timeout", "90")
+    ids = [r["image_id"] for r in seed_records(results)]
+    assert_finalized_once(results, ids)
+    assert failures(results) == []
+    captions = [r.prompt for r in fake_vlm.requests if r.prompt.startswith("You are an AI visual assistant that")]
+    assert captions and all(p.startswith(marker) for p in captions), "workers must use the prompts enqueued"
+
+
+def _private_fleet(fleet, fleet_env, server: PrivateRedis) -> dict[str, str]:
+    env = {**fleet_env, "REDIS_URL": server.url}
+    fleet.env = env
+    return env
+
+
+def _fill_redis(client, chunk: int = 64 * 1024) -> int:
+    """Write junk until Redis refuses (``maxmemory`` with ``noeviction``); returns the keys written."""
+    import redis as redis_lib
+
+    n = 0
+    blob = b"x" * chunk
+    while True:
+        try:
+            client.set(f"junk:{n}", blob)
+        except redis_lib.exceptions.OutOfMemoryError:
+            return n
+        n += 1
+
+
+def test_redis_full_mid_run_then_freed(fleet, fleet_env, fake_vlm, data, tmp_path):
+    with PrivateRedis(tmp_path / "redis") as server:
+        env = _private_fleet(fleet, fleet_env, server)
+        client = server.client()
+        fake_vlm.latency = 0.3
+        fleet.start(2, concurrency=4, extra_env=WORKER_ENV)
+        results = tmp_path / "results"
+        producer(env, "enqueue", *job(fake_vlm, data, results))
+        wait_until(lambda: fake_vlm.stats()["in_flight"] >= 3, 30, "calls in flight")
+        used = int(client.info("memory")["used_memory"])
+        client.config_set("maxmemory", str(used + 2 * 1024 * 1024))
+        junk = _fill_redis(client)
+        wait_until(lambda: "maxmemory" in worker_logs(fleet), 60, "workers to meet the full Redis")
+        started = time.monotonic()
+        client.delete(*[f"junk:{i}" for i in range(junk)])
+        client.config_set("maxmemory", "0")
+        producer(env, "wait", "--results-dir", str(results), "--timeout", "120")
+        recovered = time.monotonic() - started
+        ids = [r["image_id"] for r in seed_records(results)]
+        assert_finalized_once(results, ids)
+        assert failures(results) == [], "a full Redis is not an image failure"
+        assert all(w.proc.poll() is None for w in fleet.workers), fleet.logs()
+        # The fleet still takes work after the fault: nothing wedged.
+        more = tmp_path / "results-after"
+        producer(env, "enqueue", *job(fake_vlm, data, more), "--wait", "--timeout", "60")
+        assert_finalized_once(more, [r["image_id"] for r in seed_records(more)])
+        repeated = fake_vlm.stats()["calls"] - baseline_calls(results) - baseline_calls(more)
+        print(f"Redis full: {len(ids)} done, 0 failed, 0 stranded; {repeated} calls repeated; "
+              f"recovered {recovered:.1f} s after memory was freed")
+
+
+def test_redis_stalled_longer_than_the_socket_timeout(fleet, fleet_env, fake_vlm, data, tmp_path):
+    from worker.settings import REDIS_SOCKET_TIMEOUT
+
+    with PrivateRedis(tmp_path / "redis") as server:
+        env = _private_fleet(fleet, fleet_env, server)
+        fake_vlm.latency = 0.3
+        fleet.start(2, concurrency=4, extra_env=WORKER_ENV)
+        results = tmp_path / "results"
+        producer(env, "enqueue", *job(fake_vlm, data, results))
+        wait_until(lambda: fake_vlm.stats()["in_flight"] >= 3, 30, "calls in flight")
+        server.pause()
+        try:
+            wait_until(lambda: fake_vlm.stats()["in_flight"] == 0, 30, "the calls in flight to end")
+            stalled = time.monotonic()
+            # Hold the stall past every socket timeout, so each blocked command really fails.
+            wait_until(lambda: time.monotonic() - stalled > REDIS_SOCKET_TIMEOUT + 3, 60, "the stall to last")
+        finally:
+            server.resume()
+        started = time.monotonic()
+        producer(env, "wait", "--results-dir", str(results), "--timeout", "150")
+        recovered = time.monotonic() - started
+        ids = [r["image_id"] for r in seed_records(results)]
+        assert_finalized_once(results, ids)
+        assert failures(results) == []
+        assert all(w.proc.poll() is None for w in fleet.workers), fleet.logs()
+        repeated = fake_vlm.stats()["calls"] - baseline_calls(results)
+        assert repeated == 0, "an answer paid for during the stall was thrown away"
+        print(f"Redis stalled {REDIS_SOCKET_TIMEOUT + 3:.0f} s: {len(ids)} done, 0 failed, 0 stranded; "
+              f"{repeated} calls repeated; recovered {recovered:.1f} s after SIGCONT")
