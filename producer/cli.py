@@ -323,6 +323,26 @@ def retry_failed_cmd(results_dir: RequiredResults, max_inflight: MaxInflight = 5
 
 
 @app.command()
+def repair(
+    results_dir: RequiredResults,
+    older_than: Annotated[float | None, typer.Option(
+        "--older-than", min=0, help="Only images in flight longer than this many seconds (default: the "
+                                    "visibility timeout, REFEXP_VISIBILITY_TIMEOUT).")] = None,
+) -> None:
+    """Put back images in flight that nothing will ever move again (no task queued or held)."""
+    from producer.pipeline import broker_client
+    from producer.reconcile import repair as do_repair
+    from producer.runs import connect, existing_run
+
+    with user_errors():
+        _, _, state = existing_run(results_dir, connect())
+        rec = do_repair(state, broker_client(), older_than=older_than)
+        typer.echo(f"{rec.requeued} stranded images published again, {rec.dropped} finished images taken out "
+                   f"of the in-flight set; {state.queued_count()} images in flight (older than "
+                   f"{rec.older_than:.0f} s are checked)")
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Where the demo dataset and results go.")] = Path("demo-out"),
     images: Annotated[int, typer.Option("--images", min=1, help="How many synthetic images.")] = 12,

@@ -46,9 +46,14 @@ def _batches(run: Run, size: int = BATCH) -> Iterator[list[tuple[int, str]]]:
         yield batch
 
 
-def wait_for_window(state: RunState, max_inflight: int, incoming: int, poll: float = 0.5) -> None:
-    """Block while the run has ``max_inflight`` images in flight (workers drain it)."""
-    while state.queued_count() > 0 and state.queued_count() + incoming > max_inflight:
+def wait_for_window(state: RunState, max_inflight: int, poll: float = 0.5) -> int:
+    """Block until the run has fewer than ``max_inflight`` images in flight; return how many more
+    may go (at least one). Workers drain the window; the reconciler (``producer wait``) keeps a
+    stranded image from holding a place in it for ever."""
+    while True:
+        room = max_inflight - state.queued_count()
+        if room > 0:
+            return room
         time.sleep(poll)
 
 
@@ -62,7 +67,8 @@ def enqueue(
     """Publish the canvases for every seeded image that still has work; return the counts.
 
     ``publisher`` spreads each batch over publisher processes (``producer/publish.py``); by
-    default this process publishes.
+    default this process publishes. At most ``max_inflight`` images are in flight at any time,
+    whatever the batch size: a batch goes out in chunks that fit the window.
     """
     publisher = publisher or Publisher(1)
     steps = run.spec.ire.workflow.steps
@@ -83,15 +89,23 @@ def enqueue(
                 report.already_done += 1
                 continue
             todo.append((offset, image_id, remaining))
-        if todo:
-            wait_for_window(run.state, max_inflight, len(todo))
-            for s in steps:
-                run.state.clear_attempt(s, [image_id for _, image_id, r in todo if s in r], done=force)
-            publisher.publish([(remaining, run.ref, image_id, offset) for offset, image_id, remaining in todo])
-            marked = [image_id for _, image_id, _ in todo]
-            run.state.mark_queued(marked, time.time())
-            run.state.settle_many(marked, steps)  # images a fast worker finished before the mark
-            report.enqueued += len(todo)
+        while todo:
+            room = wait_for_window(run.state, max_inflight)
+            chunk, todo = todo[:room], todo[room:]
+            publish_chunk(run, chunk, steps, force, publisher)
+            report.enqueued += len(chunk)
         if progress is not None:
             progress(len(batch))
     return report
+
+
+def publish_chunk(run: Run, chunk: list[tuple[int, str, list[int]]], steps: list[int], force: bool,
+                  publisher: Publisher) -> None:
+    """Clear old outcomes, publish, then mark in flight (in that order: a producer killed between
+    the publish and the mark causes at most a duplicate message, never a lost image), then settle
+    the images a fast worker finished before the mark."""
+    for s in steps:
+        run.state.clear_attempt(s, [image_id for _, image_id, r in chunk if s in r], done=force)
+    publisher.publish([(remaining, run.ref, image_id, offset) for offset, image_id, remaining in chunk])
+    run.state.mark_queued({image_id: offset for offset, image_id, _ in chunk})
+    run.state.settle_many([image_id for _, image_id, _ in chunk], steps)

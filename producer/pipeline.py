@@ -81,8 +81,15 @@ def submit(
 
 
 def wait(state: RunState, *, timeout: float | None = None, poll: float = 0.5,
-         on_status: Callable[[dict], None] | None = None) -> dict:
-    """Poll the run until it is finished (or ``timeout`` seconds pass); return the last status."""
+         on_status: Callable[[dict], None] | None = None, reconcile: bool = True) -> dict:
+    """Poll the run until it is finished (or ``timeout`` seconds pass); return the last status.
+
+    While waiting, the reconciler (``producer/reconcile.py``) puts back images that nothing will
+    ever move again, so a fault no task could see cannot hold the run open for ever.
+    """
+    from producer.reconcile import Reconciler
+
+    reconciler = Reconciler(state, broker_client()) if reconcile else None
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         st = status(state)
@@ -90,9 +97,18 @@ def wait(state: RunState, *, timeout: float | None = None, poll: float = 0.5,
             on_status(st)
         if st["finished"]:
             return st
+        if reconciler is not None:
+            reconciler.tick()
         if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError(f"run {state.run_id} not finished after {timeout} s")
         time.sleep(poll)
+
+
+def broker_client() -> redis.Redis:
+    """The broker's Redis (queues and unacked messages), for the reconciler."""
+    from worker import settings
+
+    return redis.Redis.from_url(settings.broker_url(), socket_timeout=30, socket_connect_timeout=10)
 
 
 def retry_failed(run_id: str, layout: Layout, state: RunState, *,
@@ -119,13 +135,12 @@ def retry_failed(run_id: str, layout: Layout, state: RunState, *,
         redo = [s for s in steps if s >= first_failed[image_id] and state.done_offset(s, image_id) is None]
         if not redo:
             continue
-        wait_for_window(state, max_inflight, 1)
+        wait_for_window(state, max_inflight)
         for s in redo:
             state.clear_attempt(s, [image_id])
         canvas(redo, run_ref, image_id, offset).apply_async()
-        state.mark_queued([image_id], time.time())
+        state.mark_queued({image_id: offset})
         state.settle_many([image_id], steps)  # it may have finished before the mark
         n += 1
     state.set_meta(enqueue_complete=True)
     return n
-

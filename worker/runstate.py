@@ -211,9 +211,19 @@ class RunState:
         return n
 
     # -- images in flight (the producer's window) ----------------------------------------------
-    def mark_queued(self, image_ids: list[str], stamp: float) -> None:
-        if image_ids:
-            self.r.hset(run_key(self.run_id, "queued"), mapping=dict.fromkeys(image_ids, stamp))
+    def server_time(self) -> float:
+        """Redis's clock, the one clock every host of the fleet shares."""
+        sec, usec = self.r.time()
+        return sec + usec / 1e6
+
+    def mark_queued(self, offsets: dict[str, int]) -> None:
+        """Record images as in flight: ``image_id -> "<Redis time>:<seed offset>"``. The time
+        tells the reconciler how long an image has been in flight, the offset lets it publish
+        the image again without reading the seed file."""
+        if offsets:
+            stamp = int(self.server_time())
+            self.r.hset(run_key(self.run_id, "queued"),
+                        mapping={image_id: f"{stamp}:{offset}" for image_id, offset in offsets.items()})
 
     def queued_many(self, image_ids: list[str]) -> list[bool]:
         if not image_ids:
@@ -223,8 +233,20 @@ class RunState:
     def queued_count(self) -> int:
         return int(self.r.hlen(run_key(self.run_id, "queued")))
 
-    def clear_queued(self) -> None:
-        self.r.delete(run_key(self.run_id, "queued"))
+    def iter_queued(self) -> Iterator[tuple[str, float, int | None]]:
+        """Every image in flight: ``(image_id, since, seed offset)``; ``since`` in Redis time
+        (0 and no offset for marks written by an older producer, which stored the time only)."""
+        for key, raw in self.r.hscan_iter(run_key(self.run_id, "queued"), count=1000):
+            stamp, _, offset = raw.decode().partition(":")
+            try:
+                since = float(stamp)
+            except ValueError:
+                since = 0.0
+            yield key.decode(), since, int(offset) if offset else None
+
+    def unqueue(self, image_ids: list[str]) -> None:
+        if image_ids:
+            self.r.hdel(run_key(self.run_id, "queued"), *image_ids)
 
     def settle(self, image_id: str, steps: list[int]) -> bool:
         """Drop the image from the in-flight set once every step is done, failed or blocked.
@@ -247,6 +269,24 @@ class RunState:
             self.r.hdel(run_key(self.run_id, "queued"), image_id)
         return settled
 
+    def outcomes(self, image_ids: list[str], steps: list[int]) -> dict[str, dict[int, str | None]]:
+        """``image_id -> step -> "done" | "failed" | "blocked" | None`` in one round trip."""
+        kinds = ("done", "failed", "blocked")
+        pipe = self.r.pipeline(transaction=False)
+        for image_id in image_ids:
+            for s in steps:
+                for kind in kinds:
+                    pipe.hexists(run_key(self.run_id, kind, s), image_id)
+        flags = iter(pipe.execute())
+        out: dict[str, dict[int, str | None]] = {}
+        for image_id in image_ids:
+            per_step = {}
+            for s in steps:
+                marks = [next(flags) for _ in kinds]
+                per_step[s] = next((k for k, m in zip(kinds, marks, strict=True) if m), None)
+            out[image_id] = per_step
+        return out
+
     def settle_many(self, image_ids: list[str], steps: list[int]) -> int:
         """``settle`` for a batch in two round trips; returns how many left the in-flight set.
 
@@ -256,17 +296,9 @@ class RunState:
         """
         if not image_ids:
             return 0
-        pipe = self.r.pipeline(transaction=False)
-        for image_id in image_ids:
-            for s in steps:
-                for kind in ("done", "failed", "blocked"):
-                    pipe.hexists(run_key(self.run_id, kind, s), image_id)
-        flags = pipe.execute()
-        per_image = len(steps) * 3
-        settled = [image_id for i, image_id in enumerate(image_ids)
-                   if all(any(flags[i * per_image + j * 3: i * per_image + j * 3 + 3]) for j in range(len(steps)))]
-        if settled:
-            self.r.hdel(run_key(self.run_id, "queued"), *settled)
+        outcomes = self.outcomes(image_ids, steps)
+        settled = [i for i in image_ids if all(outcomes[i][s] is not None for s in steps)]
+        self.unqueue(settled)
         return len(settled)
 
     # -- fleet ---------------------------------------------------------------------------------

@@ -19,8 +19,10 @@ from tests.integration.test_faults import (
     SHORT_VT,
     assert_finalized_once,
     failures,
+    hash_ids,
     job,
     normal_calls,
+    run_state,
     seed_records,
     status_json,
 )
@@ -220,3 +222,102 @@ def test_redis_stalled_longer_than_the_socket_timeout(fleet, fleet_env, fake_vlm
         assert repeated == 0, "an answer paid for during the stall was thrown away"
         print(f"Redis stalled {REDIS_SOCKET_TIMEOUT + 3:.0f} s: {len(ids)} done, 0 failed, 0 stranded; "
               f"{repeated} calls repeated; recovered {recovered:.1f} s after SIGCONT")
+
+
+# --------------------------------------------------------------------------- stranded on purpose
+
+def _lose_every_message(client) -> int:
+    """Delete every queued and unacknowledged message of the fleet's queue, as a lost Redis key,
+    a hand-made mistake or a bug would: the images stay "in flight" with nothing to move them."""
+    from producer.reconcile import PRIORITY_SEP, UNACKED_KEY
+    from worker.constants import QUEUE
+
+    keys = [k for k in client.scan_iter(match=f"{QUEUE}*", _type="list")
+            if k.decode() == QUEUE or k.decode().startswith(QUEUE + PRIORITY_SEP)]
+    lost = sum(client.llen(k) for k in keys) + client.hlen(UNACKED_KEY)
+    client.delete(*keys, UNACKED_KEY, "unacked_index")
+    return lost
+
+
+def test_wait_puts_back_images_whose_messages_were_lost(fleet, fleet_env, fake_vlm, data, tmp_path, redis_client):
+    env = {**fleet_env, **WORKER_ENV}  # the producer's reconciler uses the same visibility timeout
+    results = tmp_path / "results"
+    producer(env, "enqueue", *job(fake_vlm, data, results))
+    lost = _lose_every_message(redis_client)
+    assert lost == 2 * len(seed_records(results))  # two chord-header messages per image
+    fleet.start(2, concurrency=4, extra_env=WORKER_ENV)
+    started = time.monotonic()
+    out = producer(env, "wait", "--results-dir", str(results), "--timeout", "90")
+    recovered = time.monotonic() - started
+    ids = [r["image_id"] for r in seed_records(results)]
+    assert_finalized_once(results, ids)
+    assert failures(results) == []
+    assert fake_vlm.stats()["calls"] == baseline_calls(results)
+    assert "1 failed" not in out.stdout
+    print(f"messages lost: {len(ids)} stranded -> {len(ids)} done, 0 failed; 0 calls repeated; "
+          f"recovered in {recovered:.1f} s (visibility timeout {SHORT_VT} s)")
+
+
+def test_repair_puts_back_images_stranded_mid_chain(fleet, fleet_env, fake_vlm, data, tmp_path, redis_url,
+                                                     redis_client):
+    env = {**fleet_env, **WORKER_ENV}
+    fake_vlm.latency = 0.4
+    fleet.start(2, concurrency=2, extra_env=WORKER_ENV)
+    results = tmp_path / "results"
+    producer(env, "enqueue", *job(fake_vlm, data, results))
+    n = len(seed_records(results))
+    wait_until(lambda: 1 <= status_json(env, results)["steps"]["2"]["done"] <= n - 3, 60,
+               "some images past step 2 and others not")
+    fleet.stop_all()  # warm shutdown: the calls in flight finish and are written
+    fleet.workers.clear()
+    lost = _lose_every_message(redis_client)
+    st = status_json(env, results)
+    stranded = st["in_flight_images"]
+    assert lost >= 1 and stranded >= 3, st
+    # Young strandings are left alone (the visibility timeout has not passed for all of them) ...
+    early = producer(env, "repair", "--results-dir", str(results), "--older-than", "3600")
+    assert early.stdout.startswith("0 stranded images published again"), early.stdout
+    # ... old ones are put back, for exactly the steps that have no outcome.
+    state = run_state(redis_url, results)
+    done_before = {s: hash_ids(state.r, state.run_id, "done", s) for s in STEPS}
+    seeds = {r["image_id"]: r for r in seed_records(results)}
+    owed = sum(1 for i, r in seeds.items() for s in STEPS if i not in done_before[s] and (s == 1 or r["kitti_bboxes"]))
+    calls_before = fake_vlm.stats()["calls"]
+    out = producer(env, "repair", "--results-dir", str(results), "--older-than", "0")
+    assert out.stdout.startswith(f"{stranded} stranded images published again"), out.stdout
+    fleet.start(2, concurrency=4, extra_env=WORKER_ENV)
+    producer(env, "wait", "--results-dir", str(results), "--timeout", "90")
+    assert_finalized_once(results, sorted(seeds))
+    assert failures(results) == []
+    assert fake_vlm.stats()["calls"] - calls_before == owed, "a step that was done was asked again, or one was lost"
+    print(f"stranded mid-chain: {stranded} images put back by `producer repair`; {owed} calls owed and made")
+
+
+def test_max_inflight_holds_below_the_publish_batch(fleet, fleet_env, fake_vlm, tmp_path, redis_url):
+    import threading
+
+    from tests.integration.test_faults import tiny_images
+
+    images = tiny_images(tmp_path / "images", 60)
+    fake_vlm.latency = 0.05
+    fleet.start(1, concurrency=8)
+    results = tmp_path / "results"
+    peak = [0]
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            if (results / "run.json").exists():
+                peak[0] = max(peak[0], run_state(redis_url, results).queued_count())
+            stop.wait(0.002)
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    try:
+        producer(fleet_env, "enqueue", *job(fake_vlm, images, results), "--max-inflight", "5",
+                 "--wait", "--timeout", "90")
+    finally:
+        stop.set()
+        t.join()
+    assert_finalized_once(results, [r["image_id"] for r in seed_records(results)])
+    assert 1 <= peak[0] <= 5, f"{peak[0]} images in flight with --max-inflight 5"

@@ -1,0 +1,197 @@
+"""The reconciler: finds images in flight that nothing will ever move again, and puts them back.
+
+Workers settle every image-step on every path they can see (``worker/tasks.py``), but some
+faults happen where no task can see them: a chord whose join count was lost with Redis, a
+message deleted by hand, a retry Redis refused while its task was killed. Such an image stays
+in the run's in-flight set with no message anywhere, and ``producer wait`` would wait for ever.
+
+"Nothing will move it" is decided carefully, because most images that look slow are fine:
+
+- it has been in flight longer than the visibility timeout (a killed worker's message is
+  restored by Redis within that time, so before it the answer would often be "not yet");
+- some of its steps have no outcome (done, failed or blocked);
+- no message of this run names it, neither in the queue (which also holds chord bodies and
+  chain links once published) nor in the unacked set (messages a worker holds: running, or
+  waiting for a countdown retry; and those of dead workers, until the visibility timeout
+  gives them back);
+- and all of that holds on two looks some seconds apart (a message moves between the queue and
+  the unacked set, or a chord body is being published, for a few milliseconds).
+
+Such an image is published again for its steps without an outcome (and the blocked ones, which
+may have been blocked by the lost step), exactly as ``enqueue`` would. A message that was only
+missed costs at most a duplicate, which the workers' done check absorbs.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+
+from producer.publish import canvas
+from producer.seed import iter_seed
+from worker import settings
+from worker.constants import QUEUE
+from worker.layout import Layout
+from worker.runstate import RunState
+
+log = logging.getLogger("refexp.producer")
+
+#: kombu's Redis transport: the hash of unacknowledged messages, and the separator of the
+#: per-priority queue lists (``refexp``, ``refexp\x06\x163``, ...).
+UNACKED_KEY = "unacked"
+PRIORITY_SEP = "\x06\x16"
+SCAN_CHUNK = 1000
+
+
+def message_args(raw: bytes | str) -> list | None:
+    """The task arguments of a kombu message as Redis stores it (queue entry or unacked value)."""
+    try:
+        payload = json.loads(raw)
+        if isinstance(payload, list):  # unacked: [message, exchange, routing_key]
+            payload = payload[0]
+        body = payload["body"]
+        if (payload.get("properties") or {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args = json.loads(body)[0]
+        return args if isinstance(args, list) else None
+    except (ValueError, KeyError, TypeError, IndexError):
+        return None
+
+
+def _queue_keys(broker: redis.Redis) -> list[bytes]:
+    keys = []
+    for key in broker.scan_iter(match=f"{QUEUE}*", count=SCAN_CHUNK, _type="list"):
+        name = key.decode(errors="replace")
+        if name == QUEUE or name.startswith(QUEUE + PRIORITY_SEP):
+            keys.append(key)
+    return keys
+
+
+def _messages(broker: redis.Redis) -> Iterator[bytes]:
+    for key in _queue_keys(broker):
+        start = 0
+        while True:
+            chunk = broker.lrange(key, start, start + SCAN_CHUNK - 1)
+            yield from chunk
+            if len(chunk) < SCAN_CHUNK:
+                break
+            start += SCAN_CHUNK
+    for _, raw in broker.hscan_iter(UNACKED_KEY, count=SCAN_CHUNK):
+        yield raw
+
+
+def referenced(broker: redis.Redis, run_id: str) -> set[str]:
+    """Images of run ``run_id`` that some queued or unacknowledged message names."""
+    prefix = f"{run_id}:"
+    ids = set()
+    for raw in _messages(broker):
+        if run_id.encode() not in raw:
+            continue
+        args = message_args(raw)
+        if args and len(args) >= 2 and isinstance(args[0], str) and args[0].startswith(prefix):
+            ids.add(str(args[1]))
+    return ids
+
+
+@dataclass
+class Reconciler:
+    """Looks for stranded images every ``interval`` seconds and publishes them again.
+
+    ``tick`` is cheap when nothing is old: one HSCAN of the in-flight set; the queue is read only
+    when an image has been in flight longer than ``older_than`` without finishing.
+    """
+
+    state: RunState
+    broker: redis.Redis
+    older_than: float = field(default_factory=lambda: float(settings.visibility_timeout()))
+    interval: float = 0.0
+    suspects: dict[str, int | None] = field(default_factory=dict)
+    last: float = 0.0
+    requeued: int = 0
+    dropped: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.interval:
+            self.interval = min(60.0, max(2.0, self.older_than / 2))
+
+    def tick(self) -> int:
+        """One look if ``interval`` has passed since the last; returns the images put back."""
+        now = time.monotonic()
+        if now - self.last < self.interval:
+            return 0
+        self.last = now
+        return self.look()
+
+    def look(self) -> int:
+        """Suspect the images that look stranded now; put back those that already looked
+        stranded on the previous look. Returns how many were put back."""
+        meta = self.state.meta()
+        steps: list[int] = meta.get("steps") or []
+        if not steps or not meta.get("spec_hash"):
+            return 0
+        horizon = self.state.server_time() - self.older_than
+        old = {image_id: offset for image_id, since, offset in self.state.iter_queued() if since <= horizon}
+        if not old:
+            self.suspects = {}
+            return 0
+        outcomes = self.state.outcomes(list(old), steps)
+        settled = [i for i in old if all(outcomes[i][s] is not None for s in steps)]
+        self.state.unqueue(settled)  # finished, but the settle that drops them was lost
+        self.dropped += len(settled)
+        unfinished = {i: off for i, off in old.items() if i not in settled}
+        if not unfinished:
+            self.suspects = {}
+            return 0
+        alive = referenced(self.broker, self.state.run_id)
+        now_suspect = {i: off for i, off in unfinished.items() if i not in alive}
+        stranded = {i: off for i, off in now_suspect.items() if i in self.suspects}
+        self.suspects = {i: off for i, off in now_suspect.items() if i not in stranded}
+        if stranded:
+            self.requeue(stranded, steps, f"{self.state.run_id}:{meta['spec_hash']}",
+                         {i: outcomes[i] for i in stranded})
+        return len(stranded)
+
+    def requeue(self, stranded: dict[str, int | None], steps: list[int], run_ref: str,
+                outcomes: dict[str, dict[int, str | None]]) -> None:
+        offsets = _fill_offsets(self.state, stranded)
+        for image_id, offset in offsets.items():
+            redo = [s for s in steps if outcomes[image_id][s] in (None, "blocked")]
+            if not redo:
+                continue
+            for s in redo:
+                self.state.clear_attempt(s, [image_id])
+            canvas(redo, run_ref, image_id, offset).apply_async()
+            self.state.mark_queued({image_id: offset})
+            self.requeued += 1
+            log.warning("%s: in flight with no task anywhere; published again for steps %s", image_id, redo)
+
+
+def _fill_offsets(state: RunState, stranded: dict[str, int | None]) -> dict[str, int]:
+    """Seed offsets for the stranded images (marks of an older producer hold none: read the seed)."""
+    missing = {i for i, off in stranded.items() if off is None}
+    offsets = {i: off for i, off in stranded.items() if off is not None}
+    root = state.meta().get("results_dir") if missing else None
+    if root:
+        for offset, rec in iter_seed(Layout(Path(root)).seed):
+            if rec.get("image_id") in missing:
+                offsets[rec["image_id"]] = offset
+    return offsets
+
+
+def repair(state: RunState, broker: redis.Redis, *, older_than: float | None = None,
+           confirm_after: float = 3.0) -> Reconciler:
+    """``producer repair``: two looks ``confirm_after`` s apart; the reconciler tells what it did
+    (``requeued`` images put back, ``dropped`` finished images taken out of the in-flight set)."""
+    rec = Reconciler(state, broker, older_than=settings.visibility_timeout() if older_than is None else older_than)
+    rec.look()
+    if rec.suspects:
+        time.sleep(confirm_after)
+        rec.look()
+    return rec
