@@ -121,7 +121,14 @@ def run_task(task: Task, step: int, run_ref: str, image_id: str, seed_offset: in
     except (Retry, Reject):
         raise
     except Exception as exc:
-        return _settle_error(task, ctx, step, image_id, exc, vlm_retries)
+        try:
+            return _settle_error(task, ctx, step, image_id, exc, vlm_retries)
+        except (Retry, Reject):
+            raise
+        except Exception:  # a bug in settling itself: still never acknowledge an unsettled image-step
+            log.exception("%s step %s: could not settle after %s; trying again later", image_id, step,
+                          type(exc).__name__)
+            return _retry_later(task, exc, BACKOFF_CAP / 2, {})
 
 
 def _keep(ctx: RunContext, step: int, image_id: str, exc: Uncommitted) -> None:
@@ -165,7 +172,7 @@ def _settle_error(task: Task, ctx: RunContext | None, step: int, image_id: str, 
         log.warning("%s step %s attempt %d failed (%s: %s); retry in %.1fs",
                     image_id, step, vlm_retries + 1, type(exc).__name__, exc, countdown)
         return _retry_later(task, exc, countdown, {"vlm_retries": vlm_retries + 1})
-    expected = isinstance(exc, PERMANENT | RETRYABLE)
+    expected = isinstance(exc, PERMANENT + RETRYABLE)
     log.log(logging.WARNING if expected else logging.ERROR, "%s step %s failed for good: %s: %s",
             image_id, step, type(exc).__name__, exc, exc_info=not expected)
     payload = {**failure_payload(exc), "attempts": vlm_retries + 1}
