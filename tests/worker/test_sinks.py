@@ -233,3 +233,35 @@ def test_write_atomic_empty_text(tmp_path):
     p = tmp_path / "a.txt.step2"
     write_atomic(p, "")
     assert p.exists() and p.stat().st_size == 0
+
+
+def test_an_append_that_does_not_fit_leaves_the_file_as_it_was(tmp_path):
+    """On a full disk the line is written in part or not at all: the append raises and cuts the
+    part off again, so no reader ever sees a torn line and nothing points at one (a real tmpfs)."""
+    from tests.support.faults import fill, tmpfs
+
+    with tmpfs(tmp_path / "vol", "1m") as vol:
+        sink = JsonlSink(vol / "s.jsonl")
+        first = sink.append({"image_id": "a", "x": 1})
+        before = sink.path.read_bytes()
+        filler = fill(vol, leave=100)  # room for part of the next line only
+        big = {"image_id": "b", "text": "y" * 10_000}
+        with pytest.raises(OSError):
+            sink.append(big)
+        assert sink.path.read_bytes() == before
+        filler.unlink()
+        second = sink.append(big)
+        assert second == len(before) and first == 0
+        stats = ReadStats()
+        assert sorted(sink.latest_offsets(stats)) == ["a", "b"] and stats.bad_lines == 0
+
+
+def test_write_atomic_leaves_no_temporary_file_when_the_disk_is_full(tmp_path):
+    from tests.support.faults import fill, tmpfs
+    from worker.sinks import write_atomic
+
+    with tmpfs(tmp_path / "vol", "1m") as vol:
+        fill(vol)
+        with pytest.raises(OSError):
+            write_atomic(vol / "labels" / "a.txt.step0", "x" * 5000)
+        assert [p.name for p in (vol / "labels").iterdir()] == []
