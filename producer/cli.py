@@ -327,7 +327,7 @@ def repair(
     results_dir: RequiredResults,
     older_than: Annotated[float | None, typer.Option(
         "--older-than", min=0, help="Only images in flight longer than this many seconds (default: the "
-                                    "visibility timeout, REFEXP_VISIBILITY_TIMEOUT).")] = None,
+                                    "visibility timeout REFEXP_VISIBILITY_TIMEOUT, at most 300).")] = None,
 ) -> None:
     """Put back images in flight that nothing will ever move again (no task queued or held)."""
     from producer.pipeline import broker_client

@@ -7,8 +7,8 @@ in the run's in-flight set with no message anywhere, and ``producer wait`` would
 
 "Nothing will move it" is decided carefully, because most images that look slow are fine:
 
-- it has been in flight longer than the visibility timeout (a killed worker's message is
-  restored by Redis within that time, so before it the answer would often be "not yet");
+- it has been in flight for a while (the visibility timeout, at most 5 minutes): young images
+  are nearly always just waiting their turn, and a look at the queue costs a scan;
 - some of its steps have no outcome (done, failed or blocked);
 - no message of this run names it, neither in the queue (which also holds chord bodies and
   chain links once published) nor in the unacked set (messages a worker holds: running, or
@@ -100,6 +100,18 @@ def referenced(broker: redis.Redis, run_id: str) -> set[str]:
     return ids
 
 
+#: An image in flight this long is worth a look. Every state an image can legitimately be in is
+#: visible in Redis (queued, or unacked while a worker holds it, runs it or waits for its
+#: countdown; a dead worker's message stays unacked until the visibility timeout restores it),
+#: except for the milliseconds a message is in transit, which the second look covers. So the
+#: look need not wait for the visibility timeout itself when that is long.
+MAX_OLDER_THAN = 300.0
+
+
+def default_older_than() -> float:
+    return float(min(settings.visibility_timeout(), MAX_OLDER_THAN))
+
+
 @dataclass
 class Reconciler:
     """Looks for stranded images every ``interval`` seconds and publishes them again.
@@ -110,7 +122,7 @@ class Reconciler:
 
     state: RunState
     broker: redis.Redis
-    older_than: float = field(default_factory=lambda: float(settings.visibility_timeout()))
+    older_than: float = field(default_factory=lambda: default_older_than())
     interval: float = 0.0
     suspects: dict[str, int | None] = field(default_factory=dict)
     last: float = 0.0
@@ -189,7 +201,7 @@ def repair(state: RunState, broker: redis.Redis, *, older_than: float | None = N
            confirm_after: float = 3.0) -> Reconciler:
     """``producer repair``: two looks ``confirm_after`` s apart; the reconciler tells what it did
     (``requeued`` images put back, ``dropped`` finished images taken out of the in-flight set)."""
-    rec = Reconciler(state, broker, older_than=settings.visibility_timeout() if older_than is None else older_than)
+    rec = Reconciler(state, broker, older_than=default_older_than() if older_than is None else older_than)
     rec.look()
     if rec.suspects:
         time.sleep(confirm_after)

@@ -47,7 +47,7 @@ from worker.app import app
 from worker.constants import RESULTLESS_STEPS, STEP_NAMES, task_name
 from worker.context import RunContext, RunNotInRedis, get_context, state_redis
 from worker.errors import PERMANENT, RETRYABLE, ClientError
-from worker.execute import DONE, SKIPPED, Uncommitted, commit, execute, failure_payload, record_failure
+from worker.execute import DONE, FAILED, SKIPPED, Uncommitted, commit, execute, failure_payload, record_failure
 
 log = logging.getLogger("refexp.worker")
 
@@ -108,8 +108,10 @@ def run_task(task: Task, step: int, run_ref: str, image_id: str, seed_offset: in
         _heartbeat(ctx, task.request.hostname or "unknown")
         if failure is None and pending is None and (task.request.delivery_info or {}).get("redelivered"):
             pending = ctx.layout.read_spool(step, image_id)  # an answer kept while Redis was unusable
-        if failure is not None:
-            outcome = record_failure(ctx, step, image_id, failure, failure.get("attempts", vlm_retries + 1))
+        if failure is not None:  # recorded unless an earlier attempt got that far before Redis failed
+            recorded = ctx.state.outcomes([image_id], [step])[image_id][step] == FAILED
+            outcome = FAILED if recorded else record_failure(ctx, step, image_id, failure,
+                                                              failure.get("attempts", vlm_retries + 1))
         elif pending is not None:
             outcome = _commit_pending(ctx, step, image_id, pending)
             ctx.layout.drop_spool(step, image_id)
