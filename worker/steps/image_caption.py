@@ -110,7 +110,7 @@ def _unwrap_json(caption: str, raw: str, repairs: list[str]) -> str:
                 return inner.strip()
         keys = list(dict.fromkeys(_keys(value)))[:6]
         what = (f"JSON with the keys {', '.join(keys)}" if keys else
-                "JSON" if value is not None else "the start of a JSON value")
+                "JSON" if value is not None else "JSON-like data (cut, or too deeply nested to read)")
         raise ParseError(f"step 1: the answer is {what}, not a caption (an answer to another step's "
                          "prompt or schema)", raw=raw)
     got = decode_json(caption[:MAX_ANSWER_CHARS]) if "{" in caption else None

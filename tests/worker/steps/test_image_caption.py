@@ -129,7 +129,7 @@ def test_a_caption_of_a_few_kb_is_kept_whole(seed):
 def test_json_for_another_step_is_rejected_for_a_retry(seed, answer, keys):
     with pytest.raises(ParseError) as exc:
         run(seed, answer)
-    what = f"JSON with the keys {keys}" if keys else "the start of a JSON value"
+    what = f"JSON with the keys {keys}" if keys else "JSON-like data (cut, or too deeply nested to read)"
     assert f"step 1: the answer is {what}, not a caption" in str(exc.value)
     assert exc.value.raw == answer
 
