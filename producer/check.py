@@ -26,7 +26,7 @@ from worker.steps.prompts import load_prompts
 def _sample(image: Path | None, tmp: Path) -> tuple[Path, Path | None]:
     if image is not None:
         label = image.with_suffix(".txt")
-        return image, label if label.exists() else None
+        return image, label if label.is_file() else None
     from producer.demo import make_demo_dataset
 
     images, labels = make_demo_dataset(tmp, n_images=1, seed=3)

@@ -116,11 +116,7 @@ def _watch(state, timeout: float | None) -> dict:
 
 def _print_seed(sub) -> None:
     r = sub.seed
-    typer.echo(f"seeded {r.images} images, {r.boxes} boxes ({r.ignored_boxes} ignored by type, "
-               f"{r.skipped_lines} label lines skipped, {r.missing_labels} label files missing, "
-               f"{r.unreadable_images} images unreadable, {r.orphan_labels} label files without an image"
-               + (f", {r.outside_root} images outside the allowed root" if r.outside_root else "") + ")",
-               err=True)
+    typer.echo(r.summary(), err=True)
     for p in r.problems[:20]:
         typer.echo(f"  warning: {p}", err=True)
     if len(r.problems) > 20:

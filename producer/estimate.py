@@ -48,11 +48,11 @@ from typing import Annotated
 import typer
 
 from producer.preview import choose_ids
-from producer.seed import SeedReport, list_images, seed_from_jsonl
+from producer.seed import SeedReport, list_images, read_label, seed_from_jsonl
 from producer.status import call_cost
 from worker.errors import ConfigError, InputError
 from worker.images import read_size
-from worker.kitti import decode_label_bytes, parse_kitti
+from worker.kitti import cap_boxes, parse_kitti
 from worker.layout import Layout
 from worker.spec import Spec, VLMSpec, load_spec
 from worker.steps import double_check, grounding_expr, region_expr
@@ -162,11 +162,12 @@ def scan_dataset(spec: Spec, sample: int) -> DatasetScan:
         boxes: list[list] = []
         if label_dir is not None:
             try:
-                text = decode_label_bytes((label_dir / f"{stem}.txt").read_bytes())
-            except FileNotFoundError:
-                text = ""
+                text = read_label(label_dir / f"{stem}.txt") or ""
+            except InputError:
+                scan.unreadable += 1  # seeding leaves this image out too
+                continue
             parsed = parse_kitti(text, width=w, height=h, ignore_types=data.ignore_types)
-            boxes = [[*b["bbox"], b["type"]] for b in parsed.boxes]
+            boxes = [[*b["bbox"], b["type"]] for b in cap_boxes(parsed.boxes, data.max_boxes_per_image)[0]]
         scan.sampled.append({"image_id": stem, "image_path": str(image_dir / names[stem]), "width": w, "height": h,
                              "kitti_bboxes": boxes})
     return scan

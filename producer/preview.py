@@ -186,8 +186,17 @@ def text_color(background: Color) -> Color:
     return (0, 0, 0) if (lum + 0.05) / 0.05 >= 1.05 / (lum + 0.05) else (255, 255, 255)
 
 
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(32), 127]} | {10: "\\n", 13: "\\r", 9: " "}
+
+
+def printable(text: str) -> str:
+    """``text`` on one line, control characters written as escapes: file names and model answers
+    can hold a newline, and Pillow's text layout (raqm) refuses it in a single-line draw."""
+    return str(text).translate(_CONTROL)
+
+
 def _text_size(font, text: str) -> tuple[int, int]:
-    left, top, right, bottom = font.getbbox(text)
+    left, top, right, bottom = font.getbbox(printable(text))
     return int(right - left), int(bottom - top)
 
 
@@ -307,7 +316,8 @@ def draw_tag(draw: ImageDraw.ImageDraw, placer: TagPlacer, tag: Tag, others: Seq
         draw.line([c, q], fill=(0, 0, 0), width=4)
         draw.line([c, q], fill=tag.chips[0][1], width=2)
     x = rect[0]
-    for text, color in tag.chips:
+    for raw, color in tag.chips:
+        text = printable(raw)
         w = _text_size(placer.font, text)[0] + 2 * PAD
         draw.rectangle([x, rect[1], x + w, rect[3]], fill=color, outline=(0, 0, 0), width=1)
         left, top, _, _ = placer.font.getbbox(text)
@@ -357,11 +367,12 @@ def _compose(title: str, img: Image.Image, rows: list[LegendRow], note: str | No
     """Title bar, the drawn image, and the legend rows under it, as one PNG."""
     font = _font(LEGEND_FONT_SIZE)
     title_font = _font(FONT_SIZE + 2)
+    title, note = printable(title), printable(note) if note else note
     line_h = _text_size(font, "Ag0")[1] + 8
     width = max(img.width, 640)
     wrapped: list[tuple[LegendRow, list[str]]] = []
     for row in rows:
-        wrapped.append((row, _wrap(font, row.text, width - 56)))
+        wrapped.append((row, _wrap(font, printable(row.text), width - 56)))
     extra = [note] if note else []
     legend_h = sum(len(lines) for _, lines in wrapped) * line_h + len(extra) * line_h + (10 if rows or extra else 0)
     title_h = _text_size(title_font, "Ag0")[1] + 14

@@ -17,14 +17,15 @@ from pathlib import Path
 
 from worker.constants import SEED_FILE
 from worker.errors import ConfigError, InputError
-from worker.images import IMAGE_SUFFIXES, read_size
-from worker.kitti import decode_label_bytes, parse_kitti
+from worker.images import IMAGE_SUFFIXES, UNSUPPORTED_SUFFIXES, read_size
+from worker.kitti import cap_boxes, decode_label_bytes, parse_kitti
 from worker.sinks import dumps
 from worker.spec import Spec
 from worker.steps.records import SOURCE
 
 REQUIRED_FIELDS = ("image_id", "image_path")
 MAX_REPORTED = 50
+MAX_FOLDERS_DESCRIBED = 5  # subfolders whose contents the summary counts (each costs a listing)
 
 
 @dataclass
@@ -39,12 +40,28 @@ class SeedReport:
     orphan_labels: int = 0  # label files with no image of their stem (ignored)
     unreadable_images: int = 0
     outside_root: int = 0  # input_annotations_jsonl images outside the allowed root (not seeded)
+    unreadable_labels: int = 0  # label paths that are directories or cannot be read (image not seeded)
+    unsupported_images: int = 0  # image files of a format we do not send (.bmp, .gif, ...)
+    subfolders: int = 0  # folders inside data.image_dir (not searched)
+    capped_boxes: int = 0  # boxes dropped by data.max_boxes_per_image
     problems: list[str] = field(default_factory=list)
     failures: list[tuple[str, str, str]] = field(default_factory=list)  # (image_id, path, message)
 
     def note(self, message: str) -> None:
         if len(self.problems) < MAX_REPORTED:
             self.problems.append(message)
+
+    def summary(self) -> str:
+        """One line for the user; the counts that are usually 0 appear only when they are not."""
+        extra = [(self.outside_root, "images outside the allowed root"),
+                 (self.unreadable_labels, "label files unreadable (images not seeded)"),
+                 (self.unsupported_images, "image files of an unsupported type skipped"),
+                 (self.subfolders, "subfolders of data.image_dir not searched"),
+                 (self.capped_boxes, "boxes over data.max_boxes_per_image dropped")]
+        return (f"seeded {self.images} images, {self.boxes} boxes ({self.ignored_boxes} ignored by type, "
+                f"{self.skipped_lines} label lines skipped, {self.missing_labels} label files missing, "
+                f"{self.unreadable_images} images unreadable, {self.orphan_labels} label files without an image"
+                + "".join(f", {n} {what}" for n, what in extra if n) + ")")
 
 
 @dataclass(frozen=True)
@@ -55,25 +72,160 @@ class SeedEntry:
     offset: int
 
 
-def list_images(image_dir: Path) -> list[tuple[str, str]]:
-    """``(stem, file name)`` of every jpg/jpeg/png (any case), sorted; duplicate stems are an error."""
-    names = []
-    with os.scandir(image_dir) as it:
-        for entry in it:
-            if entry.name.lower().endswith(IMAGE_SUFFIXES) and entry.is_file():
-                names.append((os.path.splitext(entry.name)[0], entry.name))
-    names.sort()
+@dataclass
+class ImageListing:
+    """What ``data.image_dir`` holds, sorted: the images to seed, and what was left out and why."""
+
+    images: list[tuple[str, str]] = field(default_factory=list)  # (stem, file name)
+    broken: list[tuple[str, str, str]] = field(default_factory=list)  # (stem, file name, reason)
+    unsupported: dict[str, list[str]] = field(default_factory=dict)  # format -> file names
+    subfolders: list[str] = field(default_factory=list)  # folder names
+    other: dict[str, int] = field(default_factory=dict)  # suffix of non-image files -> count
+
+    def skipped_stems(self) -> dict[str, str]:
+        """Stem -> why its image file was not seeded (for label files of those stems)."""
+        out = {stem: f"{name}: {why}" for stem, name, why in self.broken}
+        for fmt, names in self.unsupported.items():
+            for name in names:
+                out.setdefault(os.path.splitext(name)[0], f"{name}: {fmt} is not a supported image type")
+        return out
+
+
+def _entry_kind(entry: os.DirEntry) -> tuple[str, str]:
+    """("file" | "dir" | "broken", reason): symlink loops, dangling links and unreadable
+    entries are "broken" with the OS's word for it, instead of an OSError out of enqueue."""
+    error: OSError | None = None
+    try:
+        if entry.is_dir():
+            return "dir", ""
+        if entry.is_file():
+            return "file", ""
+    except OSError as exc:  # ELOOP, EACCES: is_dir() only swallows FileNotFoundError
+        error = exc
+    try:
+        link = entry.is_symlink()
+        if link and error is None:
+            os.stat(entry.path)
+    except OSError as exc:
+        error = exc
+    reason = (error.strerror or str(error)) if error is not None else ""
+    if link:
+        return "broken", f"a symbolic link that leads nowhere ({reason or 'not a file'})"
+    return "broken", f"cannot be read ({reason})" if reason else "not a regular file"
+
+
+def _folder_contents(path: str) -> str:
+    """What a subfolder holds, in a few words (one level: camera folders hold images directly)."""
+    try:
+        with os.scandir(path) as it:
+            names = [e.name for e in it]
+    except OSError as exc:
+        return f"cannot be listed: {exc.strerror or exc}"
+    n = sum(1 for name in names if name.lower().endswith(IMAGE_SUFFIXES))
+    return f"{n} image file{'s' if n != 1 else ''}" if n else "no image files"
+
+
+def _sort_entry(entry: os.DirEntry, listing: ImageListing) -> None:
+    kind, why = _entry_kind(entry)
+    stem, suffix = os.path.splitext(entry.name)
+    suffix = suffix.lower()
+    if kind == "dir":
+        listing.subfolders.append(entry.name)
+    elif suffix in IMAGE_SUFFIXES:
+        if kind == "file":
+            listing.images.append((stem, entry.name))
+        else:
+            listing.broken.append((stem, entry.name, why))
+    elif suffix in UNSUPPORTED_SUFFIXES:
+        listing.unsupported.setdefault(UNSUPPORTED_SUFFIXES[suffix], []).append(entry.name)
+    else:
+        key = suffix or "(no suffix)"
+        listing.other[key] = listing.other.get(key, 0) + 1
+
+
+def scan_image_dir(image_dir: Path) -> ImageListing:
+    """Sort the entries of ``image_dir`` into images to seed and what is skipped, with reasons.
+
+    Only the files directly in it are images (jpg/jpeg/png/webp, any case): subfolders are
+    reported, not searched, since camera folders (``image_02/``, ``image_03/``) share file stems
+    and ``image_id`` is the stem (invariant 1). Duplicate stems are a ``ConfigError``.
+    """
+    listing = ImageListing()
+    try:
+        with os.scandir(image_dir) as it:
+            for entry in it:  # not sorted as DirEntry objects: a million of them would not be small
+                _sort_entry(entry, listing)
+    except OSError as exc:
+        raise ConfigError(f"data.image_dir: cannot list {image_dir} ({exc.strerror or exc})") from None
+    listing.broken.sort()
+    listing.subfolders.sort()
+    for names in listing.unsupported.values():
+        names.sort()
+    names = sorted(listing.images)
     for (stem_a, name_a), (stem_b, name_b) in itertools.pairwise(names):
         if stem_a == stem_b:
             raise ConfigError(
                 f"two images share the id '{stem_a}': {image_dir / name_a} and {image_dir / name_b} "
                 "(image_id is the file stem; rename or remove one)"
             )
-    return names
+    listing.images = names
+    return listing
+
+
+def list_images(image_dir: Path) -> list[tuple[str, str]]:
+    """``(stem, file name)`` of every jpg/jpeg/png/webp (any case), sorted; duplicate stems are an error."""
+    return scan_image_dir(image_dir).images
+
+
+def _report_listing(listing: ImageListing, image_dir: Path, report: SeedReport) -> None:
+    """Say what ``data.image_dir`` held that will not be seeded, and why."""
+    for stem, name, why in listing.broken:
+        message = f"{image_dir / name}: {why}; not seeded"
+        report.unreadable_images += 1
+        report.failures.append((stem, str(image_dir / name), message))
+        report.note(message)
+    for fmt, names in listing.unsupported.items():
+        report.unsupported_images += len(names)
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        report.note(f"{image_dir}: {len(names)} {fmt} file{'s' if len(names) != 1 else ''} skipped ({shown}): "
+                    f"{fmt} is not sent to the VLM APIs; convert to PNG, JPEG or WebP")
+    report.subfolders += len(listing.subfolders)
+    for name in listing.subfolders[:MAX_FOLDERS_DESCRIBED]:
+        report.note(f"{image_dir / name}/: a subfolder ({_folder_contents(str(image_dir / name))}), not searched: "
+                    "only files directly in data.image_dir are seeded (point data.image_dir at the folder; "
+                    "one run per folder, since camera folders share file names)")
+    if len(listing.subfolders) > MAX_FOLDERS_DESCRIBED:
+        report.note(f"{image_dir}: {len(listing.subfolders) - MAX_FOLDERS_DESCRIBED} more subfolders, not searched")
+    if listing.other:
+        kinds = ", ".join(f"{n} {ext}" for ext, n in sorted(listing.other.items()))
+        report.note(f"{image_dir}: {sum(listing.other.values())} files that are not images skipped ({kinds})")
 
 
 def _kitti_rows(boxes: list[dict]) -> list[list]:
     return [[*b["bbox"], b["type"]] for b in boxes]
+
+
+def read_label(label_path: Path) -> str | None:
+    """The text of a label file, or None when there is none; InputError when the path cannot
+    be read as a file (a directory, a symlink loop, no permission) — that image's problem alone."""
+    try:
+        return decode_label_bytes(label_path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except IsADirectoryError:
+        raise InputError(f"{label_path}: the label path is a directory, not a file") from None
+    except OSError as exc:
+        raise InputError(f"{label_path}: cannot read the label file ({exc.strerror or exc})") from None
+
+
+def _cap(rows: list, limit: int, where: str, report: SeedReport) -> list:
+    kept, dropped = cap_boxes(rows, limit)
+    if dropped:
+        report.capped_boxes += dropped
+        report.note(f"{where}: {len(rows)} boxes, more than data.max_boxes_per_image = {limit}; kept the "
+                    f"{limit} largest, dropped {dropped} (one prompt cannot carry them all; raise the limit "
+                    "if the model's output budget allows)")
+    return kept
 
 
 def seed_from_images(spec: Spec, report: SeedReport) -> Iterator[dict]:
@@ -82,10 +234,11 @@ def seed_from_images(spec: Spec, report: SeedReport) -> Iterator[dict]:
     image_dir = Path(data.image_dir).resolve()
     label_dir = Path(data.kitti_label_dir).resolve() if data.kitti_label_dir else None
     max_pixels = spec.ire.vlm.max_image_pixels
-    images = list_images(image_dir)
+    listing = scan_image_dir(image_dir)
+    _report_listing(listing, image_dir, report)
     if label_dir is not None:
-        _count_orphan_labels(label_dir, {stem for stem, _ in images}, report)
-    for stem, name in images:
+        _count_orphan_labels(label_dir, {stem for stem, _ in listing.images}, listing, report)
+    for stem, name in listing.images:
         path = image_dir / name
         try:
             width, height = read_size(path, max_pixels=max_pixels)
@@ -98,13 +251,19 @@ def seed_from_images(spec: Spec, report: SeedReport) -> Iterator[dict]:
         if label_dir is not None:
             label_path = label_dir / f"{stem}.txt"
             try:
-                text = decode_label_bytes(label_path.read_bytes())
-            except FileNotFoundError:
+                text = read_label(label_path)
+            except InputError as exc:
+                message = f"{exc}; {path.name} is not seeded"
+                report.unreadable_labels += 1
+                report.failures.append((stem, str(path), message))
+                report.note(message)
+                continue
+            if text is None:
                 report.missing_labels += 1
                 report.note(f"{label_path}: no label file; {path.name} is seeded with no boxes")
                 text = ""
             parsed = parse_kitti(text, width=width, height=height, ignore_types=data.ignore_types)
-            boxes = parsed.boxes
+            boxes = _cap(parsed.boxes, data.max_boxes_per_image, str(label_path), report)
             report.ignored_boxes += parsed.ignored
             report.skipped_lines += len(parsed.skipped)
             for s in parsed.skipped:
@@ -122,14 +281,28 @@ def seed_from_images(spec: Spec, report: SeedReport) -> Iterator[dict]:
         }
 
 
-def _count_orphan_labels(label_dir: Path, stems: set[str], report: SeedReport) -> None:
-    """Label files whose image does not exist are ignored, but counted and named."""
+def _count_orphan_labels(label_dir: Path, stems: set[str], listing: ImageListing, report: SeedReport) -> None:
+    """Label files whose image does not exist are ignored, but counted and named; a label whose
+    image was skipped (an unsupported type, a broken link) says so instead."""
+    skipped = listing.skipped_stems()
+    hint = " (images in subfolders are not searched)" if listing.subfolders else ""
     with os.scandir(label_dir) as it:
         for entry in it:
             stem, ext = os.path.splitext(entry.name)
-            if ext == ".txt" and stem not in stems and entry.is_file():
-                report.orphan_labels += 1
-                report.note(f"{label_dir / entry.name}: label file with no image '{stem}' in data.image_dir; ignored")
+            if ext != ".txt" or stem in stems:
+                continue
+            try:
+                is_file = entry.is_file()
+            except OSError:
+                is_file = True  # a broken entry is reported when its image asks for it, or here
+            if not is_file:
+                continue
+            if stem in skipped:
+                report.note(f"{label_dir / entry.name}: ignored, since its image was skipped ({skipped[stem]})")
+                continue
+            report.orphan_labels += 1
+            report.note(f"{label_dir / entry.name}: label file with no image '{stem}' in data.image_dir; "
+                        f"ignored{hint}")
 
 
 def allowed_root(spec: Spec) -> Path:
@@ -199,6 +372,7 @@ def seed_from_jsonl(spec: Spec, report: SeedReport) -> Iterator[dict]:
                     report.failures.append((image_id, str(rec["image_path"]), str(exc)))
                     report.note(f"{path}:{lineno}: {exc}")
                     continue
+            kitti = _cap(kitti, spec.ire.data.max_boxes_per_image, f"{path}:{lineno}", report)
             report.images += 1
             report.boxes += len(kitti)
             steps = rec.get("pipeline_steps") or []

@@ -79,7 +79,7 @@ def format_quality(quality: dict) -> list[str]:
                          f"({q.get('boxes_expected', 0)} asked about)")
         for key, label in (("hallucinated_dropped", "hallucinated dropped"), ("kitti_skipped", "skipped"),
                            ("boxes_flagged", "unmatched kept"), ("reasks", "re-asks"),
-                           ("truncated", "truncated"), ("calls", "calls")):
+                           ("truncated", "truncated"), ("answers_cut", "answers cut to size"), ("calls", "calls")):
             if q.get(key):
                 parts.append(f"{label} {q[key]}")
         fallbacks = sum(v for k, v in q.items() if k.startswith("fallback:"))

@@ -2,7 +2,13 @@
 
 Seeding reads only the header (PIL opens lazily), so a million images cost a million small
 reads, not a million decodes. A call path reads the file once and sends its original bytes
-unless the provider cannot take them (palette or 16-bit PNG, CMYK JPEG, other formats).
+unless the provider cannot take them (palette or 16-bit PNG, CMYK JPEG, animated WebP, other
+formats).
+
+Which files are images: JPEG, PNG and WebP, the formats both APIs take as they are (Gemini:
+PNG, JPEG, WebP, HEIC, HEIF; OpenAI: PNG, JPEG, WebP, non-animated GIF). Other image formats
+are skipped at seeding with the reason (``UNSUPPORTED_SUFFIXES``) rather than re-encoded on
+every call.
 """
 
 from __future__ import annotations
@@ -16,7 +22,13 @@ from PIL import Image
 
 from worker.errors import InputError
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+# Image files seeding names as skipped (suffix -> format), so a user learns why they were left out.
+UNSUPPORTED_SUFFIXES = {
+    ".bmp": "BMP", ".dib": "BMP", ".gif": "GIF", ".tif": "TIFF", ".tiff": "TIFF", ".heic": "HEIC",
+    ".heif": "HEIF", ".avif": "AVIF", ".jp2": "JPEG 2000", ".ppm": "PPM", ".pgm": "PGM", ".pnm": "PNM",
+    ".ico": "ICO", ".tga": "TGA", ".exr": "OpenEXR", ".raw": "RAW", ".dng": "DNG",
+}
 DEFAULT_MAX_PIXELS = 64_000_000
 
 # Our own limit (vlm.max_image_pixels) is checked from the header before any decode; Pillow's
@@ -90,7 +102,8 @@ def load_payload(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> I
                 _check_pixels(p, im.width, im.height, max_pixels)
                 im.load()
                 fmt, mode, size = im.format, im.mode, im.size
-                if fmt in _MIME and mode in _SAFE_MODES:
+                # An animated WebP is sent as its first frame (OpenAI takes no animation).
+                if fmt in _MIME and mode in _SAFE_MODES and not getattr(im, "is_animated", False):
                     return ImagePayload(data, _MIME[fmt], size[0], size[1], str(p))
                 src = im
                 if mode.startswith("I;16"):

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from worker.constants import ALL_STEPS
 from worker.errors import ConfigError
+from worker.kitti import MAX_BOXES_PER_IMAGE
 
 SECRET_KEYS = ("api_key",)
 
@@ -112,6 +113,7 @@ class DataSpec(_Strict):
     kitti_label_dir: str = ""
     input_annotations_jsonl: str = ""
     ignore_types: list[str] = Field(default_factory=lambda: ["DontCare"])
+    max_boxes_per_image: int = Field(MAX_BOXES_PER_IMAGE, ge=1)
 
 
 class ReferringSpec(_Strict):

@@ -82,6 +82,8 @@ def test_bad_images_labels_and_answers(fleet, fleet_env, fake_vlm, tmp_path):
     nested = fails.pop(("vlm_nested", 0))
     assert nested["error"] == "ParseError" and nested["attempts"] == 2, nested
     assert nested["raw"].startswith("[[[") and len(nested["raw"]) <= 4000
+    nested = fails.pop(("vlm_nested", 1))  # brackets are not a caption either (issue 13, item 10)
+    assert nested["error"] == "ParseError" and "not a caption" in nested["message"], nested
     assert fails == {}, f"unexpected failures: {fails}"
 
     # -- the run finished; what could not be done is failed or blocked, everything else is done.

@@ -19,9 +19,11 @@ from producer.preview import (
     PALETTE,
     Tag,
     TagPlacer,
+    _compose,
     _font,
     build_preview,
     choose_ids,
+    printable,
     register,
     step3_changes,
     text_color,
@@ -291,3 +293,18 @@ def test_command(run, tmp_path):
     assert "for 2 of 3 images" in res.output and (tmp_path / "g" / "index.html").is_file()
     res = CliRunner().invoke(app, ["--results-dir", str(tmp_path / "nope")])
     assert res.exit_code == 2 and "not a directory" in res.output
+
+
+def test_text_with_newlines_and_control_characters_is_drawn_on_one_line(run):
+    # A file name (the image id) or a model's answer can hold a newline; Pillow's raqm layout
+    # refuses one in a single-line draw, which used to crash the whole gallery.
+    assert printable("a\nb\tc\r\x07") == "a\\nb c\\r\\x07"
+    sink = run.sink(0)
+    rec = sink.latest()["a"]
+    rec["regions"][0]["type"] = "Car\nsecond line"
+    rec["regions"][0]["description"] = "red\ncar\x00"
+    sink.append(rec)
+    rep = build_preview(run.root, images=["a"])
+    assert rep.panels == 3
+    panel = _compose("id\nwith a newline · step 0", Image.new("RGB", (64, 48)), [], "note\nhere")
+    assert panel.width >= 64

@@ -7,7 +7,15 @@ import json
 import pytest
 from PIL import Image
 
-from producer.seed import SeedEntry, SeedReport, iter_seed, list_images, seed_from_images, write_seed
+from producer.seed import (
+    SeedEntry,
+    SeedReport,
+    iter_seed,
+    list_images,
+    scan_image_dir,
+    seed_from_images,
+    write_seed,
+)
 from worker.constants import SEED_FILE
 from worker.errors import ConfigError
 from worker.spec import load_spec
@@ -303,3 +311,120 @@ def test_input_jsonl_numeric_image_id_becomes_a_string(tmp_path):
                    + json.dumps({"image_id": "a", "image_path": str(img)}) + "\n")
     path = write_seed(jsonl_spec(src), tmp_path / "results", SeedReport())
     assert [r["image_id"] for _, r in iter_seed(path)] == ["7", "a"]
+
+
+# --------------------------------------------------------------------------- what is skipped and why (issue 13)
+
+
+def test_scan_sorts_every_entry_into_images_or_a_reason(dirs):
+    images, _, _ = dirs
+    image(images / "a.png")
+    image(images / "w.webp", fmt="WEBP")
+    image(images / "b.bmp", fmt="BMP")
+    image(images / "c.BMP", fmt="BMP")
+    image(images / "g.gif", fmt="GIF")
+    (images / "loop.jpg").symlink_to(images / "loop.jpg")       # ELOOP
+    (images / "gone.png").symlink_to(images / "nowhere.png")    # dangling
+    image(images / "image_02" / "000001.png")
+    image(images / "image_02" / "000002.png")
+    (images / "notes.txt").write_text("x")
+    (images / "Makefile").write_text("x")
+    listing = scan_image_dir(images)
+    assert listing.images == [("a", "a.png"), ("w", "w.webp")]
+    broken = {name: why for _, name, why in listing.broken}
+    assert set(broken) == {"loop.jpg", "gone.png"}
+    assert "symbolic link" in broken["loop.jpg"] and "Too many levels of symbolic links" in broken["loop.jpg"]
+    assert "symbolic link" in broken["gone.png"]
+    assert listing.unsupported == {"BMP": ["b.bmp", "c.BMP"], "GIF": ["g.gif"]}
+    assert listing.subfolders == ["image_02"]
+    assert listing.other == {".txt": 1, "(no suffix)": 1}
+
+
+def test_skipped_files_are_reported_with_their_reason_and_labels_not_called_orphans(dirs):
+    images, labels, _ = dirs
+    image(images / "a.png")
+    image(images / "b.bmp", fmt="BMP")
+    (images / "loop.jpg").symlink_to(images / "loop.jpg")
+    image(images / "image_02" / "x.png")
+    for stem in ("a", "b", "loop", "x"):
+        (labels / f"{stem}.txt").write_text(kitti_line("Car", 1, 2, 30, 40))
+    records, report = seed_all(spec_for(images, labels))
+    assert [r["image_id"] for r in records] == ["a"]
+    problems = "\n".join(report.problems)
+    assert "1 BMP file skipped (b.bmp): BMP is not sent to the VLM APIs; convert to PNG, JPEG or WebP" in problems
+    assert f"{images.resolve() / 'image_02'}/: a subfolder (1 image file), not searched" in problems
+    assert f"{images.resolve() / 'loop.jpg'}: a symbolic link that leads nowhere" in problems
+    assert f"{labels.resolve() / 'b.txt'}: ignored, since its image was skipped (b.bmp: BMP is not" in problems
+    assert "label file with no image 'x' in data.image_dir; ignored (images in subfolders are not searched)" \
+        in problems
+    assert report.orphan_labels == 1 and report.unsupported_images == 1 and report.subfolders == 1
+    assert [(f[0], "symbolic link" in f[2]) for f in report.failures] == [("loop", True)]
+    assert report.unreadable_images == 1
+    summary = report.summary()
+    assert summary.startswith("seeded 1 images, 1 boxes (")
+    assert "1 image files of an unsupported type skipped, 1 subfolders of data.image_dir not searched" in summary
+
+
+def test_label_path_that_is_a_directory_fails_that_image_only(dirs):
+    images, labels, _ = dirs
+    image(images / "a.png")
+    image(images / "b.png")
+    (labels / "a.txt").mkdir()
+    (labels / "b.txt").write_text(kitti_line("Car", 1, 2, 30, 40))
+    records, report = seed_all(spec_for(images, labels))
+    assert [r["image_id"] for r in records] == ["b"]
+    ((image_id, path, message),) = report.failures
+    assert image_id == "a" and path.endswith("a.png")
+    assert message == f"{labels.resolve() / 'a.txt'}: the label path is a directory, not a file; a.png is not seeded"
+    assert report.unreadable_labels == 1 and "1 label files unreadable (images not seeded)" in report.summary()
+
+
+def test_label_with_a_bom_and_lower_case_ignore_types(dirs):
+    images, labels, _ = dirs
+    image(images / "a.png")
+    (labels / "a.txt").write_bytes(b"\xef\xbb\xbf" + (kitti_line("DontCare", 1, 1, 5, 5)
+                                                      + kitti_line("Car", 1, 2, 30, 40)
+                                                      + kitti_line("DONTCARE", 2, 2, 6, 6)).encode())
+    records, report = seed_all(spec_for(images, labels, **{"image_referring_expression.data.ignore_types":
+                                                           "[dontcare]"}))
+    assert records[0]["kitti_bboxes"] == [[1.0, 2.0, 30.0, 40.0, "Car"]]
+    assert report.ignored_boxes == 2
+
+
+def test_label_with_more_boxes_than_the_cap_keeps_the_largest(dirs):
+    images, labels, _ = dirs
+    image(images / "a.png", size=(1000, 1000))
+    lines = [kitti_line("Car", 0, 0, 1 + i % 50, 1 + i % 50) for i in range(10_000)]
+    lines[7] = kitti_line("Truck", 0, 0, 900, 900)
+    (labels / "a.txt").write_text("".join(lines))
+    records, report = seed_all(spec_for(images, labels, **{"image_referring_expression.data.max_boxes_per_image":
+                                                           "5"}))
+    boxes = records[0]["kitti_bboxes"]
+    assert len(boxes) == 5 and boxes[0] == [0.0, 0.0, 900.0, 900.0, "Truck"]
+    assert all(b[2] == 50.0 for b in boxes[1:])
+    assert report.boxes == 5 and report.capped_boxes == 9_995
+    assert (f"{labels.resolve() / 'a.txt'}: 10000 boxes, more than data.max_boxes_per_image = 5; kept the 5 "
+            "largest, dropped 9995") in report.problems[0]
+    assert "9995 boxes over data.max_boxes_per_image dropped" in report.summary()
+
+
+def test_default_cap_is_two_hundred_boxes(dirs):
+    images, labels, _ = dirs
+    image(images / "a.png")
+    (labels / "a.txt").write_text(kitti_line("Car", 1, 2, 30, 40) * 100_000)
+    records, report = seed_all(spec_for(images, labels))
+    assert len(records[0]["kitti_bboxes"]) == 200 and report.capped_boxes == 99_800
+
+
+def test_input_jsonl_boxes_are_capped_too(tmp_path):
+    img = image(tmp_path / "x.png")
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"image_id": "x", "image_path": str(img),
+                               "kitti_bboxes": [[1, 2, 3 + i, 4 + i, "Car"] for i in range(4)]}) + "\n")
+    spec = load_spec(None, [f"image_referring_expression.data.input_annotations_jsonl={src}",
+                            "image_referring_expression.data.max_boxes_per_image=2"])
+    report = SeedReport()
+    path = write_seed(spec, tmp_path / "results", report)
+    (rec,) = [r for _, r in iter_seed(path)]
+    assert rec["kitti_bboxes"] == [[1, 2, 5, 6, "Car"], [1, 2, 6, 7, "Car"]]
+    assert report.capped_boxes == 2 and f"{src}:1: 4 boxes" in report.problems[0]

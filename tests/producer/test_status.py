@@ -49,3 +49,12 @@ def test_quality_report_adds_up_per_step_and_is_shown():
     text = format_status(status(state))
     assert "boxes matched 5 of 6 returned (6 asked about)" in text
     assert "hallucinated dropped 1" in text and "re-asks 1" in text and "code_fence 2" in text
+
+
+def test_answers_cut_to_size_are_counted_and_shown():
+    state = make_state()
+    state.add_quality(1, new_quality(repairs=["oversized_answer_cut"], calls=1, answers_cut=1))
+    state.add_quality(1, new_quality(calls=1))
+    q = status(state)["quality"]["1"]
+    assert q["answers_cut"] == 1 and q["repair:oversized_answer_cut"] == 1
+    assert "answers cut to size 1" in format_status(status(state))

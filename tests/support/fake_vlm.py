@@ -65,7 +65,7 @@ OPENAI_ERROR = {  # status -> (type, code), as api.openai.com sends them
 
 # --------------------------------------------------------------------------- records
 
-Reply = tuple[int, dict, "dict | None"]  # status, JSON body, extra headers
+Reply = tuple[int, "dict | bytes", "dict | None"]  # status, JSON body (or raw bytes), extra headers
 
 
 @dataclass(frozen=True)
@@ -118,6 +118,15 @@ class _Answer:
 @dataclass
 class _Block:
     reason: str = "SAFETY"
+
+
+@dataclass
+class _Raw:
+    """A reply that is not the API's JSON: a proxy's login page, a web UI at a wrong base_url."""
+
+    status: int
+    body: bytes
+    content_type: str
 
 
 @dataclass
@@ -456,14 +465,16 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, reply: Reply, generate: bool = False) -> None:
         status, payload, headers = reply
-        data = json.dumps(payload).encode()
+        headers = dict(headers or {})
+        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        content_type = headers.pop("Content-Type", "application/json; charset=UTF-8")
         if not urlsplit(self.path).path.startswith("/_"):  # control routes are not API traffic
             self.server.fake._finish(status, generate)
         try:
             self.send_response(status)
-            self.send_header("Content-Type", "application/json; charset=UTF-8")
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(data)))
-            for k, v in (headers or {}).items():
+            for k, v in headers.items():
                 self.send_header(k, v)
             self.end_headers()
             self.wfile.write(data)
@@ -596,6 +607,12 @@ class FakeVLM:
     def answer_next(self, text: str, *, finish_reason: str | None = None) -> None:
         """Answer the next call with ``text`` (and ``finish_reason``, e.g. length / MAX_TOKENS)."""
         self._queue(1, _Answer(text, finish_reason))
+
+    def raw_next(self, n: int, body: str | bytes, *, status: int = 200,
+                 content_type: str = "text/html; charset=utf-8") -> None:
+        """Answer the next ``n`` calls with ``body`` as it is (not the API's JSON), as a proxy,
+        a login page or a web app at a wrong ``base_url`` does."""
+        self._queue(n, _Raw(status, body.encode() if isinstance(body, str) else body, content_type))
 
     def block_next(self, n: int = 1, reason: str = "SAFETY") -> None:
         """Gemini: no candidates, ``promptFeedback.blockReason``; OpenAI: ``content_filter``."""
@@ -739,6 +756,8 @@ class FakeVLM:
                 msg = ("Invalid JSON payload received. Unknown name \"responseJsonSchema\" at "
                        "'generation_config': Cannot find field.")
             return self._error(protocol, 400, msg)
+        if isinstance(directive, _Raw):
+            return directive.status, directive.body, {"Content-Type": directive.content_type}
         if isinstance(directive, _Hang):
             self._sleep(directive.seconds)
         self._sleep(self.sample_latency())

@@ -209,6 +209,19 @@ def test_directives_apply_in_order_then_default_resumes(fake):
     assert fake.status_counts == {503: 1, 200: 3} and fake.calls == 4
 
 
+def test_raw_next_serves_a_body_that_is_not_the_api(fake):
+    fake.raw_next(1, "<html><title>Sign in</title></html>")
+    c = http.client.HTTPConnection(fake.host, fake.port, timeout=5)
+    c.request("POST", "/v1beta/models/g:generateContent", body=json.dumps(gemini_body()),
+              headers={"Content-Type": "application/json"})
+    resp = c.getresponse()
+    assert resp.status == 200 and resp.getheader("Content-Type") == "text/html; charset=utf-8"
+    assert resp.read() == b"<html><title>Sign in</title></html>"
+    status, _, body = post(fake, "/v1/chat/completions", openai_body())  # then the API again
+    assert status == 200 and body["object"] == "chat.completion"
+    assert fake.calls == 2
+
+
 def test_gemini_block_and_finish_reasons(fake):
     fake.block_next(1, reason="SAFETY")
     fake.answer_next("", finish_reason="SAFETY")

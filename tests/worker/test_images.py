@@ -235,3 +235,23 @@ def test_load_payload_huge_declared_size_rejected_before_decoding(tmp_path):
         load_payload(p, max_pixels=1_000_000)
     assert str(p) in str(exc.value)
     assert "10000x8000" in str(exc.value)
+
+
+# --------------------------------------------------------------------------- WebP (issue 13)
+
+
+def test_webp_is_sent_as_it_is(tmp_path):
+    p = save(Image.new("RGB", (40, 30), (10, 20, 200)), tmp_path / "w.webp", "WEBP", lossless=True)
+    assert read_size(p) == (40, 30)
+    payload = load_payload(p)
+    assert payload.mime == "image/webp" and payload.data == p.read_bytes() and not payload.reencoded
+    assert open_rgb(payload).getpixel((5, 5)) == (10, 20, 200)
+
+
+def test_animated_webp_is_sent_as_its_first_frame_in_png(tmp_path):
+    frames = [Image.new("RGB", (20, 10), c) for c in ((250, 0, 0), (0, 250, 0))]
+    p = tmp_path / "anim.webp"
+    frames[0].save(p, format="WEBP", save_all=True, append_images=frames[1:], lossless=True, duration=100)
+    payload = load_payload(p)
+    assert payload.mime == "image/png" and payload.reencoded
+    assert open_rgb(payload).getpixel((3, 3)) == (250, 0, 0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from worker.kitti import decode_label_bytes, parse_kitti
+from worker.kitti import cap_boxes, decode_label_bytes, parse_kitti
 
 
 def kitti_line(kind, x1, y1, x2, y2):
@@ -160,3 +160,54 @@ def test_decode_label_bytes_latin1_fallback():
     assert text.startswith("Café")
     out = parse(text)
     assert out.boxes == [{"type": "Café", "bbox": [1.0, 2.0, 3.0, 4.0]}]
+
+
+# --------------------------------------------------------------------------- BOM, type case, box cap (issue 13)
+
+
+def test_utf8_bom_is_dropped_so_the_first_type_reads_clean():
+    raw = "\ufeff".encode() + (kitti_line("Car", 1, 2, 30, 40) + kitti_line("Van", 5, 5, 9, 9)).encode()
+    out = parse(decode_label_bytes(raw))
+    assert [b["type"] for b in out.boxes] == ["Car", "Van"]
+
+
+def test_bom_on_a_first_dontcare_line_is_still_ignored():
+    raw = "\ufeff".encode() + (kitti_line("DontCare", 1, 2, 30, 40) + kitti_line("Car", 5, 5, 9, 9)).encode()
+    out = parse(decode_label_bytes(raw))
+    assert [b["type"] for b in out.boxes] == ["Car"] and out.ignored == 1
+
+
+def test_bom_in_front_of_latin1_text_is_dropped_too():
+    raw = b"\xef\xbb\xbf" + kitti_line("Caf\xe9", 1, 2, 30, 40).encode("latin-1")
+    assert parse(decode_label_bytes(raw)).boxes[0]["type"] == "Café"
+
+
+def test_bom_in_text_given_directly_is_dropped():
+    assert parse("\ufeff" + kitti_line("Car", 1, 2, 30, 40)).boxes[0]["type"] == "Car"
+
+
+@pytest.mark.parametrize("written", ["dontcare", "DONTCARE", "DontCare", "dontCare"])
+def test_ignore_types_match_any_case(written):
+    out = parse(kitti_line(written, 1, 2, 30, 40) + kitti_line("Car", 5, 5, 9, 9))
+    assert [b["type"] for b in out.boxes] == ["Car"] and out.ignored == 1
+
+
+@pytest.mark.parametrize("ignore", [["dontcare"], [" DontCare "], ["\ufeffDontCare"], ["DONTCARE\n"]])
+def test_ignore_types_as_users_write_them(ignore):
+    out = parse(kitti_line("DontCare", 1, 2, 30, 40) + kitti_line("Car", 5, 5, 9, 9), ignore_types=ignore)
+    assert [b["type"] for b in out.boxes] == ["Car"]
+
+
+def test_kept_types_keep_the_case_of_the_file():
+    out = parse(kitti_line("car", 1, 2, 30, 40), ignore_types=["Van"])
+    assert out.boxes[0]["type"] == "car"
+
+
+def test_cap_boxes_keeps_the_largest_in_their_order():
+    rows = [[0, 0, 10, 10, "a"], [0, 0, 100, 100, "big"], [0, 0, 1, 1, "tiny"], [0, 0, 50, 50, "mid"]]
+    kept, dropped = cap_boxes(rows, 2)
+    assert kept == [[0, 0, 100, 100, "big"], [0, 0, 50, 50, "mid"]] and dropped == 2
+    dicts = [{"type": r[4], "bbox": r[:4]} for r in rows]
+    kept, dropped = cap_boxes(dicts, 3)
+    assert [d["type"] for d in kept] == ["a", "big", "mid"] and dropped == 1
+    assert cap_boxes(rows, 4) == (rows, 0)

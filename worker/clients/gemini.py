@@ -10,6 +10,7 @@ thread-safe); ``worker.clients.factory`` caches it.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 
@@ -18,7 +19,7 @@ from google.genai import errors as genai_errors
 from google.genai import types
 
 from worker.clients.base import VLMRequest, VLMResponse, check_answer
-from worker.clients.http import Endpoint, map_status, retry_after_from_headers, strip_thinking
+from worker.clients.http import Endpoint, map_status, not_the_api, retry_after_from_headers, strip_thinking
 from worker.errors import ClientError, ConfigError, PermanentClientError
 from worker.spec import GeminiSpec
 
@@ -174,6 +175,12 @@ class GeminiClient:
         except _TRANSPORT as exc:
             raise ClientError(f"{self.name}: cannot reach {self.base_url}: "
                               f"{self._redact(str(exc)) or type(exc).__name__}") from exc
+        except json.JSONDecodeError as exc:  # the SDK parses every 200 body as JSON
+            raise not_the_api(
+                Endpoint(self.name, self.base_url, self.model, "GOOGLE_API_KEY"), self._redact(exc.doc),
+                expected="a generateContent response",
+                hint="vlm.gemini.base_url is the API root, e.g. https://generativelanguage.googleapis.com, "
+                     "without /v1beta") from exc
         return self._response(resp)
 
     def _response(self, resp: types.GenerateContentResponse) -> VLMResponse:

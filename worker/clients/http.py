@@ -12,6 +12,8 @@ from worker.clients.base import StructuredOutputRejected
 from worker.errors import ClientError, PermanentClientError, RateLimited
 
 THINK = re.compile(r"<think>.*?</think>", re.S)
+_HTML = re.compile(r"<\s*(?:!doctype\s+html|html|head|body|title)\b", re.I)
+_TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.I | re.S)
 
 
 def strip_thinking(text: str | None) -> str:
@@ -73,3 +75,21 @@ def map_status(ep: Endpoint, code: int, detail: str, *, status_text: str = "", r
     if code == 400:
         return PermanentClientError(f"the endpoint rejected the request: {detail} ({http})", status=400)
     return PermanentClientError(f"{ep.name}: {ep.base_url} answered {http}: {detail}", status=code)
+
+
+def not_the_api(ep: Endpoint, body: str, *, expected: str, hint: str) -> PermanentClientError:
+    """A 200 whose body is not the API's JSON, said as what it is. An HTML page means the
+    request reached a web server that is not the model's API: a proxy or login page, or a
+    ``base_url`` pointing at a web UI; retrying cannot fix it, so it fails at once."""
+    head = (body or "")[:4000]
+    if _HTML.search(head):
+        title = _TITLE.search(head)
+        named = f" ('{' '.join(title.group(1).split())[:80]}')" if title and title.group(1).strip() else ""
+        what = f"an HTML page{named}"
+        why = f"a proxy or login page answered, or the base_url is wrong ({hint})"
+    else:
+        shown = " ".join(head.split())[:80]
+        what = f"a body that is not JSON ({shown!r})" if shown else "an empty body"
+        why = f"is base_url right? ({hint})"
+    return PermanentClientError(f"{ep.name}: {ep.base_url} answered HTTP 200 with {what}, not {expected}: {why}",
+                                status=200)

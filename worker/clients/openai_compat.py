@@ -10,13 +10,14 @@ all threads (the SDK's httpx pool is thread-safe); ``worker.clients.factory`` ca
 from __future__ import annotations
 
 import base64
+import json
 import os
 from urllib.parse import urlsplit
 
 import openai
 
 from worker.clients.base import VLMRequest, VLMResponse, check_answer
-from worker.clients.http import Endpoint, map_status, retry_after_from_headers, strip_thinking
+from worker.clients.http import Endpoint, map_status, not_the_api, retry_after_from_headers, strip_thinking
 from worker.errors import ClientError, EmptyAnswer, PermanentClientError
 from worker.spec import OpenAISpec
 
@@ -94,7 +95,18 @@ class OpenAICompatClient:
             cause = exc.__cause__ or exc
             raise ClientError(f"{self.name}: cannot reach {self.base_url}: "
                               f"{self._redact(str(cause)) or type(cause).__name__}") from exc
+        except json.JSONDecodeError as exc:  # a JSON content type over a body that is not JSON
+            raise self._not_the_api(exc.doc) from exc
+        if isinstance(resp, str):  # the SDK hands back the text of a body that is not JSON
+            raise self._not_the_api(resp)
         return self._response(resp)
+
+    def _not_the_api(self, body: str) -> PermanentClientError:
+        return not_the_api(self._endpoint(), self._redact(body), expected="a chat completion",
+                           hint="an OpenAI-compatible base_url ends in /v1, e.g. http://host:8000/v1")
+
+    def _endpoint(self) -> Endpoint:
+        return Endpoint(self.name, self.base_url, self.model, "OPENAI_API_KEY/NVIDIA_API_KEY")
 
     def _response(self, resp) -> VLMResponse:
         choices = getattr(resp, "choices", None) or []
@@ -127,5 +139,5 @@ class OpenAICompatClient:
     def _map_status(self, exc: openai.APIStatusError, *, schema: bool = False) -> Exception:
         code = exc.status_code
         return map_status(
-            Endpoint(self.name, self.base_url, self.model, "OPENAI_API_KEY/NVIDIA_API_KEY"), code, self._detail(exc),
+            self._endpoint(), code, self._detail(exc),
             retry_after=retry_after_from_headers(exc.response.headers) if code == 429 else None, schema=schema)

@@ -15,6 +15,8 @@ the answer is cut or the endpoint refuses a schema.
    twice the budget (up to the ceiling). Steps 0 and 3 keep what the cut answer holds and
    re-ask only about the missing ids (KITTI boxes, groups) and merge; steps 1 and 2 ask again
    whole. If the retry fails for good, the cut answer is used as it is (flagged ``truncated``).
+   A step-0 answer cut off *without* a truncation finish reason (its JSON ends mid-object,
+   ``cut_off``) that skipped KITTI boxes gets the same one re-ask about them, in both modes.
 
 Pure: no Celery, no Redis; the client is passed in.
 """
@@ -35,8 +37,8 @@ from worker.clients.base import (
     VLMResponse,
     check_answer,
 )
-from worker.errors import EmptyAnswer, ParseError, PermanentClientError
-from worker.images import DEFAULT_MAX_PIXELS, load_payload
+from worker.errors import EmptyAnswer, InputError, ParseError, PermanentClientError
+from worker.images import DEFAULT_MAX_PIXELS, ImagePayload, load_payload
 from worker.steps.options import STRUCTURED, TEXT, AnswerContext, StepOptions
 from worker.steps.prompts import template_for
 from worker.steps.structured import schema_for
@@ -87,6 +89,21 @@ def supports_structured(client: VLMClient) -> bool:
     return False
 
 
+def checked_payload(record: dict, max_pixels: int) -> ImagePayload:
+    """The image to send, after checking it still has the size it was seeded with: the KITTI
+    boxes (and the 0-1000 boxes the prompt shows) are in pixels of that size, so an image
+    replaced since would be described with boxes that no longer fit it, and silently."""
+    image = load_payload(record["image_path"], max_pixels=max_pixels)
+    seeded = (int(record.get("width") or 0), int(record.get("height") or 0))
+    if all(seeded) and (image.width, image.height) != seeded:
+        raise InputError(
+            f"{image.path}: the image is {image.width}x{image.height} now but was {seeded[0]}x{seeded[1]} when "
+            "seeded (replaced since?): its boxes are for the old size. Run the same `producer enqueue` again to "
+            "seed it anew (image-steps already done keep the old size: add "
+            "image_referring_expression.workflow.force_reprocess=true to redo them)")
+    return image
+
+
 def n_items(mod: ModuleType, record: dict) -> int:
     if mod.NAME == "region_expr":
         return len(record.get("kitti_bboxes") or [])
@@ -121,6 +138,16 @@ class Exchange:
     response: VLMResponse | None
 
 
+CUT_REPAIRS = ("truncated_array", "truncated_object")
+
+
+def cut_off(parsed: dict) -> bool:
+    """Whether a parse had to close the answer's JSON after its last whole element: the answer
+    stopped mid-object, whatever finish reason the API gave."""
+    repairs = (parsed.get("report") or {}).get("repairs") or []
+    return any(r in CUT_REPAIRS for r in repairs)
+
+
 def _sum_usage(responses: list[VLMResponse]) -> dict:
     total: dict = {}
     for r in responses:
@@ -149,7 +176,7 @@ class _Conversation:
         """One request: (response, truncated). An answer cut before any text is (None, True)."""
         prompt, hint = built
         if self.image is None:
-            self.image = load_payload(self.record["image_path"], max_pixels=self.max_pixels)
+            self.image = checked_payload(self.record, self.max_pixels)
         schema = schema_for(self.mod.NAME) if ctx.mode == STRUCTURED else None
         request = VLMRequest(image=self.image, prompt=prompt, step=self.mod.NAME, hint=hint,
                              response_schema=schema, schema_name=f"refexp_{self.mod.NAME}" if schema else "",
@@ -227,7 +254,28 @@ class _Conversation:
             parsed, response, truncated = self.after_truncation(ctx, response, tokens)
         if parsed is None:
             parsed = self.parse(response, ctx.but(truncated=truncated))
+            if not truncated and self.mod.NAME == "region_expr" and parsed.get("missing") and cut_off(parsed):
+                # Cut off without saying so (finish "stop", last object incomplete): the boxes
+                # it never reached are known, so ask about them as after a MAX_TOKENS cut.
+                parsed, response, truncated = self.reask(ctx, parsed, response, tokens)
         return self.finish(parsed, response, ctx, truncated)
+
+    def reask(self, ctx: AnswerContext, partial: dict, response: VLMResponse | None, tokens: int | None):
+        """(merged, response, still truncated) after asking again about ``partial["missing"]``
+        only; when that fails, the partial answer is kept, flagged truncated."""
+        missing = partial.get("missing") or []
+        self.reasks += 1
+        ask = ctx.but(only=tuple(missing))
+        try:
+            again, cut = self.call(ask, self.build(ask), tokens)
+            more = self.parse(again, ask.but(truncated=cut))
+        except (PermanentClientError, ParseError, EmptyAnswer) as exc:
+            log.info("step %s: the re-ask about %d missing ids failed (%s); keeping the cut answer",
+                     self.step, len(missing), exc)
+            return partial, response, True
+        merged = self.mod.merge(partial, more) if self.mod.NAME == "region_expr" else \
+            self.mod.merge(partial, more, self.record)
+        return merged, again, cut
 
     def after_truncation(self, ctx: AnswerContext, response: VLMResponse | None, tokens: int | None):
         """(parsed or None, response, still truncated) after the one retry a cut answer gets."""
@@ -239,21 +287,9 @@ class _Conversation:
             except ParseError:
                 partial = None
         if partial is not None:
-            missing = partial.get("missing") or []
-            if not missing:
+            if not partial.get("missing"):
                 return partial, response, False
-            self.reasks += 1
-            ask = ctx.but(only=tuple(missing))
-            try:
-                again, cut = self.call(ask, self.build(ask), bigger)
-                more = self.parse(again, ask.but(truncated=cut))
-            except (PermanentClientError, ParseError, EmptyAnswer) as exc:
-                log.info("step %s: the re-ask about %d missing ids failed (%s); keeping the cut answer",
-                         self.step, len(missing), exc)
-                return partial, response, True
-            merged = self.mod.merge(partial, more) if self.mod.NAME == "region_expr" else \
-                self.mod.merge(partial, more, self.record)
-            return merged, again, cut
+            return self.reask(ctx, partial, response, bigger)
         try:
             again, cut = self.call(ctx, self.build(ctx), bigger)
         except PermanentClientError:

@@ -15,7 +15,7 @@ from worker.coords import Convention, Frame, from_canonical, line_values, refine
 from worker.errors import ParseError
 from worker.geometry import iou, to_pixels
 from worker.steps.options import STRUCTURED, AnswerContext
-from worker.steps.parsing import norm_phrase, parse_grounding_lines, parse_groups
+from worker.steps.parsing import answer_limit, cap_answer, norm_phrase, parse_grounding_lines, parse_groups
 from worker.steps.quality import merge_quality, new_quality
 from worker.steps.records import grounding_lines, with_step
 
@@ -212,8 +212,11 @@ def parse(text: str, record: dict, *, ctx: AnswerContext | None = None) -> dict:
     frame = Frame(w, h)
     counts = _new_counts()
     n_boxes = sum(1 for k in asked for i in exprs[k]["instances"] if i.get("bbox_2d"))
-    q = new_quality(ctx.mode, boxes_expected=n_boxes)
-    repairs: list[str] = []
+    text, cut = cap_answer(text, answer_limit(n_boxes))
+    if cut:
+        ctx = ctx.but(truncated=True)  # what lies past the cut was not seen, not left out
+    q = new_quality(ctx.mode, boxes_expected=n_boxes, answers_cut=int(bool(cut)))
+    repairs: list[str] = ["oversized_answer_cut"] if cut else []
     verdicts: dict[int, list] = {}   # expression index -> boxes kept (canonical)
     verdict_raws: dict[int, list] = {}
     by_instance: dict[int, list[dict]] = {}

@@ -13,7 +13,7 @@ from worker.coords import Frame, from_canonical, line_values, refine, rescue, re
 from worker.errors import ParseError
 from worker.geometry import nearest, to_pixels
 from worker.steps.options import STRUCTURED, AnswerContext
-from worker.steps.parsing import norm_phrase, parse_grounding_lines, parse_groups
+from worker.steps.parsing import answer_limit, cap_answer, norm_phrase, parse_grounding_lines, parse_groups
 from worker.steps.quality import new_quality
 from worker.steps.records import bbox_id, expression_id, grounding_lines, with_step
 from worker.steps.region_expr import prompt_box
@@ -151,9 +151,12 @@ def parse(text: str, record: dict, *, ctx: AnswerContext | None = None) -> dict:
     w, h = int(record["width"]), int(record["height"])
     frame = Frame(w, h)
     image_id = record["image_id"]
-    q = new_quality(ctx.mode, boxes_expected=len(regions))
+    text, cut = cap_answer(text, answer_limit(len(regions)))
+    if cut:
+        ctx = ctx.but(truncated=True)  # what lies past the cut was not seen, not left out
+    q = new_quality(ctx.mode, boxes_expected=len(regions), answers_cut=int(bool(cut)))
     groups = None
-    repairs: list[str] = []
+    repairs: list[str] = ["oversized_answer_cut"] if cut else []
     fmt = ""
     if ctx.mode == STRUCTURED:
         by_id = parse_groups(text)

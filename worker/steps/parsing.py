@@ -26,6 +26,11 @@ _FENCE = re.compile(r"```[a-zA-Z0-9_+-]*[ \t]*\n?(.*?)(?:```|\Z)", re.S)
 _FENCE_LINE = re.compile(r"^\s*```[a-zA-Z0-9_+-]*\s*$")
 _THINK = re.compile(r"<think>.*?(?:</think>|\Z)", re.S)
 MAX_ANSWER_CHARS = 200_000
+# What a box answer may hold, by the boxes it is about: a fenced preamble and some prose, plus
+# far more per box than a phrase, a type, a color and a box take (~150 characters in TAO's
+# format). Beyond it the model is looping or rambling, and what it adds would be stored.
+ANSWER_BASE_CHARS = 8_000
+ANSWER_CHARS_PER_BOX = 1_000
 
 
 @dataclass
@@ -52,6 +57,30 @@ def repair_counts(repairs: list[str]) -> dict[str, int]:
         kind, _, n = r.partition(":")
         out[kind] += int(n) if n.isdigit() else 1
     return dict(out)
+
+
+def answer_limit(n_boxes: int) -> int:
+    """The most characters an answer about ``n_boxes`` boxes is read up to."""
+    return ANSWER_BASE_CHARS + ANSWER_CHARS_PER_BOX * max(0, n_boxes)
+
+
+def cap_answer(text: str, limit: int) -> tuple[str, int]:
+    """``text`` cut to ``limit`` characters (at a line end when one is in the last half), and
+    how many characters were cut. Reasoning blocks go first, so they never push out the answer.
+
+    A cut answer reads like one cut by the token limit: complete elements are kept, the cut one
+    is dropped (:func:`close_truncated`). Callers count the cut in their quality report.
+    """
+    if len(text) <= limit:
+        return text, 0
+    text, _ = strip_reasoning(text)
+    if len(text) <= limit:
+        return text, 0
+    cut = text[:limit]
+    newline = cut.rfind("\n")
+    if newline >= limit // 2:
+        cut = cut[:newline]
+    return cut, len(text) - len(cut)
 
 
 def strip_fences(text: str) -> tuple[str, bool]:

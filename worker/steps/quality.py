@@ -28,6 +28,9 @@ invalid_boxes          wrong length, NaN, out of range, no area
 kitti_skipped          input boxes the model left out (step 0: KITTI boxes without a
                        region; step 2: regions in no group; step 3: boxes left unverified
                        because the answer was cut)
+answers_cut            answers longer than the step reads (a caption: a few KB; a box
+                       answer: ``worker.steps.parsing.answer_limit`` of its boxes), cut to
+                       that size before parsing (the repair ``oversized_answer_cut`` too)
 =====================  =====================================================================
 """
 
@@ -36,7 +39,8 @@ from __future__ import annotations
 from worker.steps.parsing import repair_counts
 
 COUNTS = ("calls", "reasks", "boxes_expected", "boxes_returned", "boxes_matched", "boxes_flagged",
-          "hallucinated_dropped", "duplicates_dropped", "ambiguous_dropped", "invalid_boxes", "kitti_skipped")
+          "hallucinated_dropped", "duplicates_dropped", "ambiguous_dropped", "invalid_boxes", "kitti_skipped",
+          "answers_cut")
 KEYS = ("mode", "box_format", "fallback", "finish_reason", "truncated", "repairs", *COUNTS)
 
 

@@ -17,7 +17,7 @@ from worker.coords import Frame, prompt_box_in, raw_values, refine, rescue, reso
 from worker.errors import ParseError
 from worker.geometry import iou, match_one_to_one
 from worker.steps.options import STRUCTURED, AnswerContext
-from worker.steps.parsing import collapse_repeats, field_of, item_id, parse_json_objects
+from worker.steps.parsing import answer_limit, cap_answer, collapse_repeats, field_of, item_id, parse_json_objects
 from worker.steps.quality import merge_quality, new_quality
 from worker.steps.records import with_step
 
@@ -268,14 +268,15 @@ def parse(text: str, record: dict, *, ctx: AnswerContext | None = None) -> dict:
     convention (``worker.coords.resolve``); whatever joins nothing is dropped and counted.
     """
     ctx = ctx or AnswerContext()
-    parsed = parse_json_objects(text)
     kitti = record.get("kitti_bboxes") or []
+    asked = _asked(record, ctx)
+    text, cut = cap_answer(text, answer_limit(len(asked)))
+    parsed = parse_json_objects(text)
     w, h = int(record["width"]), int(record["height"])
     frame = Frame(w, h)
     targets = [prompt_box(b, w, h) for b in kitti]
-    asked = _asked(record, ctx)
-    repairs = list(parsed.repairs)
-    q = new_quality(ctx.mode, boxes_expected=len(asked))
+    repairs = list(parsed.repairs) + (["oversized_answer_cut"] if cut else [])
+    q = new_quality(ctx.mode, boxes_expected=len(asked), answers_cut=int(bool(cut)))
     items = parsed.items
     with_ids = [it for it in items if item_id(it) is not None]
     regions: dict[int, dict] = {}

@@ -216,3 +216,31 @@ def test_endpoint_key_spells_out_the_default_url():
         "gemini|https://generativelanguage.googleapis.com|gemini-3.1-flash-lite-preview")
     custom = VLMSpec(backend="gemini", gemini=GeminiSpec(base_url="http://proxy:8080/", model="m"))
     assert factory.endpoint_key(custom) == "gemini|http://proxy:8080|m"
+
+
+# --------------------------------------------------------------------------- not the API (issue 13)
+
+
+@pytest.mark.parametrize("content_type", ["text/html; charset=utf-8", "application/json"])
+def test_http_200_with_an_html_page_says_so(keyed, fake_vlm, png, content_type):
+    fake_vlm.raw_next(1, "<html><head><title>Open WebUI</title></head><body></body></html>",
+                      content_type=content_type)
+    with pytest.raises(PermanentClientError) as exc:
+        client(fake_vlm, model="gemini-2.5-flash").generate(VLMRequest(image=png, prompt="x"))
+    assert str(exc.value) == (
+        f"gemini:gemini-2.5-flash: {fake_vlm.gemini_base_url} answered HTTP 200 with an HTML page ('Open WebUI'), "
+        "not a generateContent response: a proxy or login page answered, or the base_url is wrong "
+        "(vlm.gemini.base_url is the API root, e.g. https://generativelanguage.googleapis.com, without /v1beta)")
+    assert KEY not in str(exc.value)
+
+
+def test_webp_keeps_its_mime(keyed, fake_vlm, tmp_path):
+    from PIL import Image
+
+    from worker.images import load_payload
+
+    p = tmp_path / "scene.webp"
+    Image.new("RGB", (64, 32), (30, 160, 60)).save(p, format="WEBP")
+    client(fake_vlm).generate(VLMRequest(image=load_payload(p), prompt="x"))
+    (req,) = fake_vlm.requests
+    assert req.image_mime == "image/webp" and req.image == p.read_bytes()

@@ -207,3 +207,39 @@ def test_endpoint_key(monkeypatch):
 def test_offline_backend_is_built_lazily():
     from worker.clients import offline
     assert isinstance(factory.get_client(VLMSpec(backend="offline")), offline.OfflineClient)
+
+
+# --------------------------------------------------------------------------- not the API (issue 13)
+
+LOGIN_PAGE = ("<!DOCTYPE html>\n<html><head><title>Sign in \u2013 Corp Proxy</title></head>"
+              "<body><form>...</form></body></html>")
+
+
+@pytest.mark.parametrize("content_type", ["text/html; charset=utf-8", "application/json"])
+def test_http_200_with_an_html_page_says_so(fake_vlm, png, content_type):
+    fake_vlm.raw_next(1, LOGIN_PAGE, content_type=content_type)
+    with pytest.raises(PermanentClientError) as exc:
+        client(fake_vlm, model_name="m").generate(VLMRequest(image=png, prompt="x"))
+    assert str(exc.value) == (
+        f"openai:m: {fake_vlm.openai_base_url} answered HTTP 200 with an HTML page ('Sign in \u2013 Corp Proxy'), "
+        "not a chat completion: a proxy or login page answered, or the base_url is wrong (an OpenAI-compatible "
+        "base_url ends in /v1, e.g. http://host:8000/v1)")
+
+
+def test_http_200_with_plain_text_says_so(fake_vlm, png):
+    fake_vlm.raw_next(1, "It works!", content_type="text/plain")
+    with pytest.raises(PermanentClientError, match=r"HTTP 200 with a body that is not JSON \('It works!'\)"):
+        client(fake_vlm, model_name="m").generate(VLMRequest(image=png, prompt="x"))
+
+
+def test_webp_keeps_its_mime(fake_vlm, tmp_path):
+    from PIL import Image
+
+    from worker.images import load_payload
+
+    p = tmp_path / "scene.webp"
+    Image.new("RGB", (64, 32), (30, 160, 60)).save(p, format="WEBP")
+    webp = load_payload(p)
+    client(fake_vlm).generate(VLMRequest(image=webp, prompt="x"))
+    (req,) = fake_vlm.requests
+    assert req.image_mime == "image/webp" and req.image == p.read_bytes()

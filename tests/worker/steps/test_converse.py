@@ -17,7 +17,7 @@ from worker.clients.base import (
     VLMResponse,
 )
 from worker.clients.offline import OfflineClient
-from worker.errors import PermanentClientError
+from worker.errors import InputError, PermanentClientError
 from worker.steps import input_record, run_step
 from worker.steps.converse import budget, forget_rejections
 from worker.steps.options import StepOptions
@@ -287,3 +287,61 @@ def test_offline_teacher_answers_parse_in_structured_mode_too(seed):
     assert q0["mode"] == "structured" and q0["boxes_matched"] == 3
     assert q0["repairs"].get("structured_answer_without_ids") == 1
     assert recs[3]["expressions"]
+
+
+# --------------------------------------------------------------------------- answers cut without saying so (issue 13)
+
+
+def test_text_step0_cut_off_with_a_clean_stop_reasks_the_skipped_boxes(seed):
+    text = json.dumps(TAO)
+    cut = text[: text.index('"description": "red van"') + 14]  # mid-object, finish "stop"
+    client = Scripted((cut, "stop"), json.dumps(TAO[1:]))
+    out = run_step(0, seed, client, PROMPT_TEMPLATES, options=OFF)
+    assert len(client.requests) == 2
+    again = client.requests[1].prompt
+    assert "[Van: [500, 500, 700, 800] , Pedestrian: [800, 0, 900, 200]  ]" in again and "Car:" not in again
+    assert again.count("Objects in the image at") == 1
+    assert [r["kitti_index"] for r in out.record["regions"]] == [0, 1, 2]
+    q = quality(out)
+    assert (q["calls"], q["reasks"], q["kitti_skipped"], q["truncated"]) == (2, 1, 0, False)
+    assert out.record["meta"]["step0_region_expr"]["missed_kitti"] == []
+
+
+def test_structured_step0_cut_off_with_a_clean_stop_reasks_the_missing_ids(seed):
+    text = json.dumps(OBJECTS)
+    cut = text[: text.index('{"id": 2') + 12]
+    client = Scripted((cut, "stop"), json.dumps({"objects": [OBJECTS["objects"][2]]}))
+    out = run_step(0, seed, client, PROMPT_TEMPLATES, options=AUTO)
+    assert "2: Pedestrian" in client.requests[1].prompt and "0: Car" not in client.requests[1].prompt
+    assert [r["kitti_index"] for r in out.record["regions"]] == [0, 1, 2] and quality(out)["reasks"] == 1
+
+
+def test_boxes_skipped_by_a_whole_answer_are_not_asked_again(seed):
+    client = Scripted(json.dumps(TAO[:2]))  # complete JSON: the model chose to leave one out
+    out = run_step(0, seed, client, PROMPT_TEMPLATES, options=OFF)
+    assert len(client.requests) == 1
+    assert out.record["meta"]["step0_region_expr"]["missed_kitti"] == [2]
+
+
+def test_a_failed_reask_after_a_silent_cut_keeps_the_cut_answer_flagged(seed):
+    text = json.dumps(TAO)
+    cut = text[: text.index('"description": "red van"') + 14]
+    client = Scripted((cut, "stop"), "I cannot help with that.")
+    out = run_step(0, seed, client, PROMPT_TEMPLATES, options=OFF)
+    assert [r["kitti_index"] for r in out.record["regions"]] == [0]
+    q = quality(out)
+    assert q["truncated"] is True and q["kitti_skipped"] == 2 and q["reasks"] == 1
+
+
+# --------------------------------------------------------------------------- the image changed (issue 13)
+
+
+def test_image_replaced_by_one_of_another_size_fails_the_image_step(seed):
+    Image.new("RGB", (500, 250), (90, 90, 90)).save(seed["image_path"])
+    client = Scripted(json.dumps(TAO))
+    with pytest.raises(InputError) as exc:
+        run_step(0, seed, client, PROMPT_TEMPLATES, options=OFF)
+    assert client.requests == []  # no call with boxes that no longer fit
+    assert str(exc.value).startswith(f"{seed['image_path']}: the image is 500x250 now but was 1000x500 when seeded")
+    with pytest.raises(InputError):
+        run_step(1, seed, Scripted("A street."), PROMPT_TEMPLATES, options=OFF)

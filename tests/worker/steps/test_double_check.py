@@ -178,3 +178,12 @@ def test_legacy_empty_when_everything_rejected(base):
     out, _ = run(rec, "other: [[0, 0, 100, 100]]")
     assert out.record["expressions"] == []
     assert out.legacy == ""
+
+
+def test_answer_past_its_size_is_cut_and_counted(base):
+    rec = step2(base, [expr(0, "kept", [inst(0, [1, 2, 3, 4], [1.0, 1.0, 3.0, 2.0])])])
+    tail = "".join(f"note {i} of {i * 7919 % 10007}\n" for i in range(200_000))
+    out, _ = run(rec, "kept: [[1, 2, 3, 4]]\n" + tail)
+    assert [e["text"] for e in out.record["expressions"]] == ["kept"]
+    q = out.record["meta"]["step3_double_check"]["quality"]
+    assert q["answers_cut"] == 1 and q["repairs"]["oversized_answer_cut"] == 1

@@ -183,3 +183,12 @@ def test_legacy_bytes_match_tao(seed, step0):
     # each line is TAO's f"{text}: {json.dumps(bboxes)}"
     first = out.record["expressions"][0]
     assert out.legacy.splitlines()[0] == f"{first['text']}: {json.dumps([first['instances'][0]['bbox_2d']])}"
+
+
+def test_rambling_past_the_answer_size_is_cut_and_counted(seed, step0):
+    tail = "".join(f"and group {i} of {i * 7919 % 10007}: [[{i}, 0, 10, 10]\n" for i in range(40_000))
+    out, _ = run(step0, ANSWER + tail)
+    q = out.record["meta"]["step2_grounding_expr"]["quality"]
+    assert q["answers_cut"] == 1 and q["repairs"]["oversized_answer_cut"] == 1
+    assert [e["text"] for e in out.record["expressions"]][:2] == [SEDAN, "vehicles on the road"]
+    assert len(json.dumps(out.record)) < 200_000

@@ -94,3 +94,58 @@ def test_record_keeps_seed_fields(seed):
     assert out.record["source"] == SOURCE
     assert "regions" not in out.record
     assert "caption" not in seed
+
+
+# --------------------------------------------------------------------------- sizes and shapes (issue 13)
+
+
+def test_huge_non_repeating_caption_is_cut_at_a_sentence_and_counted(seed):
+    sentences = [f"Sentence {i} tells of object {i * 7919 % 10007} near marker {i}." for i in range(120_000)]
+    text = " ".join(sentences)  # ~5 MB, nothing repeats
+    assert len(text) > 5_000_000
+    out, _ = run(seed, text)
+    caption = out.record["caption"]
+    assert len(caption) <= image_caption.MAX_CAPTION_CHARS and caption.endswith(".")
+    assert caption.startswith("Sentence 0 tells")
+    q = out.record["meta"]["step1_image_caption"]["quality"]
+    assert q["answers_cut"] == 1 and q["repairs"]["oversized_answer_cut"] == 1
+
+
+def test_a_caption_of_a_few_kb_is_kept_whole(seed):
+    text = " ".join(f"Car number {i} is parked at the {i}th house." for i in range(100))  # 4.4 KB
+    out, _ = run(seed, text)
+    assert out.record["caption"] == text
+    assert out.record["meta"]["step1_image_caption"]["quality"]["answers_cut"] == 0
+
+
+@pytest.mark.parametrize("answer, keys", [
+    ('{"regions": [{"bbox_2d": [1, 2, 3, 4], "type": "Car", "color": "red", "description": "red car"}]}',
+     "regions"),
+    ('```json\n[{"bbox_2d": [1, 2, 3, 4], "type": "Car", "color": "red", "description": "red car"}]\n```',
+     "bbox_2d, type, color, description"),
+    ('{"groups": [{"phrase": "the cars", "box_ids": [0, 1]}]}', "groups"),
+    ('{"objects": [{"id": 0, "type": "Car", "color": "red", "description": "a red ca', None),
+], ids=["regions", "step0-array", "groups", "cut-objects"])
+def test_json_for_another_step_is_rejected_for_a_retry(seed, answer, keys):
+    with pytest.raises(ParseError) as exc:
+        run(seed, answer)
+    what = f"JSON with the keys {keys}" if keys else "JSON-like data (cut, or too deeply nested to read)"
+    assert f"step 1: the answer is {what}, not a caption" in str(exc.value)
+    assert exc.value.raw == answer
+
+
+def test_prose_wrapping_another_steps_json_is_rejected(seed):
+    answer = 'Here are the regions:\n{"regions": [{"bbox_2d": [1, 2, 3, 4], "description": "red car"}]}'
+    with pytest.raises(ParseError, match="holds JSON with the keys regions"):
+        run(seed, answer)
+
+
+def test_caption_wrapped_in_json_is_unwrapped(seed):
+    out, _ = run(seed, '```json\n{"caption": "A quiet road at dusk."}\n```')
+    assert out.record["caption"] == "A quiet road at dusk."
+    assert out.record["meta"]["step1_image_caption"]["quality"]["repairs"]["caption_from_json"] == 1
+
+
+def test_braces_in_prose_are_a_caption(seed):
+    out, _ = run(seed, "A sign reads {closed} over the road.")
+    assert out.record["caption"] == "A sign reads {closed} over the road."

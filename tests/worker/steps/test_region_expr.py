@@ -213,3 +213,43 @@ def test_legacy_bytes_match_tao(seed):
 def test_legacy_non_ascii_kept(seed):
     out, _ = run(seed, json.dumps([{**CAR, "description": "weißer Wagen"}]))
     assert "weißer Wagen" in out.legacy
+
+
+# --------------------------------------------------------------------------- answer size (issue 13)
+
+
+def rambling(n_chars: int) -> str:
+    """Prose that never repeats itself (repetition loops are collapsed elsewhere)."""
+    out, i, size = [], 0, 0
+    while size < n_chars:
+        out.append(f"Also, item {i} relates to {i * 7919 % 10007} in way {i * 31 % 97}.\n")
+        size += len(out[-1])
+        i += 1
+    return "".join(out)
+
+
+def test_answer_past_its_size_is_cut_and_counted(seed):
+    answer = json.dumps([CAR, VAN, PED]) + "\n" + rambling(3_000_000)
+    out, _ = run(seed, answer)
+    assert [r["kitti_index"] for r in out.record["regions"]] == [0, 1, 2]
+    q = out.record["meta"]["step0_region_expr"]["quality"]
+    assert q["answers_cut"] == 1 and q["repairs"]["oversized_answer_cut"] == 1
+
+
+def test_answer_limit_grows_with_the_boxes(seed):
+    from worker.steps.parsing import answer_limit, cap_answer
+
+    assert answer_limit(3) < answer_limit(30) == answer_limit(0) + 30 * (answer_limit(1) - answer_limit(0))
+    text = "line one\n" + "x" * 20 + "\nline three"
+    assert cap_answer(text, 100) == (text, 0)
+    assert cap_answer(text, 35) == ("line one\n" + "x" * 20, len("\nline three"))
+    assert cap_answer("<think>" + "y" * 500 + "</think>[1]", 100) == ("[1]", 0)  # reasoning goes first
+
+
+def test_one_huge_description_is_not_stored(seed):
+    huge = dict(CAR, description=rambling(200_000))
+    with pytest.raises(ParseError):  # the only object is cut: nothing to keep, and a retry is asked for
+        run({**seed, "kitti_bboxes": seed["kitti_bboxes"][:1]}, json.dumps([huge]))
+    out, _ = run(seed, json.dumps([CAR, VAN, huge]))
+    assert [r["kitti_index"] for r in out.record["regions"]] == [0, 1]
+    assert len(json.dumps(out.record)) < 20_000
