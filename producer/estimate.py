@@ -11,7 +11,9 @@ Tokens per call are modelled as ``a + b * boxes`` for each step, from one of two
   sinks hold each call's usage as the API reported it (``meta.<step>.call``); ``a`` and ``b``
   are fitted by least squares on (boxes in the image, tokens), or the mean when the sample
   cannot support a slope. This is the estimate to trust: it is the model's own count, image
-  tokens and thinking included.
+  tokens and thinking included. The output names the model that answered the sample; a run of
+  the offline teacher (``make demo``) is said to be one, since its text-only counts are no
+  model's tokens.
 - the spec (the default): the step's real prompt, built from the sampled labels with stand-in
   descriptions, phrases and caption, at 4 characters a token, plus the image tokens the
   provider charges (below); output tokens are the length of a typical answer of that step
@@ -262,12 +264,18 @@ def _grounding_text(rec: dict) -> str:
     return "\n".join(grounding_lines(_stand_in_expressions(rec)))
 
 
-def results_samples(results_dir: Path, steps: list[int]) -> dict[int, list[tuple[float, float, float]]]:
-    """``step -> [(boxes, input, output + thinking)]`` from a sample run's step sinks."""
+OFFLINE_MODEL = "offline"   # what the offline teacher records as its model (worker.clients.offline.MODEL)
+
+
+def results_samples(results_dir: Path, steps: list[int]) -> tuple[dict[int, list[tuple[float, float, float]]],
+                                                                   list[str]]:
+    """``step -> [(boxes, input, output + thinking)]`` from a sample run's step sinks, and the models
+    that answered those calls (sorted): the figures are that model's, whatever the spec now says."""
     layout = Layout(results_dir)
     if not layout.root.is_dir():
         raise ConfigError(f"--from-results: not a directory: {results_dir}")
     out: dict[int, list[tuple[float, float, float]]] = {}
+    models: set[str] = set()
     found = False
     for step in steps:
         latest: dict[str, tuple[float, float, float]] = {}
@@ -277,12 +285,55 @@ def results_samples(results_dir: Path, steps: list[int]) -> dict[int, list[tuple
                 latest[rec["image_id"]] = (len(rec.get("kitti_bboxes") or []), float(call.get("input_tokens") or 0),
                                            float(call.get("output_tokens") or 0) + float(call.get("thinking_tokens")
                                                                                          or 0))
+                if call.get("model"):
+                    models.add(str(call["model"]))
         out[step] = list(latest.values())
         found = found or bool(latest)
     if not found:
         raise ConfigError(f"--from-results {results_dir}: no call usage in its step sinks (run a sample with "
                           "this version first: `producer run ... --results-dir R` on a few images)")
-    return out
+    return out, sorted(models)
+
+
+def spec_model(vlm: VLMSpec) -> str:
+    """The model the spec asks for (``offline`` for the offline teacher)."""
+    return {"gemini": vlm.gemini.model, "openai": vlm.openai.model_name}.get(vlm.backend, OFFLINE_MODEL)
+
+
+def _same_model(measured: str, wanted: str) -> bool:
+    """``models/gemini-2.5-flash-001`` measured for ``gemini-2.5-flash`` asked is the same model."""
+    a, b = measured.lower().removeprefix("models/"), wanted.lower().removeprefix("models/")
+    return bool(a and b) and (a.startswith(b) or b.startswith(a))
+
+
+def offline_stand_in(measured_on: list[str], wanted: str) -> bool:
+    """The sample run was answered by the offline teacher only, and the spec asks for a model."""
+    return measured_on == [OFFLINE_MODEL] and wanted != OFFLINE_MODEL
+
+
+def measured_source(results_dir: Path, models: list[str], wanted: str) -> tuple[str, str, list[str]]:
+    """(tokens-from line, image-tokens line, notes) for figures measured on ``models``.
+
+    Why: a sample run made by the offline teacher (``make demo``) counts text at 4 characters a
+    token and no image at all; printed under a Gemini header as "measured" it would pass for
+    Gemini's own figures. Say whose figures they are.
+    """
+    if models == [OFFLINE_MODEL]:
+        source = f"sample run {results_dir}, answered by the offline teacher (not a model)"
+        rule = "none: the offline teacher counts only text, 4 characters a token"
+        notes = [] if wanted == OFFLINE_MODEL else [
+            f"these figures come from the offline teacher, not {wanted}: they show the shape of the run "
+            f"(calls, prompt sizes), not its tokens or cost; run a few images on {wanted} "
+            "(`producer run -c SPEC ... --results-dir PILOT`) and use --from-results PILOT"]
+        return source, rule, notes
+    who = ", ".join(models) if models else "the model (not recorded)"
+    source = f"sample run {results_dir}, answered by {who}"
+    notes = []
+    if OFFLINE_MODEL in models:
+        notes.append("part of the sample was answered by the offline teacher: its calls count no image tokens")
+    if models and not any(_same_model(m, wanted) for m in models):
+        notes.append(f"measured on {who}, but the spec asks for {wanted}: its tokens per call may differ")
+    return source, "measured (image tokens are in the reported input)", notes
 
 
 # --------------------------------------------------------------------------- the estimate
@@ -313,6 +364,7 @@ class Estimate:
     cost: float | None
     prices: dict | None
     notes: list[str]
+    measured_on: list[str] = field(default_factory=list)  # models that answered the sample run's calls
 
 
 def estimate(spec: Spec, *, sample: int = DEFAULT_SAMPLE, from_results: Path | None = None) -> Estimate:
@@ -326,9 +378,11 @@ def estimate(spec: Spec, *, sample: int = DEFAULT_SAMPLE, from_results: Path | N
     notes = []
     if scan.unreadable:
         notes.append(f"{round(scan.unreadable * scale)} images look unreadable (no calls counted for them)")
+    measured_on: list[str] = []
     if from_results is not None:
-        samples = results_samples(Path(from_results).expanduser().resolve(), steps)
-        source, rule = f"sample run {from_results}", "measured (image tokens are in the reported input)"
+        samples, measured_on = results_samples(Path(from_results).expanduser().resolve(), steps)
+        source, rule, why = measured_source(from_results, measured_on, spec_model(spec.ire.vlm))
+        notes.extend(why)
     else:
         samples, rule = spec_samples(spec, scan)
         source = "spec (prompt characters / 4 + image tokens; typical answer lengths)"
@@ -351,17 +405,20 @@ def estimate(spec: Spec, *, sample: int = DEFAULT_SAMPLE, from_results: Path | N
     total_out = sum(s.output_tokens for s in out)
     prices = spec.ire.vlm.prices.model_dump()
     cost = call_cost(prices, total_in, total_out)
+    if offline_stand_in(measured_on, spec_model(spec.ire.vlm)):
+        cost = None  # the offline teacher's counts priced as a model's would be a made-up bill
     return Estimate(images=scan.images, sampled=readable + scan.unreadable, with_boxes_share=scan.with_boxes_share,
                     boxes_per_image_with_boxes=round(mean_boxes, 2), source=source, image_rule=rule, steps=out,
                     input_tokens=total_in, output_tokens=total_out, cost=None if cost is None else round(cost, 6),
-                    prices=prices if cost is not None else None, notes=notes)
+                    prices=prices if cost is not None else None, notes=notes, measured_on=measured_on)
 
 
 def format_estimate(e: Estimate, spec: Spec) -> Iterator[str]:
     vlm = spec.ire.vlm
-    model = {"gemini": vlm.gemini.model, "openai": vlm.openai.model_name, "offline": "offline"}[vlm.backend]
+    model = spec_model(vlm)
+    target = "offline teacher" if vlm.backend == "offline" else f"{vlm.backend} {model}"
     yield (f"{e.images} images (labels read for {e.sampled}: {e.with_boxes_share:.0%} have boxes, "
-           f"{e.boxes_per_image_with_boxes:g} boxes each) · {vlm.backend} {model}")
+           f"{e.boxes_per_image_with_boxes:g} boxes each) · spec: {target}")
     yield f"tokens from: {e.source}"
     yield f"image tokens: {e.image_rule}"
     yield f"  {'step':<6}{'calls':>10}{'input tokens':>16}{'output tokens':>16}{'per call in / out':>22}"
@@ -369,7 +426,9 @@ def format_estimate(e: Estimate, spec: Spec) -> Iterator[str]:
         per = f"{s.input_per_call:,.0f} / {s.output_per_call:,.0f}"
         yield f"  {s.step:<6}{s.calls:>10,}{s.input_tokens:>16,}{s.output_tokens:>16,}{per:>22}"
     yield f"  {'total':<6}{sum(s.calls for s in e.steps):>10,}{e.input_tokens:>16,}{e.output_tokens:>16,}"
-    if e.cost is not None and e.prices:
+    if offline_stand_in(e.measured_on, model):
+        yield f"cost: not estimated (the figures come from the offline teacher, not {model})"
+    elif e.cost is not None and e.prices:
         amount = f"{e.cost:,.2f}" if e.cost >= 10 else f"{e.cost:.4g}"
         yield (f"cost: {amount} (input {e.prices['input_per_million']:g} / output "
                f"{e.prices['output_per_million']:g} per million tokens; retries not included)")

@@ -278,12 +278,31 @@ def coco_dataset(records: Iterable[dict], *, root: Path | None, phrases: str = "
 
 @dataclass
 class ExportReport:
+    """What an export wrote, each count named for what it is (the formats count different things:
+    ODVG has one region per phrase and box, COCO one annotation per object with the phrases that
+    point at it as attributes, RefCOCO one ref per phrase)."""
+
     path: Path
+    fmt: str
     images: int
-    phrases: int
-    boxes: int
+    phrases: int            # distinct phrases per image, summed: the same in every format
+    links: int              # phrase-box pairs (ODVG regions; COCO/RefCOCO phrase-object links)
+    objects: int = 0        # COCO/RefCOCO annotations: one per object (KITTI box or unmatched box)
     note: str | None = None
     root: Path | None = None
+
+    def summary(self) -> str:
+        """One line saying what each count is, e.g. for COCO "12 images, 48 objects (annotations),
+        37 phrases, linked to objects 93 times (attributes.phrases)"."""
+        head = f"{self.images} image{'s' if self.images != 1 else ''}"
+        phrases = f"{self.phrases} phrase{'s' if self.phrases != 1 else ''}"
+        if self.fmt == "odvg":
+            return f"{head}, {phrases}, {self.links} regions (one per phrase and box)"
+        objects = f"{self.objects} object{'s' if self.objects != 1 else ''} (annotations)"
+        if self.fmt == "refcoco":
+            return (f"{head}, {objects}, {self.phrases} refs (one per phrase), "
+                    f"{self.links} phrase-object links (ann_ids)")
+        return f"{head}, {objects}, {phrases}, linked to objects {self.links} times (attributes.phrases)"
 
 
 def export(results_dir: str | Path, fmt: str, out: str | Path | None = None, *,
@@ -305,7 +324,7 @@ def export(results_dir: str | Path, fmt: str, out: str | Path | None = None, *,
     path = Path(out).expanduser().resolve() if out else root_dir / "export" / DEFAULT_NAMES[fmt]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    n_phrases = n_boxes = 0
+    n_phrases = n_links = n_objects = 0
     n_images = 0
     if fmt == "odvg":
         n = 0  # images without a phrase: nothing to ground, and an empty caption is no sample
@@ -316,7 +335,7 @@ def export(results_dir: str | Path, fmt: str, out: str | Path | None = None, *,
                     n += 1
                     continue
                 n_images += 1
-                n_boxes += len(regions)
+                n_links += len(regions)
                 n_phrases += len({r["phrase"] for r in regions})
                 f.write(dumps(line) + "\n")
         if n:
@@ -325,12 +344,18 @@ def export(results_dir: str | Path, fmt: str, out: str | Path | None = None, *,
     else:
         data = coco_dataset(iter_final(root_dir), root=root, phrases=phrases, with_refs=fmt == "refcoco")
         n_images = len(data["images"])
-        n_boxes = len(data["annotations"])
-        n_phrases = len(data["refs"]) if fmt == "refcoco" else sum(
-            len(a["attributes"]["phrases"]) for a in data["annotations"])
+        n_objects = len(data["annotations"])
+        if fmt == "refcoco":
+            n_phrases = len(data["refs"])
+            n_links = sum(len(r["ann_ids"]) for r in data["refs"])
+        else:
+            attrs = [(a["image_id"], a["attributes"]) for a in data["annotations"]]
+            n_links = sum(len(at["phrases"]) for _, at in attrs)
+            n_phrases = len({(image, text) for image, at in attrs for text in at["phrases"]})
         tmp.write_text(json.dumps(data, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)
-    return ExportReport(path=path, images=n_images, phrases=n_phrases, boxes=n_boxes, note=note, root=root)
+    return ExportReport(path=path, fmt=fmt, images=n_images, phrases=n_phrases, links=n_links, objects=n_objects,
+                        note=note, root=root)
 
 
 # --------------------------------------------------------------------------- command line
@@ -362,5 +387,5 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(2) from None
         if rep.note:
             typer.echo(f"note: {rep.note}", err=True)
-        where = f"; file names relative to {rep.root}" if rep.root else ""
-        typer.echo(f"wrote {rep.path}: {rep.images} images, {rep.phrases} phrases, {rep.boxes} boxes ({fmt}{where})")
+        typer.echo(f"wrote {rep.path} ({fmt}): {rep.summary()}")
+        typer.echo(f"  image file names are relative to {rep.root}" if rep.root else "  image paths are absolute")

@@ -9,6 +9,9 @@ image this writes, under ``--out`` (default ``<results_dir>/preview``):
   is drawn nested, with one tag chip per group); dashed boxes did not match a step-0 region;
 - ``images/<id>_step3.png``: step 3 against step 2, box by box: *kept* (solid), *removed*
   (dashed, crossed out) and *moved* (the old place dashed, the new one solid, joined by a line);
+- a panel with nothing to draw (no regions, no phrases) is not written; an image without KITTI
+  boxes (its label file missing or empty) gets one plain ``images/<id>_image.png`` instead of
+  three empty panels, and a "no labels" badge rather than "clean";
 - ``index.html``: the gallery. Relative links only, no script, no server: open it from disk. Per
   image: the caption, the phrases before and after step 3, the parse warnings (record ``meta``:
   repairs, invalid or invented boxes, KITTI boxes the model skipped) and the failures
@@ -27,7 +30,7 @@ import html
 import itertools
 import json
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
@@ -87,6 +90,11 @@ class ImageView:
     def latest(self) -> dict:
         """The most advanced record (the seed if no step finished)."""
         return self.records[max(self.records)] if self.records else self.seed
+
+    @property
+    def labelled(self) -> bool:
+        """Whether the image was seeded with KITTI boxes (False: label file missing or empty)."""
+        return bool(self.seed.get("kitti_bboxes"))
 
     @property
     def meta(self) -> dict:
@@ -577,6 +585,46 @@ def panel_step3(view: ImageView) -> Image.Image:
 
 PANELS = {0: panel_step0, 2: panel_step2, 3: panel_step3}
 
+NO_LABELS = "no KITTI boxes (label file missing or empty): steps 0, 2 and 3 had nothing to ask about"
+
+
+def panel_image(view: ImageView) -> Image.Image:
+    """The plain image, for an image without KITTI boxes: what there is to see, and why nothing
+    is drawn on it (a missing label file on a street full of cars shows here)."""
+    img, _, problem = _base_image(view)
+    return _compose(f"{view.image_id} · no labels", img, [], problem or NO_LABELS)
+
+
+def has_marks(view: ImageView, step: int) -> bool:
+    """Whether ``step``'s panel would draw anything: a panel with no box on it is not written."""
+    rec = view.records.get(step)
+    if rec is None:
+        return False
+    if step == 0:
+        missed = (rec.get("meta", {}).get(PIPELINE_NAMES[0]) or {}).get("missed_kitti")
+        return bool(rec.get("regions") or missed)
+    if step == 2:
+        return any(e.get("instances") for e in rec.get("expressions") or [])
+    before = view.records.get(2) or {}
+    return any(e.get("instances") for e in [*(before.get("expressions") or []), *(rec.get("expressions") or [])])
+
+
+def panels_of(view: ImageView) -> list[tuple[str, str, Callable[[ImageView], Image.Image]]]:
+    """``(file suffix, figure caption, drawer)`` for each panel worth drawing for ``view``."""
+    if not view.labelled:
+        return [("image", "the image, no labels", panel_image)]
+    return [(f"step{step}", f"step {step} · {STEP_NAMES[step]}", PANELS[step])
+            for step in PANEL_STEPS if has_marks(view, step)]
+
+
+def skipped_panels(view: ImageView) -> list[str]:
+    """Finished steps whose panel was left out because it had nothing to draw (labelled images)."""
+    if not view.labelled:
+        return []
+    why = {0: "no regions", 2: "no phrases", 3: "no boxes before or after"}
+    return [f"step {step} ({why[step]})" for step in PANEL_STEPS
+            if step in view.records and not has_marks(view, step)]
+
 
 # --------------------------------------------------------------------------- the gallery
 
@@ -619,6 +667,7 @@ section{background:#fff;border:1px solid #d6d6d0;border-radius:6px;margin:18px 0
 section h2{margin:0 0 6px;font-size:19px}.dim{color:#666;font-weight:normal;font-size:14px}
 .badge{display:inline-block;border-radius:10px;padding:0 9px;font-size:13px;margin-left:6px;font-weight:600}
 .warn{background:#f0e442;color:#000}.fail{background:#d55e00;color:#fff}.ok{background:#009e73;color:#fff}
+.nolabel{background:#5a5a5a;color:#fff}
 figure{margin:10px 0}figure img{max-width:100%;height:auto;border:1px solid #ccc}
 figcaption{font-size:13px;color:#555}
 table{border-collapse:collapse;margin:6px 0}td,th{border:1px solid #ddd;padding:3px 8px;text-align:left;
@@ -666,7 +715,7 @@ def _tokens_line(view: ImageView) -> str:
     return f'<p class="tokens">Tokens{f" ({_esc(model)})" if model else ""}: {_esc("; ".join(parts))}</p>'
 
 
-def _card(view: ImageView, panels: dict[int, str]) -> str:
+def _card(view: ImageView, panels: list[tuple[str, str]]) -> str:
     rec = view.latest
     warnings = warnings_of(view)
     badges = []
@@ -674,6 +723,9 @@ def _card(view: ImageView, panels: dict[int, str]) -> str:
         badges.append(f'<span class="badge fail">{len(view.failures)} failed</span>')
     if warnings:
         badges.append(f'<span class="badge warn">{len(warnings)} warning{"s" if len(warnings) != 1 else ""}</span>')
+    if not view.labelled:
+        badges.append('<span class="badge nolabel" title="no KITTI boxes: label file missing or empty">'
+                      'no labels</span>')
     if not badges:
         badges.append('<span class="badge ok">clean</span>')
     n_boxes = len(view.seed.get("kitti_bboxes") or [])
@@ -692,27 +744,35 @@ def _card(view: ImageView, panels: dict[int, str]) -> str:
         parts.append(f'<p><b>Failures</b></p><ul class="failures">{items}</ul>')
     if warnings:
         parts.append("<p><b>Parse warnings</b></p><ul>" + "".join(f"<li>{_esc(w)}</li>" for w in warnings) + "</ul>")
-    parts.append(_phrase_table(view))
+    if not view.labelled:
+        parts.append(f'<p class="dim">No labels: {_esc(NO_LABELS)}, so there are no regions or phrases '
+                     "to draw.</p>")
+    else:
+        parts.append(_phrase_table(view))
     parts.append(_tokens_line(view))
-    for step, src in panels.items():
-        parts.append(f'<figure><img src="{_esc(src)}" alt="{_esc(view.image_id)} step {step}">'
-                     f"<figcaption>step {step} · {_esc(STEP_NAMES[step])}</figcaption></figure>")
+    skipped = skipped_panels(view)
+    if skipped:
+        parts.append(f'<p class="dim">Not drawn, nothing to show: {_esc(", ".join(skipped))}.</p>')
+    for caption_text, src in panels:
+        parts.append(f'<figure><img src="{_esc(src)}" alt="{_esc(view.image_id)} {_esc(caption_text)}">'
+                     f"<figcaption>{_esc(caption_text)}</figcaption></figure>")
     parts.append("</section>")
     return "\n".join(p for p in parts if p)
 
 
-def render_index(root: Path, views: list[ImageView], panels: dict[str, dict[int, str]], total: int) -> str:
+def render_index(root: Path, views: list[ImageView], panels: dict[str, list[tuple[str, str]]], total: int) -> str:
     failed = sum(1 for v in views if v.failures)
     warned = sum(1 for v in views if warnings_of(v))
+    unlabelled = sum(1 for v in views if not v.labelled)
     nav = " ".join(
         f'<a href="#{quote(v.image_id)}">{_esc(v.image_id)}{" ⚠" if v.failures or warnings_of(v) else ""}</a>'
         for v in views)
-    cards = "\n".join(_card(v, panels.get(v.image_id, {})) for v in views)
+    cards = "\n".join(_card(v, panels.get(v.image_id, [])) for v in views)
     return (
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<title>refexp preview · {len(views)} images</title><style>{CSS}</style></head><body>\n"
         f"<header><h1>refexp preview</h1><p>{_esc(root)} · {len(views)} of {total} images shown · "
-        f"{failed} with failures · {warned} with parse warnings</p>"
+        f"{failed} with failures · {warned} with parse warnings · {unlabelled} without labels</p>"
         "<p>Step 0: numbered regions and their descriptions. Step 2: one color per phrase (E<i>n</i>). "
         "Step 3: kept (solid green), removed (dashed vermillion; crossed out if no phrase keeps the box), "
         "moved (old place dashed, new place solid blue).</p></header>\n"
@@ -743,15 +803,13 @@ def build_preview(results_dir: str | Path, out: str | Path | None = None, *,
     if img_dir.exists():
         shutil.rmtree(img_dir)
     img_dir.mkdir(parents=True)
-    panels: dict[str, dict[int, str]] = {}
+    panels: dict[str, list[tuple[str, str]]] = {}
     n = 0
     for view in views:
-        for step in PANEL_STEPS:
-            if step not in view.records:
-                continue
-            name = f"{view.image_id}_step{step}.png"
-            PANELS[step](view).save(img_dir / name, format="PNG", optimize=False)
-            panels.setdefault(view.image_id, {})[step] = "images/" + quote(name)
+        for suffix, caption, draw in panels_of(view):
+            name = f"{view.image_id}_{suffix}.png"
+            draw(view).save(img_dir / name, format="PNG", optimize=False)
+            panels.setdefault(view.image_id, []).append((caption, "images/" + quote(name)))
             n += 1
     index = out_dir / "index.html"
     write_atomic(index, render_index(root, views, panels, len(all_ids)))

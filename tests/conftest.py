@@ -46,7 +46,8 @@ def fake_vlm():
 def fleet_env(redis_url, redis_client) -> dict[str, str]:
     """The environment a worker host and a producer share (no API keys unless a test adds one)."""
     env = {k: v for k, v in os.environ.items()
-           if k not in ("GOOGLE_API_KEY", "GEMINI_API_KEY", "OPENAI_API_KEY", "NVIDIA_API_KEY")}
+           if k.removesuffix("_FILE") not in ("GOOGLE_API_KEY", "GEMINI_API_KEY", "OPENAI_API_KEY", "NVIDIA_API_KEY",
+                                              "REDIS_PASSWORD")}
     env.update(REDIS_URL=redis_url, PYTHONUNBUFFERED="1")
     env.pop("CELERY_BROKER_URL", None)
     env.pop("CELERY_RESULT_BACKEND", None)

@@ -2,11 +2,29 @@
 
 ``REDIS_URL`` is the one address a fleet shares; ``CELERY_BROKER_URL`` and
 ``CELERY_RESULT_BACKEND`` override it for Celery alone. Run state lives on the broker's Redis.
+
+Secrets can come from files instead of values, so they appear neither on a command line nor in
+``docker inspect`` (compose mounts them under ``/run/secrets``):
+
+- ``REDIS_PASSWORD_FILE``: the Redis password, put into every ``redis://`` / ``rediss://`` URL
+  above that has none, in this process only (the URLs in the environment stay without it).
+- ``<NAME>_FILE`` for each API key (``GOOGLE_API_KEY_FILE``, ``OPENAI_API_KEY_FILE``, ...):
+  read by ``secret(NAME)``, which the VLM clients use. Setting both ``NAME`` and ``NAME_FILE``
+  is an error (which one was meant?). An empty file counts as unset (a self-hosted server
+  without auth needs no key).
+
+Files are read when a value is needed (a rotated key is picked up by the next client built), and
+surrounding whitespace is dropped (``echo KEY > file`` adds a newline). Errors name the variable
+and the path, never the value.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from urllib.parse import quote, urlsplit, urlunsplit
+
+from worker.errors import ConfigError
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 DEFAULT_VISIBILITY_TIMEOUT = 3600
@@ -14,23 +32,70 @@ DEFAULT_VISIBILITY_TIMEOUT = 3600
 #: longest blocking ones, BRPOP and the budget's BLPOP, wait 1 s). Without a bound a stalled
 #: Redis holds a thread for ever.
 REDIS_SOCKET_TIMEOUT = 20.0
+REDIS_PASSWORD_FILE = "REDIS_PASSWORD_FILE"
+
+
+def _read_secret_file(var: str) -> str:
+    path = os.environ[var]
+    try:
+        return Path(path).read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        raise ConfigError(f"{var}={path}: no such file (it should hold the secret itself)") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{var}={path}: is a directory, not a file holding the secret (a secret file that "
+                          "did not exist when the container started is created as a directory)") from None
+    except PermissionError:
+        raise ConfigError(f"{var}={path}: not readable by this process (uid {os.getuid()}); make it "
+                          "readable, e.g. chmod 644 on a host only you use, or chown it to this uid") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{var}={path}: cannot read the secret ({type(exc).__name__})") from None
+
+
+def secret(name: str) -> str:
+    """``$NAME``, else the contents of the file ``$NAME_FILE`` names, else ``""``."""
+    value = os.environ.get(name) or ""
+    if os.environ.get(f"{name}_FILE"):
+        if value:
+            raise ConfigError(f"both {name} and {name}_FILE are set: set only one "
+                              f"({name}_FILE, a file holding the secret, keeps it out of the environment)")
+        return _read_secret_file(f"{name}_FILE")
+    return value
+
+
+def with_redis_password(url: str) -> str:
+    """``url`` with the password from REDIS_PASSWORD_FILE, when the file is set and the URL is a
+    Redis URL without a password of its own (one in the URL and one in a file: which is meant?)."""
+    if not os.environ.get(REDIS_PASSWORD_FILE):
+        return url
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss"):
+        return url
+    if parts.password is not None:
+        raise ConfigError(f"{REDIS_PASSWORD_FILE} is set and the Redis URL for {parts.hostname or 'localhost'} "
+                          "also carries a password: keep the password in one place (the file)")
+    password = _read_secret_file(REDIS_PASSWORD_FILE)
+    if not password:
+        raise ConfigError(f"{REDIS_PASSWORD_FILE}={os.environ[REDIS_PASSWORD_FILE]}: the file is empty")
+    user, _, host = parts.netloc.rpartition("@")
+    netloc = f"{user}:{quote(password, safe='')}@{host}"
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def redis_url() -> str:
-    return os.environ.get("REDIS_URL") or DEFAULT_REDIS_URL
+    return with_redis_password(os.environ.get("REDIS_URL") or DEFAULT_REDIS_URL)
 
 
 def broker_url() -> str:
-    return os.environ.get("CELERY_BROKER_URL") or redis_url()
+    return with_redis_password(os.environ.get("CELERY_BROKER_URL") or "") or redis_url()
 
 
 def result_backend() -> str:
-    return os.environ.get("CELERY_RESULT_BACKEND") or redis_url()
+    return with_redis_password(os.environ.get("CELERY_RESULT_BACKEND") or "") or redis_url()
 
 
 def state_url() -> str:
     """Run state (indexes, budget) lives on the broker's Redis unless REFEXP_STATE_URL says otherwise."""
-    return os.environ.get("REFEXP_STATE_URL") or broker_url()
+    return with_redis_password(os.environ.get("REFEXP_STATE_URL") or "") or broker_url()
 
 
 def visibility_timeout() -> int:

@@ -141,8 +141,10 @@ def _env_without_keys(env: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in env.items() if k not in KEY_ENV}
 
 
-@pytest.mark.parametrize("spec_key", [False, True], ids=["key-in-worker-env", "key-also-in-spec-override"])
+@pytest.mark.parametrize("spec_key", [False, True], ids=["key-in-worker-env", "key-file-and-spec-override"])
 def test_an_api_key_appears_nowhere(fleet, fleet_env, redis_client, data, tmp_path, spec_key):
+    """The worker's key in its environment; or (second case) in a file named by OPENAI_API_KEY_FILE
+    (a compose secret), with another key in a spec override for good measure."""
     secret = f"sk-refexp-SECRET-{uuid.uuid4().hex}"
     spec_secret = f"sk-refexp-SPEC-{uuid.uuid4().hex}"
     producer_env = _env_without_keys(fleet_env)
@@ -159,6 +161,11 @@ def test_an_api_key_appears_nowhere(fleet, fleet_env, redis_client, data, tmp_pa
         bodies = [part for _, v in dumps for part in list(_expand(v))[1:]]
         assert any(b"demo_000000" in b for b in bodies), "the dump did not see into the task messages"
         worker_env = {"OPENAI_API_KEY": secret}  # the only place the real key lives
+        if spec_key:
+            key_file = tmp_path / "secrets" / "vlm_api_key"
+            key_file.parent.mkdir()
+            key_file.write_text(secret + "\n")
+            worker_env = {"OPENAI_API_KEY_FILE": str(key_file)}
         fleet.start(1, extra_env=worker_env, argv=_worker_argv("info", "INFO"))
         fleet.start(1, extra_env=worker_env, argv=_worker_argv("debug", "DEBUG"))
         wait_until(lambda: fake.stats()["in_flight"] > 0, 30, "calls in flight")
@@ -178,6 +185,9 @@ def test_an_api_key_appears_nowhere(fleet, fleet_env, redis_client, data, tmp_pa
     everything = dumps + outputs + logs + files_under(results)
     assert leaks(secret, everything) == []
     assert leaks(spec_secret, everything) == []
+    if spec_key:  # the key came from the file: nothing but the file's path is in the environment
+        for w in fleet.workers:
+            assert secret.encode() not in Path(f"/proc/{w.proc.pid}/environ").read_bytes()
 
 
 def test_a_key_given_only_in_the_spec_is_not_sent_to_fleet_workers(fleet, fleet_env, redis_client, data,
@@ -214,3 +224,23 @@ def test_local_run_uses_a_spec_key_without_writing_it_anywhere(fleet_env, data, 
         assert fake.stats()["status_counts"].get("200", 0) > 0 and "401" not in fake.stats()["status_counts"]
     assert len((results / "annotations.jsonl").read_text().splitlines()) == 4
     assert leaks(spec_secret, [*files_under(results), ("run", (run.stdout + run.stderr).encode())]) == []
+
+
+def test_local_run_prefers_a_key_file_to_a_spec_key(fleet_env, data, tmp_path):
+    """``producer run`` with OPENAI_API_KEY_FILE and a (stale) key in the spec: the file's key is
+    used, as a fleet worker would, and neither key is written anywhere."""
+    secret = f"sk-refexp-FILE-{uuid.uuid4().hex}"
+    spec_secret = f"sk-refexp-SPEC-{uuid.uuid4().hex}"
+    key_file = tmp_path / "vlm_api_key"
+    key_file.write_text(secret + "\n")
+    env = {k: v for k, v in _env_without_keys(fleet_env).items() if k != "REDIS_URL"}
+    env["OPENAI_API_KEY_FILE"] = str(key_file)
+    results = tmp_path / "results"
+    with FakeVLM(api_key=secret) as fake:
+        run = producer(env, "run", *job(fake, data, results,
+                                        f"image_referring_expression.vlm.openai.api_key={spec_secret}"))
+        counts = fake.stats()["status_counts"]
+    assert counts.get("200", 0) > 0 and "401" not in counts
+    assert len((results / "annotations.jsonl").read_text().splitlines()) == 4
+    outputs = [*files_under(results), ("run", (run.stdout + run.stderr).encode())]
+    assert leaks(secret, outputs) == [] and leaks(spec_secret, outputs) == []

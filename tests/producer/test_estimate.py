@@ -228,3 +228,45 @@ def test_status_shows_live_token_counts():
     assert u["total"]["cost"] == pytest.approx((700 + 120 + 30) / 1e6)
     text = format_status(st)
     assert "tokens" in text and "per image: in 100" in text
+
+
+def test_from_results_of_the_offline_teacher_says_so(tmp_path):
+    """Through the real ``producer`` command: a demo run measured against a Gemini spec is named
+    as the offline teacher's figures, with no image-token claim and no made-up cost."""
+    import os
+
+    from tests.producer.test_export import offline_run
+    from tests.support.fleet import ROOT, producer
+
+    layout = offline_run(tmp_path, n_images=4)
+    data = tmp_path / "data"
+    args = ("estimate", "-c", str(ROOT / "configs" / "gemini.yaml"), "--image-dir", str(data / "images"),
+            "--label-dir", str(data / "labels"), "--from-results", str(layout.root),
+            "image_referring_expression.vlm.prices.input_per_million=0.1",
+            "image_referring_expression.vlm.prices.output_per_million=0.4")
+    out = producer(dict(os.environ), *args).stdout
+    assert "spec: gemini gemini-" in out.splitlines()[0]
+    assert "answered by the offline teacher (not a model)" in out
+    assert "image tokens: measured" not in out
+    assert "image tokens: none: the offline teacher counts only text" in out
+    assert "cost: not estimated (the figures come from the offline teacher" in out
+    assert "note: these figures come from the offline teacher, not gemini-" in out
+    as_json = json.loads(producer(dict(os.environ), *args, "--json").stdout)
+    assert as_json["measured_on"] == ["offline"] and as_json["cost"] is None
+    # the same run measured for an offline spec is simply the offline teacher's figures
+    same = producer(dict(os.environ), *args, "image_referring_expression.vlm.backend=offline").stdout
+    assert "spec: offline teacher" in same and "note: these figures" not in same
+
+
+def test_from_results_names_the_measured_model(tmp_path):
+    run = make_run(tmp_path / "pilot")                 # its calls were answered by "fake-vl"
+    images = tmp_path / "pilot" / "images"
+    e = estimate(spec_for(images, tmp_path, "image_referring_expression.vlm.prices.input_per_million=2",
+                          "image_referring_expression.vlm.prices.output_per_million=10"), sample=0,
+                 from_results=run.root)
+    assert e.measured_on == ["fake-vl"] and "answered by fake-vl" in e.source
+    assert any("measured on fake-vl, but the spec asks for gemini-" in n for n in e.notes)
+    assert e.cost is not None  # a model's figures: priced
+    same = estimate(spec_for(images, tmp_path, "image_referring_expression.vlm.gemini.model=fake-vl"), sample=0,
+                    from_results=run.root)
+    assert not any("measured on" in n for n in same.notes)

@@ -115,7 +115,7 @@ def test_phrases_from_regions(run, tmp_path):
     got = sorted((r["phrase"], r["bbox"]) for r in line["grounding"]["regions"])
     assert got == sorted((f"{c} {b[4].lower()} number {i}", b[:4])
                          for i, (b, c) in enumerate(zip(BOXES, ["red", "red", "blue"], strict=True)))
-    assert rep.boxes == 3
+    assert rep.links == 3 and rep.phrases == 3
 
 
 def test_unmatched_box_is_its_own_object(run):
@@ -244,3 +244,35 @@ def test_object_keeps_the_kitti_box_when_phrases_disagree(run):
     rec["expressions"] = rec["expressions"][-1:]
     objs, _ = image_objects(rec)
     assert objs[0].bbox == moved                              # only the moved box remains: it wins
+
+
+def test_summaries_agree_and_name_each_count(tmp_path):
+    """Through the real ``producer`` command: every format reports the same number of phrases, and
+    the bigger number COCO used to call "phrases" is named for what it is (phrase-object links)."""
+    import os
+    import re
+
+    from tests.support.fleet import producer
+
+    layout = offline_run(tmp_path)
+    env = dict(os.environ)
+    lines = {}
+    for fmt in ("odvg", "refcoco", "coco"):
+        res = producer(env, "export", "--results-dir", str(layout.root), "--format", fmt,
+                       "--out", str(tmp_path / f"x.{fmt}"))
+        lines[fmt] = next(ln for ln in res.stdout.splitlines() if ln.startswith("wrote "))
+        assert "image file names are relative to" in res.stdout
+    phrases = {fmt: int(re.search(r"(\d+) (?:phrases|refs \(one per phrase\))", ln)[1]) for fmt, ln in lines.items()}
+    assert len(set(phrases.values())) == 1, lines
+    links = {
+        "odvg": int(re.search(r"(\d+) regions \(one per phrase and box\)", lines["odvg"])[1]),
+        "refcoco": int(re.search(r"(\d+) phrase-object links \(ann_ids\)", lines["refcoco"])[1]),
+        "coco": int(re.search(r"linked to objects (\d+) times \(attributes\.phrases\)", lines["coco"])[1]),
+    }
+    assert len(set(links.values())) == 1 and links["coco"] > phrases["coco"], lines  # groups: more links
+    objects = {fmt: int(re.search(r"(\d+) objects \(annotations\)", lines[fmt])[1]) for fmt in ("refcoco", "coco")}
+    data = json.loads((tmp_path / "x.coco").read_text())
+    assert objects["coco"] == objects["refcoco"] == len(data["annotations"])
+    assert links["coco"] == sum(len(a["attributes"]["phrases"]) for a in data["annotations"])
+    refs = json.loads((tmp_path / "x.refcoco").read_text())["refs"]
+    assert phrases["refcoco"] == len(refs)

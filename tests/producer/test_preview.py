@@ -182,8 +182,8 @@ def test_panels_and_index_for_every_finished_step(run):
     assert rep.index == run.root / "preview" / "index.html"
     assert rep.images == 3 and rep.total == 3
     names = sorted(p.name for p in (run.root / "preview" / "images").iterdir())
-    assert names == ["a_step0.png", "a_step2.png", "a_step3.png", "b_step0.png", "b_step2.png", "b_step3.png",
-                     "c_step0.png"]
+    # b has no KITTI boxes: one plain picture instead of three empty panels
+    assert names == ["a_step0.png", "a_step2.png", "a_step3.png", "b_image.png", "c_step0.png"]
     assert rep.panels == len(names)
     for name in names:
         with Image.open(run.root / "preview" / "images" / name) as im:
@@ -216,6 +216,76 @@ def test_index_shows_caption_phrases_warnings_and_failures(run):
     assert "boxes matching no step-0 region" in text
     assert "ParseError" in text and "after 6 attempts" in text              # failures.jsonl
     assert "300 in / 120 out" in text                                       # tokens of the step-0 call
+
+
+class _Cards(HTMLParser):
+    """Badges, figure captions and text per image card (``<section id=...>``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.cards: dict[str, dict] = {}
+        self._card: dict | None = None
+        self._in: str | None = None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "section":
+            self._card = self.cards.setdefault(a["id"], {"badges": [], "figures": [], "text": [], "images": []})
+        elif self._card is not None:
+            if tag == "span" and "badge" in (a.get("class") or ""):
+                self._in = "badges"
+            elif tag == "figcaption":
+                self._in = "figures"
+            elif tag == "img":
+                self._card["images"].append(a["src"])
+
+    def handle_endtag(self, tag):
+        if tag == "section":
+            self._card = None
+        if tag in ("span", "figcaption"):
+            self._in = None
+
+    def handle_data(self, data):
+        if self._card is not None:
+            self._card["text"].append(data)
+            if self._in:
+                self._card[self._in].append(data.strip())
+
+
+def cards(index: Path) -> dict[str, dict]:
+    p = _Cards()
+    p.feed(index.read_text(encoding="utf-8"))
+    return p.cards
+
+
+def test_image_without_labels_is_badged_no_labels_with_one_plain_picture(run):
+    rep = build_preview(run.root, sample=0)
+    got = cards(rep.index)
+    b = got["b"]
+    assert b["badges"] == ["no labels"]                  # not "clean": nothing was checked
+    assert b["figures"] == ["the image, no labels"]      # no empty step panels
+    assert b["images"] == ["images/b_image.png"]
+    text = " ".join(b["text"])
+    assert "label file missing or empty" in text
+    assert "No phrases" not in text
+    with Image.open(rep.index.parent / "images" / "b_image.png") as im:
+        assert im.width >= W and max(ImageStat.Stat(im.convert("L")).stddev) > 10  # the photo, shown
+    # a labelled image keeps its badges and step panels
+    assert got["a"]["badges"] == ["1 warning"] or got["a"]["badges"][0].endswith("warnings")
+    assert got["a"]["figures"] == ["step 0 · region_expr", "step 2 · grounding_expr", "step 3 · double_check"]
+    assert "1 without labels" in " ".join(parse_index(rep.index).text)
+
+
+def test_a_step_panel_with_nothing_to_draw_is_skipped_and_said(run):
+    # image a's step 2 answer grouped nothing (and step 3 had nothing to check)
+    for step in (2, 3):
+        rec = run.sink(step).latest()["a"]
+        run.sink(step).append({**rec, "expressions": []})
+    rep = build_preview(run.root, images=["a"])
+    assert sorted(p.name for p in (run.root / "preview" / "images").iterdir()) == ["a_step0.png"]
+    a = cards(rep.index)["a"]
+    assert a["figures"] == ["step 0 · region_expr"]
+    assert "Not drawn, nothing to show: step 2 (no phrases), step 3 (no boxes before or after)." in " ".join(a["text"])
 
 
 def test_retried_failure_is_not_shown(run):

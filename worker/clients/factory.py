@@ -14,15 +14,17 @@ import json
 import os
 import threading
 
+from worker import settings
 from worker.clients.base import VLMClient
 from worker.errors import ConfigError
 from worker.spec import VLMSpec
 
 GEMINI_DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com"
 OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
-# Environment variables each backend reads (see its resolve_key); part of the cache key.
-_ENV = {"gemini": ("GOOGLE_API_KEY", "GEMINI_API_KEY"),
-        "openai": ("OPENAI_API_KEY", "NVIDIA_API_KEY", "OPENAI_BASE_URL")}
+# Keys each backend reads (see its resolve_key: the variable, or the file its *_FILE variable
+# names) and plain settings; both are part of the cache key, so a rotated key file counts too.
+_KEYS = {"gemini": ("GOOGLE_API_KEY", "GEMINI_API_KEY"), "openai": ("OPENAI_API_KEY", "NVIDIA_API_KEY")}
+_ENV = {"openai": ("OPENAI_BASE_URL",)}
 
 _lock = threading.Lock()
 _clients: dict[tuple[str, str], VLMClient] = {}
@@ -33,6 +35,7 @@ def _fingerprint(vlm: VLMSpec) -> str:
     section = getattr(vlm, vlm.backend, None)
     fields = section.model_dump(mode="json") if section is not None else vlm.model_dump(mode="json")
     env = {k: os.environ.get(k, "") for k in _ENV.get(vlm.backend, ())}
+    env |= {k: settings.secret(k) for k in _KEYS.get(vlm.backend, ())}
     raw = json.dumps({"spec": fields, "env": env}, sort_keys=True)
     return hashlib.sha256(raw.encode()).hexdigest()
 

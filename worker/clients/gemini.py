@@ -11,13 +11,13 @@ thread-safe); ``worker.clients.factory`` caches it.
 from __future__ import annotations
 
 import json
-import os
 import re
 
 from google import genai
 from google.genai import errors as genai_errors
 from google.genai import types
 
+from worker import settings
 from worker.clients.base import VLMRequest, VLMResponse, check_answer
 from worker.clients.http import Endpoint, map_status, not_the_api, retry_after_from_headers, strip_thinking
 from worker.errors import ClientError, ConfigError, PermanentClientError
@@ -46,10 +46,12 @@ _TIMEOUTS, _TRANSPORT = _transport_errors()
 
 
 def resolve_key(spec: GeminiSpec) -> str:
-    """GOOGLE_API_KEY, then GEMINI_API_KEY (the SDK's own order), then ``vlm.gemini.api_key``."""
+    """GOOGLE_API_KEY, then GEMINI_API_KEY (the SDK's own order), then ``vlm.gemini.api_key``; each
+    variable may instead name a file holding the key (``GOOGLE_API_KEY_FILE``, a mounted secret)."""
     for var in KEY_ENV:
-        if os.environ.get(var):
-            return os.environ[var]
+        value = settings.secret(var)
+        if value:
+            return value
     return spec.api_key
 
 
@@ -124,8 +126,9 @@ class GeminiClient:
         key = resolve_key(spec)
         if not key:
             raise PermanentClientError(
-                "GOOGLE_API_KEY is not set on this worker (nor GEMINI_API_KEY or vlm.gemini.api_key): "
-                "export it in the worker's environment"
+                "GOOGLE_API_KEY is not set on this worker (nor GOOGLE_API_KEY_FILE, GEMINI_API_KEY(_FILE) or "
+                "vlm.gemini.api_key): export it in the worker's environment, or point GOOGLE_API_KEY_FILE at a "
+                "file holding it"
             )
         self.spec = spec
         self.model = spec.model

@@ -5,11 +5,13 @@
 answers in the same text formats a real model does, so the real parsers run on its answers:
 
 - ``region_expr``: a JSON array of ``{bbox_2d, type, color, description}``. The color is the
-  dominant named color of the central part of the box (the torso for people); the description
+  dominant named color of the central part of the box (the torso for people), named after the
+  scene's exposure is evened out (a silver car at dusk is silver, not black); the description
   adds the lane or side and a rough distance, both estimated with a pinhole camera model
   (KITTI-like focal length, typical object heights), and a relation ("nearer", "leftmost")
   when two objects would otherwise read the same.
-- ``image_caption``: object counts, scene brightness, where the traffic is, the nearest object.
+- ``image_caption``: object counts, scene brightness, where the traffic is, the nearest object;
+  for an image without boxes only its brightness (no boxes is not no objects).
 - ``grounding_expr``: ``<phrase>: [[x1, y1, x2, y2], ...]`` lines grouping regions by type and
   color, by type, and by side of the road; every region lands in at least one line.
 - ``double_check``: the same lines, without boxes whose crop is tiny or uniform.
@@ -82,6 +84,10 @@ _SILVER_UPPER = 140         # the brighter quarter this bright: silver
 # Hue (0-360) upper bounds; red wraps around.
 _HUES = ((14, "red"), (40, "orange"), (68, "yellow"), (160, "green"), (255, "blue"),
          (295, "purple"), (335, "pink"), (361, "red"))
+
+# Exposure: a scene whose 90th-percentile luminance is below this is dim, and its pixels are
+# brightened by at most _MAX_GAIN before colors are named (see exposure_gain).
+_DAYLIGHT_P90, _MAX_GAIN = 165, 2.5
 
 # Step 3: a box whose crop is smaller than this, or this uniform, is not on an object.
 MIN_BOX_PIXELS = 36
@@ -208,15 +214,34 @@ def _hue_name(hue: float, sat: float, value: float) -> str:
     return "red"  # pragma: no cover - the last bound is above 360
 
 
-def _pixels(image: Image.Image) -> list[tuple[int, int, int]]:
-    """``(hue, saturation, value)`` triples, each 0-255, of an image shrunk to a small sample."""
+def _pixels(image: Image.Image, gain: float = 1.0) -> list[tuple[int, int, int]]:
+    """``(hue, saturation, value)`` triples, each 0-255, of an image shrunk to a small sample;
+    ``gain`` brightens the values (see ``exposure_gain``)."""
     small = image.copy()
     small.thumbnail((_SAMPLE, _SAMPLE), Image.Resampling.BOX)
     data = small.convert("HSV").tobytes()
-    return [(data[i], data[i + 1], data[i + 2]) for i in range(0, len(data), 3)]
+    if gain == 1.0:
+        return [(data[i], data[i + 1], data[i + 2]) for i in range(0, len(data), 3)]
+    return [(data[i], data[i + 1], min(255, round(data[i + 2] * gain))) for i in range(0, len(data), 3)]
 
 
-def name_color(crop: Image.Image | None) -> str:
+def exposure_gain(image: Image.Image) -> float:
+    """How much to brighten this image's pixels before naming colors: 1 for a normally exposed
+    scene, up to ``_MAX_GAIN`` for a dim one.
+
+    Why: black, gray, silver and white differ only in brightness, and at dusk every surface is
+    darker, so fixed thresholds call a silver car black and a white one gray. The scene's bright
+    end (its 90th-percentile luminance: sky, facades, lane markings) tells how much light there
+    is; scaling it back up to a daylight level is what an eye adapting to the dark does.
+    """
+    small = image.copy()
+    small.thumbnail((64, 64), Image.Resampling.BOX)
+    values = sorted(small.convert("L").tobytes())
+    bright = max(1, values[(len(values) * 9) // 10])
+    return min(_MAX_GAIN, max(1.0, _DAYLIGHT_P90 / bright))
+
+
+def name_color(crop: Image.Image | None, gain: float = 1.0) -> str:
     """The dominant named color of ``crop``.
 
     A hue names the object when it covers enough of the crop (a red car's body outweighs its
@@ -229,7 +254,7 @@ def name_color(crop: Image.Image | None) -> str:
     """
     if crop is None or crop.width * crop.height == 0:
         return "unknown"
-    pixels = _pixels(crop)
+    pixels = _pixels(crop, gain)
     total = len(pixels)
     dark = 0
     hues: dict[str, float] = {}
@@ -289,10 +314,10 @@ def _place(kind: str, box: Sequence[float], width: int) -> tuple[float, float]:
     return (u - width / 2) * depth / focal, depth
 
 
-def _object(image: Image.Image, kind: str, box_px: Sequence[float]) -> _Object:
+def _object(image: Image.Image, kind: str, box_px: Sequence[float], gain: float = 1.0) -> _Object:
     box = tuple(float(v) for v in box_px)
     lateral, depth = _place(kind, box, image.width)
-    color = name_color(_crop(image, _core(box, kind)))
+    color = name_color(_crop(image, _core(box, kind)), gain)
     return _Object(kind=kind, box=box, color=color, lateral=lateral, depth=depth)  # type: ignore[arg-type]
 
 
@@ -361,13 +386,14 @@ def _join(parts: Sequence[str]) -> str:
 
 def _region_expr(image: Image.Image, hint: dict) -> str:
     boxes = hint.get("boxes") or []
+    gain = exposure_gain(image) if boxes else 1.0
     objects, given = [], []
     for b in boxes:
         box_2d = list(b.get("bbox_2d") or [])
         if len(box_2d) != 4:
             continue
         kind = _kind_of(b.get("type"))
-        objects.append(_object(image, kind, _norm_to_pixels(box_2d, image.width, image.height)))
+        objects.append(_object(image, kind, _norm_to_pixels(box_2d, image.width, image.height), gain))
         given.append(box_2d)
     items = [
         {"bbox_2d": box_2d, "type": o.word, "color": o.color, "description": text}
@@ -391,6 +417,13 @@ def _brightness(image: Image.Image) -> str:
 
 
 def _image_caption(image: Image.Image, hint: dict) -> str:
+    """Counts, where the traffic is and the nearest object, all from the labelled boxes.
+
+    Without boxes the teacher says only what the pixels tell it (how light the scene is): an
+    image without labels may still be full of cars, and a caption claiming "no vehicles" would
+    teach a model to miss them.
+    """
+    gain = exposure_gain(image)
     objects = []
     for b in hint.get("kitti_bboxes") or []:
         if len(b) < 5:
@@ -398,10 +431,10 @@ def _image_caption(image: Image.Image, hint: dict) -> str:
         kind = _kind_of(b[4])
         if kind == "dontcare":
             continue
-        objects.append(_object(image, kind, [float(v) for v in b[:4]]))
+        objects.append(_object(image, kind, [float(v) for v in b[:4]], gain))
     light = _brightness(image)
     if not objects:
-        return f"A {light} street scene with no vehicles or people in view."
+        return f"A {light} street scene."
     counts: dict[str, int] = {}
     for o in objects:
         counts[o.kind] = counts.get(o.kind, 0) + 1

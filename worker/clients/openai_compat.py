@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 import openai
 
+from worker import settings
 from worker.clients.base import VLMRequest, VLMResponse, check_answer
 from worker.clients.http import Endpoint, map_status, not_the_api, retry_after_from_headers, strip_thinking
 from worker.errors import ClientError, EmptyAnswer, PermanentClientError
@@ -43,10 +44,12 @@ def strict(schema: dict) -> dict:
 
 
 def resolve_key(spec: OpenAISpec) -> str:
-    """OPENAI_API_KEY, then NVIDIA_API_KEY, then ``vlm.openai.api_key``; "" when none is set."""
+    """OPENAI_API_KEY, then NVIDIA_API_KEY, then ``vlm.openai.api_key``; "" when none is set. Each
+    variable may instead name a file holding the key (``OPENAI_API_KEY_FILE``, a mounted secret)."""
     for var in KEY_ENV:
-        if os.environ.get(var):
-            return os.environ[var]
+        value = settings.secret(var)
+        if value:
+            return value
     return spec.api_key
 
 
@@ -63,8 +66,9 @@ class OpenAICompatClient:
             host = (urlsplit(self.base_url).hostname or "").lower()
             if host in KEYED_HOSTS:
                 raise PermanentClientError(
-                    f"{KEYED_HOSTS[host]} is not set on this worker (nor OPENAI_API_KEY/NVIDIA_API_KEY or "
-                    f"vlm.openai.api_key), and {self.base_url} requires a key"
+                    f"{KEYED_HOSTS[host]} is not set on this worker (nor OPENAI_API_KEY/NVIDIA_API_KEY, their "
+                    f"*_FILE variables naming a file that holds the key, or vlm.openai.api_key), and "
+                    f"{self.base_url} requires a key"
                 )
             key = NO_KEY_PLACEHOLDER
         self._key = key

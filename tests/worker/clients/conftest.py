@@ -14,7 +14,8 @@ from tests.support.fake_vlm import FakeVLM
 from worker.clients import factory
 from worker.images import load_payload
 
-ENV_VARS = ("GOOGLE_API_KEY", "GEMINI_API_KEY", "OPENAI_API_KEY", "NVIDIA_API_KEY", "OPENAI_BASE_URL",
+KEY_VARS = ("GOOGLE_API_KEY", "GEMINI_API_KEY", "OPENAI_API_KEY", "NVIDIA_API_KEY")
+ENV_VARS = (*KEY_VARS, *(f"{k}_FILE" for k in KEY_VARS), "OPENAI_BASE_URL",
             "GOOGLE_GENAI_USE_VERTEXAI", "GOOGLE_GENAI_API_VERSION", "OPENAI_CUSTOM_HEADERS")
 
 

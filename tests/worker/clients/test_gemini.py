@@ -82,9 +82,30 @@ def test_key_order_google_then_gemini_then_spec(monkeypatch, fake_vlm, png):
         "from-spec", "from-gemini-env", "from-google-env"]
 
 
-def test_no_key_fails_at_construction(fake_vlm):
-    with pytest.raises(PermanentClientError, match="GOOGLE_API_KEY is not set on this worker"):
+def test_key_from_a_mounted_secret_file(monkeypatch, tmp_path, fake_vlm, png):
+    """GOOGLE_API_KEY_FILE (a compose secret): the file's key is sent; a rotated file gives the
+    factory a fresh client; a key in both places is refused, naming the variables only."""
+    key_file = tmp_path / "vlm_api_key"
+    key_file.write_text(KEY + "\n")
+    monkeypatch.setenv("GOOGLE_API_KEY_FILE", str(key_file))
+    spec = VLMSpec(backend="gemini", gemini=GeminiSpec(base_url=fake_vlm.gemini_base_url))
+    first = factory.get_client(spec)
+    first.generate(VLMRequest(image=png, prompt="x"))
+    key_file.write_text("gk-rotated\n")
+    second = factory.get_client(spec)
+    assert second is not first
+    second.generate(VLMRequest(image=png, prompt="x"))
+    assert [r.headers["x-goog-api-key"] for r in fake_vlm.requests] == [KEY, "gk-rotated"]
+    monkeypatch.setenv("GOOGLE_API_KEY", "also-in-env")
+    with pytest.raises(ConfigError, match="both GOOGLE_API_KEY and GOOGLE_API_KEY_FILE") as info:
         client(fake_vlm)
+    assert "gk-rotated" not in str(info.value) and "also-in-env" not in str(info.value)
+
+
+def test_no_key_fails_at_construction(fake_vlm):
+    with pytest.raises(PermanentClientError, match="GOOGLE_API_KEY is not set on this worker") as info:
+        client(fake_vlm)
+    assert "GOOGLE_API_KEY_FILE" in str(info.value)
     assert fake_vlm.calls == 0
 
 

@@ -65,6 +65,21 @@ def test_key_order_openai_then_nvidia_then_spec(monkeypatch, fake_vlm, png):
         "Bearer from-spec", "Bearer from-nvidia-env", "Bearer from-openai-env"]
 
 
+def test_key_from_a_mounted_secret_file(monkeypatch, tmp_path, fake_vlm, png):
+    """OPENAI_API_KEY_FILE (a compose secret) is read like OPENAI_API_KEY; an empty file is no key
+    (a self-hosted server without auth)."""
+    key_file = tmp_path / "vlm_api_key"
+    key_file.write_text(KEY + "\n")
+    monkeypatch.setenv("OPENAI_API_KEY_FILE", str(key_file))
+    client(fake_vlm, api_key="from-spec").generate(VLMRequest(image=png, prompt="x"))
+    key_file.write_text("")
+    client(fake_vlm).generate(VLMRequest(image=png, prompt="x"))
+    assert [r.headers["authorization"] for r in fake_vlm.requests] == [f"Bearer {KEY}", "Bearer EMPTY"]
+    with pytest.raises(PermanentClientError, match="OPENAI_API_KEY is not set on this worker") as info:
+        OpenAICompatClient(OpenAISpec(base_url="https://api.openai.com/v1"))
+    assert "_FILE" in str(info.value)
+
+
 def test_self_hosted_endpoint_without_key_works(fake_vlm, png):
     resp = client(fake_vlm).generate(VLMRequest(image=png, prompt="x"))
     assert resp.text
