@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install redis redis-server browser demo test lint clean
+.PHONY: install redis redis-server browser faketime demo test lint clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,7 +42,14 @@ browser:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "chromium is missing: install it (Debian: apt-get install chromium) for the preview test"; fi; }
 
-test: install redis redis-server browser
+# The clock-skew tests run a worker under Debian's libfaketime (tests/support/faketime.py).
+faketime:
+	@command -v faketime >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq faketime >/dev/null; \
+	  else echo "faketime is missing: install it (Debian: apt-get install faketime) for the clock-skew tests"; fi; }
+
+test: install redis redis-server browser faketime
 	$(BIN)/pytest -q -p no:cacheprovider
 
 lint: install

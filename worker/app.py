@@ -9,6 +9,7 @@ from __future__ import annotations
 from celery import Celery
 
 from worker import settings
+from worker.clock import ClockCheck
 from worker.constants import QUEUE
 from worker.settings import REDIS_SOCKET_TIMEOUT
 
@@ -82,6 +83,9 @@ def make_app() -> Celery:
         worker_hijack_root_logger=False,
         task_track_started=False,
     )
+    # A worker whose clock is off refuses to start, and stops re-queueing others' tasks if it
+    # drifts later (worker/clock.py: kombu compares unacked stamps with each worker's own clock).
+    app.steps["consumer"].add(ClockCheck)
     return app
 
 

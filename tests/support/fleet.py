@@ -50,6 +50,17 @@ class Fleet:
 
     def start(self, n: int = 2, *, concurrency: int = 8, extra_env: dict[str, str] | None = None,
               argv: list[str] | None = None) -> list[WorkerProc]:
+        started = self.launch(n, concurrency=concurrency, extra_env=extra_env, argv=argv)
+        for w in started:
+            wait_until(lambda w=w: "ready." in w.text() or w.proc.poll() is not None, 60,
+                       f"worker {w.name} to be ready")
+            if w.proc.poll() is not None:
+                raise AssertionError(f"worker {w.name} exited:\n{w.text()[-3000:]}")
+        return started
+
+    def launch(self, n: int = 1, *, concurrency: int = 8, extra_env: dict[str, str] | None = None,
+               argv: list[str] | None = None) -> list[WorkerProc]:
+        """Start ``n`` workers without waiting for them to be ready (or to refuse to start)."""
         started = []
         for _ in range(n):
             name = f"w{len(self.workers) + 1}"
@@ -64,11 +75,6 @@ class Fleet:
             w = WorkerProc(name, proc, log)
             self.workers.append(w)
             started.append(w)
-        for w in started:
-            wait_until(lambda w=w: "ready." in w.text() or w.proc.poll() is not None, 60,
-                       f"worker {w.name} to be ready")
-            if w.proc.poll() is not None:
-                raise AssertionError(f"worker {w.name} exited:\n{w.text()[-3000:]}")
         return started
 
     def kill(self, w: WorkerProc, sig: int = signal.SIGKILL) -> None:
