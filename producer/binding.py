@@ -68,16 +68,19 @@ def describe(inputs: dict) -> str:
     return ", ".join([*parts, f"ignore_types={json.dumps(inputs.get('ignore_types', []))}"])
 
 
-def refusal(root: Path, bound: dict, new: dict, changes: list[str], *, whose: str) -> InputsChanged:
-    """The error for a producer whose inputs differ from ``whose`` ones (bound or live)."""
+def refusal(root: Path, bound: dict, new: dict, changes: list[str], *, whose: str,
+            live: bool = False) -> InputsChanged:
+    """The error for a producer whose inputs differ from ``whose`` ones (the bound run's, or
+    those of the ``live`` producer holding the dir)."""
+    move = f"move {root} away (e.g. mv {root} {root}.old) to start afresh there"
     return InputsChanged(
         f"results_dir {root} belongs to {whose}, with other inputs:\n"
         f"  bound: {describe(bound)}\n"
         f"  given: {describe(new)}\n"
         + "".join(f"  differs: {c}\n" for c in changes)
-        + f"Nothing in {root} was changed. Use another --results-dir for these inputs, or move "
-        f"{root} away (e.g. mv {root} {root}.old) to start afresh there. (More images in the same "
-        "image_dir is a resume, not other inputs.)"
+        + f"Nothing in {root} was changed. Use another --results-dir for these inputs, or "
+        + (f"once that producer has finished, {move}" if live else move)
+        + ". (More images in the same image_dir is a resume, not other inputs.)"
     )
 
 

@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from tqdm import tqdm
@@ -23,6 +23,11 @@ from producer import export as export_cmd
 from producer import preview as preview_cmd
 from worker.errors import ConfigError
 from worker.spec import Spec, default_spec_yaml, load_spec
+
+if TYPE_CHECKING:
+    import redis
+
+    from producer.guard import Busy, Claim, Holder, ResultsLock
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="refexp: KITTI-labelled images -> grounded referring expressions, with a VLM teacher.")
@@ -204,7 +209,7 @@ def enqueue(
                            "holds the results dir now and resumes it", err=True)
 
 
-def _enqueue_held(s: Spec, client, held, *, max_inflight: int, publishers: int, wait_: bool,
+def _enqueue_held(s: Spec, client: redis.Redis, held: Claim, *, max_inflight: int, publishers: int, wait_: bool,
                   timeout: float | None) -> None:
     """``enqueue`` while this producer holds the results dir (the lock is kept until it returns)."""
     from producer.pipeline import submit
@@ -232,7 +237,8 @@ def _enqueue_held(s: Spec, client, held, *, max_inflight: int, publishers: int, 
     _finalize_and_report(sub.run.layout, sub.run.spec.ire.workflow.steps, sub.run.spec.ire.vlm.prices.model_dump())
 
 
-def _join(busy, holder, client, lock, *, wait_: bool, timeout: float | None) -> bool:
+def _join(busy: Busy, holder: Holder, client: redis.Redis, lock: ResultsLock, *, wait_: bool,
+          timeout: float | None) -> bool:
     """Watch the run of the producer holding the results dir (same inputs, same Redis).
 
     Returns True when that producer died before its enqueue was complete and this one now holds
@@ -313,7 +319,7 @@ def run_local(s: Spec, *, quiet: bool = False) -> Path:
         return layout.root
 
 
-def _run_held(s: Spec, url: str, client, held, *, quiet: bool) -> None:
+def _run_held(s: Spec, url: str, client: redis.Redis, held: Claim, *, quiet: bool) -> None:
     """``producer run`` while it holds the results dir: in-process worker, enqueue, wait, finalize."""
     os.environ["REDIS_URL"] = url
     os.environ.pop("CELERY_BROKER_URL", None)

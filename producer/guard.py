@@ -98,7 +98,11 @@ class ResultsLock:
         """Take the lock if it is free; True when this object now holds it."""
         if self._fd is not None:
             return True
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o664)
+        except OSError as exc:
+            raise ConfigError(f"{self.path}: cannot open the results dir's lock file ({exc}); every "
+                              "producer needs write access to it") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -239,7 +243,7 @@ def joinable(busy: Busy, client: redis.Redis, spec: Spec) -> Holder:
     new = inputs_of(spec)
     changes = input_changes(holder.inputs, new)
     if changes:
-        raise refusal(busy.root, holder.inputs, new, changes, whose=f"the live {holder.describe()}")
+        raise refusal(busy.root, holder.inputs, new, changes, whose=f"the live {holder.describe()}", live=True)
     if not same_fleet(client, holder):
         raise ResultsBusy(
             f"results_dir {busy.root} is in use by {holder.describe()}, through another Redis: "
@@ -258,6 +262,6 @@ def refuse_busy(busy: Busy, spec: Spec | None, *, command: str) -> ConfigError:
         new = inputs_of(spec)
         changes = input_changes(holder.inputs, new)
         if changes:
-            return refusal(busy.root, holder.inputs, new, changes, whose=f"the live {holder.describe()}")
+            return refusal(busy.root, holder.inputs, new, changes, whose=f"the live {holder.describe()}", live=True)
     return ResultsBusy(f"results_dir {busy.root} is in use by {holder.describe()}; `producer {command}` "
                        "cannot share it. Wait for that producer to finish, or use another --results-dir.")

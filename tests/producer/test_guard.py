@@ -134,6 +134,7 @@ def test_other_inputs_while_held_are_refused_naming_both(dirs, redis_client):
     msg = str(exc.value)
     assert str(dirs["images"].resolve()) in msg and str(dirs["other"].resolve()) in msg
     assert f"pid {os.getpid()}" in msg
+    assert "once that producer has finished, move" in msg  # not: move a dir someone works in
 
 
 def test_a_producer_on_another_redis_is_refused_naming_the_holders_redis_without_its_password(dirs, redis_client):
