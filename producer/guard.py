@@ -112,6 +112,7 @@ class ResultsLock:
             os.close(fd)
             raise ConfigError(f"{self.path}: cannot lock the results dir ({exc}); the volume must "
                               "support file locks (NFS: lockd / NFSv4)") from None
+        os.ftruncate(fd, 0)  # a dead holder's text must not name it as the holder now
         self._fd = fd
         return True
 
