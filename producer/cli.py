@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from tqdm import tqdm
@@ -23,6 +23,11 @@ from producer import export as export_cmd
 from producer import preview as preview_cmd
 from worker.errors import ConfigError
 from worker.spec import Spec, default_spec_yaml, load_spec
+
+if TYPE_CHECKING:
+    import redis
+
+    from producer.guard import Busy, Claim, Holder, ResultsLock
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="refexp: KITTI-labelled images -> grounded referring expressions, with a VLM teacher.")
@@ -83,35 +88,44 @@ class _Bars:
             bar.close()
 
 
-def _watch(state, timeout: float | None) -> dict:
-    """Wait for the run, with one bar per step on a terminal and a line every 10 s otherwise."""
-    from producer.pipeline import wait
+class _Progress:
+    """Run progress: one bar per step on a terminal, a line every 10 s otherwise."""
 
-    bars: dict[str, tqdm] = {}
-    last = [0.0]
+    def __init__(self) -> None:
+        self.bars: dict[str, tqdm] = {}
+        self.last = 0.0
 
-    def show(st: dict) -> None:
+    def __call__(self, st: dict) -> None:
         if not sys.stderr.isatty():
             now = time.monotonic()
-            if now - last[0] >= 10 or st["finished"]:
-                last[0] = now
+            if now - self.last >= 10 or st["finished"]:
+                self.last = now
                 parts = [f"step {s}: {c['done']} done, {c['failed']} failed" for s, c in st["steps"].items()]
                 typer.echo(f"[{st['images']} images] " + "; ".join(parts), err=True)
             return
         for s, c in st["steps"].items():
-            bar = bars.get(s)
+            bar = self.bars.get(s)
             if bar is None:
-                bar = bars[s] = tqdm(total=st["images"], desc=f"  step {s}", unit="img", file=sys.stderr,
-                                     dynamic_ncols=True, position=len(bars), leave=True)
+                bar = self.bars[s] = tqdm(total=st["images"], desc=f"  step {s}", unit="img", file=sys.stderr,
+                                          dynamic_ncols=True, position=len(self.bars), leave=True)
             bar.n = c["done"] + c["failed"] + c["blocked"]
             bar.set_postfix(failed=c["failed"], refresh=False)
             bar.refresh()
 
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
+def _watch(state, timeout: float | None) -> dict:
+    """Wait for the run, showing progress (``_Progress``)."""
+    from producer.pipeline import wait
+
+    show = _Progress()
     try:
         return wait(state, timeout=timeout, on_status=show)
     finally:
-        for bar in bars.values():
-            bar.close()
+        show.close()
 
 
 def _print_seed(sub) -> None:
@@ -121,6 +135,8 @@ def _print_seed(sub) -> None:
         typer.echo(f"  warning: {p}", err=True)
     if len(r.problems) > 20:
         typer.echo(f"  ... {len(r.problems) - 20} more (see failures.jsonl for unreadable images)", err=True)
+    for note in sub.notes:
+        typer.echo(f"warning: {note}", err=True)
 
 
 def _finalize_and_report(layout, steps: list[int], prices: dict | None = None) -> None:
@@ -156,9 +172,13 @@ def enqueue(
     wait_: Annotated[bool, typer.Option("--wait", help="Show progress until done, then finalize.")] = False,
     timeout: Annotated[float | None, typer.Option(help="With --wait: give up after this many s.")] = None,
 ) -> None:
-    """Seed and enqueue a run on the fleet's Redis (REDIS_URL)."""
-    from producer.pipeline import submit
-    from producer.runs import connect
+    """Seed and enqueue a run on the fleet's Redis (REDIS_URL).
+
+    One producer per results dir: when another one holds it with the same inputs on the same
+    Redis, this one publishes nothing and (with --wait) watches that run to its end instead.
+    """
+    from producer.guard import Busy, ResultsLock, claim, joinable
+    from producer.runs import connect, prepare
     from producer.sizing import window_warnings
 
     with user_errors():
@@ -166,27 +186,83 @@ def enqueue(
         for var in _spec_keys(s):
             typer.echo(f"warning: the spec holds an API key; it is not sent to the workers (keys never go "
                        f"through Redis). Set {var} in every worker's environment instead.", err=True)
+        s, layout = prepare(s)
         client = connect()
         for note in window_warnings(client, max_inflight):
             typer.echo(f"warning: {note}", err=True)
-        bars = _Bars()
-        try:
-            sub = submit(s, client, max_inflight=max_inflight, progress=bars, publishers=publishers)
-        except KeyboardInterrupt:
-            bars.close()
-            typer.echo("\ninterrupted: nothing is lost. Re-run the same command to finish the enqueue "
-                       "(queued and done images are not sent again).", err=True)
-            raise typer.Exit(130) from None
+        lock = ResultsLock(layout.lock_file)
+        while True:
+            try:
+                with claim(layout, client, s, command="enqueue", lock=lock) as held:
+                    _enqueue_held(s, client, held, max_inflight=max_inflight, publishers=publishers,
+                                  wait_=wait_, timeout=timeout)
+                return
+            except Busy as busy:
+                holder = joinable(busy, client, s)
+                if not _join(busy, holder, client, lock, wait_=wait_, timeout=timeout):
+                    return
+                typer.echo(f"{holder.describe()} is gone before its enqueue was complete: this producer "
+                           "holds the results dir now and resumes it", err=True)
+
+
+def _enqueue_held(s: Spec, client: redis.Redis, held: Claim, *, max_inflight: int, publishers: int, wait_: bool,
+                  timeout: float | None) -> None:
+    """``enqueue`` while this producer holds the results dir (the lock is kept until it returns)."""
+    from producer.pipeline import submit
+
+    bars = _Bars()
+    try:
+        sub = submit(s, client, max_inflight=max_inflight, progress=bars, publishers=publishers, held=held)
+    except KeyboardInterrupt:
         bars.close()
-        _print_seed(sub)
-        e = sub.enqueue
-        typer.echo(f"run {sub.run.run_id}: enqueued {e.enqueued} images ({e.already_done} already done, "
-                   f"{e.already_queued} already queued) -> {sub.run.layout.root}")
-        if not wait_:
-            typer.echo(f"watch: producer status --results-dir {sub.run.layout.root}   (or Flower on :5555)")
-            return
+        typer.echo("\ninterrupted: nothing is lost. Re-run the same command to finish the enqueue "
+                   "(queued and done images are not sent again).", err=True)
+        raise typer.Exit(130) from None
+    bars.close()
+    _print_seed(sub)
+    e = sub.enqueue
+    typer.echo(f"run {sub.run.run_id}: enqueued {e.enqueued} images ({e.already_done} already done, "
+               f"{e.already_queued} already queued) -> {sub.run.layout.root}")
+    if not wait_:
+        typer.echo(f"watch: producer status --results-dir {sub.run.layout.root}   (or Flower on :5555)")
+        return
+    try:
         _watch(sub.run.state, timeout)
-        _finalize_and_report(sub.run.layout, sub.run.spec.ire.workflow.steps, sub.run.spec.ire.vlm.prices.model_dump())
+    except TimeoutError as exc:
+        _fail(str(exc))
+    _finalize_and_report(sub.run.layout, sub.run.spec.ire.workflow.steps, sub.run.spec.ire.vlm.prices.model_dump())
+
+
+def _join(busy: Busy, holder: Holder, client: redis.Redis, lock: ResultsLock, *, wait_: bool,
+          timeout: float | None) -> bool:
+    """Watch the run of the producer holding the results dir (same inputs, same Redis).
+
+    Returns True when that producer died before its enqueue was complete and this one now holds
+    the lock (the caller resumes the enqueue); False when done.
+    """
+    from producer.pipeline import watch_joined
+    from producer.status import run_prices
+    from worker.layout import Layout
+    from worker.runstate import RunState
+
+    typer.echo(f"{busy}: same inputs on the same Redis, so this command joins it and publishes nothing "
+               "(that producer's spec applies)", err=True)
+    watch = f"producer status --results-dir {busy.root}"
+    if not wait_:
+        typer.echo(f"joined run {holder.run_id}: that producer enqueues it; watch: {watch}")
+        return False
+    state = RunState(client, holder.run_id)
+    show = _Progress()
+    try:
+        st = watch_joined(state, lock, timeout=timeout, on_status=show)
+    except TimeoutError as exc:
+        _fail(str(exc))
+    finally:
+        show.close()
+    if st is None:
+        return True
+    _finalize_and_report(Layout(busy.root), state.meta().get("steps", []), run_prices(state))
+    return False
 
 
 @app.command()
@@ -215,9 +291,16 @@ def _spec_keys(s: Spec) -> dict[str, str]:
 
 
 def run_local(s: Spec, *, quiet: bool = False) -> Path:
-    """``producer run`` as a function (the demo and the tests call it)."""
-    from producer.embedded import embedded_redis
+    """``producer run`` as a function (the demo and the tests call it).
 
+    The results dir is held (``producer.guard``) for the whole local run: the embedded Redis is
+    private, so no other producer could join it, and one that tries is refused.
+    """
+    from producer.embedded import embedded_redis
+    from producer.guard import hold
+    from producer.runs import prepare
+
+    s, layout = prepare(s)
     # Keys never travel through Redis; the in-process worker reads them from this process's
     # environment, so a key given in the spec (TAO users do) is handed over that way.
     for var, value in _spec_keys(s).items():
@@ -225,34 +308,37 @@ def run_local(s: Spec, *, quiet: bool = False) -> Path:
             os.environ.setdefault(var, value)
 
     with embedded_redis() as url:
-        os.environ["REDIS_URL"] = url
-        os.environ.pop("CELERY_BROKER_URL", None)
-        os.environ.pop("CELERY_RESULT_BACKEND", None)
-        os.environ.pop("REFEXP_STATE_URL", None)
-        from producer.local import in_process_worker
-        from producer.pipeline import submit
         from producer.runs import connect
-        from worker.app import repoint
 
-        repoint(url)
         client = connect(url)
-        with in_process_worker(s.ire.workflow.max_workers):
-            bars = _Bars() if not quiet else None
-            sub = submit(s, client, progress=bars)
-            if bars:
-                bars.close()
-                _print_seed(sub)
-            from producer.pipeline import wait
+        with hold(layout, client, s, command="run") as held:
+            _run_held(s, url, client, held, quiet=quiet)
+        return layout.root
 
-            (wait(sub.run.state) if quiet else _watch(sub.run.state, None))
-        if not quiet:
-            _finalize_and_report(sub.run.layout, sub.run.spec.ire.workflow.steps,
-                                 sub.run.spec.ire.vlm.prices.model_dump())
-        else:
-            from producer.status import finalize
 
-            finalize(sub.run.layout, sub.run.spec.ire.workflow.steps)
-        return sub.run.layout.root
+def _run_held(s: Spec, url: str, client: redis.Redis, held: Claim, *, quiet: bool) -> None:
+    """``producer run`` while it holds the results dir: in-process worker, enqueue, wait, finalize."""
+    os.environ["REDIS_URL"] = url
+    os.environ.pop("CELERY_BROKER_URL", None)
+    os.environ.pop("CELERY_RESULT_BACKEND", None)
+    os.environ.pop("REFEXP_STATE_URL", None)
+    from producer.local import in_process_worker
+    from producer.pipeline import submit, wait
+    from producer.status import finalize
+    from worker.app import repoint
+
+    repoint(url)
+    with in_process_worker(s.ire.workflow.max_workers):
+        bars = _Bars() if not quiet else None
+        sub = submit(s, client, progress=bars, held=held)
+        if bars:
+            bars.close()
+            _print_seed(sub)
+        (wait(sub.run.state) if quiet else _watch(sub.run.state, None))
+    if not quiet:
+        _finalize_and_report(sub.run.layout, sub.run.spec.ire.workflow.steps, sub.run.spec.ire.vlm.prices.model_dump())
+    else:
+        finalize(sub.run.layout, sub.run.spec.ire.workflow.steps)
 
 
 @app.command()
@@ -310,12 +396,15 @@ def finalize(results_dir: RequiredResults) -> None:
 @app.command("retry-failed")
 def retry_failed_cmd(results_dir: RequiredResults, max_inflight: MaxInflight = 5000) -> None:
     """Re-enqueue only the failed image-steps (and the steps after them)."""
+    from producer.guard import hold
     from producer.pipeline import retry_failed
     from producer.runs import connect, existing_run
 
     with user_errors():
-        run_id, layout, state = existing_run(results_dir, connect())
-        n = retry_failed(run_id, layout, state, max_inflight=max_inflight)
+        client = connect()
+        run_id, layout, state = existing_run(results_dir, client)
+        with hold(layout, client, None, command="retry-failed"):
+            n = retry_failed(run_id, layout, state, max_inflight=max_inflight)
         typer.echo(f"re-enqueued {n} images with failed steps")
 
 

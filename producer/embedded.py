@@ -17,6 +17,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import redis
 
@@ -65,8 +66,10 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def embedded_redis(*, appendonly: bool = False, data_dir: str | None = None,
-                   port: int | None = None) -> Iterator[str]:
-    """Start a private redis-server; yield its URL; stop it (and its temp dir) on exit."""
+                   port: int | None = None, password: str | None = None) -> Iterator[str]:
+    """Start a private redis-server; yield its URL; stop it (and its temp dir) on exit.
+
+    ``password`` makes the server require it (the URL then carries it, as a fleet's does)."""
     tmp = tempfile.TemporaryDirectory(prefix="refexp-redis-") if data_dir is None else None
     workdir = data_dir or tmp.name  # type: ignore[union-attr]
     port = port or free_port()
@@ -74,8 +77,10 @@ def embedded_redis(*, appendonly: bool = False, data_dir: str | None = None,
             "--save", "", "--appendonly", "yes" if appendonly else "no", "--protected-mode", "no",
             "--maxmemory-policy", "noeviction", "--list-compress-depth", str(LIST_COMPRESS_DEPTH),
             "--logfile", str(Path(workdir) / "redis.log")]
+    if password:
+        args += ["--requirepass", password]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
+    url = f"redis://{':' + quote(password, safe='') + '@' if password else ''}127.0.0.1:{port}/0"
     try:
         client = redis.Redis.from_url(url)
         deadline = time.monotonic() + 10

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis
 
+from producer.binding import inputs_of
 from producer.enqueue import DEFAULT_MAX_INFLIGHT, EnqueueReport, enqueue, wait_for_window
+from producer.guard import Claim, ResultsLock, claim
 from producer.publish import Publisher, auto_publishers, canvas
-from producer.runs import Run, open_run
+from producer.runs import Run, describe_redis, open_run, prepare, update_run_file
 from producer.seed import SeedReport, iter_seed, write_seed
 from producer.status import status
 from worker.clients.factory import endpoint_key
-from worker.constants import ALL_STEPS
+from worker.constants import ALL_STEPS, SEED_FILE
 from worker.errors import ConfigError
 from worker.layout import Layout
 from worker.runstate import RunState
@@ -29,6 +31,7 @@ class Submission:
     seed: SeedReport
     enqueue: EnqueueReport
     reindexed: dict[int, int]
+    notes: list[str] = field(default_factory=list)  # warnings for the user (another fleet, a changed seed)
 
 
 def reindex(run_state: RunState, layout: Layout) -> dict[int, int]:
@@ -48,22 +51,41 @@ def submit(
     max_inflight: int = DEFAULT_MAX_INFLIGHT,
     progress: Progress | None = None,
     publishers: int = 0,
+    held: Claim | None = None,
 ) -> Submission:
     """Validate, seed, store the run, and enqueue every image that still has work.
 
+    ``held``: the results dir as this producer holds it (``producer.guard.claim``), when the
+    caller keeps holding it afterwards (``--wait``); without it, submit holds the dir itself
+    while it runs (and raises ``guard.Busy`` / ``InputsChanged`` like ``claim``).
     ``publishers``: processes publishing canvases (0 = by the run's size, ``auto_publishers``).
     """
+    if held is None:
+        spec, layout = prepare(spec)
+        with claim(layout, client, spec, command="enqueue") as held:
+            return submit(spec, client, max_inflight=max_inflight, progress=progress, publishers=publishers,
+                          held=held)
     run = open_run(spec, client)
     meta = run.state.meta()
+    notes = [] if meta.get("spec_hash") else other_fleet_notes(held, client)
     reindexed = {}
     if not meta.get("indexed"):
         reindexed = reindex(run.state, run.layout)
     report = SeedReport()
     tick = (lambda e: progress("seed", 1, None)) if progress else None
+    for stale in run.layout.root.glob(f".{SEED_FILE}.*.tmp"):
+        stale.unlink(missing_ok=True)  # a killed producer's half seed (we hold the dir: no one else seeds)
     write_seed(run.spec, run.layout.root, report, on_record=tick)
     for image_id, path, message in report.failures:
         run.layout.record_failure(image_id=image_id, step="seed", error=message, attempts=1, image_path=path)
     steps = run.spec.ire.workflow.steps
+    seed = {"images": report.images, "sha256": report.sha256}
+    before = held.bound.get("seed")
+    if isinstance(before, dict) and before.get("sha256") not in (None, report.sha256):
+        notes.append(f"the seed changed since the last enqueue ({before.get('images')} -> {report.images} images; "
+                     "same inputs, so this is a resume: done image-steps are kept)")
+    # The binding: from now on this results dir belongs to these inputs (producer/binding.py).
+    update_run_file(run.layout, inputs=inputs_of(run.spec), steps=steps, seed=seed)
     last_done = run.state.counts([steps[-1]])[steps[-1]]["done"]
     run.state.store_spec(run.spec_hash, run.spec.public_dict(), {
         "images": report.images, "steps": steps, "spec_hash": run.spec_hash, "indexed": True,
@@ -77,12 +99,32 @@ def submit(
         enq = enqueue(run, max_inflight=max_inflight, publisher=publisher,
                       progress=(lambda n: progress("enqueue", n, report.images)) if progress else None)
     run.state.set_meta(enqueue_complete=True)
-    return Submission(run, report, enq, reindexed)
+    return Submission(run, report, enq, reindexed, notes)
+
+
+def other_fleet_notes(held: Claim, client: redis.Redis) -> list[str]:
+    """A warning when this Redis knows nothing of a run the last producer sent through a fleet.
+
+    The lock stops two live producers, but not a fleet still working after its producer left
+    (``enqueue`` without ``--wait``). Rebuilding the index from the sinks is right, yet the images
+    that fleet has in flight will be called a second time. A ``producer run``'s Redis and worker
+    died with it, so it leaves nothing in flight.
+    """
+    prev = held.previous
+    if not prev or prev.get("command") == "run":
+        return []
+    return [f"Redis {describe_redis(client)} holds no state for run {held.me.run_id}, last enqueued by "
+            f"`producer {prev.get('command')}` (pid {prev.get('pid')} on {prev.get('host')}, {prev.get('started')}) "
+            f"through Redis {prev.get('redis')}. The done image-steps are re-indexed from the sinks. If a fleet "
+            "is still working on this results dir through that Redis, stop it: the images it has in flight "
+            "will be called a second time."]
 
 
 def wait(state: RunState, *, timeout: float | None = None, poll: float = 0.5,
-         on_status: Callable[[dict], None] | None = None, reconcile: bool = True) -> dict:
-    """Poll the run until it is finished (or ``timeout`` seconds pass); return the last status.
+         on_status: Callable[[dict], None] | None = None,
+         until: Callable[[dict], bool] | None = None, reconcile: bool = True) -> dict:
+    """Poll the run until it is finished, or ``until(status)`` says stop (or ``timeout``
+    seconds pass); return the last status.
 
     While waiting, the reconciler (``producer/reconcile.py``) puts back images that nothing will
     ever move again, so a fault no task could see cannot hold the run open for ever.
@@ -95,7 +137,7 @@ def wait(state: RunState, *, timeout: float | None = None, poll: float = 0.5,
         st = status(state)
         if on_status:
             on_status(st)
-        if st["finished"]:
+        if st["finished"] or (until is not None and until(st)):
             return st
         if reconciler is not None:
             reconciler.tick()
@@ -109,6 +151,26 @@ def broker_client() -> redis.Redis:
     from worker import settings
 
     return redis.Redis.from_url(settings.broker_url(), socket_timeout=30, socket_connect_timeout=10)
+
+
+def watch_joined(state: RunState, lock: ResultsLock, *, timeout: float | None = None,
+                 on_status: Callable[[dict], None] | None = None, retry_every: float = 1.0) -> dict | None:
+    """Watch a run another producer holds, to its end; return its last status.
+
+    If that producer dies before its enqueue is complete, nobody would send the rest: then this
+    one takes the lock and returns None, and the caller resumes the enqueue itself. (A holder
+    that finished its enqueue and left is no loss: the fleet finishes the run.)
+    """
+    last_try = [0.0]
+
+    def holder_gone(st: dict) -> bool:
+        if st["enqueue_complete"] or time.monotonic() - last_try[0] < retry_every:
+            return False
+        last_try[0] = time.monotonic()
+        return lock.try_acquire()
+
+    st = wait(state, timeout=timeout, on_status=on_status, until=holder_gone, reconcile=False)
+    return None if lock.held else st
 
 
 def retry_failed(run_id: str, layout: Layout, state: RunState, *,

@@ -1,7 +1,9 @@
 """A run is a results directory: ``run.json`` there names its id; Redis holds its spec and index.
 
-Everything a user passes is checked here, before any work starts, with errors that name the
-key and the path.
+``run.json`` also binds the directory to its inputs (``producer/binding.py``) and records the
+steps, the seed's digest and the last producer, so the files alone say what the run is. Older
+files with only ``run_id`` still load. Everything a user passes is checked here, before any
+work starts, with errors that name the key and the path.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import redis
 
@@ -54,18 +57,40 @@ def connect(url: str | None = None) -> redis.Redis:
         client.ping()
     except redis.RedisError as exc:
         raise ConfigError(
-            f"cannot reach Redis at {_redact(url)} ({exc}); start one or set REDIS_URL "
+            f"cannot reach Redis at {redact(url)} ({exc}); start one or set REDIS_URL "
             "(for a single machine without Redis, use `producer run`)"
         ) from None
     return client
 
 
-def _redact(url: str) -> str:
-    """The URL without its password, for messages."""
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return url
+_SECRET_PARAMS = frozenset({"password", "pass", "passwd"})
+
+
+def redact(url: str) -> str:
+    """The URL without its credentials (user info and any ``password=`` query value), for
+    messages and the lock file."""
+    parts = urlsplit(url)
+    out = url
+    if "@" in parts.netloc:
+        out = out.replace(parts.netloc, "***@" + parts.netloc.rsplit("@", 1)[1], 1)
+    if parts.query:
+        pairs = parse_qsl(parts.query, keep_blank_values=True)
+        query = urlencode([(k, "***" if k.lower() in _SECRET_PARAMS else v) for k, v in pairs], safe="*")
+        if query != parts.query:
+            out = out.replace("?" + parts.query, "?" + query, 1)
+    return out
+
+
+def describe_redis(client: redis.Redis) -> str:
+    """Where ``client`` points, as a URL with no secret in it (built from the connection
+    settings, so it never holds a password to redact in the first place)."""
+    pool = client.connection_pool
+    kw = pool.connection_kwargs
+    auth = "***@" if kw.get("password") else ""
+    if kw.get("path"):
+        return f"unix://{auth}{kw['path']}?db={kw.get('db', 0)}"
+    scheme = "rediss" if issubclass(pool.connection_class, redis.SSLConnection) else "redis"
+    return f"{scheme}://{auth}{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
 
 
 def check_paths(spec: Spec) -> None:
@@ -125,25 +150,56 @@ def check_wiring(spec: Spec, layout: Layout) -> None:
             )
 
 
+def read_run_file(layout: Layout) -> dict:
+    """``run.json`` as a dict ({} when there is none yet); a file that is not ours is an error."""
+    path = layout.run_file
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict) or not isinstance(data.get("run_id"), str):
+            raise ValueError("no run_id")
+    except ValueError as exc:
+        raise ConfigError(f"{path}: not a refexp run file ({exc}); move it away to start afresh") from None
+    return data
+
+
+def update_run_file(layout: Layout, **fields: object) -> dict:
+    """Merge ``fields`` into ``run.json`` (atomically replaced; keys others wrote are kept)."""
+    data = {**read_run_file(layout), **fields}
+    write_atomic(layout.run_file, json.dumps(data, sort_keys=True) + "\n")
+    return data
+
+
 def run_id_for(layout: Layout) -> str:
     """The run id stored in ``results_dir/run.json``, created on first use."""
-    path = layout.run_file
-    if path.exists():
-        try:
-            return json.loads(path.read_text())["run_id"]
-        except (ValueError, KeyError) as exc:
-            raise ConfigError(f"{path}: not a refexp run file ({exc}); move it away to start afresh") from None
+    data = read_run_file(layout)
+    if data:
+        return data["run_id"]
     run_id = uuid.uuid4().hex[:12]
-    write_atomic(path, json.dumps({"run_id": run_id}) + "\n")
+    write_atomic(layout.run_file, json.dumps({"run_id": run_id}) + "\n")
     return run_id
 
 
-def open_run(spec: Spec, client: redis.Redis) -> Run:
-    """Validate the spec's paths and wiring, and bind it to its run id and Redis state."""
+def prepare(spec: Spec) -> tuple[Spec, Layout]:
+    """The spec with absolute paths, checked (paths, prompts, step wiring), and its layout.
+
+    Writes nothing but the results dir itself (created when missing), so a producer that is
+    then refused the results dir has touched none of its files.
+    """
     spec = normalise(spec)
     check_paths(spec)
     layout = Layout(Path(spec.results_dir))
     check_wiring(spec, layout)
+    return spec, layout
+
+
+def open_run(spec: Spec, client: redis.Redis) -> Run:
+    """Validate the spec's paths and wiring, and bind it to its run id and Redis state.
+
+    Creates ``run.json`` on first use: call it only while holding the results dir
+    (``producer.guard.claim``)."""
+    spec, layout = prepare(spec)
     run_id = run_id_for(layout)
     templates = load_prompts(spec.ire.workflow.prompts_file)
     return Run(run_id, spec, layout, RunState(client, run_id), spec_hash(spec.public_dict(), templates), templates)

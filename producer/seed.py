@@ -7,6 +7,7 @@ the records. Every line we could not use is counted and reported with file and l
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
@@ -46,6 +47,7 @@ class SeedReport:
     capped_boxes: int = 0  # boxes dropped by data.max_boxes_per_image
     problems: list[str] = field(default_factory=list)
     failures: list[tuple[str, str, str]] = field(default_factory=list)  # (image_id, path, message)
+    sha256: str = ""  # of the seed file written (run.json records it: did the inputs' content change?)
 
     def note(self, message: str) -> None:
         if len(self.problems) < MAX_REPORTED:
@@ -395,20 +397,33 @@ def _valid_row(b: object) -> bool:
 def write_seed(
     spec: Spec, results_dir: Path, report: SeedReport, on_record: Callable[[SeedEntry], None] | None = None
 ) -> Path:
-    """Stream the seed records to ``results_dir/seed_annotations.jsonl`` (atomically replaced)."""
+    """Stream the seed records to ``results_dir/seed_annotations.jsonl``.
+
+    The records go to a temp file that replaces the seed in one ``rename`` once complete, so
+    readers (workers reading their image's line) see the old seed or the new one, never a part.
+    The producer calls this only while it holds the results dir (``producer.guard``), after the
+    inputs were checked against the ones the dir is bound to. ``report.sha256`` is the digest.
+    """
     results_dir.mkdir(parents=True, exist_ok=True)
     final = results_dir / SEED_FILE
     tmp = results_dir / f".{SEED_FILE}.{os.getpid()}.tmp"
     source = seed_from_jsonl if spec.ire.data.input_annotations_jsonl else seed_from_images
     offset = 0
-    with open(tmp, "wb") as f:
-        for rec in source(spec, report):
-            line = (dumps(rec) + "\n").encode("utf-8")
-            f.write(line)
-            if on_record is not None:
-                on_record(SeedEntry(rec["image_id"], offset))
-            offset += len(line)
+    digest = hashlib.sha256()
+    try:
+        with open(tmp, "wb") as f:
+            for rec in source(spec, report):
+                line = (dumps(rec) + "\n").encode("utf-8")
+                f.write(line)
+                digest.update(line)
+                if on_record is not None:
+                    on_record(SeedEntry(rec["image_id"], offset))
+                offset += len(line)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed seed leaves the old one, and no half file
+        raise
     os.replace(tmp, final)
+    report.sha256 = digest.hexdigest()
     return final
 
 

@@ -9,6 +9,8 @@ SEED_FILE = "seed_annotations.jsonl"
 FAILURES_FILE = "failures.jsonl"
 FINAL_FILE = "annotations.jsonl"
 RUN_FILE = "run.json"
+# One producer per results dir: it holds an flock on this file (producer/guard.py).
+LOCK_FILE = ".producer.lock"
 SINK_FILE = "annotations.jsonl"
 LEGACY_DIR = "labels"
 SPOOL_DIR = ".spool"  # answers paid for but not yet written (worker/tasks.py)

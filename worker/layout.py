@@ -12,6 +12,7 @@ from worker.constants import (
     FAILURES_FILE,
     FINAL_FILE,
     LEGACY_DIR,
+    LOCK_FILE,
     RUN_FILE,
     SEED_FILE,
     SINK_FILE,
@@ -36,6 +37,10 @@ class Layout:
     @property
     def run_file(self) -> Path:
         return self.root / RUN_FILE
+
+    @property
+    def lock_file(self) -> Path:
+        return self.root / LOCK_FILE
 
     @property
     def failures(self) -> JsonlSink:
