@@ -46,9 +46,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import redis
 from celery import bootsteps
 from celery.exceptions import WorkerShutdown
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual as kombu_virtual
 
 log = logging.getLogger("refexp.worker")
 
@@ -180,27 +182,51 @@ class ClockGuard:
 
 class GuardedQoS(kombu_redis.QoS):
     """kombu's Redis QoS that sweeps only while the process's clock is within tolerance, and
-    stamps with Redis's time while it is not (see the module docstring)."""
+    stamps with Redis's time while it is not (see the module docstring).
+
+    It also keeps the worker alive when Redis refuses writes (``maxmemory`` with ``noeviction``,
+    a read-only replica) or drops the connection at the wrong moment. kombu takes a message with
+    BRPOP (a read: allowed on a full Redis), then records it as unacked (a write: refused), and
+    the refusal used to escape into the consumer's event loop and kill the worker ("Unrecoverable
+    error: OutOfMemoryError"), with the message popped and recorded nowhere. Here the message runs
+    anyway, tracked in memory only: its task settles itself as usual (worker/tasks.py); if this
+    worker died before that, no message would remain, and `producer wait`'s reconciler puts the
+    image back. A sweep that Redis refuses is skipped until the next one.
+    """
 
     guard: ClockGuard | None = None  # set by install(); None behaves exactly as kombu
 
     def restore_visible(self, *args, **kwargs):
         guard = self.guard
-        if guard is not None:
-            with self.channel.conn_or_acquire() as client:
-                guard.check(client.time)
-            if guard.skewed:
-                return None
-        return super().restore_visible(*args, **kwargs)
+        try:
+            if guard is not None:
+                with self.channel.conn_or_acquire() as client:
+                    guard.check(client.time)
+                if guard.skewed:
+                    return None
+            return super().restore_visible(*args, **kwargs)
+        except redis.exceptions.RedisError as exc:
+            log.warning("unacked sweep skipped: Redis refused it (%s: %s)", type(exc).__name__, exc)
+            return None
 
     def append(self, message, delivery_tag):
-        super().append(message, delivery_tag)
+        try:
+            super().append(message, delivery_tag)
+        except redis.exceptions.RedisError as exc:
+            log.error("a task taken from the queue could not be recorded as unacked (%s: %s); running it "
+                      "anyway (should this worker die before it settles, `producer wait` puts its image "
+                      "back)", type(exc).__name__, exc)
+            kombu_virtual.QoS.append(self, message, delivery_tag)
+            return
         stamp = self.guard.stamp() if self.guard is not None else None
         if stamp is not None:
             # kombu stamped with this host's clock: restamp with Redis's (XX: unless acked meanwhile).
             # Another worker sweeping within this one round trip could still take the old stamp.
-            with self.channel.conn_or_acquire() as client:
-                client.zadd(self.unacked_index_key, {delivery_tag: stamp}, xx=True)
+            try:
+                with self.channel.conn_or_acquire() as client:
+                    client.zadd(self.unacked_index_key, {delivery_tag: stamp}, xx=True)
+            except redis.exceptions.RedisError as exc:
+                log.warning("could not restamp a taken task with Redis's time (%s)", exc)
 
 
 def install(guard: ClockGuard) -> None:
