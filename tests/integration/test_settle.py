@@ -243,6 +243,9 @@ def test_wait_puts_back_images_whose_messages_were_lost(fleet, fleet_env, fake_v
     env = {**fleet_env, **WORKER_ENV}  # the producer's reconciler uses the same visibility timeout
     results = tmp_path / "results"
     producer(env, "enqueue", *job(fake_vlm, data, results))
+    # Queued messages are read and recognised: nothing is put back while they exist, however old.
+    out = producer(env, "repair", "--results-dir", str(results), "--older-than", "0")
+    assert out.stdout.startswith("0 stranded images published again"), out.stdout
     lost = _lose_every_message(redis_client)
     assert lost == 2 * len(seed_records(results))  # two chord-header messages per image
     fleet.start(2, concurrency=4, extra_env=WORKER_ENV)
@@ -268,8 +271,14 @@ def test_repair_puts_back_images_stranded_mid_chain(fleet, fleet_env, fake_vlm, 
     n = len(seed_records(results))
     wait_until(lambda: 1 <= status_json(env, results)["steps"]["2"]["done"] <= n - 3, 60,
                "some images past step 2 and others not")
-    fleet.stop_all()  # warm shutdown: the calls in flight finish and are written
+    w1 = fleet.workers[0]
+    fleet.kill(w1)  # kill -9: its tasks stay in Redis's unacked set
+    w1.proc.wait(timeout=10)
+    fleet.stop_all()  # warm shutdown of the other: its calls in flight finish and are written
     fleet.workers.clear()
+    # Messages held unacked by the dead worker are recognised too: nothing is put back yet.
+    out = producer(env, "repair", "--results-dir", str(results), "--older-than", "0")
+    assert out.stdout.startswith("0 stranded images published again"), out.stdout
     lost = _lose_every_message(redis_client)
     st = status_json(env, results)
     stranded = st["in_flight_images"]
