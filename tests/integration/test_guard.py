@@ -260,7 +260,7 @@ def test_a_lock_left_by_a_producer_killed_with_9_does_not_block_the_next(
 
 def test_a_joiner_takes_over_when_the_holder_dies_mid_enqueue(fleet, fleet_env, fake_vlm, tmp_path, background,
                                                              redis_url):
-    n = 260  # the first 200-image batch goes out, the second waits for a window no worker drains
+    n = 40  # the first two images go out, the rest wait for a window no worker drains
     images = tiny_images(tmp_path / "images", n)
     results = tmp_path / "results"
     args = ["enqueue", *job(fake_vlm, images, results), "--max-inflight", "2"]
@@ -273,9 +273,9 @@ def test_a_joiner_takes_over_when_the_holder_dies_mid_enqueue(fleet, fleet_env, 
 
         m = meta(redis_url, results)
         state = RunState(redis.Redis.from_url(redis_url), json.loads((results / "run.json").read_text())["run_id"])
-        return m.get("enqueue_complete") is False and m.get("images") == n and state.queued_count() == 200
+        return m.get("enqueue_complete") is False and m.get("images") == n and state.queued_count() == 2
 
-    wait_until(blocked_on_window, 60, "the first producer to publish a batch and wait for the window")
+    wait_until(blocked_on_window, 60, "the first producer to fill its window of 2 and wait")
     joiner = background(fleet_env, "joiner", *args, "--wait", "--timeout", "90")
     wait_until(lambda: "joins it" in joiner.stderr() or joiner.proc.poll() is not None, 60, "the second to join")
     first.kill()
