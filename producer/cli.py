@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from tqdm import tqdm
@@ -37,17 +37,41 @@ MaxInflight = Annotated[int, typer.Option("--max-inflight", min=1,
                                           help="Images enqueued but not finished, at most.")]
 
 
-def _fail(message: str) -> None:
+#: Exit statuses besides 0, 1 (a bug) and 130 (Ctrl-C).
+EXIT_USER_ERROR = 2  # a user error: a bad spec, path or option
+EXIT_RUN_NOT_IN_REDIS = 3  # Redis holds nothing for the run (restarted empty, flushed, another Redis)
+EXIT_REDIS_UNREACHABLE = 4  # Redis stopped answering and did not come back within REFEXP_REDIS_PATIENCE
+
+
+def _fail(message: str, code: int = EXIT_USER_ERROR) -> NoReturn:
     typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)
+    raise typer.Exit(code)
 
 
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
+    from producer.outage import OUTAGE_ERRORS
+
     try:
         yield
     except ConfigError as exc:
         _fail(str(exc))
+    except OUTAGE_ERRORS as exc:
+        _fail(f"{exc}\n  nothing is lost: once Redis answers again, run the same command to go on",
+              EXIT_REDIS_UNREACHABLE)
+
+
+def _run_gone(layout, run_id: str, *, as_json: bool = False) -> NoReturn:
+    """Redis holds nothing for the run: say what the results dir holds and what to run; exit 3."""
+    from producer.status import format_gone, gone_report
+    from worker import settings
+
+    report = gone_report(layout, run_id, settings.state_url())
+    if as_json:
+        typer.echo(json.dumps(report))
+    else:
+        typer.echo(format_gone(report), err=True)
+    raise typer.Exit(EXIT_RUN_NOT_IN_REDIS)
 
 
 def _spec(spec: Path | None, overrides: list[str] | None, image_dir: Path | None,
@@ -131,6 +155,9 @@ def _finalize_and_report(layout, steps: list[int], prices: dict | None = None) -
     from producer.status import finalize, format_usage
 
     rep = finalize(layout, steps, prices)
+    if rep.stale_removed:
+        typer.echo(f"removed {len(rep.stale_removed)} temp file(s) an interrupted finalize left in {layout.root} "
+                   f"({sum(size for _, size in rep.stale_removed) / 1e6:.1f} MB)", err=True)
     typer.echo(f"wrote {rep.path} ({rep.written} images; {len(rep.failed)} failed, {len(rep.missing)} missing)")
     if rep.usage.get("total", {}).get("calls"):
         typer.echo("\n".join(format_usage(rep.usage)))
@@ -161,9 +188,12 @@ def enqueue(
     timeout: Annotated[float | None, typer.Option(help="With --wait: give up after this many s.")] = None,
 ) -> None:
     """Seed and enqueue a run on the fleet's Redis (REDIS_URL)."""
+    from producer.outage import harden_publishing
     from producer.pipeline import submit
     from producer.runs import connect
     from producer.sizing import window_warnings
+    from producer.status import RunNotInRedis
+    from worker.app import app as celery_app
 
     with user_errors():
         s = _spec(spec, overrides, image_dir, label_dir, results_dir)
@@ -171,6 +201,7 @@ def enqueue(
             typer.echo(f"warning: the spec holds an API key; it is not sent to the workers (keys never go "
                        f"through Redis). Set {var} in every worker's environment instead.", err=True)
         client = connect()
+        harden_publishing(celery_app)
         for note in window_warnings(client, max_inflight):
             typer.echo(f"warning: {note}", err=True)
         bars = _Bars()
@@ -189,8 +220,21 @@ def enqueue(
         if not wait_:
             typer.echo(f"watch: producer status --results-dir {sub.run.layout.root}   (or Flower on :5555)")
             return
-        _watch(sub.run.state, timeout)
+        try:
+            _watch(sub.run.state, timeout)
+        except RunNotInRedis:
+            _run_gone(sub.run.layout, sub.run.run_id)
+        except TimeoutError as exc:
+            _fail(str(exc))
+        except KeyboardInterrupt:
+            _stopped_watching(sub.run.layout.root)
         _finalize_and_report(sub.run.layout, sub.run.spec.ire.workflow.steps, sub.run.spec.ire.vlm.prices.model_dump())
+
+
+def _stopped_watching(root: Path) -> NoReturn:
+    typer.echo(f"\ninterrupted: the run goes on on the workers; `producer wait --results-dir {root}` watches it "
+               "again and finalizes it", err=True)
+    raise typer.Exit(130)
 
 
 @app.command()
@@ -265,12 +309,15 @@ def status(
 ) -> None:
     """Images, done / failed / blocked / pending per step, throughput, ETA, workers, budget."""
     from producer.runs import connect, existing_run
-    from producer.status import format_status
+    from producer.status import RunNotInRedis, format_status
     from producer.status import status as get_status
 
     with user_errors():
-        _, _, state = existing_run(results_dir, connect())
-        st = get_status(state)
+        run_id, layout, state = existing_run(results_dir, connect())
+        try:
+            st = get_status(state)
+        except RunNotInRedis:
+            _run_gone(layout, run_id, as_json=json_)
         typer.echo(json.dumps(st) if json_ else format_status(st))
 
 
@@ -282,13 +329,18 @@ def wait(
 ) -> None:
     """Show progress until the run is finished, then finalize."""
     from producer.runs import connect, existing_run
+    from producer.status import RunNotInRedis
 
     with user_errors():
-        _, layout, state = existing_run(results_dir, connect())
+        run_id, layout, state = existing_run(results_dir, connect())
         try:
             _watch(state, timeout)
+        except RunNotInRedis:
+            _run_gone(layout, run_id)
         except TimeoutError as exc:
             _fail(str(exc))
+        except KeyboardInterrupt:
+            _stopped_watching(layout.root)
         if finalize_:
             from producer.status import run_prices
 
@@ -297,28 +349,38 @@ def wait(
 
 @app.command()
 def finalize(results_dir: RequiredResults) -> None:
-    """Write results_dir/annotations.jsonl from the sinks (one record per image, sorted)."""
-    from producer.runs import connect, existing_run
+    """Write results_dir/annotations.jsonl from the sinks (one record per image, sorted).
+
+    Needs no Redis: the steps come from the results dir (``producer.runs.steps_on_disk``), and
+    the prices for the cost line from the spec stored there at enqueue."""
+    from producer.runs import run_layout, steps_on_disk, stored_spec
 
     with user_errors():
-        _, layout, state = existing_run(results_dir, connect())
-        steps = state.meta().get("steps")
+        layout = run_layout(results_dir)
+        steps = steps_on_disk(layout)
         if not steps:
-            _fail(f"run in {layout.root} has no steps recorded in Redis; enqueue it first")
-        from producer.status import run_prices
-
-        _finalize_and_report(layout, steps, run_prices(state))
+            _fail(f"{layout.root}: no step results to finalize (no steps in {layout.run_file.name}, no stored "
+                  "spec, no step sink); has the run been enqueued?")
+        spec = stored_spec(layout)
+        _finalize_and_report(layout, steps, spec.ire.vlm.prices.model_dump() if spec else None)
 
 
 @app.command("retry-failed")
 def retry_failed_cmd(results_dir: RequiredResults, max_inflight: MaxInflight = 5000) -> None:
     """Re-enqueue only the failed image-steps (and the steps after them)."""
+    from producer.outage import harden_publishing
     from producer.pipeline import retry_failed
     from producer.runs import connect, existing_run
+    from producer.status import RunNotInRedis
+    from worker.app import app as celery_app
 
     with user_errors():
         run_id, layout, state = existing_run(results_dir, connect())
-        n = retry_failed(run_id, layout, state, max_inflight=max_inflight)
+        harden_publishing(celery_app)
+        try:
+            n = retry_failed(run_id, layout, state, max_inflight=max_inflight)
+        except RunNotInRedis:
+            _run_gone(layout, run_id)
         typer.echo(f"re-enqueued {n} images with failed steps")
 
 
