@@ -264,34 +264,39 @@ def _spec_keys(s: Spec) -> dict[str, str]:
 
 def run_local(s: Spec, *, quiet: bool = False) -> Path:
     """``producer run`` as a function (the demo and the tests call it)."""
-    from producer.embedded import embedded_redis
+    from producer.embedded import RedisServer
 
     # Keys never travel through Redis; the in-process worker reads them from this process's
     # environment, so a key given in the spec (TAO users do) is handed over that way.
     for var, value in _spec_keys(s).items():
         os.environ.setdefault(var, value)
 
-    with embedded_redis() as url:
+    with RedisServer() as server:
+        url = server.url
         os.environ["REDIS_URL"] = url
         os.environ.pop("CELERY_BROKER_URL", None)
         os.environ.pop("CELERY_RESULT_BACKEND", None)
         os.environ.pop("REFEXP_STATE_URL", None)
-        from producer.local import in_process_worker
-        from producer.pipeline import submit
+        from producer.local import LocalWorker
+        from producer.pipeline import submit, wait
         from producer.runs import connect
         from worker.app import repoint
 
         repoint(url)
-        client = connect(url)
-        with in_process_worker(s.ire.workflow.max_workers):
+        client = connect(url, patience_s=EMBEDDED_REDIS_PATIENCE)
+        worker = LocalWorker(s.ire.workflow.max_workers)
+        try:
+            worker.start()
             bars = _Bars() if not quiet else None
             sub = submit(s, client, progress=bars)
             if bars:
                 bars.close()
                 _print_seed(sub)
-            from producer.pipeline import wait
-
             (wait(sub.run.state) if quiet else _watch(sub.run.state, None))
+        except KeyboardInterrupt:
+            _interrupted(worker, server, _drain_timeout(s))
+        finally:
+            worker.stop()
         if not quiet:
             _finalize_and_report(sub.run.layout, sub.run.spec.ire.workflow.steps,
                                  sub.run.spec.ire.vlm.prices.model_dump())
@@ -300,6 +305,46 @@ def run_local(s: Spec, *, quiet: bool = False) -> Path:
 
             finalize(sub.run.layout, sub.run.spec.ire.workflow.steps)
         return sub.run.layout.root
+
+
+#: Our own redis-server does not stall for minutes; if it stops answering for this long, it died.
+EMBEDDED_REDIS_PATIENCE = 30.0
+
+
+def _drain_timeout(s: Spec) -> float:
+    """How long the calls in flight may take to finish after Ctrl-C: a task makes at most one
+    call and one re-ask, each bounded by the VLM timeout."""
+    vlm = s.ire.vlm
+    timeout = vlm.gemini.timeout if vlm.backend == "gemini" else vlm.openai.timeout
+    return 2 * float(timeout) + 10
+
+
+def _interrupted(worker, server, timeout: float) -> NoReturn:
+    """Ctrl-C of ``producer run``: stop taking tasks, let the calls in flight finish and write
+    their answers (a resume would pay for them again), then stop Redis and exit 130. A second
+    Ctrl-C quits at once."""
+    n = worker.tasks_in_flight()
+    typer.echo(f"\ninterrupted: letting the {n} task(s) in flight finish so their answers are kept "
+               f"(at most {timeout:.0f} s; Ctrl-C again to quit now)", err=True)
+    try:
+        finished = worker.drain(timeout)
+    except KeyboardInterrupt:
+        _quit_now(server, "interrupted again: quitting now; the calls still in flight are made again on resume")
+    if not finished:
+        _quit_now(server, f"the tasks in flight did not finish within {timeout:.0f} s; quitting; they are made "
+                          "again on resume")
+    typer.echo("interrupted: the answers of the calls in flight are saved; run the same command to resume "
+               "(image-steps already done are not sent again)", err=True)
+    raise typer.Exit(130)
+
+
+def _quit_now(server, message: str) -> NoReturn:
+    """Exit without waiting for the worker's threads (the interpreter would join them at exit)."""
+    typer.echo(f"{message}; run the same command to resume", err=True)
+    server.stop()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
 
 
 @app.command()
