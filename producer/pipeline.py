@@ -56,9 +56,14 @@ def submit(
     """
     run = open_run(spec, client)
     write_spec_file(run)
+    run.state.set_meta(seeding=True)  # so that status and wait see the run while it seeds (minutes at 1M images)
     report = SeedReport()
     tick = (lambda e: progress("seed", 1, None)) if progress else None
-    write_seed(run.spec, run.layout.root, report, on_record=tick)
+    try:
+        write_seed(run.spec, run.layout.root, report, on_record=tick)
+    except BaseException:
+        run.state.set_meta(seeding=False)  # a Ctrl-C or an error: nobody is seeding any more
+        raise
     for image_id, path, message in report.failures:
         run.layout.record_failure(image_id=image_id, step="seed", error=message, attempts=1, image_path=path)
     reindexed = register(run, report)
@@ -86,7 +91,7 @@ def register(run: Run, report: SeedReport) -> dict[int, int]:
         "images": report.images, "steps": steps, "spec_hash": run.spec_hash, "indexed": True,
         "seed_failed": len(report.failures), "enqueued_at": time.time(), "enqueue_complete": False,
         "endpoint": endpoint_key(run.spec.ire.vlm), "done_at_start": last_done,
-        "results_dir": str(run.layout.root),
+        "results_dir": str(run.layout.root), "seeding": False,
     })
     return reindexed
 

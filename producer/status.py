@@ -35,11 +35,12 @@ class RunNotInRedis(Exception):
 
 def status(state: RunState) -> dict:
     """Everything ``producer status`` shows, as one JSON-able dict; ``RunNotInRedis`` when Redis
-    has no record of the run (its meta is written at every enqueue, by the producer alone)."""
+    has no record of the run: its meta (written by the producer alone, when an enqueue starts
+    seeding and once it has) is not there."""
     meta = state.meta()
-    if not meta.get("steps"):
+    if not meta.get("steps") and not meta.get("seeding"):
         raise RunNotInRedis(state.run_id)
-    steps: list[int] = meta["steps"]
+    steps: list[int] = meta.get("steps", [])
     images = int(meta.get("images", 0))
     counts = state.counts(steps)
     queued = state.queued_count()
@@ -64,6 +65,7 @@ def status(state: RunState) -> dict:
         "in_flight_images": queued,
         "finished": finished,
         "enqueue_complete": bool(meta.get("enqueue_complete", False)),
+        "seeding": bool(meta.get("seeding", False)),
         "throughput_images_per_s": round(rate, 3) if rate else None,
         "eta_s": round(remaining / rate, 1) if rate else None,
         "workers": state.workers_seen(),
@@ -256,7 +258,8 @@ def format_usage(usage: dict) -> list[str]:
 def format_status(st: dict) -> str:
     lines = [f"run {st['run_id']}: {st['images']} images"
              + (f" ({st['seed_failed']} could not be seeded)" if st["seed_failed"] else "")
-             + (" — finished" if st["finished"] else "")]
+             + (" — finished" if st["finished"] else "")
+             + (" (an enqueue is reading the images)" if st.get("seeding") else "")]
     for s, c in st["steps"].items():
         lines.append(f"  step {s}: done {c['done']:>7}  failed {c['failed']:>5}  "
                      f"blocked {c['blocked']:>5}  pending {c['pending']:>7}")

@@ -114,6 +114,23 @@ def test_gone_report_of_a_run_without_a_stored_spec_says_to_run_its_first_comman
     assert "command that started it again" in format_gone(rep)
 
 
+def test_status_tells_a_run_redis_forgot_from_one_still_seeding():
+    from producer.status import RunNotInRedis, format_status, status
+    from worker.runstate import RunState
+
+    state = RunState(fakeredis.FakeRedis(), "r1")
+    with pytest.raises(RunNotInRedis, match="r1"):
+        status(state)  # never enqueued on this Redis, or it restarted empty
+    state.set_meta(seeding=True)  # an enqueue is reading the images; the run is not stored yet
+    st = status(state)
+    assert st["seeding"] is True and st["finished"] is False and st["images"] == 0
+    assert "(an enqueue is reading the images)" in format_status(st)
+    state.r.flushall()
+    state.set_meta(enqueue_complete=True)  # a producer's last write, landing in a Redis that restarted empty
+    with pytest.raises(RunNotInRedis):
+        status(state)
+
+
 # --------------------------------------------------------------------------- finalize leftovers
 
 def test_finalize_removes_the_temp_files_killed_finalizes_left_and_nothing_else(tmp_path):
