@@ -118,7 +118,8 @@ def _enqueue_through_outages(run: Run, report: SeedReport, client: redis.Redis, 
     restart is not always seen as an error, since redis-py reconnects an idle connection by
     itself); if Redis restarted empty, the queue and the in-flight marks went with it, so the run
     is registered again (done index rebuilt from the sinks) and enqueued again. A second pass
-    counts the images of the first as already queued or done.
+    counts the images of the first as already queued or done (those marked in flight since the
+    restart were published into the new Redis, so they are not published a third time).
     """
     outage = outage_of(client)
     failed_in_a_row = 0
@@ -150,9 +151,6 @@ def _enqueue_through_outages(run: Run, report: SeedReport, client: redis.Redis, 
                 continue
         outage.note(f"warning: Redis came back without run {run.run_id} (it restarted empty?); storing the run "
                     "again, rebuilding its index from the results dir, and enqueueing what is not done")
-        # Images marked in flight since the restart may have reached a worker that could not load
-        # the run then: forget the marks, so the next pass publishes them again.
-        run.state.clear_queued()
         register(run, report)
 
 
