@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 from tqdm import tqdm
@@ -42,17 +42,41 @@ MaxInflight = Annotated[int, typer.Option("--max-inflight", min=1,
                                           help="Images enqueued but not finished, at most.")]
 
 
-def _fail(message: str) -> None:
+#: Exit statuses besides 0, 1 (a bug) and 130 (Ctrl-C).
+EXIT_USER_ERROR = 2  # a user error: a bad spec, path or option
+EXIT_RUN_NOT_IN_REDIS = 3  # Redis holds nothing for the run (restarted empty, flushed, another Redis)
+EXIT_REDIS_UNREACHABLE = 4  # Redis stopped answering and did not come back within REFEXP_REDIS_PATIENCE
+
+
+def _fail(message: str, code: int = EXIT_USER_ERROR) -> NoReturn:
     typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)
+    raise typer.Exit(code)
 
 
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
+    from producer.outage import OUTAGE_ERRORS
+
     try:
         yield
     except ConfigError as exc:
         _fail(str(exc))
+    except OUTAGE_ERRORS as exc:
+        _fail(f"{exc}\n  nothing is lost: once Redis answers again, run the same command to go on",
+              EXIT_REDIS_UNREACHABLE)
+
+
+def _run_gone(layout, run_id: str, *, as_json: bool = False) -> NoReturn:
+    """Redis holds nothing for the run: say what the results dir holds and what to run; exit 3."""
+    from producer.status import format_gone, gone_report
+    from worker import settings
+
+    report = gone_report(layout, run_id, settings.state_url())
+    if as_json:
+        typer.echo(json.dumps(report))
+    else:
+        typer.echo(format_gone(report), err=True)
+    raise typer.Exit(EXIT_RUN_NOT_IN_REDIS)
 
 
 def _spec(spec: Path | None, overrides: list[str] | None, image_dir: Path | None,
@@ -143,6 +167,9 @@ def _finalize_and_report(layout, steps: list[int], prices: dict | None = None) -
     from producer.status import finalize, format_usage
 
     rep = finalize(layout, steps, prices)
+    if rep.stale_removed:
+        typer.echo(f"removed {len(rep.stale_removed)} temp file(s) an interrupted finalize left in {layout.root} "
+                   f"({sum(size for _, size in rep.stale_removed) / 1e6:.1f} MB)", err=True)
     typer.echo(f"wrote {rep.path} ({rep.written} images; {len(rep.failed)} failed, {len(rep.missing)} missing)")
     if rep.usage.get("total", {}).get("calls"):
         typer.echo("\n".join(format_usage(rep.usage)))
@@ -178,8 +205,10 @@ def enqueue(
     Redis, this one publishes nothing and (with --wait) watches that run to its end instead.
     """
     from producer.guard import Busy, ResultsLock, claim, joinable
+    from producer.outage import harden_publishing
     from producer.runs import connect, prepare
     from producer.sizing import window_warnings
+    from worker.app import app as celery_app
 
     with user_errors():
         s = _spec(spec, overrides, image_dir, label_dir, results_dir)
@@ -188,6 +217,7 @@ def enqueue(
                        f"through Redis). Set {var} in every worker's environment instead.", err=True)
         s, layout = prepare(s)
         client = connect()
+        harden_publishing(celery_app)
         for note in window_warnings(client, max_inflight):
             typer.echo(f"warning: {note}", err=True)
         lock = ResultsLock(layout.lock_file)
@@ -209,6 +239,7 @@ def _enqueue_held(s: Spec, client: redis.Redis, held: Claim, *, max_inflight: in
                   timeout: float | None) -> None:
     """``enqueue`` while this producer holds the results dir (the lock is kept until it returns)."""
     from producer.pipeline import submit
+    from producer.status import RunNotInRedis
 
     bars = _Bars()
     try:
@@ -228,8 +259,12 @@ def _enqueue_held(s: Spec, client: redis.Redis, held: Claim, *, max_inflight: in
         return
     try:
         _watch(sub.run.state, timeout)
+    except RunNotInRedis:
+        _run_gone(sub.run.layout, sub.run.run_id)
     except TimeoutError as exc:
         _fail(str(exc))
+    except KeyboardInterrupt:
+        _stopped_watching(sub.run.layout.root)
     _finalize_and_report(sub.run.layout, sub.run.spec.ire.workflow.steps, sub.run.spec.ire.vlm.prices.model_dump())
 
 
@@ -241,7 +276,7 @@ def _join(busy: Busy, holder: Holder, client: redis.Redis, lock: ResultsLock, *,
     the lock (the caller resumes the enqueue); False when done.
     """
     from producer.pipeline import watch_joined
-    from producer.status import run_prices
+    from producer.status import RunNotInRedis, run_prices
     from worker.layout import Layout
     from worker.runstate import RunState
 
@@ -255,14 +290,24 @@ def _join(busy: Busy, holder: Holder, client: redis.Redis, lock: ResultsLock, *,
     show = _Progress()
     try:
         st = watch_joined(state, lock, timeout=timeout, on_status=show)
+    except RunNotInRedis:
+        _run_gone(Layout(busy.root), holder.run_id)
     except TimeoutError as exc:
         _fail(str(exc))
+    except KeyboardInterrupt:
+        _stopped_watching(busy.root)
     finally:
         show.close()
     if st is None:
         return True
     _finalize_and_report(Layout(busy.root), state.meta().get("steps", []), run_prices(state))
     return False
+
+
+def _stopped_watching(root: Path) -> NoReturn:
+    typer.echo(f"\ninterrupted: the run goes on on the workers; `producer wait --results-dir {root}` watches it "
+               "again and finalizes it", err=True)
+    raise typer.Exit(130)
 
 
 @app.command()
@@ -296,7 +341,7 @@ def run_local(s: Spec, *, quiet: bool = False) -> Path:
     The results dir is held (``producer.guard``) for the whole local run: the embedded Redis is
     private, so no other producer could join it, and one that tries is refused.
     """
-    from producer.embedded import embedded_redis
+    from producer.embedded import RedisServer
     from producer.guard import hold
     from producer.runs import prepare
 
@@ -307,38 +352,90 @@ def run_local(s: Spec, *, quiet: bool = False) -> Path:
         if not os.environ.get(f"{var}_FILE"):  # a key file given to this process wins, as in the worker
             os.environ.setdefault(var, value)
 
-    with embedded_redis() as url:
+    with RedisServer() as server:
+        url = server.url
         from producer.runs import connect
 
-        client = connect(url)
+        client = connect(url, patience_s=EMBEDDED_REDIS_PATIENCE)
         with hold(layout, client, s, command="run") as held:
-            _run_held(s, url, client, held, quiet=quiet)
+            _run_held(s, server, client, held, quiet=quiet)
         return layout.root
 
 
-def _run_held(s: Spec, url: str, client: redis.Redis, held: Claim, *, quiet: bool) -> None:
-    """``producer run`` while it holds the results dir: in-process worker, enqueue, wait, finalize."""
+def _run_held(s: Spec, server, client: redis.Redis, held: Claim, *, quiet: bool) -> None:
+    """``producer run`` while it holds the results dir: in-process worker, enqueue, wait, finalize.
+
+    Ctrl-C stops the worker taking tasks and lets the calls in flight finish and write their
+    answers (``_interrupted``), so a resume does not pay for them again.
+    """
+    url = server.url
     os.environ["REDIS_URL"] = url
     os.environ.pop("CELERY_BROKER_URL", None)
     os.environ.pop("CELERY_RESULT_BACKEND", None)
     os.environ.pop("REFEXP_STATE_URL", None)
-    from producer.local import in_process_worker
+    from producer.local import LocalWorker
     from producer.pipeline import submit, wait
     from producer.status import finalize
     from worker.app import repoint
 
     repoint(url)
-    with in_process_worker(s.ire.workflow.max_workers):
+    worker = LocalWorker(s.ire.workflow.max_workers)
+    try:
+        worker.start()
         bars = _Bars() if not quiet else None
         sub = submit(s, client, progress=bars, held=held)
         if bars:
             bars.close()
             _print_seed(sub)
         (wait(sub.run.state) if quiet else _watch(sub.run.state, None))
+    except KeyboardInterrupt:
+        _interrupted(worker, server, _drain_timeout(s))
+    finally:
+        worker.stop()
     if not quiet:
         _finalize_and_report(sub.run.layout, sub.run.spec.ire.workflow.steps, sub.run.spec.ire.vlm.prices.model_dump())
     else:
         finalize(sub.run.layout, sub.run.spec.ire.workflow.steps)
+
+
+#: Our own redis-server does not stall for minutes; if it stops answering for this long, it died.
+EMBEDDED_REDIS_PATIENCE = 30.0
+
+
+def _drain_timeout(s: Spec) -> float:
+    """How long the calls in flight may take to finish after Ctrl-C: a task makes at most one
+    call and one re-ask, each bounded by the VLM timeout."""
+    vlm = s.ire.vlm
+    timeout = vlm.gemini.timeout if vlm.backend == "gemini" else vlm.openai.timeout
+    return 2 * float(timeout) + 10
+
+
+def _interrupted(worker, server, timeout: float) -> NoReturn:
+    """Ctrl-C of ``producer run``: stop taking tasks, let the calls in flight finish and write
+    their answers (a resume would pay for them again), then stop Redis and exit 130. A second
+    Ctrl-C quits at once."""
+    n = worker.tasks_in_flight()
+    typer.echo(f"\ninterrupted: letting the {n} task(s) in flight finish so their answers are kept "
+               f"(at most {timeout:.0f} s; Ctrl-C again to quit now)", err=True)
+    try:
+        finished = worker.drain(timeout)
+    except KeyboardInterrupt:
+        _quit_now(server, "interrupted again: quitting now; the calls still in flight are made again on resume")
+    if not finished:
+        _quit_now(server, f"the tasks in flight did not finish within {timeout:.0f} s; quitting; they are made "
+                          "again on resume")
+    typer.echo("interrupted: the answers of the calls in flight are saved; run the same command to resume "
+               "(image-steps already done are not sent again)", err=True)
+    raise typer.Exit(130)
+
+
+def _quit_now(server, message: str) -> NoReturn:
+    """Exit without waiting for the worker's threads (the interpreter would join them at exit)."""
+    typer.echo(f"{message}; run the same command to resume", err=True)
+    server.stop()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
 
 
 @app.command()
@@ -348,12 +445,15 @@ def status(
 ) -> None:
     """Images, done / failed / blocked / pending per step, throughput, ETA, workers, budget."""
     from producer.runs import connect, existing_run
-    from producer.status import format_status
+    from producer.status import RunNotInRedis, format_status
     from producer.status import status as get_status
 
     with user_errors():
-        _, _, state = existing_run(results_dir, connect())
-        st = get_status(state)
+        run_id, layout, state = existing_run(results_dir, connect())
+        try:
+            st = get_status(state)
+        except RunNotInRedis:
+            _run_gone(layout, run_id, as_json=json_)
         typer.echo(json.dumps(st) if json_ else format_status(st))
 
 
@@ -365,13 +465,18 @@ def wait(
 ) -> None:
     """Show progress until the run is finished, then finalize."""
     from producer.runs import connect, existing_run
+    from producer.status import RunNotInRedis
 
     with user_errors():
-        _, layout, state = existing_run(results_dir, connect())
+        run_id, layout, state = existing_run(results_dir, connect())
         try:
             _watch(state, timeout)
+        except RunNotInRedis:
+            _run_gone(layout, run_id)
         except TimeoutError as exc:
             _fail(str(exc))
+        except KeyboardInterrupt:
+            _stopped_watching(layout.root)
         if finalize_:
             from producer.status import run_prices
 
@@ -380,31 +485,41 @@ def wait(
 
 @app.command()
 def finalize(results_dir: RequiredResults) -> None:
-    """Write results_dir/annotations.jsonl from the sinks (one record per image, sorted)."""
-    from producer.runs import connect, existing_run
+    """Write results_dir/annotations.jsonl from the sinks (one record per image, sorted).
+
+    Needs no Redis: the steps come from the results dir (``producer.runs.steps_on_disk``), and
+    the prices for the cost line from the spec stored there at enqueue."""
+    from producer.runs import run_layout, steps_on_disk, stored_spec
 
     with user_errors():
-        _, layout, state = existing_run(results_dir, connect())
-        steps = state.meta().get("steps")
+        layout = run_layout(results_dir)
+        steps = steps_on_disk(layout)
         if not steps:
-            _fail(f"run in {layout.root} has no steps recorded in Redis; enqueue it first")
-        from producer.status import run_prices
-
-        _finalize_and_report(layout, steps, run_prices(state))
+            _fail(f"{layout.root}: no step results to finalize (no steps in {layout.run_file.name}, no stored "
+                  "spec, no step sink); has the run been enqueued?")
+        spec = stored_spec(layout)
+        _finalize_and_report(layout, steps, spec.ire.vlm.prices.model_dump() if spec else None)
 
 
 @app.command("retry-failed")
 def retry_failed_cmd(results_dir: RequiredResults, max_inflight: MaxInflight = 5000) -> None:
     """Re-enqueue only the failed image-steps (and the steps after them)."""
     from producer.guard import hold
+    from producer.outage import harden_publishing
     from producer.pipeline import retry_failed
     from producer.runs import connect, existing_run
+    from producer.status import RunNotInRedis
+    from worker.app import app as celery_app
 
     with user_errors():
         client = connect()
         run_id, layout, state = existing_run(results_dir, client)
+        harden_publishing(celery_app)
         with hold(layout, client, None, command="retry-failed"):
-            n = retry_failed(run_id, layout, state, max_inflight=max_inflight)
+            try:
+                n = retry_failed(run_id, layout, state, max_inflight=max_inflight)
+            except RunNotInRedis:
+                _run_gone(layout, run_id)
         typer.echo(f"re-enqueued {n} images with failed steps")
 
 
@@ -422,7 +537,7 @@ def repair(
 
     with user_errors():
         _, _, state = existing_run(results_dir, connect())
-        rec = do_repair(state, broker_client(), older_than=older_than)
+        rec = do_repair(state, broker_client(state), older_than=older_than)
         typer.echo(f"{rec.requeued} stranded images published again, {rec.dropped} finished images taken out "
                    f"of the in-flight set; {state.queued_count()} images in flight (older than "
                    f"{rec.older_than:.0f} s are checked)")

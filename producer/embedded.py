@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -64,42 +65,90 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class RedisServer:
+    """A private redis-server process, started and stopped by this one.
+
+    It runs in its own session: a terminal's Ctrl-C goes to the whole foreground process group,
+    and redis-server shuts down on SIGINT, so in the producer's group it died under ``producer
+    run`` while the calls in flight still needed it to record their answers. The producer stops
+    it itself, after them. So that it still never outlives the producer (SIGKILL, a closed
+    terminal), it gets SIGTERM when the thread that started it dies (``setpriv --pdeathsig``,
+    util-linux, when present and started from the main thread, which lives as long as the process).
+    """
+
+    def __init__(self, *, appendonly: bool = False, data_dir: str | None = None, port: int | None = None,
+                 password: str | None = None):
+        self._tmp = tempfile.TemporaryDirectory(prefix="refexp-redis-") if data_dir is None else None
+        self.workdir = data_dir or self._tmp.name  # type: ignore[union-attr]
+        self.port = port or free_port()
+        self.password = password
+        auth = f":{quote(password, safe='')}@" if password else ""
+        self.url = f"redis://{auth}127.0.0.1:{self.port}/0"
+        self.appendonly = appendonly
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def pid(self) -> int:
+        if self.proc is None:
+            raise RuntimeError("the redis-server is not started")
+        return self.proc.pid
+
+    def _argv(self) -> list[str]:
+        args = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.workdir,
+                "--save", "", "--appendonly", "yes" if self.appendonly else "no", "--protected-mode", "no",
+                "--maxmemory-policy", "noeviction", "--list-compress-depth", str(LIST_COMPRESS_DEPTH),
+                "--logfile", str(Path(self.workdir) / "redis.log")]
+        if self.password:
+            args += ["--requirepass", self.password]
+        setpriv = shutil.which("setpriv")
+        if setpriv and threading.current_thread() is threading.main_thread():
+            args = [setpriv, "--pdeathsig", "TERM", "--", *args]
+        return args
+
+    def start(self) -> RedisServer:
+        self.proc = subprocess.Popen(self._argv(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True)
+        client = redis.Redis.from_url(self.url)
+        try:
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    client.ping()
+                    return self
+                except redis.ConnectionError:
+                    if self.proc.poll() is not None or time.monotonic() > deadline:
+                        self.stop()
+                        raise RuntimeError(f"embedded redis-server did not start (see {self.workdir}/redis.log)"
+                                           ) from None
+                    time.sleep(0.02)
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        """SIGTERM (Redis exits at once: no snapshot is configured), SIGKILL after 10 s."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
 @contextlib.contextmanager
 def embedded_redis(*, appendonly: bool = False, data_dir: str | None = None,
                    port: int | None = None, password: str | None = None) -> Iterator[str]:
     """Start a private redis-server; yield its URL; stop it (and its temp dir) on exit.
 
     ``password`` makes the server require it (the URL then carries it, as a fleet's does)."""
-    tmp = tempfile.TemporaryDirectory(prefix="refexp-redis-") if data_dir is None else None
-    workdir = data_dir or tmp.name  # type: ignore[union-attr]
-    port = port or free_port()
-    args = [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", workdir,
-            "--save", "", "--appendonly", "yes" if appendonly else "no", "--protected-mode", "no",
-            "--maxmemory-policy", "noeviction", "--list-compress-depth", str(LIST_COMPRESS_DEPTH),
-            "--logfile", str(Path(workdir) / "redis.log")]
-    if password:
-        args += ["--requirepass", password]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://{':' + quote(password, safe='') + '@' if password else ''}127.0.0.1:{port}/0"
-    try:
-        client = redis.Redis.from_url(url)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"embedded redis-server did not start (see {workdir}/redis.log)") from None
-                time.sleep(0.02)
-        client.close()
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if tmp is not None:
-            tmp.cleanup()
+    with RedisServer(appendonly=appendonly, data_dir=data_dir, port=port, password=password) as server:
+        yield server.url

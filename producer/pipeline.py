@@ -11,13 +11,13 @@ import redis
 from producer.binding import inputs_of
 from producer.enqueue import DEFAULT_MAX_INFLIGHT, EnqueueReport, enqueue, wait_for_window
 from producer.guard import Claim, ResultsLock, claim
+from producer.outage import OUTAGE_ERRORS, RedisGaveUp, outage_of, patient_client
 from producer.publish import Publisher, auto_publishers, canvas
-from producer.runs import Run, describe_redis, open_run, prepare, update_run_file
+from producer.runs import Run, describe_redis, open_run, prepare, update_run_file, write_spec_file
 from producer.seed import SeedReport, iter_seed, write_seed
-from producer.status import status
+from producer.status import RunNotInRedis, status
 from worker.clients.factory import endpoint_key
 from worker.constants import ALL_STEPS, SEED_FILE
-from worker.errors import ConfigError
 from worker.layout import Layout
 from worker.runstate import RunState
 from worker.spec import Spec
@@ -59,6 +59,7 @@ def submit(
     caller keeps holding it afterwards (``--wait``); without it, submit holds the dir itself
     while it runs (and raises ``guard.Busy`` / ``InputsChanged`` like ``claim``).
     ``publishers``: processes publishing canvases (0 = by the run's size, ``auto_publishers``).
+    The enqueue rides out Redis outages (``_enqueue_through_outages``).
     """
     if held is None:
         spec, layout = prepare(spec)
@@ -66,16 +67,18 @@ def submit(
             return submit(spec, client, max_inflight=max_inflight, progress=progress, publishers=publishers,
                           held=held)
     run = open_run(spec, client)
-    meta = run.state.meta()
-    notes = [] if meta.get("spec_hash") else other_fleet_notes(held, client)
-    reindexed = {}
-    if not meta.get("indexed"):
-        reindexed = reindex(run.state, run.layout)
+    notes = [] if run.state.meta().get("spec_hash") else other_fleet_notes(held, client)
+    write_spec_file(run)
+    run.state.set_meta(seeding=True)  # so that status and wait see the run while it seeds (minutes at 1M images)
     report = SeedReport()
     tick = (lambda e: progress("seed", 1, None)) if progress else None
     for stale in run.layout.root.glob(f".{SEED_FILE}.*.tmp"):
         stale.unlink(missing_ok=True)  # a killed producer's half seed (we hold the dir: no one else seeds)
-    write_seed(run.spec, run.layout.root, report, on_record=tick)
+    try:
+        write_seed(run.spec, run.layout.root, report, on_record=tick)
+    except BaseException:
+        run.state.set_meta(seeding=False)  # a Ctrl-C or an error: nobody is seeding any more
+        raise
     for image_id, path, message in report.failures:
         run.layout.record_failure(image_id=image_id, step="seed", error=message, attempts=1, image_path=path)
     steps = run.spec.ire.workflow.steps
@@ -86,20 +89,34 @@ def submit(
                      "same inputs, so this is a resume: done image-steps are kept)")
     # The binding: from now on this results dir belongs to these inputs (producer/binding.py).
     update_run_file(run.layout, inputs=inputs_of(run.spec), steps=steps, seed=seed)
+    reindexed = register(run, report)
+    if progress:
+        progress("enqueue", 0, report.images)
+    last_done = run.state.meta()["done_at_start"]
+    with Publisher(publishers or auto_publishers(report.images - last_done)) as publisher:
+        enq = _enqueue_through_outages(run, report, client, max_inflight=max_inflight, publisher=publisher,
+                                       progress=(lambda n: progress("enqueue", n, report.images)) if progress
+                                       else None)
+    run.state.set_meta(enqueue_complete=True)
+    return Submission(run, report, enq, reindexed, notes)
+
+
+def register(run: Run, report: SeedReport) -> dict[int, int]:
+    """Store the run in Redis (its public spec and meta), first rebuilding the done index from the
+    sinks if this Redis has not got it (new, flushed, or restarted empty); returns what was
+    reindexed per step."""
+    reindexed = {}
+    if not run.state.meta().get("indexed"):
+        reindexed = reindex(run.state, run.layout)
+    steps = run.spec.ire.workflow.steps
     last_done = run.state.counts([steps[-1]])[steps[-1]]["done"]
     run.state.store_spec(run.spec_hash, run.spec.public_dict(), {
         "images": report.images, "steps": steps, "spec_hash": run.spec_hash, "indexed": True,
         "seed_failed": len(report.failures), "enqueued_at": time.time(), "enqueue_complete": False,
         "endpoint": endpoint_key(run.spec.ire.vlm), "done_at_start": last_done,
-        "results_dir": str(run.layout.root),
+        "results_dir": str(run.layout.root), "seeding": False,
     }, prompts=run.templates)
-    if progress:
-        progress("enqueue", 0, report.images)
-    with Publisher(publishers or auto_publishers(report.images - last_done)) as publisher:
-        enq = enqueue(run, max_inflight=max_inflight, publisher=publisher,
-                      progress=(lambda n: progress("enqueue", n, report.images)) if progress else None)
-    run.state.set_meta(enqueue_complete=True)
-    return Submission(run, report, enq, reindexed, notes)
+    return reindexed
 
 
 def other_fleet_notes(held: Claim, client: redis.Redis) -> list[str]:
@@ -120,6 +137,64 @@ def other_fleet_notes(held: Claim, client: redis.Redis) -> list[str]:
             "will be called a second time."]
 
 
+#: Enqueue attempts in a row that may fail although Redis answers again in between (a fault
+#: that is not an outage must not be retried for ever).
+MAX_FAILED_RESUMES = 5
+
+
+class _RunLost(Exception):
+    """Redis answered again after an outage, but without the run: it restarted empty."""
+
+
+def _enqueue_through_outages(run: Run, report: SeedReport, client: redis.Redis, *, progress, **kwargs
+                             ) -> EnqueueReport:
+    """``enqueue``, started again whenever publishing gave up on an unreachable Redis, or Redis
+    came back from an outage without the run.
+
+    The state client waits out an outage by itself; kombu and the result backend retry a publish
+    only briefly. When they give up, wait (with the state client, which notes when Redis stops
+    and starts answering) and enqueue again from the start: images published but not yet marked
+    in flight are published a second time (the workers' done check absorbs the duplicate), never
+    lost. Every batch also checks that Redis still has the run (one round trip per batch: a
+    restart is not always seen as an error, since redis-py reconnects an idle connection by
+    itself); if Redis restarted empty, the queue and the in-flight marks went with it, so the run
+    is registered again (done index rebuilt from the sinks) and enqueued again. A second pass
+    counts the images of the first as already queued or done (those marked in flight since the
+    restart were published into the new Redis, so they are not published a third time).
+    """
+    outage = outage_of(client)
+    failed_in_a_row = 0
+
+    def tick(n: int) -> None:
+        nonlocal failed_in_a_row
+        failed_in_a_row = 0
+        if outage is not None and not run.state.meta().get("spec_hash"):
+            raise _RunLost()
+        if progress:
+            progress(n)
+
+    while True:
+        try:
+            return enqueue(run, progress=tick, **kwargs)
+        except _RunLost:
+            pass
+        except OUTAGE_ERRORS as exc:
+            if outage is None or isinstance(exc, RedisGaveUp):
+                raise
+            failed_in_a_row += 1
+            if failed_in_a_row > MAX_FAILED_RESUMES:
+                raise
+            outage.down(exc)
+            outage.note(f"enqueue: publishing stopped ({type(exc).__name__}: {exc}); it goes on once Redis answers "
+                        "(the images of the batch in hand are published again; the workers skip what is done)")
+            client.ping()  # returns once Redis answers (noting it), or raises after the patience
+            if run.state.meta().get("spec_hash"):
+                continue
+        outage.note(f"warning: Redis came back without run {run.run_id} (it restarted empty?); storing the run "
+                    "again, rebuilding its index from the results dir, and enqueueing what is not done")
+        register(run, report)
+
+
 def wait(state: RunState, *, timeout: float | None = None, poll: float = 0.5,
          on_status: Callable[[dict], None] | None = None,
          until: Callable[[dict], bool] | None = None, reconcile: bool = True) -> dict:
@@ -128,10 +203,12 @@ def wait(state: RunState, *, timeout: float | None = None, poll: float = 0.5,
 
     While waiting, the reconciler (``producer/reconcile.py``) puts back images that nothing will
     ever move again, so a fault no task could see cannot hold the run open for ever.
+    ``status`` raises ``RunNotInRedis`` when Redis holds nothing for the run (never did, or
+    restarted empty since): there is nothing left to wait for, and polling would never end.
     """
     from producer.reconcile import Reconciler
 
-    reconciler = Reconciler(state, broker_client()) if reconcile else None
+    reconciler = Reconciler(state, broker_client(state)) if reconcile else None
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         st = status(state)
@@ -146,11 +223,12 @@ def wait(state: RunState, *, timeout: float | None = None, poll: float = 0.5,
         time.sleep(poll)
 
 
-def broker_client() -> redis.Redis:
-    """The broker's Redis (queues and unacked messages), for the reconciler."""
+def broker_client(state: RunState | None = None) -> redis.Redis:
+    """The broker's Redis (queues and unacked messages), for the reconciler: as patient with a
+    stall as the run state's client, and noting outages through the same notes."""
     from worker import settings
 
-    return redis.Redis.from_url(settings.broker_url(), socket_timeout=30, socket_connect_timeout=10)
+    return patient_client(settings.broker_url(), outage_of(state.r) if state is not None else None)
 
 
 def watch_joined(state: RunState, lock: ResultsLock, *, timeout: float | None = None,
@@ -180,7 +258,7 @@ def retry_failed(run_id: str, layout: Layout, state: RunState, *,
     steps: list[int] = meta.get("steps") or []
     spec_hash = meta.get("spec_hash")
     if not steps or not spec_hash:
-        raise ConfigError(f"run {run_id}: no enqueue recorded in Redis; run `producer enqueue` again")
+        raise RunNotInRedis(run_id)
     first_failed: dict[str, int] = {}
     for s in steps:
         for image_id in state.iter_failed(s):

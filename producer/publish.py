@@ -11,8 +11,9 @@ unchanged.
 
 Children are spawned (not forked: the parent holds Redis connections), ignore Ctrl-C (the parent
 decides when to stop, and lets the shares being published finish), and are handed the broker
-and result-backend URLs explicitly, since ``producer run`` repoints its app at runtime. They
-import the Celery app and nothing else of ours: signatures go by task name.
+and result-backend URLs (and the producer's publishing settings) explicitly, since ``producer
+run`` repoints its app at runtime. They import the Celery app and nothing else of ours:
+signatures go by task name.
 """
 
 from __future__ import annotations
@@ -74,11 +75,17 @@ def publish_items(items: Sequence[Item]) -> int:
     return len(items)
 
 
-def _init_child(broker_url: str, result_backend: str) -> None:
+#: The settings a publisher child takes from its parent's app (which may have been repointed, or
+#: given the producer's publishing settings, ``producer.outage.publishing_conf``).
+CHILD_CONF = ("broker_url", "result_backend", "broker_transport_options", "redis_socket_timeout",
+              "redis_socket_connect_timeout", "result_backend_transport_options")
+
+
+def _init_child(conf: dict) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from worker.app import app
 
-    app.conf.update(broker_url=broker_url, result_backend=result_backend)
+    app.conf.update(conf)
 
 
 class Publisher:
@@ -93,7 +100,7 @@ class Publisher:
 
             self._pool = ProcessPoolExecutor(
                 self.processes - 1, mp_context=multiprocessing.get_context("spawn"),
-                initializer=_init_child, initargs=(app.conf.broker_url, app.conf.result_backend))
+                initializer=_init_child, initargs=({k: app.conf[k] for k in CHILD_CONF},))
 
     def publish(self, items: Sequence[Item]) -> int:
         """Publish every item; returns only once all of them are sent (or raises)."""

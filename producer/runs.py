@@ -14,11 +14,13 @@ import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import redis
+import yaml
 
+from producer.outage import CONNECT_TIMEOUT, SOCKET_TIMEOUT, Outage, patient_client, redact
 from worker import settings
+from worker.constants import ALL_STEPS
 from worker.errors import ConfigError
 from worker.layout import Layout
 from worker.runstate import RunState
@@ -49,36 +51,24 @@ def spec_hash(public: dict, templates: dict[str, str] | None = None) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def connect(url: str | None = None) -> redis.Redis:
-    """A Redis client that has answered a PING, or a ConfigError saying how to get one."""
+def connect(url: str | None = None, *, patience_s: float | None = None) -> redis.Redis:
+    """A Redis client that has answered a PING, or a ConfigError saying how to get one.
+
+    The first PING fails fast (a wrong address is a user error); after it, the client rides out
+    stalls and restarts for up to ``patience_s`` (default ``producer.outage.patience()``).
+    """
     url = url or settings.state_url()
-    client = redis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30)
+    probe = redis.Redis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT, socket_timeout=SOCKET_TIMEOUT)
     try:
-        client.ping()
+        probe.ping()
     except redis.RedisError as exc:
         raise ConfigError(
             f"cannot reach Redis at {redact(url)} ({exc}); start one or set REDIS_URL "
             "(for a single machine without Redis, use `producer run`)"
         ) from None
-    return client
-
-
-_SECRET_PARAMS = frozenset({"password", "pass", "passwd"})
-
-
-def redact(url: str) -> str:
-    """The URL without its credentials (user info and any ``password=`` query value), for
-    messages and the lock file."""
-    parts = urlsplit(url)
-    out = url
-    if "@" in parts.netloc:
-        out = out.replace(parts.netloc, "***@" + parts.netloc.rsplit("@", 1)[1], 1)
-    if parts.query:
-        pairs = parse_qsl(parts.query, keep_blank_values=True)
-        query = urlencode([(k, "***" if k.lower() in _SECRET_PARAMS else v) for k, v in pairs], safe="*")
-        if query != parts.query:
-            out = out.replace("?" + parts.query, "?" + query, 1)
-    return out
+    finally:
+        probe.close()
+    return patient_client(url, Outage(url, patience_s=patience_s))
 
 
 def describe_redis(client: redis.Redis) -> str:
@@ -205,10 +195,65 @@ def open_run(spec: Spec, client: redis.Redis) -> Run:
     return Run(run_id, spec, layout, RunState(client, run_id), spec_hash(spec.public_dict(), templates), templates)
 
 
-def existing_run(results_dir: str | Path, client: redis.Redis) -> tuple[str, Layout, RunState]:
-    """The run living in ``results_dir`` (for status, wait, finalize, retry-failed)."""
+def run_layout(results_dir: str | Path) -> Layout:
+    """The layout of the run living in ``results_dir``; a ConfigError if there is none."""
     layout = Layout(Path(results_dir).expanduser().resolve())
     if not layout.run_file.exists():
         raise ConfigError(f"{layout.root}: no refexp run here ({layout.run_file.name} missing)")
+    return layout
+
+
+def existing_run(results_dir: str | Path, client: redis.Redis) -> tuple[str, Layout, RunState]:
+    """The run living in ``results_dir`` (for status, wait, retry-failed)."""
+    layout = run_layout(results_dir)
     run_id = run_id_for(layout)
     return run_id, layout, RunState(client, run_id)
+
+
+# --------------------------------------------------------------------------- the run's files
+# What a run needs to be finalized or resumed lives in results_dir too, so a Redis that restarted
+# empty (or is gone) costs nothing on disk: finalize works from the files, and the message that
+# the run is gone from Redis can say exactly what to run.
+
+#: The public spec (secrets blanked) of the last enqueue, as YAML that ``load_spec`` reads back.
+SPEC_FILE = "run.spec.yaml"
+
+
+def spec_file(layout: Layout) -> Path:
+    return layout.root / SPEC_FILE
+
+
+def write_spec_file(run: Run) -> Path:
+    """Store the run's public spec (no secrets: ``Spec.public_dict``) in ``results_dir``, so
+    ``producer enqueue -c <it>`` resumes the run from any host."""
+    path = spec_file(run.layout)
+    header = (f"# refexp run {run.run_id}: the spec of its last enqueue (normalised; API keys are never stored,\n"
+              "# give them in the environment). Resume with: producer enqueue -c <this file>\n"
+              "# (or, on one machine: producer run -c <this file>)\n")
+    write_atomic(path, header + yaml.safe_dump(run.spec.public_dict(), sort_keys=False))
+    return path
+
+
+def stored_spec(layout: Layout) -> Spec | None:
+    """The spec ``write_spec_file`` stored, or None when there is none (runs from before it)."""
+    path = spec_file(layout)
+    if not path.exists():
+        return None
+    from worker.spec import load_spec
+
+    return load_spec(path)
+
+
+def steps_on_disk(layout: Layout) -> list[int]:
+    """The run's steps from its files alone: ``run.json``'s "steps" when it has them, else the
+    stored spec's ``workflow.steps``, else every step whose sink exists."""
+    try:
+        steps = json.loads(layout.run_file.read_text()).get("steps")
+    except (OSError, ValueError):
+        steps = None
+    if steps:
+        return sorted(int(s) for s in steps)
+    spec = stored_spec(layout)
+    if spec is not None:
+        return list(spec.ire.workflow.steps)
+    return [s for s in ALL_STEPS if layout.sink(s).path.exists()]

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import re
+import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from producer.outage import redact
 from producer.seed import iter_seed
 from worker.budget import budget_stats
 from worker.layout import Layout
@@ -17,9 +23,23 @@ from worker.steps import final_record
 from worker.steps.records import PIPELINE_NAMES, deterministic
 
 
+class RunNotInRedis(Exception):
+    """Redis holds nothing for the run: it never was enqueued on this Redis, or the Redis
+    restarted empty (no persistence) or was flushed since. The results dir still holds the work
+    (``gone_report`` says what, and what to run)."""
+
+    def __init__(self, run_id: str):
+        super().__init__(f"Redis holds nothing for run {run_id}")
+        self.run_id = run_id
+
+
 def status(state: RunState) -> dict:
-    """Everything ``producer status`` shows, as one JSON-able dict."""
+    """Everything ``producer status`` shows, as one JSON-able dict; ``RunNotInRedis`` when Redis
+    has no record of the run: its meta (written by the producer alone, when an enqueue starts
+    seeding and once it has) is not there."""
     meta = state.meta()
+    if not meta.get("steps") and not meta.get("seeding"):
+        raise RunNotInRedis(state.run_id)
     steps: list[int] = meta.get("steps", [])
     images = int(meta.get("images", 0))
     counts = state.counts(steps)
@@ -45,6 +65,7 @@ def status(state: RunState) -> dict:
         "in_flight_images": queued,
         "finished": finished,
         "enqueue_complete": bool(meta.get("enqueue_complete", False)),
+        "seeding": bool(meta.get("seeding", False)),
         "throughput_images_per_s": round(rate, 3) if rate else None,
         "eta_s": round(remaining / rate, 1) if rate else None,
         "workers": state.workers_seen(),
@@ -64,6 +85,52 @@ def status(state: RunState) -> dict:
     if quality:
         result["quality"] = {str(s): quality[s] for s in steps if s in quality}
     return result
+
+
+def gone_report(layout: Layout, run_id: str, redis_url: str) -> dict:
+    """For a run Redis holds nothing for (``RunNotInRedis``): what the results dir holds, from the
+    files alone, and the commands that resume it and that finalize what is there.
+
+    Sinks are counted in valid lines (a re-delivered task may have written a second line for an
+    image): a fallback path, one read of each sink.
+    """
+    from producer.runs import spec_file, steps_on_disk
+
+    seeded = sum(1 for _ in iter_seed(layout.seed)) if layout.seed.exists() else 0
+    sinks = {str(s): {"records": sum(1 for _ in layout.sink(s).scan())} for s in steps_on_disk(layout)}
+    failures = sum(1 for _ in layout.failures.scan())
+    spec = spec_file(layout)
+    return {
+        "run_id": run_id,
+        "in_redis": False,
+        "redis": redact(redis_url),
+        "results_dir": str(layout.root),
+        "seeded": seeded,
+        "steps": sinks,
+        "failure_lines": failures,
+        "resume": f"producer enqueue -c {spec}" if spec.exists() else None,
+        "resume_local": f"producer run -c {spec}" if spec.exists() else None,
+        "finalize": f"producer finalize --results-dir {layout.root}",
+    }
+
+
+def format_gone(rep: dict) -> str:
+    held = "; ".join(f"step {s}: {c['records']} records" for s, c in rep["steps"].items()) or "no step results"
+    lines = [
+        f"run {rep['run_id']} ({rep['results_dir']}): Redis at {rep['redis']} holds nothing for this run: it "
+        "restarted without persistence or was flushed, or the run was enqueued on another Redis.",
+        f"  Nothing on disk is lost: {rep['seeded']} images seeded; {held}; "
+        f"{rep['failure_lines']} lines in failures.jsonl.",
+        "  To resume it (image-steps whose record is on disk are not sent again):",
+    ]
+    if rep["resume"]:
+        lines += [f"    {rep['resume']}    (with REDIS_URL set to the fleet's Redis; add --wait to watch it)",
+                  f"    {rep['resume_local']}    (on one machine, with an embedded Redis)"]
+    else:
+        lines.append("    run the `producer enqueue` (or `producer run`) command that started it again, with the "
+                     "same spec and overrides")
+    lines += ["  To write annotations.jsonl from what is on disk now:", f"    {rep['finalize']}"]
+    return "\n".join(lines)
 
 
 def format_quality(quality: dict) -> list[str]:
@@ -191,7 +258,8 @@ def format_usage(usage: dict) -> list[str]:
 def format_status(st: dict) -> str:
     lines = [f"run {st['run_id']}: {st['images']} images"
              + (f" ({st['seed_failed']} could not be seeded)" if st["seed_failed"] else "")
-             + (" — finished" if st["finished"] else "")]
+             + (" — finished" if st["finished"] else "")
+             + (" (an enqueue is reading the images)" if st.get("seeding") else "")]
     for s, c in st["steps"].items():
         lines.append(f"  step {s}: done {c['done']:>7}  failed {c['failed']:>5}  "
                      f"blocked {c['blocked']:>5}  pending {c['pending']:>7}")
@@ -219,6 +287,7 @@ class FinalizeReport:
     missing: list[str] = field(default_factory=list)
     bad_lines: int = 0
     usage: dict = field(default_factory=dict)
+    stale_removed: list[tuple[str, int]] = field(default_factory=list)
 
 
 def _failed_ids(layout: Layout, done: dict[int, dict[str, int]]) -> set[str]:
@@ -239,26 +308,73 @@ def finalize(layout: Layout, steps: list[int], prices: dict | None = None) -> Fi
     record and no failure are reported as missing. Records keep their per-call token usage but
     not its latency (the step sinks keep that), so two runs of the same data give the same bytes.
     ``report.usage`` sums the step sinks' token usage (``prices`` adds the cost).
+
+    The file is written to a temp file and renamed, under a lock (``_finalize_lock``), so readers
+    never see half of it; temp files a killed finalize left behind are removed first.
     """
-    stats = ReadStats()
-    final_steps = [max(steps)] if max(steps) >= 2 else list(steps)
-    offsets = {s: layout.sink(s).latest_offsets(stats) for s in final_steps}
-    report = FinalizeReport(path=layout.final, bad_lines=stats.bad_lines)
-    failed = _failed_ids(layout, offsets)
-    ids = sorted(rec["image_id"] for _, rec in iter_seed(layout.seed))
-    tmp = layout.final.with_name(f".{layout.final.name}.{os.getpid()}.tmp")
-    sinks = {s: layout.sink(s) for s in final_steps}
-    with open(tmp, "w", encoding="utf-8") as out:
-        for image_id in ids:
-            if any(image_id not in offsets[s] for s in final_steps):
-                (report.failed if image_id in failed else report.missing).append(image_id)
-                continue
-            records = {s: sinks[s].read_at(offsets[s][image_id]) for s in final_steps}
-            out.write(dumps(deterministic(final_record(steps, records))) + "\n")
-            report.written += 1
-    os.replace(tmp, layout.final)
+    with _finalize_lock(layout):
+        report = FinalizeReport(path=layout.final)
+        report.stale_removed = remove_stale_temps(layout)
+        stats = ReadStats()
+        final_steps = [max(steps)] if max(steps) >= 2 else list(steps)
+        offsets = {s: layout.sink(s).latest_offsets(stats) for s in final_steps}
+        report.bad_lines = stats.bad_lines
+        failed = _failed_ids(layout, offsets)
+        ids = sorted(rec["image_id"] for _, rec in iter_seed(layout.seed))
+        tmp = layout.root / f"{_tmp_prefix(layout)}{socket.gethostname()}-{os.getpid()}.tmp"
+        sinks = {s: layout.sink(s) for s in final_steps}
+        with open(tmp, "w", encoding="utf-8") as out:
+            for image_id in ids:
+                if any(image_id not in offsets[s] for s in final_steps):
+                    (report.failed if image_id in failed else report.missing).append(image_id)
+                    continue
+                records = {s: sinks[s].read_at(offsets[s][image_id]) for s in final_steps}
+                out.write(dumps(deterministic(final_record(steps, records))) + "\n")
+                report.written += 1
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, layout.final)
     report.usage = usage_from_sinks(layout, steps, prices)
     return report
+
+
+# A finalize killed mid-write (Ctrl-C, OOM, a lost host) leaves its temp file, as big as the
+# output; the next finalize removes it. Finalizes take a lock on the results dir (flock, which NFS
+# maps to a byte-range lock, as the sinks do), so whoever holds it knows every temp file there is
+# stale, whichever host wrote it; the host name and pid in the name say who did.
+
+def _tmp_prefix(layout: Layout) -> str:
+    return f".{layout.final.name}.finalize-"
+
+
+@contextlib.contextmanager
+def _finalize_lock(layout: Layout) -> Iterator[None]:
+    layout.root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(layout.root / f".{layout.final.name}.finalize.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def remove_stale_temps(layout: Layout) -> list[tuple[str, int]]:
+    """Remove the temp files earlier finalizes left in ``results_dir`` (call it holding the
+    finalize lock); returns ``(name, bytes)`` of each."""
+    removed = []
+    prefix = _tmp_prefix(layout)
+    # Finalizes before the host name was in the name left ``.annotations.jsonl.<pid>.tmp``.
+    old = re.compile(rf"\.{re.escape(layout.final.name)}\.\d+\.tmp")
+    for path in layout.root.iterdir():
+        name = path.name
+        if (name.startswith(prefix) and name.endswith(".tmp")) or old.fullmatch(name):
+            try:
+                size = path.stat().st_size
+                path.unlink()
+            except FileNotFoundError:
+                continue
+            removed.append((name, size))
+    return removed
 
 
 def summary_json(report: FinalizeReport) -> str:
