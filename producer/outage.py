@@ -20,10 +20,9 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-
-import kombu.exceptions
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
+import kombu.exceptions
 import redis
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
