@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install browser demo test lint clean
+.PHONY: install browser netns demo test lint clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,14 @@ browser:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "chromium is missing: install it (Debian: apt-get install chromium) for the preview test"; fi; }
 
-test: install browser
+# The cross-host tests put Redis and the workers in network namespaces: iproute2's `ip`, as root.
+netns:
+	@command -v ip >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 >/dev/null; \
+	  else echo "iproute2 is missing: install it (Debian: apt-get install iproute2) for the cross-host tests (run as root)"; fi; }
+
+test: install browser netns
 	$(BIN)/pytest -q -p no:cacheprovider
 
 lint: install
