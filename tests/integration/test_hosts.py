@@ -15,6 +15,10 @@ final record per image, no failure recorded for a network fault, and both worker
 answering afterwards (or dead only of the known upstream reconnect crash, said out loud). Sink
 files may hold a second line for a redelivered image-step; those and the repeated VLM calls are
 counted and printed.
+
+A third case loses one task message in flight to host 1 (``TcpProxy.cut_on``: the reply that
+carries it is dropped and the link reset). It asserts the same outcome, and FAILS without a
+reconciler in ``producer wait``: see its docstring.
 """
 
 from __future__ import annotations
