@@ -159,10 +159,21 @@ def answering(site: Site, workers: list[WorkerProc]) -> bool:
     return all(re.search(rf"->\s+{re.escape(name)}: OK\s+pong", proc.stdout) for name in names)
 
 
-def finished(site: Site, results: Path) -> bool:
-    from producer.status import status
-
-    return bool(status(run_state(site.redis_url, results))["finished"])
+def wait_run(site: Site, results: Path, timeout: float) -> tuple[subprocess.CompletedProcess, str]:
+    """``producer wait``, as a user runs it (it runs the reconciler too, where there is one); and,
+    when it did not finish, what the images still in flight have done and where the run's
+    messages are."""
+    out = producer(site.env, "wait", "--results-dir", str(results), "--timeout", str(timeout), check=False)
+    if out.returncode == 0:
+        return out, ""
+    state = run_state(site.redis_url, results)
+    client = state.r
+    in_flight = sorted(k.decode() for k in client.hkeys(f"refexp:run:{state.run_id}:queued"))
+    outcomes = {i: {s: next((kind for kind in ("done", "failed", "blocked")
+                             if client.hexists(f"refexp:run:{state.run_id}:{kind}:{s}", i)), "none")
+                    for s in (0, 1, 2, 3)} for i in in_flight}
+    return out, (f"images still in flight: {outcomes}; messages queued: {client.llen('refexp')}, unacked: "
+                 f"{client.hlen('unacked')}\n{out.stdout[-1000:]}\n{out.stderr[-1000:]}")
 
 
 # --------------------------------------------------------------------------- the test
@@ -217,9 +228,13 @@ def test_worker_host_cut_off_from_redis_past_the_visibility_timeout(site, fleet,
     t_heal, t_heal_wall = time.monotonic(), time.time()
     site.proxies["w1"].heal()
 
-    wait_until(lambda: finished(site, results), 90,
-               f"the run to finish after the heal ({mode}):\n{fleet.logs()}", interval=0.2)
+    out, stranded = wait_run(site, results, 60)
     t_done = time.monotonic()
+    # A reset can also drop a task message on its way to host 1 (a BRPOP reply in flight, or
+    # read but not yet recorded as unacked): that is the hole the last test shows on purpose.
+    assert out.returncode == 0, (f"the run did not finish after the heal ({mode}); if an image below has "
+                                 f"no message anywhere, see test_a_task_message_lost_in_flight_to_a_host_still_"
+                                 f"ends_done: {stranded}\n{fleet.logs()}")
     # Host 1 answers again, and whatever it still held when healed runs to its end (a late
     # second record must not change the final output).
     crashed = [w.name for w in (w1, w2) if w.proc.poll() is not None]
@@ -296,19 +311,13 @@ def test_a_task_message_lost_in_flight_to_a_host_still_ends_done(site, fleet, da
     proxy.heal()  # a blip: host 1 reconnects at once
     lost = lost_message(proxy.tripped)
 
-    out = producer(site.env, "wait", "--results-dir", str(results), "--timeout", str(SHORT_VT + 30), check=False)
+    out, stranded = wait_run(site, results, SHORT_VT + 30)
     t_done = time.monotonic()
-    client = redis.Redis.from_url(site.redis_url)
-    in_flight = sorted(k.decode() for k in client.hkeys(f"refexp:run:{state.run_id}:queued"))
-    outcomes = {i: {s: next((kind for kind in ("done", "failed", "blocked")
-                             if client.hexists(f"refexp:run:{state.run_id}:{kind}:{s}", i)), "none")
-                    for s in (0, 1, 2, 3)} for i in in_flight}
     print(f"\nlost in flight to host 1: {lost}; `producer wait` exited {out.returncode} after "
-          f"{t_done - t_cut:.1f} s; images still in flight: {outcomes}; queued messages: "
-          f"{client.llen('refexp')}, unacked: {client.hlen('unacked')}")
+          f"{t_done - t_cut:.1f} s. {stranded.splitlines()[0] if stranded else ''}")
     assert out.returncode == 0, (
         f"KNOWN BUG (see the docstring): the message {lost} was lost in flight to host 1 and its image never "
-        f"ended: in flight {outcomes}\n{out.stdout[-1500:]}\n{out.stderr[-1500:]}")
+        f"ended: {stranded}")
     assert_finalized_once(results, [r["image_id"] for r in seeds])
     assert failures(results) == []
     for w in (w1, w2):
