@@ -12,7 +12,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import redis
@@ -48,23 +48,17 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def embedded_redis(*, appendonly: bool = False, data_dir: str | None = None,
-                   port: int | None = None, bind: str = "127.0.0.1",
-                   launcher: Sequence[str] = ()) -> Iterator[str]:
-    """Start a private redis-server; yield its URL; stop it (and its temp dir) on exit.
-
-    ``bind`` and ``launcher`` serve tests that put Redis on a host of its own: e.g. ``launcher=
-    ["ip", "netns", "exec", NS]`` (which execs the server, so stopping it stops Redis) with
-    ``bind`` that namespace's address and an explicit ``port``.
-    """
+                   port: int | None = None) -> Iterator[str]:
+    """Start a private redis-server; yield its URL; stop it (and its temp dir) on exit."""
     tmp = tempfile.TemporaryDirectory(prefix="refexp-redis-") if data_dir is None else None
     workdir = data_dir or tmp.name  # type: ignore[union-attr]
     port = port or free_port()
-    args = [*launcher, redis_server_binary(), "--port", str(port), "--bind", bind, "--dir", workdir,
+    args = [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", workdir,
             "--save", "", "--appendonly", "yes" if appendonly else "no", "--protected-mode", "no",
             "--maxmemory-policy", "noeviction", "--list-compress-depth", str(LIST_COMPRESS_DEPTH),
             "--logfile", str(Path(workdir) / "redis.log")]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://{bind}:{port}/0"
+    url = f"redis://127.0.0.1:{port}/0"
     try:
         client = redis.Redis.from_url(url)
         deadline = time.monotonic() + 10

@@ -23,6 +23,7 @@ reconciler in ``producer wait``: see its docstring.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -36,7 +37,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from producer.embedded import embedded_redis
+from producer.embedded import LIST_COMPRESS_DEPTH, redis_server_binary
 from tests.integration.test_faults import (
     KOMBU_RECONNECT_CRASH,
     assert_finalized_once,
@@ -79,13 +80,54 @@ class Site:
         return {"REDIS_URL": f"redis://{p.host}:{p.port}/0"}
 
 
+@contextlib.contextmanager
+def redis_on(host: Host, workdir: Path) -> Iterator[str]:
+    """redis-server on ``host`` (inside its namespace, on its address), configured as
+    ``producer.embedded`` configures ours; yields its URL as the test's host reaches it."""
+    args = [*host.prefix(), redis_server_binary(), "--port", str(REDIS_PORT), "--bind", host.addr,
+            "--dir", str(workdir), "--save", "", "--appendonly", "no", "--protected-mode", "no",
+            "--maxmemory-policy", "noeviction", "--list-compress-depth", str(LIST_COMPRESS_DEPTH),
+            "--logfile", str(workdir / "redis.log")]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # ip netns exec execs it
+    url = f"redis://{host.addr}:{REDIS_PORT}/0"
+    try:
+        def up() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"redis-server on {host.netns} exited {proc.returncode}: see {workdir}/redis.log")
+            with contextlib.suppress(redis.ConnectionError), redis.Redis.from_url(url, socket_timeout=2) as r:
+                return bool(r.ping())
+            return False
+
+        wait_until(up, 15, f"redis-server on {host.addr}")
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def start_worker(fleet: Fleet, host: Host, env: dict[str, str]) -> WorkerProc:
+    """One ``celery -A worker worker`` on ``host``: Fleet's command under ``ip netns exec``
+    (which execs it, so the process Fleet signals is the worker itself)."""
+    name = f"w{len(fleet.workers) + 1}"
+    argv = [*host.prefix(), sys.executable, "-m", "celery", "-A", "worker", "worker", "-P", "threads", "-c", "2",
+            "-E", "--without-mingle", "--without-gossip", "-n", f"{name}@%h", "-l", "INFO"]
+    w, = fleet.start(1, extra_env=env, argv=argv)
+    assert w.name == name
+    return w
+
+
 @pytest.fixture
 def site(tmp_path) -> Iterator[Site]:
     # NetLab raises (the test errors, never skips) when namespaces cannot be made: not root, no `ip`.
     with NetLab() as lab:
         rh = lab.add_host("redis")
         hosts = {name: lab.add_host(name) for name in ("w1", "w2")}
-        with (embedded_redis(bind=rh.addr, port=REDIS_PORT, launcher=rh.prefix()) as url,
+        (tmp_path / "redis").mkdir()
+        with (redis_on(rh, tmp_path / "redis") as url,
               FakeVLM(host=rh.gateway) as fake,
               TcpProxy((rh.addr, REDIS_PORT), listen=(hosts["w1"].gateway, 0), delay=ONE_WAY_DELAY) as p1,
               TcpProxy((rh.addr, REDIS_PORT), listen=(hosts["w2"].gateway, 0), delay=ONE_WAY_DELAY) as p2):
@@ -194,8 +236,8 @@ def test_worker_hosts_reach_redis_only_through_their_proxy(site):
 @pytest.mark.parametrize("mode", ["reset", "blackhole"])
 def test_worker_host_cut_off_from_redis_past_the_visibility_timeout(site, fleet, data, tmp_path, mode):
     h1, h2 = site.workers["w1"], site.workers["w2"]
-    w1, = fleet.start(1, concurrency=2, extra_env=site.worker_env("w1"), prefix=h1.prefix())
-    w2, = fleet.start(1, concurrency=2, extra_env=site.worker_env("w2"), prefix=h2.prefix())
+    w1 = start_worker(fleet, h1, site.worker_env("w1"))
+    w2 = start_worker(fleet, h2, site.worker_env("w2"))
     fake = site.fake
     fake.latency = 0.4
     results = tmp_path / "results"
@@ -293,8 +335,8 @@ def test_a_task_message_lost_in_flight_to_a_host_still_ends_done(site, fleet, da
     waits for ever. The lead's reconciler (producer/reconcile.py, run by `producer wait`) is
     meant to put such images back; this test asserts that outcome."""
     h1, h2 = site.workers["w1"], site.workers["w2"]
-    w1, = fleet.start(1, concurrency=2, extra_env=site.worker_env("w1"), prefix=h1.prefix())
-    w2, = fleet.start(1, concurrency=2, extra_env=site.worker_env("w2"), prefix=h2.prefix())
+    w1 = start_worker(fleet, h1, site.worker_env("w1"))
+    w2 = start_worker(fleet, h2, site.worker_env("w2"))
     fake = site.fake
     fake.latency = 0.4
     results = tmp_path / "results"

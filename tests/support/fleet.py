@@ -49,10 +49,7 @@ class Fleet:
     workers: list[WorkerProc] = field(default_factory=list)
 
     def start(self, n: int = 2, *, concurrency: int = 8, extra_env: dict[str, str] | None = None,
-              argv: list[str] | None = None, prefix: list[str] | None = None) -> list[WorkerProc]:
-        """Start ``n`` workers and wait until each is ready. ``prefix`` runs each one under a
-        launcher that execs it (``ip netns exec NS``: a worker on a host of its own), so the
-        process we signal is still the worker."""
+              argv: list[str] | None = None) -> list[WorkerProc]:
         started = []
         for _ in range(n):
             name = f"w{len(self.workers) + 1}"
@@ -60,7 +57,6 @@ class Fleet:
             cmd = argv or [sys.executable, "-m", "celery", "-A", "worker", "worker", "-P", "threads",
                            "-c", str(concurrency), "-E", "--without-mingle", "--without-gossip",
                            "-n", f"{name}@%h", "-l", "INFO"]
-            cmd = [*(prefix or []), *cmd]
             env = {**self.env, **(extra_env or {})}
             fh = open(log, "w")  # noqa: SIM115 - kept open for the process's lifetime
             proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT,
