@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install redis redis-server browser faketime demo test lint clean
+.PHONY: install redis redis-server browser faketime netns demo test lint clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,7 +49,14 @@ faketime:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq faketime >/dev/null; \
 	  else echo "faketime is missing: install it (Debian: apt-get install faketime) for the clock-skew tests"; fi; }
 
-test: install redis redis-server browser faketime
+# The cross-host tests put Redis and the workers in network namespaces: iproute2's `ip`, as root.
+netns:
+	@command -v ip >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 >/dev/null; \
+	  else echo "iproute2 is missing: install it (Debian: apt-get install iproute2) for the cross-host tests (run as root)"; fi; }
+
+test: install redis redis-server browser faketime netns
 	$(BIN)/pytest -q -p no:cacheprovider
 
 lint: install

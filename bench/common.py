@@ -213,6 +213,45 @@ def redis_client(url: str):
 
 
 @dataclass
+class Proxy:
+    url: str  # the Redis URL through the proxy
+    proc: subprocess.Popen
+
+
+@contextlib.contextmanager
+def redis_proxy(redis_url: str, one_way_ms: float) -> Iterator[Proxy]:
+    """``python -m tests.support.tcpproxy`` in its own process in front of ``redis_url``, adding
+    ``one_way_ms`` each way (the round trip grows by twice that): Redis "on another host" for
+    the workers, on one machine. Yields the proxied URL."""
+    from urllib.parse import urlsplit
+
+    u = urlsplit(redis_url)
+    cmd = [PY, "-m", "tests.support.tcpproxy", "--target", f"{u.hostname}:{u.port}", "--delay-ms", str(one_way_ms)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            start_new_session=True)
+    try:
+        line = proc.stdout.readline() if proc.stdout else ""
+        if not line.startswith("TCPPROXY_ADDR="):
+            raise RuntimeError(f"tcpproxy did not start: {line!r}")
+        yield Proxy(f"redis://{line.strip().split('=', 1)[1]}{u.path or '/0'}", proc)
+    finally:
+        stop_group(proc, timeout=10)
+
+
+def ping_rtt_ms(url: str, n: int = 200) -> tuple[float, float]:
+    """Median and p99 of ``n`` Redis PING round trips to ``url`` (one connection), in ms."""
+    client = redis_client(url)
+    client.ping()
+    samples = []
+    for _ in range(n):
+        t = time.perf_counter()
+        client.ping()
+        samples.append((time.perf_counter() - t) * 1000)
+    client.close()
+    return pct(samples, 0.5), pct(samples, 0.99)
+
+
+@dataclass
 class Fake:
     url: str
     proc: subprocess.Popen

@@ -7,15 +7,26 @@ the time to the first finished image.
 
     .venv/bin/python -m bench.efficiency                      # L=0.5 s fixed, C=32, 400 images, 2 workers x 20
     .venv/bin/python -m bench.efficiency --layout 2x16,2x20,1x32 --dist lognormal
+    .venv/bin/python -m bench.efficiency --redis-rtt-ms 20   # workers reach Redis through a 10 ms-each-way proxy
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
-from bench.common import Deadline, banner, emit_json, fake_vlm, make_dataset, redis_server
+from bench.common import (
+    Deadline,
+    banner,
+    emit_json,
+    fake_vlm,
+    make_dataset,
+    ping_rtt_ms,
+    redis_proxy,
+    redis_server,
+)
 from bench.fleetrun import mean_latency, print_run, run_inprocess, run_layouts, summarize_profile
 
 
@@ -40,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-events", action="store_true",
                     help="start workers without -E (worker/app.py sets worker_send_task_events, so task events "
                          "are still sent: this changes nothing today)")
+    ap.add_argument("--redis-rtt-ms", type=float, default=0.0,
+                    help="round trip added between the workers and Redis: a proxy process (tests/support/tcpproxy.py) "
+                         "adds half of it each way. The producer and the bench's own polling reach Redis directly")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/refexp-bench"))
     ap.add_argument("--timeout", type=float, default=240, help="bound for the whole script, s")
     ap.add_argument("--json", default=None, help="append the figures as JSON lines to this file")
@@ -47,10 +61,22 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     deadline = Deadline(a.timeout)
     m = banner("bench.efficiency: VLM calls/s vs C/L", images=a.images, latency=a.latency, dist=a.dist,
-               C=a.concurrency, layout=a.layout, fmt=a.fmt, events=not a.no_events, warmup=a.warmup)
+               C=a.concurrency, layout=a.layout, fmt=a.fmt, events=not a.no_events, warmup=a.warmup,
+               redis_rtt_ms=a.redis_rtt_ms)
     images_dir, labels_dir = make_dataset(a.workdir / f"data-{a.fmt}-{a.images}", a.images, fmt=a.fmt)
     ok = True
-    with redis_server() as url, fake_vlm(a.latency, a.dist, seed=a.seed) as fake:
+    with contextlib.ExitStack() as stack:
+        url = stack.enter_context(redis_server())
+        fake = stack.enter_context(fake_vlm(a.latency, a.dist, seed=a.seed))
+        worker_url, proxy_pids = url, {}
+        direct = ping_rtt_ms(url)
+        print(f"-- Redis PING round trip from this host: p50 {direct[0]:.2f} ms, p99 {direct[1]:.2f} ms")
+        if a.redis_rtt_ms > 0:
+            proxy = stack.enter_context(redis_proxy(url, a.redis_rtt_ms / 2))
+            worker_url, proxy_pids = proxy.url, {"proxy": proxy.proc.pid}
+            via = ping_rtt_ms(proxy.url)
+            print(f"-- workers reach Redis through a proxy adding {a.redis_rtt_ms / 2:g} ms each way: PING round trip "
+                  f"p50 {via[0]:.2f} ms, p99 {via[1]:.2f} ms")
         base_eff = None
         if a.baseline:
             b = run_inprocess(fake=fake, images_dir=images_dir, labels_dir=labels_dir,
@@ -62,11 +88,13 @@ def main(argv: list[str] | None = None) -> int:
                 "workdir": str(a.workdir)}, "calls": b.calls, "makespan_s": round(b.makespan, 2),
                 "efficiency": round(base_eff, 3)})
         for n, t, res in run_layouts(a, redis_url=url, fake=fake, images_dir=images_dir, labels_dir=labels_dir,
-                                     deadline=deadline, tag="eff", profile_seconds=a.profile):
+                                     deadline=deadline, tag="eff", profile_seconds=a.profile,
+                                     worker_redis_url=worker_url, other_pids=proxy_pids):
             if res is None:
                 ok = False
                 continue
-            fig = print_run(f"{n} workers x {t} threads, C={a.concurrency}, L={a.latency} {a.dist}", res,
+            rtt = f", Redis RTT +{a.redis_rtt_ms:g} ms" if a.redis_rtt_ms else ""
+            fig = print_run(f"{n} workers x {t} threads, C={a.concurrency}, L={a.latency} {a.dist}{rtt}", res,
                             concurrency=a.concurrency, latency=a.latency, dist=a.dist)
             if res.profile:
                 print("\n".join("   " + x for x in summarize_profile(Path(res.profile))))

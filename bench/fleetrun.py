@@ -70,8 +70,9 @@ class RunResult:
 def run_fleet(*, redis_url: str, fake: Fake, workers: list, images_dir: Path, labels_dir: Path,
               results: Path, concurrency: int, deadline: Deadline, extra: tuple[str, ...] = (),
               profile_seconds: float = 0.0, profile_out: Path | None = None, redis_pid: int | None = None,
-              fake_pid: int | None = None) -> RunResult:
-    """Enqueue every image once, wait until every image settled step 3 (or the bound), measure."""
+              fake_pid: int | None = None, other_pids: dict[str, int] | None = None) -> RunResult:
+    """Enqueue every image once, wait until every image settled step 3 (or the bound), measure.
+    ``other_pids`` (name -> pid) are counted in the CPU figures too (a Redis proxy, say)."""
     shutil.rmtree(results, ignore_errors=True)
     fake.reset()
     r = redis_client(redis_url)
@@ -84,6 +85,7 @@ def run_fleet(*, redis_url: str, fake: Fake, workers: list, images_dir: Path, la
         pids["fake"] = fake_pid
     if redis_pid:
         pids["redis"] = redis_pid
+    pids.update(other_pids or {})
     cpu0 = {k: cpu_seconds(p) for k, p in pids.items()}
     cmd0 = _commandstats(r)
     t_launch = time.monotonic()
@@ -176,10 +178,12 @@ def warm_up(*, redis_url: str, fake: Fake, workers: list, workdir: Path, fmt: st
 
 
 def run_layouts(a, *, redis_url: str, fake: Fake, images_dir: Path, labels_dir: Path, deadline: Deadline,
-                tag: str, profile_seconds: float) -> Iterator[tuple[int, int, RunResult | None]]:
+                tag: str, profile_seconds: float, worker_redis_url: str | None = None,
+                other_pids: dict[str, int] | None = None) -> Iterator[tuple[int, int, RunResult | None]]:
     """For each ``workers x threads`` layout in ``a.layout``: a flushed Redis, fresh workers
     (warmed on ``a.warmup`` images), and one measured run. Yields ``(n, threads, result)``;
-    the result is None when the time bound left no room for the layout."""
+    the result is None when the time bound left no room for the layout. ``worker_redis_url``:
+    how the workers reach Redis (e.g. through a delaying proxy), when not ``redis_url``."""
     from bench.common import workers
 
     redis_pid = int(redis_client(redis_url).info("server")["process_id"])
@@ -192,7 +196,7 @@ def run_layouts(a, *, redis_url: str, fake: Fake, images_dir: Path, labels_dir: 
         redis_client(redis_url).flushdb()
         prof = a.workdir / f"profile-{tag}-{layout}.txt"
         prof.unlink(missing_ok=True)
-        with workers(redis_url, n, t, a.workdir / "logs", events=not a.no_events,
+        with workers(worker_redis_url or redis_url, n, t, a.workdir / "logs", events=not a.no_events,
                      switch_interval=a.switch_interval) as ws:
             if a.warmup:
                 warm_up(redis_url=redis_url, fake=fake, workers=ws, workdir=a.workdir, fmt=a.fmt,
@@ -200,7 +204,8 @@ def run_layouts(a, *, redis_url: str, fake: Fake, images_dir: Path, labels_dir: 
             yield n, t, run_fleet(redis_url=redis_url, fake=fake, workers=ws, images_dir=images_dir,
                                   labels_dir=labels_dir, results=a.workdir / f"results-{tag}-{layout}",
                                   concurrency=a.concurrency, deadline=deadline, redis_pid=redis_pid,
-                                  fake_pid=fake.proc.pid, profile_seconds=profile_seconds, profile_out=prof)
+                                  fake_pid=fake.proc.pid, profile_seconds=profile_seconds, profile_out=prof,
+                                  other_pids=other_pids)
 
 
 def _commandstats(r) -> dict[str, int]:

@@ -588,6 +588,7 @@ class FakeVLM:
             self.max_in_flight = 0
             self.status_counts: dict[int, int] = {}
             self.requests_by_model: Counter[str] = Counter()
+            self.requests_by_client: Counter[str] = Counter()  # by the caller's IP address: per host
             self._directives.clear()
             self._window.clear()
 
@@ -626,7 +627,8 @@ class FakeVLM:
         with self._lock:
             return {"calls": self.calls, "in_flight": self.in_flight, "max_in_flight": self.max_in_flight,
                     "status_counts": {str(k): v for k, v in self.status_counts.items()},
-                    "requests_by_model": dict(self.requests_by_model)}
+                    "requests_by_model": dict(self.requests_by_model),
+                    "requests_by_client": dict(self.requests_by_client)}
 
     # ------------------------------------------------------------------ internals
     def _sleep(self, seconds: float) -> None:
@@ -706,6 +708,7 @@ class FakeVLM:
                               {k.lower(): v for k, v in h.headers.items()}, body, len(parsed.images))
         with self._lock:
             self.requests_by_model[model] += 1
+            self.requests_by_client[h.client_address[0]] += 1
             if self.record:
                 self.requests.append(rec)
 
