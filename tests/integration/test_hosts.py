@@ -328,12 +328,11 @@ def lost_message(chunk: bytes) -> str:
 
 
 def test_a_task_message_lost_in_flight_to_a_host_still_ends_done(site, fleet, data, tmp_path):
-    """KNOWN TO FAIL on this branch's base (a4464c4), a real hole: kombu's Redis transport takes
-    a message off the queue with BRPOP and records it as unacked only once the reply reached the
-    worker, so a reply lost with its connection leaves the message nowhere (neither queued nor
-    unacked: no visibility timeout brings it back). Its image never ends and `producer wait`
-    waits for ever. The lead's reconciler (producer/reconcile.py, run by `producer wait`) is
-    meant to put such images back; this test asserts that outcome."""
+    """A real hole in kombu's Redis transport: it takes a message off the queue with BRPOP and
+    records it as unacked only once the reply reached the worker, so a reply lost with its
+    connection leaves the message nowhere (neither queued nor unacked: no visibility timeout
+    brings it back). Before the reconciler (producer/reconcile.py, run by `producer wait`) its
+    image never ended and `producer wait` waited for ever; now it is put back."""
     h1, h2 = site.workers["w1"], site.workers["w2"]
     w1 = start_worker(fleet, h1, site.worker_env("w1"))
     w2 = start_worker(fleet, h2, site.worker_env("w2"))
@@ -358,8 +357,8 @@ def test_a_task_message_lost_in_flight_to_a_host_still_ends_done(site, fleet, da
     print(f"\nlost in flight to host 1: {lost}; `producer wait` exited {out.returncode} after "
           f"{t_done - t_cut:.1f} s. {stranded.splitlines()[0] if stranded else ''}")
     assert out.returncode == 0, (
-        f"KNOWN BUG (see the docstring): the message {lost} was lost in flight to host 1 and its image never "
-        f"ended: {stranded}")
+        f"the message {lost} was lost in flight to host 1 and the reconciler did not put its image back: "
+        f"{stranded}")
     assert_finalized_once(results, [r["image_id"] for r in seeds])
     assert failures(results) == []
     for w in (w1, w2):
