@@ -47,10 +47,10 @@ from typing import Annotated
 
 import typer
 
-from worker.constants import ALL_STEPS
 from worker.errors import ConfigError
 from worker.layout import Layout
 from worker.sinks import dumps
+from worker.stepdefs import ALL_STEPS
 
 FORMATS: tuple[str, ...] = ("odvg", "refcoco", "coco")
 PHRASE_SOURCES = ("expressions", "regions")

@@ -17,10 +17,11 @@ from producer.runs import Run, describe_redis, open_run, prepare, update_run_fil
 from producer.seed import SeedReport, iter_seed, write_seed
 from producer.status import RunNotInRedis, status
 from worker.clients.factory import endpoint_key
-from worker.constants import ALL_STEPS, SEED_FILE
+from worker.constants import SEED_FILE
 from worker.layout import Layout
 from worker.runstate import RunState
 from worker.spec import Spec
+from worker.stepdefs import ALL_STEPS
 
 Progress = Callable[[str, int, int | None], None]  # (phase, advance, total)
 

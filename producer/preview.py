@@ -39,11 +39,11 @@ from urllib.parse import quote
 import typer
 from PIL import Image, ImageDraw, ImageFont
 
-from worker.constants import STEP_NAMES
 from worker.errors import ConfigError
 from worker.geometry import iou
 from worker.layout import Layout
 from worker.sinks import write_atomic
+from worker.stepdefs import STEP_NAMES
 from worker.steps.records import PIPELINE_NAMES
 
 Color = tuple[int, int, int]

@@ -27,7 +27,7 @@ from concurrent.futures import ProcessPoolExecutor
 from celery import chain, chord, group
 from celery.canvas import Signature
 
-from worker.constants import RESULTLESS_STEPS, task_name
+from worker.stepdefs import RESULTLESS_STEPS, STEP, task_name
 
 #: (steps still to run, run_ref, image_id, seed offset) for one image.
 Item = tuple[list[int], str, str, int]
@@ -58,8 +58,8 @@ def canvas(steps: list[int], run_ref: str, image_id: str, seed_offset: int) -> S
     and everything it imports (clients, step logic, Pillow): a publisher process stays ~30 MB.
     """
     args = (run_ref, image_id, seed_offset)
-    header = [_sig(s, args) for s in steps if s in (0, 1)]
-    tail = [_sig(s, args) for s in steps if s in (2, 3)]
+    header = [_sig(s, args) for s in steps if STEP[s].head]
+    tail = [_sig(s, args) for s in steps if not STEP[s].head]
     if len(header) == 2 and tail:
         return chord(group(header), chain(*tail) if len(tail) > 1 else tail[0])
     if len(header) == 2:

@@ -20,12 +20,12 @@ import yaml
 
 from producer.outage import CONNECT_TIMEOUT, SOCKET_TIMEOUT, Outage, patient_client, redact
 from worker import settings
-from worker.constants import ALL_STEPS
 from worker.errors import ConfigError
 from worker.layout import Layout
 from worker.runstate import RunState
 from worker.sinks import write_atomic
 from worker.spec import Spec
+from worker.stepdefs import ALL_STEPS, STEP
 from worker.steps.prompts import load_prompts
 
 
@@ -132,12 +132,13 @@ def normalise(spec: Spec) -> Spec:
 def check_wiring(spec: Spec, layout: Layout) -> None:
     """Steps that need an earlier step's output either run it or find its sink from a past run."""
     steps = spec.ire.workflow.steps
-    for step, need in ((2, 0), (3, 2)):
-        if step in steps and need not in steps and not layout.sink(need).path.exists():
-            raise ConfigError(
-                f"workflow.steps {steps}: step {step} reads step {need}'s results, but step {need} is "
-                f"not in the steps and {layout.sink(need).path} does not exist; add step {need}"
-            )
+    for step in steps:
+        for need in STEP[step].needs:
+            if need not in steps and not layout.sink(need).path.exists():
+                raise ConfigError(
+                    f"workflow.steps {steps}: step {step} reads step {need}'s results, but step {need} is "
+                    f"not in the steps and {layout.sink(need).path} does not exist; add step {need}"
+                )
 
 
 def read_run_file(layout: Layout) -> dict:

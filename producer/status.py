@@ -15,6 +15,7 @@ from pathlib import Path
 
 from producer.outage import redact
 from producer.seed import iter_seed
+from worker import stepdefs
 from worker.budget import budget_stats
 from worker.layout import Layout
 from worker.runstate import USAGE_FIELDS, RunState
@@ -316,7 +317,7 @@ def finalize(layout: Layout, steps: list[int], prices: dict | None = None) -> Fi
         report = FinalizeReport(path=layout.final)
         report.stale_removed = remove_stale_temps(layout)
         stats = ReadStats()
-        final_steps = [max(steps)] if max(steps) >= 2 else list(steps)
+        final_steps = stepdefs.final_steps(steps)
         offsets = {s: layout.sink(s).latest_offsets(stats) for s in final_steps}
         report.bad_lines = stats.bad_lines
         failed = _failed_ids(layout, offsets)

@@ -14,7 +14,8 @@ import re
 from worker.clients.base import VLMClient, VLMRequest, VLMResponse
 from worker.context import RunContext
 from worker.errors import InputError
-from worker.steps import REQUIRES, USES, input_record, run_step
+from worker.stepdefs import STEP
+from worker.steps import input_record, run_step
 from worker.steps.records import PIPELINE_NAMES
 
 DONE, SKIPPED, BLOCKED, FAILED = "done", "skipped", "blocked", "failed"
@@ -38,12 +39,6 @@ class ValidText:
         log.warning("%s %s: the answer was not valid UTF-8; %d character(s) replaced", self.image_id,
                     request.step, n)
         return dataclasses.replace(response, text=text)
-
-
-def required_inputs(step: int, steps: list[int]) -> tuple[int, ...]:
-    """Steps whose records must exist: the fixed ones, plus step 1 for step 2 when it runs."""
-    extra = (1,) if step == 2 and 1 in steps else ()
-    return REQUIRES[step] + extra
 
 
 def read_seed(ctx: RunContext, image_id: str, offset: int) -> dict:
@@ -89,19 +84,20 @@ def execute(ctx: RunContext, step: int, image_id: str, seed_offset: int) -> str:
     ``Uncommitted`` with the answer, so the write can be retried without a second call.
     """
     wf = ctx.spec.ire.workflow
-    offsets = ctx.state.done_offsets(image_id, (step, *USES[step]))  # one round trip
+    d = STEP[step]
+    offsets = ctx.state.done_offsets(image_id, (step, *d.reads))  # one round trip
     if not wf.force_reprocess and offsets[step] is not None:
         return SKIPPED
     upstream: dict[int, dict] = {}
-    for s in USES[step]:
+    for s in d.reads:
         off = offsets[s]
         if off is not None:
             upstream[s] = ctx.layout.sink(s).read_at(off)
-    missing = [s for s in required_inputs(step, wf.steps) if s not in upstream]
+    missing = [s for s in d.required(wf.steps) if s not in upstream]
     if missing:
         ctx.state.mark_blocked(step, image_id, f"waiting on step(s) {missing}")
         return BLOCKED
-    seed = read_seed(ctx, image_id, seed_offset) if step != 3 else {}
+    seed = read_seed(ctx, image_id, seed_offset) if d.reads_seed else {}
     record = input_record(step, seed, upstream)
     outcome = run_step(step, record, ValidText(ctx.client, image_id), ctx.templates,
                        max_pixels=ctx.spec.ire.vlm.max_image_pixels, options=ctx.options)

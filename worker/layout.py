@@ -8,18 +8,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from worker.constants import (
-    FAILURES_FILE,
-    FINAL_FILE,
-    LEGACY_DIR,
-    LOCK_FILE,
-    RUN_FILE,
-    SEED_FILE,
-    SINK_FILE,
-    SPOOL_DIR,
-    step_dir_name,
-)
+from worker.constants import FAILURES_FILE, FINAL_FILE, LEGACY_DIR, LOCK_FILE, RUN_FILE, SEED_FILE, SINK_FILE, SPOOL_DIR
 from worker.sinks import JsonlSink, dumps, write_atomic
+from worker.stepdefs import step_dir_name
 
 
 @dataclass(frozen=True)

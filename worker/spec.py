@@ -16,9 +16,9 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from worker.constants import ALL_STEPS
 from worker.errors import ConfigError
 from worker.kitti import MAX_BOXES_PER_IMAGE
+from worker.stepdefs import ALL_STEPS
 
 SECRET_KEYS = ("api_key",)
 

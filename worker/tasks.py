@@ -44,10 +44,10 @@ from celery.exceptions import Reject, Retry
 
 from worker import settings
 from worker.app import app
-from worker.constants import RESULTLESS_STEPS, STEP_NAMES, task_name
 from worker.context import RunContext, RunNotInRedis, get_context, state_redis
 from worker.errors import PERMANENT, RETRYABLE, ClientError
 from worker.execute import DONE, FAILED, SKIPPED, Uncommitted, commit, execute, failure_payload, record_failure
+from worker.stepdefs import STEP, STEP_NAMES, task_name
 
 log = logging.getLogger("refexp.worker")
 
@@ -247,7 +247,7 @@ def _make(step: int) -> Task:
     # max_retries=None: Celery must never give up on a retry by itself (it would fail the task and
     # acknowledge the message with the image-step unsettled); ``_settle_error`` bounds the VLM's
     # retries by ``vlm.max_retries`` and lets the infrastructure's go on.
-    @app.task(bind=True, name=task_name(step), acks_late=True, ignore_result=step in RESULTLESS_STEPS,
+    @app.task(bind=True, name=task_name(step), acks_late=True, ignore_result=not STEP[step].stores_result,
               max_retries=None)
     def step_task(self: Task, run_ref: str, image_id: str, seed_offset: int,
                   pending: dict | None = None, failure: dict | None = None, vlm_retries: int = 0) -> str:

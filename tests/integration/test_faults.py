@@ -23,7 +23,7 @@ from PIL import Image
 
 from producer.embedded import embedded_redis, free_port
 from tests.support.fleet import ROOT, Fleet, producer, wait_until
-from worker.constants import STEP_NAMES, step_dir_name
+from worker.stepdefs import STEP_NAMES, step_dir_name
 
 pytestmark = pytest.mark.integration
 

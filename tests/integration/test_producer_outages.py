@@ -33,8 +33,9 @@ from tests.integration.test_faults import (
     tiny_images,
 )
 from tests.support.fleet import ROOT, Fleet, producer, wait_until
-from worker.constants import QUEUE, step_dir_name
+from worker.constants import QUEUE
 from worker.sinks import dumps
+from worker.stepdefs import step_dir_name
 
 pytestmark = pytest.mark.integration
 

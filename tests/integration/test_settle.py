@@ -28,8 +28,8 @@ from tests.integration.test_faults import (
 )
 from tests.support.faults import PrivateRedis, fill, remount, tmpfs
 from tests.support.fleet import producer, wait_until
-from worker.constants import step_dir_name
 from worker.sinks import JsonlSink, ReadStats
+from worker.stepdefs import step_dir_name
 
 pytestmark = pytest.mark.integration
 

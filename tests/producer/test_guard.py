@@ -188,7 +188,8 @@ def test_a_refused_enqueue_touches_nothing_and_a_grown_image_dir_resumes(dirs, r
     with pytest.raises(InputsChanged):
         submit(spec(dirs, "other"), redis_client)
     assert layout.seed.read_bytes() == seed_bytes and layout.run_file.read_bytes() == run_bytes
-    assert sorted(p.name for p in layout.root.iterdir()) == [".producer.lock", "run.json", "seed_annotations.jsonl"]
+    assert sorted(p.name for p in layout.root.iterdir()) == [".producer.lock", "run.json", "run.spec.yaml",
+                                                             "seed_annotations.jsonl"]
 
     Image.new("RGB", (8, 6)).save(dirs["images"] / "images_3.png")  # the image dir grows
     again = submit(spec(dirs), redis_client)

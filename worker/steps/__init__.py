@@ -9,23 +9,22 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from importlib import import_module
 from types import ModuleType
 
 from worker.clients.base import VLMClient, VLMResponse
 from worker.images import DEFAULT_MAX_PIXELS
-from worker.steps import double_check, grounding_expr, image_caption, region_expr
+from worker.stepdefs import PIPELINE, STEP, final_steps
 from worker.steps.converse import CLEAN_STOPS, converse
 from worker.steps.options import StepOptions
 from worker.steps.records import PIPELINE_NAMES, canonical, merge
 
-__all__ = ["CLEAN_STOPS", "REQUIRES", "STEPS", "USES", "StepOptions", "StepOutcome", "final_record",
+__all__ = ["CLEAN_STOPS", "STEPS", "StepOptions", "StepOutcome", "final_record",
            "input_record", "run_step"]
 
-STEPS: dict[int, ModuleType] = {0: region_expr, 1: image_caption, 2: grounding_expr, 3: double_check}
-
-# Which earlier steps a step reads: required, and used when present.
-REQUIRES: dict[int, tuple[int, ...]] = {0: (), 1: (), 2: (0,), 3: (2,)}
-USES: dict[int, tuple[int, ...]] = {0: (), 1: (), 2: (0, 1), 3: (2,)}
+#: The module holding each step's pure logic, as ``worker/stepdefs.py`` declares it (with what
+#: each step reads and how it is scheduled).
+STEPS: dict[int, ModuleType] = {d.number: import_module(d.module) for d in PIPELINE}
 
 
 @dataclass
@@ -38,10 +37,10 @@ class StepOutcome:
 
 
 def input_record(step: int, seed: dict, upstream: dict[int, dict]) -> dict:
-    """The record a step works on: the seed merged with the upstream records it uses."""
-    if step == 3:
-        return merge(upstream[2])
-    return merge(seed, *(upstream.get(s) for s in USES[step]))
+    """The record a step works on: the seed (when the step starts from it) merged with the
+    upstream records it reads."""
+    d = STEP[step]
+    return merge(*([seed] if d.reads_seed else []), *(upstream.get(s) for s in d.reads))
 
 
 def run_step(
@@ -69,7 +68,7 @@ def run_step(
     """
     mod = STEPS[step]
     started = time.monotonic()
-    exchange = converse(step, mod, record, client, templates, options=options, max_pixels=max_pixels)
+    exchange = converse(STEP[step], mod, record, client, templates, options=options, max_pixels=max_pixels)
     latency = time.monotonic() - started
     parsed, response = exchange.parsed, exchange.response
     out = mod.record(record, parsed)
@@ -92,7 +91,6 @@ def run_step(
 
 
 def final_record(steps: list[int], records: dict[int, dict]) -> dict:
-    """The record ``annotations.jsonl`` holds: the last step's, or steps 0 and 1 merged."""
-    if 3 in steps or 2 in steps:
-        return records[max(s for s in steps if s >= 2)]
-    return merge(*(records.get(s) for s in (0, 1)))
+    """The record ``annotations.jsonl`` holds: the last step's, or the head steps' merged
+    (``stepdefs.final_steps``)."""
+    return merge(*(records.get(s) for s in final_steps(steps)))

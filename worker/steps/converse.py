@@ -39,6 +39,7 @@ from worker.clients.base import (
 )
 from worker.errors import EmptyAnswer, InputError, ParseError, PermanentClientError
 from worker.images import DEFAULT_MAX_PIXELS, ImagePayload, load_payload
+from worker.stepdefs import StepDef
 from worker.steps.options import STRUCTURED, TEXT, AnswerContext, StepOptions
 from worker.steps.prompts import template_for
 from worker.steps.structured import schema_for
@@ -47,14 +48,8 @@ log = logging.getLogger("refexp.steps")
 
 CLEAN_STOPS = ("stop", "STOP", "end_turn")
 
-# Output tokens a step needs per box (text mode repeats coordinates; structured mode does not),
-# and the overhead of an answer.
-TOKENS_PER_BOX = {
-    "region_expr": {TEXT: 70, STRUCTURED: 45},
-    "image_caption": {TEXT: 0, STRUCTURED: 0},
-    "grounding_expr": {TEXT: 40, STRUCTURED: 20},
-    "double_check": {TEXT: 35, STRUCTURED: 15},
-}
+# The overhead of an answer, in output tokens (what each box adds is the step's
+# ``StepDef.tokens_per_box``: text mode repeats coordinates, structured mode does not).
 BASE_TOKENS = 512
 
 _rejected: set[str] = set()
@@ -104,21 +99,11 @@ def checked_payload(record: dict, max_pixels: int) -> ImagePayload:
     return image
 
 
-def n_items(mod: ModuleType, record: dict) -> int:
-    if mod.NAME == "region_expr":
-        return len(record.get("kitti_bboxes") or [])
-    if mod.NAME == "grounding_expr":
-        return len(record.get("regions") or [])
-    if mod.NAME == "double_check":
-        return sum(len(e.get("instances", [])) for e in record.get("expressions") or [])
-    return 0
-
-
-def budget(mod: ModuleType, n: int, mode: str, options: StepOptions) -> int | None:
+def budget(d: StepDef, n: int, mode: str, options: StepOptions) -> int | None:
     """The first call's output budget, or None to leave the client's configured one."""
     if not options.max_tokens:
         return None
-    need = BASE_TOKENS + TOKENS_PER_BOX.get(mod.NAME, {}).get(mode, 0) * n + max(0, options.thinking_budget or 0)
+    need = BASE_TOKENS + d.tokens_per_box.get(mode, 0) * n + max(0, options.thinking_budget or 0)
     if not options.grow_first_call:
         return options.max_tokens
     return min(max(options.max_tokens, need), max(options.token_ceiling, options.max_tokens))
@@ -158,9 +143,9 @@ def _sum_usage(responses: list[VLMResponse]) -> dict:
 
 
 class _Conversation:
-    def __init__(self, step: int, mod: ModuleType, record: dict, client: VLMClient, templates: dict[str, str],
+    def __init__(self, d: StepDef, mod: ModuleType, record: dict, client: VLMClient, templates: dict[str, str],
                  options: StepOptions, max_pixels: int):
-        self.step, self.mod, self.record, self.client = step, mod, record, client
+        self.d, self.step, self.mod, self.record, self.client = d, d.number, mod, record, client
         self.templates, self.options, self.max_pixels = templates, options, max_pixels
         self.responses: list[VLMResponse] = []
         self.reasks = 0
@@ -169,7 +154,7 @@ class _Conversation:
         self.image = None
 
     def build(self, ctx: AnswerContext):
-        template = template_for(self.templates, self.mod.NAME, ctx.mode == STRUCTURED)
+        template = template_for(self.templates, self.d.name, ctx.mode == STRUCTURED)
         return self.mod.build_prompt(self.record, template, ctx=ctx)
 
     def call(self, ctx: AnswerContext, built, tokens: int | None) -> tuple[VLMResponse | None, bool]:
@@ -177,9 +162,9 @@ class _Conversation:
         prompt, hint = built
         if self.image is None:
             self.image = checked_payload(self.record, self.max_pixels)
-        schema = schema_for(self.mod.NAME) if ctx.mode == STRUCTURED else None
-        request = VLMRequest(image=self.image, prompt=prompt, step=self.mod.NAME, hint=hint,
-                             response_schema=schema, schema_name=f"refexp_{self.mod.NAME}" if schema else "",
+        schema = schema_for(self.d.name) if ctx.mode == STRUCTURED else None
+        request = VLMRequest(image=self.image, prompt=prompt, step=self.d.name, hint=hint,
+                             response_schema=schema, schema_name=f"refexp_{self.d.name}" if schema else "",
                              max_tokens=tokens)
         self.n_calls += 1
         try:
@@ -187,7 +172,7 @@ class _Conversation:
         except TruncatedAnswer:
             return None, True
         except EmptyText as exc:
-            if self.step != 3 or exc.finish_reason not in CLEAN_STOPS:
+            if not self.d.empty_means_none_kept or exc.finish_reason not in CLEAN_STOPS:
                 raise
             # keep the clean stop: parse() turns it into "every box removed"
             response = VLMResponse(text="", finish_reason=exc.finish_reason)
@@ -229,7 +214,8 @@ class _Conversation:
 
     def parse(self, response: VLMResponse | None, ctx: AnswerContext) -> dict:
         if response is None or not (response.text and response.text.strip()):
-            if self.step == 3 and response is not None and response.finish_reason in CLEAN_STOPS and ctx.only is None:
+            if (self.d.empty_means_none_kept and response is not None and response.finish_reason in CLEAN_STOPS
+                    and ctx.only is None):
                 # The step-3 prompt says to omit every line whose boxes were all removed, so a
                 # cleanly finished empty answer means "nothing survived".
                 return self.mod.all_removed(self.record)
@@ -240,12 +226,12 @@ class _Conversation:
     def run(self) -> Exchange:
         options = self.options
         mode = TEXT
-        if (options.structured_output == "auto" and schema_for(self.mod.NAME) is not None
+        if (options.structured_output == "auto" and schema_for(self.d.name) is not None
                 and supports_structured(self.client)
                 and not _rejected_endpoint(_endpoint(self.client, options))):
             mode = STRUCTURED
         ctx = AnswerContext(mode=mode, convention=options.convention)
-        tokens = budget(self.mod, n_items(self.mod, self.record), mode, options)
+        tokens = budget(self.d, self.mod.n_items(self.record), mode, options)
         ctx, built, response, truncated = self.first_call(ctx, tokens)
         if built is None:
             return Exchange(self.mod.empty(), None)
@@ -254,7 +240,7 @@ class _Conversation:
             parsed, response, truncated = self.after_truncation(ctx, response, tokens)
         if parsed is None:
             parsed = self.parse(response, ctx.but(truncated=truncated))
-            if not truncated and self.mod.NAME == "region_expr" and parsed.get("missing") and cut_off(parsed):
+            if not truncated and self.d.reask_silent_cut and parsed.get("missing") and cut_off(parsed):
                 # Cut off without saying so (finish "stop", last object incomplete): the boxes
                 # it never reached are known, so ask about them as after a MAX_TOKENS cut.
                 parsed, response, truncated = self.reask(ctx, parsed, response, tokens)
@@ -273,15 +259,14 @@ class _Conversation:
             log.info("step %s: the re-ask about %d missing ids failed (%s); keeping the cut answer",
                      self.step, len(missing), exc)
             return partial, response, True
-        merged = self.mod.merge(partial, more) if self.mod.NAME == "region_expr" else \
-            self.mod.merge(partial, more, self.record)
+        merged = self.mod.merge(partial, more, self.record)
         return merged, again, cut
 
     def after_truncation(self, ctx: AnswerContext, response: VLMResponse | None, tokens: int | None):
         """(parsed or None, response, still truncated) after the one retry a cut answer gets."""
         bigger = _bigger(tokens, self.options)
         partial = None
-        if self.mod.NAME in ("region_expr", "double_check") and response is not None:
+        if self.d.reask_missing and response is not None:
             try:
                 partial = self.mod.parse(response.text, self.record, ctx=ctx.but(truncated=True))
             except ParseError:
@@ -318,10 +303,12 @@ class _Conversation:
         return Exchange(parsed, combined)
 
 
-def converse(step: int, mod: ModuleType, record: dict, client: VLMClient, templates: dict[str, str], *,
+def converse(d: StepDef, mod: ModuleType, record: dict, client: VLMClient, templates: dict[str, str], *,
              options: StepOptions | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Exchange:
     """Ask the model about one image-step and parse the answer (see the module docstring).
 
-    Raises the errors of ``worker.errors``; the caller decides about retries and failures.
+    ``d`` says the step's policy (re-asks, empty answers, tokens per box: ``worker/stepdefs.py``);
+    ``mod`` holds its prompt, parse and record functions. Raises the errors of ``worker.errors``;
+    the caller decides about retries and failures.
     """
-    return _Conversation(step, mod, record, client, templates, options or StepOptions(), max_pixels).run()
+    return _Conversation(d, mod, record, client, templates, options or StepOptions(), max_pixels).run()

@@ -14,15 +14,14 @@ import json
 from worker.coords import Convention, Frame, from_canonical, line_values, refine, rescue, resolve
 from worker.errors import ParseError
 from worker.geometry import iou, to_pixels
+from worker.stepdefs import for_module
 from worker.steps.options import STRUCTURED, AnswerContext
 from worker.steps.parsing import answer_limit, cap_answer, norm_phrase, parse_grounding_lines, parse_groups
 from worker.steps.quality import merge_quality, new_quality
 from worker.steps.records import grounding_lines, with_step
 
-NUMBER = 3
-NAME = "double_check"
-INPUTS = ("expressions",)
-OUTPUTS = ("expressions",)
+DEF = for_module(__name__)  # number, name and policy: worker/stepdefs.py
+
 MIN_IOU = 0.5
 
 
@@ -370,12 +369,17 @@ def all_removed(record: dict) -> dict:
                                           "dropped_expressions": len(exprs), "quality": q}}
 
 
+def n_items(record: dict) -> int:
+    """Boxes the answer covers (sizes the output budget): every box of every phrase."""
+    return sum(len(e.get("instances", [])) for e in record.get("expressions") or [])
+
+
 def empty() -> dict:
     return {"expressions": [], "report": {"quality": new_quality("")}}  # no call: nothing to report but the shape
 
 
 def record(rec: dict, parsed: dict) -> dict:
-    return with_step(rec, NUMBER, {"expressions": parsed["expressions"]}, parsed["report"])
+    return with_step(rec, DEF.number, {"expressions": parsed["expressions"]}, parsed["report"])
 
 
 def legacy(rec: dict) -> str:

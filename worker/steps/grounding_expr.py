@@ -12,17 +12,15 @@ from __future__ import annotations
 from worker.coords import Frame, from_canonical, line_values, refine, rescue, resolve
 from worker.errors import ParseError
 from worker.geometry import nearest, to_pixels
+from worker.stepdefs import for_module
 from worker.steps.options import STRUCTURED, AnswerContext
 from worker.steps.parsing import answer_limit, cap_answer, norm_phrase, parse_grounding_lines, parse_groups
 from worker.steps.quality import new_quality
 from worker.steps.records import bbox_id, expression_id, grounding_lines, with_step
 from worker.steps.region_expr import prompt_box
 
-NUMBER = 2
-NAME = "grounding_expr"
-INPUTS = ("regions",)
-OPTIONAL_INPUTS = ("caption",)
-OUTPUTS = ("expressions",)
+DEF = for_module(__name__)  # number, name and policy: worker/stepdefs.py
+
 MIN_IOU = 0.5
 BBOX_SCORE = 0.9
 
@@ -218,12 +216,17 @@ def parse(text: str, record: dict, *, ctx: AnswerContext | None = None) -> dict:
     return {"expressions": expressions, "report": report}
 
 
+def n_items(record: dict) -> int:
+    """Boxes the answer covers (sizes the output budget): the step-0 regions."""
+    return len(record.get("regions") or [])
+
+
 def empty() -> dict:
     return {"expressions": [], "report": {"quality": new_quality("")}}  # no call: nothing to report but the shape
 
 
 def record(rec: dict, parsed: dict) -> dict:
-    return with_step(rec, NUMBER, {"expressions": parsed["expressions"]}, parsed["report"])
+    return with_step(rec, DEF.number, {"expressions": parsed["expressions"]}, parsed["report"])
 
 
 def legacy(rec: dict) -> str:

@@ -14,15 +14,14 @@ from __future__ import annotations
 import re
 
 from worker.errors import ParseError
+from worker.stepdefs import for_module
 from worker.steps.options import AnswerContext
 from worker.steps.parsing import MAX_ANSWER_CHARS, collapse_repeats, decode_json, strip_reasoning
 from worker.steps.quality import new_quality
 from worker.steps.records import with_step
 
-NUMBER = 1
-NAME = "image_caption"
-INPUTS = ("image_path",)
-OUTPUTS = ("caption",)
+DEF = for_module(__name__)  # number, name and policy: worker/stepdefs.py
+
 
 # A caption is a paragraph or two; TAO's prompt asks for nothing longer. Past this the model
 # is rambling (or looping without repeating itself exactly), and every character is stored.
@@ -121,12 +120,17 @@ def _unwrap_json(caption: str, raw: str, repairs: list[str]) -> str:
     return caption
 
 
+def n_items(record: dict) -> int:
+    """A caption covers no boxes."""
+    return 0
+
+
 def empty() -> dict:  # pragma: no cover - step 1 always calls the model
     raise AssertionError("step 1 always asks the model")
 
 
 def record(rec: dict, parsed: dict) -> dict:
-    return with_step(rec, NUMBER, {"caption": parsed["caption"]}, parsed.get("report") or None)
+    return with_step(rec, DEF.number, {"caption": parsed["caption"]}, parsed.get("report") or None)
 
 
 def legacy(rec: dict) -> str:

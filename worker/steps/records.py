@@ -10,13 +10,10 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 
+from worker.stepdefs import PIPELINE
+
 SOURCE = "image_referring_expression"
-PIPELINE_NAMES = {
-    0: "step0_region_expr",
-    1: "step1_image_caption",
-    2: "step2_grounding_expr",
-    3: "step3_double_check",
-}
+PIPELINE_NAMES = {d.number: d.record_name for d in PIPELINE}
 _ORDER = (
     "image_id", "image_path", "width", "height", "kitti_bboxes", "regions", "caption",
     "expressions", "source", "pipeline_steps", "meta",

@@ -16,15 +16,14 @@ import json
 from worker.coords import Frame, prompt_box_in, raw_values, refine, rescue, resolve
 from worker.errors import ParseError
 from worker.geometry import iou, match_one_to_one
+from worker.stepdefs import for_module
 from worker.steps.options import STRUCTURED, AnswerContext
 from worker.steps.parsing import answer_limit, cap_answer, collapse_repeats, field_of, item_id, parse_json_objects
 from worker.steps.quality import merge_quality, new_quality
 from worker.steps.records import with_step
 
-NUMBER = 0
-NAME = "region_expr"
-INPUTS = ("image_path", "width", "height", "kitti_bboxes")
-OUTPUTS = ("regions",)
+DEF = for_module(__name__)  # number, name and policy: worker/stepdefs.py
+
 MIN_IOU = 0.5
 
 # Where models put each field. ``box_2d`` is Gemini's native key (y-first when it uses it
@@ -312,7 +311,7 @@ def parse(text: str, record: dict, *, ctx: AnswerContext | None = None) -> dict:
     return {"regions": [regions[i] for i in sorted(regions)], "report": report, "missing": missing}
 
 
-def merge(first: dict, reask: dict) -> dict:
+def merge(first: dict, reask: dict, record: dict | None = None) -> dict:
     """A first answer and the re-ask about its missing boxes, as one result."""
     regions = {r["kitti_index"]: r for r in first["regions"]}
     for r in reask["regions"]:
@@ -329,13 +328,18 @@ def merge(first: dict, reask: dict) -> dict:
     return {"regions": [regions[i] for i in sorted(regions)], "report": report, "missing": missing}
 
 
+def n_items(record: dict) -> int:
+    """Boxes the answer covers (sizes the output budget): the KITTI boxes."""
+    return len(record.get("kitti_bboxes") or [])
+
+
 def empty() -> dict:
     """The result when no call is needed (an image without boxes): no regions, as the reference."""
     return {"regions": [], "report": {"quality": new_quality("")}}  # no call: nothing to report but the shape
 
 
 def record(rec: dict, parsed: dict) -> dict:
-    return with_step(rec, NUMBER, {"regions": parsed["regions"]}, parsed["report"])
+    return with_step(rec, DEF.number, {"regions": parsed["regions"]}, parsed["report"])
 
 
 def legacy(rec: dict) -> str:

@@ -235,14 +235,14 @@ def test_budget_is_sized_from_the_boxes():
     from worker.steps import region_expr
 
     gem = StepOptions(model="gemini-2.5-flash", max_tokens=8192, token_ceiling=65536, grow_first_call=True)
-    assert budget(region_expr, 10, "text", gem) == 8192          # never below the configured budget
-    assert budget(region_expr, 200, "text", gem) == 512 + 70 * 200  # many boxes: more room
-    assert budget(region_expr, 2000, "text", gem) == 65536        # capped at the model's limit
+    assert budget(region_expr.DEF, 10, "text", gem) == 8192          # never below the configured budget
+    assert budget(region_expr.DEF, 200, "text", gem) == 512 + 70 * 200  # many boxes: more room
+    assert budget(region_expr.DEF, 2000, "text", gem) == 65536        # capped at the model's limit
     thinking = StepOptions(max_tokens=1000, token_ceiling=65536, grow_first_call=True, thinking_budget=2048)
-    assert budget(region_expr, 10, "structured", thinking) == 512 + 45 * 10 + 2048
+    assert budget(region_expr.DEF, 10, "structured", thinking) == 512 + 45 * 10 + 2048
     oai = StepOptions(max_tokens=4096, token_ceiling=8192)
-    assert budget(region_expr, 500, "text", oai) == 4096          # only the retry grows on OpenAI-compatible
-    assert budget(region_expr, 5, "text", StepOptions()) is None   # nothing configured: the client decides
+    assert budget(region_expr.DEF, 500, "text", oai) == 4096          # only the retry grows on OpenAI-compatible
+    assert budget(region_expr.DEF, 5, "text", StepOptions()) is None   # nothing configured: the client decides
 
 
 def test_options_from_the_spec():

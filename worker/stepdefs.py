@@ -1,0 +1,135 @@
+"""The pipeline, declared once: which steps exist, what each reads, and how it is scheduled.
+
+Everything that depends on the shape of the pipeline reads this table: the canvas a producer
+publishes (``producer/publish.py``: the steps without upstream run side by side as a chord
+header, the others chain after it), the wiring check before enqueueing (``producer/runs.py``),
+what a task loads before its call (``worker/execute.py``), which record ``finalize`` keeps
+(``worker/steps/__init__.py::final_record``), the Celery task names and result storage
+(``worker/tasks.py``), the output layout (``worker/layout.py``) and the conversation policy of
+each step (``worker/steps/converse.py``). Adding a step means a row here and a step module in
+``worker/steps/`` (registered in ``worker/steps/__init__.py::MODULES``).
+
+This module imports nothing of ours but the constants, so a publisher process (which only needs
+task names) stays small.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class StepDef:
+    """One step of the pipeline.
+
+    :param number: the reference's step number (``workflow.steps`` lists these).
+    :param name: the reference's name; directory ``step_<N>_<name>``, task ``refexp.<name>``.
+    :param module: the module holding the step's pure logic (``build_prompt``, ``parse``,
+        ``record``, ``legacy``, ``empty``, ``n_items``; ``merge`` when it re-asks).
+    :param needs: steps whose record must exist before this one runs (else it is *blocked*).
+    :param needs_when_run: steps whose record must exist when they are in the run's steps
+        (step 2 waits for the caption only when step 1 runs).
+    :param reads: steps whose records are merged into this step's input when present.
+    :param reads_seed: whether the input starts from the image's seed record (step 3 works on
+        step 2's record alone).
+    :param reask_missing: a cut answer keeps what it holds and the model is asked again about
+        the missing ids only (KITTI boxes, groups), instead of asking again whole.
+    :param reask_silent_cut: an answer cut mid-object under a clean finish reason gets the
+        same re-ask (the ids it never reached are known).
+    :param empty_means_none_kept: a cleanly finished empty answer is an answer ("every box
+        removed"), not a failure.
+    :param tokens_per_box: output tokens per box by answer mode (text repeats coordinates).
+    """
+
+    number: int
+    name: str
+    module: str
+    needs: tuple[int, ...] = ()
+    needs_when_run: tuple[int, ...] = ()
+    reads: tuple[int, ...] = ()
+    reads_seed: bool = True
+    reask_missing: bool = False
+    reask_silent_cut: bool = False
+    empty_means_none_kept: bool = False
+    tokens_per_box: dict[str, int] = field(default_factory=lambda: {"text": 0, "structured": 0})
+
+    @property
+    def head(self) -> bool:
+        """Runs on the seed alone, side by side with the other head steps (the chord header)."""
+        return not self.reads
+
+    @property
+    def stores_result(self) -> bool:
+        """Chord header tasks must store their status (chord counting reads it); nothing reads
+        the others', so they store none (one Redis round trip and one key per task less)."""
+        return self.head
+
+    @property
+    def dir_name(self) -> str:
+        """``step_<N>_<name>``, the reference's directory name."""
+        return f"step_{self.number}_{self.name}"
+
+    @property
+    def task_name(self) -> str:
+        return f"refexp.{self.name}"
+
+    @property
+    def record_name(self) -> str:
+        """How records name the step in ``pipeline_steps`` and ``meta``: ``step<N>_<name>``."""
+        return f"step{self.number}_{self.name}"
+
+    def required(self, steps: list[int] | tuple[int, ...]) -> tuple[int, ...]:
+        """The upstream steps whose records must exist for a run of ``steps``."""
+        return self.needs + tuple(s for s in self.needs_when_run if s in steps)
+
+
+PIPELINE: tuple[StepDef, ...] = (
+    StepDef(0, "region_expr", "worker.steps.region_expr", reask_missing=True, reask_silent_cut=True,
+            tokens_per_box={"text": 70, "structured": 45}),
+    StepDef(1, "image_caption", "worker.steps.image_caption"),
+    StepDef(2, "grounding_expr", "worker.steps.grounding_expr", needs=(0,), needs_when_run=(1,), reads=(0, 1),
+            tokens_per_box={"text": 40, "structured": 20}),
+    StepDef(3, "double_check", "worker.steps.double_check", needs=(2,), reads=(2,), reads_seed=False,
+            reask_missing=True, empty_means_none_kept=True, tokens_per_box={"text": 35, "structured": 15}),
+)
+
+STEP: dict[int, StepDef] = {d.number: d for d in PIPELINE}
+ALL_STEPS: tuple[int, ...] = tuple(STEP)
+STEP_NAMES: dict[int, str] = {d.number: d.name for d in PIPELINE}
+RESULTLESS_STEPS = frozenset(d.number for d in PIPELINE if not d.stores_result)
+
+
+def for_module(module: str) -> StepDef:
+    """The step whose logic lives in ``module`` (a step module names itself: ``for_module(__name__)``)."""
+    for d in PIPELINE:
+        if d.module == module:
+            return d
+    raise LookupError(f"{module} is not a step module of worker/stepdefs.py's PIPELINE")
+
+
+def task_name(step: int) -> str:
+    """The Celery task name of a step: ``refexp.<step name>``."""
+    return STEP[step].task_name
+
+
+def step_dir_name(step: int) -> str:
+    """``step_<N>_<name>``, the reference's directory name for a step."""
+    return STEP[step].dir_name
+
+
+def final_steps(steps: list[int] | tuple[int, ...]) -> list[int]:
+    """The steps whose records make an image's final record: the last step that builds on
+    others (its record carries everything before it), or each head step when only those run."""
+    tail = [s for s in steps if not STEP[s].head]
+    return [max(tail)] if tail else sorted(steps)
+
+
+def wiring_errors(steps: list[int], exists: dict[int, bool]) -> list[str]:
+    """Steps that need another step which neither runs nor has results (``exists``)."""
+    out = []
+    for s in steps:
+        for need in STEP[s].needs:
+            if need not in steps and not exists.get(need, False):
+                out.append(f"step {s} reads step {need}'s results, but step {need} is not in the steps "
+                           "and has no results here")
+    return out
