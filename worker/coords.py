@@ -40,6 +40,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from worker.constants import NORM
+from worker.geometry import iou, match_greedy
 
 XYXY_1000 = "xyxy_1000"
 YXYX_1000 = "yxyx_1000"
@@ -309,33 +310,6 @@ def prompt_box_in(kitti_box: Sequence[float], fmt: str, frame: Frame) -> list:
 
 # --------------------------------------------------------------------------- per-answer choice
 
-def _iou(a: Sequence[float], b: Sequence[float]) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
-def _assign(boxes: list[list[int] | None], targets: Sequence[Sequence[float]],
-            min_iou: float) -> tuple[dict[int, int], float]:
-    """One-to-one greedy matching (best IoU first): ({box index: target index}, summed IoU)."""
-    pairs = sorted(((-_iou(b, t), ci, ti) for ci, b in enumerate(boxes) if b is not None
-                    for ti, t in enumerate(targets)), key=lambda p: p)
-    used_t: set[int] = set()
-    out: dict[int, int] = {}
-    total = 0.0
-    for neg, ci, ti in pairs:
-        if -neg < min_iou:
-            break
-        if ci in out or ti in used_t:
-            continue
-        out[ci] = ti
-        used_t.add(ti)
-        total -= neg
-    return out, total
-
-
 @dataclass
 class Reading:
     """The boxes of one answer read in one format, and how well they explain the answer.
@@ -406,7 +380,7 @@ def resolve(raw: Sequence[Sequence[float] | None], targets: Sequence[Sequence[fl
     if not targets or not any(v is not None for v in raw):
         return first
     for r in readings:
-        r.assignment, r.iou_sum = _assign(r.boxes, targets, min_iou)
+        r.assignment, r.iou_sum = match_greedy(r.boxes, targets, min_iou=min_iou)
     best_n = max(r.matches for r in readings)
     if best_n == 0:
         return first
@@ -442,7 +416,7 @@ def rescue(values: Sequence[float], free: Sequence[Sequence[float]], conv: Conve
         box, _ = to_canonical(values, fmt, frame)
         if box is None:
             continue
-        hits = [k for k, t in enumerate(free) if _iou(box, t) >= RESCUE_IOU]
+        hits = [k for k, t in enumerate(free) if iou(box, t) >= RESCUE_IOU]
         if len(hits) == 1:
             found.append((fmt, box, hits[0]))
         elif len(hits) > 1:
@@ -457,13 +431,13 @@ def refine(values: Sequence[float], box: list[int], target: Sequence[float], con
            skip: str) -> tuple[str, list[int]] | None:
     """For a box joined to ``target`` only loosely (IoU < 0.9): the reading of another format
     that makes it a near-exact copy of that same target, when exactly one format does."""
-    if _iou(box, target) >= RESCUE_IOU:
+    if iou(box, target) >= RESCUE_IOU:
         return None
     found = []
     for fmt in candidates(conv):
         if fmt == skip:
             continue
         other, _ = to_canonical(values, fmt, frame)
-        if other is not None and _iou(other, target) >= RESCUE_IOU:
+        if other is not None and iou(other, target) >= RESCUE_IOU:
             found.append((fmt, other))
     return found[0] if len(found) == 1 else None

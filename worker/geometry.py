@@ -6,23 +6,11 @@ pixels of the original image. Matching maps a model's box back to the KITTI box 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 from worker.constants import NORM
 
 Box = list[float]
-
-
-def to_norm(bbox: Sequence[float], width: int, height: int) -> list[int]:
-    """Pixel box -> integer 0-1000 box, as the reference sends boxes to the model."""
-    x1, y1, x2, y2 = bbox
-    return [
-        round(x1 / width * NORM),
-        round(y1 / height * NORM),
-        round(x2 / width * NORM),
-        round(y2 / height * NORM),
-    ]
 
 
 def to_pixels(box: Sequence[float], width: int, height: int) -> list[float]:
@@ -56,57 +44,34 @@ def iou(a: Sequence[float], b: Sequence[float]) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def sanitize_norm_box(values: Sequence[object]) -> list[int] | None:
-    """A model's box as ``[x1, y1, x2, y2]`` ints in 0-1000, or None when it is not a box.
+def match_greedy(
+    candidates: Sequence[Sequence[float] | None], targets: Sequence[Sequence[float]], *, min_iou: float
+) -> tuple[dict[int, int], float]:
+    """Greedy one-to-one matching by IoU, best pairs first: ``({candidate: target}, summed IoU)``.
 
-    Accepts numbers or numeric strings; reorders swapped corners; clamps to the range; rejects
-    NaN, the wrong length and boxes with no area.
+    Greedy on sorted IoU is what annotation tools use for this size (tens of boxes); it is
+    deterministic because ties break on indices. ``None`` candidates (boxes that could not be
+    read) match nothing.
     """
-    if not isinstance(values, (list, tuple)) or len(values) != 4:
-        return None
-    out: list[float] = []
-    for v in values:
-        if isinstance(v, bool):
-            return None
-        try:
-            f = float(v)  # type: ignore[arg-type]
-        except (TypeError, ValueError):
-            return None
-        if math.isnan(f) or math.isinf(f):
-            return None
-        out.append(min(max(f, 0.0), float(NORM)))
-    x1, x2 = sorted((out[0], out[2]))
-    y1, y2 = sorted((out[1], out[3]))
-    if x2 - x1 <= 0 or y2 - y1 <= 0:
-        return None
-    return [round(x1), round(y1), round(x2), round(y2)]
+    pairs = sorted((-v, ci, ti) for ci, c in enumerate(candidates) if c is not None
+                   for ti, t in enumerate(targets) if (v := iou(c, t)) >= min_iou)
+    used_t: set[int] = set()
+    result: dict[int, int] = {}
+    total = 0.0
+    for neg, ci, ti in pairs:
+        if ci in result or ti in used_t:
+            continue
+        result[ci] = ti
+        used_t.add(ti)
+        total -= neg
+    return result, total
 
 
 def match_one_to_one(
     candidates: Sequence[Sequence[float]], targets: Sequence[Sequence[float]], *, min_iou: float
 ) -> dict[int, int]:
-    """Greedy one-to-one matching by IoU (best pairs first): ``{candidate_index: target_index}``.
-
-    Greedy on sorted IoU is what annotation tools use for this size (tens of boxes); it is
-    deterministic because ties break on indices.
-    """
-    pairs = []
-    for ci, c in enumerate(candidates):
-        for ti, t in enumerate(targets):
-            v = iou(c, t)
-            if v >= min_iou:
-                pairs.append((-v, ci, ti))
-    pairs.sort()
-    used_c: set[int] = set()
-    used_t: set[int] = set()
-    result: dict[int, int] = {}
-    for _, ci, ti in pairs:
-        if ci in used_c or ti in used_t:
-            continue
-        used_c.add(ci)
-        used_t.add(ti)
-        result[ci] = ti
-    return result
+    """``match_greedy``'s assignment alone: ``{candidate_index: target_index}``."""
+    return match_greedy(candidates, targets, min_iou=min_iou)[0]
 
 
 def nearest(candidate: Sequence[float], targets: Sequence[Sequence[float]]) -> tuple[int, float]:

@@ -30,10 +30,10 @@ from producer.preview import (
 )
 from producer.status import finalize
 from worker.errors import ConfigError
-from worker.geometry import to_norm
 from worker.layout import Layout
 from worker.sinks import dumps
 from worker.steps.records import SOURCE
+from worker.steps.region_expr import prompt_box as to_norm  # the 0-1000 box the model sees
 
 W, H = 480, 240
 BOXES = [

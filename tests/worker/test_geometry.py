@@ -1,4 +1,4 @@
-"""Box arithmetic: sanitising model boxes, IoU, one-to-one matching, nearest target."""
+"""Box arithmetic: IoU, one-to-one matching, nearest target."""
 
 from __future__ import annotations
 
@@ -6,58 +6,7 @@ import math
 
 import pytest
 
-from worker.geometry import area, clip, iou, match_one_to_one, nearest, sanitize_norm_box, to_norm, to_pixels
-
-# --------------------------------------------------------------------------- sanitize_norm_box
-
-
-def test_sanitize_plain_ints():
-    assert sanitize_norm_box([1, 2, 3, 4]) == [1, 2, 3, 4]
-
-
-def test_sanitize_tuple_and_floats_rounded():
-    out = sanitize_norm_box((10.2, 20.7, 30.0, 40.0))
-    assert out == [10, 21, 30, 40]
-    assert all(isinstance(v, int) for v in out)
-
-
-def test_sanitize_numeric_strings():
-    assert sanitize_norm_box(["10", "20", "30.0", " 40 "]) == [10, 20, 30, 40]
-
-
-def test_sanitize_swapped_corners_reordered():
-    assert sanitize_norm_box([300, 400, 100, 200]) == [100, 200, 300, 400]
-    assert sanitize_norm_box([100, 400, 300, 200]) == [100, 200, 300, 400]
-
-
-def test_sanitize_clamps_to_range():
-    assert sanitize_norm_box([-50, -1, 1200, 1001]) == [0, 0, 1000, 1000]
-
-
-@pytest.mark.parametrize(
-    "bad",
-    [
-        [1, 2, 3],
-        [1, 2, 3, 4, 5],
-        [],
-        None,
-        "1, 2, 3, 4",
-        {"x1": 1},
-        [1, 2, float("nan"), 4],
-        [1, 2, float("inf"), 4],
-        [1, 2, "x", 4],
-        [1, 2, None, 4],
-        [True, 2, 3, 4],
-        [0, 0, False, 4],
-        [[1], 2, 3, 4],
-        [5, 5, 5, 9],  # no width
-        [5, 5, 9, 5],  # no height
-        [1100, 10, 1200, 20],  # clamps to zero width
-    ],
-)
-def test_sanitize_rejects(bad):
-    assert sanitize_norm_box(bad) is None
-
+from worker.geometry import area, clip, iou, match_greedy, match_one_to_one, nearest, to_pixels
 
 # --------------------------------------------------------------------------- iou / area / clip
 
@@ -91,13 +40,18 @@ def test_area_and_clip():
 
 
 def test_norm_pixel_conversions():
-    assert to_norm([100, 200, 300, 400], 1920, 1080) == [52, 185, 156, 370]
     assert to_pixels([500, 500, 1000, 1000], 640, 480) == [320.0, 240.0, 640.0, 480.0]
     px = to_pixels([52, 185, 156, 370], 1920, 1080)
     assert all(math.isclose(a, b, abs_tol=2) for a, b in zip(px, [100, 200, 300, 400], strict=True))
 
 
 # --------------------------------------------------------------------------- match_one_to_one
+
+
+def test_match_greedy_skips_unreadable_boxes_and_sums_the_iou():
+    got, total = match_greedy([None, [0, 0, 10, 10], [100, 100, 110, 110]], [[100, 100, 110, 110], [0, 0, 10, 5]],
+                              min_iou=0.4)
+    assert got == {1: 1, 2: 0} and math.isclose(total, 1.5)
 
 
 def test_match_identity():
