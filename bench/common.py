@@ -24,6 +24,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from worker.keys import run_key
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -401,10 +403,6 @@ def spec_args(*, backend: str, fake: Fake | None, results: Path, images: Path | 
 
 def run_id(results: Path) -> str:
     return json.loads((results / "run.json").read_text())["run_id"]
-
-
-def run_key(rid: str, *parts: object) -> str:
-    return ":".join(("refexp", "run", rid, *map(str, parts)))
 
 
 def settled_count(client, rid: str, step: int = 3) -> int:

@@ -33,8 +33,9 @@ import redis
 from producer.binding import check_binding, input_changes, inputs_of, refusal
 from producer.runs import describe_redis, read_run_file, run_id_for, update_run_file
 from worker.errors import ConfigError
+from worker.keys import run_key
 from worker.layout import Layout
-from worker.runstate import SPEC_TTL, RunState, run_key
+from worker.runstate import SPEC_TTL, RunState
 from worker.spec import Spec
 
 #: How long a producer that found the lock taken waits for the holder to write who it is (the

@@ -13,7 +13,7 @@ import socket
 import threading
 from collections.abc import Iterator
 
-from worker.constants import QUEUE
+from worker.keys import QUEUE
 
 
 class LocalWorker:

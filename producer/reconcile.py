@@ -37,16 +37,12 @@ import redis
 from producer.publish import canvas
 from producer.seed import iter_seed
 from worker import settings
-from worker.constants import QUEUE
+from worker.keys import QUEUE, UNACKED, is_queue_list
 from worker.layout import Layout
-from worker.runstate import RunState
+from worker.runstate import Outcome, RunState
 
 log = logging.getLogger("refexp.producer")
 
-#: kombu's Redis transport: the hash of unacknowledged messages, and the separator of the
-#: per-priority queue lists (``refexp``, ``refexp\x06\x163``, ...).
-UNACKED_KEY = "unacked"
-PRIORITY_SEP = "\x06\x16"
 SCAN_CHUNK = 1000
 
 
@@ -68,8 +64,7 @@ def message_args(raw: bytes | str) -> list | None:
 def _queue_keys(broker: redis.Redis) -> list[bytes]:
     keys = []
     for key in broker.scan_iter(match=f"{QUEUE}*", count=SCAN_CHUNK, _type="list"):
-        name = key.decode(errors="replace")
-        if name == QUEUE or name.startswith(QUEUE + PRIORITY_SEP):
+        if is_queue_list(key.decode(errors="replace")):
             keys.append(key)
     return keys
 
@@ -83,7 +78,7 @@ def _messages(broker: redis.Redis) -> Iterator[bytes]:
             if len(chunk) < SCAN_CHUNK:
                 break
             start += SCAN_CHUNK
-    for _, raw in broker.hscan_iter(UNACKED_KEY, count=SCAN_CHUNK):
+    for _, raw in broker.hscan_iter(UNACKED, count=SCAN_CHUNK):
         yield raw
 
 
@@ -174,7 +169,7 @@ class Reconciler:
                 outcomes: dict[str, dict[int, str | None]]) -> None:
         offsets = _fill_offsets(self.state, stranded)
         for image_id, offset in offsets.items():
-            redo = [s for s in steps if outcomes[image_id][s] in (None, "blocked")]
+            redo = [s for s in steps if outcomes[image_id][s] in (None, Outcome.BLOCKED)]
             if not redo:
                 continue
             for s in redo:

@@ -10,7 +10,7 @@ from celery import Celery
 
 from worker import settings
 from worker.clock import ClockCheck
-from worker.constants import QUEUE
+from worker.keys import QUEUE
 from worker.settings import REDIS_SOCKET_TIMEOUT
 
 

@@ -30,7 +30,7 @@ from limits import RateLimitItemPerMinute
 from limits.storage import storage_from_string
 from limits.strategies import SlidingWindowCounterRateLimiter
 
-from worker.constants import KEY_PREFIX
+from worker.keys import endpoint_key as _key
 
 log = logging.getLogger("refexp.worker")
 
@@ -73,10 +73,6 @@ WAIT_POLL = 1
 def endpoint_id(endpoint_key: str) -> str:
     """A short stable id for an endpoint (backend + base_url + model), safe in key names."""
     return hashlib.sha1(endpoint_key.encode()).hexdigest()[:16]
-
-
-def _key(endpoint: str, *parts: object) -> str:
-    return ":".join((KEY_PREFIX, "ep", endpoint, *map(str, parts)))
 
 
 def _stats_key(endpoint: str, what: str) -> str:

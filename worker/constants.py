@@ -1,11 +1,8 @@
-"""Names shared by the producer and the workers: the queue, the Redis key prefix, file names.
+"""File names of the results dir, and the 0-1000 box range, shared by the producer and the workers.
 
-The steps themselves are declared in ``worker/stepdefs.py``."""
+The steps are declared in ``worker/stepdefs.py``, the Redis keys in ``worker/keys.py``."""
 
 from __future__ import annotations
-
-QUEUE = "refexp"
-KEY_PREFIX = "refexp"
 
 SEED_FILE = "seed_annotations.jsonl"
 FAILURES_FILE = "failures.jsonl"

@@ -53,9 +53,5 @@ class ParseError(PipelineError):
         self.raw = raw
 
 
-class UpstreamFailed(PipelineError):
-    """A step this one depends on failed for good, so this one does not run on partial input."""
-
-
-PERMANENT: tuple[type[Exception], ...] = (ConfigError, InputError, PermanentClientError, UpstreamFailed)
+PERMANENT: tuple[type[Exception], ...] = (ConfigError, InputError, PermanentClientError)
 RETRYABLE: tuple[type[Exception], ...] = (ClientError, ParseError)

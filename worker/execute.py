@@ -14,11 +14,12 @@ import re
 from worker.clients.base import VLMClient, VLMRequest, VLMResponse
 from worker.context import RunContext
 from worker.errors import InputError
+from worker.runstate import Outcome
 from worker.stepdefs import STEP
 from worker.steps import input_record, run_step
 from worker.steps.records import PIPELINE_NAMES
 
-DONE, SKIPPED, BLOCKED, FAILED = "done", "skipped", "blocked", "failed"
+DONE, SKIPPED, BLOCKED, FAILED = Outcome.DONE, Outcome.SKIPPED, Outcome.BLOCKED, Outcome.FAILED
 
 log = logging.getLogger("refexp.worker")
 _SURROGATE = re.compile("[\ud800-\udfff]")

@@ -12,18 +12,30 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable, Iterator
+from enum import StrEnum
 
 import redis
 
-from worker.constants import KEY_PREFIX
+from worker.keys import run_key
+
+
+class Outcome(StrEnum):
+    """How an attempt at an image-step ended. DONE, FAILED and BLOCKED are marks kept in Redis
+    (``done:<step>``, ``failed:<step>``, ``blocked:<step>``): an image-step holding one of them is
+    settled. SKIPPED (done already) is only a task's answer."""
+
+    DONE = "done"
+    FAILED = "failed"
+    BLOCKED = "blocked"
+    SKIPPED = "skipped"
+
+
+#: The marks that settle an image-step, in the order ``counts`` and ``outcomes`` report them.
+MARKS = (Outcome.DONE, Outcome.FAILED, Outcome.BLOCKED)
 
 SPEC_TTL = 60 * 60 * 24 * 60  # the spec outlives any sane run; re-enqueue refreshes it
 WORKER_SEEN_WINDOW = 120.0
 USAGE_FIELDS = ("input_tokens", "output_tokens", "image_tokens", "thinking_tokens")
-
-
-def run_key(run_id: str, *parts: object) -> str:
-    return ":".join((KEY_PREFIX, "run", run_id, *map(str, parts)))
 
 
 class RunState:
@@ -63,20 +75,20 @@ class RunState:
 
     # -- per image-step index ---------------------------------------------------------------
     def done_offset(self, step: int, image_id: str) -> int | None:
-        raw = self.r.hget(run_key(self.run_id, "done", step), image_id)
+        raw = self.r.hget(run_key(self.run_id, Outcome.DONE, step), image_id)
         return int(raw) if raw is not None else None
 
     def done_many(self, step: int, image_ids: list[str]) -> list[bool]:
         if not image_ids:
             return []
-        return [v is not None for v in self.r.hmget(run_key(self.run_id, "done", step), image_ids)]
+        return [v is not None for v in self.r.hmget(run_key(self.run_id, Outcome.DONE, step), image_ids)]
 
     def done_offsets(self, image_id: str, steps: Iterable[int]) -> dict[int, int | None]:
         """``done_offset`` for several steps of one image in one round trip."""
         steps = list(steps)
         pipe = self.r.pipeline(transaction=False)
         for s in steps:
-            pipe.hget(run_key(self.run_id, "done", s), image_id)
+            pipe.hget(run_key(self.run_id, Outcome.DONE, s), image_id)
         return {s: int(raw) if raw is not None else None for s, raw in zip(steps, pipe.execute(), strict=True)}
 
     def mark_done(self, step: int, image_id: str, offset: int) -> None:
@@ -85,9 +97,9 @@ class RunState:
         pipe.execute()
 
     def _mark_done(self, pipe, step: int, image_id: str, offset: int) -> None:
-        pipe.hset(run_key(self.run_id, "done", step), image_id, offset)
-        pipe.hdel(run_key(self.run_id, "failed", step), image_id)
-        pipe.hdel(run_key(self.run_id, "blocked", step), image_id)
+        pipe.hset(run_key(self.run_id, Outcome.DONE, step), image_id, offset)
+        pipe.hdel(run_key(self.run_id, Outcome.FAILED, step), image_id)
+        pipe.hdel(run_key(self.run_id, Outcome.BLOCKED, step), image_id)
 
     def finish(self, step: int, image_id: str, offset: int, steps: list[int], *,
                call: dict | None = None, quality: dict | None = None) -> bool:
@@ -103,7 +115,7 @@ class RunState:
             self._add_quality(pipe, step, quality)
         self._settle_checks(pipe, image_id, steps)
         results = pipe.execute()
-        return self._settle_finish(results[len(results) - 3 * len(steps):], image_id, steps)
+        return self._settle_finish(results[len(results) - len(MARKS) * len(steps):], image_id, steps)
 
     def add_usage(self, step: int, call: dict) -> None:
         """Count one finished call's tokens into ``usage`` (``<step>:<field>`` -> total), for
@@ -159,10 +171,10 @@ class RunState:
         return out
 
     def mark_failed(self, step: int, image_id: str, reason: str) -> None:
-        self.r.hset(run_key(self.run_id, "failed", step), image_id, reason[:500])
+        self.r.hset(run_key(self.run_id, Outcome.FAILED, step), image_id, reason[:500])
 
     def mark_blocked(self, step: int, image_id: str, reason: str) -> None:
-        self.r.hset(run_key(self.run_id, "blocked", step), image_id, reason[:200])
+        self.r.hset(run_key(self.run_id, Outcome.BLOCKED, step), image_id, reason[:200])
 
     def clear_attempt(self, step: int, image_ids: Iterable[str], *, done: bool = False) -> None:
         """Forget failed/blocked marks (and done marks, for a forced redo) before an image-step is
@@ -170,34 +182,26 @@ class RunState:
         ids = list(image_ids)
         if ids:
             pipe = self.r.pipeline()
-            for kind in ("failed", "blocked", *(("done",) if done else ())):
+            for kind in (Outcome.FAILED, Outcome.BLOCKED, *((Outcome.DONE,) if done else ())):
                 pipe.hdel(run_key(self.run_id, kind, step), *ids)
             pipe.execute()
 
-    def failed(self, step: int) -> dict[str, str]:
-        return {k.decode(): v.decode() for k, v in self.r.hgetall(run_key(self.run_id, "failed", step)).items()}
-
     def iter_failed(self, step: int) -> Iterator[str]:
-        for key, _ in self.r.hscan_iter(run_key(self.run_id, "failed", step)):
+        for key, _ in self.r.hscan_iter(run_key(self.run_id, Outcome.FAILED, step)):
             yield key.decode()
 
     def counts(self, steps: Iterable[int]) -> dict[int, dict[str, int]]:
         pipe = self.r.pipeline()
         steps = list(steps)
         for s in steps:
-            for kind in ("done", "failed", "blocked"):
+            for kind in MARKS:
                 pipe.hlen(run_key(self.run_id, kind, s))
         values = iter(pipe.execute())
-        return {s: {kind: next(values) for kind in ("done", "failed", "blocked")} for s in steps}
-
-    def reset_index(self, steps: Iterable[int]) -> None:
-        keys = [run_key(self.run_id, kind, s) for s in steps for kind in ("done", "failed", "blocked")]
-        if keys:
-            self.r.delete(*keys)
+        return {s: {str(kind): next(values) for kind in MARKS} for s in steps}
 
     def bulk_done(self, step: int, pairs: Iterable[tuple[str, int]], batch: int = 1000) -> int:
         n = 0
-        key = run_key(self.run_id, "done", step)
+        key = run_key(self.run_id, Outcome.DONE, step)
         chunk: dict[str, int] = {}
         for image_id, offset in pairs:
             chunk[image_id] = offset
@@ -260,18 +264,19 @@ class RunState:
 
     def _settle_checks(self, pipe, image_id: str, steps: list[int]) -> None:
         for s in steps:
-            for kind in ("done", "failed", "blocked"):
+            for kind in MARKS:
                 pipe.hexists(run_key(self.run_id, kind, s), image_id)
 
     def _settle_finish(self, flags: list, image_id: str, steps: list[int]) -> bool:
-        settled = all(any(flags[i * 3 : i * 3 + 3]) for i in range(len(steps)))
+        n = len(MARKS)
+        settled = all(any(flags[i * n : i * n + n]) for i in range(len(steps)))
         if settled:
             self.r.hdel(run_key(self.run_id, "queued"), image_id)
         return settled
 
     def outcomes(self, image_ids: list[str], steps: list[int]) -> dict[str, dict[int, str | None]]:
-        """``image_id -> step -> "done" | "failed" | "blocked" | None`` in one round trip."""
-        kinds = ("done", "failed", "blocked")
+        """``image_id -> step -> Outcome (DONE, FAILED or BLOCKED) | None`` in one round trip."""
+        kinds = MARKS
         pipe = self.r.pipeline(transaction=False)
         for image_id in image_ids:
             for s in steps:

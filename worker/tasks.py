@@ -47,6 +47,7 @@ from worker.app import app
 from worker.context import RunContext, RunNotInRedis, get_context, state_redis
 from worker.errors import PERMANENT, RETRYABLE, ClientError
 from worker.execute import DONE, FAILED, SKIPPED, Uncommitted, commit, execute, failure_payload, record_failure
+from worker.keys import WRITE_PROBE
 from worker.stepdefs import STEP, STEP_NAMES, task_name
 
 log = logging.getLogger("refexp.worker")
@@ -218,7 +219,7 @@ def _wait_for_redis(timeout: float) -> bool:
     delay = 0.2
     while True:
         try:
-            state_redis().set("refexp:probe", "1", ex=10)
+            state_redis().set(WRITE_PROBE, "1", ex=10)
             return True
         except redis.exceptions.RedisError:
             if time.monotonic() + delay > deadline:

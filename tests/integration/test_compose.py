@@ -39,7 +39,7 @@ from redis.retry import Retry
 
 from producer.embedded import redis_server_binary
 from tests.support.fleet import ROOT, producer, wait_until
-from worker.constants import QUEUE
+from worker.keys import QUEUE
 
 pytestmark = pytest.mark.integration
 

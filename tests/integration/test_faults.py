@@ -100,7 +100,7 @@ def run_state(redis_url: str, results: Path):
 
 
 def hash_ids(client: redis.Redis, run_id: str, kind: str, step: int) -> set[str]:
-    from worker.runstate import run_key
+    from worker.keys import run_key
 
     return {k.decode() for k in client.hkeys(run_key(run_id, kind, step))}
 

@@ -33,7 +33,7 @@ from tests.integration.test_faults import (
     tiny_images,
 )
 from tests.support.fleet import ROOT, Fleet, producer, wait_until
-from worker.constants import QUEUE
+from worker.keys import QUEUE
 from worker.sinks import dumps
 from worker.stepdefs import step_dir_name
 

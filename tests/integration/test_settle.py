@@ -229,13 +229,11 @@ def test_redis_stalled_longer_than_the_socket_timeout(fleet, fleet_env, fake_vlm
 def _lose_every_message(client) -> int:
     """Delete every queued and unacknowledged message of the fleet's queue, as a lost Redis key,
     a hand-made mistake or a bug would: the images stay "in flight" with nothing to move them."""
-    from producer.reconcile import PRIORITY_SEP, UNACKED_KEY
-    from worker.constants import QUEUE
+    from worker.keys import QUEUE, UNACKED, UNACKED_INDEX, is_queue_list
 
-    keys = [k for k in client.scan_iter(match=f"{QUEUE}*", _type="list")
-            if k.decode() == QUEUE or k.decode().startswith(QUEUE + PRIORITY_SEP)]
-    lost = sum(client.llen(k) for k in keys) + client.hlen(UNACKED_KEY)
-    client.delete(*keys, UNACKED_KEY, "unacked_index")
+    keys = [k for k in client.scan_iter(match=f"{QUEUE}*", _type="list") if is_queue_list(k.decode())]
+    lost = sum(client.llen(k) for k in keys) + client.hlen(UNACKED)
+    client.delete(*keys, UNACKED, UNACKED_INDEX)
     return lost
 
 

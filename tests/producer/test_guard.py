@@ -19,8 +19,9 @@ from producer.binding import InputsChanged, inputs_of
 from producer.embedded import embedded_redis
 from producer.guard import Busy, ResultsBusy, ResultsLock, claim, hold, joinable, same_fleet
 from producer.runs import describe_redis, prepare, read_run_file, redact
+from worker.keys import run_key
 from worker.layout import Layout
-from worker.runstate import RunState, run_key
+from worker.runstate import RunState
 from worker.spec import load_spec
 
 P = "image_referring_expression"

@@ -1,0 +1,41 @@
+"""Every Redis key refexp reads or writes, named in one place.
+
+Run state hangs off ``refexp:run:<run_id>:...`` (``run_key``), the fleet budget off
+``refexp:ep:<endpoint id>:...`` (``endpoint_key``), and Celery's own keys keep kombu's names:
+the queue list ``refexp`` (one more list per priority, ``refexp\\x06\\x16<n>``) and the
+``unacked`` hash with its ``unacked_index`` sorted set, which the reconciler reads and the
+clock guard restamps. No secret is ever part of a key or a value.
+
+Run keys (``run_key(run_id, ...)``): ``spec:<hash>`` and ``prompts:<hash>`` (the run's public
+spec and prompt templates), ``meta``, ``done:<step>`` (image_id -> sink offset), ``failed:<step>``
+and ``blocked:<step>`` (image_id -> reason), ``queued`` (the in-flight window: image_id ->
+"<Redis time>:<seed offset>"), ``usage``, ``quality``, ``workers``, ``producer``.
+"""
+
+from __future__ import annotations
+
+KEY_PREFIX = "refexp"
+#: The Celery queue (its Redis list has the same name), kept apart from other apps on a shared Redis.
+QUEUE = "refexp"
+#: kombu's Redis transport: unacknowledged messages, and their delivery stamps.
+UNACKED = "unacked"
+UNACKED_INDEX = "unacked_index"
+#: kombu's separator between a queue's name and its priority in the per-priority list names.
+PRIORITY_SEP = "\x06\x16"
+#: A throwaway key a worker writes to learn whether Redis takes writes again (worker/tasks.py).
+WRITE_PROBE = f"{KEY_PREFIX}:probe"
+
+
+def run_key(run_id: str, *parts: object) -> str:
+    """``refexp:run:<run_id>:<part>:...``: a key of one run's state."""
+    return ":".join((KEY_PREFIX, "run", run_id, *map(str, parts)))
+
+
+def endpoint_key(endpoint_id: str, *parts: object) -> str:
+    """``refexp:ep:<endpoint id>:<part>:...``: a key of one endpoint's fleet budget."""
+    return ":".join((KEY_PREFIX, "ep", endpoint_id, *map(str, parts)))
+
+
+def is_queue_list(name: str) -> bool:
+    """Whether a Redis key is the Celery queue's list (or one of its priority lists)."""
+    return name == QUEUE or name.startswith(QUEUE + PRIORITY_SEP)
