@@ -14,7 +14,8 @@ from pathlib import Path
 
 import typer
 
-from worker.clients.factory import endpoint_key, get_client
+from worker.budget import endpoint_key
+from worker.clients.factory import get_client
 from worker.errors import PipelineError
 from worker.images import read_size
 from worker.kitti import decode_label_bytes, parse_kitti
@@ -52,7 +53,8 @@ def check(spec: Spec, image: Path | None) -> int:
         try:
             client = get_client(vlm)
             outcome = run_step(step, record, client, load_prompts(spec.ire.workflow.prompts_file),
-                               max_pixels=vlm.max_image_pixels, options=StepOptions.from_vlm(vlm))
+                               max_pixels=vlm.max_image_pixels,
+                               options=StepOptions.from_vlm(vlm, endpoint=endpoint_key(vlm)))
         except PipelineError as exc:
             typer.echo(f"FAILED after {time.monotonic() - start:.2f}s: {type(exc).__name__}: {exc}", err=True)
             return 1

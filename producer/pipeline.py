@@ -16,7 +16,7 @@ from producer.publish import Publisher, auto_publishers, canvas
 from producer.runs import Run, describe_redis, open_run, prepare, update_run_file, write_spec_file
 from producer.seed import SeedReport, iter_seed, write_seed
 from producer.status import RunNotInRedis, status
-from worker.clients.factory import endpoint_key
+from worker.budget import endpoint_key
 from worker.constants import SEED_FILE
 from worker.layout import Layout
 from worker.runstate import RunState

@@ -15,6 +15,9 @@ import redis
 from producer.embedded import embedded_redis
 from tests.support.fake_vlm import FakeVLM
 from tests.support.fleet import Fleet
+from worker.settings import API_KEY_VARS
+
+API_KEYS = tuple(v for names in API_KEY_VARS.values() for v in names)
 
 
 @pytest.fixture(scope="session")
@@ -46,8 +49,7 @@ def fake_vlm():
 def fleet_env(redis_url, redis_client) -> dict[str, str]:
     """The environment a worker host and a producer share (no API keys unless a test adds one)."""
     env = {k: v for k, v in os.environ.items()
-           if k.removesuffix("_FILE") not in ("GOOGLE_API_KEY", "GEMINI_API_KEY", "OPENAI_API_KEY", "NVIDIA_API_KEY",
-                                              "REDIS_PASSWORD")}
+           if k.removesuffix("_FILE") not in (*API_KEYS, "REDIS_PASSWORD")}
     env.update(REDIS_URL=redis_url, PYTHONUNBUFFERED="1")
     env.pop("CELERY_BROKER_URL", None)
     env.pop("CELERY_RESULT_BACKEND", None)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import random
 import time
 import uuid
@@ -30,7 +31,9 @@ from limits import RateLimitItemPerMinute
 from limits.storage import storage_from_string
 from limits.strategies import SlidingWindowCounterRateLimiter
 
-from worker.keys import endpoint_key as _key
+from worker.clients.factory import GEMINI_DEFAULT_BASE_URL, OPENAI_DEFAULT_BASE_URL
+from worker.keys import budget_key as _key
+from worker.spec import VLMSpec
 
 log = logging.getLogger("refexp.worker")
 
@@ -68,6 +71,21 @@ STATS_TTL = 600
 #: Longest a waiting thread blocks before trying again: the bound on noticing an expired lease
 #: of a dead holder (whole seconds: Redis before 6.0 takes only integer BLPOP timeouts).
 WAIT_POLL = 1
+
+
+def endpoint_key(vlm: VLMSpec) -> str:
+    """``backend|base_url|model``: what fleet-wide rate and concurrency limits are counted by.
+
+    Defaults are spelled out, so an empty ``base_url`` and the provider's URL share a budget.
+    """
+    if vlm.backend == "gemini":
+        base = (vlm.gemini.base_url or GEMINI_DEFAULT_BASE_URL).rstrip("/")
+        return f"gemini|{base}|{vlm.gemini.model}"
+    if vlm.backend == "openai":
+        base = vlm.openai.base_url or os.environ.get("OPENAI_BASE_URL") or OPENAI_DEFAULT_BASE_URL
+        base = base.rstrip("/")
+        return f"openai|{base}|{vlm.openai.model_name}"
+    return f"{vlm.backend}||"
 
 
 def endpoint_id(endpoint_key: str) -> str:

@@ -191,7 +191,8 @@ class GuardedQoS(kombu_redis.QoS):
     error: OutOfMemoryError"), with the message popped and recorded nowhere. Here the message runs
     anyway, tracked in memory only: its task settles itself as usual (worker/tasks.py); if this
     worker died before that, no message would remain, and `producer wait`'s reconciler puts the
-    image back. A sweep that Redis refuses is skipped until the next one.
+    image back. A sweep that Redis refuses is skipped until the next one, and an ack it refuses
+    (a stalled Redis times out) leaves the message to be handed out again and skipped as done.
     """
 
     guard: ClockGuard | None = None  # set by install(); None behaves exactly as kombu
@@ -208,6 +209,16 @@ class GuardedQoS(kombu_redis.QoS):
         except redis.exceptions.RedisError as exc:
             log.warning("unacked sweep skipped: Redis refused it (%s: %s)", type(exc).__name__, exc)
             return None
+
+    def ack(self, delivery_tag):
+        try:
+            super().ack(delivery_tag)
+        except redis.exceptions.RedisError as exc:
+            # The task is settled; its message stays in the unacked set until the visibility
+            # timeout hands it out again, and then the done check skips it. Not worth a crash.
+            log.warning("could not acknowledge a finished task (%s: %s); Redis hands it out again later and "
+                        "it is skipped as done", type(exc).__name__, exc)
+            kombu_virtual.QoS.ack(self, delivery_tag)
 
     def append(self, message, delivery_tag):
         try:

@@ -15,9 +15,9 @@ from pathlib import Path
 import redis
 
 from worker import settings
-from worker.budget import FleetBudget
+from worker.budget import FleetBudget, endpoint_key
 from worker.clients.base import VLMClient, VLMRequest, VLMResponse
-from worker.clients.factory import endpoint_key, get_client
+from worker.clients.factory import get_client
 from worker.errors import RateLimited
 from worker.layout import Layout
 from worker.runstate import RunState
@@ -61,7 +61,7 @@ class RunContext:
     @functools.cached_property
     def options(self) -> StepOptions:
         """The step options this run's VLM spec implies: derived once per run, not per task."""
-        return StepOptions.from_vlm(self.spec.ire.vlm)
+        return StepOptions.from_vlm(self.spec.ire.vlm, endpoint=endpoint_key(self.spec.ire.vlm))
 
     @property
     def client(self) -> VLMClient:

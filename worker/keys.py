@@ -1,7 +1,7 @@
 """Every Redis key refexp reads or writes, named in one place.
 
 Run state hangs off ``refexp:run:<run_id>:...`` (``run_key``), the fleet budget off
-``refexp:ep:<endpoint id>:...`` (``endpoint_key``), and Celery's own keys keep kombu's names:
+``refexp:ep:<endpoint id>:...`` (``budget_key``), and Celery's own keys keep kombu's names:
 the queue list ``refexp`` (one more list per priority, ``refexp\\x06\\x16<n>``) and the
 ``unacked`` hash with its ``unacked_index`` sorted set, which the reconciler reads and the
 clock guard restamps. No secret is ever part of a key or a value.
@@ -31,7 +31,7 @@ def run_key(run_id: str, *parts: object) -> str:
     return ":".join((KEY_PREFIX, "run", run_id, *map(str, parts)))
 
 
-def endpoint_key(endpoint_id: str, *parts: object) -> str:
+def budget_key(endpoint_id: str, *parts: object) -> str:
     """``refexp:ep:<endpoint id>:<part>:...``: a key of one endpoint's fleet budget."""
     return ":".join((KEY_PREFIX, "ep", endpoint_id, *map(str, parts)))
 

@@ -26,6 +26,14 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 from worker.errors import ConfigError
 
+#: The environment variables each backend reads its API key from, in the order it tries them
+#: (each may instead be ``<NAME>_FILE``, naming a file that holds the key: ``secret``). The one
+#: list: the clients, their cache key, the producer's warnings and the tests read it.
+API_KEY_VARS: dict[str, tuple[str, ...]] = {
+    "gemini": ("GOOGLE_API_KEY", "GEMINI_API_KEY"),
+    "openai": ("OPENAI_API_KEY", "NVIDIA_API_KEY"),
+}
+
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 DEFAULT_VISIBILITY_TIMEOUT = 3600
 #: Seconds any Redis socket operation may take before it fails (a healthy command takes ms; the

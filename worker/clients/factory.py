@@ -23,7 +23,7 @@ GEMINI_DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com"
 OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
 # Keys each backend reads (see its resolve_key: the variable, or the file its *_FILE variable
 # names) and plain settings; both are part of the cache key, so a rotated key file counts too.
-_KEYS = {"gemini": ("GOOGLE_API_KEY", "GEMINI_API_KEY"), "openai": ("OPENAI_API_KEY", "NVIDIA_API_KEY")}
+_KEYS = settings.API_KEY_VARS
 _ENV = {"openai": ("OPENAI_BASE_URL",)}
 
 _lock = threading.Lock()
@@ -70,18 +70,3 @@ def clear_cache() -> None:
     """Forget every cached client (tests; a worker never needs it)."""
     with _lock:
         _clients.clear()
-
-
-def endpoint_key(vlm: VLMSpec) -> str:
-    """``backend|base_url|model``: what fleet-wide rate and concurrency limits are counted by.
-
-    Defaults are spelled out, so an empty ``base_url`` and the provider's URL share a budget.
-    """
-    if vlm.backend == "gemini":
-        base = (vlm.gemini.base_url or GEMINI_DEFAULT_BASE_URL).rstrip("/")
-        return f"gemini|{base}|{vlm.gemini.model}"
-    if vlm.backend == "openai":
-        base = vlm.openai.base_url or os.environ.get("OPENAI_BASE_URL") or OPENAI_DEFAULT_BASE_URL
-        base = base.rstrip("/")
-        return f"openai|{base}|{vlm.openai.model_name}"
-    return f"{vlm.backend}||"

@@ -24,7 +24,7 @@ from worker.errors import ClientError, ConfigError, PermanentClientError
 from worker.spec import GeminiSpec
 
 DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com"
-KEY_ENV = ("GOOGLE_API_KEY", "GEMINI_API_KEY")
+KEY_ENV = settings.API_KEY_VARS["gemini"]
 _RETRYABLE_4XX = frozenset({408, 409, 425, 499})
 _VERSION = re.compile(r"gemini-(\d+(?:\.\d+)?)")
 

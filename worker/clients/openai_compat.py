@@ -23,7 +23,7 @@ from worker.errors import ClientError, EmptyAnswer, PermanentClientError
 from worker.spec import OpenAISpec
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
-KEY_ENV = ("OPENAI_API_KEY", "NVIDIA_API_KEY")
+KEY_ENV = settings.API_KEY_VARS["openai"]
 # Hosted endpoints that always need a key: without one we fail at start, not on every image.
 KEYED_HOSTS = {"api.openai.com": "OPENAI_API_KEY", "integrate.api.nvidia.com": "NVIDIA_API_KEY"}
 # The SDK refuses to build a client without a key; self-hosted servers (vLLM, TGI, llama.cpp)

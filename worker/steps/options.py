@@ -25,7 +25,8 @@ class StepOptions:
     :param model: the model name, for the convention table and the thinking defaults.
     :param max_tokens: the configured output budget (``max_output_tokens`` / ``max_tokens``).
     :param token_ceiling: the most a budget may grow to (sized from boxes, or after truncation).
-    :param endpoint: the endpoint key the structured-output fallback is remembered under.
+    :param endpoint: the endpoint key (``worker.budget.endpoint_key``, the budget's) the
+        structured-output fallback is remembered under; "" uses the client's name.
     :param grow_first_call: whether the first call's budget may exceed ``max_tokens`` when many
         boxes need it (Gemini: its output limit is known; OpenAI-compatible servers refuse a
         budget beyond their context, so only the truncation retry grows there).
@@ -46,7 +47,7 @@ class StepOptions:
         return convention_for(self.model, self.box_format)
 
     @classmethod
-    def from_vlm(cls, vlm) -> StepOptions:
+    def from_vlm(cls, vlm, endpoint: str = "") -> StepOptions:
         """Options from a ``VLMSpec`` (duck-typed, so tests may pass a namespace)."""
         backend = getattr(vlm, "backend", "")
         structured = getattr(vlm, "structured_output", "off")
@@ -55,16 +56,14 @@ class StepOptions:
         if backend == "gemini":
             model, max_tokens = vlm.gemini.model, vlm.gemini.max_output_tokens
             ceiling = gemini_output_ceiling(model, max_tokens)
-            base = vlm.gemini.base_url or "google"
             thinking = getattr(vlm.gemini, "thinking_budget", None)
         elif backend == "openai":
             model, max_tokens = vlm.openai.model_name, vlm.openai.max_tokens
             ceiling = 2 * max_tokens  # a server refuses budgets beyond its context: grow only on retry
-            base = vlm.openai.base_url or "openai"
         else:
-            model, max_tokens, ceiling, base = backend, 0, 0, backend
+            model, max_tokens, ceiling = backend, 0, 0
         return cls(structured_output=structured, box_format=box_format, model=model, max_tokens=max_tokens,
-                   token_ceiling=ceiling, endpoint=f"{backend}|{base}|{model}", grow_first_call=backend == "gemini",
+                   token_ceiling=ceiling, endpoint=endpoint, grow_first_call=backend == "gemini",
                    thinking_budget=thinking)
 
 

@@ -7,6 +7,7 @@ import time
 import pytest
 
 from tests.support.fake_vlm import FakeVLM
+from worker import budget
 from worker.clients import factory
 from worker.clients.base import VLMClient, VLMRequest
 from worker.clients.gemini import GeminiClient
@@ -233,10 +234,10 @@ def test_factory_shares_one_client_per_spec_and_key(keyed, monkeypatch, fake_vlm
 
 
 def test_endpoint_key_spells_out_the_default_url():
-    assert factory.endpoint_key(VLMSpec(backend="gemini")) == (
+    assert budget.endpoint_key(VLMSpec(backend="gemini")) == (
         "gemini|https://generativelanguage.googleapis.com|gemini-3.1-flash-lite-preview")
     custom = VLMSpec(backend="gemini", gemini=GeminiSpec(base_url="http://proxy:8080/", model="m"))
-    assert factory.endpoint_key(custom) == "gemini|http://proxy:8080|m"
+    assert budget.endpoint_key(custom) == "gemini|http://proxy:8080|m"
 
 
 # --------------------------------------------------------------------------- not the API (issue 13)

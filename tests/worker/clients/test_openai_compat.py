@@ -8,6 +8,7 @@ import time
 import pytest
 
 from tests.support.fake_vlm import FakeVLM
+from worker import budget
 from worker.clients import factory
 from worker.clients.base import VLMClient, VLMRequest
 from worker.clients.openai_compat import OpenAICompatClient
@@ -212,11 +213,11 @@ def test_factory_shares_one_client_across_threads(fake_vlm, png):
 
 
 def test_endpoint_key(monkeypatch):
-    assert factory.endpoint_key(VLMSpec(backend="openai")) == "openai|https://api.openai.com/v1|"
+    assert budget.endpoint_key(VLMSpec(backend="openai")) == "openai|https://api.openai.com/v1|"
     spec = VLMSpec(backend="openai", openai=OpenAISpec(base_url="", model_name="m"))
-    assert factory.endpoint_key(spec) == "openai|https://api.openai.com/v1|m"
+    assert budget.endpoint_key(spec) == "openai|https://api.openai.com/v1|m"
     monkeypatch.setenv("OPENAI_BASE_URL", "http://vllm:8000/v1/")
-    assert factory.endpoint_key(spec) == "openai|http://vllm:8000/v1|m"
+    assert budget.endpoint_key(spec) == "openai|http://vllm:8000/v1|m"
 
 
 def test_offline_backend_is_built_lazily():
