@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import redis
 
 from producer.binding import inputs_of
-from producer.enqueue import DEFAULT_MAX_INFLIGHT, EnqueueReport, enqueue, wait_for_window
+from producer.enqueue import DEFAULT_MAX_INFLIGHT, EnqueueReport, OnWait, enqueue, wait_for_window
 from producer.guard import Claim, ResultsLock, claim
 from producer.publish import Publisher, auto_publishers, canvas
 from producer.runs import Run, describe_redis, open_run, prepare, update_run_file
@@ -52,6 +52,8 @@ def submit(
     progress: Progress | None = None,
     publishers: int = 0,
     held: Claim | None = None,
+    on_seeded: Callable[[SeedReport, list[str]], None] | None = None,
+    on_wait: OnWait | None = None,
 ) -> Submission:
     """Validate, seed, store the run, and enqueue every image that still has work.
 
@@ -59,12 +61,15 @@ def submit(
     caller keeps holding it afterwards (``--wait``); without it, submit holds the dir itself
     while it runs (and raises ``guard.Busy`` / ``InputsChanged`` like ``claim``).
     ``publishers``: processes publishing canvases (0 = by the run's size, ``auto_publishers``).
+    ``on_seeded(report, notes)`` runs once the seed is written, before anything is published
+    (the CLI prints the seed summary then, not after a publish that may wait on the window);
+    ``on_wait`` is called while the window is full (``enqueue.wait_for_window``).
     """
     if held is None:
         spec, layout = prepare(spec)
         with claim(layout, client, spec, command="enqueue") as held:
             return submit(spec, client, max_inflight=max_inflight, progress=progress, publishers=publishers,
-                          held=held)
+                          held=held, on_seeded=on_seeded, on_wait=on_wait)
     run = open_run(spec, client)
     meta = run.state.meta()
     notes = [] if meta.get("spec_hash") else other_fleet_notes(held, client)
@@ -84,6 +89,8 @@ def submit(
     if isinstance(before, dict) and before.get("sha256") not in (None, report.sha256):
         notes.append(f"the seed changed since the last enqueue ({before.get('images')} -> {report.images} images; "
                      "same inputs, so this is a resume: done image-steps are kept)")
+    if on_seeded is not None:
+        on_seeded(report, notes)
     # The binding: from now on this results dir belongs to these inputs (producer/binding.py).
     update_run_file(run.layout, inputs=inputs_of(run.spec), steps=steps, seed=seed)
     last_done = run.state.counts([steps[-1]])[steps[-1]]["done"]
@@ -96,7 +103,7 @@ def submit(
     if progress:
         progress("enqueue", 0, report.images)
     with Publisher(publishers or auto_publishers(report.images - last_done)) as publisher:
-        enq = enqueue(run, max_inflight=max_inflight, publisher=publisher,
+        enq = enqueue(run, max_inflight=max_inflight, publisher=publisher, on_wait=on_wait,
                       progress=(lambda n: progress("enqueue", n, report.images)) if progress else None)
     run.state.set_meta(enqueue_complete=True)
     return Submission(run, report, enq, reindexed, notes)

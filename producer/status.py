@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from producer.seed import iter_seed
+from producer.summary import write_summary
 from worker.budget import budget_stats
 from worker.layout import Layout
 from worker.runstate import USAGE_FIELDS, RunState
@@ -219,6 +220,7 @@ class FinalizeReport:
     missing: list[str] = field(default_factory=list)
     bad_lines: int = 0
     usage: dict = field(default_factory=dict)
+    seed_failed: int = 0  # images that could not be seeded (not in the seed file, so not in failed)
 
 
 def _failed_ids(layout: Layout, done: dict[int, dict[str, int]]) -> set[str]:
@@ -232,18 +234,20 @@ def _failed_ids(layout: Layout, done: dict[int, dict[str, int]]) -> set[str]:
     return failed
 
 
-def finalize(layout: Layout, steps: list[int], prices: dict | None = None) -> FinalizeReport:
+def finalize(layout: Layout, steps: list[int], prices: dict | None = None, *,
+             seed_failed: int = 0) -> FinalizeReport:
     """Write ``annotations.jsonl``: one record per image (the last step's), sorted by image_id.
 
     Works from the files alone. Images that failed are listed, not emitted; images with no final
     record and no failure are reported as missing. Records keep their per-call token usage but
     not its latency (the step sinks keep that), so two runs of the same data give the same bytes.
-    ``report.usage`` sums the step sinks' token usage (``prices`` adds the cost).
+    ``report.usage`` sums the step sinks' token usage (``prices`` adds the cost). Leaves
+    ``summary.json`` (``producer/summary.py``): what ``status`` shows once a local run is gone.
     """
     stats = ReadStats()
     final_steps = [max(steps)] if max(steps) >= 2 else list(steps)
     offsets = {s: layout.sink(s).latest_offsets(stats) for s in final_steps}
-    report = FinalizeReport(path=layout.final, bad_lines=stats.bad_lines)
+    report = FinalizeReport(path=layout.final, bad_lines=stats.bad_lines, seed_failed=seed_failed)
     failed = _failed_ids(layout, offsets)
     ids = sorted(rec["image_id"] for _, rec in iter_seed(layout.seed))
     tmp = layout.final.with_name(f".{layout.final.name}.{os.getpid()}.tmp")
@@ -258,6 +262,7 @@ def finalize(layout: Layout, steps: list[int], prices: dict | None = None) -> Fi
             report.written += 1
     os.replace(tmp, layout.final)
     report.usage = usage_from_sinks(layout, steps, prices)
+    write_summary(layout, report)
     return report
 
 
