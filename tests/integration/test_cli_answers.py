@@ -172,10 +172,12 @@ def test_enqueue_exit_codes(fleet_env, tmp_path):
     pub = cli(fleet_env, "enqueue", *fake, *dirs(images, labels, tmp_path / "pub"))
     assert pub.returncode == 0 and "enqueued 3 images" in pub.stdout, pub.stderr
 
-    # --wait with a timeout and no worker: 5, and the run goes on
-    late = cli(fleet_env, "enqueue", *fake, *dirs(images, labels, tmp_path / "late"), "--wait", "--timeout", "1")
+    # --wait with a timeout and no worker: it says it waits for workers (item 9c), then 5; the run goes on
+    late = cli(fleet_env, "enqueue", *fake, *dirs(images, labels, tmp_path / "late"), "--wait", "--timeout", "12")
     assert late.returncode == ExitCode.UNFINISHED == 5, late.stderr
-    assert "not finished after 1.0 s; it goes on" in late.stderr
+    assert "not finished after 12.0 s; it goes on" in late.stderr
+    assert (f"waiting for workers: none has taken a task of this run yet; 3 images in flight (is a worker running "
+            f"against REDIS_URL={fleet_env['REDIS_URL']}?)") in late.stderr
 
     # item 2: a jsonl whose every line is outside the allowed root: 4, and why
     root, elsewhere = tmp_path / "dataset", tmp_path / "elsewhere"
