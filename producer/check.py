@@ -14,9 +14,10 @@ from pathlib import Path
 
 import typer
 
+from producer.exitcodes import ExitCode
 from worker.budget import endpoint_key
 from worker.clients.factory import get_client
-from worker.errors import PipelineError
+from worker.errors import PermanentClientError, PipelineError
 from worker.images import read_size
 from worker.kitti import decode_label_bytes, parse_kitti
 from worker.spec import Spec
@@ -35,10 +36,16 @@ def _sample(image: Path | None, tmp: Path) -> tuple[Path, Path | None]:
     return first, labels / f"{first.stem}.txt"
 
 
-def check(spec: Spec, image: Path | None) -> int:
-    """Return a process exit code: 0 when the endpoint answered and the answer parsed."""
+def check(spec: Spec, image: Path | None) -> ExitCode:
+    """Return the exit code: 0 when the endpoint answered and the answer parsed; 2 when no
+    client can be built here (no API key); 4 when the call failed (its one image failed)."""
     vlm = spec.ire.vlm
     typer.echo(f"endpoint: {endpoint_key(vlm)}")
+    try:
+        get_client(vlm)
+    except PermanentClientError as exc:  # built without a call: a missing key, not the endpoint's answer
+        typer.echo(f"error: {exc}", err=True)
+        return ExitCode.USAGE
     with tempfile.TemporaryDirectory() as tmp:
         path, label = _sample(image, Path(tmp))
         width, height = read_size(path)
@@ -57,11 +64,11 @@ def check(spec: Spec, image: Path | None) -> int:
                                options=StepOptions.from_vlm(vlm, endpoint=endpoint_key(vlm)))
         except PipelineError as exc:
             typer.echo(f"FAILED after {time.monotonic() - start:.2f}s: {type(exc).__name__}: {exc}", err=True)
-            return 1
+            return ExitCode.NONE_DONE
         latency = time.monotonic() - start
     resp = outcome.response
     typer.echo(f"model: {resp.model if resp else '-'}  latency: {latency:.2f}s  finish: "
                f"{resp.finish_reason if resp else '-'}  usage: {json.dumps(resp.usage) if resp else '-'}")
     field = "regions" if step == 0 else "caption"
     typer.echo(f"parsed step {step} {field}: {json.dumps(outcome.record.get(field), ensure_ascii=False, indent=2)}")
-    return 0
+    return ExitCode.OK

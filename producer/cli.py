@@ -1,7 +1,8 @@
 """The ``producer`` command line.
 
 Every command validates its inputs first and exits with status 2 and one clear message on a
-user error; per-image problems never stop a run (they are counted and listed).
+user error; per-image problems never stop a run (they are counted and listed). Exit codes follow
+one policy for every command: ``producer/exitcodes.py``.
 """
 
 from __future__ import annotations
@@ -21,15 +22,20 @@ from tqdm import tqdm
 from producer import estimate as estimate_cmd
 from producer import export as export_cmd
 from producer import preview as preview_cmd
-from worker.errors import ConfigError
+from producer.exitcodes import HELP as EXIT_CODES_HELP
+from producer.exitcodes import ExitCode, for_images
+from worker.errors import ConfigError, PermanentClientError
 from worker.spec import Spec, default_spec_yaml, load_spec
 
 if TYPE_CHECKING:
     import redis
 
     from producer.guard import Busy, Claim, Holder, ResultsLock
+    from producer.seed import SeedReport
+    from worker.layout import Layout
+    from worker.runstate import RunState
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, epilog=EXIT_CODES_HELP,
                   help="refexp: KITTI-labelled images -> grounded referring expressions, with a VLM teacher.")
 
 SpecOpt = Annotated[Path | None, typer.Option("-c", "--spec", help="Spec YAML (TAO layout).")]
@@ -42,13 +48,7 @@ MaxInflight = Annotated[int, typer.Option("--max-inflight", min=1,
                                           help="Images enqueued but not finished, at most.")]
 
 
-#: Exit statuses besides 0, 1 (a bug) and 130 (Ctrl-C).
-EXIT_USER_ERROR = 2  # a user error: a bad spec, path or option
-EXIT_RUN_NOT_IN_REDIS = 3  # Redis holds nothing for the run (restarted empty, flushed, another Redis)
-EXIT_REDIS_UNREACHABLE = 4  # Redis stopped answering and did not come back within REFEXP_REDIS_PATIENCE
-
-
-def _fail(message: str, code: int = EXIT_USER_ERROR) -> NoReturn:
+def _fail(message: str, code: ExitCode = ExitCode.USAGE) -> NoReturn:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
 
@@ -63,7 +63,7 @@ def user_errors() -> Iterator[None]:
         _fail(str(exc))
     except OUTAGE_ERRORS as exc:
         _fail(f"{exc}\n  nothing is lost: once Redis answers again, run the same command to go on",
-              EXIT_REDIS_UNREACHABLE)
+              ExitCode.REDIS_UNREACHABLE)
 
 
 def _run_gone(layout, run_id: str, *, as_json: bool = False) -> NoReturn:
@@ -76,7 +76,7 @@ def _run_gone(layout, run_id: str, *, as_json: bool = False) -> NoReturn:
         typer.echo(json.dumps(report))
     else:
         typer.echo(format_gone(report), err=True)
-    raise typer.Exit(EXIT_RUN_NOT_IN_REDIS)
+    raise typer.Exit(ExitCode.RUN_NOT_IN_REDIS)
 
 
 def _spec(spec: Path | None, overrides: list[str] | None, image_dir: Path | None,
@@ -112,14 +112,63 @@ class _Bars:
             bar.close()
 
 
-class _Progress:
-    """Run progress: one bar per step on a terminal, a line every 10 s otherwise."""
+class _WorkerHint:
+    """While the producer waits on workers and none has taken a task of this run, say so, and
+    which Redis the workers must use: first after ``first`` s, then every ``every`` s, on a
+    terminal or not. (A producer whose output was not a terminal printed nothing while its
+    window stayed full, not even the seed summary.)"""
 
-    def __init__(self) -> None:
+    def __init__(self, first: float = 10.0, every: float = 30.0) -> None:
+        self.first, self.every = first, every
+        self.start = time.monotonic()
+        self.next_at = self.start + first
+
+    def due(self) -> bool:
+        now = time.monotonic()
+        if now < self.next_at:
+            return False
+        self.next_at = now + self.every
+        return True
+
+    @staticmethod
+    def message(ever_seen: bool, in_flight: int) -> str:
+        from worker.settings import broker_source
+
+        since = "in the last 2 minutes" if ever_seen else "yet"
+        return (f"waiting for workers: none has taken a task of this run {since}; {in_flight} images in flight "
+                f"(is a worker running against {broker_source()}?)")
+
+    def say(self, text: str) -> None:
+        tqdm.write(text, file=sys.stderr)
+
+    def on_window(self, state: RunState, waited: float) -> None:
+        """``enqueue.wait_for_window``'s ``on_wait``: the window is full."""
+        if waited < self.first or not self.due() or state.workers_seen():
+            return
+        self.say(self.message(bool(state.workers_seen(window=float("inf"))), state.queued_count()))
+
+    def on_status(self, st: dict) -> None:
+        """From ``_Progress``: the run is being watched (``--wait``, ``wait``)."""
+        if st["finished"] or st["workers"] or not st["in_flight_images"]:
+            return
+        if self.due():
+            moved = any(c["done"] or c["failed"] for c in st["steps"].values())
+            self.say(self.message(moved, st["in_flight_images"]))
+
+
+class _Progress:
+    """Run progress: one bar per step on a terminal, a line every 10 s otherwise; and the
+    ``_WorkerHint`` when no worker takes the run's tasks (not for ``producer run``: its worker is
+    in this process)."""
+
+    def __init__(self, hint: bool = True) -> None:
         self.bars: dict[str, tqdm] = {}
         self.last = 0.0
+        self.hint = _WorkerHint() if hint else None
 
     def __call__(self, st: dict) -> None:
+        if self.hint is not None:
+            self.hint.on_status(st)
         if not sys.stderr.isatty():
             now = time.monotonic()
             if now - self.last >= 10 or st["finished"]:
@@ -141,42 +190,79 @@ class _Progress:
             bar.close()
 
 
-def _watch(state, timeout: float | None) -> dict:
-    """Wait for the run, showing progress (``_Progress``)."""
+def _watch(state, timeout: float | None, *, hint: bool = True) -> dict:
+    """Wait for the run, showing progress (``_Progress``); a timeout exits 5 (UNFINISHED)."""
     from producer.pipeline import wait
 
-    show = _Progress()
+    show = _Progress(hint=hint)
     try:
         return wait(state, timeout=timeout, on_status=show)
+    except TimeoutError as exc:
+        _fail(f"{exc}; it goes on: `producer wait --results-dir ...` watches it again", ExitCode.UNFINISHED)
     finally:
         show.close()
 
 
-def _print_seed(sub) -> None:
-    r = sub.seed
-    typer.echo(r.summary(), err=True)
-    for p in r.problems[:20]:
+def _print_seed(report: SeedReport, notes: list[str]) -> None:
+    typer.echo(report.summary(), err=True)
+    for p in report.problems[:20]:
         typer.echo(f"  warning: {p}", err=True)
-    if len(r.problems) > 20:
-        typer.echo(f"  ... {len(r.problems) - 20} more (see failures.jsonl for unreadable images)", err=True)
-    for note in sub.notes:
+    if len(report.problems) > 20:
+        typer.echo(f"  ... {len(report.problems) - 20} more (see failures.jsonl for unreadable images)", err=True)
+    for note in notes:
         typer.echo(f"warning: {note}", err=True)
 
 
-def _finalize_and_report(layout, steps: list[int], prices: dict | None = None) -> None:
-    from producer.status import finalize, format_usage
+def _on_seeded(bars: _Bars | None):
+    """``submit``'s ``on_seeded``: the seed summary as soon as the seed is written (before the
+    publish, which may wait on the window for minutes)."""
 
-    rep = finalize(layout, steps, prices)
+    def show(report: SeedReport, notes: list[str]) -> None:
+        if bars is not None:
+            bars.close()
+        _print_seed(report, notes)
+
+    return show
+
+
+def _nothing_seeded(spec: Spec, report: SeedReport) -> None:
+    from producer.seed import why_nothing_seeded
+
+    typer.echo(f"error: {why_nothing_seeded(spec, report)}. Nothing was enqueued (exit {int(ExitCode.NONE_DONE)}).",
+               err=True)
+
+
+def _finalize_and_report(layout: Layout, steps: list[int], prices: dict | None = None, *, seed_failed: int = 0,
+                         retry: str | None = None) -> ExitCode:
+    """Finalize, print what was written and why images are missing; return the exit code.
+
+    ``retry``: how to try the failed images again (default: ``producer retry-failed``)."""
+    from producer.status import finalize, format_usage
+    from producer.summary import commonest_failures
+
+    rep = finalize(layout, steps, prices, seed_failed=seed_failed)
     if rep.stale_removed:
         typer.echo(f"removed {len(rep.stale_removed)} temp file(s) an interrupted finalize left in {layout.root} "
                    f"({sum(size for _, size in rep.stale_removed) / 1e6:.1f} MB)", err=True)
-    typer.echo(f"wrote {rep.path} ({rep.written} images; {len(rep.failed)} failed, {len(rep.missing)} missing)")
+    unseeded = f", {seed_failed} could not be seeded" if seed_failed else ""
+    typer.echo(f"wrote {rep.path} ({rep.written} images; {len(rep.failed)} failed, {len(rep.missing)} missing"
+               f"{unseeded})")
     if rep.usage.get("total", {}).get("calls"):
         typer.echo("\n".join(format_usage(rep.usage)))
+    retry = retry or f"`producer retry-failed --results-dir {layout.root}` tries them again"
     if rep.failed:
         typer.echo(f"  failed images: {', '.join(rep.failed[:20])}{' ...' if len(rep.failed) > 20 else ''}"
-                   f" — details in {layout.failures.path}; `producer retry-failed --results-dir "
-                   f"{layout.root}` tries them again", err=True)
+                   f" — details in {layout.failures.path}; {retry}", err=True)
+        for line in commonest_failures(layout, set(rep.failed)):
+            typer.echo(f"  {line}", err=True)
+    not_done = len(rep.failed) + len(rep.missing) + seed_failed
+    code = for_images(rep.written, not_done)
+    total = rep.written + not_done
+    if code == ExitCode.NONE_DONE:
+        typer.echo(f"error: no image is done: all {total} failed (exit {int(code)})", err=True)
+    elif code == ExitCode.SOME_FAILED:
+        typer.echo(f"{not_done} of {total} images not done (exit {int(code)})", err=True)
+    return code
 
 
 @app.command("default-spec")
@@ -224,56 +310,59 @@ def enqueue(
         while True:
             try:
                 with claim(layout, client, s, command="enqueue", lock=lock) as held:
-                    _enqueue_held(s, client, held, max_inflight=max_inflight, publishers=publishers,
-                                  wait_=wait_, timeout=timeout)
-                return
+                    code = _enqueue_held(s, client, held, max_inflight=max_inflight, publishers=publishers,
+                                         wait_=wait_, timeout=timeout)
+                raise typer.Exit(code)
             except Busy as busy:
                 holder = joinable(busy, client, s)
-                if not _join(busy, holder, client, lock, wait_=wait_, timeout=timeout):
-                    return
+                code = _join(busy, holder, client, lock, wait_=wait_, timeout=timeout)
+                if code is not None:
+                    raise typer.Exit(code) from None
                 typer.echo(f"{holder.describe()} is gone before its enqueue was complete: this producer "
                            "holds the results dir now and resumes it", err=True)
 
 
 def _enqueue_held(s: Spec, client: redis.Redis, held: Claim, *, max_inflight: int, publishers: int, wait_: bool,
-                  timeout: float | None) -> None:
+                  timeout: float | None) -> ExitCode:
     """``enqueue`` while this producer holds the results dir (the lock is kept until it returns)."""
     from producer.pipeline import submit
     from producer.status import RunNotInRedis
 
     bars = _Bars()
     try:
-        sub = submit(s, client, max_inflight=max_inflight, progress=bars, publishers=publishers, held=held)
+        sub = submit(s, client, max_inflight=max_inflight, progress=bars, publishers=publishers, held=held,
+                     on_seeded=_on_seeded(bars), on_wait=_WorkerHint().on_window)
     except KeyboardInterrupt:
         bars.close()
         typer.echo("\ninterrupted: nothing is lost. Re-run the same command to finish the enqueue "
                    "(queued and done images are not sent again).", err=True)
-        raise typer.Exit(130) from None
+        raise typer.Exit(ExitCode.INTERRUPTED) from None
     bars.close()
-    _print_seed(sub)
+    if sub.seed.images == 0:
+        _nothing_seeded(sub.run.spec, sub.seed)
+        return ExitCode.NONE_DONE
     e = sub.enqueue
     typer.echo(f"run {sub.run.run_id}: enqueued {e.enqueued} images ({e.already_done} already done, "
                f"{e.already_queued} already queued) -> {sub.run.layout.root}")
     if not wait_:
         typer.echo(f"watch: producer status --results-dir {sub.run.layout.root}   (or Flower on :5555)")
-        return
+        return ExitCode.OK
     try:
         _watch(sub.run.state, timeout)
     except RunNotInRedis:
         _run_gone(sub.run.layout, sub.run.run_id)
-    except TimeoutError as exc:
-        _fail(str(exc))
     except KeyboardInterrupt:
         _stopped_watching(sub.run.layout.root)
-    _finalize_and_report(sub.run.layout, sub.run.spec.ire.workflow.steps, sub.run.spec.ire.vlm.prices.model_dump())
+    return _finalize_and_report(sub.run.layout, sub.run.spec.ire.workflow.steps,
+                                sub.run.spec.ire.vlm.prices.model_dump(), seed_failed=len(sub.seed.failures))
 
 
 def _join(busy: Busy, holder: Holder, client: redis.Redis, lock: ResultsLock, *, wait_: bool,
-          timeout: float | None) -> bool:
+          timeout: float | None) -> ExitCode | None:
     """Watch the run of the producer holding the results dir (same inputs, same Redis).
 
-    Returns True when that producer died before its enqueue was complete and this one now holds
-    the lock (the caller resumes the enqueue); False when done.
+    Returns None when that producer died before its enqueue was complete and this one now holds
+    the lock (the caller resumes the enqueue); else the exit code.
     """
     from producer.pipeline import watch_joined
     from producer.status import RunNotInRedis, run_prices
@@ -285,7 +374,7 @@ def _join(busy: Busy, holder: Holder, client: redis.Redis, lock: ResultsLock, *,
     watch = f"producer status --results-dir {busy.root}"
     if not wait_:
         typer.echo(f"joined run {holder.run_id}: that producer enqueues it; watch: {watch}")
-        return False
+        return ExitCode.OK
     state = RunState(client, holder.run_id)
     show = _Progress()
     try:
@@ -293,15 +382,16 @@ def _join(busy: Busy, holder: Holder, client: redis.Redis, lock: ResultsLock, *,
     except RunNotInRedis:
         _run_gone(Layout(busy.root), holder.run_id)
     except TimeoutError as exc:
-        _fail(str(exc))
+        _fail(str(exc), ExitCode.UNFINISHED)
     except KeyboardInterrupt:
         _stopped_watching(busy.root)
     finally:
         show.close()
     if st is None:
-        return True
-    _finalize_and_report(Layout(busy.root), state.meta().get("steps", []), run_prices(state))
-    return False
+        return None
+    meta = state.meta()
+    return _finalize_and_report(Layout(busy.root), meta.get("steps", []), run_prices(state, meta),
+                                seed_failed=int(meta.get("seed_failed", 0)))
 
 
 def _stopped_watching(root: Path) -> NoReturn:
@@ -321,7 +411,8 @@ def run(
     """Run the whole pipeline on this machine: embedded Redis, in-process worker, then finalize."""
     with user_errors():
         s = _spec(spec, overrides, image_dir, label_dir, results_dir)
-        run_local(s)
+        _, code = run_local(s)
+    raise typer.Exit(code)
 
 
 def _spec_keys(s: Spec) -> dict[str, str]:
@@ -335,8 +426,22 @@ def _spec_keys(s: Spec) -> dict[str, str]:
     return keys
 
 
-def run_local(s: Spec, *, quiet: bool = False) -> Path:
-    """``producer run`` as a function (the demo and the tests call it).
+def _require_client(s: Spec) -> None:
+    """``producer run`` is its own worker: a client it cannot build (no API key, both a key and a
+    key file) is a config error now, before anything is seeded, not one failure per image-step.
+    Building a client makes no call (a paid generation is ``check-endpoint``'s job)."""
+    from worker.clients.factory import get_client
+
+    try:
+        get_client(s.ire.vlm)
+    except PermanentClientError as exc:
+        raise ConfigError(f"{exc}. `producer run` calls the model from this process, so this shell is the "
+                          "worker's environment. Nothing was seeded.") from None
+
+
+def run_local(s: Spec, *, quiet: bool = False) -> tuple[Path, ExitCode]:
+    """``producer run`` as a function (the demo and the tests call it): the results dir and the
+    exit code (``producer/exitcodes.py``).
 
     The results dir is held (``producer.guard``) for the whole local run: the embedded Redis is
     private, so no other producer could join it, and one that tries is refused.
@@ -345,12 +450,13 @@ def run_local(s: Spec, *, quiet: bool = False) -> Path:
     from producer.guard import hold
     from producer.runs import prepare
 
-    s, layout = prepare(s)
     # Keys never travel through Redis; the in-process worker reads them from this process's
     # environment, so a key given in the spec (TAO users do) is handed over that way.
     for var, value in _spec_keys(s).items():
         if not os.environ.get(f"{var}_FILE"):  # a key file given to this process wins, as in the worker
             os.environ.setdefault(var, value)
+    _require_client(s)
+    s, layout = prepare(s)
 
     with RedisServer() as server:
         url = server.url
@@ -358,11 +464,11 @@ def run_local(s: Spec, *, quiet: bool = False) -> Path:
 
         client = connect(url, patience_s=EMBEDDED_REDIS_PATIENCE)
         with hold(layout, client, s, command="run") as held:
-            _run_held(s, server, client, held, quiet=quiet)
-        return layout.root
+            code = _run_held(s, server, client, held, quiet=quiet)
+        return layout.root, code
 
 
-def _run_held(s: Spec, server, client: redis.Redis, held: Claim, *, quiet: bool) -> None:
+def _run_held(s: Spec, server, client: redis.Redis, held: Claim, *, quiet: bool) -> ExitCode:
     """``producer run`` while it holds the results dir: in-process worker, enqueue, wait, finalize.
 
     Ctrl-C stops the worker taking tasks and lets the calls in flight finish and write their
@@ -383,19 +489,24 @@ def _run_held(s: Spec, server, client: redis.Redis, held: Claim, *, quiet: bool)
     try:
         worker.start()
         bars = _Bars() if not quiet else None
-        sub = submit(s, client, progress=bars, held=held)
+        sub = submit(s, client, progress=bars, held=held, on_seeded=None if quiet else _on_seeded(bars))
         if bars:
             bars.close()
-            _print_seed(sub)
-        (wait(sub.run.state) if quiet else _watch(sub.run.state, None))
+        if sub.seed.images:
+            (wait(sub.run.state) if quiet else _watch(sub.run.state, None, hint=False))
     except KeyboardInterrupt:
         _interrupted(worker, server, _drain_timeout(s))
     finally:
         worker.stop()
-    if not quiet:
-        _finalize_and_report(sub.run.layout, sub.run.spec.ire.workflow.steps, sub.run.spec.ire.vlm.prices.model_dump())
-    else:
-        finalize(sub.run.layout, sub.run.spec.ire.workflow.steps)
+    layout, steps, seed_failed = sub.run.layout, sub.run.spec.ire.workflow.steps, len(sub.seed.failures)
+    if quiet or not sub.seed.images:
+        rep = finalize(layout, steps, seed_failed=seed_failed)  # summary.json, for `producer status`
+        if not sub.seed.images and not quiet:
+            _nothing_seeded(sub.run.spec, sub.seed)
+        return for_images(rep.written, len(rep.failed) + len(rep.missing) + seed_failed)
+    return _finalize_and_report(layout, steps, sub.run.spec.ire.vlm.prices.model_dump(), seed_failed=seed_failed,
+                                retry="run the same `producer run` command again to retry them (done "
+                                      "image-steps are kept)")
 
 
 #: Our own redis-server does not stall for minutes; if it stops answering for this long, it died.
@@ -447,7 +558,14 @@ def status(
     from producer.runs import connect, existing_run
     from producer.status import RunNotInRedis, format_status
     from producer.status import status as get_status
+    from producer.summary import SUMMARY_FILE, format_local, local_run
+    from worker.layout import Layout
 
+    # A `producer run` took its Redis with it: its results dir speaks for it (summary.json).
+    local = local_run(Layout(results_dir.expanduser().resolve()))
+    if local is not None:
+        typer.echo(json.dumps(local.to_json()) if json_ else format_local(local, str(results_dir / SUMMARY_FILE)))
+        return
     with user_errors():
         run_id, layout, state = existing_run(results_dir, connect())
         try:
@@ -470,17 +588,22 @@ def wait(
     with user_errors():
         run_id, layout, state = existing_run(results_dir, connect())
         try:
-            _watch(state, timeout)
+            st = _watch(state, timeout)
         except RunNotInRedis:
             _run_gone(layout, run_id)
-        except TimeoutError as exc:
-            _fail(str(exc))
         except KeyboardInterrupt:
             _stopped_watching(layout.root)
+        meta = state.meta()
+        seed_failed = int(meta.get("seed_failed", 0))
         if finalize_:
             from producer.status import run_prices
 
-            _finalize_and_report(layout, state.meta().get("steps", []), run_prices(state))
+            code = _finalize_and_report(layout, meta.get("steps", []), run_prices(state, meta),
+                                        seed_failed=seed_failed)
+        else:
+            last = st["steps"][str(meta["steps"][-1])]["done"] if meta.get("steps") else 0
+            code = for_images(last, st["images"] - last + seed_failed)
+    raise typer.Exit(code)
 
 
 @app.command()
@@ -498,7 +621,8 @@ def finalize(results_dir: RequiredResults) -> None:
             _fail(f"{layout.root}: no step results to finalize (no steps in {layout.run_file.name}, no stored "
                   "spec, no step sink); has the run been enqueued?")
         spec = stored_spec(layout)
-        _finalize_and_report(layout, steps, spec.ire.vlm.prices.model_dump() if spec else None)
+        code = _finalize_and_report(layout, steps, spec.ire.vlm.prices.model_dump() if spec else None)
+    raise typer.Exit(code)
 
 
 @app.command("retry-failed")
@@ -560,8 +684,9 @@ def demo(
             f"results_dir={out / 'results'}",
             "image_referring_expression.workflow.output_format=both",
         ])
-        root = run_local(s)
+        root, code = run_local(s)
         typer.echo(f"demo results in {root} (try: head -n 1 {root / 'annotations.jsonl'})")
+    raise typer.Exit(code)
 
 
 @app.command("check-endpoint")

@@ -46,14 +46,22 @@ def _batches(run: Run, size: int = BATCH) -> Iterator[list[tuple[int, str]]]:
         yield batch
 
 
-def wait_for_window(state: RunState, max_inflight: int, poll: float = 0.5) -> int:
+#: ``on_wait(state, seconds waited so far)``, called on every poll while the window is full.
+OnWait = Callable[[RunState, float], None]
+
+
+def wait_for_window(state: RunState, max_inflight: int, poll: float = 0.5, on_wait: OnWait | None = None) -> int:
     """Block until the run has fewer than ``max_inflight`` images in flight; return how many more
     may go (at least one). Workers drain the window; the reconciler (``producer wait``) keeps a
-    stranded image from holding a place in it for ever."""
+    stranded image from holding a place in it for ever. ``on_wait`` lets the CLI say why it waits
+    (no worker has taken a task yet), since a full window with no worker waits for ever."""
+    started = time.monotonic()
     while True:
         room = max_inflight - state.queued_count()
         if room > 0:
             return room
+        if on_wait is not None:
+            on_wait(state, time.monotonic() - started)
         time.sleep(poll)
 
 
@@ -63,6 +71,7 @@ def enqueue(
     max_inflight: int = DEFAULT_MAX_INFLIGHT,
     progress: Callable[[int], None] | None = None,
     publisher: Publisher | None = None,
+    on_wait: OnWait | None = None,
 ) -> EnqueueReport:
     """Publish the canvases for every seeded image that still has work; return the counts.
 
@@ -90,7 +99,7 @@ def enqueue(
                 continue
             todo.append((offset, image_id, remaining))
         while todo:
-            room = wait_for_window(run.state, max_inflight)
+            room = wait_for_window(run.state, max_inflight, on_wait=on_wait)
             chunk, todo = todo[:room], todo[room:]
             publish_chunk(run, chunk, steps, force, publisher)
             report.enqueued += len(chunk)

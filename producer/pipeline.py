@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import redis
 
 from producer.binding import inputs_of
-from producer.enqueue import DEFAULT_MAX_INFLIGHT, EnqueueReport, enqueue, wait_for_window
+from producer.enqueue import DEFAULT_MAX_INFLIGHT, EnqueueReport, OnWait, enqueue, wait_for_window
 from producer.guard import Claim, ResultsLock, claim
 from producer.outage import OUTAGE_ERRORS, RedisGaveUp, outage_of, patient_client
 from producer.publish import Publisher, auto_publishers, canvas
@@ -53,6 +53,8 @@ def submit(
     progress: Progress | None = None,
     publishers: int = 0,
     held: Claim | None = None,
+    on_seeded: Callable[[SeedReport, list[str]], None] | None = None,
+    on_wait: OnWait | None = None,
 ) -> Submission:
     """Validate, seed, store the run, and enqueue every image that still has work.
 
@@ -60,13 +62,16 @@ def submit(
     caller keeps holding it afterwards (``--wait``); without it, submit holds the dir itself
     while it runs (and raises ``guard.Busy`` / ``InputsChanged`` like ``claim``).
     ``publishers``: processes publishing canvases (0 = by the run's size, ``auto_publishers``).
+    ``on_seeded(report, notes)`` runs once the seed is written, before anything is published
+    (the CLI prints the seed summary then, not after a publish that may wait on the window);
+    ``on_wait`` is called while the window is full (``enqueue.wait_for_window``).
     The enqueue rides out Redis outages (``_enqueue_through_outages``).
     """
     if held is None:
         spec, layout = prepare(spec)
         with claim(layout, client, spec, command="enqueue") as held:
             return submit(spec, client, max_inflight=max_inflight, progress=progress, publishers=publishers,
-                          held=held)
+                          held=held, on_seeded=on_seeded, on_wait=on_wait)
     run = open_run(spec, client)
     notes = [] if run.state.meta().get("spec_hash") else other_fleet_notes(held, client)
     write_spec_file(run)
@@ -88,6 +93,8 @@ def submit(
     if isinstance(before, dict) and before.get("sha256") not in (None, report.sha256):
         notes.append(f"the seed changed since the last enqueue ({before.get('images')} -> {report.images} images; "
                      "same inputs, so this is a resume: done image-steps are kept)")
+    if on_seeded is not None:
+        on_seeded(report, notes)
     # The binding: from now on this results dir belongs to these inputs (producer/binding.py).
     update_run_file(run.layout, inputs=inputs_of(run.spec), steps=steps, seed=seed)
     reindexed = register(run, report)
@@ -96,6 +103,7 @@ def submit(
     last_done = run.state.meta()["done_at_start"]
     with Publisher(publishers or auto_publishers(report.images - last_done)) as publisher:
         enq = _enqueue_through_outages(run, report, client, max_inflight=max_inflight, publisher=publisher,
+                                       on_wait=on_wait,
                                        progress=(lambda n: progress("enqueue", n, report.images)) if progress
                                        else None)
     run.state.set_meta(enqueue_complete=True)

@@ -316,6 +316,25 @@ def allowed_root(spec: Spec) -> Path:
     return Path(os.path.abspath(data.input_annotations_jsonl)).parent
 
 
+def why_nothing_seeded(spec: Spec, report: SeedReport) -> str:
+    """Why a seed came out empty, in one sentence naming the input (the details are the
+    report's problems, printed before it, and ``failures.jsonl``)."""
+    data = spec.ire.data
+    source = data.input_annotations_jsonl or data.image_dir
+    reasons = [(report.outside_root, f"image paths outside the allowed root {allowed_root(spec)} (data.image_dir, "
+                                     "or the jsonl file's directory when image_dir is unset)"),
+               (report.unreadable_images, "images unreadable"),
+               (report.unreadable_labels, "label paths that are not readable files"),
+               (report.unsupported_images, "image files of an unsupported type (convert them to PNG, JPEG or WebP)"),
+               (report.subfolders, "subfolders, not searched (point data.image_dir at the folder holding the "
+                                   "images)")]
+    found = [f"{n} {what}" for n, what in reasons if n]
+    if not found:
+        found = (["the file holds no record"] if data.input_annotations_jsonl
+                 else ["it holds no .jpg, .jpeg, .png or .webp file"])
+    return f"nothing could be seeded from {source}: {'; '.join(found)}"
+
+
 def _inside(image_path: str, root: Path) -> str | None:
     """The absolute, normalised image path if it lies under ``root`` (as written, or once
     symlinks are resolved), else None. ``..`` cannot climb out: the check is on the normalised path."""

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from producer.outage import redact
 from producer.seed import iter_seed
+from producer.summary import write_summary
 from worker import stepdefs
 from worker.budget import budget_stats
 from worker.layout import Layout
@@ -289,6 +290,7 @@ class FinalizeReport:
     bad_lines: int = 0
     usage: dict = field(default_factory=dict)
     stale_removed: list[tuple[str, int]] = field(default_factory=list)
+    seed_failed: int = 0  # images that could not be seeded (not in the seed file, so not in failed)
 
 
 def _failed_ids(layout: Layout, done: dict[int, dict[str, int]]) -> set[str]:
@@ -302,19 +304,21 @@ def _failed_ids(layout: Layout, done: dict[int, dict[str, int]]) -> set[str]:
     return failed
 
 
-def finalize(layout: Layout, steps: list[int], prices: dict | None = None) -> FinalizeReport:
+def finalize(layout: Layout, steps: list[int], prices: dict | None = None, *,
+             seed_failed: int = 0) -> FinalizeReport:
     """Write ``annotations.jsonl``: one record per image (the last step's), sorted by image_id.
 
     Works from the files alone. Images that failed are listed, not emitted; images with no final
     record and no failure are reported as missing. Records keep their per-call token usage but
     not its latency (the step sinks keep that), so two runs of the same data give the same bytes.
-    ``report.usage`` sums the step sinks' token usage (``prices`` adds the cost).
+    ``report.usage`` sums the step sinks' token usage (``prices`` adds the cost). Leaves
+    ``summary.json`` (``producer/summary.py``): what ``status`` shows once a local run is gone.
 
     The file is written to a temp file and renamed, under a lock (``_finalize_lock``), so readers
     never see half of it; temp files a killed finalize left behind are removed first.
     """
     with _finalize_lock(layout):
-        report = FinalizeReport(path=layout.final)
+        report = FinalizeReport(path=layout.final, seed_failed=seed_failed)
         report.stale_removed = remove_stale_temps(layout)
         stats = ReadStats()
         final_steps = stepdefs.final_steps(steps)
@@ -336,6 +340,7 @@ def finalize(layout: Layout, steps: list[int], prices: dict | None = None) -> Fi
             os.fsync(out.fileno())
         os.replace(tmp, layout.final)
     report.usage = usage_from_sinks(layout, steps, prices)
+    write_summary(layout, report)
     return report
 
 

@@ -6,7 +6,11 @@ Pool: tasks spend their time waiting on the VLM's HTTP answer, so the threads po
 
 from __future__ import annotations
 
+import logging
+
+import redis
 from celery import Celery
+from celery.signals import celeryd_after_setup
 
 from worker import settings
 from worker.clock import ClockCheck
@@ -90,6 +94,28 @@ def make_app() -> Celery:
 
 
 app = make_app()
+log = logging.getLogger("refexp.worker")
+
+
+@celeryd_after_setup.connect(weak=False)
+def say_where_redis_should_be(sender: object = None, conf: object = None, **_: object) -> None:
+    """Once, as a worker starts (logging is set up, the consumer not yet connected): if its
+    broker's Redis does not answer, say which variable set the URL and what to check. Celery
+    alone logs "Cannot connect to redis://..." and retries for ever, naming neither. The worker
+    still retries (Redis may come up later); this only speaks."""
+    url = str(getattr(conf or app.conf, "broker_url", "") or "")
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        return
+    client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        log.warning("Redis does not answer at the broker URL from %s (%s: %s). Check that Redis runs there and "
+                    "that this host reaches it (host, port, firewall; its password: REDIS_PASSWORD_FILE); "
+                    "CELERY_BROKER_URL, when set, overrides REDIS_URL for the broker. The worker keeps retrying "
+                    "until Redis answers.", settings.broker_source(), type(exc).__name__, exc)
+    finally:
+        client.close()
 
 
 def repoint(url: str) -> None:

@@ -101,6 +101,17 @@ def result_backend() -> str:
     return with_redis_password(os.environ.get("CELERY_RESULT_BACKEND") or "") or redis_url()
 
 
+def broker_source() -> str:
+    """Which variable set the broker's URL, and that URL without its password: what a user must
+    check when Redis does not answer (a worker only logs kombu's "Cannot connect", then retries)."""
+    from kombu.utils.url import maybe_sanitize_url
+
+    for var in ("CELERY_BROKER_URL", "REDIS_URL"):
+        if os.environ.get(var):
+            return f"{var}={maybe_sanitize_url(broker_url())}"
+    return f"REDIS_URL (not set, so the default {DEFAULT_REDIS_URL})"
+
+
 def state_url() -> str:
     """Run state (indexes, budget) lives on the broker's Redis unless REFEXP_STATE_URL says otherwise."""
     return with_redis_password(os.environ.get("REFEXP_STATE_URL") or "") or broker_url()

@@ -9,34 +9,71 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from worker.errors import ConfigError
 from worker.kitti import MAX_BOXES_PER_IMAGE
 from worker.stepdefs import ALL_STEPS
 
 SECRET_KEYS = ("api_key",)
+#: Seconds a VLM call may take at most (a day): beyond it a timeout is a typo, and some SDKs
+#: reject it only at call time ("Timeout value out of range"), on every image.
+MAX_TIMEOUT_S = 86_400.0
+
+
+def _word(synonyms: dict[str, str] | None = None) -> BeforeValidator:
+    """A key that takes a word, read as users type it.
+
+    YAML 1.1 (PyYAML for spec files, OmegaConf for ``key=value`` overrides) reads ``on``/``off``/
+    ``yes``/``no`` as booleans, so ``structured_output: off`` arrived as ``False`` and was refused.
+    A boolean becomes ``on``/``off`` again, case does not matter, and ``synonyms`` map the words
+    users say to the key's own values.
+    """
+    table = synonyms or {}
+
+    def before(value: Any) -> Any:
+        if isinstance(value, bool):
+            value = "on" if value else "off"
+        if isinstance(value, str):
+            value = value.strip().lower()
+            return table.get(value, value)
+        return value
+
+    return BeforeValidator(before)
+
+
+#: on/yes/true mean "structured output, where the endpoint takes it": that is ``auto``.
+_SWITCH = {"on": "auto", "yes": "auto", "true": "auto", "no": "off", "false": "off"}
+
+StructuredOutput = Annotated[Literal["auto", "off"], _word(_SWITCH)]
+Backend = Annotated[Literal["gemini", "openai", "offline"], _word()]
+BoxFormat = Annotated[Literal["auto", "xyxy_1000", "yxyx_1000", "xyxy_pixels", "xyxy_norm1", "xyxy_smart_resize"],
+                      _word()]
+OutputFormat = Annotated[Literal["jsonl", "legacy", "both"], _word()]
+Temperature = Annotated[float, Field(ge=0, le=2)]
+Timeout = Annotated[float, Field(gt=0, le=MAX_TIMEOUT_S, description="Seconds per VLM call.")]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    # allow_inf_nan=False: a "nan" or "inf" anywhere is a typo, refused at load with its key.
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
 
 
 class GeminiSpec(_Strict):
     api_key: str = Field("", description="Prefer GOOGLE_API_KEY in the worker environment.")
     model: str = "gemini-3.1-flash-lite-preview"
     media_resolution: str = "MEDIA_RESOLUTION_LOW"
-    temperature: float = 0.3
-    max_output_tokens: int = 8192
-    timeout: float = 120.0
+    temperature: Temperature = 0.3
+    max_output_tokens: int = Field(8192, ge=1)
+    timeout: Timeout = 120.0
     base_url: str = Field("", description="refexp: proxy or test endpoint; empty = Google's.")
     thinking_budget: int | None = Field(
-        None, description="refexp: thinking tokens (-1 = dynamic); null = the least the model allows "
+        None, ge=-1, description="refexp: thinking tokens (-1 = dynamic); null = the least the model allows "
                           "(0 on 2.5 Flash/Lite, MINIMAL/LOW level on 3.x); thinking counts against max_output_tokens.")
 
 
@@ -44,9 +81,9 @@ class OpenAISpec(_Strict):
     api_key: str = Field("", description="Prefer OPENAI_API_KEY / NVIDIA_API_KEY in the worker env.")
     base_url: str = Field("", description="Empty = the SDK's default (api.openai.com).")
     model_name: str = ""
-    temperature: float = 0.7
-    max_tokens: int = 4096
-    timeout: float = 60.0
+    temperature: Temperature = 0.7
+    max_tokens: int = Field(4096, ge=1)
+    timeout: Timeout = 60.0
 
 
 class PriceSpec(_Strict):
@@ -59,7 +96,7 @@ class PriceSpec(_Strict):
 
 
 class VLMSpec(_Strict):
-    backend: Literal["gemini", "openai", "offline"] = "gemini"
+    backend: Backend = "gemini"
     gemini: GeminiSpec = GeminiSpec()
     openai: OpenAISpec = OpenAISpec()
     # refexp additions
@@ -67,10 +104,11 @@ class VLMSpec(_Strict):
     requests_per_minute: int = Field(0, ge=0, description="Fleet-wide per endpoint; 0 = unlimited.")
     max_retries: int = Field(5, ge=0, description="Retries of a retryable VLM failure per image-step.")
     max_image_pixels: int = Field(64_000_000, ge=1, description="Larger images fail (bomb guard).")
-    structured_output: Literal["auto", "off"] = Field(
+    structured_output: StructuredOutput = Field(
         "auto", description="auto: JSON schema + box ids where the endpoint takes them (falls back to the "
-                           "text prompt once per endpoint); off: TAO's text prompts.")
-    box_format: Literal["auto", "xyxy_1000", "yxyx_1000", "xyxy_pixels", "xyxy_norm1", "xyxy_smart_resize"] = Field(
+                           "text prompt once per endpoint); off: TAO's text prompts (on/yes/true = auto, "
+                           "no/false = off).")
+    box_format: BoxFormat = Field(
         "auto", description="How the model writes boxes; auto = by model name (worker/coords.py).")
     prices: PriceSpec = Field(PriceSpec(), description="Optional price table {input_per_million, "
                               "output_per_million} in your currency; all 0 (the default) = none.")
@@ -80,12 +118,12 @@ class WorkflowSpec(_Strict):
     steps: list[int] = Field(default_factory=lambda: list(ALL_STEPS))
     max_workers: int = Field(4, ge=1)
     force_reprocess: bool = False
-    output_format: Literal["jsonl", "legacy", "both"] = "jsonl"
+    output_format: OutputFormat = "jsonl"
     prompts_file: str = Field("", description="refexp: YAML of step name -> prompt template.")
     # TAO keeps these for its LLM client; image pipelines ignore them. Accepted so TAO specs load.
-    long_video_threshold_sec: float = 60
-    long_video_sample_fps: float = 0.5
-    long_video_max_frames: int = 60
+    long_video_threshold_sec: float = Field(60, ge=0)
+    long_video_sample_fps: float = Field(0.5, gt=0)
+    long_video_max_frames: int = Field(60, ge=1)
 
     @field_validator("steps", mode="before")
     @classmethod
@@ -127,10 +165,10 @@ class Spec(_Strict):
     autolabel_type: Literal["image_referring_expression"] = "image_referring_expression"
     image_referring_expression: ReferringSpec = ReferringSpec()
     # TAO's ExperimentConfig keys for other pipelines and GPUs: accepted, unused here.
-    gpu_ids: list[int] = Field(default_factory=lambda: [0])
-    num_gpus: int = 1
-    batch_size: int = 4
-    num_workers: int = 8
+    gpu_ids: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [0])
+    num_gpus: int = Field(1, ge=0)
+    batch_size: int = Field(4, ge=1)
+    num_workers: int = Field(8, ge=0)
     mal: dict | None = None
     grounding_dino: dict | None = None
     video_reasoning_annotation: dict | None = None
@@ -196,9 +234,30 @@ def _key_lines(text: str) -> dict[str, int]:
     return out
 
 
-def _format_errors(exc: ValidationError, source: str, lines: dict[str, int], overrides: set[str]) -> str:
+#: pydantic error types meaning "a list / a scalar where a mapping belongs" or the reverse.
+_SHAPE_ERRORS = {"model_type": "a mapping", "dict_type": "a mapping", "list_type": "a list"}
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "empty"
+    if isinstance(value, bool):
+        return f"the boolean {value} (YAML reads yes/no/on/off as booleans)"
+    for types, word in (((dict,), "a mapping"), ((list, tuple), "a list"), ((int, float), "a number"),
+                        ((str,), "a string")):
+        if isinstance(value, types):
+            return word
+    return f"a {type(value).__name__}"
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 5] + " ...]"
+
+
+def _format_errors(errors: list[dict], source: str, lines: dict[str, int], overrides: set[str]) -> str:
     msgs = []
-    for err in exc.errors():
+    for err in errors:
         loc = tuple(str(p) for p in err["loc"])
         dotted = ".".join(loc)
         where = source
@@ -206,16 +265,39 @@ def _format_errors(exc: ValidationError, source: str, lines: dict[str, int], ove
             where = "command-line override"
         elif dotted in lines:
             where = f"{source}:{lines[dotted]}"
+        value = err.get("input")
         if err["type"] == "extra_forbidden":
             parent = _model_at(loc[:-1])
             close = difflib.get_close_matches(loc[-1], _valid_keys(parent), n=1, cutoff=0.5)
             hint = f"; did you mean '{'.'.join((*loc[:-1], close[0]))}'?" if close else ""
             valid = ", ".join(_valid_keys(parent))
             msgs.append(f"{where}: unknown key '{dotted}'{hint} (valid here: {valid})")
+        elif err["type"] == "model_type":
+            keys = ", ".join(_valid_keys(_model_at(loc)))
+            msgs.append(f"{where}: '{dotted}' must be a mapping of its keys ({keys}), not {_kind(value)}: "
+                        f"{_short(value)}")
+        elif err["type"] in _SHAPE_ERRORS:
+            msgs.append(f"{where}: '{dotted}' must be {_SHAPE_ERRORS[err['type']]}, not {_kind(value)}: "
+                        f"{_short(value)}")
         else:
-            value = err.get("input")
-            msgs.append(f"{where}: '{dotted}' = {value!r}: {err['msg']}")
+            msgs.append(f"{where}: '{dotted}' = {_short(value)}: {err['msg']}")
     return "invalid spec:\n  " + "\n  ".join(msgs)
+
+
+def _check_shapes(data: Any, source: str, lines: dict[str, int], overrides: set[str]) -> None:
+    """Refuse a list (or a value) where the spec has a mapping, and the reverse, before merging.
+
+    OmegaConf cannot merge a list into a mapping: it raised a bare ``TypeError`` ("Cannot merge
+    incompatible container types") naming neither the key nor the file. Only the shape errors are
+    raised here; every other mistake is reported by the full validation after the merge.
+    """
+    try:
+        Spec.model_validate(data)
+    except ValidationError as exc:
+        # (An empty section, None, may still be filled by an override: the full validation decides.)
+        shape = [e for e in exc.errors() if e["type"] in _SHAPE_ERRORS and e.get("input") is not None]
+        if shape:
+            raise ConfigError(_format_errors(shape, source, lines, overrides)) from None
 
 
 def load_spec(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Spec:
@@ -236,22 +318,38 @@ def load_spec(path: str | Path | None = None, overrides: list[str] | tuple[str, 
         raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
     if loaded is not None and not isinstance(loaded, dict):
         raise ConfigError(f"{source}: the spec must be a mapping at the top level, not a {type(loaded).__name__}")
-    base = OmegaConf.create(loaded or {})
+    lines = _key_lines(text)
+    _check_shapes(loaded or {}, source, lines, set())
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.path=value")
+    keys = {o.split("=", 1)[0].strip() for o in overrides}
+    extra = OmegaConf.create({})
+    for item in overrides:  # one at a time, so an error names the override it is about
+        key = item.split("=", 1)[0].strip()
+        try:
+            one = OmegaConf.from_dotlist([item])
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"command-line override {item!r}: {exc}") from None
+        _check_shapes(OmegaConf.to_container(one, resolve=False), source, {}, {key})
+        try:
+            extra = OmegaConf.merge(extra, one)
+        except (OmegaConfBaseException, TypeError, ValueError) as exc:
+            raise ConfigError(f"command-line override {item!r} does not fit the overrides before it "
+                              f"({exc}): give '{key}' one value, as a whole") from None
     try:
-        merged = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(OmegaConf.create(loaded or {}), extra)
         data = OmegaConf.to_container(merged, resolve=True)
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"{source}: cannot apply overrides {list(overrides)}: {exc}") from exc
+    except (OmegaConfBaseException, TypeError, ValueError) as exc:
+        # TypeError/ValueError are OmegaConf's too, for shapes the checks above do not model
+        # (the free-form ``dict`` keys of TAO's other pipelines).
+        raise ConfigError(f"{source}: cannot apply the overrides {list(overrides)}: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the spec must be a mapping at the top level")
     try:
         return Spec.model_validate(data)
     except ValidationError as exc:
-        keys = {o.split("=", 1)[0].strip() for o in overrides}
-        raise ConfigError(_format_errors(exc, source, _key_lines(text), keys)) from None
+        raise ConfigError(_format_errors(exc.errors(), source, lines, keys)) from None
 
 
 def default_spec_yaml() -> str:

@@ -55,7 +55,9 @@ def test_bad_images_labels_and_answers(fleet, fleet_env, fake_vlm, tmp_path):
     workers = fleet.start(2, concurrency=4)
     results = tmp_path / "results"
     run = producer(fleet_env, "enqueue", *vlm_args(fake_vlm), "--image-dir", str(corpus.image_dir),
-                   "--label-dir", str(corpus.label_dir), "--results-dir", str(results), "--wait", "--timeout", "120")
+                   "--label-dir", str(corpus.label_dir), "--results-dir", str(results), "--wait", "--timeout", "120",
+                   check=False)
+    assert run.returncode == 3, f"some images failed: exit 3\n{run.stderr[-3000:]}"
 
     # -- seeding: counted, and every skipped line / unreadable image / stray label named.
     assert seed_summary(run.stderr) == badinput.EXPECTED_SEED
@@ -125,7 +127,8 @@ def test_input_annotations_jsonl_with_missing_and_outside_paths(fleet, fleet_env
     results = tmp_path / "results"
     run = producer(fleet_env, "enqueue", *vlm_args(fake_vlm, f"image_referring_expression.data."
                                                              f"input_annotations_jsonl={jsonl}"),
-                   "--results-dir", str(results), "--wait", "--timeout", "60")
+                   "--results-dir", str(results), "--wait", "--timeout", "60", check=False)
+    assert run.returncode == 3, f"some images failed: exit 3\n{run.stderr[-3000:]}"
 
     seeds = {r["image_id"]: r for r in read_jsonl(results / "seed_annotations.jsonl")}
     assert sorted(seeds) == ["inside", "missing_sized", "relative"]

@@ -132,7 +132,8 @@ def test_transient_errors_are_retried_and_a_permanent_one_fails_at_once(fleet, f
     fake_vlm.fail_next(2, 429, retry_after=2)
     fake_vlm.fail_next(3, 500)
     results = tmp_path / "results"
-    out = producer(fleet_env, "enqueue", *job(fake_vlm, data, results), "--wait", "--timeout", "90")
+    out = producer(fleet_env, "enqueue", *job(fake_vlm, data, results), "--wait", "--timeout", "90", check=False)
+    assert out.returncode == 3, f"one image failed: exit 3\n{out.stderr[-3000:]}"
 
     seeds = {r["image_id"]: r for r in seed_records(results)}
     fails = failures(results)
@@ -197,8 +198,10 @@ def test_retries_exhausted_record_every_attempt_then_retry_failed_finishes(fleet
 
     fake_vlm.answer_fn = broken_for_target
     results = tmp_path / "results"
-    producer(fleet_env, "enqueue", *job(fake_vlm, data, results, "image_referring_expression.vlm.max_retries=1"),
-             "--wait", "--timeout", "90")
+    first = producer(fleet_env, "enqueue",
+                     *job(fake_vlm, data, results, "image_referring_expression.vlm.max_retries=1"),
+                     "--wait", "--timeout", "90", check=False)
+    assert first.returncode == 3, f"one image failed: exit 3\n{first.stderr[-3000:]}"
 
     fails = failures(results)
     assert sorted((f["image_id"], f["step"]) for f in fails) == [(target.stem, 0), (target.stem, 1)], fails

@@ -167,7 +167,7 @@ def test_a_redis_that_does_not_come_back_ends_wait_with_a_clear_error(fleet_env,
         finally:
             cli.kill()
     err = cli.stderr()
-    assert rc == 4, err[-3000:]
+    assert rc == 7, err[-3000:]  # ExitCode.REDIS_UNREACHABLE
     assert "Traceback" not in err
     assert "is not answering" in err
     assert f"error: Redis at {server.url} has not answered for" in err
@@ -232,19 +232,19 @@ def test_redis_restarted_empty_after_enqueue_status_wait_and_finalize_say_what_t
         server = RedisServer(port=server.port).start()
 
         # A wait that saw the run: it says so and stops, instead of polling for ever.
-        assert watcher.wait(60, while_waiting=lambda: revive_crashed(fleet)) == 3, watcher.stderr()[-3000:]
+        assert watcher.wait(60, while_waiting=lambda: revive_crashed(fleet)) == 6, watcher.stderr()[-3000:]
         spec_path = results / "run.spec.yaml"
         resume = f"producer enqueue -c {spec_path}"
         for text in (watcher.stderr(), producer(env, "status", "--results-dir", str(results), check=False).stderr):
             assert "holds nothing for this run" in text and resume in text, text
             assert "Traceback" not in text
         st = producer(env, "status", "--results-dir", str(results), "--json", check=False)
-        assert st.returncode == 3
+        assert st.returncode == 6
         gone = json.loads(st.stdout)
         assert gone["in_redis"] is False and gone["resume"] == resume and gone["seeded"] == n
         # A wait started now never saw it, and stops too.
         late = producer(env, "wait", "--results-dir", str(results), "--timeout", "60", check=False)
-        assert late.returncode == 3 and resume in late.stderr
+        assert late.returncode == 6 and resume in late.stderr
 
         # Let the calls in flight finish and write their answers (warm shutdown), then read the files.
         fleet.stop_all()

@@ -201,7 +201,8 @@ def test_a_key_given_only_in_the_spec_is_not_sent_to_fleet_workers(fleet, fleet_
     with FakeVLM(api_key=spec_secret) as fake:
         run = producer(producer_env, "enqueue", *job(fake, data, results,
                                                     f"image_referring_expression.vlm.openai.api_key={spec_secret}"),
-                       "--wait", "--timeout", "60")
+                       "--wait", "--timeout", "60", check=False)
+        assert run.returncode == 4, f"every image failed: exit 4\n{run.stderr[-3000:]}"
         assert fake.stats()["status_counts"].get("401", 0) > 0 and "200" not in fake.stats()["status_counts"]
     fails = [json.loads(line) for line in (results / "failures.jsonl").read_text().splitlines()]
     assert fails and all(f["error"] == "PermanentClientError" and "OPENAI_API_KEY" in f["message"]

@@ -309,3 +309,87 @@ def test_default_spec_yaml_round_trips(tmp_path):
     assert set(data["image_referring_expression"]) == {"vlm", "workflow", "data"}
     p = write(tmp_path, text, "default.yaml")
     assert load_spec(p) == Spec()
+
+
+# --------------------------------------------------------------------------- issue 13, items 5 and 6
+
+
+@pytest.mark.parametrize(("typed", "expected"), [
+    ("off", "off"), ("Off", "off"), ("no", "off"), ("false", "off"),
+    ("on", "auto"), ("yes", "auto"), ("true", "auto"), ("auto", "auto"), ("AUTO", "auto"),
+])
+def test_structured_output_words_as_typed_in_yaml_and_on_the_command_line(tmp_path, typed, expected):
+    key = "image_referring_expression.vlm.structured_output"
+    assert load_spec(None, [f"{key}={typed}"]).ire.vlm.structured_output == expected
+    p = write(tmp_path, f"image_referring_expression:\n  vlm:\n    structured_output: {typed}\n")
+    assert load_spec(p).ire.vlm.structured_output == expected
+
+
+def test_word_keys_take_any_case_and_a_boolean_is_named_as_the_word_it_was():
+    spec = load_spec(None, ["image_referring_expression.vlm.backend=OpenAI",
+                            "image_referring_expression.workflow.output_format=Both",
+                            "image_referring_expression.vlm.box_format=XYXY_1000",
+                            "image_referring_expression.vlm.openai.model_name=m"])
+    assert (spec.ire.vlm.backend, spec.ire.workflow.output_format, spec.ire.vlm.box_format) == (
+        "openai", "both", "xyxy_1000")
+    with pytest.raises(ConfigError, match=r"'image_referring_expression.vlm.backend' = 'off': Input should be "
+                                          r"'gemini', 'openai' or 'offline'"):
+        load_spec(None, ["image_referring_expression.vlm.backend=no"])
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("vlm.openai.timeout=-1", "greater than 0"),
+    ("vlm.openai.timeout=0", "greater than 0"),
+    ("vlm.gemini.timeout=1e9", "less than or equal to 86400"),
+    ("vlm.gemini.timeout=nan", "finite number"),
+    ("vlm.openai.temperature=inf", "finite number"),
+    ("vlm.gemini.temperature=-0.1", "greater than or equal to 0"),
+    ("vlm.openai.temperature=2.5", "less than or equal to 2"),
+    ("vlm.gemini.max_output_tokens=0", "greater than or equal to 1"),
+    ("vlm.openai.max_tokens=-5", "greater than or equal to 1"),
+    ("vlm.gemini.thinking_budget=-2", "greater than or equal to -1"),
+    ("vlm.prices.input_per_million=-1", "greater than or equal to 0"),
+    ("workflow.max_workers=0", "greater than or equal to 1"),
+    ("workflow.long_video_sample_fps=0", "greater than 0"),
+    ("data.max_boxes_per_image=0", "greater than or equal to 1"),
+])
+def test_nonsense_numbers_are_refused_at_load_naming_the_key(override, message):
+    key, value = override.split("=")
+    with pytest.raises(ConfigError) as info:
+        load_spec(None, [f"image_referring_expression.{key}={value}"])
+    assert f"command-line override: 'image_referring_expression.{key}' = " in str(info.value)
+    assert message in str(info.value)
+
+
+def test_top_level_nonsense_numbers_are_refused_too(tmp_path):
+    p = write(tmp_path, "results_dir: /r\nbatch_size: 0\ngpu_ids: [-1]\n")
+    with pytest.raises(ConfigError) as info:
+        load_spec(p)
+    assert f"{p}:2: 'batch_size' = 0" in str(info.value) and f"{p}:3: 'gpu_ids.0' = -1" in str(info.value)
+
+
+@pytest.mark.parametrize("text", [
+    "image_referring_expression:\n  vlm:\n    - backend: openai\n",
+    "image_referring_expression:\n  vlm: openai\n",
+    "image_referring_expression: [vlm]\n",
+])
+def test_a_list_or_value_where_a_mapping_belongs_names_the_key_with_or_without_overrides(tmp_path, text):
+    p = write(tmp_path, text)
+    for overrides in ([], ["image_referring_expression.vlm.backend=openai", "results_dir=/r"]):
+        with pytest.raises(ConfigError) as info:  # was a bare TypeError from OmegaConf with overrides
+            load_spec(p, overrides)
+        assert f"{p}:" in str(info.value) and "must be a mapping of its keys" in str(info.value)
+
+
+def test_an_override_of_the_wrong_shape_is_named():
+    with pytest.raises(ConfigError, match=r"command-line override: 'image_referring_expression.vlm' must be a "
+                                          r"mapping of its keys \(backend, .*\), not a string: 'openai'"):
+        load_spec(None, ["image_referring_expression.vlm=openai"])
+    with pytest.raises(ConfigError, match=r"'image_referring_expression.workflow.steps' must be a list, not a "
+                                          r"mapping"):
+        load_spec(None, [f"{STEPS_KEY}=[0,1]", f"{STEPS_KEY}.x=1"])
+
+
+def test_an_empty_section_filled_by_an_override_still_loads(tmp_path):
+    p = write(tmp_path, "image_referring_expression:\n  vlm:\n")
+    assert load_spec(p, ["image_referring_expression.vlm.backend=offline"]).ire.vlm.backend == "offline"
