@@ -98,7 +98,7 @@ def check_binding(layout: Layout, bound_run: dict, spec: Spec) -> None:
         if changes:
             raise refusal(layout.root, bound, new, changes, whose=run)
         return
-    outside = _seed_outside(layout.seed, allowed_root(spec))
+    outside = _seed_outside(layout.seed.path, allowed_root(spec))
     if outside:
         raise InputsChanged(
             f"results_dir {layout.root} holds a seed (written before run.json recorded inputs) whose "

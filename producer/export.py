@@ -154,7 +154,7 @@ def ensure_final(results_dir: Path) -> str | None:
     if layout.final.exists():
         return None
     steps = [s for s in ALL_STEPS if layout.sink(s).path.exists()]
-    if not steps or not layout.seed.exists():
+    if not steps or not layout.seed.path.exists():
         raise ConfigError(f"{results_dir}: no annotations.jsonl and no step results to build it from "
                           "(is this a refexp results_dir? has the run started?)")
     from producer.status import finalize

@@ -28,7 +28,6 @@ from __future__ import annotations
 import functools
 import html
 import itertools
-import json
 import shutil
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from urllib.parse import quote
 import typer
 from PIL import Image, ImageDraw, ImageFont
 
+from producer.seed import iter_seed
 from worker.errors import ConfigError
 from worker.geometry import iou
 from worker.layout import Layout
@@ -106,14 +106,9 @@ class ImageView:
 
 
 def read_seed_ids(layout: Layout) -> list[str]:
-    if not layout.seed.exists():
-        raise ConfigError(f"{layout.root}: no {layout.seed.name}; is this a refexp results_dir?")
-    ids = []
-    with open(layout.seed, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                ids.append(json.loads(line)["image_id"])
-    return sorted(ids)
+    if not layout.seed.path.exists():
+        raise ConfigError(f"{layout.root}: no {layout.seed.path.name}; is this a refexp results_dir?")
+    return sorted(rec["image_id"] for _, rec in iter_seed(layout.seed))
 
 
 def choose_ids(all_ids: list[str], images: Iterable[str] | None = None, sample: int = DEFAULT_SAMPLE) -> list[str]:
@@ -138,13 +133,9 @@ def load_views(layout: Layout, ids: list[str]) -> list[ImageView]:
     """Seed, step records (last line per image wins) and failures of the chosen images."""
     wanted = set(ids)
     views: dict[str, ImageView] = {}
-    with open(layout.seed, encoding="utf-8") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            rec = json.loads(line)
-            if rec["image_id"] in wanted:
-                views[rec["image_id"]] = ImageView(rec["image_id"], rec)
+    for _, rec in iter_seed(layout.seed):
+        if rec["image_id"] in wanted:
+            views[rec["image_id"]] = ImageView(rec["image_id"], rec)
     for step in STEP_NAMES:
         for _, rec in layout.sink(step).scan():
             view = views.get(rec["image_id"])

@@ -20,7 +20,7 @@ from worker.constants import SEED_FILE
 from worker.errors import ConfigError, InputError
 from worker.images import IMAGE_SUFFIXES, UNSUPPORTED_SUFFIXES, read_size
 from worker.kitti import cap_boxes, decode_label_bytes, parse_kitti
-from worker.sinks import dumps
+from worker.sinks import JsonlSink, dumps
 from worker.spec import Spec
 from worker.steps.records import SOURCE
 
@@ -446,10 +446,8 @@ def write_seed(
     return final
 
 
-def iter_seed(path: Path) -> Iterator[tuple[int, dict]]:
-    """``(offset, record)`` for every line of a seed file."""
-    offset = 0
-    with open(path, "rb") as f:
-        for line in f:
-            yield offset, json.loads(line)
-            offset += len(line)
+def iter_seed(seed: JsonlSink | Path) -> Iterator[tuple[int, dict]]:
+    """``(offset, record)`` for every record of a seed file, read as every sink is read
+    (``JsonlSink.scan``: a blank, torn or foreign line is skipped, not a crash)."""
+    sink = seed if isinstance(seed, JsonlSink) else JsonlSink(seed)
+    yield from sink.scan()

@@ -98,7 +98,7 @@ def gone_report(layout: Layout, run_id: str, redis_url: str) -> dict:
     """
     from producer.runs import spec_file, steps_on_disk
 
-    seeded = sum(1 for _ in iter_seed(layout.seed)) if layout.seed.exists() else 0
+    seeded = sum(1 for _ in iter_seed(layout.seed)) if layout.seed.path.exists() else 0
     sinks = {str(s): {"records": sum(1 for _ in layout.sink(s).scan())} for s in steps_on_disk(layout)}
     failures = sum(1 for _ in layout.failures.scan())
     spec = spec_file(layout)

@@ -7,7 +7,6 @@ recording are decided there from the exception ``execute`` lets through.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import re
 
@@ -43,25 +42,20 @@ class ValidText:
 
 
 def read_seed(ctx: RunContext, image_id: str, offset: int) -> dict:
-    """The seed record at ``offset``; falls back to a scan if the seed file was rewritten."""
-    path = ctx.layout.seed
+    """The seed record at ``offset``; falls back to a scan if the seed file was rewritten (a
+    resume with more images). An ``OSError`` is the results volume failing, and goes up as
+    such (the task retries); an image that is in no seed line is this image's failure."""
+    seed = ctx.layout.seed
     try:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            rec = json.loads(f.readline())
+        rec = seed.read_at(offset)
         if rec.get("image_id") == image_id:
             return rec
-    except (OSError, ValueError):
+    except ValueError:
         pass
-    try:
-        with open(path, "rb") as f:
-            for line in f:
-                rec = json.loads(line)
-                if rec.get("image_id") == image_id:
-                    return rec
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read the seed file ({exc})") from exc
-    raise InputError(f"{path}: image '{image_id}' is not in the seed file")
+    for _, rec in seed.scan():
+        if rec.get("image_id") == image_id:
+            return rec
+    raise InputError(f"{seed.path}: image '{image_id}' is not in the seed file")
 
 
 class Uncommitted(Exception):

@@ -18,8 +18,9 @@ class Layout:
     root: Path
 
     @property
-    def seed(self) -> Path:
-        return self.root / SEED_FILE
+    def seed(self) -> JsonlSink:
+        """One seed record per image; tasks read theirs at the offset their message carries."""
+        return JsonlSink(self.root / SEED_FILE)
 
     @property
     def final(self) -> Path:

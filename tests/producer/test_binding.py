@@ -124,7 +124,7 @@ def test_an_old_seed_of_other_images_binds_an_old_run_file(dirs):
     layout = Layout(dirs["results"])
     dirs["results"].mkdir()
     layout.run_file.write_text('{"run_id": "old0123"}\n')
-    layout.seed.write_text(json.dumps({"image_id": "a", "image_path": str(dirs["images"] / "a.png")}) + "\n")
+    layout.seed.path.write_text(json.dumps({"image_id": "a", "image_path": str(dirs["images"] / "a.png")}) + "\n")
     check_binding(layout, read_run_file(layout), spec(dirs))  # its own images: fine
     with pytest.raises(InputsChanged) as exc:
         check_binding(layout, read_run_file(layout), spec(dirs, images="other"))

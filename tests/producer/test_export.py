@@ -176,7 +176,7 @@ def offline_run(tmp_path: Path, n_images: int = 6) -> Layout:
     layout = Layout(tmp_path / "results")
     layout.root.mkdir()
     client = OfflineClient()
-    with open(layout.seed, "w", encoding="utf-8") as f:
+    with open(layout.seed.path, "w", encoding="utf-8") as f:
         for p in sorted(images.iterdir()):
             label = labels / f"{p.stem}.txt"
             boxes = parse_kitti(label.read_text() if label.exists() else "", width=1242, height=375).boxes

@@ -184,11 +184,11 @@ def test_a_refused_enqueue_touches_nothing_and_a_grown_image_dir_resumes(dirs, r
     bound = read_run_file(layout)
     assert bound["inputs"] == inputs_of(spec(dirs)) and bound["steps"] == [0, 1, 2, 3]
     assert bound["seed"]["images"] == 3 and len(bound["seed"]["sha256"]) == 64
-    seed_bytes, run_bytes = layout.seed.read_bytes(), layout.run_file.read_bytes()
+    seed_bytes, run_bytes = layout.seed.path.read_bytes(), layout.run_file.read_bytes()
 
     with pytest.raises(InputsChanged):
         submit(spec(dirs, "other"), redis_client)
-    assert layout.seed.read_bytes() == seed_bytes and layout.run_file.read_bytes() == run_bytes
+    assert layout.seed.path.read_bytes() == seed_bytes and layout.run_file.read_bytes() == run_bytes
     assert sorted(p.name for p in layout.root.iterdir()) == [".producer.lock", "run.json", "run.spec.yaml",
                                                              "seed_annotations.jsonl"]
 

@@ -73,7 +73,7 @@ def make_run(root: Path) -> Layout:
         _draw(images / f"{image_id}.png", boxes)
         seeds[image_id] = {"image_id": image_id, "image_path": str(images / f"{image_id}.png"), "width": W,
                            "height": H, "kitti_bboxes": boxes, "source": SOURCE, "pipeline_steps": []}
-    with open(layout.seed, "w", encoding="utf-8") as f:
+    with open(layout.seed.path, "w", encoding="utf-8") as f:
         for rec in seeds.values():
             f.write(dumps(rec) + "\n")
     layout.run_file.write_text('{"run_id": "test"}\n')

@@ -34,7 +34,7 @@ def run(tmp_path):
 
 
 def seed(layout: Layout, ids: list[str]) -> None:
-    with open(layout.seed, "w", encoding="utf-8") as f:
+    with open(layout.seed.path, "w", encoding="utf-8") as f:
         for i in ids:
             f.write(dumps({"image_id": i, "image_path": f"/img/{i}.png", "width": 10, "height": 10,
                            "kitti_bboxes": [], "source": "image_referring_expression", "pipeline_steps": []}) + "\n")

@@ -428,3 +428,15 @@ def test_input_jsonl_boxes_are_capped_too(tmp_path):
     (rec,) = [r for _, r in iter_seed(path)]
     assert rec["kitti_bboxes"] == [[1, 2, 5, 6, "Car"], [1, 2, 6, 7, "Car"]]
     assert report.capped_boxes == 2 and f"{src}:1: 4 boxes" in report.problems[0]
+
+
+def test_a_seed_file_is_read_as_every_sink_is_a_blank_or_torn_line_is_skipped(tmp_path):
+    """Issue 14: the seed was read four ways, and ``iter_seed`` crashed on a blank line."""
+    from producer.seed import iter_seed
+    from worker.layout import Layout
+
+    layout = Layout(tmp_path)
+    layout.seed.path.write_text('{"image_id":"a"}\n\n{"image_id":"b"}\n{"image_id":"c', encoding="utf-8")
+    got = list(iter_seed(layout.seed))
+    assert [(off, rec["image_id"]) for off, rec in got] == [(0, "a"), (18, "b")]
+    assert layout.seed.read_at(18)["image_id"] == "b"
