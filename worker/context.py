@@ -79,6 +79,10 @@ class BudgetedClient:
         self.budget = budget
         self.name = inner.name
 
+    @property
+    def structured_output(self) -> bool:
+        return bool(getattr(self.inner, "structured_output", False))
+
     def generate(self, request: VLMRequest) -> VLMResponse:
         with self.budget.slot():
             try:

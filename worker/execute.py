@@ -31,6 +31,10 @@ class ValidText:
     def __init__(self, inner: VLMClient, image_id: str):
         self.inner, self.image_id, self.name = inner, image_id, inner.name
 
+    @property
+    def structured_output(self) -> bool:
+        return bool(getattr(self.inner, "structured_output", False))
+
     def generate(self, request: VLMRequest) -> VLMResponse:
         response = self.inner.generate(request)
         text, n = _SURROGATE.subn("\ufffd", response.text or "")

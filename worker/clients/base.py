@@ -45,9 +45,14 @@ class VLMResponse:
 
 @runtime_checkable
 class VLMClient(Protocol):
-    """``generate(request) -> response``; raises the errors in ``worker.errors``."""
+    """``generate(request) -> response``; raises the errors in ``worker.errors``.
+
+    ``structured_output``: whether the client can send a response schema (Gemini's
+    ``response_json_schema``, OpenAI's ``response_format``); wrappers pass their inner client's on.
+    """
 
     name: str
+    structured_output: bool
 
     def generate(self, request: VLMRequest) -> VLMResponse: ...
 

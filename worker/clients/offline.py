@@ -571,6 +571,7 @@ class OfflineClient:
     """
 
     name = "offline"
+    structured_output = False  # it answers in the reference's text formats
 
     def __init__(self, vlm_spec: object | None = None) -> None:
         self.vlm_spec = vlm_spec

@@ -72,16 +72,8 @@ def _endpoint(client: VLMClient, options: StepOptions) -> str:
 
 
 def supports_structured(client: VLMClient) -> bool:
-    """Whether the client can send a response schema; wrappers (budget, text checks) that hold
-    the real client as ``inner`` are looked through."""
-    for _ in range(8):
-        value = getattr(client, "structured_output", None)
-        if value is not None:
-            return bool(value)
-        client = getattr(client, "inner", None)
-        if client is None:
-            return False
-    return False
+    """Whether the client can send a response schema (``VLMClient.structured_output``)."""
+    return bool(getattr(client, "structured_output", False))
 
 
 def checked_payload(record: dict, max_pixels: int) -> ImagePayload:
