@@ -20,6 +20,25 @@ from worker.settings import API_KEY_VARS
 API_KEYS = tuple(v for names in API_KEY_VARS.values() for v in names)
 
 
+@pytest.fixture(autouse=True)
+def fresh_process_caches():
+    """Every process-wide cache a worker keeps, emptied around each test, so no test sees another's
+    runs, clients, endpoint memories or Redis pools."""
+    from worker import context
+    from worker.clients import factory
+    from worker.steps.converse import forget_rejections
+
+    def reset() -> None:
+        context.forget_contexts()
+        context.state_redis.cache_clear()
+        factory.clear_cache()
+        forget_rejections()
+
+    reset()
+    yield
+    reset()
+
+
 @pytest.fixture(scope="session")
 def redis_url():
     url = os.environ.get("REFEXP_TEST_REDIS_URL")

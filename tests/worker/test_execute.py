@@ -1,0 +1,119 @@
+"""One image-step end to end, in process: ``execute`` and ``commit`` against a real Redis (the
+run state), a real results dir and the offline teacher as the client (network-free)."""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from worker.budget import FleetBudget
+from worker.clients.offline import OfflineClient
+from worker.context import RunContext
+from worker.execute import BLOCKED, DONE, SKIPPED, Uncommitted, commit, execute
+from worker.layout import Layout
+from worker.runstate import MARKS, Outcome, RunState
+from worker.sinks import JsonlSink, dumps
+from worker.spec import load_spec
+from worker.stepdefs import step_dir_name
+
+P = "image_referring_expression"
+
+
+class CountingClient(OfflineClient):
+    """The offline teacher, counting its calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def generate(self, request):
+        self.calls += 1
+        return super().generate(request)
+
+
+@pytest.fixture
+def ctx(tmp_path, redis_client, redis_url) -> RunContext:
+    image = tmp_path / "img.png"
+    Image.new("RGB", (200, 100), (90, 90, 90)).save(image)
+    results = tmp_path / "results"
+    spec = load_spec(None, [f"results_dir={results}", f"{P}.vlm.backend=offline",
+                            f"{P}.workflow.output_format=both"])
+    layout = Layout(results)
+    results.mkdir()
+    layout.seed.path.write_text(dumps({"image_id": "img", "image_path": str(image), "width": 200, "height": 100,
+                                       "kitti_bboxes": [[10.0, 10.0, 60.0, 80.0, "Car"]]}) + "\n")
+    state = RunState(redis_client, "run1")
+    budget = FleetBudget(redis_client, redis_url, endpoint_key="offline||", max_concurrency=4,
+                         requests_per_minute=0, lease_seconds=30)
+    c = RunContext(run_id="run1", spec=spec, layout=layout, state=state, budget=budget)
+    c._client = CountingClient()
+    state.mark_queued({"img": 0})
+    return c
+
+
+def run_all(ctx) -> list[str]:
+    return [execute(ctx, s, "img", 0) for s in (0, 1, 2, 3)]
+
+
+def test_each_step_writes_its_line_and_legacy_file_then_marks_done_and_the_image_settles(ctx):
+    assert run_all(ctx) == [DONE] * 4
+    for s in (0, 1, 2, 3):
+        offset = ctx.state.done_offset(s, "img")
+        assert ctx.layout.sink(s).read_at(offset)["image_id"] == "img"
+        assert ctx.layout.legacy_path(s, "img").exists()
+    assert ctx.state.queued_count() == 0  # settled by the last step's transaction
+    assert ctx.client.calls == 4
+
+
+def test_a_done_step_is_skipped_without_a_call(ctx):
+    run_all(ctx)
+    calls = ctx.client.calls
+    assert [execute(ctx, s, "img", 0) for s in (0, 1, 2, 3)] == [SKIPPED] * 4
+    assert ctx.client.calls == calls
+
+
+def test_a_step_whose_input_is_missing_is_blocked_without_a_call(ctx):
+    assert execute(ctx, 2, "img", 0) == BLOCKED
+    assert execute(ctx, 3, "img", 0) == BLOCKED
+    assert ctx.client.calls == 0
+    assert ctx.state.outcomes(["img"], [2, 3]) == {"img": {2: Outcome.BLOCKED, 3: Outcome.BLOCKED}}
+
+
+def test_an_answer_that_cannot_be_written_is_kept_and_written_later_without_a_second_call(ctx):
+    sink = ctx.layout.sink(0)
+    sink.path.parent.mkdir(parents=True, exist_ok=True)
+    sink.path.mkdir()  # the sink path is a directory: every append fails as on a broken volume
+    with pytest.raises(Uncommitted) as info:
+        execute(ctx, 0, "img", 0)
+    assert isinstance(info.value.cause, OSError) and info.value.cause.errno == errno.EISDIR
+    assert ctx.state.done_offset(0, "img") is None, "nothing is marked done before its line is on disk"
+    assert ctx.client.calls == 1
+    sink.path.rmdir()
+    assert commit(ctx, 0, "img", info.value.pending) == DONE
+    assert ctx.client.calls == 1
+    assert JsonlSink(sink.path).read_at(ctx.state.done_offset(0, "img"))["regions"]
+
+
+def test_run_state_outcomes_and_settling(redis_client):
+    state = RunState(redis_client, "run2")
+    state.mark_queued({"a": 10, "b": 20})
+    got = {i: (off, since > 0) for i, since, off in state.iter_queued()}
+    assert got == {"a": (10, True), "b": (20, True)}
+    state.mark_failed(0, "a", "boom")
+    state.mark_blocked(1, "a", "x")
+    assert state.settle_many(["a", "b"], [0, 1]) == 1  # a has an outcome for each step, b has none
+    assert [i for i, _, _ in state.iter_queued()] == ["b"]
+    assert state.finish(0, "b", 0, [0, 1]) is False
+    assert state.finish(1, "b", 5, [0, 1]) is True
+    assert state.queued_count() == 0
+    assert state.counts([0, 1]) == {0: {"done": 1, "failed": 1, "blocked": 0}, 1: {"done": 1, "failed": 0, "blocked": 1}}
+    assert [str(k) for k in MARKS] == ["done", "failed", "blocked"]
+
+
+def test_the_step_directories_follow_the_table(tmp_path):
+    layout = Layout(Path(tmp_path))
+    assert [layout.sink(s).path.parent.name for s in (0, 1, 2, 3)] == [step_dir_name(s) for s in (0, 1, 2, 3)] == [
+        "step_0_region_expr", "step_1_image_caption", "step_2_grounding_expr", "step_3_double_check"]
