@@ -109,7 +109,8 @@ def test_run_state_outcomes_and_settling(redis_client):
     assert state.finish(0, "b", 0, [0, 1]) is False
     assert state.finish(1, "b", 5, [0, 1]) is True
     assert state.queued_count() == 0
-    assert state.counts([0, 1]) == {0: {"done": 1, "failed": 1, "blocked": 0}, 1: {"done": 1, "failed": 0, "blocked": 1}}
+    assert state.counts([0, 1]) == {0: {"done": 1, "failed": 1, "blocked": 0},
+                                    1: {"done": 1, "failed": 0, "blocked": 1}}
     assert [str(k) for k in MARKS] == ["done", "failed", "blocked"]
 
 
