@@ -237,8 +237,9 @@ def _finalize_and_report(layout: Layout, steps: list[int], prices: dict | None =
     """Finalize, print what was written and why images are missing; return the exit code.
 
     ``retry``: how to try the failed images again (default: ``producer retry-failed``)."""
-    from producer.status import finalize, format_usage
+    from producer.finalize import finalize
     from producer.summary import commonest_failures
+    from producer.usage import format_usage
 
     rep = finalize(layout, steps, prices, seed_failed=seed_failed)
     if rep.stale_removed:
@@ -365,7 +366,8 @@ def _join(busy: Busy, holder: Holder, client: redis.Redis, lock: ResultsLock, *,
     the lock (the caller resumes the enqueue); else the exit code.
     """
     from producer.pipeline import watch_joined
-    from producer.status import RunNotInRedis, run_prices
+    from producer.status import RunNotInRedis
+    from producer.usage import run_prices
     from worker.layout import Layout
     from worker.runstate import RunState
 
@@ -479,9 +481,9 @@ def _run_held(s: Spec, server, client: redis.Redis, held: Claim, *, quiet: bool)
     os.environ.pop("CELERY_BROKER_URL", None)
     os.environ.pop("CELERY_RESULT_BACKEND", None)
     os.environ.pop("REFEXP_STATE_URL", None)
+    from producer.finalize import finalize
     from producer.local import LocalWorker
     from producer.pipeline import submit, wait
-    from producer.status import finalize
     from worker.app import repoint
 
     repoint(url)
@@ -596,7 +598,7 @@ def wait(
         meta = state.meta()
         seed_failed = int(meta.get("seed_failed", 0))
         if finalize_:
-            from producer.status import run_prices
+            from producer.usage import run_prices
 
             code = _finalize_and_report(layout, meta.get("steps", []), run_prices(state, meta),
                                         seed_failed=seed_failed)

@@ -98,23 +98,37 @@ def enqueue(
                 report.already_done += 1
                 continue
             todo.append((offset, image_id, remaining))
-        while todo:
-            room = wait_for_window(run.state, max_inflight, on_wait=on_wait)
-            chunk, todo = todo[:room], todo[room:]
-            publish_chunk(run, chunk, steps, force, publisher)
-            report.enqueued += len(chunk)
+        report.enqueued += dispatch(run.state, run.ref, todo, steps, publisher, max_inflight=max_inflight,
+                                    force=force, on_wait=on_wait)
         if progress is not None:
             progress(len(batch))
     return report
 
 
-def publish_chunk(run: Run, chunk: list[tuple[int, str, list[int]]], steps: list[int], force: bool,
-                  publisher: Publisher) -> None:
+Todo = list[tuple[int, str, list[int]]]  # (seed offset, image_id, steps to run)
+
+
+def dispatch(state: RunState, run_ref: str, todo: Todo, steps: list[int], publisher: Publisher, *,
+             max_inflight: int, force: bool = False, on_wait: OnWait | None = None) -> int:
+    """The one way images go out (``enqueue``, ``retry-failed``): in chunks that fit the window,
+    each published before it is marked in flight (``publish_chunk``, which the reconciler uses
+    alone: the images it puts back hold their places in the window already). Returns how many."""
+    sent = 0
+    while todo:
+        room = wait_for_window(state, max_inflight, on_wait=on_wait)
+        chunk, todo = todo[:room], todo[room:]
+        publish_chunk(state, run_ref, chunk, steps, publisher, force=force)
+        sent += len(chunk)
+    return sent
+
+
+def publish_chunk(state: RunState, run_ref: str, chunk: Todo, steps: list[int], publisher: Publisher, *,
+                  force: bool = False) -> None:
     """Clear old outcomes, publish, then mark in flight (in that order: a producer killed between
     the publish and the mark causes at most a duplicate message, never a lost image), then settle
     the images a fast worker finished before the mark."""
     for s in steps:
-        run.state.clear_attempt(s, [image_id for _, image_id, r in chunk if s in r], done=force)
-    publisher.publish([(remaining, run.ref, image_id, offset) for offset, image_id, remaining in chunk])
-    run.state.mark_queued({image_id: offset for offset, image_id, _ in chunk})
-    run.state.settle_many([image_id for _, image_id, _ in chunk], steps)
+        state.clear_attempt(s, [image_id for _, image_id, r in chunk if s in r], done=force)
+    publisher.publish([(remaining, run_ref, image_id, offset) for offset, image_id, remaining in chunk])
+    state.mark_queued({image_id: offset for offset, image_id, _ in chunk})
+    state.settle_many([image_id for _, image_id, _ in chunk], steps)

@@ -51,7 +51,7 @@ import typer
 
 from producer.preview import choose_ids
 from producer.seed import SeedReport, list_images, read_label, seed_from_jsonl
-from producer.status import call_cost
+from producer.usage import call_cost
 from worker.errors import ConfigError, InputError
 from worker.images import read_size
 from worker.kitti import cap_boxes, parse_kitti

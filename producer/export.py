@@ -157,7 +157,7 @@ def ensure_final(results_dir: Path) -> str | None:
     if not steps or not layout.seed.path.exists():
         raise ConfigError(f"{results_dir}: no annotations.jsonl and no step results to build it from "
                           "(is this a refexp results_dir? has the run started?)")
-    from producer.status import finalize
+    from producer.finalize import finalize
 
     rep = finalize(layout, steps)
     return (f"{layout.final.name} was missing: finalized it from the step sinks first (steps "

@@ -1,8 +1,9 @@
-"""``producer run``: the fleet's pipeline on one machine, with nothing to install or start.
+"""The in-process worker of ``producer run`` (the command itself is ``producer.cli.run_local``).
 
-An embedded real Redis (``producer.embedded``), the same Celery tasks on an in-process worker
-with a thread pool of ``workflow.max_workers``, the same enqueue, wait and finalize. Outputs
-are the fleet's, byte for byte, because every line of code that writes them is the same.
+``producer run`` is the fleet's pipeline on one machine: an embedded real Redis
+(``producer.embedded``), the same Celery tasks on this in-process worker with a thread pool of
+``workflow.max_workers``, the same enqueue, wait and finalize. Outputs are the fleet's, byte for
+byte, because every line of code that writes them is the same.
 """
 
 from __future__ import annotations

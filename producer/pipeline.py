@@ -9,17 +9,17 @@ from dataclasses import dataclass, field
 import redis
 
 from producer.binding import inputs_of
-from producer.enqueue import DEFAULT_MAX_INFLIGHT, EnqueueReport, OnWait, enqueue, wait_for_window
+from producer.enqueue import DEFAULT_MAX_INFLIGHT, EnqueueReport, OnWait, Todo, dispatch, enqueue
 from producer.guard import Claim, ResultsLock, claim
 from producer.outage import OUTAGE_ERRORS, RedisGaveUp, outage_of, patient_client
-from producer.publish import Publisher, auto_publishers, canvas
+from producer.publish import Publisher, auto_publishers
 from producer.runs import Run, describe_redis, open_run, prepare, update_run_file, write_spec_file
 from producer.seed import SeedReport, iter_seed, write_seed
 from producer.status import RunNotInRedis, status
 from worker.budget import endpoint_key
 from worker.constants import SEED_FILE
 from worker.layout import Layout
-from worker.runstate import RunState
+from worker.runstate import RunRef, RunState
 from worker.spec import Spec
 from worker.stepdefs import ALL_STEPS
 
@@ -274,22 +274,16 @@ def retry_failed(run_id: str, layout: Layout, state: RunState, *,
             first_failed[image_id] = min(first_failed.get(image_id, s), s)
     if not first_failed:
         return 0
-    run_ref = f"{run_id}:{spec_hash}"
-    n = 0
-    state.set_meta(enqueue_complete=False)
+    run_ref = str(RunRef(run_id, spec_hash))
+    todo: Todo = []
     for offset, rec in iter_seed(layout.seed):
         image_id = rec["image_id"]
-        if image_id not in first_failed:
-            continue
-        redo = [s for s in steps if s >= first_failed[image_id] and state.done_offset(s, image_id) is None]
-        if not redo:
-            continue
-        wait_for_window(state, max_inflight)
-        for s in redo:
-            state.clear_attempt(s, [image_id])
-        canvas(redo, run_ref, image_id, offset).apply_async()
-        state.mark_queued({image_id: offset})
-        state.settle_many([image_id], steps)  # it may have finished before the mark
-        n += 1
+        if image_id in first_failed:
+            redo = [s for s in steps if s >= first_failed[image_id] and state.done_offset(s, image_id) is None]
+            if redo:
+                todo.append((offset, image_id, redo))
+    state.set_meta(enqueue_complete=False)
+    with Publisher(1) as publisher:
+        n = dispatch(state, run_ref, todo, steps, publisher, max_inflight=max_inflight)
     state.set_meta(enqueue_complete=True)
     return n

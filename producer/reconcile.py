@@ -34,12 +34,13 @@ from pathlib import Path
 
 import redis
 
-from producer.publish import canvas
+from producer.enqueue import publish_chunk
+from producer.publish import Publisher
 from producer.seed import iter_seed
 from worker import settings
 from worker.keys import QUEUE, UNACKED, is_queue_list
 from worker.layout import Layout
-from worker.runstate import Outcome, RunState
+from worker.runstate import Outcome, RunRef, RunState
 
 log = logging.getLogger("refexp.producer")
 
@@ -161,23 +162,25 @@ class Reconciler:
         stranded = {i: off for i, off in now_suspect.items() if i in self.suspects}
         self.suspects = {i: off for i, off in now_suspect.items() if i not in stranded}
         if stranded:
-            self.requeue(stranded, steps, f"{self.state.run_id}:{meta['spec_hash']}",
+            self.requeue(stranded, steps, str(RunRef(self.state.run_id, meta["spec_hash"])),
                          {i: outcomes[i] for i in stranded})
         return len(stranded)
 
     def requeue(self, stranded: dict[str, int | None], steps: list[int], run_ref: str,
-                outcomes: dict[str, dict[int, str | None]]) -> None:
+                outcomes: dict[str, dict[int, Outcome | None]]) -> None:
+        """Publish the stranded images again for their steps without an outcome (and the blocked
+        ones), through ``enqueue.publish_chunk`` like every other publish."""
         offsets = _fill_offsets(self.state, stranded)
+        todo = []
         for image_id, offset in offsets.items():
             redo = [s for s in steps if outcomes[image_id][s] in (None, Outcome.BLOCKED)]
-            if not redo:
-                continue
-            for s in redo:
-                self.state.clear_attempt(s, [image_id])
-            canvas(redo, run_ref, image_id, offset).apply_async()
-            self.state.mark_queued({image_id: offset})
-            self.requeued += 1
-            log.warning("%s: in flight with no task anywhere; published again for steps %s", image_id, redo)
+            if redo:
+                todo.append((offset, image_id, redo))
+                log.warning("%s: in flight with no task anywhere; published again for steps %s", image_id, redo)
+        if todo:
+            with Publisher(1) as publisher:
+                publish_chunk(self.state, run_ref, todo, steps, publisher)
+            self.requeued += len(todo)
 
 
 def _fill_offsets(state: RunState, stranded: dict[str, int | None]) -> dict[str, int]:

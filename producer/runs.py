@@ -14,6 +14,7 @@ import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import redis
 import yaml
@@ -22,7 +23,7 @@ from producer.outage import CONNECT_TIMEOUT, SOCKET_TIMEOUT, Outage, patient_cli
 from worker import settings
 from worker.errors import ConfigError
 from worker.layout import Layout
-from worker.runstate import RunState
+from worker.runstate import RunRef, RunState
 from worker.sinks import write_atomic
 from worker.spec import Spec
 from worker.stepdefs import ALL_STEPS, STEP
@@ -41,7 +42,8 @@ class Run:
 
     @property
     def ref(self) -> str:
-        return f"{self.run_id}:{self.spec_hash}"
+        """The run reference every task message of this run carries (``RunRef``)."""
+        return str(RunRef(self.run_id, self.spec_hash))
 
 
 def spec_hash(public: dict, templates: dict[str, str] | None = None) -> str:
@@ -204,11 +206,19 @@ def run_layout(results_dir: str | Path) -> Layout:
     return layout
 
 
-def existing_run(results_dir: str | Path, client: redis.Redis) -> tuple[str, Layout, RunState]:
-    """The run living in ``results_dir`` (for status, wait, retry-failed)."""
+class ExistingRun(NamedTuple):
+    """A run found by its results dir (``producer status``, ``wait``, ``retry-failed``, ``repair``)."""
+
+    run_id: str
+    layout: Layout
+    state: RunState
+
+
+def existing_run(results_dir: str | Path, client: redis.Redis) -> ExistingRun:
+    """The run living in ``results_dir``."""
     layout = run_layout(results_dir)
     run_id = run_id_for(layout)
-    return run_id, layout, RunState(client, run_id)
+    return ExistingRun(run_id, layout, RunState(client, run_id))
 
 
 # --------------------------------------------------------------------------- the run's files

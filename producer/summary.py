@@ -21,7 +21,7 @@ from worker.layout import Layout
 from worker.sinks import write_atomic
 
 if TYPE_CHECKING:
-    from producer.status import FinalizeReport
+    from producer.finalize import FinalizeReport
 
 SUMMARY_FILE = "summary.json"
 FAILED_LISTED = 20  # failed image ids kept in the summary (the rest: failures.jsonl)
@@ -123,7 +123,7 @@ def format_local(local: LocalRun, summary_path: str) -> str:
     lines.append(f"  annotations: {s.get('annotations')}")
     usage = s.get("usage") or {}
     if usage.get("total", {}).get("calls"):
-        from producer.status import format_usage
+        from producer.usage import format_usage
 
         lines += format_usage(usage)
     return "\n".join(lines)

@@ -20,7 +20,7 @@ from worker.clients.base import VLMClient, VLMRequest, VLMResponse
 from worker.clients.factory import get_client
 from worker.errors import RateLimited
 from worker.layout import Layout
-from worker.runstate import RunState
+from worker.runstate import RunRef, RunState
 from worker.spec import Spec
 from worker.steps import StepOptions
 from worker.steps.prompts import load_prompts
@@ -97,17 +97,13 @@ class RunNotInRedis(Exception):
     message came from another Redis. Not a per-image failure: the task is retried later."""
 
 
-def split_ref(run_ref: str) -> tuple[str, str]:
-    run_id, _, spec_hash = run_ref.partition(":")
-    return run_id, spec_hash
-
-
 def get_context(run_ref: str) -> RunContext:
     with _LOCK:
         ctx = _CONTEXTS.get(run_ref)
         if ctx is not None:
             return ctx
-        run_id, spec_hash = split_ref(run_ref)
+        ref = RunRef.parse(run_ref)
+        run_id, spec_hash = ref.run_id, ref.spec_hash
         state = RunState(state_redis(), run_id)
         public = state.load_spec(spec_hash)
         if public is None:

@@ -12,11 +12,29 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from enum import StrEnum
 
 import redis
 
 from worker.keys import run_key
+
+
+@dataclass(frozen=True)
+class RunRef:
+    """What a task message names: the run, and the version of its spec the producer stored
+    (``"<run_id>:<spec_hash>"`` in the message). Built by the producer, parsed by the worker."""
+
+    run_id: str
+    spec_hash: str
+
+    def __str__(self) -> str:
+        return f"{self.run_id}:{self.spec_hash}"
+
+    @classmethod
+    def parse(cls, text: str) -> RunRef:
+        run_id, _, spec_hash = text.partition(":")
+        return cls(run_id, spec_hash)
 
 
 class Outcome(StrEnum):

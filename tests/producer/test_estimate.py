@@ -185,7 +185,8 @@ def test_run_step_records_the_call_usage(tmp_path):
 
 
 def test_finalize_drops_latency_and_sums_usage(tmp_path):
-    from producer.status import finalize, format_usage
+    from producer.finalize import finalize
+    from producer.usage import format_usage
 
     layout = make_run(tmp_path)
     final = layout.final.read_text()

@@ -164,7 +164,7 @@ def test_command(run, tmp_path):
 def offline_run(tmp_path: Path, n_images: int = 6) -> Layout:
     """The real step functions and the offline teacher on demo scenes, without Redis or Celery."""
     from producer.demo import make_demo_dataset
-    from producer.status import finalize
+    from producer.finalize import finalize
     from worker.clients.offline import OfflineClient
     from worker.kitti import parse_kitti
     from worker.sinks import dumps

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from producer.status import finalize
+from producer.finalize import finalize
 from worker.layout import Layout
 from worker.sinks import dumps
 

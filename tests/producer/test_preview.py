@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw, ImageStat
 
+from producer.finalize import finalize
 from producer.preview import (
     OKABE_ITO,
     PALETTE,
@@ -28,7 +29,6 @@ from producer.preview import (
     step3_changes,
     text_color,
 )
-from producer.status import finalize
 from worker.errors import ConfigError
 from worker.layout import Layout
 from worker.sinks import dumps

@@ -9,9 +9,10 @@ import json
 import fakeredis
 import pytest
 
+from producer.finalize import finalize, remove_stale_temps
 from producer.outage import Outage, RedisGaveUp
 from producer.runs import open_run, spec_file, steps_on_disk, stored_spec, write_spec_file
-from producer.status import finalize, format_gone, gone_report, remove_stale_temps
+from producer.status import format_gone, gone_report
 from worker.layout import Layout
 from worker.sinks import dumps
 from worker.spec import load_spec

@@ -1,0 +1,105 @@
+"""Tokens and cost: what a run's calls used, summed live (Redis) or from the sinks (the truth),
+priced with ``vlm.prices``."""
+
+from __future__ import annotations
+
+from worker.layout import Layout
+from worker.runstate import USAGE_FIELDS, RunState
+from worker.steps.records import PIPELINE_NAMES
+
+
+def run_prices(state: RunState, meta: dict | None = None) -> dict | None:
+    """The run's ``vlm.prices`` from the spec stored in Redis (None when there is none)."""
+    meta = state.meta() if meta is None else meta
+    spec = state.load_spec(meta["spec_hash"]) if meta.get("spec_hash") else None
+    return (((spec or {}).get("image_referring_expression") or {}).get("vlm") or {}).get("prices")
+
+
+# --------------------------------------------------------------------------- tokens and cost
+
+
+def call_cost(prices: dict | None, input_tokens: int, output_tokens: int, thinking_tokens: int = 0) -> float | None:
+    """What the tokens cost under ``vlm.prices``; None when there is no price table.
+
+    Image tokens are part of ``input_tokens`` (every API counts them in the prompt), and
+    thinking tokens are billed as output.
+    """
+    if not prices:
+        return None
+    pin, pout = float(prices.get("input_per_million") or 0), float(prices.get("output_per_million") or 0)
+    if not pin and not pout:
+        return None
+    return (input_tokens * pin + (output_tokens + thinking_tokens) * pout) / 1e6
+
+
+def usage_summary(per_step: dict[int, dict], prices: dict | None = None) -> dict:
+    """Totals and per-image / per-call averages from ``step -> {images, calls, <tokens>, latency_s}``.
+
+    ``images`` is how many images have a record for the step (those with no boxes made no call,
+    and count with 0 tokens in the per-image average).
+    """
+
+    def finish(c: dict) -> dict:
+        images, calls = c.get("images", 0), c.get("calls", 0)
+        out = {"images": images, "calls": calls, **{f: c.get(f, 0) for f in USAGE_FIELDS},
+               "latency_s": round(c.get("latency_s", 0.0), 3)}
+        for f in ("input_tokens", "output_tokens"):
+            out[f"{f}_per_image"] = round(out[f] / images, 1) if images else None
+        out["latency_s_per_call"] = round(out["latency_s"] / calls, 3) if calls else None
+        cost = call_cost(prices, out["input_tokens"], out["output_tokens"], out["thinking_tokens"])
+        if cost is not None:
+            out["cost"] = round(cost, 6)
+            out["cost_per_image"] = round(cost / images, 6) if images else None
+        return out
+
+    steps = {str(s): finish(c) for s, c in sorted(per_step.items())}
+    total: dict = {"images": max((c["images"] for c in steps.values()), default=0)}
+    for f in ("calls", *USAGE_FIELDS, "latency_s"):
+        total[f] = sum(c[f] for c in steps.values())
+    return {"steps": steps, "total": finish(total)}
+
+
+def usage_from_sinks(layout: Layout, steps: list[int], prices: dict | None = None) -> dict:
+    """Token usage per step from the step sinks (the record of every call that succeeded).
+
+    Every valid line counts as a call made (a forced re-run or a re-delivered task is a call paid
+    for); ``images`` counts distinct image ids. Calls whose answer could not be parsed left no
+    record and are not counted.
+    """
+    per_step: dict[int, dict] = {}
+    for s in steps:
+        name = PIPELINE_NAMES[s]
+        ids: set[str] = set()
+        c: dict = {"calls": 0, **dict.fromkeys(USAGE_FIELDS, 0), "latency_s": 0.0}
+        for _, rec in layout.sink(s).scan():
+            ids.add(rec["image_id"])
+            call = ((rec.get("meta") or {}).get(name) or {}).get("call")
+            if not call:
+                continue
+            c["calls"] += 1
+            for f in USAGE_FIELDS:
+                c[f] += int(call.get(f) or 0)
+            c["latency_s"] += float(call.get("latency_s") or 0)
+        per_step[s] = {"images": len(ids), **c}
+    return usage_summary(per_step, prices)
+
+
+def format_usage(usage: dict) -> list[str]:
+    """Human lines for a ``usage_summary``: per step and total, tokens and per-image averages."""
+
+    def line(label: str, c: dict) -> str:
+        text = (f"  {label:<7} {c['calls']:>7} calls  in {c['input_tokens']:>11,}  out {c['output_tokens']:>10,}")
+        if c["images"]:
+            text += f"  per image: in {c['input_tokens_per_image']:,.0f}, out {c['output_tokens_per_image']:,.0f}"
+        extras = [f"{f.split('_')[0]} {c[f]:,}" for f in ("image_tokens", "thinking_tokens") if c.get(f)]
+        if c.get("latency_s_per_call") is not None and label != "total":
+            extras.append(f"{c['latency_s_per_call']:.2f} s/call")
+        if "cost" in c:
+            extras.append(f"cost {c['cost']:,.4f}" + (f" ({c['cost_per_image']:.6f}/image)" if c.get("cost_per_image")
+                                                     is not None else ""))
+        return text + (f"  [{', '.join(extras)}]" if extras else "")
+
+    lines = ["  tokens (calls that succeeded):"]
+    lines += [line(f"step {s}", c) for s, c in usage["steps"].items()]
+    lines.append(line("total", usage["total"]))
+    return lines
