@@ -192,7 +192,7 @@ class _Progress:
 
 def _watch(state, timeout: float | None, *, hint: bool = True) -> dict:
     """Wait for the run, showing progress (``_Progress``); a timeout exits 5 (UNFINISHED)."""
-    from producer.pipeline import wait
+    from producer.submit import wait
 
     show = _Progress(hint=hint)
     try:
@@ -326,8 +326,8 @@ def enqueue(
 def _enqueue_held(s: Spec, client: redis.Redis, held: Claim, *, max_inflight: int, publishers: int, wait_: bool,
                   timeout: float | None) -> ExitCode:
     """``enqueue`` while this producer holds the results dir (the lock is kept until it returns)."""
-    from producer.pipeline import submit
     from producer.status import RunNotInRedis
+    from producer.submit import submit
 
     bars = _Bars()
     try:
@@ -365,8 +365,8 @@ def _join(busy: Busy, holder: Holder, client: redis.Redis, lock: ResultsLock, *,
     Returns None when that producer died before its enqueue was complete and this one now holds
     the lock (the caller resumes the enqueue); else the exit code.
     """
-    from producer.pipeline import watch_joined
     from producer.status import RunNotInRedis
+    from producer.submit import watch_joined
     from producer.usage import run_prices
     from worker.layout import Layout
     from worker.runstate import RunState
@@ -483,7 +483,7 @@ def _run_held(s: Spec, server, client: redis.Redis, held: Claim, *, quiet: bool)
     os.environ.pop("REFEXP_STATE_URL", None)
     from producer.finalize import finalize
     from producer.local import LocalWorker
-    from producer.pipeline import submit, wait
+    from producer.submit import submit, wait
     from worker.app import repoint
 
     repoint(url)
@@ -632,9 +632,9 @@ def retry_failed_cmd(results_dir: RequiredResults, max_inflight: MaxInflight = 5
     """Re-enqueue only the failed image-steps (and the steps after them)."""
     from producer.guard import hold
     from producer.outage import harden_publishing
-    from producer.pipeline import retry_failed
     from producer.runs import connect, existing_run
     from producer.status import RunNotInRedis
+    from producer.submit import retry_failed
     from worker.app import app as celery_app
 
     with user_errors():
@@ -657,9 +657,9 @@ def repair(
                                     "visibility timeout REFEXP_VISIBILITY_TIMEOUT, at most 300).")] = None,
 ) -> None:
     """Put back images in flight that nothing will ever move again (no task queued or held)."""
-    from producer.pipeline import broker_client
     from producer.reconcile import repair as do_repair
     from producer.runs import connect, existing_run
+    from producer.submit import broker_client
 
     with user_errors():
         _, _, state = existing_run(results_dir, connect())

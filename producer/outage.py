@@ -9,7 +9,7 @@ with exponential backoff, for up to ``patience()`` seconds (15 min by default), 
 when Redis stops answering and one when it answers again, instead of a traceback.
 
 Publishing goes through kombu and the result backend, which get the same socket timeout and give
-up quickly (``publishing_conf``); ``pipeline.submit`` then resumes the enqueue (``OUTAGE_ERRORS``)
+up quickly (``publishing_conf``); ``submit.submit`` then resumes the enqueue (``OUTAGE_ERRORS``)
 once this client sees Redis answer again.
 """
 
@@ -186,7 +186,7 @@ def publishing_conf(app) -> dict:
     socket timeout is none) nor block silently for long (the result backend, which a chord
     publish goes through for its counter, waits 120 s per try, 20 tries): both get the state
     client's socket timeout, and the backend gives up at once, so the enqueue's own loop
-    (``pipeline._enqueue_through_outages``) notes the outage, waits for Redis and goes on.
+    (``submit._enqueue_through_outages``) notes the outage, waits for Redis and goes on.
     kombu keeps Celery's default publish retry policy (three quick tries).
     """
     backend_options = dict(app.conf.result_backend_transport_options or {})

@@ -19,9 +19,9 @@ from worker.settings import REDIS_SOCKET_TIMEOUT
 
 
 def _backend_url(url: str) -> str:
-    """Route Redis result URLs through ``RefexpRedisBackend`` (see worker/backend.py)."""
+    """Route Redis result URLs through ``RefexpRedisBackend`` (see worker/result_backend.py)."""
     if url.startswith(("redis://", "rediss://", "unix://")):
-        return f"worker.backend:RefexpRedisBackend+{url}"
+        return f"worker.result_backend:RefexpRedisBackend+{url}"
     return url
 
 

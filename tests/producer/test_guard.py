@@ -174,7 +174,7 @@ def test_commands_that_cannot_join_are_refused(dirs, redis_client):
 
 
 def test_a_refused_enqueue_touches_nothing_and_a_grown_image_dir_resumes(dirs, redis_client, redis_url):
-    from producer.pipeline import submit
+    from producer.submit import submit
     from worker.app import repoint
 
     repoint(redis_url)

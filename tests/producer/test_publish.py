@@ -10,8 +10,8 @@ from collections import Counter
 
 import pytest
 
-from producer.pipeline import submit
 from producer.publish import AUTO_MIN_IMAGES, Publisher, auto_publishers
+from producer.submit import submit
 from worker.spec import load_spec
 
 P = "image_referring_expression"

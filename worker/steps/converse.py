@@ -42,7 +42,7 @@ from worker.images import DEFAULT_MAX_PIXELS, ImagePayload, load_payload
 from worker.stepdefs import StepDef
 from worker.steps.options import STRUCTURED, TEXT, AnswerContext, StepOptions
 from worker.steps.prompts import template_for
-from worker.steps.structured import schema_for
+from worker.steps.schemas import schema_for
 
 log = logging.getLogger("refexp.steps")
 

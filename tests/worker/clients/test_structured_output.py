@@ -16,7 +16,7 @@ from worker.steps import input_record, run_step
 from worker.steps.converse import forget_rejections
 from worker.steps.options import StepOptions
 from worker.steps.prompts import STRUCTURED_TEMPLATES, load_prompts
-from worker.steps.structured import REGIONS
+from worker.steps.schemas import REGIONS
 
 KEY = "gk-test-0123456789abcdef"
 
