@@ -7,12 +7,10 @@ one policy for every command: ``producer/exitcodes.py``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn
 
@@ -23,7 +21,7 @@ from producer import estimate as estimate_cmd
 from producer import export as export_cmd
 from producer import preview as preview_cmd
 from producer.exitcodes import HELP as EXIT_CODES_HELP
-from producer.exitcodes import ExitCode, for_images
+from producer.exitcodes import ExitCode, fail, for_images, user_errors
 from worker.errors import ConfigError, PermanentClientError
 from worker.spec import Spec, default_spec_yaml, load_spec
 
@@ -46,24 +44,6 @@ ResultsDir = Annotated[Path | None, typer.Option("--results-dir", help="= result
 RequiredResults = Annotated[Path, typer.Option("--results-dir", help="The run's results_dir.")]
 MaxInflight = Annotated[int, typer.Option("--max-inflight", min=1,
                                           help="Images enqueued but not finished, at most.")]
-
-
-def _fail(message: str, code: ExitCode = ExitCode.USAGE) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
-
-
-@contextlib.contextmanager
-def user_errors() -> Iterator[None]:
-    from producer.outage import OUTAGE_ERRORS
-
-    try:
-        yield
-    except ConfigError as exc:
-        _fail(str(exc))
-    except OUTAGE_ERRORS as exc:
-        _fail(f"{exc}\n  nothing is lost: once Redis answers again, run the same command to go on",
-              ExitCode.REDIS_UNREACHABLE)
 
 
 def _run_gone(layout, run_id: str, *, as_json: bool = False) -> NoReturn:
@@ -198,7 +178,7 @@ def _watch(state, timeout: float | None, *, hint: bool = True) -> dict:
     try:
         return wait(state, timeout=timeout, on_status=show)
     except TimeoutError as exc:
-        _fail(f"{exc}; it goes on: `producer wait --results-dir ...` watches it again", ExitCode.UNFINISHED)
+        fail(f"{exc}; it goes on: `producer wait --results-dir ...` watches it again", ExitCode.UNFINISHED)
     finally:
         show.close()
 
@@ -384,7 +364,7 @@ def _join(busy: Busy, holder: Holder, client: redis.Redis, lock: ResultsLock, *,
     except RunNotInRedis:
         _run_gone(Layout(busy.root), holder.run_id)
     except TimeoutError as exc:
-        _fail(str(exc), ExitCode.UNFINISHED)
+        fail(str(exc), ExitCode.UNFINISHED)
     except KeyboardInterrupt:
         _stopped_watching(busy.root)
     finally:
@@ -620,7 +600,7 @@ def finalize(results_dir: RequiredResults) -> None:
         layout = run_layout(results_dir)
         steps = steps_on_disk(layout)
         if not steps:
-            _fail(f"{layout.root}: no step results to finalize (no steps in {layout.run_file.name}, no stored "
+            fail(f"{layout.root}: no step results to finalize (no steps in {layout.run_file.name}, no stored "
                   "spec, no step sink); has the run been enqueued?")
         spec = stored_spec(layout)
         code = _finalize_and_report(layout, steps, spec.ire.vlm.prices.model_dump() if spec else None)

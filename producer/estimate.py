@@ -49,6 +49,7 @@ from typing import Annotated
 
 import typer
 
+from producer.exitcodes import user_errors
 from producer.preview import choose_ids
 from producer.seed import SeedReport, list_images, read_label, seed_from_jsonl
 from producer.usage import call_cost
@@ -463,12 +464,9 @@ def register(app: typer.Typer) -> None:
             extra.append(f"image_referring_expression.data.image_dir={image_dir}")
         if label_dir is not None:
             extra.append(f"image_referring_expression.data.kitti_label_dir={label_dir}")
-        try:
+        with user_errors():
             s = load_spec(spec, extra)
             e = estimate(s, sample=sample, from_results=from_results)
-        except ConfigError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2) from None
         if json_:
             typer.echo(json.dumps(asdict(e)))
         else:

@@ -7,7 +7,14 @@ below is printed by ``producer --help`` and copied in the README.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from enum import IntEnum
+from typing import NoReturn
+
+import typer
+
+from worker.errors import ConfigError
 
 
 class ExitCode(IntEnum):
@@ -52,3 +59,24 @@ HELP = ("Exit codes: 0 every image done (or already done; enqueue without --wait
         "1 unexpected error (a bug); 2 usage or config error; 3 finished with some images failed; "
         "4 nothing seeded or every image failed; 5 --timeout passed before the run finished; "
         "6 Redis holds nothing for the run; 7 Redis did not answer within REFEXP_REDIS_PATIENCE; 130 interrupted.")
+
+
+def fail(message: str, code: ExitCode = ExitCode.USAGE) -> NoReturn:
+    """Say ``error: <message>`` on stderr and exit with ``code``: every command's way out."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Every command's body runs in this: a user's mistake (``ConfigError``) exits 2 with one
+    clear line, Redis gone for longer than the producer's patience exits 7, never a traceback."""
+    from producer.outage import OUTAGE_ERRORS
+
+    try:
+        yield
+    except ConfigError as exc:
+        fail(str(exc))
+    except OUTAGE_ERRORS as exc:
+        fail(f"{exc}\n  nothing is lost: once Redis answers again, run the same command to go on",
+             ExitCode.REDIS_UNREACHABLE)

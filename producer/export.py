@@ -47,6 +47,7 @@ from typing import Annotated
 
 import typer
 
+from producer.exitcodes import user_errors
 from worker.errors import ConfigError
 from worker.layout import Layout
 from worker.sinks import dumps
@@ -379,12 +380,9 @@ def register(app: typer.Typer) -> None:
         = False,
     ) -> None:
         """Export annotations.jsonl as ODVG (Grounding DINO), RefCOCO-style or COCO detection JSON."""
-        try:
+        with user_errors():
             rep = export(results_dir, fmt, out, phrases=phrases, image_root_dir=image_root_dir,
                          absolute_paths=absolute_paths)
-        except ConfigError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2) from None
         if rep.note:
             typer.echo(f"note: {rep.note}", err=True)
         typer.echo(f"wrote {rep.path} ({fmt}): {rep.summary()}")

@@ -38,6 +38,7 @@ from urllib.parse import quote
 import typer
 from PIL import Image, ImageDraw, ImageFont
 
+from producer.exitcodes import user_errors
 from producer.seed import iter_seed
 from worker.errors import ConfigError
 from worker.geometry import iou
@@ -824,11 +825,8 @@ def register(app: typer.Typer) -> None:
         = None,
     ) -> None:
         """Draw each image's steps as PNG panels and write an index.html gallery (opens from disk)."""
-        try:
+        with user_errors():
             rep = build_preview(results_dir, out, images=images.split(",") if images else None, sample=sample)
-        except ConfigError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2) from None
         typer.echo(f"wrote {rep.panels} panels for {rep.images} of {rep.total} images; open {rep.index.as_uri()}")
 
 
