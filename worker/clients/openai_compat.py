@@ -18,7 +18,7 @@ import openai
 
 from worker import settings
 from worker.clients.base import VLMRequest, VLMResponse, check_answer
-from worker.clients.http import Endpoint, map_status, not_the_api, retry_after_from_headers, strip_thinking
+from worker.clients.replies import Endpoint, map_status, not_the_api, retry_after_from_headers, strip_thinking
 from worker.errors import ClientError, EmptyAnswer, PermanentClientError
 from worker.spec import OpenAISpec
 

@@ -1,4 +1,4 @@
-"""What every HTTP backend shares: the server's wait hint, reasoning tags, and one mapping of an
+"""How every HTTP backend reads an endpoint's replies: the server's wait hint, reasoning tags, and one mapping of an
 HTTP status onto ``worker.errors`` (with messages that say what to fix, and no key in them)."""
 
 from __future__ import annotations
