@@ -15,8 +15,9 @@ import re
 
 from worker.errors import ParseError
 from worker.stepdefs import for_module
+from worker.steps.jsonrepair import decode_json
 from worker.steps.options import AnswerContext
-from worker.steps.parsing import MAX_ANSWER_CHARS, collapse_repeats, decode_json, strip_reasoning
+from worker.steps.parsing import MAX_ANSWER_CHARS, collapse_repeats, strip_reasoning
 from worker.steps.quality import new_quality
 from worker.steps.records import with_step
 
