@@ -19,8 +19,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from producer.publish import Publisher
-from producer.runs import Run
 from producer.seed import iter_seed
+from worker.run import Run
 from worker.runstate import RunState
 
 BATCH = 200

@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -23,27 +22,12 @@ from producer.outage import CONNECT_TIMEOUT, SOCKET_TIMEOUT, Outage, patient_cli
 from worker import settings
 from worker.errors import ConfigError
 from worker.layout import Layout
-from worker.runstate import RunRef, RunState
+from worker.run import Run
+from worker.runstate import RunState
 from worker.sinks import write_atomic
 from worker.spec import Spec
 from worker.stepdefs import ALL_STEPS, STEP
 from worker.steps.prompts import load_prompts
-
-
-@dataclass
-class Run:
-    run_id: str
-    spec: Spec
-    layout: Layout
-    state: RunState
-    spec_hash: str
-    #: The prompt templates checked at enqueue; stored with the spec for the workers.
-    templates: dict[str, str] | None = None
-
-    @property
-    def ref(self) -> str:
-        """The run reference every task message of this run carries (``RunRef``)."""
-        return str(RunRef(self.run_id, self.spec_hash))
 
 
 def spec_hash(public: dict, templates: dict[str, str] | None = None) -> str:

@@ -20,6 +20,7 @@ from worker.clients.base import VLMClient, VLMRequest, VLMResponse
 from worker.clients.factory import get_client
 from worker.errors import RateLimited
 from worker.layout import Layout
+from worker.run import Run
 from worker.runstate import RunRef, RunState
 from worker.spec import Spec
 from worker.steps import StepOptions
@@ -39,23 +40,21 @@ def state_redis() -> redis.Redis:
 
 
 @dataclass
-class RunContext:
-    run_id: str
-    spec: Spec
-    layout: Layout
-    state: RunState
-    budget: FleetBudget
-    stored_templates: dict[str, str] | None = None
+class RunContext(Run):
+    """A worker's ``Run``: the producer's, rebuilt from Redis, with this process's client and the
+    fleet budget."""
+
+    budget: FleetBudget | None = None
     _client: VLMClient | None = None
 
     @functools.cached_property
-    def templates(self) -> dict[str, str]:
+    def prompts(self) -> dict[str, str]:
         """The prompt templates the producer checked and stored with the run; a run enqueued by an
         older producer (none stored) reads ``workflow.prompts_file`` here. Loaded on first use, so
         a bad file is a ``ConfigError`` of the task (recorded as the image-step's failure), not
         an error while building the context, where there is nowhere to record it."""
-        if self.stored_templates is not None:
-            return self.stored_templates
+        if self.templates is not None:
+            return self.templates
         return load_prompts(self.spec.ire.workflow.prompts_file)
 
     @functools.cached_property
@@ -124,8 +123,9 @@ def get_context(run_ref: str) -> RunContext:
             spec=spec,
             layout=Layout(Path(spec.results_dir)),
             state=state,
+            spec_hash=spec_hash,
+            templates=state.load_prompts(spec_hash),
             budget=budget,
-            stored_templates=state.load_prompts(spec_hash),
         )
         _CONTEXTS[run_ref] = ctx
         return ctx

@@ -98,7 +98,7 @@ def execute(ctx: RunContext, step: int, image_id: str, seed_offset: int) -> str:
         return BLOCKED
     seed = read_seed(ctx, image_id, seed_offset) if d.reads_seed else {}
     record = input_record(step, seed, upstream)
-    outcome = run_step(step, record, ValidText(ctx.client, image_id), ctx.templates,
+    outcome = run_step(step, record, ValidText(ctx.client, image_id), ctx.prompts,
                        max_pixels=ctx.spec.ire.vlm.max_image_pixels, options=ctx.options)
     pending = {"record": outcome.record, "legacy": outcome.legacy}
     try:

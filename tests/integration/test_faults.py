@@ -371,7 +371,7 @@ def test_redis_restart_mid_run_with_aof(fleet_env, fake_vlm, data, tmp_path):
 
 def test_producer_killed_mid_enqueue_rerun_finishes_without_duplicates(fleet, fleet_env, fake_vlm, tmp_path,
                                                                          redis_url):
-    n = 260  # more than one 200-image batch: the second waits for the window
+    n = 80  # the window of 2 holds the producer mid-enqueue
     images = tiny_images(tmp_path / "images", n)
     fleet.start(2, concurrency=8)
     fake_vlm.latency = 0.05

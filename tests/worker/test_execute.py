@@ -48,7 +48,7 @@ def ctx(tmp_path, redis_client, redis_url) -> RunContext:
     state = RunState(redis_client, "run1")
     budget = FleetBudget(redis_client, redis_url, endpoint_key="offline||", max_concurrency=4,
                          requests_per_minute=0, lease_seconds=30)
-    c = RunContext(run_id="run1", spec=spec, layout=layout, state=state, budget=budget)
+    c = RunContext(run_id="run1", spec=spec, layout=layout, state=state, spec_hash="h", budget=budget)
     c._client = CountingClient()
     state.mark_queued({"img": 0})
     return c
