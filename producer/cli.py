@@ -8,30 +8,34 @@ one policy for every command: ``producer/exitcodes.py``.
 from __future__ import annotations
 
 import json
-import os
-import sys
-import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from tqdm import tqdm
 
 from producer import estimate as estimate_cmd
 from producer import export as export_cmd
 from producer import preview as preview_cmd
+from producer.console import (
+    Bars,
+    Progress,
+    WorkerHint,
+    finalize_and_report,
+    nothing_seeded,
+    on_seeded,
+    run_gone,
+    stopped_watching,
+    watch,
+)
 from producer.exitcodes import HELP as EXIT_CODES_HELP
 from producer.exitcodes import ExitCode, fail, for_images, user_errors
-from worker.errors import ConfigError, PermanentClientError
+from producer.local import run_local, spec_keys
 from worker.spec import Spec, default_spec_yaml, load_spec
 
 if TYPE_CHECKING:
     import redis
 
     from producer.guard import Busy, Claim, Holder, ResultsLock
-    from producer.seed import SeedReport
-    from worker.layout import Layout
-    from worker.runstate import RunState
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, epilog=EXIT_CODES_HELP,
                   help="refexp: KITTI-labelled images -> grounded referring expressions, with a VLM teacher.")
@@ -46,19 +50,6 @@ MaxInflight = Annotated[int, typer.Option("--max-inflight", min=1,
                                           help="Images enqueued but not finished, at most.")]
 
 
-def _run_gone(layout, run_id: str, *, as_json: bool = False) -> NoReturn:
-    """Redis holds nothing for the run: say what the results dir holds and what to run; exit 3."""
-    from producer.status import format_gone, gone_report
-    from worker import settings
-
-    report = gone_report(layout, run_id, settings.state_url())
-    if as_json:
-        typer.echo(json.dumps(report))
-    else:
-        typer.echo(format_gone(report), err=True)
-    raise typer.Exit(ExitCode.RUN_NOT_IN_REDIS)
-
-
 def _spec(spec: Path | None, overrides: list[str] | None, image_dir: Path | None,
           label_dir: Path | None, results_dir: Path | None) -> Spec:
     extra = list(overrides or [])
@@ -69,181 +60,6 @@ def _spec(spec: Path | None, overrides: list[str] | None, image_dir: Path | None
     if results_dir is not None:
         extra.append(f"results_dir={results_dir}")
     return load_spec(spec, extra)
-
-
-class _Bars:
-    """tqdm bars for the seeding/enqueueing phases."""
-
-    def __init__(self) -> None:
-        self.bars: dict[str, tqdm] = {}
-
-    def __call__(self, phase: str, advance: int, total: int | None) -> None:
-        bar = self.bars.get(phase)
-        if bar is None:
-            bar = self.bars[phase] = tqdm(total=total, desc=f"{phase:>8}", unit="img", file=sys.stderr,
-                                          dynamic_ncols=True, mininterval=0.5,
-                                          disable=not sys.stderr.isatty())
-        if total is not None and bar.total != total:
-            bar.total = total
-        bar.update(advance)
-
-    def close(self) -> None:
-        for bar in self.bars.values():
-            bar.close()
-
-
-class _WorkerHint:
-    """While the producer waits on workers and none has taken a task of this run, say so, and
-    which Redis the workers must use: first after ``first`` s, then every ``every`` s, on a
-    terminal or not. (A producer whose output was not a terminal printed nothing while its
-    window stayed full, not even the seed summary.)"""
-
-    def __init__(self, first: float = 10.0, every: float = 30.0) -> None:
-        self.first, self.every = first, every
-        self.start = time.monotonic()
-        self.next_at = self.start + first
-
-    def due(self) -> bool:
-        now = time.monotonic()
-        if now < self.next_at:
-            return False
-        self.next_at = now + self.every
-        return True
-
-    @staticmethod
-    def message(ever_seen: bool, in_flight: int) -> str:
-        from worker.settings import broker_source
-
-        since = "in the last 2 minutes" if ever_seen else "yet"
-        return (f"waiting for workers: none has taken a task of this run {since}; {in_flight} images in flight "
-                f"(is a worker running against {broker_source()}?)")
-
-    def say(self, text: str) -> None:
-        tqdm.write(text, file=sys.stderr)
-
-    def on_window(self, state: RunState, waited: float) -> None:
-        """``enqueue.wait_for_window``'s ``on_wait``: the window is full."""
-        if waited < self.first or not self.due() or state.workers_seen():
-            return
-        self.say(self.message(bool(state.workers_seen(window=float("inf"))), state.queued_count()))
-
-    def on_status(self, st: dict) -> None:
-        """From ``_Progress``: the run is being watched (``--wait``, ``wait``)."""
-        if st["finished"] or st["workers"] or not st["in_flight_images"]:
-            return
-        if self.due():
-            moved = any(c["done"] or c["failed"] for c in st["steps"].values())
-            self.say(self.message(moved, st["in_flight_images"]))
-
-
-class _Progress:
-    """Run progress: one bar per step on a terminal, a line every 10 s otherwise; and the
-    ``_WorkerHint`` when no worker takes the run's tasks (not for ``producer run``: its worker is
-    in this process)."""
-
-    def __init__(self, hint: bool = True) -> None:
-        self.bars: dict[str, tqdm] = {}
-        self.last = 0.0
-        self.hint = _WorkerHint() if hint else None
-
-    def __call__(self, st: dict) -> None:
-        if self.hint is not None:
-            self.hint.on_status(st)
-        if not sys.stderr.isatty():
-            now = time.monotonic()
-            if now - self.last >= 10 or st["finished"]:
-                self.last = now
-                parts = [f"step {s}: {c['done']} done, {c['failed']} failed" for s, c in st["steps"].items()]
-                typer.echo(f"[{st['images']} images] " + "; ".join(parts), err=True)
-            return
-        for s, c in st["steps"].items():
-            bar = self.bars.get(s)
-            if bar is None:
-                bar = self.bars[s] = tqdm(total=st["images"], desc=f"  step {s}", unit="img", file=sys.stderr,
-                                          dynamic_ncols=True, position=len(self.bars), leave=True)
-            bar.n = c["done"] + c["failed"] + c["blocked"]
-            bar.set_postfix(failed=c["failed"], refresh=False)
-            bar.refresh()
-
-    def close(self) -> None:
-        for bar in self.bars.values():
-            bar.close()
-
-
-def _watch(state, timeout: float | None, *, hint: bool = True) -> dict:
-    """Wait for the run, showing progress (``_Progress``); a timeout exits 5 (UNFINISHED)."""
-    from producer.submit import wait
-
-    show = _Progress(hint=hint)
-    try:
-        return wait(state, timeout=timeout, on_status=show)
-    except TimeoutError as exc:
-        fail(f"{exc}; it goes on: `producer wait --results-dir ...` watches it again", ExitCode.UNFINISHED)
-    finally:
-        show.close()
-
-
-def _print_seed(report: SeedReport, notes: list[str]) -> None:
-    typer.echo(report.summary(), err=True)
-    for p in report.problems[:20]:
-        typer.echo(f"  warning: {p}", err=True)
-    if len(report.problems) > 20:
-        typer.echo(f"  ... {len(report.problems) - 20} more (see failures.jsonl for unreadable images)", err=True)
-    for note in notes:
-        typer.echo(f"warning: {note}", err=True)
-
-
-def _on_seeded(bars: _Bars | None):
-    """``submit``'s ``on_seeded``: the seed summary as soon as the seed is written (before the
-    publish, which may wait on the window for minutes)."""
-
-    def show(report: SeedReport, notes: list[str]) -> None:
-        if bars is not None:
-            bars.close()
-        _print_seed(report, notes)
-
-    return show
-
-
-def _nothing_seeded(spec: Spec, report: SeedReport) -> None:
-    from producer.seed import why_nothing_seeded
-
-    typer.echo(f"error: {why_nothing_seeded(spec, report)}. Nothing was enqueued (exit {int(ExitCode.NONE_DONE)}).",
-               err=True)
-
-
-def _finalize_and_report(layout: Layout, steps: list[int], prices: dict | None = None, *, seed_failed: int = 0,
-                         retry: str | None = None) -> ExitCode:
-    """Finalize, print what was written and why images are missing; return the exit code.
-
-    ``retry``: how to try the failed images again (default: ``producer retry-failed``)."""
-    from producer.finalize import finalize
-    from producer.summary import commonest_failures
-    from producer.usage import format_usage
-
-    rep = finalize(layout, steps, prices, seed_failed=seed_failed)
-    if rep.stale_removed:
-        typer.echo(f"removed {len(rep.stale_removed)} temp file(s) an interrupted finalize left in {layout.root} "
-                   f"({sum(size for _, size in rep.stale_removed) / 1e6:.1f} MB)", err=True)
-    unseeded = f", {seed_failed} could not be seeded" if seed_failed else ""
-    typer.echo(f"wrote {rep.path} ({rep.written} images; {len(rep.failed)} failed, {len(rep.missing)} missing"
-               f"{unseeded})")
-    if rep.usage.get("total", {}).get("calls"):
-        typer.echo("\n".join(format_usage(rep.usage)))
-    retry = retry or f"`producer retry-failed --results-dir {layout.root}` tries them again"
-    if rep.failed:
-        typer.echo(f"  failed images: {', '.join(rep.failed[:20])}{' ...' if len(rep.failed) > 20 else ''}"
-                   f" — details in {layout.failures.path}; {retry}", err=True)
-        for line in commonest_failures(layout, set(rep.failed)):
-            typer.echo(f"  {line}", err=True)
-    not_done = len(rep.failed) + len(rep.missing) + seed_failed
-    code = for_images(rep.written, not_done)
-    total = rep.written + not_done
-    if code == ExitCode.NONE_DONE:
-        typer.echo(f"error: no image is done: all {total} failed (exit {int(code)})", err=True)
-    elif code == ExitCode.SOME_FAILED:
-        typer.echo(f"{not_done} of {total} images not done (exit {int(code)})", err=True)
-    return code
 
 
 @app.command("default-spec")
@@ -279,7 +95,7 @@ def enqueue(
 
     with user_errors():
         s = _spec(spec, overrides, image_dir, label_dir, results_dir)
-        for var in _spec_keys(s):
+        for var in spec_keys(s):
             typer.echo(f"warning: the spec holds an API key; it is not sent to the workers (keys never go "
                        f"through Redis). Set {var} in every worker's environment instead.", err=True)
         s, layout = prepare(s)
@@ -309,10 +125,10 @@ def _enqueue_held(s: Spec, client: redis.Redis, held: Claim, *, max_inflight: in
     from producer.status import RunNotInRedis
     from producer.submit import submit
 
-    bars = _Bars()
+    bars = Bars()
     try:
         sub = submit(s, client, max_inflight=max_inflight, progress=bars, publishers=publishers, held=held,
-                     on_seeded=_on_seeded(bars), on_wait=_WorkerHint().on_window)
+                     on_seeded=on_seeded(bars), on_wait=WorkerHint().on_window)
     except KeyboardInterrupt:
         bars.close()
         typer.echo("\ninterrupted: nothing is lost. Re-run the same command to finish the enqueue "
@@ -320,7 +136,7 @@ def _enqueue_held(s: Spec, client: redis.Redis, held: Claim, *, max_inflight: in
         raise typer.Exit(ExitCode.INTERRUPTED) from None
     bars.close()
     if sub.seed.images == 0:
-        _nothing_seeded(sub.run.spec, sub.seed)
+        nothing_seeded(sub.run.spec, sub.seed)
         return ExitCode.NONE_DONE
     e = sub.enqueue
     typer.echo(f"run {sub.run.run_id}: enqueued {e.enqueued} images ({e.already_done} already done, "
@@ -329,12 +145,12 @@ def _enqueue_held(s: Spec, client: redis.Redis, held: Claim, *, max_inflight: in
         typer.echo(f"watch: producer status --results-dir {sub.run.layout.root}   (or Flower on :5555)")
         return ExitCode.OK
     try:
-        _watch(sub.run.state, timeout)
+        watch(sub.run.state, timeout)
     except RunNotInRedis:
-        _run_gone(sub.run.layout, sub.run.run_id)
+        run_gone(sub.run.layout, sub.run.run_id)
     except KeyboardInterrupt:
-        _stopped_watching(sub.run.layout.root)
-    return _finalize_and_report(sub.run.layout, sub.run.spec.ire.workflow.steps,
+        stopped_watching(sub.run.layout.root)
+    return finalize_and_report(sub.run.layout, sub.run.spec.ire.workflow.steps,
                                 sub.run.spec.ire.vlm.prices.model_dump(), seed_failed=len(sub.seed.failures))
 
 
@@ -358,28 +174,22 @@ def _join(busy: Busy, holder: Holder, client: redis.Redis, lock: ResultsLock, *,
         typer.echo(f"joined run {holder.run_id}: that producer enqueues it; watch: {watch}")
         return ExitCode.OK
     state = RunState(client, holder.run_id)
-    show = _Progress()
+    show = Progress()
     try:
         st = watch_joined(state, lock, timeout=timeout, on_status=show)
     except RunNotInRedis:
-        _run_gone(Layout(busy.root), holder.run_id)
+        run_gone(Layout(busy.root), holder.run_id)
     except TimeoutError as exc:
         fail(str(exc), ExitCode.UNFINISHED)
     except KeyboardInterrupt:
-        _stopped_watching(busy.root)
+        stopped_watching(busy.root)
     finally:
         show.close()
     if st is None:
         return None
     meta = state.meta()
-    return _finalize_and_report(Layout(busy.root), meta.get("steps", []), run_prices(state, meta),
+    return finalize_and_report(Layout(busy.root), meta.get("steps", []), run_prices(state, meta),
                                 seed_failed=int(meta.get("seed_failed", 0)))
-
-
-def _stopped_watching(root: Path) -> NoReturn:
-    typer.echo(f"\ninterrupted: the run goes on on the workers; `producer wait --results-dir {root}` watches it "
-               "again and finalizes it", err=True)
-    raise typer.Exit(130)
 
 
 @app.command()
@@ -395,140 +205,6 @@ def run(
         s = _spec(spec, overrides, image_dir, label_dir, results_dir)
         _, code = run_local(s)
     raise typer.Exit(code)
-
-
-def _spec_keys(s: Spec) -> dict[str, str]:
-    """API keys written in the spec, as the environment variables the clients read."""
-    vlm = s.ire.vlm
-    keys = {}
-    if vlm.gemini.api_key:
-        keys["GOOGLE_API_KEY"] = vlm.gemini.api_key
-    if vlm.openai.api_key:
-        keys["OPENAI_API_KEY"] = vlm.openai.api_key
-    return keys
-
-
-def _require_client(s: Spec) -> None:
-    """``producer run`` is its own worker: a client it cannot build (no API key, both a key and a
-    key file) is a config error now, before anything is seeded, not one failure per image-step.
-    Building a client makes no call (a paid generation is ``check-endpoint``'s job)."""
-    from worker.clients.factory import get_client
-
-    try:
-        get_client(s.ire.vlm)
-    except PermanentClientError as exc:
-        raise ConfigError(f"{exc}. `producer run` calls the model from this process, so this shell is the "
-                          "worker's environment. Nothing was seeded.") from None
-
-
-def run_local(s: Spec, *, quiet: bool = False) -> tuple[Path, ExitCode]:
-    """``producer run`` as a function (the demo and the tests call it): the results dir and the
-    exit code (``producer/exitcodes.py``).
-
-    The results dir is held (``producer.guard``) for the whole local run: the embedded Redis is
-    private, so no other producer could join it, and one that tries is refused.
-    """
-    from producer.embedded import RedisServer
-    from producer.guard import hold
-    from producer.runs import prepare
-
-    # Keys never travel through Redis; the in-process worker reads them from this process's
-    # environment, so a key given in the spec (TAO users do) is handed over that way.
-    for var, value in _spec_keys(s).items():
-        if not os.environ.get(f"{var}_FILE"):  # a key file given to this process wins, as in the worker
-            os.environ.setdefault(var, value)
-    _require_client(s)
-    s, layout = prepare(s)
-
-    with RedisServer() as server:
-        url = server.url
-        from producer.runs import connect
-
-        client = connect(url, patience_s=EMBEDDED_REDIS_PATIENCE)
-        with hold(layout, client, s, command="run") as held:
-            code = _run_held(s, server, client, held, quiet=quiet)
-        return layout.root, code
-
-
-def _run_held(s: Spec, server, client: redis.Redis, held: Claim, *, quiet: bool) -> ExitCode:
-    """``producer run`` while it holds the results dir: in-process worker, enqueue, wait, finalize.
-
-    Ctrl-C stops the worker taking tasks and lets the calls in flight finish and write their
-    answers (``_interrupted``), so a resume does not pay for them again.
-    """
-    url = server.url
-    os.environ["REDIS_URL"] = url
-    os.environ.pop("CELERY_BROKER_URL", None)
-    os.environ.pop("CELERY_RESULT_BACKEND", None)
-    os.environ.pop("REFEXP_STATE_URL", None)
-    from producer.finalize import finalize
-    from producer.local import LocalWorker
-    from producer.submit import submit, wait
-    from worker.app import repoint
-
-    repoint(url)
-    worker = LocalWorker(s.ire.workflow.max_workers)
-    try:
-        worker.start()
-        bars = _Bars() if not quiet else None
-        sub = submit(s, client, progress=bars, held=held, on_seeded=None if quiet else _on_seeded(bars))
-        if bars:
-            bars.close()
-        if sub.seed.images:
-            (wait(sub.run.state) if quiet else _watch(sub.run.state, None, hint=False))
-    except KeyboardInterrupt:
-        _interrupted(worker, server, _drain_timeout(s))
-    finally:
-        worker.stop()
-    layout, steps, seed_failed = sub.run.layout, sub.run.spec.ire.workflow.steps, len(sub.seed.failures)
-    if quiet or not sub.seed.images:
-        rep = finalize(layout, steps, seed_failed=seed_failed)  # summary.json, for `producer status`
-        if not sub.seed.images and not quiet:
-            _nothing_seeded(sub.run.spec, sub.seed)
-        return for_images(rep.written, len(rep.failed) + len(rep.missing) + seed_failed)
-    return _finalize_and_report(layout, steps, sub.run.spec.ire.vlm.prices.model_dump(), seed_failed=seed_failed,
-                                retry="run the same `producer run` command again to retry them (done "
-                                      "image-steps are kept)")
-
-
-#: Our own redis-server does not stall for minutes; if it stops answering for this long, it died.
-EMBEDDED_REDIS_PATIENCE = 30.0
-
-
-def _drain_timeout(s: Spec) -> float:
-    """How long the calls in flight may take to finish after Ctrl-C: a task makes at most one
-    call and one re-ask, each bounded by the VLM timeout."""
-    vlm = s.ire.vlm
-    timeout = vlm.gemini.timeout if vlm.backend == "gemini" else vlm.openai.timeout
-    return 2 * float(timeout) + 10
-
-
-def _interrupted(worker, server, timeout: float) -> NoReturn:
-    """Ctrl-C of ``producer run``: stop taking tasks, let the calls in flight finish and write
-    their answers (a resume would pay for them again), then stop Redis and exit 130. A second
-    Ctrl-C quits at once."""
-    n = worker.tasks_in_flight()
-    typer.echo(f"\ninterrupted: letting the {n} task(s) in flight finish so their answers are kept "
-               f"(at most {timeout:.0f} s; Ctrl-C again to quit now)", err=True)
-    try:
-        finished = worker.drain(timeout)
-    except KeyboardInterrupt:
-        _quit_now(server, "interrupted again: quitting now; the calls still in flight are made again on resume")
-    if not finished:
-        _quit_now(server, f"the tasks in flight did not finish within {timeout:.0f} s; quitting; they are made "
-                          "again on resume")
-    typer.echo("interrupted: the answers of the calls in flight are saved; run the same command to resume "
-               "(image-steps already done are not sent again)", err=True)
-    raise typer.Exit(130)
-
-
-def _quit_now(server, message: str) -> NoReturn:
-    """Exit without waiting for the worker's threads (the interpreter would join them at exit)."""
-    typer.echo(f"{message}; run the same command to resume", err=True)
-    server.stop()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(130)
 
 
 @app.command()
@@ -553,7 +229,7 @@ def status(
         try:
             st = get_status(state)
         except RunNotInRedis:
-            _run_gone(layout, run_id, as_json=json_)
+            run_gone(layout, run_id, as_json=json_)
         typer.echo(json.dumps(st) if json_ else format_status(st))
 
 
@@ -570,17 +246,17 @@ def wait(
     with user_errors():
         run_id, layout, state = existing_run(results_dir, connect())
         try:
-            st = _watch(state, timeout)
+            st = watch(state, timeout)
         except RunNotInRedis:
-            _run_gone(layout, run_id)
+            run_gone(layout, run_id)
         except KeyboardInterrupt:
-            _stopped_watching(layout.root)
+            stopped_watching(layout.root)
         meta = state.meta()
         seed_failed = int(meta.get("seed_failed", 0))
         if finalize_:
             from producer.usage import run_prices
 
-            code = _finalize_and_report(layout, meta.get("steps", []), run_prices(state, meta),
+            code = finalize_and_report(layout, meta.get("steps", []), run_prices(state, meta),
                                         seed_failed=seed_failed)
         else:
             last = st["steps"][str(meta["steps"][-1])]["done"] if meta.get("steps") else 0
@@ -603,7 +279,7 @@ def finalize(results_dir: RequiredResults) -> None:
             fail(f"{layout.root}: no step results to finalize (no steps in {layout.run_file.name}, no stored "
                   "spec, no step sink); has the run been enqueued?")
         spec = stored_spec(layout)
-        code = _finalize_and_report(layout, steps, spec.ire.vlm.prices.model_dump() if spec else None)
+        code = finalize_and_report(layout, steps, spec.ire.vlm.prices.model_dump() if spec else None)
     raise typer.Exit(code)
 
 
@@ -625,7 +301,7 @@ def retry_failed_cmd(results_dir: RequiredResults, max_inflight: MaxInflight = 5
             try:
                 n = retry_failed(run_id, layout, state, max_inflight=max_inflight)
             except RunNotInRedis:
-                _run_gone(layout, run_id)
+                run_gone(layout, run_id)
         typer.echo(f"re-enqueued {n} images with failed steps")
 
 
