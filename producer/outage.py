@@ -15,7 +15,6 @@ once this client sees Redis answer again.
 
 from __future__ import annotations
 
-import os
 import sys
 import threading
 import time
@@ -26,6 +25,8 @@ import kombu.exceptions
 import redis
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
+
+from worker import settings
 
 #: Seconds a command may wait for its reply (redis-py 8's default): every producer command is a
 #: few milliseconds of Redis work, so a reply this late means the server is not answering.
@@ -42,16 +43,7 @@ OUTAGE_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError
 
 def patience() -> float:
     """How long the producer waits for Redis before giving up (``REFEXP_REDIS_PATIENCE`` seconds)."""
-    raw = os.environ.get(PATIENCE_ENV)
-    if not raw:
-        return DEFAULT_PATIENCE
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{PATIENCE_ENV} must be a number of seconds, got {raw!r}") from None
-    if value <= 0:
-        raise ValueError(f"{PATIENCE_ENV} must be positive, got {raw!r}")
-    return value
+    return settings.env_seconds(PATIENCE_ENV, DEFAULT_PATIENCE, minimum=1)
 
 
 _SECRET_PARAMS = frozenset({"password", "pass", "passwd"})

@@ -117,14 +117,22 @@ def state_url() -> str:
     return with_redis_password(os.environ.get("REFEXP_STATE_URL") or "") or broker_url()
 
 
-def visibility_timeout() -> int:
-    raw = os.environ.get("REFEXP_VISIBILITY_TIMEOUT")
+def env_seconds(name: str, default: float, *, minimum: float, whole: bool = False) -> float:
+    """A duration from the environment variable ``name`` (``default`` when unset), checked: a
+    number (whole seconds when ``whole``), at least ``minimum``; the error names the variable."""
+    raw = os.environ.get(name)
     if not raw:
-        return DEFAULT_VISIBILITY_TIMEOUT
+        return default
     try:
-        value = int(raw)
+        value = int(raw) if whole else float(raw)
     except ValueError:
-        raise ValueError(f"REFEXP_VISIBILITY_TIMEOUT must be whole seconds, got {raw!r}") from None
-    if value < 5:
-        raise ValueError(f"REFEXP_VISIBILITY_TIMEOUT must be at least 5 seconds, got {value}")
+        raise ValueError(f"{name} must be {'whole seconds' if whole else 'a number of seconds'}, "
+                         f"got {raw!r}") from None
+    if not value >= minimum:  # also refuses nan
+        raise ValueError(f"{name} must be at least {minimum:g} seconds, got {raw!r}")
     return value
+
+
+def visibility_timeout() -> int:
+    """``REFEXP_VISIBILITY_TIMEOUT``: how long Redis waits before handing out an unacked task again."""
+    return int(env_seconds("REFEXP_VISIBILITY_TIMEOUT", DEFAULT_VISIBILITY_TIMEOUT, minimum=5, whole=True))

@@ -65,6 +65,18 @@ def assert_legacy_complete(results: Path, ids: list[str], seeds: dict[str, dict]
             assert path.exists(), f"{path} missing"
 
 
+def wait_to_the_end(env: dict, results: Path, timeout: float, started: float) -> tuple[list[str], float]:
+    """``producer wait`` as a user would, then the guarantee: every image in annotations.jsonl once,
+    nothing in failures.jsonl (these faults are not image failures). Returns the image ids and the
+    seconds since ``started`` (the fault clearing)."""
+    producer(env, "wait", "--results-dir", str(results), "--timeout", str(timeout))
+    recovered = time.monotonic() - started
+    ids = [r["image_id"] for r in seed_records(results)]
+    assert_finalized_once(results, ids)
+    assert failures(results) == [], "a fault of the infrastructure is not an image failure"
+    return ids, recovered
+
+
 def worker_logs(fleet) -> str:
     return "\n".join(w.text() for w in fleet.workers)
 
@@ -82,12 +94,8 @@ def test_results_volume_full_mid_run_then_freed(fleet, fleet_env, fake_vlm, data
         calls_while_full = fake_vlm.stats()["calls"]
         started = time.monotonic()
         filler.unlink()
-        producer(fleet_env, "wait", "--results-dir", str(results), "--timeout", "90")
-        recovered = time.monotonic() - started
+        ids, recovered = wait_to_the_end(fleet_env, results, 90, started)
         seeds = {r["image_id"]: r for r in seed_records(results)}
-        ids = sorted(seeds)
-        assert_finalized_once(results, ids)
-        assert failures(results) == [], "a full disk is not an image failure"
         assert_sinks_clean(results, ids)
         assert_legacy_complete(results, ids, seeds)
         calls = fake_vlm.stats()["calls"]
@@ -112,12 +120,7 @@ def test_results_volume_read_only_for_a_while(fleet, fleet_env, fake_vlm, data, 
                        "workers to hit the read-only volume")
         finally:
             remount(vol, "rw")
-        started = time.monotonic()
-        producer(fleet_env, "wait", "--results-dir", str(results), "--timeout", "90")
-        recovered = time.monotonic() - started
-        ids = [r["image_id"] for r in seed_records(results)]
-        assert_finalized_once(results, ids)
-        assert failures(results) == []
+        ids, recovered = wait_to_the_end(fleet_env, results, 90, time.monotonic())
         assert_sinks_clean(results, ids)
         calls = fake_vlm.stats()["calls"]
         assert calls == baseline_calls(results), "an answer that could not be written was paid for again"
@@ -178,11 +181,7 @@ def test_redis_full_mid_run_then_freed(fleet, fleet_env, fake_vlm, data, tmp_pat
         started = time.monotonic()
         client.delete(*[f"junk:{i}" for i in range(junk)])
         client.config_set("maxmemory", "0")
-        producer(env, "wait", "--results-dir", str(results), "--timeout", "120")
-        recovered = time.monotonic() - started
-        ids = [r["image_id"] for r in seed_records(results)]
-        assert_finalized_once(results, ids)
-        assert failures(results) == [], "a full Redis is not an image failure"
+        ids, recovered = wait_to_the_end(env, results, 120, started)
         assert all(w.proc.poll() is None for w in fleet.workers), fleet.logs()
         # The fleet still takes work after the fault: nothing wedged.
         more = tmp_path / "results-after"
@@ -211,12 +210,7 @@ def test_redis_stalled_longer_than_the_socket_timeout(fleet, fleet_env, fake_vlm
             wait_until(lambda: time.monotonic() - stalled > REDIS_SOCKET_TIMEOUT + 3, 60, "the stall to last")
         finally:
             server.resume()
-        started = time.monotonic()
-        producer(env, "wait", "--results-dir", str(results), "--timeout", "150")
-        recovered = time.monotonic() - started
-        ids = [r["image_id"] for r in seed_records(results)]
-        assert_finalized_once(results, ids)
-        assert failures(results) == []
+        ids, recovered = wait_to_the_end(env, results, 150, time.monotonic())
         assert all(w.proc.poll() is None for w in fleet.workers), fleet.logs()
         repeated = fake_vlm.stats()["calls"] - baseline_calls(results)
         print(f"Redis stalled {REDIS_SOCKET_TIMEOUT + 3:.0f} s: {len(ids)} done, 0 failed, 0 stranded; "
