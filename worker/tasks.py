@@ -55,6 +55,8 @@ log = logging.getLogger("refexp.worker")
 BACKOFF_BASE = 2.0
 BACKOFF_CAP = 300.0
 HEARTBEAT_EVERY = 15.0
+#: Seconds a task pauses before it gives an unsettled message back to Redis (``_retry_later``).
+REQUEUE_PAUSE = 10.0
 _last_beat: dict[tuple[str, str], float] = {}
 
 #: Redis answering with one of these is Redis being unusable (full, loading, a read-only replica,
@@ -201,8 +203,11 @@ def _retry_later(task: Task, exc: BaseException, countdown: float, kwargs: dict)
             log.warning("%s: cannot publish the retry (%s); waiting for Redis", task.request.id, rej.reason)
             if not _wait_for_redis(redis_wait()):
                 break
-    log.error("%s: Redis still refuses writes; the message stays with Redis, which hands it out again "
+    log.error("%s: the retry cannot be published; the message stays with Redis, which hands it out again "
               "(at the latest after the visibility timeout)", task.request.id)
+    # When Redis takes writes again but the publish still failed, the requeue below succeeds and
+    # the message comes straight back: pause first, so no fault can turn this into a hot loop.
+    time.sleep(REQUEUE_PAUSE)
     raise Reject(exc, requeue=True)
 
 
