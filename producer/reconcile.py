@@ -38,7 +38,7 @@ from producer.enqueue import publish_chunk
 from producer.publish import Publisher
 from producer.seed import iter_seed
 from worker import settings
-from worker.keys import QUEUE, UNACKED, is_queue_list
+from worker.keys import PRIORITY_SEP, PRIORITY_STEPS, QUEUE, UNACKED
 from worker.layout import Layout
 from worker.runstate import Outcome, RunRef, RunState
 
@@ -62,16 +62,24 @@ def message_args(raw: bytes | str) -> list | None:
         return None
 
 
-def _queue_keys(broker: redis.Redis) -> list[bytes]:
-    keys = []
-    for key in broker.scan_iter(match=f"{QUEUE}*", count=SCAN_CHUNK, _type="list"):
-        if is_queue_list(key.decode(errors="replace")):
-            keys.append(key)
-    return keys
+def _queue_keys() -> list[str]:
+    """The Celery queue's Redis lists: the queue, and kombu's one list per priority step (0 is
+    the queue itself). Named, not scanned: a SCAN walks the whole keyspace."""
+    return [QUEUE] + [f"{QUEUE}{PRIORITY_SEP}{p}" for p in PRIORITY_STEPS if p]
+
+
+def _unacked(broker: redis.Redis) -> Iterator[bytes]:
+    for _, raw in broker.hscan_iter(UNACKED, count=SCAN_CHUNK):
+        yield raw
 
 
 def _messages(broker: redis.Redis) -> Iterator[bytes]:
-    for key in _queue_keys(broker):
+    """Every message of the queue lists and of the unacked set. The unacked set is read before
+    and after the lists: a message that moves while the lists are read (a retry published and
+    its original acked, a chord body published by its header, a restore of a dead worker's
+    message) is seen on one side or the other."""
+    yield from _unacked(broker)
+    for key in _queue_keys():
         start = 0
         while True:
             chunk = broker.lrange(key, start, start + SCAN_CHUNK - 1)
@@ -79,8 +87,7 @@ def _messages(broker: redis.Redis) -> Iterator[bytes]:
             if len(chunk) < SCAN_CHUNK:
                 break
             start += SCAN_CHUNK
-    for _, raw in broker.hscan_iter(UNACKED, count=SCAN_CHUNK):
-        yield raw
+    yield from _unacked(broker)
 
 
 def referenced(broker: redis.Redis, run_id: str) -> set[str]:
@@ -192,6 +199,9 @@ def _fill_offsets(state: RunState, stranded: dict[str, int | None]) -> dict[str,
         for offset, rec in iter_seed(Layout(Path(root)).seed):
             if rec.get("image_id") in missing:
                 offsets[rec["image_id"]] = offset
+    for image_id in sorted(missing - set(offsets)):
+        log.error("%s: in flight with no task anywhere, and not in the seed file: cannot publish it again "
+                  "(run `producer enqueue` with the run's spec)", image_id)
     return offsets
 
 

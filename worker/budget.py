@@ -155,11 +155,14 @@ class FleetBudget:
             time.sleep(min(max(reset - time.time(), 0.05), 5.0) * (0.5 + random.random()))
 
     def _count(self, what: str) -> None:
+        """Count one event for ``producer status``; a Redis that refuses it must not replace the
+        error being counted (a 429 counted during an outage stays a 429)."""
         key = _stats_key(self.endpoint, what)
         pipe = self.r.pipeline()
         pipe.incr(key)
         pipe.expire(key, STATS_TTL)
-        pipe.execute()
+        with contextlib.suppress(redis.exceptions.RedisError):
+            pipe.execute()
 
     def note_rate_limited(self) -> None:
         self._count("429")

@@ -220,6 +220,18 @@ class GuardedQoS(kombu_redis.QoS):
                         "it is skipped as done", type(exc).__name__, exc)
             kombu_virtual.QoS.ack(self, delivery_tag)
 
+    def reject(self, delivery_tag, requeue=False):
+        try:
+            super().reject(delivery_tag, requeue=requeue)
+        except redis.exceptions.RedisError as exc:
+            # A task gives its message back (worker/tasks.py) when Redis refuses writes; the
+            # requeue is refused for the same reason. The message stays in Redis's unacked set
+            # until the visibility timeout hands it out again; forget it here so its prefetch
+            # slot is not leaked (and the event loop is not killed).
+            log.warning("could not give a task back to the queue (%s: %s); Redis hands it out again after the "
+                        "visibility timeout", type(exc).__name__, exc)
+            kombu_virtual.QoS.ack(self, delivery_tag)
+
     def append(self, message, delivery_tag):
         try:
             super().append(message, delivery_tag)

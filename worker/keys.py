@@ -20,8 +20,10 @@ QUEUE = "refexp"
 #: kombu's Redis transport: unacknowledged messages, and their delivery stamps.
 UNACKED = "unacked"
 UNACKED_INDEX = "unacked_index"
-#: kombu's separator between a queue's name and its priority in the per-priority list names.
+#: kombu's separator between a queue's name and its priority in the per-priority list names, and
+#: its default priority steps (a list per step; step 0 is the queue's own list).
 PRIORITY_SEP = "\x06\x16"
+PRIORITY_STEPS = (0, 3, 6, 9)
 #: A throwaway key a worker writes to learn whether Redis takes writes again (worker/tasks.py).
 WRITE_PROBE = f"{KEY_PREFIX}:probe"
 

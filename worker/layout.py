@@ -48,24 +48,26 @@ class Layout:
         write_atomic(self.legacy_path(step, image_id), text)
 
     # -- answers kept for a later write (worker/tasks.py) -----------------------------------
-    def spool_path(self, step: int, image_id: str) -> Path:
-        return self.root / SPOOL_DIR / step_dir_name(step) / f"{image_id}.json"
+    def spool_path(self, step: int, image_id: str, spec_hash: str) -> Path:
+        """Under the spec version that produced the answer: a later version (another model, a
+        forced redo) never commits an answer its own spec did not ask for."""
+        return self.root / SPOOL_DIR / spec_hash / step_dir_name(step) / f"{image_id}.json"
 
-    def write_spool(self, step: int, image_id: str, pending: dict) -> None:
+    def write_spool(self, step: int, image_id: str, spec_hash: str, pending: dict) -> None:
         """Keep an answer that was paid for but could not be committed because Redis was unusable
         (the retry that would carry it cannot be published either). The redelivered message,
         on whichever host, finds it here instead of calling the model again."""
-        write_atomic(self.spool_path(step, image_id), dumps(pending))
+        write_atomic(self.spool_path(step, image_id, spec_hash), dumps(pending))
 
-    def read_spool(self, step: int, image_id: str) -> dict | None:
+    def read_spool(self, step: int, image_id: str, spec_hash: str) -> dict | None:
         try:
-            return json.loads(self.spool_path(step, image_id).read_bytes())
+            return json.loads(self.spool_path(step, image_id, spec_hash).read_bytes())
         except (OSError, ValueError):
             return None
 
-    def drop_spool(self, step: int, image_id: str) -> None:
+    def drop_spool(self, step: int, image_id: str, spec_hash: str) -> None:
         with contextlib.suppress(OSError):
-            self.spool_path(step, image_id).unlink()
+            self.spool_path(step, image_id, spec_hash).unlink()
 
     def record_failure(
         self, *, image_id: str, step: int | str, error: BaseException | str, attempts: int,

@@ -46,7 +46,7 @@ from worker import settings
 from worker.app import app
 from worker.context import RunContext, RunNotInRedis, get_context, state_redis
 from worker.errors import PERMANENT, RETRYABLE, ClientError
-from worker.execute import DONE, FAILED, SKIPPED, Uncommitted, commit, execute, failure_payload, record_failure
+from worker.execute import DONE, SKIPPED, Uncommitted, commit, execute, failure_payload, record_failure
 from worker.keys import WRITE_PROBE
 from worker.stepdefs import STEP, STEP_NAMES, task_name
 
@@ -77,7 +77,9 @@ def is_infra_error(exc: BaseException) -> bool:
     errors to ``ClientError``): a full or read-only disk, a stale NFS handle, an I/O error, a
     volume not mounted on this host.
     """
-    if isinstance(exc, Uncommitted | OSError | RunNotInRedis):
+    if isinstance(exc, Uncommitted):  # the answer is kept; whether trying again helps is the cause's call
+        return is_infra_error(exc.cause)
+    if isinstance(exc, OSError | RunNotInRedis):
         return True
     if isinstance(exc, _REDIS_UNUSABLE_ERRORS):
         return True
@@ -110,14 +112,13 @@ def run_task(task: Task, step: int, run_ref: str, image_id: str, seed_offset: in
         ctx = get_context(run_ref)
         _heartbeat(ctx, task.request.hostname or "unknown")
         if failure is None and pending is None and (task.request.delivery_info or {}).get("redelivered"):
-            pending = ctx.layout.read_spool(step, image_id)  # an answer kept while Redis was unusable
-        if failure is not None:  # recorded unless an earlier attempt got that far before Redis failed
-            recorded = ctx.state.outcomes([image_id], [step])[image_id][step] == FAILED
-            outcome = FAILED if recorded else record_failure(ctx, step, image_id, failure,
-                                                              failure.get("attempts", vlm_retries + 1))
+            pending = ctx.layout.read_spool(step, image_id, ctx.spec_hash)  # kept while Redis was unusable
+        if failure is not None:  # recorded unless an earlier attempt (or a duplicate) settled it since
+            settled = ctx.state.outcomes([image_id], [step])[image_id][step]
+            outcome = settled or record_failure(ctx, step, image_id, failure, failure.get("attempts", vlm_retries + 1))
         elif pending is not None:
             outcome = _commit_pending(ctx, step, image_id, pending)
-            ctx.layout.drop_spool(step, image_id)
+            ctx.layout.drop_spool(step, image_id, ctx.spec_hash)
         else:
             outcome = execute(ctx, step, image_id, seed_offset)
         if outcome != DONE:  # a DONE step was settled in the same transaction that marked it
@@ -133,7 +134,13 @@ def run_task(task: Task, step: int, run_ref: str, image_id: str, seed_offset: in
         except Exception:  # a bug in settling itself: still never acknowledge an unsettled image-step
             log.exception("%s step %s: could not settle after %s; trying again later", image_id, step,
                           type(exc).__name__)
-            return _retry_later(task, exc, BACKOFF_CAP / 2, {})
+            try:
+                return _retry_later(task, exc, retry_countdown(5, None, settings.visibility_timeout()), {})
+            except (Retry, Reject):
+                raise
+            except Exception:
+                time.sleep(REQUEUE_PAUSE)
+                raise Reject(exc, requeue=True) from None
 
 
 def _keep(ctx: RunContext, step: int, image_id: str, exc: Uncommitted) -> None:
@@ -142,7 +149,7 @@ def _keep(ctx: RunContext, step: int, image_id: str, exc: Uncommitted) -> None:
     what failed, the retry carries it and the spool write fails too: nothing to do here."""
     if is_infra_error(exc.cause) and not isinstance(exc.cause, OSError):
         with contextlib.suppress(OSError):
-            ctx.layout.write_spool(step, image_id, exc.pending)
+            ctx.layout.write_spool(step, image_id, ctx.spec_hash, exc.pending)
 
 
 def _commit_pending(ctx: RunContext, step: int, image_id: str, pending: dict) -> str:
@@ -177,6 +184,8 @@ def _settle_error(task: Task, ctx: RunContext | None, step: int, image_id: str, 
         log.warning("%s step %s attempt %d failed (%s: %s); retry in %.1fs",
                     image_id, step, vlm_retries + 1, type(exc).__name__, exc, countdown)
         return _retry_later(task, exc, countdown, {"vlm_retries": vlm_retries + 1})
+    if isinstance(exc, Uncommitted):  # writing the answer failed for a reason no retry mends: a bug
+        exc = exc.cause if isinstance(exc.cause, Exception) else exc
     expected = isinstance(exc, PERMANENT + RETRYABLE)
     log.log(logging.WARNING if expected else logging.ERROR, "%s step %s failed for good: %s: %s",
             image_id, step, type(exc).__name__, exc, exc_info=not expected)

@@ -37,7 +37,7 @@ from worker.clients.base import (
     VLMResponse,
     check_answer,
 )
-from worker.errors import EmptyAnswer, InputError, ParseError, PermanentClientError
+from worker.errors import ClientError, EmptyAnswer, InputError, ParseError, PermanentClientError
 from worker.images import DEFAULT_MAX_PIXELS, ImagePayload, load_payload
 from worker.stepdefs import StepDef
 from worker.steps.options import STRUCTURED, TEXT, AnswerContext, StepOptions
@@ -235,19 +235,23 @@ class _Conversation:
             if not truncated and self.d.reask_silent_cut and parsed.get("missing") and cut_off(parsed):
                 # Cut off without saying so (finish "stop", last object incomplete): the boxes
                 # it never reached are known, so ask about them as after a MAX_TOKENS cut.
-                parsed, response, truncated = self.reask(ctx, parsed, response, tokens)
+                parsed, response, truncated = self.reask(ctx, parsed, response, tokens, optional=True)
         return self.finish(parsed, response, ctx, truncated)
 
-    def reask(self, ctx: AnswerContext, partial: dict, response: VLMResponse | None, tokens: int | None):
+    def reask(self, ctx: AnswerContext, partial: dict, response: VLMResponse | None, tokens: int | None, *,
+              optional: bool = False):
         """(merged, response, still truncated) after asking again about ``partial["missing"]``
-        only; when that fails, the partial answer is kept, flagged truncated."""
+        only; when that fails, the partial answer is kept, flagged truncated. ``optional``: the
+        answer was usable as it came (a silent cut), so a transient error of the re-ask (429,
+        5xx, timeout) keeps it too, instead of failing the whole step into a retry."""
         missing = partial.get("missing") or []
         self.reasks += 1
         ask = ctx.but(only=tuple(missing))
+        keep_on = (PermanentClientError, ParseError, EmptyAnswer) + ((ClientError,) if optional else ())
         try:
             again, cut = self.call(ask, self.build(ask), tokens)
             more = self.parse(again, ask.but(truncated=cut))
-        except (PermanentClientError, ParseError, EmptyAnswer) as exc:
+        except keep_on as exc:
             log.info("step %s: the re-ask about %d missing ids failed (%s); keeping the cut answer",
                      self.step, len(missing), exc)
             return partial, response, True
