@@ -182,7 +182,10 @@ def test_redis_restarted_empty_during_enqueue_wait_is_registered_and_enqueued_ag
     images = tiny_images(tmp_path / "images", n)
     results = tmp_path / "results"
     server = RedisServer().start()
-    env = {**fleet_env, "REDIS_URL": server.url}
+    # A short visibility timeout for the producer too: an image published into the old Redis and
+    # marked in flight in the new one (the restart fell between the two) has no message anywhere,
+    # and the reconciler in `enqueue --wait` puts it back after that long (5 min by default).
+    env = {**fleet_env, "REDIS_URL": server.url, "REFEXP_VISIBILITY_TIMEOUT": "6"}
     fleet = Fleet(env=env, logdir=tmp_path)
     cli = None
     try:
