@@ -51,6 +51,7 @@ from celery import bootsteps
 from celery.exceptions import WorkerShutdown
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual as kombu_virtual
+from kombu.utils import json as kombu_json
 
 log = logging.getLogger("refexp.worker")
 
@@ -233,23 +234,26 @@ class GuardedQoS(kombu_redis.QoS):
             kombu_virtual.QoS.ack(self, delivery_tag)
 
     def append(self, message, delivery_tag):
+        """kombu's ``append``, stamped with Redis's time while this clock is skewed: in the same
+        write, so no other worker's sweep ever sees a stamp from the wrong clock (restamping it
+        afterwards left a round trip in which a clock an hour behind made the task look an hour
+        old to everyone)."""
+        stamp = self.guard.stamp() if self.guard is not None else None
         try:
-            super().append(message, delivery_tag)
+            if stamp is None:
+                super().append(message, delivery_tag)
+            else:
+                delivery = message.delivery_info
+                raw = kombu_json.dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
+                with self.pipe_or_acquire() as pipe:
+                    pipe.zadd(self.unacked_index_key, {delivery_tag: stamp}) \
+                        .hset(self.unacked_key, delivery_tag, raw).execute()
+                kombu_virtual.QoS.append(self, message, delivery_tag)
         except redis.exceptions.RedisError as exc:
             log.error("a task taken from the queue could not be recorded as unacked (%s: %s); running it "
                       "anyway (should this worker die before it settles, `producer wait` puts its image "
                       "back)", type(exc).__name__, exc)
             kombu_virtual.QoS.append(self, message, delivery_tag)
-            return
-        stamp = self.guard.stamp() if self.guard is not None else None
-        if stamp is not None:
-            # kombu stamped with this host's clock: restamp with Redis's (XX: unless acked meanwhile).
-            # Another worker sweeping within this one round trip could still take the old stamp.
-            try:
-                with self.channel.conn_or_acquire() as client:
-                    client.zadd(self.unacked_index_key, {delivery_tag: stamp}, xx=True)
-            except redis.exceptions.RedisError as exc:
-                log.warning("could not restamp a taken task with Redis's time (%s)", exc)
 
 
 def install(guard: ClockGuard) -> None:
