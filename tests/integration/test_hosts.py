@@ -233,18 +233,21 @@ def test_worker_hosts_reach_redis_only_through_their_proxy(site):
     assert redis.Redis.from_url(site.redis_url).ping()
 
 
+def enqueue_on_two_hosts(site, fleet, data, tmp_path):
+    """A worker on each host, the fake endpoint at 0.4 s a call, and a job enqueued: (worker 1,
+    worker 2, the fake, the results dir, its seed records, its run state)."""
+    w1 = start_worker(fleet, site.workers["w1"], site.worker_env("w1"))
+    w2 = start_worker(fleet, site.workers["w2"], site.worker_env("w2"))
+    site.fake.latency = 0.4
+    results = tmp_path / "results"
+    producer(site.env, "enqueue", *job(site.fake, data, results))
+    return w1, w2, site.fake, results, seed_records(results), run_state(site.redis_url, results)
+
+
 @pytest.mark.parametrize("mode", ["reset", "blackhole"])
 def test_worker_host_cut_off_from_redis_past_the_visibility_timeout(site, fleet, data, tmp_path, mode):
-    h1, h2 = site.workers["w1"], site.workers["w2"]
-    w1 = start_worker(fleet, h1, site.worker_env("w1"))
-    w2 = start_worker(fleet, h2, site.worker_env("w2"))
-    fake = site.fake
-    fake.latency = 0.4
-    results = tmp_path / "results"
-    producer(site.env, "enqueue", *job(fake, data, results))
-    seeds = seed_records(results)
+    w1, w2, fake, results, seeds, state = enqueue_on_two_hosts(site, fleet, data, tmp_path)
     n = len(seeds)
-    state = run_state(site.redis_url, results)
 
     def mid_run():
         done = state.counts([3])[3]["done"]
@@ -333,16 +336,8 @@ def test_a_task_message_lost_in_flight_to_a_host_still_ends_done(site, fleet, da
     connection leaves the message nowhere (neither queued nor unacked: no visibility timeout
     brings it back). Before the reconciler (producer/reconcile.py, run by `producer wait`) its
     image never ended and `producer wait` waited for ever; now it is put back."""
-    h1, h2 = site.workers["w1"], site.workers["w2"]
-    w1 = start_worker(fleet, h1, site.worker_env("w1"))
-    w2 = start_worker(fleet, h2, site.worker_env("w2"))
-    fake = site.fake
-    fake.latency = 0.4
-    results = tmp_path / "results"
-    producer(site.env, "enqueue", *job(fake, data, results))
-    seeds = seed_records(results)
+    w1, w2, _fake, results, seeds, state = enqueue_on_two_hosts(site, fleet, data, tmp_path)
     n = len(seeds)
-    state = run_state(site.redis_url, results)
     wait_until(lambda: 1 <= state.counts([3])[3]["done"] <= n - 4 and holding(w1), 60,
                "some images done and tasks held by worker host 1", interval=0.02)
     proxy = site.proxies["w1"]
