@@ -4,7 +4,10 @@ The 100k records come as ``data.input_annotations_jsonl`` with ``width``/``heigh
 seeding reads no image) and one shared tiny image file, each with three KITTI boxes. Measured:
 the seeding time, images/s published (from the run's in-flight set, which the producer fills
 batch by batch), the producer's RSS as the count grows (peak and at every 10k), and Redis
-``used_memory`` per pending image, with the queue's messages taken apart.
+``used_memory`` per pending image, with the queue's messages taken apart. Then, on the same
+Redis flushed, the baseline: one process publishing the same chord per image with Celery's
+canvas and ``.apply_async()`` (``--plain-images``, default up to 20k), its images/s printed
+beside the producer's.
 
     .venv/bin/python -m bench.enqueue                    # 100k images
     .venv/bin/python -m bench.enqueue --images 20000 --timeout 120
@@ -16,11 +19,14 @@ import argparse
 import base64
 import json
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 from bench.common import (
+    PY,
+    ROOT,
     Deadline,
     banner,
     children_of,
@@ -79,6 +85,28 @@ def describe_message(raw: bytes) -> list[str]:
     return lines
 
 
+def plain_loop(n: int) -> None:
+    """The baseline, run as its own process (``--plain-loop N``): ``n`` images, each the chord
+    ``producer.publish.canvas`` builds for steps 0-3, sent by ``.apply_async()`` one by one
+    through the app at ``REDIS_URL``. Prints ``plain <n> <seconds>``."""
+    from producer.publish import canvas
+
+    canvas([0, 1, 2, 3], "run0:spec0", "warm", 0).apply_async()  # connections up, outside the timing
+    t0 = time.perf_counter()
+    for i in range(n):
+        canvas([0, 1, 2, 3], "run0:spec0", f"img_{i:07d}", i * 180).apply_async()
+    print(f"plain {n} {time.perf_counter() - t0:.3f}")
+
+
+def run_plain(env: dict[str, str], n: int, timeout: float) -> float:
+    """images/s of ``plain_loop(n)`` in a fresh process."""
+    out = subprocess.run([PY, "-m", "bench.enqueue", "--plain-loop", str(n)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=timeout, check=True).stdout
+    line = next(x for x in out.splitlines() if x.startswith("plain "))
+    _, count, secs = line.split()
+    return int(count) / float(secs)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=100_000)
@@ -89,8 +117,14 @@ def main(argv: list[str] | None = None) -> int:
                          "producer.embedded.LIST_COMPRESS_DEPTH; 0 = Redis's own default, off)")
     ap.add_argument("--publishers", type=int, default=0,
                     help="producer enqueue --publishers (0 = its default: by run size and cores)")
+    ap.add_argument("--plain-images", type=int, default=20_000,
+                    help="images for the plain apply_async baseline (at most --images; 0 = skip it)")
+    ap.add_argument("--plain-loop", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
+    if a.plain_loop is not None:
+        plain_loop(a.plain_loop)
+        return 0
     deadline = Deadline(a.timeout)
     m = banner("bench.enqueue: one producer publishing pre-seeded images, no workers", images=a.images)
     data = a.workdir / "enqueue-data"
@@ -153,6 +187,12 @@ def main(argv: list[str] | None = None) -> int:
         sample_usage = {k: r.memory_usage(k) or 0 for k in ("refexp", run_key(rid, "queued") if rid else "")}
         keys = int(r.dbsize())
         chord_keys = sum(1 for _ in r.scan_iter(match="*chord*", count=10_000))
+        chord_sizes = sum(1 for _ in r.scan_iter(match="celery-taskset-meta-*.s", count=10_000))
+        plain_n = min(a.plain_images, a.images)
+        plain_rate = float("nan")
+        if plain_n > 0 and not bound:
+            r.flushall()
+            plain_rate = run_plain(env, plain_n, timeout=max(30.0, deadline.left()))
 
     seed_s = (t_first - t0) if t_first else float("nan")
     rate = (published - 200) / (t_last - t_first) if t_first and t_last and t_last > t_first else float("nan")
@@ -160,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     partial = " (PARTIAL: time bound hit, producer stopped)" if bound else ""
     print(f"-- {published}/{a.images} images published in {elapsed:.1f} s{partial}")
     print(f"   seeding + start (launch -> first batch marked) {seed_s:.1f} s; publishing {rate:.0f} images/s "
-          f"(target >= 500)")
+          f"(target >= 1000); plain apply_async loop, one process, {plain_n} images: {plain_rate:.0f} images/s "
+          f"(producer / plain {rate / plain_rate:.2f}x)")
     print(f"   producer RSS, its {n_publishers} child processes included: peak {peak:.0f} MB "
           f"(target <= 150; PSS, shared pages counted once: {pss_peak:.0f} MB); at " +
           ", ".join(f"{k // 1000}k {v:.0f}" for k, v in sorted(rss_at.items())) + " MB")
@@ -172,19 +213,22 @@ def main(argv: list[str] | None = None) -> int:
     queued_key = run_key(rid, "queued") if rid else ""
     print(f"   Redis used_memory +{(mem1 - mem0) / 2**20:.1f} MB = {per_image:.0f} B per pending image "
           f"(target <= 2048); {qlen} messages in the queue ({qlen / per:.2f} per image), {keys} keys "
-          f"({chord_keys} chord keys); queue list {sample_usage.get('refexp', 0) / per:.0f} B/image, "
+          f"({chord_keys} chord keys, {chord_sizes} chord-size keys); "
+          f"queue list {sample_usage.get('refexp', 0) / per:.0f} B/image, "
           f"in-flight hash {sample_usage.get(queued_key, 0) / per:.0f} B/image")
     if sample:
         print("\n".join("   " + x for x in describe_message(sample)))
     emit_json(a.json, {"bench": "enqueue", "machine": m, "params": vars(a) | {"workdir": str(a.workdir)},
                        "published": published, "elapsed_s": round(elapsed, 1), "seed_s": round(seed_s, 1),
-                       "images_per_s": round(rate), "rss_peak_mb": round(peak), "pss_peak_mb": round(pss_peak),
+                       "images_per_s": round(rate), "plain_images": plain_n,
+                       "plain_images_per_s": round(plain_rate) if plain_rate == plain_rate else None,
+                       "rss_peak_mb": round(peak), "pss_peak_mb": round(pss_peak),
                        "child_processes": n_publishers,
                        "rss_at_mb": {k: round(v, 1) for k, v in rss_at.items()},
                        "redis_bytes_per_image": round(per_image), "list_compress_depth": int(depth),
                        "messages_per_image": round(qlen / per, 2),
                        "bound_hit": bound})
-    return 0 if not bound and rate >= 500 and peak <= 150 and per_image <= 2048 else 1
+    return 0 if not bound and rate >= 1000 and peak <= 150 and per_image <= 2048 else 1
 
 
 if __name__ == "__main__":
