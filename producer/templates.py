@@ -25,6 +25,7 @@ compare templated messages with ``apply_async``'s field by field, for every canv
 
 from __future__ import annotations
 
+import logging
 import re
 import uuid as _uuid
 from collections.abc import Callable
@@ -42,6 +43,7 @@ IMAGE_P = "refexp-template-image-id-8c1f0e"
 OFFSET_P = -8_713_402_551
 ARGSREPR_P = "refexp-template-argsrepr-8c1f0e"
 
+log = logging.getLogger("refexp.producer")
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
@@ -64,21 +66,53 @@ class _Recorder(Producer):
         return self
 
 
+def _arm(sig: Signature | list, rec: _Recorder) -> None:
+    """Hand ``rec`` to every task of ``sig`` as its producer: a chain passes its own
+    ``producer=`` to nobody, so its first task must carry one; a chord drops the one it is
+    called with but passes its options on to its header."""
+    if isinstance(sig, _chord):
+        sig.set(producer=rec)
+        _arm(sig.tasks, rec)
+        _arm(sig.body, rec)
+    elif isinstance(sig, (_chain, group, list, tuple)):
+        for task in (sig if isinstance(sig, (list, tuple)) else sig.tasks):
+            _arm(task, rec)
+    else:
+        sig.set(producer=rec)
+
+
 def _record(app, sig: Signature, expected: int) -> list[tuple[Any, dict]]:
-    """What ``sig.apply_async()`` hands to kombu, recorded (nothing reaches the broker)."""
+    """What ``sig.apply_async()`` hands to kombu, recorded (nothing reaches the broker).
+
+    Every message Celery publishes passes the ``before_task_publish`` signal: if one went out
+    through another producer than the recorder (a Celery whose canvas passes producers on
+    differently), the template is refused (the tests hold that none does)."""
+    from celery.signals import before_task_publish
+
     conn = app.connection_for_write()
+    seen: list[str] = []
+
+    def count(sender=None, **_: object) -> None:
+        seen.append(str(sender))
+
+    before_task_publish.connect(count, weak=False)
     try:
         rec = _Recorder(conn)
+        _arm(sig, rec)
         if isinstance(sig, (_chord, _chain)):
-            # chord and chain drop a ``producer=`` argument; their options reach every task.
-            sig.set(producer=rec).apply_async()
+            sig.apply_async()
         else:
             sig.apply_async(producer=rec)
-        if len(rec.sent) != expected:
-            raise TemplateError(f"recorded {len(rec.sent)} messages for {sig!r}, expected {expected}")
-        return [(_plain(body, rec), _plain(kwargs, rec)) for body, kwargs in rec.sent]
     finally:
+        before_task_publish.disconnect(count)
         conn.release()
+    if len(seen) != len(rec.sent):
+        log.error("recording %r: Celery published %d messages, %d through the recorder (a template's "
+                  "placeholder message may be queued)", sig, len(seen), len(rec.sent))
+        raise TemplateError(f"Celery published {len(seen) - len(rec.sent)} message(s) past the recorder")
+    if len(rec.sent) != expected:
+        raise TemplateError(f"recorded {len(rec.sent)} messages for {sig!r}, expected {expected}")
+    return [(_plain(body, rec), _plain(kwargs, rec)) for body, kwargs in rec.sent]
 
 
 def _plain(obj: Any, drop: object) -> Any:
