@@ -1,9 +1,10 @@
 """Publishing canvases, in this process or spread over a few publisher processes.
 
-Building and sending a Celery chord is pure-Python work (freezing the canvas, one chord-size
-key, two messages through kombu): about 2 ms of one core per image, so one process tops out
-near 450 images/s on our 2-core bench machine, whatever Redis can take (bench/README.md,
-target 4). A million-image enqueue is then 40 minutes of a producer at 100% CPU. With
+Freezing and sending a Celery chord per image (``canvas(...).apply_async()``) costs about 1.7 ms
+of one core and four Redis round trips per image: ~450-600 images/s per process on our 2-core
+bench machine. ``publish_items`` instead instantiates each image's messages from a template of
+what Celery sends for its canvas (``producer/templates.py``) and sends a chunk in two pipelined
+round trips, ~0.5 ms per image (bench/README.md, "enqueue >= 1,000 images/s"). With
 ``processes=P`` the producer and ``P - 1`` child processes split each batch and publish their
 shares side by side; the producer still marks a batch in flight only after every share is
 published, so the "publish, then mark" rule that makes a killed producer harmless holds
@@ -12,8 +13,8 @@ unchanged.
 Children are spawned (not forked: the parent holds Redis connections), ignore Ctrl-C (the parent
 decides when to stop, and lets the shares being published finish), and are handed the broker
 and result-backend URLs (and the producer's publishing settings) explicitly, since ``producer
-run`` repoints its app at runtime. They import the Celery app and nothing else of ours:
-signatures go by task name.
+run`` repoints its app at runtime. They import the Celery app, this module and
+``producer.templates``, nothing else of ours: signatures go by task name.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 
@@ -86,7 +88,7 @@ def publish_items(items: Sequence[Item]) -> int:
     """
     from worker.app import app
 
-    templates: dict[tuple[int, ...], CanvasTemplate | None] = {}
+    templates = _templates_for(app)
     chords: list[tuple[CanvasTemplate, list[tuple[str, int]]]] = []
     messages: list[tuple[object, dict]] = []
     plain: list[Item] = []
@@ -130,6 +132,20 @@ def publish_items(items: Sequence[Item]) -> int:
 
 #: LPUSHes per Redis round trip (kombu's batch flushes when it holds this many).
 PIPELINE_COMMANDS = 1000
+
+
+#: Templates built in this process: {(thread, broker URL, backend URL): {steps: template}}. A
+#: template holds the building thread's ``reply_to`` and the process's ``origin``, and nothing
+#: of the URLs, but a repointed app (``worker.app.repoint``) starts afresh all the same.
+_TEMPLATES: dict[tuple, dict[tuple[int, ...], CanvasTemplate | None]] = {}
+
+
+def _templates_for(app) -> dict[tuple[int, ...], CanvasTemplate | None]:
+    key = (threading.get_ident(), str(app.conf.broker_url), str(app.conf.result_backend))
+    if key not in _TEMPLATES:
+        _TEMPLATES.clear()  # one key in use at a time: nothing accumulates
+        _TEMPLATES[key] = {}
+    return _TEMPLATES[key]
 
 
 def _template(app, steps: list[int]) -> CanvasTemplate | None:

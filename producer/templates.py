@@ -17,9 +17,11 @@ shape and instantiates it per image:
   it in its envelope (delivery tag, priority) and routes it; ``publish.publish_items`` sends a
   chunk's messages through one pipelined ``Producer.batch()``.
 
-Anything a template cannot reproduce (an unknown canvas, a non-Redis result backend, a
-placeholder inside a string other than ``argsrepr``) raises ``TemplateError`` when the
-template is built, and the publisher falls back to ``apply_async`` per image. The tests
+Celery's ``before_task_publish``/``after_task_publish`` signals fire while a template is
+recorded, not per image (refexp connects none). Anything a template cannot reproduce (an
+unknown canvas, a non-Redis result backend, a placeholder inside a string other than
+``argsrepr``) raises ``TemplateError`` when the template is built, and the publisher falls
+back to ``apply_async`` per image. The tests
 compare templated messages with ``apply_async``'s field by field, for every canvas shape.
 """
 
