@@ -103,11 +103,12 @@ def test_a_publish_cut_by_redis_marks_nothing_and_the_resume_publishes_everythin
     Once Redis takes writes again, publishing the chunk again marks every image (the images
     published twice are duplicates, which the workers' done check absorbs)."""
     state = RunState(redis_client, "run-cut")
-    chunk = [(i * 10, f"img_{i:03d}", [0, 1, 2, 3]) for i in range(300)]
+    chunk = [(i * 10, f"img_{i:04d}", [0, 1, 2, 3]) for i in range(1000)]
     config = redis_client.config_get("maxmemory*")
     used = int(redis_client.info("memory")["used_memory"])
     redis_client.config_set("maxmemory-policy", "noeviction")
-    redis_client.config_set("maxmemory", used + 300_000)  # part of the chunk's 600 messages fit
+    # Room for the chunk's chord-size keys (~150 KB) and part of its 2,000 messages (~1.5 MB).
+    redis_client.config_set("maxmemory", used + 400_000)
     try:
         with Publisher(1) as pub, pytest.raises(redis.exceptions.ResponseError, match="maxmemory"):
             publish_chunk(state, "run-cut:h", chunk, [0, 1, 2, 3], pub)
@@ -115,11 +116,11 @@ def test_a_publish_cut_by_redis_marks_nothing_and_the_resume_publishes_everythin
         redis_client.config_set("maxmemory", config["maxmemory"])
         redis_client.config_set("maxmemory-policy", config["maxmemory-policy"])
     out = redis_client.llen(QUEUE)
-    assert 0 < out < 600, f"the cut was not mid-chunk ({out} messages out): the test proves nothing"
+    assert 0 < out < 2000, f"the cut was not mid-chunk ({out} messages out): the test proves nothing"
     assert state.queued_count() == 0, "an image was marked in flight although its publish failed"
     with Publisher(1) as pub:
         publish_chunk(state, "run-cut:h", chunk, [0, 1, 2, 3], pub)
-    assert state.queued_count() == 300
+    assert state.queued_count() == 1000
     per_image = Counter(json.loads(json.loads(m)["body"])[0][1] for m in redis_client.lrange(QUEUE, 0, -1))
     assert set(per_image) == {image_id for _, image_id, _ in chunk}
     assert min(per_image.values()) >= 2
