@@ -200,12 +200,26 @@ def _compile(obj: Any, slots: dict, path: str = "") -> Copier | None:
     return None
 
 
+def _take_chord_sizes(backend, recording: list[tuple[Any, dict]]) -> list[tuple[str, int]]:
+    """``[(group id, size)]`` for the chords of a recording, as Celery set them in the result
+    backend (``set_chord_size``); the keys are deleted (no image will ever join them)."""
+    sizes = []
+    for gid in dict.fromkeys(kw["headers"]["group"] for body, kw in recording if body[2].get("chord") is not None):
+        skey, ckey = backend.get_key_for_group(gid, ".s"), backend.get_key_for_group(gid, ".c")
+        raw = backend.client.get(skey)
+        backend.client.delete(skey, ckey)
+        if raw is None:
+            raise TemplateError(f"no chord size was set for the template's group {gid}")
+        sizes.append((gid, int(raw)))
+    return sizes
+
+
 @dataclass
 class _Message:
     body: Copier
     headers: Copier
-    kwargs: dict  # publish kwargs without headers (``declare`` is copied per message)
-    props: Copier | None
+    kwargs: dict  # ``declare`` and ``retry_policy``, the same for every image
+    props: Copier  # the other publish kwargs (properties, routing)
 
 
 class CanvasTemplate:
@@ -225,20 +239,9 @@ class CanvasTemplate:
         if len(ids_a) != len(ids_b):
             raise TemplateError("two recordings of one canvas differ in shape")
         fresh = [a for a, b in zip(ids_a, ids_b, strict=True) if a != b]
-        groups = {kw["headers"]["group"] for body, kw in first if body[2].get("chord") is not None}
-        self._chords: list[tuple[str, int]] = []
-        # Celery set both recordings' chord sizes: read the size back, then delete the keys.
-        for rec, gids in ((first, groups),
-                          (second, {kw["headers"]["group"] for body, kw in second
-                                    if body[2].get("chord") is not None})):
-            for gid in gids:
-                skey, ckey = backend.get_key_for_group(gid, ".s"), backend.get_key_for_group(gid, ".c")
-                raw = backend.client.get(skey)
-                backend.client.delete(skey, ckey)
-                if rec is first:
-                    if raw is None:
-                        raise TemplateError(f"no chord size was set for the template's group {gid}")
-                    self._chords.append((gid, int(raw)))
+        # Celery set both recordings' chord sizes: keep the first's sizes, delete both's keys.
+        self._chords = _take_chord_sizes(backend, first)
+        _take_chord_sizes(backend, second)
         self._expires = backend.chord_expires or None
         self._backend = backend
         self._fresh = fresh
