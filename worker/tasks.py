@@ -257,8 +257,8 @@ def _heartbeat(ctx: RunContext, hostname: str) -> None:
 def _make(step: int) -> Task:
     name = STEP_NAMES[step]
 
-    # Steps 2 and 3 never head a chord and nothing reads their status: no result to store (one
-    # Redis round trip and one key per task less). The chord header (steps 0, 1) must keep its.
+    # Nothing reads a task's status, and chord counting works without it (StepDef.stores_result):
+    # no result is stored (three commands and one key per task less).
     # max_retries=None: Celery must never give up on a retry by itself (it would fail the task and
     # acknowledge the message with the image-step unsettled); ``_settle_error`` bounds the VLM's
     # retries by ``vlm.max_retries`` and lets the infrastructure's go on.

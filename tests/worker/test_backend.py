@@ -33,13 +33,14 @@ def test_publishing_chords_registers_no_pending_results_and_no_subscriptions(app
     assert channels == [], f"the sender subscribed to {len(channels)} result channels"
 
 
-def test_steps_2_and_3_are_sent_to_store_no_result(app, redis_client):
+def test_every_step_is_sent_to_store_no_result(app, redis_client):
     # The producer sends tasks by name; a request's ignore_result overrides the task's, so the
-    # message must say it (worker/constants.RESULTLESS_STEPS).
+    # message must say it (worker/stepdefs.RESULTLESS_STEPS). The chord header stores none either:
+    # chord counting does not read stored results (test_fleet proves the body still runs).
     canvas([0, 1, 2, 3], "run0:spec0", "img_0000", 0).apply_async()
     raw = redis_client.lindex("refexp", 0)
     msg = json.loads(raw)
-    assert msg["headers"]["ignore_result"] is False  # a chord header: its result counts the chord
+    assert msg["headers"]["ignore_result"] is True
     _args, _kwargs, embed = json.loads(msg["body"])
     body = embed["chord"]
     tails = {t["task"]: t["options"].get("ignore_result") for t in body["kwargs"]["tasks"]}
