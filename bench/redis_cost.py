@@ -13,6 +13,7 @@ offline teacher: ``--backend offline``, no fleet budget), measured from Redis it
 - with ``--monitor``, the same commands split by who sent them (the key family they touch,
   Lua scripts' inner calls shown apart): kombu, Celery's result backend, chord join keys, task
   events, the budget, our run state;
+- with ``--status-at N``, how long ``producer status`` takes on a run whose index holds N images;
 - **Redis bytes per finished image-step**: ``used_memory`` after the run has settled (queue
   empty, every image out of the in-flight set) minus before the run, divided by 4 N; with the
   remaining keys broken down by family (``MEMORY USAGE``), Celery's keys included.
@@ -22,6 +23,7 @@ and the two are reported separately.
 
     flock /work/wt/_bench.lock .venv/bin/python -m bench.redis_cost --images 300 --workdir /tmp/bench-redis
     .venv/bin/python -m bench.redis_cost --images 300 --monitor --events on
+    .venv/bin/python -m bench.redis_cost --images 2000 --events off --status-at 1000000
 """
 
 from __future__ import annotations
@@ -210,6 +212,32 @@ def one_run(url: str, *, images_dir: Path, labels_dir: Path, results: Path, back
                            for k, (c, b) in keys.items()}}
 
 
+def status_at(url: str, n: int, runs: int = 5) -> dict:
+    """``producer status``'s Redis part (``producer.status.status``) on a run whose index holds
+    ``n`` images done in every step (written with ``bulk_done``, as a reindex does): the seconds
+    it takes, best and worst of ``runs``, and the bytes the index takes."""
+    from producer.status import status
+    from worker.runstate import RunState
+
+    r = redis_client(url)
+    r.flushall()
+    state = RunState(r, "status-bench")
+    state.set_meta(images=n, steps=list(range(STEPS)), enqueue_complete=True, enqueued_at=time.time())
+    mem0 = _data_memory(r)
+    for step in range(STEPS):
+        state.bulk_done(step, ((f"img_{i:08d}", i * 700) for i in range(n)), batch=5000)
+    mem1 = _data_memory(r)
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        st = status(state)
+        times.append(time.perf_counter() - t)
+    assert st["finished"] and st["steps"]["3"]["done"] == n
+    r.flushall()
+    return {"images": n, "status_s_best": round(min(times), 4), "status_s_worst": round(max(times), 4),
+            "index_bytes_per_image_step": round((mem1 - mem0) / (STEPS * n), 1)}
+
+
 def report(res: dict) -> None:
     ev = "with task events (-E)" if res["events"] else "without task events"
     print(f"-- {ev}: {res['images']} images, {res['tasks']} tasks in {res['seconds']} s"
@@ -237,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layout", default="2x16", help="workers x threads")
     ap.add_argument("--events", choices=("both", "on", "off"), default="both")
     ap.add_argument("--monitor", action="store_true", help="split the commands by sender (MONITOR; slower)")
+    ap.add_argument("--status-at", type=int, default=0,
+                    help="also time status on a run whose done index holds this many images (1000000: ~1 min)")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/refexp-bench"))
     ap.add_argument("--timeout", type=float, default=170)
     ap.add_argument("--json", default=None)
@@ -257,6 +287,12 @@ def main(argv: list[str] | None = None) -> int:
             report(res)
             runs.append(res)
             ok = ok and res["settled"]
+        if a.status_at:
+            st = status_at(url, a.status_at)
+            print(f"-- status with {st['images']} images done in each of {STEPS} steps: "
+                  f"{st['status_s_best']} s best, {st['status_s_worst']} s worst of 5; "
+                  f"the done index takes {st['index_bytes_per_image_step']} B per image-step")
+            runs.append({"status_at": st})
     emit_json(a.json, {"bench": "redis_cost", "machine": m, "params": vars(a) | {"workdir": str(a.workdir)},
                        "runs": runs})
     return 0 if ok else 1
