@@ -5,6 +5,10 @@ tell in one round trip whether an image-step is done, and where its record sits:
 ``done:{step}`` maps ``image_id -> byte offset`` in that step's sink. ``failed:{step}`` and
 ``blocked:{step}`` hold a short reason. If Redis loses the index, ``reindex`` rebuilds it from
 the sinks. No secret is ever written here.
+
+What a task changes here is done by one Lua script (``_MARK_AND_SETTLE``): its mark, its
+counters and the settle check in one round trip and as few commands as Redis can run them,
+since every command inside a script counts against what one Redis serves (bench/redis_cost.py).
 """
 
 from __future__ import annotations
