@@ -22,7 +22,8 @@ and refreshes the expiry of five keys every time, two of which refexp never crea
 ``.t`` counter of tasks added to a running chord, the saved complex header). This one adds and
 checks in one SADD, and sets the expiry of the keys it creates once, when it creates them (the
 size key got its expiry when the chord was published): 7 commands per header task, 9 for the
-first (bench/redis_cost.py). Celery is pinned below 5.8 (pyproject.toml) for this reason.
+first (bench/redis_cost.py). pyproject.toml pins Celery below 5.8: an upgrade must compare
+this script with Celery's again (tests/worker/test_backend.py drives it as a worker does).
 """
 
 from __future__ import annotations
