@@ -78,10 +78,11 @@ def make_app() -> Celery:
         task_serializer="json",
         result_serializer="json",
         accept_content=["json"],
-        # Sent events for every one of a million tasks cost the producer; task events on the
-        # worker (-E) are what Flower needs.
+        # Sent events for every one of a million tasks cost the producer. Task events on the
+        # worker are what Flower needs, and cost Redis about 3 commands per task
+        # (bench/redis_cost.py): off unless the worker is started with -E (the compose file does).
         task_send_sent_event=False,
-        worker_send_task_events=True,
+        worker_send_task_events=False,
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
         worker_hijack_root_logger=False,

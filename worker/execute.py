@@ -78,8 +78,8 @@ class Uncommitted(Exception):
 def execute(ctx: RunContext, step: int, image_id: str, seed_offset: int) -> str:
     """Run ``step`` for one image; return DONE, SKIPPED or BLOCKED, or raise.
 
-    DONE means the outcome is written, marked and the image settled (``commit``); the caller
-    settles the other outcomes. When the call succeeded but its write failed, raises
+    DONE and BLOCKED mean the outcome is marked and the image settled, in one round trip; the
+    caller settles a SKIPPED image-step. When the call succeeded but its write failed, raises
     ``Uncommitted`` with the answer, so the write can be retried without a second call.
     """
     wf = ctx.spec.ire.workflow
@@ -94,7 +94,7 @@ def execute(ctx: RunContext, step: int, image_id: str, seed_offset: int) -> str:
             upstream[s] = ctx.layout.sink(s).read_at(off)
     missing = [s for s in d.required(wf.steps) if s not in upstream]
     if missing:
-        ctx.state.mark_blocked(step, image_id, f"waiting on step(s) {missing}")
+        ctx.state.block_and_settle(step, image_id, f"waiting on step(s) {missing}", wf.steps)
         return BLOCKED
     seed = read_seed(ctx, image_id, seed_offset) if d.reads_seed else {}
     record = input_record(step, seed, upstream)
@@ -112,7 +112,7 @@ def commit(ctx: RunContext, step: int, image_id: str, pending: dict) -> str:
 
     The legacy file first (when the output format asks for one), then the sink line (written in
     full and verified by ``JsonlSink.append``), and only then the done mark, usage and quality
-    counters and the settle check, in one Redis transaction. A failure at any point leaves the
+    counters and the settle check, in one Redis script (``RunState.finish``). A failure at any point leaves the
     image-step not done, and ``commit`` can simply run again: the legacy file is replaced
     whole, and a second sink line for the image is absorbed by readers (last line wins).
     """
@@ -127,7 +127,8 @@ def commit(ctx: RunContext, step: int, image_id: str, pending: dict) -> str:
 
 
 def record_failure(ctx: RunContext, step: int, image_id: str, exc: BaseException | dict, attempts: int) -> str:
-    """A failure for good: a line in failures.jsonl, then the failed mark; the image stays resumable.
+    """A failure for good: a line in failures.jsonl, then the failed mark and the settle check
+    (one round trip); the image stays resumable.
 
     ``exc`` may be the failure as ``failure_payload`` made it, when recording is retried.
     """
@@ -136,7 +137,8 @@ def record_failure(ctx: RunContext, step: int, image_id: str, exc: BaseException
     extra = {"raw": payload["raw"]} if payload.get("raw") else {}
     ctx.layout.record_failure(image_id=image_id, step=step, error=payload["message"], kind=payload["error"],
                               attempts=attempts, **extra)
-    ctx.state.mark_failed(step, image_id, f"{payload['error']}: {payload['message']}")
+    ctx.state.fail_and_settle(step, image_id, f"{payload['error']}: {payload['message']}",
+                              ctx.spec.ire.workflow.steps)
     return FAILED
 
 

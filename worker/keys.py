@@ -9,7 +9,9 @@ clock guard restamps. No secret is ever part of a key or a value.
 Run keys (``run_key(run_id, ...)``): ``spec:<hash>`` and ``prompts:<hash>`` (the run's public
 spec and prompt templates), ``meta``, ``done:<step>`` (image_id -> sink offset), ``failed:<step>``
 and ``blocked:<step>`` (image_id -> reason), ``queued`` (the in-flight window: image_id ->
-"<Redis time>:<seed offset>"), ``usage``, ``quality``, ``workers``, ``producer``.
+"<Redis time>:<seed offset>"), ``usage`` and ``quality`` (counter totals) with ``tally`` (the
+counter entries not folded into them yet, at most ``runstate.TALLY_FOLD``), ``workers``,
+``producer``.
 """
 
 from __future__ import annotations

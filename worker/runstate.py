@@ -5,6 +5,10 @@ tell in one round trip whether an image-step is done, and where its record sits:
 ``done:{step}`` maps ``image_id -> byte offset`` in that step's sink. ``failed:{step}`` and
 ``blocked:{step}`` hold a short reason. If Redis loses the index, ``reindex`` rebuilds it from
 the sinks. No secret is ever written here.
+
+What a task changes here is done by one Lua script (``_MARK_AND_SETTLE``): its mark, its
+counters and the settle check in one round trip and as few commands as Redis can run them,
+since every command inside a script counts against what one Redis serves (bench/redis_cost.py).
 """
 
 from __future__ import annotations
@@ -52,6 +56,70 @@ class Outcome(StrEnum):
 MARKS = (Outcome.DONE, Outcome.FAILED, Outcome.BLOCKED)
 
 SPEC_TTL = 60 * 60 * 24 * 60  # the spec outlives any sane run; re-enqueue refreshes it
+#: Entries the counters log (``tally``) holds before the script that appends one folds them all
+#: into the ``usage`` and ``quality`` hashes: a task appends one entry (one command) instead of an
+#: HINCRBY per counter (some 10 per task); a fold costs one HINCRBY per distinct counter.
+TALLY_FOLD = 100
+
+# Mark an image-step (or not) and settle the image, atomically: one round trip, and the fewest
+# commands Redis runs (every call inside the script counts; bench/redis_cost.py).
+# KEYS: queued, tally, usage, quality, then done, failed, blocked of each of the run's steps.
+# ARGV: image_id, position of the marked step among the run's steps (1-based; 0: mark nothing),
+#       mark (1 done, 2 failed, 3 blocked), value (sink offset or reason), tally entry ("" for
+#       none: "<u|q><field>\t<n>\t..." with u for usage, q for quality), TALLY_FOLD.
+# Returns 1 when every step of the image has a mark (it left the in-flight set), else 0.
+_MARK_AND_SETTLE = """
+local image, pos, mark = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local nsteps = (#KEYS - 4) / 3
+if ARGV[5] ~= '' and redis.call('RPUSH', KEYS[2], ARGV[5]) >= tonumber(ARGV[6]) then
+  local totals = {}
+  for _, entry in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
+    for field, n in string.gmatch(entry, '([^\t]+)\t([^\t]+)') do
+      totals[field] = (totals[field] or 0) + tonumber(n)
+    end
+  end
+  redis.call('DEL', KEYS[2])
+  for field, n in pairs(totals) do
+    local hash = string.sub(field, 1, 1) == 'u' and KEYS[3] or KEYS[4]
+    redis.call('HINCRBY', hash, string.sub(field, 2), n)
+  end
+end
+if nsteps == 0 then
+  return 0
+end
+-- Failed and blocked marks are rare: one EXISTS over all their hashes spares looking in them
+-- (and clearing them) image by image while the run has none.
+local marks = {}
+for i = 1, nsteps do
+  marks[#marks + 1] = KEYS[4 + (i - 1) * 3 + 2]
+  marks[#marks + 1] = KEYS[4 + (i - 1) * 3 + 3]
+end
+local any_other_mark = redis.call('EXISTS', unpack(marks)) > 0
+if pos > 0 then
+  local base = 4 + (pos - 1) * 3
+  redis.call('HSET', KEYS[base + mark], image, ARGV[4])
+  if mark == 1 and any_other_mark then
+    redis.call('HDEL', KEYS[base + 2], image)
+    redis.call('HDEL', KEYS[base + 3], image)
+  end
+end
+-- Later steps are the likelier to be unsettled: look at them first, and stop at the first.
+for i = nsteps, 1, -1 do
+  if i ~= pos then
+    local base = 4 + (i - 1) * 3
+    if redis.call('HEXISTS', KEYS[base + 1], image) == 0 then
+      if not any_other_mark then
+        return 0
+      end
+      if redis.call('HEXISTS', KEYS[base + 2], image) == 0 and redis.call('HEXISTS', KEYS[base + 3], image) == 0 then
+        return 0
+      end
+    end
+  end
+end
+redis.call('HDEL', KEYS[1], image)
+return 1
+"""
 WORKER_SEEN_WINDOW = 120.0
 USAGE_FIELDS = ("input_tokens", "output_tokens", "image_tokens", "thinking_tokens")
 
@@ -62,6 +130,7 @@ class RunState:
     def __init__(self, client: redis.Redis, run_id: str):
         self.r = client
         self.run_id = run_id
+        self._mark_and_settle = client.register_script(_MARK_AND_SETTLE)
 
     # -- spec ---------------------------------------------------------------------------------
     def store_spec(self, spec_hash: str, public_spec: dict, meta: dict,
@@ -121,71 +190,51 @@ class RunState:
 
     def finish(self, step: int, image_id: str, offset: int, steps: list[int], *,
                call: dict | None = None, quality: dict | None = None) -> bool:
-        """``mark_done``, ``add_usage``, ``add_quality`` and ``settle`` in one transaction (one
-        round trip, a second only when the image leaves the in-flight set); returns ``settle``'s
-        answer. The settle check runs after the mark inside the same MULTI/EXEC, so of two
-        header tasks finishing together the later transaction sees both marks."""
-        pipe = self.r.pipeline()
-        self._mark_done(pipe, step, image_id, offset)
-        if call:
-            self._add_usage(pipe, step, call)
-        if quality:
-            self._add_quality(pipe, step, quality)
-        self._settle_checks(pipe, image_id, steps)
-        results = pipe.execute()
-        return self._settle_finish(results[len(results) - len(MARKS) * len(steps):], image_id, steps)
+        """``mark_done``, the call's usage and quality counters and ``settle``, atomically, in
+        one round trip (one script); returns ``settle``'s answer. The settle check runs after
+        the mark inside the same script, so of two header tasks finishing together the later
+        one sees both marks."""
+        tally = _tally(step, call, quality)
+        return self._settle_script(image_id, steps, step, Outcome.DONE, offset, tally)
 
     def add_usage(self, step: int, call: dict) -> None:
         """Count one finished call's tokens into ``usage`` (``<step>:<field>`` -> total), for
         live status; latency is kept in milliseconds so every field is an integer."""
-        pipe = self.r.pipeline()
-        self._add_usage(pipe, step, call)
-        pipe.execute()
-
-    def _add_usage(self, pipe, step: int, call: dict) -> None:
-        key = run_key(self.run_id, "usage")
-        pipe.hincrby(key, f"{step}:calls", 1)
-        for field in USAGE_FIELDS:
-            if call.get(field):
-                pipe.hincrby(key, f"{step}:{field}", int(call[field]))
-        pipe.hincrby(key, f"{step}:latency_ms", round(float(call.get("latency_s") or 0) * 1000))
-
-    def usage(self) -> dict[int, dict[str, int]]:
-        """``step -> {calls, input_tokens, ..., latency_ms}`` as counted by ``add_usage``."""
-        out: dict[int, dict[str, int]] = {}
-        for k, v in self.r.hgetall(run_key(self.run_id, "usage")).items():
-            step, _, field = k.decode().partition(":")
-            out.setdefault(int(step), {})[field] = int(v)
-        return out
+        self._tally_only(_tally(step, call, None))
 
     def add_quality(self, step: int, quality: dict) -> None:
         """Add one image-step's quality report (``worker.steps.quality``) into ``quality``
         (``<step>:<count>``, ``<step>:repair:<kind>``, ``<step>:mode:<mode>`` -> total)."""
-        pipe = self.r.pipeline()
-        self._add_quality(pipe, step, quality)
-        pipe.execute()
+        self._tally_only(_tally(step, None, quality))
 
-    def _add_quality(self, pipe, step: int, quality: dict) -> None:
-        key = run_key(self.run_id, "quality")
-        pipe.hincrby(key, f"{step}:images", 1)
-        for field, value in quality.items():
-            if isinstance(value, bool):
-                if value:
-                    pipe.hincrby(key, f"{step}:{field}", 1)
-            elif isinstance(value, int) and value:
-                pipe.hincrby(key, f"{step}:{field}", value)
-        for kind, n in (quality.get("repairs") or {}).items():
-            pipe.hincrby(key, f"{step}:repair:{kind}", int(n))
-        for field in ("mode", "fallback"):
-            if quality.get(field):
-                pipe.hincrby(key, f"{step}:{field}:{quality[field]}", 1)
+    def _tally_only(self, entry: str) -> None:
+        self._mark_and_settle(keys=self._settle_keys([]), args=["", 0, 0, "", entry, TALLY_FOLD])
+
+    def usage(self) -> dict[int, dict[str, int]]:
+        """``step -> {calls, input_tokens, ..., latency_ms}`` as counted by ``add_usage``."""
+        return self._counters("u")
 
     def quality(self) -> dict[int, dict[str, int]]:
         """``step -> {field or 'repair:<kind>' or 'mode:<m>': total}`` as counted by ``add_quality``."""
+        return self._counters("q")
+
+    def _counters(self, kind: str) -> dict[int, dict[str, int]]:
+        """The folded totals plus the entries not folded yet (at most TALLY_FOLD), read together
+        so a fold in between cannot count an entry twice or not at all."""
+        pipe = self.r.pipeline()  # MULTI: one consistent look
+        pipe.hgetall(run_key(self.run_id, "usage" if kind == "u" else "quality"))
+        pipe.lrange(run_key(self.run_id, "tally"), 0, -1)
+        folded, pending = pipe.execute()
+        totals = {k.decode(): int(v) for k, v in folded.items()}
+        for entry in pending:
+            words = entry.decode().split("\t")
+            for field, n in zip(words[::2], words[1::2], strict=False):
+                if field.startswith(kind):
+                    totals[field[1:]] = totals.get(field[1:], 0) + int(n)
         out: dict[int, dict[str, int]] = {}
-        for k, v in self.r.hgetall(run_key(self.run_id, "quality")).items():
-            step, _, field = k.decode().partition(":")
-            out.setdefault(int(step), {})[field] = int(v)
+        for k, v in totals.items():
+            step, _, field = k.partition(":")
+            out.setdefault(int(step), {})[field] = v
         return out
 
     def mark_failed(self, step: int, image_id: str, reason: str) -> None:
@@ -193,6 +242,14 @@ class RunState:
 
     def mark_blocked(self, step: int, image_id: str, reason: str) -> None:
         self.r.hset(run_key(self.run_id, Outcome.BLOCKED, step), image_id, reason[:200])
+
+    def fail_and_settle(self, step: int, image_id: str, reason: str, steps: list[int]) -> bool:
+        """``mark_failed`` and ``settle`` in one script (one round trip)."""
+        return self._settle_script(image_id, steps, step, Outcome.FAILED, reason[:500])
+
+    def block_and_settle(self, step: int, image_id: str, reason: str, steps: list[int]) -> bool:
+        """``mark_blocked`` and ``settle`` in one script (one round trip)."""
+        return self._settle_script(image_id, steps, step, Outcome.BLOCKED, reason[:200])
 
     def clear_attempt(self, step: int, image_ids: Iterable[str], *, done: bool = False) -> None:
         """Forget failed/blocked marks (and done marks, for a forced redo) before an image-step is
@@ -273,24 +330,25 @@ class RunState:
     def settle(self, image_id: str, steps: list[int]) -> bool:
         """Drop the image from the in-flight set once every step is done, failed or blocked.
 
-        Called after each step's outcome is marked; of two header tasks finishing together at
-        least one sees both marks, so the image always leaves the set.
+        Called after each step's outcome is marked (or with the mark, in the same script); of
+        two header tasks finishing together at least one sees both marks, so the image always
+        leaves the set.
         """
-        pipe = self.r.pipeline()
-        self._settle_checks(pipe, image_id, steps)
-        return self._settle_finish(pipe.execute(), image_id, steps)
+        return self._settle_script(image_id, steps)
 
-    def _settle_checks(self, pipe, image_id: str, steps: list[int]) -> None:
-        for s in steps:
-            for kind in MARKS:
-                pipe.hexists(run_key(self.run_id, kind, s), image_id)
+    def _settle_keys(self, steps: list[int]) -> list[str]:
+        keys = [run_key(self.run_id, part) for part in ("queued", "tally", "usage", "quality")]
+        return keys + [run_key(self.run_id, kind, s) for s in steps for kind in MARKS]
 
-    def _settle_finish(self, flags: list, image_id: str, steps: list[int]) -> bool:
-        n = len(MARKS)
-        settled = all(any(flags[i * n : i * n + n]) for i in range(len(steps)))
-        if settled:
-            self.r.hdel(run_key(self.run_id, "queued"), image_id)
-        return settled
+    def _settle_script(self, image_id: str, steps: list[int], step: int | None = None,
+                       mark: Outcome | None = None, value: object = "", tally: str = "") -> bool:
+        steps = list(steps)
+        if step is not None and step not in steps:  # a step outside the run's list: mark it too
+            steps.append(step)
+        pos = steps.index(step) + 1 if step is not None else 0
+        kind = MARKS.index(mark) + 1 if mark is not None else 0
+        return bool(self._mark_and_settle(keys=self._settle_keys(steps),
+                                          args=[image_id, pos, kind, value, tally, TALLY_FOLD]))
 
     def outcomes(self, image_ids: list[str], steps: list[int]) -> dict[str, dict[int, str | None]]:
         """``image_id -> step -> Outcome (DONE, FAILED or BLOCKED) | None`` in one round trip."""
@@ -311,7 +369,7 @@ class RunState:
         return out
 
     def settle_many(self, image_ids: list[str], steps: list[int]) -> int:
-        """``settle`` for a batch in two round trips; returns how many left the in-flight set.
+        """``settle`` for a batch in one round trip; returns how many left the in-flight set.
 
         The producer calls it right after marking a batch in flight: a worker that finished an
         image between its publish and that mark found nothing to drop, and would otherwise leave
@@ -319,10 +377,11 @@ class RunState:
         """
         if not image_ids:
             return 0
-        outcomes = self.outcomes(image_ids, steps)
-        settled = [i for i in image_ids if all(outcomes[i][s] is not None for s in steps)]
-        self.unqueue(settled)
-        return len(settled)
+        keys = self._settle_keys(list(steps))
+        pipe = self.r.pipeline(transaction=False)
+        for image_id in image_ids:
+            self._mark_and_settle(keys=keys, args=[image_id, 0, 0, "", "", TALLY_FOLD], client=pipe)
+        return sum(int(x) for x in pipe.execute())
 
     # -- fleet ---------------------------------------------------------------------------------
     def heartbeat(self, worker: str) -> None:
@@ -331,3 +390,24 @@ class RunState:
     def workers_seen(self, window: float = WORKER_SEEN_WINDOW) -> list[str]:
         since = time.time() - window
         return [w.decode() for w in self.r.zrangebyscore(run_key(self.run_id, "workers"), since, "+inf")]
+
+
+def _tally(step: int, call: dict | None, quality: dict | None) -> str:
+    """One task's usage (``u``) and quality (``q``) counters as one tally entry:
+    ``"<u|q><step>:<field>\t<n>\t..."``, zero counts left out."""
+    parts: list[tuple[str, int]] = []
+    if call:
+        parts.append((f"u{step}:calls", 1))
+        parts += [(f"u{step}:{f}", int(call[f])) for f in USAGE_FIELDS if call.get(f)]
+        parts.append((f"u{step}:latency_ms", round(float(call.get("latency_s") or 0) * 1000)))
+    if quality:
+        parts.append((f"q{step}:images", 1))
+        for field, value in quality.items():
+            if isinstance(value, bool):
+                if value:
+                    parts.append((f"q{step}:{field}", 1))
+            elif isinstance(value, int) and value:
+                parts.append((f"q{step}:{field}", value))
+        parts += [(f"q{step}:repair:{kind}", int(n)) for kind, n in (quality.get("repairs") or {}).items()]
+        parts += [(f"q{step}:{f}:{quality[f]}", 1) for f in ("mode", "fallback") if quality.get(f)]
+    return "\t".join(f"{k}\t{n}" for k, n in parts)

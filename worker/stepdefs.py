@@ -60,9 +60,14 @@ class StepDef:
 
     @property
     def stores_result(self) -> bool:
-        """Chord header tasks must store their status (chord counting reads it); nothing reads
-        the others', so they store none (one Redis round trip and one key per task less)."""
-        return self.head
+        """No task stores its status: nothing reads a result. Chord counting does not need the
+        header tasks' results stored either: Celery's ``Backend.mark_as_done`` calls
+        ``on_chord_part_return`` (which keeps the status in the chord's own join key, deleted
+        when the body is sent) whether or not the result is stored (celery/backends/base.py,
+        5.7; proved with real workers by tests/integration/test_fleet.py). Storing it cost 3
+        Redis commands per header task and a ~360-byte key per task kept for ``result_expires``
+        (bench/redis_cost.py)."""
+        return False
 
     @property
     def dir_name(self) -> str:

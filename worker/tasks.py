@@ -46,7 +46,7 @@ from worker import settings
 from worker.app import app
 from worker.context import RunContext, RunNotInRedis, get_context, state_redis
 from worker.errors import PERMANENT, RETRYABLE, ClientError
-from worker.execute import DONE, SKIPPED, Uncommitted, commit, execute, failure_payload, record_failure
+from worker.execute import SKIPPED, Uncommitted, commit, execute, failure_payload, record_failure
 from worker.keys import WRITE_PROBE
 from worker.stepdefs import STEP, STEP_NAMES, task_name
 
@@ -113,15 +113,18 @@ def run_task(task: Task, step: int, run_ref: str, image_id: str, seed_offset: in
         _heartbeat(ctx, task.request.hostname or "unknown")
         if failure is None and pending is None and (task.request.delivery_info or {}).get("redelivered"):
             pending = ctx.layout.read_spool(step, image_id, ctx.spec_hash)  # kept while Redis was unusable
+        settled_with_mark = True  # DONE, FAILED and BLOCKED settle in the same script that marks them
         if failure is not None:  # recorded unless an earlier attempt (or a duplicate) settled it since
-            settled = ctx.state.outcomes([image_id], [step])[image_id][step]
-            outcome = settled or record_failure(ctx, step, image_id, failure, failure.get("attempts", vlm_retries + 1))
+            outcome = ctx.state.outcomes([image_id], [step])[image_id][step]
+            settled_with_mark = outcome is None
+            outcome = outcome or record_failure(ctx, step, image_id, failure,
+                                                failure.get("attempts", vlm_retries + 1))
         elif pending is not None:
             outcome = _commit_pending(ctx, step, image_id, pending)
             ctx.layout.drop_spool(step, image_id, ctx.spec_hash)
         else:
             outcome = execute(ctx, step, image_id, seed_offset)
-        if outcome != DONE:  # a DONE step was settled in the same transaction that marked it
+        if outcome == SKIPPED or not settled_with_mark:
             ctx.state.settle(image_id, ctx.spec.ire.workflow.steps)
         return outcome
     except (Retry, Reject):
@@ -191,9 +194,7 @@ def _settle_error(task: Task, ctx: RunContext | None, step: int, image_id: str, 
             image_id, step, type(exc).__name__, exc, exc_info=not expected)
     payload = {**failure_payload(exc), "attempts": vlm_retries + 1}
     try:
-        outcome = record_failure(ctx, step, image_id, payload, payload["attempts"])
-        ctx.state.settle(image_id, ctx.spec.ire.workflow.steps)
-        return outcome
+        return record_failure(ctx, step, image_id, payload, payload["attempts"])  # marked and settled
     except Exception as rec_exc:
         log.warning("%s step %s: could not record the failure (%s: %s); trying again later",
                     image_id, step, type(rec_exc).__name__, rec_exc)
@@ -257,8 +258,8 @@ def _heartbeat(ctx: RunContext, hostname: str) -> None:
 def _make(step: int) -> Task:
     name = STEP_NAMES[step]
 
-    # Steps 2 and 3 never head a chord and nothing reads their status: no result to store (one
-    # Redis round trip and one key per task less). The chord header (steps 0, 1) must keep its.
+    # Nothing reads a task's status, and chord counting works without it (StepDef.stores_result):
+    # no result is stored (three commands and one key per task less).
     # max_retries=None: Celery must never give up on a retry by itself (it would fail the task and
     # acknowledge the message with the image-step unsettled); ``_settle_error`` bounds the VLM's
     # retries by ``vlm.max_retries`` and lets the infrastructure's go on.

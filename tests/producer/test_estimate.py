@@ -205,13 +205,11 @@ def test_finalize_drops_latency_and_sums_usage(tmp_path):
     assert lines[-1].strip().startswith("total")
 
 
-def test_status_shows_live_token_counts():
-    import fakeredis
-
+def test_status_shows_live_token_counts(redis_client):
     from producer.status import format_status, status
     from worker.runstate import RunState
 
-    state = RunState(fakeredis.FakeRedis(), "r1")
+    state = RunState(redis_client, "r1")
     spec = load_spec(None, ["image_referring_expression.vlm.prices.input_per_million=1",
                             "image_referring_expression.vlm.prices.output_per_million=1"]).public_dict()
     state.store_spec("h", spec, {"images": 2, "steps": [0, 1], "spec_hash": "h", "enqueue_complete": True})

@@ -1,21 +1,25 @@
-"""producer status from the run's Redis state (fakeredis: plain hashes, no transport)."""
+"""producer status from the run's Redis state (a real Redis: the run state's counters are kept
+by a Lua script)."""
 
 from __future__ import annotations
 
-import fakeredis
+import pytest
 
 from producer.status import format_status, status
 from worker.runstate import RunState
 from worker.steps.quality import new_quality
 
 
-def make_state() -> RunState:
-    state = RunState(fakeredis.FakeRedis(), "run1")
-    state.set_meta(images=3, steps=[0, 1], enqueue_complete=True, enqueued_at=0.0)
-    return state
+@pytest.fixture
+def make_state(redis_client):
+    def make() -> RunState:
+        state = RunState(redis_client, "run1")
+        state.set_meta(images=3, steps=[0, 1], enqueue_complete=True, enqueued_at=0.0)
+        return state
+    return make
 
 
-def test_counts_pending_and_finished():
+def test_counts_pending_and_finished(make_state):
     state = make_state()
     for image in ("a", "b", "c"):
         state.mark_done(1, image, 0)
@@ -32,7 +36,7 @@ def test_counts_pending_and_finished():
     assert status(state)["steps"]["0"] == {"done": 2, "failed": 0, "blocked": 1, "pending": 0}
 
 
-def test_quality_report_adds_up_per_step_and_is_shown():
+def test_quality_report_adds_up_per_step_and_is_shown(make_state):
     state = make_state()
     q1 = new_quality(mode="structured", repairs=["code_fence"], calls=1, boxes_expected=4, boxes_returned=4,
                      boxes_matched=3, hallucinated_dropped=1, kitti_skipped=1)
@@ -51,7 +55,7 @@ def test_quality_report_adds_up_per_step_and_is_shown():
     assert "hallucinated dropped 1" in text and "re-asks 1" in text and "code_fence 2" in text
 
 
-def test_answers_cut_to_size_are_counted_and_shown():
+def test_answers_cut_to_size_are_counted_and_shown(make_state):
     state = make_state()
     state.add_quality(1, new_quality(repairs=["oversized_answer_cut"], calls=1, answers_cut=1))
     state.add_quality(1, new_quality(calls=1))

@@ -33,14 +33,45 @@ def test_publishing_chords_registers_no_pending_results_and_no_subscriptions(app
     assert channels == [], f"the sender subscribed to {len(channels)} result channels"
 
 
-def test_steps_2_and_3_are_sent_to_store_no_result(app, redis_client):
+def test_every_step_is_sent_to_store_no_result(app, redis_client):
     # The producer sends tasks by name; a request's ignore_result overrides the task's, so the
-    # message must say it (worker/constants.RESULTLESS_STEPS).
+    # message must say it (worker/stepdefs.RESULTLESS_STEPS). The chord header stores none either:
+    # chord counting does not read stored results (test_fleet proves the body still runs).
     canvas([0, 1, 2, 3], "run0:spec0", "img_0000", 0).apply_async()
     raw = redis_client.lindex("refexp", 0)
     msg = json.loads(raw)
-    assert msg["headers"]["ignore_result"] is False  # a chord header: its result counts the chord
+    assert msg["headers"]["ignore_result"] is True
     _args, _kwargs, embed = json.loads(msg["body"])
     body = embed["chord"]
     tails = {t["task"]: t["options"].get("ignore_result") for t in body["kwargs"]["tasks"]}
     assert tails == {"refexp.grounding_expr": True, "refexp.double_check": True}
+
+
+def test_chord_counting_counts_each_header_task_once_sends_the_body_once_and_leaves_no_join_state(app, redis_client):
+    # worker/result_backend.py replaces Celery's part-return script with a leaner one: the same
+    # contract, driven here as a worker drives it when a header task returns.
+    from types import SimpleNamespace
+
+    backend = app.backend
+    assert type(backend).__name__ == "RefexpRedisBackend"
+    body = app.signature("refexp.grounding_expr", args=("run0:spec0", "img", 0), immutable=True)
+    gid = "g-test"
+    backend.set_chord_size(gid, 2)
+
+    def part(tid: str, index: int) -> None:
+        request = SimpleNamespace(id=tid, group=gid, group_index=index, chord=dict(body))
+        backend.on_chord_part_return(request, "SUCCESS", "done")
+
+    part("t0", 0)
+    part("t0", 0)  # a redelivered header task counts once
+    assert redis_client.llen("refexp") == 0
+    for suffix in (".j", ".d", ".s"):
+        assert 0 < redis_client.ttl(f"celery-taskset-meta-{gid}{suffix}") <= app.conf.result_chord_expires
+    part("t1", 1)
+    assert redis_client.llen("refexp") == 1  # the body, sent once
+    assert json.loads(redis_client.lindex("refexp", 0))["headers"]["task"] == "refexp.grounding_expr"
+    left = sorted(k.decode() for k in redis_client.scan_iter(f"celery-taskset-meta-{gid}*"))
+    assert left == [f"celery-taskset-meta-{gid}.c"]  # Celery's short-lived "done" marker only
+    part("t1", 1)  # a late duplicate sends nothing and recreates nothing
+    assert redis_client.llen("refexp") == 1
+    assert sorted(k.decode() for k in redis_client.scan_iter(f"celery-taskset-meta-{gid}*")) == left

@@ -114,6 +114,41 @@ def test_run_state_outcomes_and_settling(redis_client):
     assert [str(k) for k in MARKS] == ["done", "failed", "blocked"]
 
 
+def test_counters_are_folded_in_batches_and_read_the_same_before_and_after(redis_client):
+    # A task appends its usage and quality counters as one tally entry; the script folds the
+    # tally into the totals every TALLY_FOLD entries. Reading adds what is not folded yet.
+    from worker.runstate import TALLY_FOLD
+    from worker.steps.quality import new_quality
+
+    state = RunState(redis_client, "run3")
+    n = TALLY_FOLD + 7
+    for i in range(n):
+        state.finish(0, f"i{i}", i, [0], call={"input_tokens": 10, "latency_s": 0.5},
+                     quality=new_quality(repairs=["code_fence"], calls=1))
+        if i == TALLY_FOLD - 2:
+            before_fold = (state.usage(), state.quality())
+    assert before_fold[0] == {0: {"calls": TALLY_FOLD - 1, "input_tokens": 10 * (TALLY_FOLD - 1),
+                                  "latency_ms": 500 * (TALLY_FOLD - 1)}}
+    assert state.usage() == {0: {"calls": n, "input_tokens": 10 * n, "latency_ms": 500 * n}}
+    q = state.quality()[0]
+    assert (q["images"], q["calls"], q["repair:code_fence"], q["mode:text"]) == (n, n, n, n)
+    assert redis_client.llen("refexp:run:run3:tally") == n - TALLY_FOLD  # bounded: folded once
+    assert state.counts([0])[0]["done"] == n and state.queued_count() == 0
+
+
+def test_a_done_mark_replaces_a_failed_or_blocked_one_and_settles_with_it(redis_client):
+    state = RunState(redis_client, "run4")
+    state.mark_queued({"a": 0})
+    assert state.fail_and_settle(0, "a", "boom", [0, 1]) is False
+    assert state.block_and_settle(1, "a", "waiting", [0, 1]) is True
+    assert state.queued_count() == 0
+    state.mark_queued({"a": 0})
+    assert state.finish(0, "a", 7, [0, 1]) is True  # step 1 is still blocked: settled
+    assert state.outcomes(["a"], [0, 1]) == {"a": {0: Outcome.DONE, 1: Outcome.BLOCKED}}
+    assert state.counts([0, 1]) == {0: {"done": 1, "failed": 0, "blocked": 0},
+                                    1: {"done": 0, "failed": 0, "blocked": 1}}
+
+
 def test_the_step_directories_follow_the_table(tmp_path):
     layout = Layout(Path(tmp_path))
     assert [layout.sink(s).path.parent.name for s in (0, 1, 2, 3)] == [step_dir_name(s) for s in (0, 1, 2, 3)] == [
