@@ -263,6 +263,17 @@ def _check_webp(data: bytes) -> None:
 _CHECKS = {"JPEG": _check_jpeg, "PNG": _check_png, "WEBP": _check_webp}
 
 
+def sniff(data: bytes) -> str:
+    """The format ``data`` starts like (Pillow's name), or "" for one :func:`check_complete` has no check for."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "JPEG"
+    if data[:8] == _PNG_SIGNATURE:
+        return "PNG"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return ""
+
+
 def check_complete(data: bytes, fmt: str) -> None:
     """Raise :class:`Incomplete` when ``data`` (a ``fmt`` image, PIL's format name) is cut short
     or broken in its structure; formats without a check here pass (they are converted, which
@@ -379,14 +390,18 @@ def load_payload(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, down
     p = Path(path)
     data, st = _read(p)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
-                _check_pixels(p, im.width, im.height, max_pixels)
-                fmt, mode, size = im.format, im.mode, im.size
-                animated = bool(getattr(im, "is_animated", False))
-                transparent = "transparency" in im.info
-        check_complete(data, fmt or "")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(io.BytesIO(data)) as im:
+                    fmt, mode, size = im.format or "", im.mode, im.size
+                    animated = bool(getattr(im, "is_animated", False))
+                    transparent = "transparency" in im.info
+        except (OSError, SyntaxError, ValueError):
+            check_complete(data, sniff(data))  # a cut file: say so, rather than Pillow's less telling error
+            raise
+        _check_pixels(p, size[0], size[1], max_pixels)
+        check_complete(data, fmt)
     except InputError:
         raise
     except Incomplete as exc:
@@ -399,13 +414,13 @@ def load_payload(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, down
     # An animated WebP is sent as its first frame (OpenAI takes no animation).
     if fmt in _MIME and mode in _SAFE_MODES and not animated and sent == size:
         return ImagePayload(data, _MIME[fmt], size[0], size[1], str(p))
-    mime = _target_mime(fmt or "", mode, transparent, sent != size)
+    mime = _target_mime(fmt, mode, transparent, sent != size)
     entry = cache_path(Path(cache_dir), str(path), st.st_size, st.st_mtime_ns, sent, mime) if cache_dir else None
     converted = _read_cached(entry, mime) if entry is not None else None
     cached = converted is not None
     if converted is None:
         try:
-            converted = _convert(data, mode, fmt or "", sent, mime)
+            converted = _convert(data, mode, fmt, sent, mime)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise InputError(f"{p}: image too large ({exc})") from exc
         except (OSError, SyntaxError, ValueError) as exc:
