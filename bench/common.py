@@ -415,11 +415,18 @@ def settled_count(client, rid: str, step: int = 3) -> int:
 
 # --------------------------------------------------------------------------- datasets
 
+# ``big``: the demo's 1242x375 scene scaled to ~8 Mpx (5160x1558).
+BIG_SCALE = (8_000_000 / (1242 * 375)) ** 0.5
+
+
 def make_dataset(out: Path, n: int, *, fmt: str = "jpg", distinct: int = 32, seed: int = 11) -> tuple[Path, Path]:
     """``n`` images with KITTI labels: ``distinct`` drawn road scenes (producer.demo), copied
     under ``n`` different stems. ``fmt``: ``jpg`` (1242x375 JPEG q90, ~100 KB, as KITTI-like
-    camera data usually ships), ``png`` (the demo's 1242x375 PNG, ~450 KB), or ``small``
-    (310x93 JPEG: the cheapest image that still has boxes, for orchestration-only runs)."""
+    camera data usually ships), ``png`` (the demo's 1242x375 PNG, ~450 KB), ``small``
+    (310x93 JPEG: the cheapest image that still has boxes, for orchestration-only runs) or
+    ``big`` (5160x1558 = 8 Mpx JPEG q90 with sensor-like noise, ~3 MB: a modern camera frame)."""
+
+    from PIL import Image
 
     from producer.demo import plan_scene, render_scene
 
@@ -435,9 +442,12 @@ def make_dataset(out: Path, n: int, *, fmt: str = "jpg", distinct: int = 32, see
     for i in range(min(n, distinct)):
         scene = plan_scene(i, seed)
         im = render_scene(scene).convert("RGB")
-        scale = 0.25 if fmt == "small" else 1.0
+        scale = {"small": 0.25, "big": BIG_SCALE}.get(fmt, 1.0)
         if scale != 1.0:
-            im = im.resize((round(im.width * scale), round(im.height * scale)))
+            im = im.resize((round(im.width * scale), round(im.height * scale)), Image.Resampling.BICUBIC)
+        if fmt == "big":  # a smooth upscale compresses like no camera frame does: add sensor noise
+            noise = Image.effect_noise(im.size, 24).convert("RGB")
+            im = Image.blend(im, noise, 0.12)
         buf = io.BytesIO()
         im.save(buf, format="PNG" if fmt == "png" else "JPEG", **({} if fmt == "png" else {"quality": 90}))
         lines = []

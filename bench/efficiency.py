@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layout", default="2x20",
                     help="workers x threads, comma-separated to compare several (default: 25%% more threads "
                          "than C, as README.md advises)")
-    ap.add_argument("--fmt", choices=("jpg", "png", "small"), default="jpg", help="dataset images (bench.common)")
+    ap.add_argument("--fmt", choices=("jpg", "png", "small", "big"), default="jpg",
+                    help="dataset images (bench.common)")
     ap.add_argument("--switch-interval", type=float, default=None,
                     help="experiment: start workers with sys.setswitchinterval(S)")
     ap.add_argument("--profile", type=float, default=0, help="py-spy one worker for this many s (0 = off)")

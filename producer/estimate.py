@@ -33,6 +33,9 @@ Image tokens per provider (documented rules; the image's size after the provider
   28x28-pixel patch (sides rounded to multiples of 28), at most 16384.
 - ``offline``: none (it counts only text).
 
+Images above ``vlm.downscale_to_pixels`` are counted at the size they are sent at
+(``worker.coords.downscaled_size``), the size the provider's rule then applies to.
+
 Retries are not counted: add the failure rate of the sample run on top. With ``vlm.prices`` in
 the spec the estimate also gives the cost (image tokens are input tokens; thinking is output).
 """
@@ -53,6 +56,7 @@ from producer.exitcodes import user_errors
 from producer.preview import choose_ids
 from producer.seed import SeedReport, list_images, read_label, seed_from_jsonl
 from producer.usage import call_cost
+from worker.coords import downscaled_size
 from worker.errors import ConfigError, InputError
 from worker.images import read_size
 from worker.kitti import cap_boxes, parse_kitti
@@ -234,7 +238,10 @@ def spec_samples(spec: Spec, scan: DatasetScan) -> tuple[dict[int, list[tuple[fl
     rules = set()
     caption = "z" * (CAPTION_TOKENS * CHARS_PER_TOKEN)
     for rec in scan.sampled:
-        img, rule = image_tokens(vlm, int(rec["width"]), int(rec["height"]))
+        sent = downscaled_size(int(rec["width"]), int(rec["height"]), vlm.downscale_to_pixels)
+        img, rule = image_tokens(vlm, *sent)
+        if vlm.downscale_to_pixels:
+            rule += f" (of the image sent: vlm.downscale_to_pixels={vlm.downscale_to_pixels})"
         rules.add(rule)
         n = len(rec["kitti_bboxes"])
         for step in out:
@@ -384,6 +391,9 @@ def estimate(spec: Spec, *, sample: int = DEFAULT_SAMPLE, from_results: Path | N
         samples, measured_on = results_samples(Path(from_results).expanduser().resolve(), steps)
         source, rule, why = measured_source(from_results, measured_on, spec_model(spec.ire.vlm))
         notes.extend(why)
+        if spec.ire.vlm.downscale_to_pixels:
+            notes.append("measured input tokens are for the size the sample run sent; run the sample with the same "
+                         f"vlm.downscale_to_pixels ({spec.ire.vlm.downscale_to_pixels}) to count downscaled images")
     else:
         samples, rule = spec_samples(spec, scan)
         source = "spec (prompt characters / 4 + image tokens; typical answer lengths)"

@@ -19,6 +19,7 @@ from worker.budget import FleetBudget, endpoint_key
 from worker.clients.base import VLMClient, VLMRequest, VLMResponse
 from worker.clients.factory import get_client
 from worker.errors import RateLimited
+from worker.images import CACHE_DIR
 from worker.layout import Layout
 from worker.run import Run
 from worker.runstate import RunRef, RunState
@@ -60,7 +61,8 @@ class RunContext(Run):
     @functools.cached_property
     def options(self) -> StepOptions:
         """The step options this run's VLM spec implies: derived once per run, not per task."""
-        return StepOptions.from_vlm(self.spec.ire.vlm, endpoint=endpoint_key(self.spec.ire.vlm))
+        return StepOptions.from_vlm(self.spec.ire.vlm, endpoint=endpoint_key(self.spec.ire.vlm),
+                                    image_cache_dir=str(Path(self.spec.results_dir) / CACHE_DIR))
 
     @property
     def client(self) -> VLMClient:

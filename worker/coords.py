@@ -14,6 +14,11 @@ model (name contains)   what it writes natively
 anything else           ``xyxy_1000`` — what the TAO prompts ask for
 ======================  =====================================================================
 
+Pixel formats (``xyxy_pixels``, ``xyxy_smart_resize``) are pixels of the image *we send*: with
+``vlm.downscale_to_pixels`` set that is the downscaled copy (:func:`downscaled_size`, carried by
+:class:`Frame` as ``sent``), while canonical boxes, being relative, and the records' pixel boxes,
+in the original image's pixels, do not change.
+
 ``vlm.box_format`` overrides the table: ``auto`` (the table), ``xyxy_1000``, ``yxyx_1000``,
 ``xyxy_pixels`` (pixels of the image we send), ``xyxy_norm1`` (0-1 floats) or
 ``xyxy_smart_resize``.
@@ -92,6 +97,20 @@ def smart_resize(height: int, width: int, *, factor: int = PATCH, min_pixels: in
     return h_bar, w_bar
 
 
+def downscaled_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
+    """The ``(width, height)`` an image is sent at under ``vlm.downscale_to_pixels`` = ``max_pixels``
+    (0 = off): unchanged when it has no more pixels than that, else both sides scaled by one factor
+    and rounded down, so the result never exceeds the limit and the aspect ratio stays within a pixel.
+
+    >>> downscaled_size(3264, 2448, 1_000_000)
+    (1154, 866)
+    """
+    if max_pixels <= 0 or width * height <= max_pixels:
+        return width, height
+    scale = math.sqrt(max_pixels / (width * height))
+    return max(1, math.floor(width * scale)), max(1, math.floor(height * scale))
+
+
 @dataclass(frozen=True)
 class Convention:
     """How one model writes boxes (``native``) and how our prompts write them (``prompt``)."""
@@ -120,15 +139,30 @@ def convention_for(model: str, box_format: str = "auto") -> Convention:
 
 @dataclass(frozen=True)
 class Frame:
-    """The image a box lives in: the original size, and the size the server resizes it to."""
+    """The image a box lives in: the original size, the size we send (``sent``: differs only under
+    ``vlm.downscale_to_pixels``) and the size the server resizes that to."""
 
     width: int
     height: int
+    sent_width: int = 0  # 0: the original size is sent
+    sent_height: int = 0
+
+    @classmethod
+    def for_image(cls, width: int, height: int, downscale_to_pixels: int = 0) -> Frame:
+        """The frame of an image sent under ``vlm.downscale_to_pixels`` (0 = as it is)."""
+        sw, sh = downscaled_size(width, height, downscale_to_pixels)
+        return cls(width, height, sw, sh)
+
+    @property
+    def sent(self) -> tuple[int, int]:
+        """``(width, height)`` of the image the model is shown."""
+        return (self.sent_width or self.width), (self.sent_height or self.height)
 
     @property
     def resized(self) -> tuple[int, int]:
-        """``(width, height)`` after Qwen2.5-VL's smart_resize."""
-        h, w = smart_resize(self.height, self.width)
+        """``(width, height)`` after Qwen2.5-VL's smart_resize of the image we send."""
+        w, h = self.sent
+        h, w = smart_resize(h, w)
         return w, h
 
     def scale(self, fmt: str) -> tuple[float, float]:
@@ -138,7 +172,8 @@ class Frame:
         if fmt == XYXY_NORM1:
             return 1.0 / NORM, 1.0 / NORM
         if fmt == XYXY_PIXELS:
-            return self.width / NORM, self.height / NORM
+            w, h = self.sent
+            return w / NORM, h / NORM
         if fmt == XYXY_SMART_RESIZE:
             w, h = self.resized
             return w / NORM, h / NORM
@@ -297,10 +332,10 @@ def prompt_box_in(kitti_box: Sequence[float], fmt: str, frame: Frame) -> list:
     if fmt == XYXY_1000:
         return [int(x1 / frame.width * NORM), int(y1 / frame.height * NORM),
                 int(x2 / frame.width * NORM), int(y2 / frame.height * NORM)]
-    if fmt == XYXY_PIXELS:
+    if fmt == XYXY_PIXELS and frame.sent == (frame.width, frame.height):
         return [round(x1), round(y1), round(x2), round(y2)]
-    if fmt == XYXY_SMART_RESIZE:
-        w, h = frame.resized
+    if fmt in (XYXY_PIXELS, XYXY_SMART_RESIZE):
+        w, h = frame.resized if fmt == XYXY_SMART_RESIZE else frame.sent
         return [round(x1 * w / frame.width), round(y1 * h / frame.height),
                 round(x2 * w / frame.width), round(y2 * h / frame.height)]
     canonical = [x1 / frame.width * NORM, y1 / frame.height * NORM, x2 / frame.width * NORM,

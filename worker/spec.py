@@ -95,6 +95,11 @@ class PriceSpec(_Strict):
                                       "(thinking tokens are billed as output).")
 
 
+# Below this a downscaled image shows too little to describe boxes in (and Qwen-VL's minimum
+# is 4x28x28 anyway): a typo, not a choice.
+MIN_DOWNSCALE_PIXELS = 256 * 256
+
+
 class VLMSpec(_Strict):
     backend: Backend = "gemini"
     gemini: GeminiSpec = GeminiSpec()
@@ -104,6 +109,10 @@ class VLMSpec(_Strict):
     requests_per_minute: int = Field(0, ge=0, description="Fleet-wide per endpoint; 0 = unlimited.")
     max_retries: int = Field(5, ge=0, description="Retries of a retryable VLM failure per image-step.")
     max_image_pixels: int = Field(64_000_000, ge=1, description="Larger images fail (bomb guard).")
+    downscale_to_pixels: int = Field(
+        0, description="0 (default) = send images as they are; N = send any image above N pixels "
+        "resized to at most N (aspect kept; converted once per image). Cuts image tokens and upload; "
+        "unlike max_image_pixels, no image fails because of it.")
     structured_output: StructuredOutput = Field(
         "auto", description="auto: JSON schema + box ids where the endpoint takes them (falls back to the "
                            "text prompt once per endpoint); off: TAO's text prompts (on/yes/true = auto, "
@@ -112,6 +121,24 @@ class VLMSpec(_Strict):
         "auto", description="How the model writes boxes; auto = by model name (worker/coords.py).")
     prices: PriceSpec = Field(PriceSpec(), description="Optional price table {input_per_million, "
                               "output_per_million} in your currency; all 0 (the default) = none.")
+
+
+    @field_validator("downscale_to_pixels", mode="before")
+    @classmethod
+    def _downscale(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() in ("off", "none", "no", "false", ""):
+            return 0
+        try:
+            n = int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{value!r} is not a pixel count (0 = off, or e.g. 1000000 for about 1 Mpx)") from None
+        if n < 0:
+            raise ValueError("must be 0 (off) or a pixel count")
+        if n != 0 and n < MIN_DOWNSCALE_PIXELS:
+            raise ValueError(
+                f"{n} pixels is too small to send (at least {MIN_DOWNSCALE_PIXELS}, i.e. 256x256; 0 = off). "
+                "This option resizes what is sent; to refuse large images use vlm.max_image_pixels")
+        return n
 
 
 class WorkflowSpec(_Strict):

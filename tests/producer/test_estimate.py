@@ -269,3 +269,19 @@ def test_from_results_names_the_measured_model(tmp_path):
     same = estimate(spec_for(images, tmp_path, "image_referring_expression.vlm.gemini.model=fake-vl"), sample=0,
                     from_results=run.root)
     assert not any("measured on" in n for n in same.notes)
+
+
+def test_downscale_counts_image_tokens_at_the_sent_size(demo):
+    """Qwen-VL tokens grow with pixels: 1242x375 sent at <= 120,000 pixels is 630x190 -> 22x7 patches."""
+    images, labels = demo
+    base = ["image_referring_expression.vlm.backend=openai",
+            "image_referring_expression.vlm.openai.model_name=Qwen/Qwen2.5-VL-7B-Instruct"]
+    full = estimate(spec_for(images, labels, *base), sample=0)
+    small = estimate(spec_for(images, labels, *base, "image_referring_expression.vlm.downscale_to_pixels=120000"),
+                     sample=0)
+    per_image_full = 44 * 13  # round(1242/28) x round(375/28)
+    per_image_small = 22 * 7  # round(630/28) x round(190/28)
+    for f, s in zip(full.steps, small.steps, strict=True):
+        assert f.calls == s.calls
+        assert f.input_per_call - s.input_per_call == pytest.approx(per_image_full - per_image_small, abs=2)
+    assert "downscale_to_pixels=120000" in small.image_rule and "downscale" not in full.image_rule

@@ -255,3 +255,263 @@ def test_animated_webp_is_sent_as_its_first_frame_in_png(tmp_path):
     payload = load_payload(p)
     assert payload.mime == "image/png" and payload.reencoded
     assert open_rgb(payload).getpixel((3, 3)) == (250, 0, 0)
+
+
+# --------------------------------------------------------------------------- integrity without a decode
+
+
+def _encoded(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _noise(size=(96, 64)) -> Image.Image:
+    return Image.effect_noise(size, 60).convert("RGB")
+
+
+def _fails(tmp_path, name: str, data: bytes, word: str) -> str:
+    p = tmp_path / name
+    p.write_bytes(data)
+    with pytest.raises(InputError) as exc:
+        load_payload(p)
+    msg = str(exc.value)
+    assert msg.startswith(f"{p}: image file is {word}"), msg
+    return msg
+
+
+def test_jpeg_cut_mid_scan_is_truncated(tmp_path):
+    data = _encoded(_noise(), "JPEG", quality=90)
+    sos = data.index(b"\xff\xda")
+    _fails(tmp_path, "cut.jpg", data[: (sos + len(data)) // 2], "truncated")
+
+
+def test_jpeg_cut_before_its_scan_is_truncated(tmp_path):
+    data = _encoded(_noise(), "JPEG", quality=90)
+    # Cut inside the Huffman tables: the header Pillow reads lazily is there, the image is not.
+    dht = data.index(b"\xff\xc4")
+    _fails(tmp_path, "header.jpg", data[: dht + 6], "truncated")
+
+
+def test_jpeg_missing_only_its_end_marker_is_truncated(tmp_path):
+    data = _encoded(_noise(), "JPEG", quality=90)
+    assert data.endswith(b"\xff\xd9")
+    _fails(tmp_path, "noeoi.jpg", data[:-2], "truncated")
+
+
+def test_jpeg_garbage_after_a_valid_header_is_refused(tmp_path):
+    import random
+
+    data = _encoded(_noise(), "JPEG", quality=90)
+    sos = data.index(b"\xff\xda")
+    end_of_header = sos + 2 + int.from_bytes(data[sos + 2:sos + 4], "big")
+    rng = random.Random(7)
+    for trial in range(20):
+        garbage = bytes(rng.randrange(256) for _ in range(len(data) - end_of_header))
+        p = tmp_path / f"garbage{trial}.jpg"
+        p.write_bytes(data[:end_of_header] + garbage)
+        with pytest.raises(InputError, match=r"image file is (truncated|corrupt)"):
+            load_payload(p)
+
+
+def test_jpeg_with_bytes_after_its_end_marker_is_sent_whole(tmp_path):
+    # Camera trailers (maker notes, a second picture) follow the end-of-image marker.
+    data = _encoded(_noise(), "JPEG", quality=90) + b"\x00\x00TRAILER\xff\xd8\xff"
+    p = tmp_path / "trailer.jpg"
+    p.write_bytes(data)
+    assert load_payload(p).data == data
+
+
+@pytest.mark.parametrize("kw", [{"progressive": True}, {"restart_marker_blocks": 1}, {"quality": 100},
+                                {"subsampling": 0}, {"optimize": True}])
+def test_valid_jpeg_variants_pass(tmp_path, kw):
+    data = _encoded(_noise((200, 120)), "JPEG", **kw)
+    p = tmp_path / "v.jpg"
+    p.write_bytes(data)
+    payload = load_payload(p)
+    assert payload.data == data and not payload.reencoded
+
+
+def test_grey_jpeg_passes(tmp_path):
+    p = tmp_path / "grey.jpg"
+    p.write_bytes(_encoded(_noise().convert("L"), "JPEG"))
+    assert load_payload(p).mime == "image/jpeg"
+
+
+def test_png_missing_iend_is_truncated(tmp_path):
+    data = _encoded(_noise(), "PNG")
+    assert data.endswith(_chunk(b"IEND", b""))
+    msg = _fails(tmp_path, "noiend.png", data[:-12], "truncated")
+    assert "IEND" in msg
+
+
+def test_png_cut_mid_data_is_truncated(tmp_path):
+    data = _encoded(_noise(), "PNG")
+    msg = _fails(tmp_path, "cut.png", data[: len(data) * 6 // 10], "truncated")
+    assert "IDAT" in msg
+
+
+def test_png_with_bytes_overwritten_fails_its_crc(tmp_path):
+    data = bytearray(_encoded(_noise(), "PNG"))
+    mid = len(data) // 2
+    data[mid:mid + 64] = bytes(64)
+    msg = _fails(tmp_path, "garbage.png", bytes(data), "corrupt")
+    assert "CRC" in msg
+
+
+def test_png_garbage_after_a_valid_header_is_corrupt(tmp_path):
+    import random
+
+    data = _encoded(_noise(), "PNG")
+    first_idat = data.index(b"IDAT") - 4
+    rng = random.Random(3)
+    garbage = bytes(rng.randrange(256) for _ in range(len(data) - first_idat))
+    _fails(tmp_path, "garbage.png", data[:first_idat] + garbage, "corrupt")
+
+
+def test_interlaced_and_grey_and_alpha_pngs_pass(tmp_path):
+    for i, (img, kw) in enumerate([(_noise(), {"interlace": 1}), (_noise().convert("L"), {}),
+                                   (_noise().convert("RGBA"), {}), (Image.new("RGB", (4000, 3000)), {})]):
+        p = tmp_path / f"ok{i}.png"
+        data = _encoded(img, "PNG", **kw) if not kw else None
+        if data is None:
+            img.save(p, format="PNG", **kw)
+        else:
+            p.write_bytes(data)
+        payload = load_payload(p)
+        assert payload.data == p.read_bytes() and not payload.reencoded
+
+
+def test_webp_truncated_against_its_riff_size(tmp_path):
+    data = _encoded(_noise(), "WEBP", quality=80)
+    msg = _fails(tmp_path, "cut.webp", data[: len(data) - 10], "truncated")
+    assert "RIFF" in msg
+
+
+def test_webp_whole_passes(tmp_path):
+    for i, img in enumerate([_noise(), _noise().convert("RGBA")]):
+        p = tmp_path / f"ok{i}.webp"
+        p.write_bytes(_encoded(img, "WEBP", lossless=bool(i)))
+        assert load_payload(p).data == p.read_bytes()
+
+
+def test_check_complete_does_not_decode(monkeypatch, tmp_path):
+    # The call path must not decode an image that is sent as it is.
+    p = tmp_path / "a.jpg"
+    p.write_bytes(_encoded(_noise(), "JPEG"))
+
+    def no_load(self):
+        raise AssertionError("decoded")
+
+    monkeypatch.setattr(Image.Image, "load", no_load)
+    monkeypatch.setattr("PIL.ImageFile.ImageFile.load", no_load)
+    assert load_payload(p).mime == "image/jpeg"
+
+
+# --------------------------------------------------------------------------- converted once per image
+
+
+def _cache_files(cache):
+    return sorted(x for x in cache.rglob("*") if x.is_file()) if cache.exists() else []
+
+
+def test_palette_png_is_converted_once_and_kept_on_the_volume(tmp_path):
+    p = save(Image.new("RGB", (16, 12), (0, 0, 255)).convert("P"), tmp_path / "pal.png", "PNG")
+    cache = tmp_path / "results" / ".image-cache"
+    first = load_payload(p, cache_dir=cache)
+    assert first.reencoded and not first.cached
+    (entry,) = _cache_files(cache)
+    assert entry.suffix == ".png" and entry.read_bytes() == first.data
+    again = [load_payload(p, cache_dir=cache) for _ in range(3)]
+    assert all(a.cached and a.data == first.data and a.mime == "image/png" for a in again)
+    assert _cache_files(cache) == [entry]
+
+
+def test_original_bytes_are_sent_and_nothing_cached_when_no_conversion_is_needed(rgb_png, rgb_jpeg, tmp_path):
+    cache = tmp_path / "cache"
+    for path in (rgb_png, rgb_jpeg):
+        payload = load_payload(path, cache_dir=cache, downscale_to_pixels=100_000)
+        assert payload.data == path.read_bytes() and not payload.reencoded and payload.sent == (payload.width,
+                                                                                                 payload.height)
+    assert not cache.exists()
+
+
+def test_a_replaced_image_gets_a_new_cache_entry(tmp_path):
+    p = tmp_path / "pal.png"
+    cache = tmp_path / "cache"
+    save(Image.new("RGB", (16, 12), (0, 0, 255)).convert("P"), p, "PNG")
+    blue = load_payload(p, cache_dir=cache)
+    save(Image.new("RGB", (16, 12), (255, 0, 0)).convert("P"), p, "PNG")
+    import os
+
+    os.utime(p, ns=(1, 1))  # a different mtime even on a coarse clock
+    red = load_payload(p, cache_dir=cache)
+    assert not red.cached and open_rgb(red).getpixel((0, 0)) == (255, 0, 0)
+    assert open_rgb(blue).getpixel((0, 0)) == (0, 0, 255)
+    assert len(_cache_files(cache)) == 2
+
+
+def test_a_torn_cache_entry_is_converted_again(tmp_path):
+    p = save(Image.new("RGB", (16, 12), (0, 0, 255)).convert("P"), tmp_path / "pal.png", "PNG")
+    cache = tmp_path / "cache"
+    first = load_payload(p, cache_dir=cache)
+    (entry,) = _cache_files(cache)
+    entry.write_bytes(first.data[:20])
+    again = load_payload(p, cache_dir=cache)
+    assert not again.cached and again.data == first.data and entry.read_bytes() == first.data
+
+
+def test_an_unwritable_cache_only_costs_the_conversion(tmp_path, caplog):
+    p = save(Image.new("RGB", (16, 12), (0, 0, 255)).convert("P"), tmp_path / "pal.png", "PNG")
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    payload = load_payload(p, cache_dir=blocker / "cache")
+    assert payload.reencoded and open_rgb(payload).getpixel((0, 0)) == (0, 0, 255)
+    assert "converted again" in caplog.text
+
+
+# --------------------------------------------------------------------------- downscale
+
+
+def test_downscaled_jpeg_is_sent_smaller_as_jpeg_and_cached(tmp_path):
+    p = tmp_path / "big.jpg"
+    p.write_bytes(_encoded(_noise((1600, 1200)), "JPEG", quality=90))
+    cache = tmp_path / "cache"
+    payload = load_payload(p, downscale_to_pixels=300_000, cache_dir=cache)
+    assert (payload.width, payload.height) == (1600, 1200)
+    assert payload.sent == (632, 474) and payload.sent[0] * payload.sent[1] <= 300_000
+    assert payload.mime == "image/jpeg" and payload.reencoded
+    with Image.open(io.BytesIO(payload.data)) as im:
+        assert im.size == payload.sent and im.format == "JPEG"
+    assert load_payload(p, downscale_to_pixels=300_000, cache_dir=cache).cached
+    # another size is another entry; the original size needs none
+    assert not load_payload(p, downscale_to_pixels=200_000, cache_dir=cache).cached
+    assert load_payload(p, cache_dir=cache).data == p.read_bytes()
+    assert len(_cache_files(cache)) == 2
+
+
+def test_downscaled_png_stays_lossless_and_keeps_alpha(tmp_path):
+    p = save(_noise((800, 600)).convert("RGBA"), tmp_path / "a.png", "PNG")
+    payload = load_payload(p, downscale_to_pixels=120_000)
+    assert payload.mime == "image/png" and payload.sent == (400, 300)
+    with Image.open(io.BytesIO(payload.data)) as im:
+        assert im.mode == "RGBA" and im.size == (400, 300)
+
+
+def test_downscale_keeps_the_exif_orientation(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    p = tmp_path / "rot.jpg"
+    _noise((1000, 800)).save(p, format="JPEG", exif=exif.tobytes())
+    payload = load_payload(p, downscale_to_pixels=100_000)
+    with Image.open(io.BytesIO(payload.data)) as im:
+        assert im.getexif().get(0x0112) == 6
+
+
+def test_downscale_does_not_hide_a_truncated_image(tmp_path):
+    data = _encoded(_noise((800, 600)), "JPEG")
+    _fails(tmp_path, "cut.jpg", data[: len(data) * 6 // 10], "truncated")
+    p = tmp_path / "cut.jpg"
+    with pytest.raises(InputError, match="truncated"):
+        load_payload(p, downscale_to_pixels=100_000, cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()

@@ -393,3 +393,17 @@ def test_an_override_of_the_wrong_shape_is_named():
 def test_an_empty_section_filled_by_an_override_still_loads(tmp_path):
     p = write(tmp_path, "image_referring_expression:\n  vlm:\n")
     assert load_spec(p, ["image_referring_expression.vlm.backend=offline"]).ire.vlm.backend == "offline"
+
+
+def test_downscale_to_pixels_is_off_by_default_and_checked():
+    key = "image_referring_expression.vlm.downscale_to_pixels"
+    assert load_spec(None, []).ire.vlm.downscale_to_pixels == 0
+    assert load_spec(None, [f"{key}=1000000"]).ire.vlm.downscale_to_pixels == 1_000_000
+    assert load_spec(None, [f"{key}=off"]).ire.vlm.downscale_to_pixels == 0
+    with pytest.raises(ConfigError) as exc:
+        load_spec(None, [f"{key}=5000"])
+    assert "at least 65536" in str(exc.value) and "vlm.max_image_pixels" in str(exc.value) and key in str(exc.value)
+    with pytest.raises(ConfigError, match="is not a pixel count"):
+        load_spec(None, [f"{key}=1M"])
+    with pytest.raises(ConfigError, match=r"must be 0 \(off\)"):
+        load_spec(None, [f"{key}=-1"])

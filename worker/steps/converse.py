@@ -76,11 +76,15 @@ def supports_structured(client: VLMClient) -> bool:
     return bool(getattr(client, "structured_output", False))
 
 
-def checked_payload(record: dict, max_pixels: int) -> ImagePayload:
+def checked_payload(record: dict, max_pixels: int, options: StepOptions | None = None) -> ImagePayload:
     """The image to send, after checking it still has the size it was seeded with: the KITTI
     boxes (and the 0-1000 boxes the prompt shows) are in pixels of that size, so an image
-    replaced since would be described with boxes that no longer fit it, and silently."""
-    image = load_payload(record["image_path"], max_pixels=max_pixels)
+    replaced since would be described with boxes that no longer fit it, and silently.
+    ``options`` say whether it is downscaled and where converted images are kept."""
+    options = options or StepOptions()
+    image = load_payload(record["image_path"], max_pixels=max_pixels,
+                         downscale_to_pixels=options.downscale_to_pixels,
+                         cache_dir=options.image_cache_dir or None)
     seeded = (int(record.get("width") or 0), int(record.get("height") or 0))
     if all(seeded) and (image.width, image.height) != seeded:
         raise InputError(
@@ -153,7 +157,7 @@ class _Conversation:
         """One request: (response, truncated). An answer cut before any text is (None, True)."""
         prompt, hint = built
         if self.image is None:
-            self.image = checked_payload(self.record, self.max_pixels)
+            self.image = checked_payload(self.record, self.max_pixels, self.options)
         schema = schema_for(self.d.name) if ctx.mode == STRUCTURED else None
         request = VLMRequest(image=self.image, prompt=prompt, step=self.d.name, hint=hint,
                              response_schema=schema, schema_name=f"refexp_{self.d.name}" if schema else "",
@@ -222,7 +226,7 @@ class _Conversation:
                 and supports_structured(self.client)
                 and not _rejected_endpoint(_endpoint(self.client, options))):
             mode = STRUCTURED
-        ctx = AnswerContext(mode=mode, convention=options.convention)
+        ctx = AnswerContext(mode=mode, convention=options.convention, downscale_to_pixels=options.downscale_to_pixels)
         tokens = budget(self.d, self.mod.n_items(self.record), mode, options)
         ctx, built, response, truncated = self.first_call(ctx, tokens)
         if built is None:

@@ -56,7 +56,7 @@ def build_prompt(record: dict, template: str, *, ctx: AnswerContext | None = Non
     if not regions:
         return None
     boxes = _region_boxes(record)
-    frame = Frame(int(record["width"]), int(record["height"]))
+    frame = ctx.frame(record)
     fmt = ctx.convention.prompt
     shown = boxes if fmt == "xyxy_1000" else [from_canonical(b, fmt, frame) for b in boxes]
     caption = record.get("caption") or ""
@@ -147,7 +147,7 @@ def parse(text: str, record: dict, *, ctx: AnswerContext | None = None) -> dict:
     regions = record.get("regions") or []
     targets = _region_boxes(record)
     w, h = int(record["width"]), int(record["height"])
-    frame = Frame(w, h)
+    frame = ctx.frame(record)
     image_id = record["image_id"]
     text, cut = cap_answer(text, answer_limit(len(regions)))
     if cut:

@@ -31,6 +31,10 @@ class StepOptions:
         boxes need it (Gemini: its output limit is known; OpenAI-compatible servers refuse a
         budget beyond their context, so only the truncation retry grows there).
     :param thinking_budget: Gemini's thinking budget, added to a sized budget when positive.
+    :param downscale_to_pixels: ``vlm.downscale_to_pixels`` (0 = off): images above it are sent
+        resized, and boxes in a pixel format are written and read in the sent size.
+    :param image_cache_dir: where converted images are kept once per image (``worker.images``;
+        ``<results_dir>/.image-cache``); "" converts on every call.
     """
 
     structured_output: str = "auto"
@@ -41,13 +45,15 @@ class StepOptions:
     endpoint: str = ""
     grow_first_call: bool = False
     thinking_budget: int | None = None
+    downscale_to_pixels: int = 0
+    image_cache_dir: str = ""
 
     @property
     def convention(self) -> Convention:
         return convention_for(self.model, self.box_format)
 
     @classmethod
-    def from_vlm(cls, vlm, endpoint: str = "") -> StepOptions:
+    def from_vlm(cls, vlm, endpoint: str = "", *, image_cache_dir: str = "") -> StepOptions:
         """Options from a ``VLMSpec`` (duck-typed, so tests may pass a namespace)."""
         backend = getattr(vlm, "backend", "")
         structured = getattr(vlm, "structured_output", "off")
@@ -64,7 +70,8 @@ class StepOptions:
             model, max_tokens, ceiling = backend, 0, 0
         return cls(structured_output=structured, box_format=box_format, model=model, max_tokens=max_tokens,
                    token_ceiling=ceiling, endpoint=endpoint, grow_first_call=backend == "gemini",
-                   thinking_budget=thinking)
+                   thinking_budget=thinking, downscale_to_pixels=int(getattr(vlm, "downscale_to_pixels", 0) or 0),
+                   image_cache_dir=image_cache_dir)
 
 
 def gemini_output_ceiling(model: str, configured: int) -> int:
@@ -85,15 +92,19 @@ class AnswerContext:
         incomplete, and what it does not mention was not seen rather than left out.
     :param only: the ids a re-ask asked about (KITTI indices for step 0, expression indices
         for step 3); None for a first ask.
+    :param downscale_to_pixels: ``vlm.downscale_to_pixels`` (0 = off): the image is sent at
+        ``coords.downscaled_size``, so boxes in a pixel format are in that size (``frame``).
     """
 
     mode: str = TEXT
     convention: Convention = field(default_factory=Convention)
     truncated: bool = False
     only: tuple[int, ...] | None = None
+    downscale_to_pixels: int = 0
 
     def frame(self, record: dict) -> Frame:
-        return Frame(int(record["width"]), int(record["height"]))
+        """The record's image as the model sees it: pixel-frame boxes are in the sent size."""
+        return Frame.for_image(int(record["width"]), int(record["height"]), self.downscale_to_pixels)
 
     def but(self, **changes) -> AnswerContext:
         return replace(self, **changes)

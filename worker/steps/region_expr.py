@@ -40,14 +40,16 @@ def prompt_box(box: list, width: int, height: int) -> list[int]:
             int(box[2] / width * 1000), int(box[3] / height * 1000)]
 
 
-def format_bboxes(kitti: list[list], width: int, height: int, fmt: str = "xyxy_1000") -> str:
+def format_bboxes(kitti: list[list], width: int, height: int, fmt: str = "xyxy_1000", *,
+                  frame: Frame | None = None) -> str:
     """TAO's ``format_bboxes``, byte for byte: ``[Car: [52, 185, 156, 370] , Van: [...]  ]``.
 
     ``fmt`` writes the boxes in another convention (``worker.coords``); the default is TAO's.
+    ``frame`` carries the sent size when the image is downscaled (pixel formats use it).
     """
     if not kitti:
         return "[]"
-    frame = Frame(width, height)
+    frame = frame or Frame(width, height)
     parts = []
     for b in kitti:
         x1, y1, x2, y2 = prompt_box_in(b, fmt, frame)
@@ -75,10 +77,10 @@ def build_prompt(record: dict, template: str, *, ctx: AnswerContext | None = Non
     hint = {"boxes": [{"index": i, "type": kitti[i][4], "bbox_2d": prompt_box(kitti[i], w, h)} for i in asked]}
     fmt = ctx.convention.prompt
     if ctx.mode == STRUCTURED:
-        frame = Frame(w, h)
+        frame = ctx.frame(record)
         lines = [f"{i}: {kitti[i][4]} {prompt_box_in(kitti[i], fmt, frame)}" for i in asked]
         return template.format(objects="\n".join(lines)), hint
-    return template.format(bboxes=format_bboxes([kitti[i] for i in asked], w, h, fmt)), hint
+    return template.format(bboxes=format_bboxes([kitti[i] for i in asked], w, h, fmt, frame=ctx.frame(record))), hint
 
 
 def _first(item: dict, keys: tuple[str, ...]):
@@ -272,7 +274,7 @@ def parse(text: str, record: dict, *, ctx: AnswerContext | None = None) -> dict:
     text, cut = cap_answer(text, answer_limit(len(asked)))
     parsed = parse_json_objects(text)
     w, h = int(record["width"]), int(record["height"])
-    frame = Frame(w, h)
+    frame = ctx.frame(record)
     targets = [prompt_box(b, w, h) for b in kitti]
     repairs = list(parsed.repairs) + (["oversized_answer_cut"] if cut else [])
     q = new_quality(ctx.mode, boxes_expected=len(asked), answers_cut=int(bool(cut)))
