@@ -21,7 +21,11 @@ from worker.keys import PRIORITY_STEPS
 
 #: Message priorities (Redis: lower is served first): the last step, the middle step, the head
 #: steps. Headers wait only while later steps are queued, and every image has at most one of
-#: each (plus bounded retries), so headers are never starved for ever.
+#: each (plus bounded retries), so headers are never starved for ever. The last step must stay
+#: at 0: Celery sends a chain's next task with ``priority=None`` (``task_inherit_parent_priority``
+#: is off), which the transport files under its default, 0, whatever the signature said
+#: (tests/integration/test_depth_first.py). The chord body (sent with ``delay()``) and retries
+#: (``delivery_info["priority"]``) keep the signature's priority.
 PRIORITY_LAST, PRIORITY_MIDDLE, PRIORITY_HEAD = PRIORITY_STEPS[0], PRIORITY_STEPS[1], PRIORITY_STEPS[2]
 
 

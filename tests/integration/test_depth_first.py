@@ -126,3 +126,34 @@ def test_a_killed_workers_later_step_comes_back_into_its_own_priority_list(
     producer(fleet_env, "finalize", "--results-dir", str(results))
     assert_finalized_once(results, [r["image_id"] for r in seed_records(results)])
     assert failures(results) == []
+
+
+def test_step_3_sent_by_the_chain_after_step_2_has_step_3s_priority(fleet, fleet_env, fake_vlm, data, tmp_path,
+                                                                      redis_url):
+    # Celery sends a chain's next task with priority=None (task_inherit_parent_priority is off),
+    # which the transport files under its default, 0: step 3 must be the priority-0 step
+    # (worker/stepdefs.py). Hold the first step-3 call and look at its message.
+    held = threading.Event()
+    release = threading.Event()
+
+    def answer(prompt: str, image: bytes | None, protocol: str) -> str:
+        from tests.support.fake_vlm import default_answer
+
+        if step_of(prompt) == 3 and not held.is_set():
+            held.set()
+            release.wait(60)
+        return default_answer(prompt, image, protocol)
+
+    fake_vlm.answer_fn = answer
+    fleet.start(1, concurrency=1)
+    results = tmp_path / "results"
+    producer(fleet_env, "enqueue", *job(fake_vlm, data, results))
+    try:
+        assert held.wait(60), "no step-3 call reached the fake"
+        client = redis.Redis.from_url(redis_url)
+        unacked = [json.loads(raw)[0] for raw in client.hvals(UNACKED)]
+        assert [m["headers"]["task"] for m in unacked] == [STEP[3].task_name]
+        assert unacked[0]["properties"]["priority"] == STEP[3].priority == 0
+    finally:
+        release.set()
+    wait_until(lambda: status_json(fleet_env, results)["finished"], 90, "the run to finish", interval=0.5)
