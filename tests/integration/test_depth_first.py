@@ -157,3 +157,32 @@ def test_step_3_sent_by_the_chain_after_step_2_has_step_3s_priority(fleet, fleet
     finally:
         release.set()
     wait_until(lambda: status_json(fleet_env, results)["finished"], 90, "the run to finish", interval=0.5)
+
+
+def test_a_retried_step_2_keeps_step_2s_priority(fleet, fleet_env, fake_vlm, data, tmp_path, redis_url):
+    # The first step-2 call gets a 500 (a raising answer): the task is retried with a countdown,
+    # and the retry's message (held unacked by the worker until its ETA) carries step 2's priority.
+    failed = threading.Event()
+
+    def answer(prompt: str, image: bytes | None, protocol: str) -> str:
+        from tests.support.fake_vlm import default_answer
+
+        if step_of(prompt) == 2 and not failed.is_set():
+            failed.set()
+            raise RuntimeError("one server error")
+        return default_answer(prompt, image, protocol)
+
+    fake_vlm.answer_fn = answer
+    fleet.start(1, concurrency=1, extra_env={"REFEXP_VISIBILITY_TIMEOUT": SHORT_VT})
+    results = tmp_path / "results"
+    producer(fleet_env, "enqueue", *job(fake_vlm, data, results))
+    client = redis.Redis.from_url(redis_url)
+
+    def retried() -> list[dict]:
+        msgs = [json.loads(raw)[0] for raw in client.hvals(UNACKED)]
+        return [m for m in msgs if m["headers"]["task"] == STEP[2].task_name and m["headers"].get("retries")]
+
+    (msg, *_) = wait_until(retried, 60, "the step-2 retry's message", interval=0.05)
+    assert msg["properties"]["priority"] == STEP[2].priority
+    wait_until(lambda: status_json(fleet_env, results)["finished"], 90, "the run to finish", interval=0.5)
+    assert failures(results) == []
