@@ -59,11 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=240, help="bound for the whole script, s")
     ap.add_argument("--json", default=None, help="append the figures as JSON lines to this file")
     ap.add_argument("--seed", type=int, default=1, help="the fake's latency sampler seed")
+    ap.add_argument("--max-inflight", type=int, default=1_000_000,
+                    help="the producer's window (default: no bound, every image in flight at once)")
     a = ap.parse_args(argv)
     deadline = Deadline(a.timeout)
     m = banner("bench.efficiency: VLM calls/s vs C/L", images=a.images, latency=a.latency, dist=a.dist,
                C=a.concurrency, layout=a.layout, fmt=a.fmt, events=not a.no_events, warmup=a.warmup,
-               redis_rtt_ms=a.redis_rtt_ms)
+               redis_rtt_ms=a.redis_rtt_ms, max_inflight=a.max_inflight)
     images_dir, labels_dir = make_dataset(a.workdir / f"data-{a.fmt}-{a.images}", a.images, fmt=a.fmt)
     ok = True
     with contextlib.ExitStack() as stack:

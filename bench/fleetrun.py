@@ -52,6 +52,7 @@ class RunResult:
     window: float = float("nan")  # first VLM call start -> last image finished
     makespan_from_launch: float = float("nan")
     first_finished: float = float("nan")  # first call start -> first image through step 3
+    first_full: float = float("nan")  # ... -> first image whose step 3 called the model (all four calls)
     image_latency: list[float] = field(default_factory=list)  # per image: first call start -> step 3
     mean_in_flight: float = float("nan")
     steady_in_flight: float = float("nan")  # the middle 80% of the window
@@ -62,6 +63,7 @@ class RunResult:
     bound_hit: bool = False
     profile: str | None = None
     redis_commands: dict = field(default_factory=dict)  # command -> calls during the run
+    redis_used_mb: float = float("nan")  # Redis used_memory above its level at launch, highest sample
 
     def calls_per_s(self) -> float:
         return self.calls / self.window if self.window and self.window > 0 else float("nan")
@@ -70,9 +72,11 @@ class RunResult:
 def run_fleet(*, redis_url: str, fake: Fake, workers: list, images_dir: Path, labels_dir: Path,
               results: Path, concurrency: int, deadline: Deadline, extra: tuple[str, ...] = (),
               profile_seconds: float = 0.0, profile_out: Path | None = None, redis_pid: int | None = None,
-              fake_pid: int | None = None, other_pids: dict[str, int] | None = None) -> RunResult:
+              fake_pid: int | None = None, other_pids: dict[str, int] | None = None,
+              max_inflight: int = 1_000_000) -> RunResult:
     """Enqueue every image once, wait until every image settled step 3 (or the bound), measure.
-    ``other_pids`` (name -> pid) are counted in the CPU figures too (a Redis proxy, say)."""
+    ``other_pids`` (name -> pid) are counted in the CPU figures too (a Redis proxy, say).
+    ``max_inflight`` is the producer's window (by default no bound: every image at once)."""
     shutil.rmtree(results, ignore_errors=True)
     fake.reset()
     r = redis_client(redis_url)
@@ -88,11 +92,13 @@ def run_fleet(*, redis_url: str, fake: Fake, workers: list, images_dir: Path, la
     pids.update(other_pids or {})
     cpu0 = {k: cpu_seconds(p) for k, p in pids.items()}
     cmd0 = _commandstats(r)
+    mem0 = int(r.info("memory")["used_memory"])
+    mem_max, next_mem = mem0, 0.0
     t_launch = time.monotonic()
     prod = producer_popen(env, "enqueue", *spec_args(backend="openai", fake=fake, results=results,
                                                      images=images_dir, labels=labels_dir,
                                                      concurrency=concurrency, extra=extra),
-                          "--max-inflight", "1000000", log=results.parent / f"{results.name}-producer.log")
+                          "--max-inflight", str(max_inflight), log=results.parent / f"{results.name}-producer.log")
     prof_thread = None
     try:
         while not (results / "run.json").exists():
@@ -112,6 +118,8 @@ def run_fleet(*, redis_url: str, fake: Fake, workers: list, images_dir: Path, la
             settled = settled_count(r, rid)
             if settled >= images:
                 break
+            if time.monotonic() >= next_mem:  # the window's messages, sampled twice a second
+                mem_max, next_mem = max(mem_max, int(r.info("memory")["used_memory"])), time.monotonic() + 0.5
             # Profile the steady state: 3 s after the first call (clients built, imports done).
             first = sampler.first_call()
             if (profile_seconds and profile_out is not None and prof_thread is None and first is not None
@@ -128,6 +136,7 @@ def run_fleet(*, redis_url: str, fake: Fake, workers: list, images_dir: Path, la
         tailer.stop()
         sampler.stop()
     cmd1 = _commandstats(r)
+    res.redis_used_mb = round((mem_max - mem0) / 2**20, 2)
     res.redis_commands = {k: v - cmd0.get(k, 0) for k, v in cmd1.items() if v - cmd0.get(k, 0) > 0}
     for k, p in pids.items():
         res.cpu[k] = round(cpu_seconds(p) - cpu0[k], 2)
@@ -150,6 +159,8 @@ def run_fleet(*, redis_url: str, fake: Fake, workers: list, images_dir: Path, la
         res.window = t_last - t_first
         res.makespan_from_launch = t_last - t_launch
         res.first_finished = min(ends) - t_first
+        full_ends = [e.seen for e in ev[3].values() if e.latency > 0]
+        res.first_full = min(full_ends) - t_first if full_ends else float("nan")
         res.mean_in_flight = sampler.mean_in_flight(t_first, t_last)
         span = t_last - t_first
         res.steady_in_flight = sampler.mean_in_flight(t_first + 0.1 * span, t_last - 0.1 * span)
@@ -205,7 +216,7 @@ def run_layouts(a, *, redis_url: str, fake: Fake, images_dir: Path, labels_dir: 
                                   labels_dir=labels_dir, results=a.workdir / f"results-{tag}-{layout}",
                                   concurrency=a.concurrency, deadline=deadline, redis_pid=redis_pid,
                                   fake_pid=fake.proc.pid, profile_seconds=profile_seconds, profile_out=prof,
-                                  other_pids=other_pids)
+                                  other_pids=other_pids, max_inflight=getattr(a, "max_inflight", 1_000_000))
 
 
 def _commandstats(r) -> dict[str, int]:
@@ -323,7 +334,7 @@ def print_run(label: str, res: RunResult, *, concurrency: int, latency: float, d
         "first_image_s": round(res.first_finished, 2),
         "image_latency_p50_s": round(pct(lat, 0.5), 2), "image_latency_p99_s": round(pct(lat, 0.99), 2),
         "images_per_s": round(res.finished / res.window, 2) if res.window > 0 else None,
-        "cpu_s": res.cpu, "rss_mb": res.rss, "bound_hit": res.bound_hit,
+        "cpu_s": res.cpu, "rss_mb": res.rss, "bound_hit": res.bound_hit, "redis_used_mb": res.redis_used_mb,
     }
     partial = " (PARTIAL: time bound hit)" if res.bound_hit else ""
     print(f"-- {label}{partial}")
@@ -340,7 +351,19 @@ def print_run(label: str, res: RunResult, *, concurrency: int, latency: float, d
         print(f"   calls/s {res.calls_per_s():.1f}; images/s {fig['images_per_s']}")
     print(f"   per-image latency (first call start -> step 3 done): p50 {pct(lat, 0.5):.2f} s, "
           f"p99 {pct(lat, 0.99):.2f} s; first image done {res.first_finished:.2f} s after the first call")
-    print(f"   CPU s during the run: {res.cpu}; RSS MB at end: {res.rss}")
+    if latency > 0:
+        # Depth-first targets (issue 15): first image within 5 L, p50 under 10 L, and the window
+        # against the lower bound work / C (= 1 / efficiency).
+        fig["first_image_L"] = round(res.first_finished / latency, 1)
+        fig["first_full_image_s"] = round(res.first_full, 2)
+        fig["first_full_image_L"] = round(res.first_full / latency, 1)
+        fig["image_latency_p50_L"] = round(pct(lat, 0.5) / latency, 1)
+        fig["window_over_work_per_C"] = round(1 / eff, 3) if eff > 0 else None
+        print(f"   in L units: first image {fig['first_image_L']} L (first with all four calls "
+              f"{fig['first_full_image_L']} L), per-image p50 {fig['image_latency_p50_L']} L; "
+              f"window / (work / C) = {fig['window_over_work_per_C']}")
+    print(f"   CPU s during the run: {res.cpu}; RSS MB at end: {res.rss}; Redis used_memory at most "
+          f"+{res.redis_used_mb} MB over its level at launch")
     tasks = 4 * res.finished
     if tasks and res.redis_commands:
         total = sum(res.redis_commands.values())

@@ -52,10 +52,13 @@ def auto_publishers(images: int) -> int:
 
 
 def _sig(step: int, args: tuple) -> Signature:
+    """One step's signature. Its options travel with it: the chord body and the chain's next
+    step are sent by a worker from the signature as published, and a retry re-sends its
+    delivery_info's priority, so a later step keeps its (higher) priority on every path."""
     from worker.app import app
 
     return app.signature(task_name(step), args=args, immutable=True,
-                         options={"ignore_result": step in RESULTLESS_STEPS})
+                         options={"ignore_result": step in RESULTLESS_STEPS, "priority": STEP[step].priority})
 
 
 def canvas(steps: list[int], run_ref: str, image_id: str, seed_offset: int) -> Signature:

@@ -38,7 +38,7 @@ from producer.enqueue import publish_chunk
 from producer.publish import Publisher
 from producer.seed import iter_seed
 from worker import settings
-from worker.keys import PRIORITY_SEP, PRIORITY_STEPS, QUEUE, UNACKED
+from worker.keys import QUEUE_LISTS, UNACKED
 from worker.layout import Layout
 from worker.runstate import Outcome, RunRef, RunState
 
@@ -65,7 +65,7 @@ def message_args(raw: bytes | str) -> list | None:
 def _queue_keys() -> list[str]:
     """The Celery queue's Redis lists: the queue, and kombu's one list per priority step (0 is
     the queue itself). Named, not scanned: a SCAN walks the whole keyspace."""
-    return [QUEUE] + [f"{QUEUE}{PRIORITY_SEP}{p}" for p in PRIORITY_STEPS if p]
+    return list(QUEUE_LISTS)
 
 
 def _unacked(broker: redis.Redis) -> Iterator[bytes]:

@@ -14,7 +14,7 @@ from celery.signals import celeryd_after_setup
 
 from worker import settings
 from worker.clock import ClockCheck
-from worker.keys import QUEUE
+from worker.keys import PRIORITY_SEP, PRIORITY_STEPS, QUEUE
 from worker.settings import REDIS_SOCKET_TIMEOUT
 
 
@@ -65,6 +65,12 @@ def make_app() -> Celery:
             "body_encoding": "utf-8",
             "socket_timeout": REDIS_SOCKET_TIMEOUT,
             "socket_connect_timeout": 10,
+            # Depth-first: each step's messages carry a priority (worker/stepdefs.py) and sit in
+            # that priority's list; a worker's BRPOP names the lists lowest number first, so it
+            # takes an image's later step before any new image's head step. Spelled out (they
+            # are kombu's defaults) because the reconciler names these lists (worker/keys.py).
+            "priority_steps": list(PRIORITY_STEPS),
+            "sep": PRIORITY_SEP,
         },
         result_backend_transport_options={"visibility_timeout": vt},
         redis_socket_timeout=REDIS_SOCKET_TIMEOUT,

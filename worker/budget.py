@@ -6,9 +6,15 @@ its slot for longer than the lease. The per-minute rate is the ``limits`` librar
 window counter on the same Redis: a well-kept implementation, two small keys per endpoint, and
 it answers "when may I try again" so a waiting thread sleeps exactly that long.
 
-A thread that finds every slot taken blocks on the endpoint's wake list (``BLPOP``), and each
-release pushes one token there, so a freed slot is taken within a Redis round trip rather than
-after a polling sleep. That is what lets a fleet run more threads than ``max_concurrency``: the
+A thread that finds every slot taken registers as a waiter of its call's level (the step's
+message priority, so a later step's call ranks before a head step's: depth-first, as the queue
+serves messages) and blocks on that level's wake list (``BLPOP``); each release pushes one token
+to the first level that has waiters, so a freed slot is taken within a Redis round trip rather
+than after a polling sleep, and a slot is granted only when more are free than there are
+waiters ahead of the caller (a fresh head-step call cannot barge past a woken step-3 call).
+Head steps wait only while later steps' calls do, and those are finite per image.
+
+Woken waiters are what let a fleet run more threads than ``max_concurrency``: the
 spare threads have their next message fetched and their image read while they wait, and a
 finishing call's sink write and bookkeeping no longer leave its slot idle (bench/README.md, 1).
 The wait still gives up every ``wait_poll`` seconds to try again, which is how a dead holder's
@@ -32,32 +38,79 @@ from limits.storage import storage_from_string
 from limits.strategies import SlidingWindowCounterRateLimiter
 
 from worker.clients.factory import GEMINI_DEFAULT_BASE_URL, OPENAI_DEFAULT_BASE_URL
+from worker.keys import PRIORITY_STEPS
 from worker.keys import budget_key as _key
 from worker.spec import VLMSpec
+from worker.stepdefs import PRIORITY_BY_NAME, PRIORITY_HEAD
 
 log = logging.getLogger("refexp.worker")
 
-# KEYS: leases, this minute's call counter. ARGV: lease seconds, max concurrency, token, stats TTL.
-_ACQUIRE = """
+# Waiting threads are kept per priority level (the message priorities, worker/keys.py
+# PRIORITY_STEPS, lowest number first), each level with a sorted set of waiter tokens (scored by
+# when the entry lapses unless refreshed) and a wake list its waiters block on. A free slot is
+# owed to the waiters of better levels first: a caller gets one only if more slots are free than
+# there are waiters ahead of it, and a release wakes the first level that has waiters.
+# Shared Lua: prune a level's lapsed waiters and count it; wake the first level with waiters.
+# KEYS layout of both scripts after their own keys: waiters_1..waiters_n, wake_1..wake_n.
+_LEVELS = """
+local function waiting(k, now)
+  redis.call('ZREMRANGEBYSCORE', k, '-inf', now)
+  return redis.call('ZCARD', k)
+end
+local function wake_first(base, n, now, maxc)
+  for i = 1, n do
+    if waiting(KEYS[base + i], now) > 0 then
+      local w = KEYS[base + n + i]
+      redis.call('RPUSH', w, 1)
+      redis.call('LTRIM', w, -maxc, -1)
+      redis.call('EXPIRE', w, 60)
+      return
+    end
+  end
+end
+"""
+# KEYS: leases, this minute's call counter, the levels. ARGV: lease seconds, max concurrency,
+# token, stats TTL, the caller's level (1-based), waiter entry seconds.
+_ACQUIRE = _LEVELS + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local n = (#KEYS - 2) / 2
+local maxc = tonumber(ARGV[2])
+local me = tonumber(ARGV[5])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
+local free = maxc - redis.call('ZCARD', KEYS[1])
+local ahead = 0
+for i = 1, me - 1 do
+  ahead = ahead + waiting(KEYS[2 + i], now)
+end
+local mine = KEYS[2 + me]
+if free > ahead then
   redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[3])
   redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[1])) + 60)
   redis.call('INCR', KEYS[2])
   redis.call('EXPIRE', KEYS[2], tonumber(ARGV[4]))
+  redis.call('ZREM', mine, ARGV[3])
+  if free > 1 then
+    wake_first(2, n, now, maxc)
+  end
   return 1
+end
+redis.call('ZADD', mine, now + tonumber(ARGV[6]), ARGV[3])
+redis.call('EXPIRE', mine, math.ceil(tonumber(ARGV[6])) + 60)
+if free > 0 then
+  wake_first(2, n, now, maxc)
 end
 return 0
 """
-# KEYS: leases, wake list. ARGV: token, max concurrency. A lease that already expired (and may
-# have been reclaimed) wakes nobody: its slot was handed on when it was found expired.
-_RELEASE = """
+# KEYS: leases, the levels. ARGV: token, max concurrency. A lease that already expired (and may
+# have been reclaimed) wakes nobody: its slot was handed on when it was found expired. With
+# nobody waiting, nothing is pushed (a waiter registers in the same script that refuses it, so
+# a release always sees it).
+_RELEASE = _LEVELS + """
 if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
-  redis.call('RPUSH', KEYS[2], 1)
-  redis.call('LTRIM', KEYS[2], -tonumber(ARGV[2]), -1)
-  redis.call('EXPIRE', KEYS[2], 60)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+  wake_first(1, (#KEYS - 1) / 2, now, tonumber(ARGV[2]))
 end
 return 0
 """
@@ -71,6 +124,15 @@ STATS_TTL = 600
 #: Longest a waiting thread blocks before trying again: the bound on noticing an expired lease
 #: of a dead holder (whole seconds: Redis before 6.0 takes only integer BLPOP timeouts).
 WAIT_POLL = 1
+#: Levels of waiting, best first: the message priorities (a later step's call is served first).
+LEVELS: tuple[int, ...] = PRIORITY_STEPS
+
+
+def level_of(step: str) -> int:
+    """The wait level (1-based, best first) of a call made for step ``step`` (its name, as
+    ``VLMRequest.step`` carries it); a call of no known step waits with the head steps."""
+    priority = PRIORITY_BY_NAME.get(step, PRIORITY_HEAD)
+    return 1 + max(i for i, p in enumerate(LEVELS) if p <= priority)
 
 
 def endpoint_key(vlm: VLMSpec) -> str:
@@ -118,7 +180,8 @@ class FleetBudget:
         self.lease_seconds = lease_seconds
         self.wait_poll = wait_poll
         self._leases = _key(self.endpoint, "leases")
-        self._wake = _key(self.endpoint, "wake")
+        self._waiters = [_key(self.endpoint, "waiters", p) for p in LEVELS]
+        self._wakes = [_key(self.endpoint, "wake", p) for p in LEVELS]
         self._acquire = client.register_script(_ACQUIRE)
         self._release = client.register_script(_RELEASE)
         self._in_flight = client.register_script(_IN_FLIGHT)
@@ -128,19 +191,28 @@ class FleetBudget:
             self._rate = RateLimitItemPerMinute(requests_per_minute)
 
     @contextlib.contextmanager
-    def slot(self) -> Iterator[None]:
-        """Hold one of the endpoint's concurrency slots (and one rate token) for one call."""
+    def slot(self, step: str = "") -> Iterator[None]:
+        """Hold one of the endpoint's concurrency slots (and one rate token) for one call made
+        for ``step`` (a step name): while slots are short, a later step's waiting call gets the
+        next free one before a head step's (the order the queue serves messages in)."""
         self._wait_rate()
         token = uuid.uuid4().hex
-        while not self._acquire(keys=[self._leases, _stats_key(self.endpoint, "calls")],
-                                args=[self.lease_seconds, self.max_concurrency, token, STATS_TTL]):
-            # A token left by a release nobody waited for wakes us at once: one more try, no harm.
-            self.r.blpop([self._wake], timeout=self.wait_poll)
+        level = level_of(step)
+        levels = [*self._waiters, *self._wakes]
+        # A waiter's entry lapses unless its next try refreshes it: a waiter that died holds
+        # no slot back from the levels behind it for longer than this.
+        entry_seconds = 2 * self.wait_poll + 2
+        while not self._acquire(keys=[self._leases, _stats_key(self.endpoint, "calls"), *levels],
+                                args=[self.lease_seconds, self.max_concurrency, token, STATS_TTL, level,
+                                      entry_seconds]):
+            # A wake token left for a waiter of our level that has gone wakes us at once: one
+            # more try, no harm.
+            self.r.blpop([self._wakes[level - 1]], timeout=self.wait_poll)
         try:
             yield
         finally:
             try:
-                self._release(keys=[self._leases, self._wake], args=[token, self.max_concurrency])
+                self._release(keys=[self._leases, *levels], args=[token, self.max_concurrency])
             except redis.exceptions.RedisError as exc:
                 # The call is made and paid for: its answer must not be lost because Redis is
                 # unusable right now. The slot frees itself when its lease runs out.

@@ -85,7 +85,7 @@ class BudgetedClient:
         return bool(getattr(self.inner, "structured_output", False))
 
     def generate(self, request: VLMRequest) -> VLMResponse:
-        with self.budget.slot():
+        with self.budget.slot(request.step):
             try:
                 return self.inner.generate(request)
             except RateLimited:

@@ -40,6 +40,16 @@ def budget_key(endpoint_id: str, *parts: object) -> str:
     return ":".join((KEY_PREFIX, "ep", endpoint_id, *map(str, parts)))
 
 
+def queue_list(priority: int = 0) -> str:
+    """The Redis list holding the queue's messages of one priority step (as kombu names it:
+    priority 0 is the queue's own list). Head steps sit in ``queue_list(6)`` (worker/stepdefs.py)."""
+    return f"{QUEUE}{PRIORITY_SEP}{priority}" if priority else QUEUE
+
+
+#: Every list a queued message can sit in, in the order workers serve them.
+QUEUE_LISTS: tuple[str, ...] = tuple(queue_list(p) for p in PRIORITY_STEPS)
+
+
 def is_queue_list(name: str) -> bool:
     """Whether a Redis key is the Celery queue's list (or one of its priority lists)."""
     return name == QUEUE or name.startswith(QUEUE + PRIORITY_SEP)

@@ -9,13 +9,24 @@ what a task loads before its call (``worker/execute.py``), which record ``finali
 each step (``worker/steps/converse.py``). Adding a step means a row here and a step module in
 ``worker/steps/`` (registered in ``worker/steps/__init__.py::MODULES``).
 
-This module imports nothing of ours but the constants, so a publisher process (which only needs
+This module imports nothing of ours but the key names, so a publisher process (which only needs
 task names) stays small.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from worker.keys import PRIORITY_STEPS
+
+#: Message priorities (Redis: lower is served first): the last step, the middle step, the head
+#: steps. Headers wait only while later steps are queued, and every image has at most one of
+#: each (plus bounded retries), so headers are never starved for ever. The last step must stay
+#: at 0: Celery sends a chain's next task with ``priority=None`` (``task_inherit_parent_priority``
+#: is off), which the transport files under its default, 0, whatever the signature said
+#: (tests/integration/test_depth_first.py). The chord body (sent with ``delay()``) and retries
+#: (``delivery_info["priority"]``) keep the signature's priority.
+PRIORITY_LAST, PRIORITY_MIDDLE, PRIORITY_HEAD = PRIORITY_STEPS[0], PRIORITY_STEPS[1], PRIORITY_STEPS[2]
 
 
 @dataclass(frozen=True)
@@ -39,6 +50,12 @@ class StepDef:
     :param empty_means_none_kept: a cleanly finished empty answer is an answer ("every box
         removed"), not a failure.
     :param tokens_per_box: output tokens per box by answer mode (text repeats coordinates).
+    :param priority: the Celery priority of the step's messages. On kombu's Redis transport a
+        lower number is served first (each worker's BRPOP lists the queue's priority lists in
+        order), so later steps carry lower numbers: an image already started is finished before
+        a new image's head steps run (depth-first). Each value is one of ``worker.keys.
+        PRIORITY_STEPS``, so no two steps share a list by rounding; the fleet budget's wait
+        list honours the same order (worker/budget.py).
     """
 
     number: int
@@ -52,6 +69,7 @@ class StepDef:
     reask_silent_cut: bool = False
     empty_means_none_kept: bool = False
     tokens_per_box: dict[str, int] = field(default_factory=lambda: {"text": 0, "structured": 0})
+    priority: int = PRIORITY_HEAD
 
     @property
     def head(self) -> bool:
@@ -93,15 +111,18 @@ PIPELINE: tuple[StepDef, ...] = (
             tokens_per_box={"text": 70, "structured": 45}),
     StepDef(1, "image_caption", "worker.steps.image_caption"),
     StepDef(2, "grounding_expr", "worker.steps.grounding_expr", needs=(0,), needs_when_run=(1,), reads=(0, 1),
-            tokens_per_box={"text": 40, "structured": 20}),
+            tokens_per_box={"text": 40, "structured": 20}, priority=PRIORITY_MIDDLE),
     StepDef(3, "double_check", "worker.steps.double_check", needs=(2,), reads=(2,), reads_seed=False,
-            reask_missing=True, empty_means_none_kept=True, tokens_per_box={"text": 35, "structured": 15}),
+            reask_missing=True, empty_means_none_kept=True, tokens_per_box={"text": 35, "structured": 15},
+            priority=PRIORITY_LAST),
 )
 
 STEP: dict[int, StepDef] = {d.number: d for d in PIPELINE}
 ALL_STEPS: tuple[int, ...] = tuple(STEP)
 STEP_NAMES: dict[int, str] = {d.number: d.name for d in PIPELINE}
 RESULTLESS_STEPS = frozenset(d.number for d in PIPELINE if not d.stores_result)
+#: Step name -> message priority, for code that knows a call by its step name (the budget).
+PRIORITY_BY_NAME: dict[str, int] = {d.name: d.priority for d in PIPELINE}
 
 
 def for_module(module: str) -> StepDef:

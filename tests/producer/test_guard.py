@@ -19,7 +19,7 @@ from producer.binding import InputsChanged, inputs_of
 from producer.embedded import embedded_redis
 from producer.guard import Busy, ResultsBusy, ResultsLock, claim, hold, joinable, same_fleet
 from producer.runs import describe_redis, prepare, read_run_file, redact
-from worker.keys import run_key
+from worker.keys import QUEUE_LISTS, run_key
 from worker.layout import Layout
 from worker.runstate import RunState
 from worker.spec import load_spec
@@ -197,7 +197,7 @@ def test_a_refused_enqueue_touches_nothing_and_a_grown_image_dir_resumes(dirs, r
     assert again.seed.images == 4 and again.enqueue.enqueued == 1 and again.enqueue.already_queued == 3
     assert any("seed changed" in n and "3 -> 4" in n for n in again.notes)
     assert read_run_file(layout)["seed"]["images"] == 4
-    redis_client.delete("refexp")
+    redis_client.delete(*QUEUE_LISTS)
 
 
 @pytest.mark.parametrize(("url", "shown"), [

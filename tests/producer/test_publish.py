@@ -12,7 +12,9 @@ import pytest
 
 from producer.publish import AUTO_MIN_IMAGES, Publisher, auto_publishers
 from producer.submit import submit
+from worker.keys import QUEUE_LISTS, queue_list
 from worker.spec import load_spec
+from worker.stepdefs import STEP
 
 P = "image_referring_expression"
 
@@ -23,13 +25,13 @@ def app(redis_client, redis_url):
 
     repoint(redis_url)
     yield app
-    redis_client.delete("refexp")
+    redis_client.delete(*QUEUE_LISTS)
 
 
 def queued_images(redis_client) -> Counter:
     """image_id -> messages in the queue (a chord header message per step 0 and 1)."""
     out: Counter = Counter()
-    for raw in redis_client.lrange("refexp", 0, -1):
+    for raw in redis_client.lrange(queue_list(STEP[0].priority), 0, -1):
         args, _kwargs, _embed = json.loads(json.loads(raw)["body"])
         out[args[1]] += 1
     return out
@@ -48,7 +50,7 @@ def test_each_image_is_published_once_and_marked_in_flight(app, redis_client, de
     # A second enqueue finds every image in flight and publishes nothing more.
     again = submit(spec, redis_client, publishers=publishers)
     assert again.enqueue.already_queued == 50 and again.enqueue.enqueued == 0
-    assert redis_client.llen("refexp") == 100
+    assert sum(redis_client.llen(k) for k in QUEUE_LISTS) == 100
 
 
 def test_a_publisher_process_sends_to_the_broker_this_process_points_at(app, redis_client):

@@ -11,6 +11,8 @@ import json
 import pytest
 
 from producer.publish import canvas
+from worker.keys import QUEUE_LISTS, queue_list
+from worker.stepdefs import STEP
 
 
 @pytest.fixture
@@ -19,14 +21,14 @@ def app(redis_client, redis_url):
 
     repoint(redis_url)
     yield app
-    redis_client.delete("refexp")
+    redis_client.delete(*QUEUE_LISTS)
 
 
 def test_publishing_chords_registers_no_pending_results_and_no_subscriptions(app, redis_client):
     backend = app.backend
     for i in range(200):
         canvas([0, 1, 2, 3], "run0:spec0", f"img_{i:04d}", i).apply_async()
-    assert redis_client.llen("refexp") == 400  # both header tasks of every chord are queued
+    assert redis_client.llen(queue_list(STEP[0].priority)) == 400  # both header tasks of every chord are queued
     concrete, weak = backend._pending_results
     assert len(concrete) == 0 and len(weak) == 0, "the sender tracks results it will never wait on"
     channels = redis_client.pubsub_channels("celery-task-meta-*")
@@ -38,7 +40,7 @@ def test_every_step_is_sent_to_store_no_result(app, redis_client):
     # message must say it (worker/stepdefs.RESULTLESS_STEPS). The chord header stores none either:
     # chord counting does not read stored results (test_fleet proves the body still runs).
     canvas([0, 1, 2, 3], "run0:spec0", "img_0000", 0).apply_async()
-    raw = redis_client.lindex("refexp", 0)
+    raw = redis_client.lindex(queue_list(STEP[0].priority), 0)
     msg = json.loads(raw)
     assert msg["headers"]["ignore_result"] is True
     _args, _kwargs, embed = json.loads(msg["body"])
@@ -75,3 +77,17 @@ def test_chord_counting_counts_each_header_task_once_sends_the_body_once_and_lea
     part("t1", 1)  # a late duplicate sends nothing and recreates nothing
     assert redis_client.llen("refexp") == 1
     assert sorted(k.decode() for k in redis_client.scan_iter(f"celery-taskset-meta-{gid}*")) == left
+
+
+def test_each_step_is_published_with_its_priority_and_the_tail_carries_its_own(app, redis_client):
+    # Depth-first: the header messages sit in the head steps' priority list, and the chord body
+    # (step 2 chained to step 3), which a worker sends later from this very signature, carries
+    # each later step's own priority (worker/stepdefs.py).
+    canvas([0, 1, 2, 3], "run0:spec0", "img_0000", 0).apply_async()
+    assert STEP[3].priority < STEP[2].priority < STEP[0].priority == STEP[1].priority
+    assert [redis_client.llen(k) for k in QUEUE_LISTS] == [0, 0, 2, 0]
+    msg = json.loads(redis_client.lindex(queue_list(STEP[0].priority), 0))
+    assert msg["properties"]["priority"] == STEP[0].priority
+    _args, _kwargs, embed = json.loads(msg["body"])
+    tails = {t["task"]: t["options"].get("priority") for t in embed["chord"]["kwargs"]["tasks"]}
+    assert tails == {"refexp.grounding_expr": STEP[2].priority, "refexp.double_check": STEP[3].priority}

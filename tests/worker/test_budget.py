@@ -174,11 +174,55 @@ def test_a_release_wakes_a_waiting_thread_without_waiting_for_the_poll(redis_url
     t.join(5)
 
 
-def test_releases_nobody_waits_for_leave_at_most_max_concurrency_wake_tokens(redis_client, redis_url, endpoint):
+def test_releases_nobody_waits_for_leave_no_wake_tokens(redis_client, redis_url, endpoint):
+    # A waiter registers in the script that refuses it, so a release knows nobody waits and
+    # pushes nothing (a wake list also never holds more than max_concurrency tokens).
+    from worker.budget import LEVELS
+    from worker.keys import budget_key
+
     budget = make(redis_url, endpoint, max_concurrency=3)
-    for _ in range(10):
-        with budget.slot():
+    for step in ("", "double_check", "grounding_expr") * 4:
+        with budget.slot(step):
             pass
-    assert redis_client.llen(budget._wake) == 3
+    assert [redis_client.llen(budget_key(budget.endpoint, "wake", p)) for p in LEVELS] == [0] * len(LEVELS)
     st = budget_stats(redis_client, endpoint)
-    assert st["calls_this_minute"] + st["calls_last_minute"] == 10  # counted in the acquire script
+    assert st["calls_this_minute"] + st["calls_last_minute"] == 12  # counted in the acquire script
+
+
+def test_a_waiting_later_step_call_gets_the_next_free_slot_before_a_waiting_head_call(
+        redis_client, redis_url, endpoint):
+    """Depth-first holds in the budget too: with every slot taken, a step-3 call that started
+    waiting after a head-step call still gets the next free slot, and the head call the one after."""
+    from worker.keys import budget_key
+    from worker.stepdefs import STEP
+
+    holder, head, last = (make(redis_url, endpoint, max_concurrency=1) for _ in range(3))
+    held = holder.slot()
+    held.__enter__()
+    order: list[str] = []
+    release_last = threading.Event()
+
+    def call(budget: FleetBudget, step: str) -> None:
+        with budget.slot(step):
+            order.append(step)
+            if step == STEP[3].name:
+                release_last.wait(10)  # hold the slot until the test has seen who got it
+
+    def waiting(priority: int) -> int:
+        return redis_client.zcard(budget_key(holder.endpoint, "waiters", priority))
+
+    t_head = threading.Thread(target=call, args=(head, STEP[0].name), daemon=True)
+    t_head.start()
+    wait_until(lambda: waiting(STEP[0].priority) == 1, 5, "the head call to wait")
+    t_last = threading.Thread(target=call, args=(last, STEP[3].name), daemon=True)
+    t_last.start()
+    wait_until(lambda: waiting(STEP[3].priority) == 1, 5, "the step-3 call to wait")
+
+    held.__exit__(None, None, None)
+    wait_until(lambda: order, 5, "a waiting call to get the freed slot")
+    assert order == [STEP[3].name], f"the freed slot went to {order}, not to the waiting step-3 call"
+    release_last.set()
+    t_last.join(5)
+    t_head.join(5)
+    assert order == [STEP[3].name, STEP[0].name], "the head call did not get the slot after the step-3 call"
+    assert waiting(STEP[0].priority) == waiting(STEP[3].priority) == 0, "a served waiter left its entry behind"
