@@ -41,6 +41,8 @@ from bench.common import (
     tree_rss_mb,
     worker_env,
 )
+from worker.keys import QUEUE_LISTS, queue_list
+from worker.stepdefs import STEP
 
 
 def make_records(out: Path, n: int) -> Path:
@@ -182,9 +184,10 @@ def main(argv: list[str] | None = None) -> int:
         if rid is not None:
             published = int(r.hlen(run_key(rid, "queued")))
         mem1 = int(r.info("memory")["used_memory"])
-        qlen = int(r.llen("refexp"))
-        sample = r.lindex("refexp", -1)  # the oldest message: a chord header
-        sample_usage = {k: r.memory_usage(k) or 0 for k in ("refexp", run_key(rid, "queued") if rid else "")}
+        qlen = sum(int(r.llen(q)) for q in QUEUE_LISTS)  # every priority's list
+        heads = queue_list(STEP[0].priority)  # chord headers wait in the head steps' priority list
+        sample = r.lindex(heads, -1)  # the oldest message: a chord header
+        sample_usage = {k: r.memory_usage(k) or 0 for k in (heads, run_key(rid, "queued") if rid else "")}
         keys = int(r.dbsize())
         chord_keys = sum(1 for _ in r.scan_iter(match="*chord*", count=10_000))
         chord_sizes = sum(1 for _ in r.scan_iter(match="celery-taskset-meta-*.s", count=10_000))

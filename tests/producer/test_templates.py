@@ -17,10 +17,10 @@ import redis
 
 from producer.enqueue import publish_chunk
 from producer.publish import Publisher, publish_items, publish_items_plain
+from worker.keys import QUEUE_LISTS
 from worker.runstate import RunState
 
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-QUEUE = "refexp"
 
 
 @pytest.fixture
@@ -29,14 +29,14 @@ def app(redis_client, redis_url):
 
     repoint(redis_url)
     yield app
-    redis_client.delete(QUEUE)
+    redis_client.delete(*QUEUE_LISTS)
 
 
 def take_sent(r: redis.Redis) -> tuple[list[dict], dict[str, tuple[bytes, int]]]:
     """Everything published since the last call, removed from Redis: the queued messages (oldest
     first, envelope and body decoded) and the chord-size keys (value, TTL)."""
-    raw = r.lrange(QUEUE, 0, -1)[::-1]
-    r.delete(QUEUE)
+    raw = [m for q in QUEUE_LISTS for m in r.lrange(q, 0, -1)[::-1]]  # each priority's list
+    r.delete(*QUEUE_LISTS)
     messages = []
     for m in raw:
         env = json.loads(m)
@@ -115,12 +115,13 @@ def test_a_publish_cut_by_redis_marks_nothing_and_the_resume_publishes_everythin
     finally:
         redis_client.config_set("maxmemory", config["maxmemory"])
         redis_client.config_set("maxmemory-policy", config["maxmemory-policy"])
-    out = redis_client.llen(QUEUE)
+    out = sum(redis_client.llen(q) for q in QUEUE_LISTS)
     assert 0 < out < 2000, f"the cut was not mid-chunk ({out} messages out): the test proves nothing"
     assert state.queued_count() == 0, "an image was marked in flight although its publish failed"
     with Publisher(1) as pub:
         publish_chunk(state, "run-cut:h", chunk, [0, 1, 2, 3], pub)
     assert state.queued_count() == 1000
-    per_image = Counter(json.loads(json.loads(m)["body"])[0][1] for m in redis_client.lrange(QUEUE, 0, -1))
+    per_image = Counter(json.loads(json.loads(m)["body"])[0][1]
+                       for q in QUEUE_LISTS for m in redis_client.lrange(q, 0, -1))
     assert set(per_image) == {image_id for _, image_id, _ in chunk}
     assert min(per_image.values()) >= 2
