@@ -1,0 +1,122 @@
+"""Sorting ``(key, value)`` pairs by key in bounded memory: sorted runs spilled to temp files,
+merged with ``heapq.merge``.
+
+Why: finalize, reindex and seeding need the records of a run in image-id order (or the last
+record per image), and a run may hold tens of millions of images; an in-memory dict or sorted
+list of them all grows with N (~100 B per image), so each of them sorts through this instead.
+Memory is one chunk of pairs while sorting plus one batch per run while merging.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+import pickle
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+CHUNK = 200_000  # pairs sorted in memory at a time (~30 MB of short ids and ints)
+BATCH = 2_048  # pairs per pickle in a run file: what one run holds in memory while merging
+
+Pair = tuple[str, int]
+
+
+class SortedPairs:
+    """``pairs`` sorted by ``(key, value)``; iterate it as often as needed.
+
+    Runs live in ``workdir`` (a private temp dir under it) until ``close``; a run that fits in
+    one chunk stays in memory and writes nothing.
+    """
+
+    def __init__(self, pairs: Iterable[Pair], workdir: Path, *, chunk: int | None = None):
+        self._dir: Path | None = None
+        self._workdir = workdir
+        self._runs: list[Path] = []
+        self._memory: list[Pair] = []
+        self.count = 0
+        chunk = chunk or CHUNK
+        buf: list[Pair] = []
+        for pair in pairs:
+            buf.append(pair)
+            if len(buf) >= chunk:
+                self.count += len(buf)
+                self._spill(buf)
+                buf = []
+        buf.sort()
+        self.count += len(buf)
+        if self._runs and buf:
+            self._spill(buf)
+        else:
+            self._memory = buf
+
+    def _spill(self, buf: list[Pair]) -> None:
+        if self._dir is None:
+            self._dir = Path(tempfile.mkdtemp(prefix=".sort-", dir=self._workdir))
+        buf.sort()
+        path = self._dir / f"run-{len(self._runs):05d}"
+        with open(path, "wb") as f:
+            for i in range(0, len(buf), BATCH):
+                pickle.dump(buf[i:i + BATCH], f, protocol=pickle.HIGHEST_PROTOCOL)
+        self._runs.append(path)
+
+    def __iter__(self) -> Iterator[Pair]:
+        if not self._runs:
+            return iter(self._memory)
+        return heapq.merge(*(_read_run(p) for p in self._runs))
+
+    def close(self) -> None:
+        for path in self._runs:
+            path.unlink(missing_ok=True)
+        if self._dir is not None:
+            os.rmdir(self._dir)
+        self._runs, self._memory, self._dir = [], [], None
+
+    def __enter__(self) -> SortedPairs:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _read_run(path: Path) -> Iterator[Pair]:
+    with open(path, "rb") as f:
+        while True:
+            try:
+                batch = pickle.load(f)
+            except EOFError:
+                return
+            yield from batch
+
+
+def last_per_key(pairs: Iterable[Pair]) -> Iterator[Pair]:
+    """The last pair of each key in sorted pairs: with sink offsets as values, the newest record."""
+    it = iter(pairs)
+    prev = next(it, None)
+    if prev is None:
+        return
+    for pair in it:
+        if pair[0] != prev[0]:
+            yield prev
+        prev = pair
+    yield prev
+
+
+class Cursor:
+    """Walks a sorted pair stream alongside another one (a merge join on the key)."""
+
+    _END = object()
+
+    def __init__(self, pairs: Iterable[Pair]):
+        self._it = iter(pairs)
+        self._head: object = next(self._it, self._END)
+
+    def take(self, key: str) -> list[int]:
+        """The values of ``key`` (none if absent), skipping smaller keys; keys asked must grow."""
+        out = []
+        while self._head is not self._END and self._head[0] <= key:  # type: ignore[index]
+            k, v = self._head  # type: ignore[misc]
+            if k == key:
+                out.append(v)
+            self._head = next(self._it, self._END)
+        return out
