@@ -15,40 +15,38 @@ import pickle
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 CHUNK = 200_000  # pairs sorted in memory at a time (~30 MB of short ids and ints)
 BATCH = 2_048  # pairs per pickle in a run file: what one run holds in memory while merging
 
-Pair = tuple[str, int]
+Pair = tuple[str, Any]  # (key, value): an image id and an offset, a line number or a file name
 
 
 class SortedPairs:
     """``pairs`` sorted by ``(key, value)``; iterate it as often as needed.
 
-    Runs live in ``workdir`` (a private temp dir under it) until ``close``; a run that fits in
-    one chunk stays in memory and writes nothing.
+    Runs live in a private temp dir under ``workdir`` (default: the system's temp dir) until
+    ``close``; pairs that fit in one chunk stay in memory and write nothing.
     """
 
-    def __init__(self, pairs: Iterable[Pair], workdir: Path, *, chunk: int | None = None):
+    def __init__(self, pairs: Iterable[Pair] = (), workdir: Path | None = None, *, chunk: int | None = None):
         self._dir: Path | None = None
         self._workdir = workdir
+        self._chunk = chunk or CHUNK
         self._runs: list[Path] = []
-        self._memory: list[Pair] = []
+        self._buf: list[Pair] = []
         self.count = 0
-        chunk = chunk or CHUNK
-        buf: list[Pair] = []
         for pair in pairs:
-            buf.append(pair)
-            if len(buf) >= chunk:
-                self.count += len(buf)
-                self._spill(buf)
-                buf = []
-        buf.sort()
-        self.count += len(buf)
-        if self._runs and buf:
-            self._spill(buf)
-        else:
-            self._memory = buf
+            self.add(pair)
+
+    def add(self, pair: Pair) -> None:
+        """One more pair (before iterating)."""
+        self._buf.append(pair)
+        self.count += 1
+        if len(self._buf) >= self._chunk:
+            self._spill(self._buf)
+            self._buf = []
 
     def _spill(self, buf: list[Pair]) -> None:
         if self._dir is None:
@@ -61,16 +59,17 @@ class SortedPairs:
         self._runs.append(path)
 
     def __iter__(self) -> Iterator[Pair]:
+        self._buf.sort()  # the last, partial chunk stays in memory
         if not self._runs:
-            return iter(self._memory)
-        return heapq.merge(*(_read_run(p) for p in self._runs))
+            return iter(self._buf)
+        return heapq.merge(*(_read_run(p) for p in self._runs), self._buf)
 
     def close(self) -> None:
         for path in self._runs:
             path.unlink(missing_ok=True)
         if self._dir is not None:
             os.rmdir(self._dir)
-        self._runs, self._memory, self._dir = [], [], None
+        self._runs, self._buf, self._dir = [], [], None
 
     def __enter__(self) -> SortedPairs:
         return self
@@ -111,7 +110,7 @@ class Cursor:
         self._it = iter(pairs)
         self._head: object = next(self._it, self._END)
 
-    def take(self, key: str) -> list[int]:
+    def take(self, key: str) -> list[Any]:
         """The values of ``key`` (none if absent), skipping smaller keys; keys asked must grow."""
         out = []
         while self._head is not self._END and self._head[0] <= key:  # type: ignore[index]
