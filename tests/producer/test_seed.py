@@ -452,7 +452,7 @@ def test_listing_sorted_in_spilled_chunks_gives_the_same_seed(dirs, monkeypatch)
     the same order, with the same orphan labels, as one sort in memory."""
     import producer.extsort
 
-    images, labels, results = dirs
+    images, labels, _ = dirs
     for i in range(23):
         image(images / f"{(i * 7) % 23:03d}.png", size=(8, 8))
         (labels / f"{i:03d}.txt").write_text(kitti_line("Car", 1, 1, 5, 5))
