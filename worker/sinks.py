@@ -120,14 +120,12 @@ def decode_offset(value: int) -> tuple[int, int]:
 
 @dataclass
 class _Part:
-    """The part one writer process appends to (the fd stays open between appends)."""
+    """The part one writer process appends to."""
 
     pid: int
     writer: str
     number: int
     path: Path
-    fd: int
-    ino: int
 
 
 _PARTS: dict[str, _Part] = {}
@@ -264,8 +262,19 @@ class JsonlSink:
         with _thread_lock(self.path):
             for _ in range(3):
                 part = self._my_part()
-                end = self._write_line(part.fd, line, part.path)
-                if self._still_named(part):
+                try:
+                    # Opened per append, as the locked file is: an idle worker holds no file open
+                    # for writing (a volume can be remounted or unmounted under it).
+                    fd = os.open(part.path, os.O_RDWR | os.O_APPEND)
+                except FileNotFoundError:
+                    self._drop_part(part)  # a finalize merged it: take a new part
+                    continue
+                try:
+                    end = self._write_line(fd, line, part.path)
+                    named = self._still_named(part.path, fd)
+                finally:
+                    os.close(fd)
+                if named:
                     return encode_offset(part.number, end)
                 # A finalize renamed the part to merge it while we wrote: it may have read the
                 # file before our line. Write the line again in a new part (a duplicate of one
@@ -274,15 +283,13 @@ class JsonlSink:
             raise OSError(errno.EAGAIN, f"{self.parts_dir}: parts merged under the writer three times in a row")
 
     @staticmethod
-    def _still_named(part: _Part) -> bool:
+    def _still_named(path: Path, fd: int) -> bool:
         try:
-            return os.stat(part.path).st_ino == part.ino
+            return os.stat(path).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:
             return False
 
     def _drop_part(self, part: _Part) -> None:
-        with contextlib.suppress(OSError):
-            os.close(part.fd)
         if _PARTS.get(str(self.path)) is part:
             del _PARTS[str(self.path)]
 
@@ -291,9 +298,6 @@ class JsonlSink:
         key = str(self.path)
         part = _PARTS.get(key)
         if part is not None and (part.pid != os.getpid() or part.writer != self.writer):
-            if part.pid == os.getpid():
-                with contextlib.suppress(OSError):
-                    os.close(part.fd)
             del _PARTS[key]  # a forked child or a new run: never share, never go back
             part = None
         if part is None:
@@ -311,11 +315,11 @@ class JsonlSink:
         while True:
             path = self.part_path(number)
             try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
             except FileExistsError:
                 number += 1
                 continue
-            return _Part(os.getpid(), self.writer, number, path, fd, os.fstat(fd).st_ino)
+            return _Part(os.getpid(), self.writer, number, path)
 
     # -- merging (producer finalize, holding the finalize lock) ------------------------------
     def freeze(self) -> list[int]:
