@@ -24,7 +24,7 @@ from pathlib import Path
 from producer.extsort import Cursor, SortedPairs, last_per_key
 from producer.seed import iter_seed
 from producer.summary import write_summary
-from producer.usage import usage_from_sinks
+from producer.usage import call_counts, usage_from_sinks
 from worker import stepdefs
 from worker.layout import Layout
 from worker.sinks import JsonlSink, ReadStats, dumps
@@ -92,7 +92,7 @@ def finalize(layout: Layout, steps: list[int], prices: dict | None = None, *,
             _write_final(layout, steps, final_steps, sinks, latest, work, report)
             for s, sink in sinks.items():
                 if sink.exists():
-                    report.compacted[s] = _compact(sink, latest[s], layout)
+                    report.compacted[s] = _compact(sink, s, latest[s])
     report.usage = usage_from_sinks(layout, steps, prices)
     write_summary(layout, report)
     return report
@@ -131,24 +131,44 @@ def _write_final(layout: Layout, steps: list[int], final_steps: list[int], sinks
         tmp.unlink(missing_ok=True)
 
 
-def _compact(sink: JsonlSink, latest: SortedPairs, layout: Layout) -> int:
+def _compact(sink: JsonlSink, step: int, latest: SortedPairs) -> int:
     """Rewrite the step's main file with the last record per image, sorted by image id (raw
-    lines, byte for byte), replace it atomically and drop the merged parts; lines written."""
+    lines, byte for byte), replace it atomically and drop the merged parts; lines written.
+    The lines left out were calls paid for: their usage is carried (``JsonlSink.carried_usage``)."""
     generation = sink.reserve_generation()
     tmp = sink.path.with_name(f".{sink.path.name}.compact-{socket.gethostname()}-{os.getpid()}.tmp")
     n = 0
+    dropped: list[tuple[int, dict]] = []
+    dropped_usage = call_counts((), step)
     try:
         with sink.reader() as reader, open(tmp, "wb") as out:
-            for _, off in last_per_key(latest):
-                out.write(reader.read_line_at(off))
+            prev: tuple[str, int] | None = None
+            for pair in latest:
+                if prev is not None and prev[0] != pair[0]:
+                    out.write(reader.read_line_at(prev[1]))
+                    n += 1
+                elif prev is not None:  # a superseded record of the same image
+                    dropped.append((prev[1], json.loads(reader.read_line_at(prev[1]))))
+                    if len(dropped) >= 1000:
+                        _add(dropped_usage, call_counts(dropped, step))
+                        dropped.clear()
+                prev = pair
+            if prev is not None:
+                out.write(reader.read_line_at(prev[1]))
                 n += 1
             out.flush()
             os.fsync(out.fileno())
-        sink.replace_main(tmp, generation)
+        _add(dropped_usage, call_counts(dropped, step))
+        sink.replace_main(tmp, generation, {k: v for k, v in dropped_usage.items() if v})
     finally:
         tmp.unlink(missing_ok=True)
         latest.close()
     return n
+
+
+def _add(total: dict, more: dict) -> None:
+    for k, v in more.items():
+        total[k] += v
 
 
 # A finalize killed mid-write (Ctrl-C, OOM, a lost host) leaves its temp file, as big as the

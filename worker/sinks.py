@@ -178,6 +178,23 @@ class JsonlSink:
     def part_path(self, number: int) -> Path:
         return self.parts_dir / f"{number:06d}.jsonl"
 
+    def _main_info(self) -> dict:
+        """What the last finalize recorded for the main file, resolved against the file there
+        now: ``gen`` and ``carried`` if the merged file is in place, else the ones before."""
+        try:
+            info = json.loads((self.parts_dir / _MAIN_GEN_FILE).read_bytes())
+            ino = os.stat(self.path).st_ino
+        except (OSError, ValueError):
+            return {"gen": 0, "carried": {}}
+        if info.get("ino") == ino:
+            return {"gen": int(info["gen"]), "carried": info.get("carried") or {}}
+        return {"gen": int(info.get("prev", 0)), "carried": info.get("prev_carried") or {}}
+
+    def carried_usage(self) -> dict:
+        """Token usage of the lines finalizes merged away (superseded records were calls paid
+        for): ``producer.usage`` adds it to what the lines left show."""
+        return self._main_info()["carried"]
+
     def main_generation(self) -> int:
         """The part number offsets into the main file carry (0 until a finalize merged parts).
 
@@ -185,12 +202,7 @@ class JsonlSink:
         the main one: the main file is generation ``gen`` only once it is that inode, so a
         finalize killed at any point leaves a consistent sink (the old main, its parts still
         read after it; or the new main, the merged parts ignored)."""
-        try:
-            info = json.loads((self.parts_dir / _MAIN_GEN_FILE).read_bytes())
-            ino = os.stat(self.path).st_ino
-        except (OSError, ValueError):
-            return 0
-        return int(info["gen"]) if info.get("ino") == ino else int(info.get("prev", 0))
+        return self._main_info()["gen"]
 
     def part_files(self) -> list[tuple[int, Path]]:
         """``(number, path)`` of every part not yet merged into the main file, by number (a part
@@ -349,11 +361,17 @@ class JsonlSink:
         write_atomic(merged_mark, f"{number}\n")
         return number
 
-    def replace_main(self, merged: Path, generation: int) -> None:
+    def replace_main(self, merged: Path, generation: int, dropped_usage: dict | None = None) -> None:
         """Make ``merged`` (a complete, fsynced file in the same folder) the main file, as
-        generation ``generation``, and remove the parts it holds. See ``main_generation`` for
-        why the generation is recorded before the rename."""
-        info = {"gen": generation, "ino": os.stat(merged).st_ino, "prev": self.main_generation()}
+        generation ``generation``, and remove the parts it holds. ``dropped_usage``: the usage
+        counts of the lines the merge left out, added to what earlier merges carried. See
+        ``main_generation`` for why this is recorded before the rename."""
+        before = self._main_info()
+        carried = dict(before["carried"])
+        for f, v in (dropped_usage or {}).items():
+            carried[f] = carried.get(f, 0) + v
+        info = {"gen": generation, "ino": os.stat(merged).st_ino, "carried": carried,
+                "prev": before["gen"], "prev_carried": before["carried"]}
         write_atomic(self.parts_dir / _MAIN_GEN_FILE, dumps(info) + "\n")
         os.replace(merged, self.path)
         for name in os.listdir(self.parts_dir):

@@ -266,3 +266,25 @@ def test_the_done_index_is_rebuilt_after_a_finalize_merged_the_sinks(tmp_path, r
     for i in ("a", "b"):
         assert layout.sink(0).read_at(state.done_offset(0, i))["image_id"] == i
     assert layout.sink(0).read_at(state.done_offset(0, "a"))["regions"] == [{"description": "newer"}]
+
+
+def test_token_usage_counts_the_calls_a_merge_left_out(tmp_path):
+    """A superseded record was a call paid for: usage is the same before the merge, after it,
+    and after a second finalize."""
+    from producer.usage import usage_from_sinks
+
+    layout = Layout(tmp_path)
+    seed(layout, ["a", "b"])
+
+    def call(n: int) -> dict:
+        return {"meta": {"step0_region_expr": {"call": {"input_tokens": n, "output_tokens": 1, "latency_s": 0.5}}}}
+
+    for image_id, n in (("a", 10), ("b", 20), ("a", 30), ("a", 40)):
+        layout.sink(0).append(rec(image_id, 0, regions=[], **call(n)))
+    before = usage_from_sinks(layout, [0])
+    assert before["steps"]["0"]["calls"] == 4 and before["steps"]["0"]["input_tokens"] == 100
+    first = finalize(layout, [0])
+    assert len(step_lines(layout, 0)) == 2
+    second = finalize(layout, [0])
+    assert first.usage == second.usage == before
+    assert first.usage["steps"]["0"]["images"] == 2
