@@ -12,19 +12,21 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import multiprocessing
 import os
 import re
 import shutil
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from producer.extsort import Cursor, SortedPairs, last_per_key
 from producer.seed import iter_seed
 from producer.summary import write_summary
-from producer.usage import call_counts, usage_from_sinks
+from producer.usage import call_counts, usage_summary
 from worker import stepdefs
 from worker.layout import Layout
 from worker.sinks import JsonlSink, ReadStats, dumps
@@ -56,8 +58,55 @@ def _failure_pairs(layout: Layout, final_steps: list[int]) -> Iterator[tuple[str
         yield str(rec["image_id"]), step if isinstance(step, int) and step in final_steps else ANY_STEP
 
 
-def _latest(sink: JsonlSink, workdir: Path, stats: ReadStats | None) -> SortedPairs:
-    return SortedPairs(((str(rec["image_id"]), off) for off, rec in sink.scan(stats)), workdir)
+def _scan_step(root: str, step: int, workdir: str, count_bad: bool, with_usage: bool,
+               ) -> tuple[SortedPairs, dict, int]:
+    """One step sink read once: its ``(image_id, offset)`` pairs sorted, the usage of every
+    line plus what earlier finalizes carried, and its bad lines (when ``count_bad``). Runs in a
+    pool process for a large run (``_pool``): the lines are parsed in parallel, one sink each."""
+    sink = Layout(Path(root)).sink(step)
+    stats = ReadStats()
+    usage = dict(sink.carried_usage()) if with_usage else {}
+    lines: list[tuple[int, dict]] = []
+
+    def pairs() -> Iterator[tuple[str, int]]:
+        for off, rec in sink.scan(stats):
+            if with_usage:
+                lines.append((off, rec))
+                if len(lines) >= 4096:
+                    _add(usage, call_counts(lines, step))
+                    lines.clear()
+            yield str(rec["image_id"]), off
+
+    sorted_pairs = SortedPairs(pairs(), Path(workdir))
+    _add(usage, call_counts(lines, step) if with_usage else {})
+    return sorted_pairs, usage, stats.bad_lines if count_bad else 0
+
+
+def _compact_step(root: str, step: int, latest: SortedPairs) -> int:
+    return _compact(Layout(Path(root)).sink(step), step, latest)
+
+
+PARALLEL_BYTES = 64 << 20  # step sinks at least this big are read by a pool of processes
+
+
+@contextlib.contextmanager
+def _pool(layout: Layout, sinks: dict[int, JsonlSink]) -> Iterator[ProcessPoolExecutor | None]:
+    """A process per core for the per-step work of a large run, else None (all in this one):
+    parsing every line is most of finalize's time, and each step sink is read on its own.
+    Spawned, not forked: the producer may hold threads (publishers, a Redis client)."""
+    cores = min(len(sinks), os.cpu_count() or 1)
+    size = sum(path.stat().st_size for sink in sinks.values() for _, path in sink.files() if path.exists())
+    if cores < 2 or size < PARALLEL_BYTES:
+        yield None
+        return
+    with ProcessPoolExecutor(max_workers=cores, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield pool
+
+
+def _map(pool: ProcessPoolExecutor | None, fn: Callable, jobs: list[tuple]) -> list:
+    if pool is None:
+        return [fn(*job) for job in jobs]
+    return list(pool.map(fn, *zip(*jobs, strict=True))) if jobs else []
 
 
 def finalize(layout: Layout, steps: list[int], prices: dict | None = None, *,
@@ -84,16 +133,23 @@ def finalize(layout: Layout, steps: list[int], prices: dict | None = None, *,
         sinks = {s: layout.sink(s) for s in ALL_STEPS if s in final_steps or layout.sink(s).exists()}
         for sink in sinks.values():
             sink.freeze()
-        with tempfile.TemporaryDirectory(prefix=_sort_prefix(layout), dir=layout.root) as tmpdir:
-            work = Path(tmpdir)
-            stats = ReadStats()
-            latest = {s: _latest(sink, work, stats if s in final_steps else None) for s, sink in sinks.items()}
-            report.bad_lines = stats.bad_lines
-            _write_final(layout, steps, final_steps, sinks, latest, work, report)
-            for s, sink in sinks.items():
-                if sink.exists():
-                    report.compacted[s] = _compact(sink, s, latest[s])
-    report.usage = usage_from_sinks(layout, steps, prices)
+        with tempfile.TemporaryDirectory(prefix=_sort_prefix(layout), dir=layout.root) as tmpdir, \
+                _pool(layout, sinks) as pool:
+            scans = _map(pool, _scan_step, [(str(layout.root), s, tmpdir, s in final_steps, s in steps)
+                                            for s in sinks])
+            latest = {s: pairs for s, (pairs, _, _) in zip(sinks, scans, strict=True)}
+            usage = {s: call_counts((), s) for s in steps}
+            for s, (_, counts, bad) in zip(sinks, scans, strict=True):
+                if s in usage:
+                    _add(usage[s], counts)
+                report.bad_lines += bad
+            _write_final(layout, steps, final_steps, sinks, latest, Path(tmpdir), report)
+            on_disk = [s for s, sink in sinks.items() if sink.exists()]
+            for s, n in zip(on_disk, _map(pool, _compact_step, [(str(layout.root), s, latest[s]) for s in on_disk]),
+                            strict=True):
+                report.compacted[s] = n
+        per_step = {s: {"images": report.compacted.get(s, 0), **usage[s]} for s in steps}
+    report.usage = usage_summary(per_step, prices)
     write_summary(layout, report)
     return report
 
@@ -168,7 +224,7 @@ def _compact(sink: JsonlSink, step: int, latest: SortedPairs) -> int:
 
 def _add(total: dict, more: dict) -> None:
     for k, v in more.items():
-        total[k] += v
+        total[k] = total.get(k, 0) + v
 
 
 # A finalize killed mid-write (Ctrl-C, OOM, a lost host) leaves its temp file, as big as the

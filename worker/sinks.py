@@ -149,13 +149,16 @@ def _lines(path: Path) -> Iterator[bytes]:
         yield from f
 
 
+_DECODE = json.JSONDecoder().decode  # on str: json.loads(bytes) first guesses the encoding, per line
+
+
 def _parse(line: bytes) -> dict | None:
     """The record of a whole line, or None for a torn, corrupt or foreign one."""
     if not line.endswith(b"\n"):
         return None
     try:
-        record = json.loads(line)
-    except ValueError:
+        record = _DECODE(line.decode("utf-8"))
+    except ValueError:  # UnicodeDecodeError is one too
         return None
     return record if isinstance(record, dict) and "image_id" in record else None
 

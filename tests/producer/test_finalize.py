@@ -288,3 +288,27 @@ def test_token_usage_counts_the_calls_a_merge_left_out(tmp_path):
     second = finalize(layout, [0])
     assert first.usage == second.usage == before
     assert first.usage["steps"]["0"]["images"] == 2
+
+
+def test_a_pool_of_processes_gives_the_same_files(tmp_path, monkeypatch):
+    """A large run's step sinks are read by a pool (one sink per process): same output, same
+    merged step files, same usage, as read in one process."""
+
+    import producer.finalize
+
+    def make(root):
+        layout = Layout(root)
+        seed(layout, [f"i{n}" for n in range(40)])
+        for n in range(40):
+            for s in (0, 1, 2, 3):
+                layout.sink(s).append(rec(f"i{n}", s, expressions=[], v=n))
+        layout.sink(3).append(rec("i7", 3, expressions=[{"text": "again"}]))
+        return layout
+
+    one, pooled = make(tmp_path / "one"), make(tmp_path / "pooled")
+    a = finalize(one, [0, 1, 2, 3])
+    monkeypatch.setattr(producer.finalize, "PARALLEL_BYTES", 0)
+    b = finalize(pooled, [0, 1, 2, 3])
+    assert one.final.read_bytes() == pooled.final.read_bytes()
+    assert [one.sink(s).path.read_bytes() for s in range(4)] == [pooled.sink(s).path.read_bytes() for s in range(4)]
+    assert (a.written, a.compacted, a.usage) == (b.written, b.compacted, b.usage) and b.written == 40
