@@ -128,7 +128,7 @@ class _Part:
     path: Path
 
 
-_PARTS: dict[str, _Part] = {}
+_PARTS: dict[tuple[str, str], _Part] = {}  # (sink path, writer) -> this process's part
 
 
 def _read_int(path: Path) -> int:
@@ -305,15 +305,18 @@ class JsonlSink:
             return False
 
     def _drop_part(self, part: _Part) -> None:
-        if _PARTS.get(str(self.path)) is part:
-            del _PARTS[str(self.path)]
+        key = (str(self.path), self.writer)
+        if _PARTS.get(key) is part:
+            del _PARTS[key]
 
     def _my_part(self) -> _Part:
-        """This process's part for this run, allocated on first use (and after a merge)."""
-        key = str(self.path)
+        """This process's part for this run, allocated on first use (and after a merge). Tasks
+        of two spec versions in flight together keep a part each, instead of a new part per
+        switch; the later version's part has the higher number."""
+        key = (str(self.path), self.writer)
         part = _PARTS.get(key)
-        if part is not None and (part.pid != os.getpid() or part.writer != self.writer):
-            del _PARTS[key]  # a forked child or a new run: never share, never go back
+        if part is not None and part.pid != os.getpid():
+            del _PARTS[key]  # a forked child: never share its parent's part
             part = None
         if part is None:
             part = _PARTS[key] = self._allocate()
