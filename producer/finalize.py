@@ -37,12 +37,17 @@ from worker.steps.records import deterministic
 ANY_STEP = -1  # a failure that counts whatever is done (seeding, or a step not in the final record)
 
 
+LISTED = 10_000  # image ids a report keeps of the failed and of the missing (the counts are whole)
+
+
 @dataclass
 class FinalizeReport:
     path: Path
     written: int = 0
-    failed: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)  # the first LISTED, sorted; n_failed counts them all
+    missing: list[str] = field(default_factory=list)  # the first LISTED, sorted; n_missing counts them all
+    n_failed: int = 0
+    n_missing: int = 0
     bad_lines: int = 0
     usage: dict = field(default_factory=dict)
     stale_removed: list[tuple[str, int]] = field(default_factory=list)
@@ -170,8 +175,14 @@ def _write_final(layout: Layout, steps: list[int], final_steps: list[int], sinks
                 fails = failed.take(image_id)
                 if not all(found.values()):
                     done = {s for s, offs in found.items() if offs}
-                    is_failed = any(f == ANY_STEP or f not in done for f in fails)
-                    (report.failed if is_failed else report.missing).append(image_id)
+                    if any(f == ANY_STEP or f not in done for f in fails):
+                        report.n_failed += 1
+                        if len(report.failed) < LISTED:
+                            report.failed.append(image_id)
+                    else:
+                        report.n_missing += 1
+                        if len(report.missing) < LISTED:
+                            report.missing.append(image_id)
                     continue
                 records = {s: json.loads(readers[s].read_line_at(found[s][0])) for s in final_steps}
                 out.write(dumps(deterministic(final_record(steps, records))) + "\n")

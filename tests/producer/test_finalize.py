@@ -312,3 +312,20 @@ def test_a_pool_of_processes_gives_the_same_files(tmp_path, monkeypatch):
     assert one.final.read_bytes() == pooled.final.read_bytes()
     assert [one.sink(s).path.read_bytes() for s in range(4)] == [pooled.sink(s).path.read_bytes() for s in range(4)]
     assert (a.written, a.compacted, a.usage) == (b.written, b.compacted, b.usage) and b.written == 40
+
+
+def test_the_report_counts_every_image_but_lists_a_bounded_number(tmp_path, monkeypatch):
+    """At ten million images not done, the report must not hold ten million ids."""
+    import producer.finalize
+    from producer.summary import read_summary
+
+    monkeypatch.setattr(producer.finalize, "LISTED", 2)
+    layout = Layout(tmp_path)
+    seed(layout, [f"m{n}" for n in range(5)] + ["f0", "f1", "f2"])
+    for n in range(3):
+        layout.record_failure(image_id=f"f{n}", step=3, error="boom", attempts=1)
+    report = finalize(layout, [3])
+    assert (report.n_failed, report.n_missing) == (3, 5)
+    assert report.failed == ["f0", "f1"] and report.missing == ["m0", "m1"]
+    summary = read_summary(layout)
+    assert (summary["failed"], summary["missing"], summary["images"]) == (3, 5, 8)
