@@ -33,6 +33,7 @@ impl, path, n, size, go, src = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(s
 if impl == "before":
     spec = importlib.util.spec_from_file_location("main_sinks", src)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules["main_sinks"] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
     sink = mod.JsonlSink(path)
 else:
