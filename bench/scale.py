@@ -91,8 +91,11 @@ elif phase == "reindex":
 else:
     raise SystemExit(f"unknown phase {phase}")
 out.setdefault("wall_s", time.perf_counter() - t0)
-out.setdefault("cpu_s", time.process_time() - c0)
+kids = resource.getrusage(resource.RUSAGE_CHILDREN)  # finalize's pool processes (and redis-server: not counted)
+pool = kids.ru_utime + kids.ru_stime if phase == "finalize" else 0.0
+out.setdefault("cpu_s", time.process_time() - c0 + pool)
 out["peak_rss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+out["child_peak_rss_kb"] = kids.ru_maxrss if phase == "finalize" else 0
 print(json.dumps(out))
 """
 
@@ -217,6 +220,8 @@ def main() -> None:
             rate = r["images"] / r["wall_s"] if r["wall_s"] else float("inf")
             print(f"   {phase:<10} n={size_n:>8}: {r['wall_s']:7.2f} s wall, {r['cpu_s']:7.2f} s CPU, "
                   f"{rate:>9,.0f} images/s, peak RSS {r['peak_rss_kb'] / 1024:6.0f} MB"
+                  + (f" (+ largest pool process {r['child_peak_rss_kb'] / 1024:.0f} MB)"
+                     if r.get("child_peak_rss_kb") else "")
                   + (f", Redis used_memory {r['used_memory'] / 2**20:.0f} MB" if "used_memory" in r else ""),
                   flush=True)
             if "status_wall_s" in r:

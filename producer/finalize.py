@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from producer.extsort import Cursor, SortedPairs, last_per_key
 from producer.seed import iter_seed
@@ -34,6 +35,7 @@ from worker.stepdefs import ALL_STEPS
 from worker.steps import final_record
 from worker.steps.records import deterministic
 
+T = TypeVar("T")
 ANY_STEP = -1  # a failure that counts whatever is done (seeding, or a step not in the final record)
 
 
@@ -108,10 +110,12 @@ def _pool(layout: Layout, sinks: dict[int, JsonlSink]) -> Iterator[ProcessPoolEx
         yield pool
 
 
-def _map(pool: ProcessPoolExecutor | None, fn: Callable, jobs: list[tuple]) -> list:
+def _submit(pool: ProcessPoolExecutor | None, fn: Callable[..., T], *args: object) -> Callable[[], T]:
+    """``fn(*args)`` in the pool (its result when called), or here and now without one."""
     if pool is None:
-        return [fn(*job) for job in jobs]
-    return list(pool.map(fn, *zip(*jobs, strict=True))) if jobs else []
+        result = fn(*args)
+        return lambda: result
+    return pool.submit(fn, *args).result
 
 
 def finalize(layout: Layout, steps: list[int], prices: dict | None = None, *,
@@ -140,30 +144,42 @@ def finalize(layout: Layout, steps: list[int], prices: dict | None = None, *,
             sink.freeze()
         with tempfile.TemporaryDirectory(prefix=_sort_prefix(layout), dir=layout.root) as tmpdir, \
                 _pool(layout, sinks) as pool:
-            scans = _map(pool, _scan_step, [(str(layout.root), s, tmpdir, s in final_steps, s in steps)
-                                            for s in sinks])
-            latest = {s: pairs for s, (pairs, _, _) in zip(sinks, scans, strict=True)}
+            root = str(layout.root)
+            # In a pool, the seed's and failures' sorts run beside the step sinks' reads, and the
+            # steps that are not in the final record are merged while the final file is written.
+            ids = _submit(pool, _sort_ids, root, tmpdir, final_steps)
+            scan_jobs = {s: _submit(pool, _scan_step, root, s, tmpdir, s in final_steps, s in steps) for s in sinks}
+            scans = {s: job() for s, job in scan_jobs.items()}
+            latest = {s: pairs for s, (pairs, _, _) in scans.items()}
             usage = {s: call_counts((), s) for s in steps}
-            for s, (_, counts, bad) in zip(sinks, scans, strict=True):
+            for s, (_, counts, bad) in scans.items():
                 if s in usage:
                     _add(usage[s], counts)
                 report.bad_lines += bad
-            _write_final(layout, steps, final_steps, sinks, latest, Path(tmpdir), report)
             on_disk = [s for s, sink in sinks.items() if sink.exists()]
-            for s, n in zip(on_disk, _map(pool, _compact_step, [(str(layout.root), s, latest[s]) for s in on_disk]),
-                            strict=True):
-                report.compacted[s] = n
+            early = {s: _submit(pool, _compact_step, root, s, latest[s]) for s in on_disk if s not in final_steps}
+            seed, failures = ids()
+            _write_final(layout, steps, final_steps, sinks, latest, seed, failures, report)
+            late = {s: _submit(pool, _compact_step, root, s, latest[s]) for s in on_disk if s in final_steps}
+            for s, job in sorted({**early, **late}.items()):
+                report.compacted[s] = job()
         per_step = {s: {"images": report.compacted.get(s, 0), **usage[s]} for s in steps}
     report.usage = usage_summary(per_step, prices)
     write_summary(layout, report)
     return report
 
 
+def _sort_ids(root: str, workdir: str, final_steps: list[int]) -> tuple[SortedPairs, SortedPairs]:
+    """The seed's image ids and the failures' ``(image_id, step)``, each sorted."""
+    layout = Layout(Path(root))
+    seed = SortedPairs(((str(rec["image_id"]), off) for off, rec in iter_seed(layout.seed)), Path(workdir))
+    return seed, SortedPairs(_failure_pairs(layout, final_steps), Path(workdir))
+
+
 def _write_final(layout: Layout, steps: list[int], final_steps: list[int], sinks: dict[int, JsonlSink],
-                 latest: dict[int, SortedPairs], work: Path, report: FinalizeReport) -> None:
+                 latest: dict[int, SortedPairs], seed: SortedPairs, failures: SortedPairs,
+                 report: FinalizeReport) -> None:
     """``annotations.jsonl``: a merge join of the sorted seed ids, failures and step records."""
-    seed = SortedPairs(((str(rec["image_id"]), off) for off, rec in iter_seed(layout.seed)), work)
-    failures = SortedPairs(_failure_pairs(layout, final_steps), work)
     cursors = {s: Cursor(last_per_key(latest[s])) for s in final_steps}
     failed = Cursor(failures)
     tmp = layout.root / f"{_tmp_prefix(layout)}{socket.gethostname()}-{os.getpid()}.tmp"
