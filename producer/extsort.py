@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-CHUNK = 200_000  # pairs sorted in memory at a time (~30 MB of short ids and ints)
+CHUNK = 100_000  # pairs sorted in memory at a time (~15 MB of short ids and ints)
 BATCH = 2_048  # pairs per pickle in a run file: what one run holds in memory while merging
 
 Pair = tuple[str, Any]  # (key, value): an image id and an offset, a line number or a file name
@@ -59,7 +59,10 @@ class SortedPairs:
         self._runs.append(path)
 
     def __iter__(self) -> Iterator[Pair]:
-        self._buf.sort()  # the last, partial chunk stays in memory
+        if self._runs and self._buf:  # spilled already: the last, partial chunk goes too, so a
+            self._spill(self._buf)     # sort held for later (finalize keeps one per step) holds no pairs
+            self._buf = []
+        self._buf.sort()
         if not self._runs:
             return iter(self._buf)
         return heapq.merge(*(_read_run(p) for p in self._runs), self._buf)

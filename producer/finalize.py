@@ -86,6 +86,7 @@ def _scan_step(root: str, step: int, workdir: str, count_bad: bool, with_usage: 
 
     sorted_pairs = SortedPairs(pairs(), Path(workdir))
     _add(usage, call_counts(lines, step) if with_usage else {})
+    iter(sorted_pairs)  # spills the last chunk of a large sort: nothing held until it is read
     return sorted_pairs, usage, stats.bad_lines if count_bad else 0
 
 
@@ -173,7 +174,9 @@ def _sort_ids(root: str, workdir: str, final_steps: list[int]) -> tuple[SortedPa
     """The seed's image ids and the failures' ``(image_id, step)``, each sorted."""
     layout = Layout(Path(root))
     seed = SortedPairs(((str(rec["image_id"]), off) for off, rec in iter_seed(layout.seed)), Path(workdir))
-    return seed, SortedPairs(_failure_pairs(layout, final_steps), Path(workdir))
+    failures = SortedPairs(_failure_pairs(layout, final_steps), Path(workdir))
+    iter(seed), iter(failures)  # spill the last chunk of a large sort (see _scan_step)
+    return seed, failures
 
 
 def _write_final(layout: Layout, steps: list[int], final_steps: list[int], sinks: dict[int, JsonlSink],
