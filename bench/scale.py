@@ -5,7 +5,8 @@ run's would be (each image once per step, 2% of them twice, spread over four wri
 ``--layout main`` writes them into the one main file instead, as main's code wrote them), with
 records of ~450 bytes. Each phase runs in a fresh child process (``--code`` picks the tree, so
 the same script measures main's code as "before"), which reports its wall time, CPU time and
-peak RSS. Every phase runs at ``--small`` and at ``--images`` images; the difference gives the
+peak RSS (its own ``VmHWM``; the pool processes' figure is ``ru_maxrss``, an upper bound). Every
+phase runs at ``--small`` and at ``--images`` images; the difference gives the
 per-image slopes (bytes of RSS, µs of CPU) from which ten million is read off:
 
     flock /work/wt/_bench.lock .venv/bin/python -m bench.scale --workdir /tmp/bench-store/scale
@@ -94,7 +95,9 @@ out.setdefault("wall_s", time.perf_counter() - t0)
 kids = resource.getrusage(resource.RUSAGE_CHILDREN)  # finalize's pool processes (and redis-server: not counted)
 pool = kids.ru_utime + kids.ru_stime if phase == "finalize" else 0.0
 out.setdefault("cpu_s", time.process_time() - c0 + pool)
-out["peak_rss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+# VmHWM, not ru_maxrss: a child started by vfork+exec inherits the starter's RSS in ru_maxrss
+# (Linux keeps the larger of the old and new address space's high-water mark across exec).
+out["peak_rss_kb"] = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
 out["child_peak_rss_kb"] = kids.ru_maxrss if phase == "finalize" else 0
 print(json.dumps(out))
 """
