@@ -190,17 +190,17 @@ def finalize_and_report(layout: Layout, steps: list[int], prices: dict | None = 
         typer.echo(f"removed {len(rep.stale_removed)} temp file(s) an interrupted finalize left in {layout.root} "
                    f"({sum(size for _, size in rep.stale_removed) / 1e6:.1f} MB)", err=True)
     unseeded = f", {seed_failed} could not be seeded" if seed_failed else ""
-    typer.echo(f"wrote {rep.path} ({rep.written} images; {len(rep.failed)} failed, {len(rep.missing)} missing"
+    typer.echo(f"wrote {rep.path} ({rep.written} images; {rep.n_failed} failed, {rep.n_missing} missing"
                f"{unseeded})")
     if rep.usage.get("total", {}).get("calls"):
         typer.echo("\n".join(format_usage(rep.usage)))
     retry = retry or f"`producer retry-failed --results-dir {layout.root}` tries them again"
     if rep.failed:
-        typer.echo(f"  failed images: {', '.join(rep.failed[:20])}{' ...' if len(rep.failed) > 20 else ''}"
+        typer.echo(f"  failed images: {', '.join(rep.failed[:20])}{' ...' if rep.n_failed > 20 else ''}"
                    f" — details in {layout.failures.path}; {retry}", err=True)
         for line in commonest_failures(layout, set(rep.failed)):
             typer.echo(f"  {line}", err=True)
-    not_done = len(rep.failed) + len(rep.missing) + seed_failed
+    not_done = rep.n_failed + rep.n_missing + seed_failed
     code = for_images(rep.written, not_done)
     total = rep.written + not_done
     if code == ExitCode.NONE_DONE:

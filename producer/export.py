@@ -162,8 +162,8 @@ def ensure_final(results_dir: Path) -> str | None:
 
     rep = finalize(layout, steps)
     return (f"{layout.final.name} was missing: finalized it from the step sinks first (steps "
-            f"{', '.join(map(str, steps))}: {rep.written} images, {len(rep.failed)} failed, "
-            f"{len(rep.missing)} missing)")
+            f"{', '.join(map(str, steps))}: {rep.written} images, {rep.n_failed} failed, "
+            f"{rep.n_missing} missing)")
 
 
 def iter_final(results_dir: Path) -> Iterator[dict]:

@@ -1,91 +1,260 @@
-"""``producer finalize``: ``annotations.jsonl`` from the sinks, one record per image, sorted.
+"""``producer finalize``: ``annotations.jsonl`` from the sinks, one record per image, sorted,
+and each step's TAO-layout file merged down to one line per image.
 
-Works from the files alone (no Redis): the final record per image is read at the offset of the
-last valid line of each step sink that makes it (``stepdefs.final_steps``).
+Works from the files alone (no Redis), in bounded memory at any number of images: the seed ids,
+the failures and each step's ``(image_id, offset)`` pairs are sorted externally
+(``producer.extsort``: runs spilled to a temp dir in ``results_dir``) and walked side by side
+by image id, reading each record at its offset; nothing holds a map of every image.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
+import multiprocessing
 import os
 import re
+import shutil
 import socket
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
+from producer.extsort import Cursor, SortedPairs, last_per_key
 from producer.seed import iter_seed
 from producer.summary import write_summary
-from producer.usage import usage_from_sinks
+from producer.usage import call_counts, usage_summary
 from worker import stepdefs
 from worker.layout import Layout
-from worker.sinks import ReadStats, dumps
+from worker.sinks import JsonlSink, ReadStats, dumps
+from worker.stepdefs import ALL_STEPS
 from worker.steps import final_record
 from worker.steps.records import deterministic
+
+T = TypeVar("T")
+ANY_STEP = -1  # a failure that counts whatever is done (seeding, or a step not in the final record)
+
+
+LISTED = 10_000  # image ids a report keeps of the failed and of the missing (the counts are whole)
 
 
 @dataclass
 class FinalizeReport:
     path: Path
     written: int = 0
-    failed: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)  # the first LISTED, sorted; n_failed counts them all
+    missing: list[str] = field(default_factory=list)  # the first LISTED, sorted; n_missing counts them all
+    n_failed: int = 0
+    n_missing: int = 0
     bad_lines: int = 0
     usage: dict = field(default_factory=dict)
     stale_removed: list[tuple[str, int]] = field(default_factory=list)
     seed_failed: int = 0  # images that could not be seeded (not in the seed file, so not in failed)
+    compacted: dict[int, int] = field(default_factory=dict)  # step -> lines in its merged file
 
 
-def _failed_ids(layout: Layout, done: dict[int, dict[str, int]]) -> set[str]:
-    """Images with a failure line for a step that is still not done."""
-    failed = set()
+def _failure_pairs(layout: Layout, final_steps: list[int]) -> Iterator[tuple[str, int]]:
+    """``(image_id, step)`` per failure line; a failure of a step outside the final record (or
+    of seeding) counts as ``ANY_STEP``: it fails the image whatever is done."""
     for _, rec in layout.failures.scan():
         step = rec.get("step")
-        if isinstance(step, int) and rec["image_id"] in done.get(step, {}):
-            continue
-        failed.add(rec["image_id"])
-    return failed
+        yield str(rec["image_id"]), step if isinstance(step, int) and step in final_steps else ANY_STEP
+
+
+def _scan_step(root: str, step: int, workdir: str, count_bad: bool, with_usage: bool,
+               ) -> tuple[SortedPairs, dict, int]:
+    """One step sink read once: its ``(image_id, offset)`` pairs sorted, the usage of every
+    line plus what earlier finalizes carried, and its bad lines (when ``count_bad``). Runs in a
+    pool process for a large run (``_pool``): the lines are parsed in parallel, one sink each."""
+    sink = Layout(Path(root)).sink(step)
+    stats = ReadStats()
+    usage = dict(sink.carried_usage()) if with_usage else {}
+    lines: list[tuple[int, dict]] = []
+
+    def pairs() -> Iterator[tuple[str, int]]:
+        for off, rec in sink.scan(stats):
+            if with_usage:
+                lines.append((off, rec))
+                if len(lines) >= 4096:
+                    _add(usage, call_counts(lines, step))
+                    lines.clear()
+            yield str(rec["image_id"]), off
+
+    sorted_pairs = SortedPairs(pairs(), Path(workdir))
+    _add(usage, call_counts(lines, step) if with_usage else {})
+    iter(sorted_pairs)  # spills the last chunk of a large sort: nothing held until it is read
+    return sorted_pairs, usage, stats.bad_lines if count_bad else 0
+
+
+def _compact_step(root: str, step: int, latest: SortedPairs) -> int:
+    return _compact(Layout(Path(root)).sink(step), step, latest)
+
+
+PARALLEL_BYTES = 64 << 20  # step sinks at least this big are read by a pool of processes
+
+
+@contextlib.contextmanager
+def _pool(layout: Layout, sinks: dict[int, JsonlSink]) -> Iterator[ProcessPoolExecutor | None]:
+    """A process per core for the per-step work of a large run, else None (all in this one):
+    parsing every line is most of finalize's time, and each step sink is read on its own.
+    Spawned, not forked: the producer may hold threads (publishers, a Redis client)."""
+    cores = min(len(sinks), os.cpu_count() or 1)
+    size = sum(path.stat().st_size for sink in sinks.values() for _, path in sink.files() if path.exists())
+    if cores < 2 or size < PARALLEL_BYTES:
+        yield None
+        return
+    with ProcessPoolExecutor(max_workers=cores, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield pool
+
+
+def _submit(pool: ProcessPoolExecutor | None, fn: Callable[..., T], *args: object) -> Callable[[], T]:
+    """``fn(*args)`` in the pool (its result when called), or here and now without one."""
+    if pool is None:
+        result = fn(*args)
+        return lambda: result
+    return pool.submit(fn, *args).result
 
 
 def finalize(layout: Layout, steps: list[int], prices: dict | None = None, *,
              seed_failed: int = 0) -> FinalizeReport:
-    """Write ``annotations.jsonl``: one record per image (the last step's), sorted by image_id.
+    """Write ``annotations.jsonl``: one record per image (the last step's), sorted by image_id,
+    and merge each step sink (main file and parts) into its main file, one line per image.
 
-    Works from the files alone. Images that failed are listed, not emitted; images with no final
-    record and no failure are reported as missing. Records keep their per-call token usage but
-    not its latency (the step sinks keep that), so two runs of the same data give the same bytes.
-    ``report.usage`` sums the step sinks' token usage (``prices`` adds the cost). Leaves
-    ``summary.json`` (``producer/summary.py``): what ``status`` shows once a local run is gone.
+    Images that failed are listed, not emitted; images with no final record and no failure are
+    reported as missing. Records keep their per-call token usage but not its latency (the step
+    sinks keep that), so two runs of the same data give the same bytes. ``report.usage`` sums
+    the step sinks' token usage (``prices`` adds the cost). Leaves ``summary.json``
+    (``producer/summary.py``): what ``status`` shows once a local run is gone.
 
-    The file is written to a temp file and renamed, under a lock (``_finalize_lock``), so readers
-    never see half of it; temp files a killed finalize left behind are removed first.
+    Run it on a settled run: a worker appending meanwhile is safe (its part is frozen, and it
+    takes a new one), but the done index in Redis then holds offsets into merged parts, which
+    ``read_at`` refuses (``StaleOffset``) and the next enqueue reindexes (``submit.register``).
+    The files are written to temp files and renamed, under a lock (``_finalize_lock``), so
+    readers never see half of one; temp files a killed finalize left behind are removed first.
     """
     with _finalize_lock(layout):
         report = FinalizeReport(path=layout.final, seed_failed=seed_failed)
         report.stale_removed = remove_stale_temps(layout)
-        stats = ReadStats()
         final_steps = stepdefs.final_steps(steps)
-        offsets = {s: layout.sink(s).latest_offsets(stats) for s in final_steps}
-        report.bad_lines = stats.bad_lines
-        failed = _failed_ids(layout, offsets)
-        ids = sorted(rec["image_id"] for _, rec in iter_seed(layout.seed))
-        tmp = layout.root / f"{_tmp_prefix(layout)}{socket.gethostname()}-{os.getpid()}.tmp"
-        sinks = {s: layout.sink(s) for s in final_steps}
+        sinks = {s: layout.sink(s) for s in ALL_STEPS if s in final_steps or layout.sink(s).exists()}
+        for sink in sinks.values():
+            sink.freeze()
+        with tempfile.TemporaryDirectory(prefix=_sort_prefix(layout), dir=layout.root) as tmpdir, \
+                _pool(layout, sinks) as pool:
+            root = str(layout.root)
+            # In a pool, the seed's and failures' sorts run beside the step sinks' reads, and the
+            # steps that are not in the final record are merged while the final file is written.
+            ids = _submit(pool, _sort_ids, root, tmpdir, final_steps)
+            scan_jobs = {s: _submit(pool, _scan_step, root, s, tmpdir, s in final_steps, s in steps) for s in sinks}
+            scans = {s: job() for s, job in scan_jobs.items()}
+            latest = {s: pairs for s, (pairs, _, _) in scans.items()}
+            usage = {s: call_counts((), s) for s in steps}
+            for s, (_, counts, bad) in scans.items():
+                if s in usage:
+                    _add(usage[s], counts)
+                report.bad_lines += bad
+            on_disk = [s for s, sink in sinks.items() if sink.exists()]
+            early = {s: _submit(pool, _compact_step, root, s, latest[s]) for s in on_disk if s not in final_steps}
+            seed, failures = ids()
+            _write_final(layout, steps, final_steps, sinks, latest, seed, failures, report)
+            late = {s: _submit(pool, _compact_step, root, s, latest[s]) for s in on_disk if s in final_steps}
+            for s, job in sorted({**early, **late}.items()):
+                report.compacted[s] = job()
+        per_step = {s: {"images": report.compacted.get(s, 0), **usage[s]} for s in steps}
+    report.usage = usage_summary(per_step, prices)
+    write_summary(layout, report)
+    return report
+
+
+def _sort_ids(root: str, workdir: str, final_steps: list[int]) -> tuple[SortedPairs, SortedPairs]:
+    """The seed's image ids and the failures' ``(image_id, step)``, each sorted."""
+    layout = Layout(Path(root))
+    seed = SortedPairs(((str(rec["image_id"]), off) for off, rec in iter_seed(layout.seed)), Path(workdir))
+    failures = SortedPairs(_failure_pairs(layout, final_steps), Path(workdir))
+    iter(seed), iter(failures)  # spill the last chunk of a large sort (see _scan_step)
+    return seed, failures
+
+
+def _write_final(layout: Layout, steps: list[int], final_steps: list[int], sinks: dict[int, JsonlSink],
+                 latest: dict[int, SortedPairs], seed: SortedPairs, failures: SortedPairs,
+                 report: FinalizeReport) -> None:
+    """``annotations.jsonl``: a merge join of the sorted seed ids, failures and step records."""
+    cursors = {s: Cursor(last_per_key(latest[s])) for s in final_steps}
+    failed = Cursor(failures)
+    tmp = layout.root / f"{_tmp_prefix(layout)}{socket.gethostname()}-{os.getpid()}.tmp"
+    readers = {s: sinks[s].reader() for s in final_steps}
+    try:
         with open(tmp, "w", encoding="utf-8") as out:
-            for image_id in ids:
-                if any(image_id not in offsets[s] for s in final_steps):
-                    (report.failed if image_id in failed else report.missing).append(image_id)
+            for image_id, _ in last_per_key(seed):
+                found = {s: cursors[s].take(image_id) for s in final_steps}
+                fails = failed.take(image_id)
+                if not all(found.values()):
+                    done = {s for s, offs in found.items() if offs}
+                    if any(f == ANY_STEP or f not in done for f in fails):
+                        report.n_failed += 1
+                        if len(report.failed) < LISTED:
+                            report.failed.append(image_id)
+                    else:
+                        report.n_missing += 1
+                        if len(report.missing) < LISTED:
+                            report.missing.append(image_id)
                     continue
-                records = {s: sinks[s].read_at(offsets[s][image_id]) for s in final_steps}
+                records = {s: json.loads(readers[s].read_line_at(found[s][0])) for s in final_steps}
                 out.write(dumps(deterministic(final_record(steps, records))) + "\n")
                 report.written += 1
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, layout.final)
-    report.usage = usage_from_sinks(layout, steps, prices)
-    write_summary(layout, report)
-    return report
+    finally:
+        for r in readers.values():
+            r.close()
+        seed.close()
+        failures.close()
+        tmp.unlink(missing_ok=True)
+
+
+def _compact(sink: JsonlSink, step: int, latest: SortedPairs) -> int:
+    """Rewrite the step's main file with the last record per image, sorted by image id (raw
+    lines, byte for byte), replace it atomically and drop the merged parts; lines written.
+    The lines left out were calls paid for: their usage is carried (``JsonlSink.carried_usage``)."""
+    generation = sink.reserve_generation()
+    tmp = sink.path.with_name(f".{sink.path.name}.compact-{socket.gethostname()}-{os.getpid()}.tmp")
+    n = 0
+    dropped: list[tuple[int, dict]] = []
+    dropped_usage = call_counts((), step)
+    try:
+        with sink.reader() as reader, open(tmp, "wb") as out:
+            prev: tuple[str, int] | None = None
+            for pair in latest:
+                if prev is not None and prev[0] != pair[0]:
+                    out.write(reader.read_line_at(prev[1]))
+                    n += 1
+                elif prev is not None:  # a superseded record of the same image
+                    dropped.append((prev[1], json.loads(reader.read_line_at(prev[1]))))
+                    if len(dropped) >= 1000:
+                        _add(dropped_usage, call_counts(dropped, step))
+                        dropped.clear()
+                prev = pair
+            if prev is not None:
+                out.write(reader.read_line_at(prev[1]))
+                n += 1
+            out.flush()
+            os.fsync(out.fileno())
+        _add(dropped_usage, call_counts(dropped, step))
+        sink.replace_main(tmp, generation, {k: v for k, v in dropped_usage.items() if v})
+    finally:
+        tmp.unlink(missing_ok=True)
+        latest.close()
+    return n
+
+
+def _add(total: dict, more: dict) -> None:
+    for k, v in more.items():
+        total[k] = total.get(k, 0) + v
 
 
 # A finalize killed mid-write (Ctrl-C, OOM, a lost host) leaves its temp file, as big as the
@@ -95,6 +264,10 @@ def finalize(layout: Layout, steps: list[int], prices: dict | None = None, *,
 
 def _tmp_prefix(layout: Layout) -> str:
     return f".{layout.final.name}.finalize-"
+
+
+def _sort_prefix(layout: Layout) -> str:
+    return f".{layout.final.name}.sort-"
 
 
 @contextlib.contextmanager
@@ -115,13 +288,25 @@ def remove_stale_temps(layout: Layout) -> list[tuple[str, int]]:
     prefix = _tmp_prefix(layout)
     # Finalizes before the host name was in the name left ``.annotations.jsonl.<pid>.tmp``.
     old = re.compile(rf"\.{re.escape(layout.final.name)}\.\d+\.tmp")
-    for path in layout.root.iterdir():
+    sort_prefix = _sort_prefix(layout)
+    candidates = list(layout.root.iterdir())
+    for step in ALL_STEPS:  # a killed merge of a step file leaves ``.annotations.jsonl.compact-*.tmp``
+        folder = layout.sink(step).path.parent
+        if folder.is_dir():
+            candidates += [p for p in folder.iterdir() if p.name.startswith(f".{layout.sink(step).path.name}.compact-")
+                           and p.name.endswith(".tmp")]
+    for path in candidates:
         name = path.name
-        if (name.startswith(prefix) and name.endswith(".tmp")) or old.fullmatch(name):
-            try:
+        try:
+            if name.startswith(sort_prefix) and path.is_dir():  # a killed finalize's sorted runs
+                size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+                shutil.rmtree(path)
+            elif (name.startswith(prefix) and name.endswith(".tmp")) or old.fullmatch(name) or ".compact-" in name:
                 size = path.stat().st_size
                 path.unlink()
-            except FileNotFoundError:
+            else:
                 continue
-            removed.append((name, size))
+        except FileNotFoundError:
+            continue
+        removed.append((name, size))
     return removed

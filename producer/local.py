@@ -203,7 +203,7 @@ def _run_held(s: Spec, server, client: redis.Redis, held: Claim, *, quiet: bool)
         rep = finalize(layout, steps, seed_failed=seed_failed)  # summary.json, for `producer status`
         if not sub.seed.images and not quiet:
             nothing_seeded(sub.run.spec, sub.seed)
-        return for_images(rep.written, len(rep.failed) + len(rep.missing) + seed_failed)
+        return for_images(rep.written, rep.n_failed + rep.n_missing + seed_failed)
     return finalize_and_report(layout, steps, sub.run.spec.ire.vlm.prices.model_dump(), seed_failed=seed_failed,
                                 retry="run the same `producer run` command again to retry them (done "
                                       "image-steps are kept)")

@@ -1,21 +1,24 @@
 """Seeding: one record per image, streamed to ``seed_annotations.jsonl``.
 
 The producer never calls the VLM; it lists images, reads each header (not the pixels), parses
-its KITTI label and writes the record. Only the sorted file names are held in memory, never
-the records. Every line we could not use is counted and reported with file and line number.
+its KITTI label and writes the record. Memory is bounded at any number of images: the file
+names are sorted externally (``producer.extsort``), and duplicate ids in an input jsonl are
+found by sorting its ids the same way, not with a map of every id. Every line we could not use
+is counted and reported with file and line number.
 """
 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import math
 import os
-from collections.abc import Callable, Iterator
+import stat
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from producer.extsort import Cursor, SortedPairs
 from worker.constants import SEED_FILE
 from worker.errors import ConfigError, InputError
 from worker.images import IMAGE_SUFFIXES, UNSUPPORTED_SUFFIXES, read_size
@@ -78,7 +81,7 @@ class SeedEntry:
 class ImageListing:
     """What ``data.image_dir`` holds, sorted: the images to seed, and what was left out and why."""
 
-    images: list[tuple[str, str]] = field(default_factory=list)  # (stem, file name)
+    images: Iterable[tuple[str, str]] = ()  # (stem, file name), sorted (a SortedPairs: close() it)
     broken: list[tuple[str, str, str]] = field(default_factory=list)  # (stem, file name, reason)
     unsupported: dict[str, list[str]] = field(default_factory=dict)  # format -> file names
     subfolders: list[str] = field(default_factory=list)  # folder names
@@ -127,7 +130,8 @@ def _folder_contents(path: str) -> str:
     return f"{n} image file{'s' if n != 1 else ''}" if n else "no image files"
 
 
-def _sort_entry(entry: os.DirEntry, listing: ImageListing) -> None:
+def _sort_entry(entry: os.DirEntry, listing: ImageListing) -> tuple[str, str] | None:
+    """File the entry in ``listing``; an image to seed is returned, ``(stem, file name)``."""
     kind, why = _entry_kind(entry)
     stem, suffix = os.path.splitext(entry.name)
     suffix = suffix.lower()
@@ -135,14 +139,14 @@ def _sort_entry(entry: os.DirEntry, listing: ImageListing) -> None:
         listing.subfolders.append(entry.name)
     elif suffix in IMAGE_SUFFIXES:
         if kind == "file":
-            listing.images.append((stem, entry.name))
-        else:
-            listing.broken.append((stem, entry.name, why))
+            return stem, entry.name
+        listing.broken.append((stem, entry.name, why))
     elif suffix in UNSUPPORTED_SUFFIXES:
         listing.unsupported.setdefault(UNSUPPORTED_SUFFIXES[suffix], []).append(entry.name)
     else:
         key = suffix or "(no suffix)"
         listing.other[key] = listing.other.get(key, 0) + 1
+    return None
 
 
 def scan_image_dir(image_dir: Path) -> ImageListing:
@@ -151,32 +155,44 @@ def scan_image_dir(image_dir: Path) -> ImageListing:
     Only the files directly in it are images (jpg/jpeg/png/webp, any case): subfolders are
     reported, not searched, since camera folders (``image_02/``, ``image_03/``) share file stems
     and ``image_id`` is the stem (invariant 1). Duplicate stems are a ``ConfigError``.
+    ``listing.images`` is sorted externally (a ``SortedPairs``; the caller closes it), so a
+    folder of ten million images costs a chunk of names in memory, not all of them.
     """
     listing = ImageListing()
-    try:
+
+    def images() -> Iterator[tuple[str, str]]:
         with os.scandir(image_dir) as it:
             for entry in it:  # not sorted as DirEntry objects: a million of them would not be small
-                _sort_entry(entry, listing)
+                image = _sort_entry(entry, listing)
+                if image is not None:
+                    yield image
+
+    try:
+        names = SortedPairs(images())
     except OSError as exc:
         raise ConfigError(f"data.image_dir: cannot list {image_dir} ({exc.strerror or exc})") from None
     listing.broken.sort()
     listing.subfolders.sort()
-    for names in listing.unsupported.values():
-        names.sort()
-    names = sorted(listing.images)
-    for (stem_a, name_a), (stem_b, name_b) in itertools.pairwise(names):
-        if stem_a == stem_b:
+    for unsupported in listing.unsupported.values():
+        unsupported.sort()
+    prev: tuple[str, str] | None = None
+    for pair in names:
+        if prev is not None and prev[0] == pair[0]:
+            names.close()
             raise ConfigError(
-                f"two images share the id '{stem_a}': {image_dir / name_a} and {image_dir / name_b} "
+                f"two images share the id '{prev[0]}': {image_dir / prev[1]} and {image_dir / pair[1]} "
                 "(image_id is the file stem; rename or remove one)"
             )
+        prev = pair
     listing.images = names
     return listing
 
 
 def list_images(image_dir: Path) -> list[tuple[str, str]]:
-    """``(stem, file name)`` of every jpg/jpeg/png/webp (any case), sorted; duplicate stems are an error."""
-    return scan_image_dir(image_dir).images
+    """``(stem, file name)`` of every jpg/jpeg/png/webp (any case), sorted; duplicate stems are an
+    error. A list, for small folders (a sample, the tests); seeding streams ``scan_image_dir``."""
+    with scan_image_dir(image_dir).images as images:  # type: ignore[union-attr]
+        return list(images)
 
 
 def _report_listing(listing: ImageListing, image_dir: Path, report: SeedReport) -> None:
@@ -235,12 +251,21 @@ def seed_from_images(spec: Spec, report: SeedReport) -> Iterator[dict]:
     data = spec.ire.data
     image_dir = Path(data.image_dir).resolve()
     label_dir = Path(data.kitti_label_dir).resolve() if data.kitti_label_dir else None
-    max_pixels = spec.ire.vlm.max_image_pixels
     listing = scan_image_dir(image_dir)
-    _report_listing(listing, image_dir, report)
-    if label_dir is not None:
-        _count_orphan_labels(label_dir, {stem for stem, _ in listing.images}, listing, report)
-    for stem, name in listing.images:
+    try:
+        _report_listing(listing, image_dir, report)
+        if label_dir is not None:
+            _count_orphan_labels(label_dir, listing, report)
+        yield from _image_records(spec, image_dir, label_dir, listing.images, report)
+    finally:
+        listing.images.close()  # type: ignore[attr-defined]
+
+
+def _image_records(spec: Spec, image_dir: Path, label_dir: Path | None, images: Iterable[tuple[str, str]],
+                   report: SeedReport) -> Iterator[dict]:
+    data = spec.ire.data
+    max_pixels = spec.ire.vlm.max_image_pixels
+    for stem, name in images:
         path = image_dir / name
         try:
             width, height = read_size(path, max_pixels=max_pixels)
@@ -283,28 +308,39 @@ def seed_from_images(spec: Spec, report: SeedReport) -> Iterator[dict]:
         }
 
 
-def _count_orphan_labels(label_dir: Path, stems: set[str], listing: ImageListing, report: SeedReport) -> None:
+def _count_orphan_labels(label_dir: Path, listing: ImageListing, report: SeedReport) -> None:
     """Label files whose image does not exist are ignored, but counted and named; a label whose
-    image was skipped (an unsupported type, a broken link) says so instead."""
+    image was skipped (an unsupported type, a broken link) says so instead. The label stems are
+    sorted externally and walked beside the sorted images (no set of every stem)."""
     skipped = listing.skipped_stems()
     hint = " (images in subfolders are not searched)" if listing.subfolders else ""
-    with os.scandir(label_dir) as it:
-        for entry in it:
-            stem, ext = os.path.splitext(entry.name)
-            if ext != ".txt" or stem in stems:
+
+    def labels() -> Iterator[tuple[str, str]]:
+        with os.scandir(label_dir) as it:
+            for entry in it:
+                stem, ext = os.path.splitext(entry.name)
+                if ext == ".txt":
+                    yield stem, entry.name
+
+    images = Cursor(listing.images)
+    with SortedPairs(labels()) as sorted_labels:
+        for stem, name in sorted_labels:
+            if images.take(stem):
                 continue
+            path = label_dir / name
             try:
-                is_file = entry.is_file()
+                is_file = stat.S_ISREG(os.stat(path).st_mode)
+            except FileNotFoundError:
+                is_file = False  # a link that leads nowhere
             except OSError:
                 is_file = True  # a broken entry is reported when its image asks for it, or here
             if not is_file:
                 continue
             if stem in skipped:
-                report.note(f"{label_dir / entry.name}: ignored, since its image was skipped ({skipped[stem]})")
+                report.note(f"{path}: ignored, since its image was skipped ({skipped[stem]})")
                 continue
             report.orphan_labels += 1
-            report.note(f"{label_dir / entry.name}: label file with no image '{stem}' in data.image_dir; "
-                        f"ignored{hint}")
+            report.note(f"{path}: label file with no image '{stem}' in data.image_dir; ignored{hint}")
 
 
 def allowed_root(spec: Spec) -> Path:
@@ -349,7 +385,16 @@ def seed_from_jsonl(spec: Spec, report: SeedReport) -> Iterator[dict]:
     """Seed records from ``data.input_annotations_jsonl`` (TAO's resume schema)."""
     path = Path(spec.ire.data.input_annotations_jsonl)
     root = allowed_root(spec)
-    seen: dict[str, int] = {}
+    with SortedPairs() as seen:  # (image_id, line): duplicates are found once the file is read
+        yield from _jsonl_records(spec, path, root, seen, report)
+        prev: tuple[str, int] | None = None
+        for image_id, lineno in seen:
+            if prev is not None and prev[0] == image_id:
+                raise ConfigError(f"{path}:{lineno}: image_id '{image_id}' already seeded on line {prev[1]}")
+            prev = (image_id, lineno)
+
+
+def _jsonl_records(spec: Spec, path: Path, root: Path, seen: SortedPairs, report: SeedReport) -> Iterator[dict]:
     max_pixels = spec.ire.vlm.max_image_pixels
     with open(path, encoding="utf-8", errors="replace") as f:
         for lineno, line in enumerate(f, start=1):
@@ -365,9 +410,7 @@ def seed_from_jsonl(spec: Spec, report: SeedReport) -> Iterator[dict]:
             if missing:
                 raise ConfigError(f"{path}:{lineno}: missing field(s) {', '.join(missing)}")
             image_id = str(rec["image_id"])
-            if image_id in seen:
-                raise ConfigError(f"{path}:{lineno}: image_id '{image_id}' already seeded on line {seen[image_id]}")
-            seen[image_id] = lineno
+            seen.add((image_id, lineno))
             kitti = rec.get("kitti_bboxes") or []
             if not isinstance(kitti, list) or not all(_valid_row(b) for b in kitti):
                 raise ConfigError(f"{path}:{lineno}: kitti_bboxes must be a list of [x1, y1, x2, y2, type] "

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import redis
 
 from producer.binding import inputs_of
 from producer.enqueue import DEFAULT_MAX_INFLIGHT, EnqueueReport, OnWait, Todo, dispatch, enqueue
+from producer.extsort import SortedPairs, last_per_key
 from producer.guard import Claim, ResultsLock, claim
 from producer.outage import OUTAGE_ERRORS, RedisGaveUp, outage_of, patient_client
 from producer.publish import Publisher, auto_publishers
@@ -37,13 +40,29 @@ class Submission:
 
 
 def reindex(run_state: RunState, layout: Layout) -> dict[int, int]:
-    """Rebuild the done index from the sinks (Redis was flushed, restarted empty, or is new)."""
+    """Rebuild the done index from the sinks (Redis was flushed, restarted empty, or is new; or a
+    finalize merged the sinks, so the offsets it held are stale). Sorted externally, so the
+    producer holds a chunk of pairs at a time, not every image."""
     counts = {}
     for step in ALL_STEPS:
         sink = layout.sink(step)
-        if sink.path.exists():
-            counts[step] = run_state.bulk_done(step, sink.latest_offsets().items())
+        if sink.exists():
+            with tempfile.TemporaryDirectory(prefix=".reindex-", dir=layout.root) as tmp, \
+                    SortedPairs(((str(rec["image_id"]), off) for off, rec in sink.scan()), Path(tmp)) as pairs:
+                counts[step] = run_state.bulk_done(step, last_per_key(pairs))
+    run_state.set_meta(sink_generations=sink_generations(layout))
     return counts
+
+
+def sink_generations(layout: Layout) -> dict[str, int]:
+    """Each merged step sink's generation (``JsonlSink.main_generation``); a finalize changes it."""
+    gens = {str(s): layout.sink(s).main_generation() for s in ALL_STEPS}
+    return {s: g for s, g in gens.items() if g}
+
+
+def index_is_current(meta: dict, layout: Layout) -> bool:
+    """Whether the done index was built for the sinks as they are (no finalize merged them since)."""
+    return bool(meta.get("indexed")) and (meta.get("sink_generations") or {}) == sink_generations(layout)
 
 
 def submit(
@@ -116,7 +135,7 @@ def register(run: Run, report: SeedReport) -> dict[int, int]:
     sinks if this Redis has not got it (new, flushed, or restarted empty); returns what was
     reindexed per step."""
     reindexed = {}
-    if not run.state.meta().get("indexed"):
+    if not index_is_current(run.state.meta(), run.layout):
         reindexed = reindex(run.state, run.layout)
     steps = run.spec.ire.workflow.steps
     last_done = run.state.counts([steps[-1]])[steps[-1]]["done"]
@@ -269,6 +288,8 @@ def retry_failed(run_id: str, layout: Layout, state: RunState, *,
     spec_hash = meta.get("spec_hash")
     if not steps or not spec_hash:
         raise RunNotInRedis(run_id)
+    if not index_is_current(meta, layout):
+        reindex(state, layout)  # a finalize merged the sinks: the offsets workers would read moved
     first_failed: dict[str, int] = {}
     for s in steps:
         for image_id in state.iter_failed(s):

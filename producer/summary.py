@@ -29,14 +29,14 @@ FAILED_LISTED = 20  # failed image ids kept in the summary (the rest: failures.j
 
 def write_summary(layout: Layout, report: FinalizeReport) -> dict:
     """Write ``summary.json`` (atomically) from a finalize report; return what was written."""
-    not_done = len(report.failed) + len(report.missing) + report.seed_failed
+    not_done = report.n_failed + report.n_missing + report.seed_failed
     summary = {
         "finalized_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "annotations": str(report.path),
-        "images": report.written + len(report.failed) + len(report.missing),
+        "images": report.written + report.n_failed + report.n_missing,
         "done": report.written,
-        "failed": len(report.failed),
-        "missing": len(report.missing),
+        "failed": report.n_failed,
+        "missing": report.n_missing,
         "seed_failed": report.seed_failed,
         "failed_ids": report.failed[:FAILED_LISTED],
         "exit_code": int(for_images(report.written, not_done)),

@@ -3,6 +3,9 @@ priced with ``vlm.prices``."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
+from producer.extsort import SortedPairs, last_per_key
 from worker.layout import Layout
 from worker.runstate import USAGE_FIELDS, RunState
 from worker.steps.records import PIPELINE_NAMES
@@ -68,20 +71,30 @@ def usage_from_sinks(layout: Layout, steps: list[int], prices: dict | None = Non
     """
     per_step: dict[int, dict] = {}
     for s in steps:
-        name = PIPELINE_NAMES[s]
-        ids: set[str] = set()
-        c: dict = {"calls": 0, **dict.fromkeys(USAGE_FIELDS, 0), "latency_s": 0.0}
-        for _, rec in layout.sink(s).scan():
-            ids.add(rec["image_id"])
-            call = ((rec.get("meta") or {}).get(name) or {}).get("call")
-            if not call:
-                continue
-            c["calls"] += 1
-            for f in USAGE_FIELDS:
-                c[f] += int(call.get(f) or 0)
-            c["latency_s"] += float(call.get("latency_s") or 0)
-        per_step[s] = {"images": len(ids), **c}
+        sink = layout.sink(s)
+        c = call_counts(sink.scan(), s)
+        with SortedPairs((rec["image_id"], 0) for _, rec in sink.scan()) as ids:  # distinct, in bounded memory
+            images = sum(1 for _ in last_per_key(ids))
+        for f, v in sink.carried_usage().items():  # calls whose lines a finalize merged away
+            if f in c:
+                c[f] += v
+        per_step[s] = {"images": images, **c}
     return usage_summary(per_step, prices)
+
+
+def call_counts(records: Iterable[tuple[int, dict]], step: int) -> dict:
+    """Calls, tokens and latency summed over a step's records."""
+    name = PIPELINE_NAMES[step]
+    c: dict = {"calls": 0, **dict.fromkeys(USAGE_FIELDS, 0), "latency_s": 0.0}
+    for _, rec in records:
+        call = ((rec.get("meta") or {}).get(name) or {}).get("call")
+        if not call:
+            continue
+        c["calls"] += 1
+        for f in USAGE_FIELDS:
+            c[f] += int(call.get(f) or 0)
+        c["latency_s"] += float(call.get("latency_s") or 0)
+    return c
 
 
 def format_usage(usage: dict) -> list[str]:

@@ -123,7 +123,7 @@ def get_context(run_ref: str) -> RunContext:
         ctx = RunContext(
             run_id=run_id,
             spec=spec,
-            layout=Layout(Path(spec.results_dir)),
+            layout=Layout(Path(spec.results_dir), writer=run_ref),
             state=state,
             spec_hash=spec_hash,
             templates=state.load_prompts(spec_hash),

@@ -16,6 +16,9 @@ from worker.stepdefs import step_dir_name
 @dataclass(frozen=True)
 class Layout:
     root: Path
+    #: Who writes through this layout (a worker: its run and spec version). A writer process
+    #: takes a new part per value, so a later run's records sort after an earlier run's.
+    writer: str = ""
 
     @property
     def seed(self) -> JsonlSink:
@@ -39,7 +42,8 @@ class Layout:
         return JsonlSink(self.root / FAILURES_FILE)
 
     def sink(self, step: int) -> JsonlSink:
-        return JsonlSink(self.root / step_dir_name(step) / SINK_FILE)
+        """A step's sink: ``step_<N>_<name>/annotations.jsonl`` plus its writers' parts."""
+        return JsonlSink(self.root / step_dir_name(step) / SINK_FILE, parts=True, writer=self.writer)
 
     def legacy_path(self, step: int, image_id: str) -> Path:
         return self.root / step_dir_name(step) / LEGACY_DIR / f"{image_id}.txt.step{step}"

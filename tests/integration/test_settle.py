@@ -109,7 +109,10 @@ def test_results_volume_full_mid_run_then_freed(fleet, fleet_env, fake_vlm, data
 def test_results_volume_read_only_for_a_while(fleet, fleet_env, fake_vlm, data, tmp_path):
     with tmpfs(tmp_path / "vol", "64m") as vol:
         results = vol / "results"
-        fake_vlm.latency = 0.2
+        # Long enough that the run is still writing when the remount lands: the remount waits
+        # for `producer status` (a process start) to see a first image-step, and at 0.2 s the
+        # whole run could finish first (0 errors to wait for; seen once appends got faster).
+        fake_vlm.latency = 1.0
         fleet.start(2, concurrency=4, extra_env=WORKER_ENV)
         producer(fleet_env, "enqueue", *job(fake_vlm, data, results,
                                             "image_referring_expression.workflow.output_format=both"))

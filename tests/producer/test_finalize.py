@@ -129,3 +129,203 @@ def test_nothing_done_writes_an_empty_file(tmp_path):
     report = finalize(layout, [0, 1, 2, 3])
     assert layout.final.read_text() == ""
     assert report.written == 0 and report.missing == ["a"]
+
+
+# --------------------------------------------------------------------------- merging the step files
+
+
+def step_lines(layout: Layout, step: int) -> list[dict]:
+    return [json.loads(line) for line in layout.sink(step).path.read_bytes().splitlines()]
+
+
+def test_finalize_leaves_each_step_file_with_one_line_per_image(tmp_path):
+    """Invariant 3: after finalize the TAO-layout step files hold one line per image (the last
+    one, byte for byte), sorted, and the parts are gone."""
+    layout = Layout(tmp_path)
+    seed(layout, ["a", "b", "c"])
+    main = layout.sink(0).path
+    main.parent.mkdir(parents=True)
+    main.write_text(dumps(rec("c", 0, v="main")) + "\n" + dumps(rec("a", 0, v="main")) + "\n")  # an older run
+    Layout(tmp_path, writer="run:1").sink(0).append(rec("a", 0, v="run1"))
+    Layout(tmp_path, writer="run:1").sink(0).append(rec("b", 0, v="run1"))
+    Layout(tmp_path, writer="run:2").sink(0).append(rec("a", 0, v="run2"))  # force_reprocess: newest
+    Layout(tmp_path, writer="run:2").sink(3).append(rec("a", 3, expressions=[]))
+    report = finalize(layout, [0, 3])
+    assert [(r["image_id"], r["v"]) for r in step_lines(layout, 0)] == [("a", "run2"), ("b", "run1"), ("c", "main")]
+    assert [r["image_id"] for r in step_lines(layout, 3)] == ["a"]
+    assert report.compacted == {0: 3, 3: 1}
+    assert layout.sink(0).part_files() == [] and layout.sink(3).part_files() == []
+    assert [r["image_id"] for r in read_final(layout)] == ["a"]
+    again = finalize(layout, [0, 3])  # a second finalize changes nothing
+    assert [(r["image_id"], r["v"]) for r in step_lines(layout, 0)] == [("a", "run2"), ("b", "run1"), ("c", "main")]
+    assert again.written == 1 and again.missing == ["b", "c"]
+
+
+def test_offsets_from_before_a_merge_are_refused_not_misread(tmp_path):
+    """The done index holds offsets into parts; after the merge they name a part that is gone
+    (or the older main file): read_at raises StaleOffset instead of reading another image."""
+    import pytest
+
+    from worker.sinks import StaleOffset
+
+    layout = Layout(tmp_path)
+    seed(layout, ["a", "b"])
+    sink = layout.sink(3)
+    old = {i: sink.append(rec(i, 3, expressions=[])) for i in ("b", "a")}
+    finalize(layout, [3])
+    for off in old.values():
+        with pytest.raises(StaleOffset):
+            sink.read_at(off)
+    fresh = sink.latest_offsets()
+    assert {i: sink.read_at(off)["image_id"] for i, off in fresh.items()} == {"a": "a", "b": "b"}
+    assert all(off >> 40 == sink.main_generation() > 0 for off in fresh.values())
+    after = sink.append(rec("a", 3, expressions=[{"text": "later"}]))  # the same writer: a new part
+    assert after >> 40 > sink.main_generation()
+    assert sink.latest()["a"]["expressions"] == [{"text": "later"}]
+    finalize(layout, [3])
+    assert [r.get("expressions") for r in step_lines(layout, 3)] == [[{"text": "later"}], []]
+
+
+def test_a_finalize_stopped_at_any_point_leaves_a_consistent_sink(tmp_path):
+    """The merged file's generation is recorded with its inode before the rename: stopped
+    before the rename, the old main file and its parts are read; after it, the merged parts are
+    ignored even if they were not removed yet."""
+    layout = Layout(tmp_path)
+    seed(layout, ["a", "b"])
+    sink = layout.sink(0)
+    sink.append(rec("a", 0, v=1))
+    sink.append(rec("b", 0, v=1))
+    sink.append(rec("a", 0, v=2))
+    expect = {"a": 2, "b": 1}
+    # Stopped between recording the generation and the rename:
+    sink.freeze()
+    generation = sink.reserve_generation()
+    merged = sink.path.with_name("merged.tmp")
+    merged.write_text(dumps(rec("a", 0, v=2)) + "\n" + dumps(rec("b", 0, v=1)) + "\n")
+    info = {"gen": generation, "ino": merged.stat().st_ino, "prev": 0}
+    (sink.parts_dir / "main").write_text(json.dumps(info))
+    assert {i: r["v"] for i, r in sink.latest().items()} == expect
+    # Stopped after the rename, before the merged parts were removed:
+    import os
+    os.replace(merged, sink.path)
+    assert sink.main_generation() == generation
+    assert [n for n, _ in sink.part_files()] == [generation]  # only the placeholder (empty)
+    assert {i: r["v"] for i, r in sink.latest().items()} == expect
+    assert len(step_lines(layout, 0)) == 2
+    report = finalize(layout, [0])  # the next finalize finishes the job
+    assert report.written == 2 and {r["image_id"]: r["v"] for r in step_lines(layout, 0)} == expect
+    assert sink.part_files() == [] and not list(sink.parts_dir.glob("*.merging"))
+
+
+def test_finalize_sorts_in_bounded_chunks(tmp_path, monkeypatch):
+    """Many sorted runs spilled to disk and merged give the same bytes as one in memory."""
+    import producer.extsort
+
+    layout = Layout(tmp_path)
+    ids = [f"img{(i * 7919) % 250:04d}" for i in range(250)]
+    seed(layout, ids)
+    for i in ids:
+        layout.sink(3).append(rec(i, 3, expressions=[{"text": "old"}]))
+    for i in ids[::3]:
+        layout.sink(3).append(rec(i, 3, expressions=[{"text": "new"}]))
+    for i in ids[::5]:
+        layout.record_failure(image_id=i, step="seed", error="x", attempts=1)
+    one = finalize(layout, [3])
+    in_memory = layout.final.read_bytes(), layout.sink(3).path.read_bytes()
+    monkeypatch.setattr(producer.extsort, "CHUNK", 7)
+    for i in ids[::3]:  # the same records again, so the result must not change
+        layout.sink(3).append(rec(i, 3, expressions=[{"text": "new"}]))
+    spilled = finalize(layout, [3])
+    assert (layout.final.read_bytes(), layout.sink(3).path.read_bytes()) == in_memory
+    assert spilled.written == one.written == 250
+    assert sum(1 for r in read_final(layout) if r["expressions"] == [{"text": "new"}]) == len(ids[::3])
+    assert not [p for p in tmp_path.iterdir() if ".sort-" in p.name]  # the runs were removed
+
+
+def test_the_done_index_is_rebuilt_after_a_finalize_merged_the_sinks(tmp_path, redis_client):
+    """A resume or retry-failed on the same Redis after a finalize: the index's offsets point
+    into merged parts, so the producer sees the sinks' generation changed and reindexes."""
+    from producer.submit import index_is_current, reindex
+    from worker.runstate import RunState
+
+    layout = Layout(tmp_path)
+    seed(layout, ["a", "b"])
+    for i in ("b", "a"):
+        layout.sink(0).append(rec(i, 0, regions=[]))
+    layout.sink(0).append(rec("a", 0, regions=[{"description": "newer"}]))
+    state = RunState(redis_client, "run-reindex")
+    assert reindex(state, layout) == {0: 2}
+    state.set_meta(indexed=True)
+    assert index_is_current(state.meta(), layout)
+    before = state.done_offset(0, "a")
+    assert layout.sink(0).read_at(before)["regions"] == [{"description": "newer"}]
+    finalize(layout, [0])
+    assert not index_is_current(state.meta(), layout)
+    reindex(state, layout)
+    assert index_is_current(state.meta(), layout)
+    for i in ("a", "b"):
+        assert layout.sink(0).read_at(state.done_offset(0, i))["image_id"] == i
+    assert layout.sink(0).read_at(state.done_offset(0, "a"))["regions"] == [{"description": "newer"}]
+
+
+def test_token_usage_counts_the_calls_a_merge_left_out(tmp_path):
+    """A superseded record was a call paid for: usage is the same before the merge, after it,
+    and after a second finalize."""
+    from producer.usage import usage_from_sinks
+
+    layout = Layout(tmp_path)
+    seed(layout, ["a", "b"])
+
+    def call(n: int) -> dict:
+        return {"meta": {"step0_region_expr": {"call": {"input_tokens": n, "output_tokens": 1, "latency_s": 0.5}}}}
+
+    for image_id, n in (("a", 10), ("b", 20), ("a", 30), ("a", 40)):
+        layout.sink(0).append(rec(image_id, 0, regions=[], **call(n)))
+    before = usage_from_sinks(layout, [0])
+    assert before["steps"]["0"]["calls"] == 4 and before["steps"]["0"]["input_tokens"] == 100
+    first = finalize(layout, [0])
+    assert len(step_lines(layout, 0)) == 2
+    second = finalize(layout, [0])
+    assert first.usage == second.usage == before
+    assert first.usage["steps"]["0"]["images"] == 2
+
+
+def test_a_pool_of_processes_gives_the_same_files(tmp_path, monkeypatch):
+    """A large run's step sinks are read by a pool (one sink per process): same output, same
+    merged step files, same usage, as read in one process."""
+
+    import producer.finalize
+
+    def make(root):
+        layout = Layout(root)
+        seed(layout, [f"i{n}" for n in range(40)])
+        for n in range(40):
+            for s in (0, 1, 2, 3):
+                layout.sink(s).append(rec(f"i{n}", s, expressions=[], v=n))
+        layout.sink(3).append(rec("i7", 3, expressions=[{"text": "again"}]))
+        return layout
+
+    one, pooled = make(tmp_path / "one"), make(tmp_path / "pooled")
+    a = finalize(one, [0, 1, 2, 3])
+    monkeypatch.setattr(producer.finalize, "PARALLEL_BYTES", 0)
+    b = finalize(pooled, [0, 1, 2, 3])
+    assert one.final.read_bytes() == pooled.final.read_bytes()
+    assert [one.sink(s).path.read_bytes() for s in range(4)] == [pooled.sink(s).path.read_bytes() for s in range(4)]
+    assert (a.written, a.compacted, a.usage) == (b.written, b.compacted, b.usage) and b.written == 40
+
+
+def test_the_report_counts_every_image_but_lists_a_bounded_number(tmp_path, monkeypatch):
+    """At ten million images not done, the report must not hold ten million ids."""
+    import producer.finalize
+    from producer.summary import read_summary
+
+    monkeypatch.setattr(producer.finalize, "LISTED", 2)
+    layout = Layout(tmp_path)
+    seed(layout, [f"m{n}" for n in range(5)] + ["f0", "f1", "f2"])
+    for n in range(3):
+        layout.record_failure(image_id=f"f{n}", step=3, error="boom", attempts=1)
+    report = finalize(layout, [3])
+    assert (report.n_failed, report.n_missing) == (3, 5)
+    assert report.failed == ["f0", "f1"] and report.missing == ["m0", "m1"]
+    summary = read_summary(layout)
+    assert (summary["failed"], summary["missing"], summary["images"]) == (3, 5, 8)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 
 import pytest
 from PIL import Image
@@ -330,7 +331,8 @@ def test_scan_sorts_every_entry_into_images_or_a_reason(dirs):
     (images / "notes.txt").write_text("x")
     (images / "Makefile").write_text("x")
     listing = scan_image_dir(images)
-    assert listing.images == [("a", "a.png"), ("w", "w.webp")]
+    assert list(listing.images) == [("a", "a.png"), ("w", "w.webp")]
+    listing.images.close()
     broken = {name: why for _, name, why in listing.broken}
     assert set(broken) == {"loop.jpg", "gone.png"}
     assert "symbolic link" in broken["loop.jpg"] and "Too many levels of symbolic links" in broken["loop.jpg"]
@@ -440,3 +442,58 @@ def test_a_seed_file_is_read_as_every_sink_is_a_blank_or_torn_line_is_skipped(tm
     got = list(iter_seed(layout.seed))
     assert [(off, rec["image_id"]) for off, rec in got] == [(0, "a"), (18, "b")]
     assert layout.seed.read_at(18)["image_id"] == "b"
+
+
+# --------------------------------------------------------------------------- bounded memory
+
+
+def test_listing_sorted_in_spilled_chunks_gives_the_same_seed(dirs, monkeypatch):
+    """Names sorted in many runs on disk (as at ten million images) seed the same records, in
+    the same order, with the same orphan labels, as one sort in memory."""
+    import producer.extsort
+
+    images, labels, _ = dirs
+    for i in range(23):
+        image(images / f"{(i * 7) % 23:03d}.png", size=(8, 8))
+        (labels / f"{i:03d}.txt").write_text(kitti_line("Car", 1, 1, 5, 5))
+    for stem in ("zz_orphan", "00_orphan"):
+        (labels / f"{stem}.txt").write_text("")
+    spec = spec_for(images, labels)
+    one, report_one = seed_all(spec)
+    monkeypatch.setattr(producer.extsort, "CHUNK", 4)
+    scratch = images.parent / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where the sorted runs go
+    spilled, report_spilled = seed_all(spec)
+    assert spilled == one and [r["image_id"] for r in one] == [f"{i:03d}" for i in range(23)]
+    assert report_spilled.orphan_labels == report_one.orphan_labels == 2
+    assert report_spilled.problems == report_one.problems
+    assert list(scratch.iterdir()) == []  # the runs were there, and were removed
+
+
+def test_duplicate_stems_found_across_spilled_chunks(dirs, monkeypatch):
+    import producer.extsort
+
+    images, _, _ = dirs
+    for i in range(10):
+        image(images / f"{i:02d}.png", size=(4, 4))
+    image(images / "05.jpg", size=(4, 4))
+    monkeypatch.setattr(producer.extsort, "CHUNK", 3)
+    with pytest.raises(ConfigError, match="two images share the id '05'"):
+        list_images(images)
+
+
+def test_duplicate_ids_in_a_large_jsonl_are_found_by_sorting(tmp_path, monkeypatch):
+    """No map of every id: the ids are sorted (spilled here) and a repeat names both lines."""
+    import producer.extsort
+
+    monkeypatch.setattr(producer.extsort, "CHUNK", 5)
+    src = tmp_path / "in.jsonl"
+    lines = [json.dumps({"image_id": f"i{n:02d}", "image_path": "/x.png", "width": 1, "height": 1}) for n in range(30)]
+    lines.insert(20, lines[3])  # i03 again on line 21
+    src.write_text("\n".join(lines) + "\n")
+    results = tmp_path / "results"
+    with pytest.raises(ConfigError) as exc:
+        write_seed(jsonl_spec(src), results, SeedReport())
+    assert f"{src}:21: image_id 'i03' already seeded on line 4" in str(exc.value)
+    assert not (results / SEED_FILE).exists()

@@ -265,3 +265,113 @@ def test_write_atomic_leaves_no_temporary_file_when_the_disk_is_full(tmp_path):
         with pytest.raises(OSError):
             write_atomic(vol / "labels" / "a.txt.step0", "x" * 5000)
         assert [p.name for p in (vol / "labels").iterdir()] == []
+
+
+# --------------------------------------------------------------------------- parts (step sinks)
+
+_PART_WRITER = _WRITER.replace("sink = JsonlSink(path)", "sink = JsonlSink(path, parts=True)")
+
+
+def test_part_writers_each_append_to_their_own_part_without_a_lock(tmp_path):
+    path = tmp_path / "step_0" / "annotations.jsonl"
+    go = tmp_path / "go"
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    procs = [subprocess.Popen([sys.executable, "-c", _PART_WRITER, str(path), tag, "500", "4", str(go)],
+                              cwd=REPO, env=env, stderr=subprocess.PIPE) for tag in ("A", "B")]
+    go.touch()
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err.decode()
+    sink = JsonlSink(path)  # a reader needs no flag: it always sees the main file and the parts
+    assert path.read_bytes() == b""  # the main file exists (so "is there a sink" is one path) but is empty
+    parts = sink.part_files()
+    assert [n for n, _ in parts] == [1, 2]
+    for _, part in parts:  # one writer per part: every line of a part is one process's
+        procs_in_part = {json.loads(line)["proc"] for line in part.read_bytes().splitlines()}
+        assert len(procs_in_part) == 1
+    stats = ReadStats()
+    offsets = sink.latest_offsets(stats)
+    assert len(offsets) == 1000 and stats.bad_lines == 0
+    for image_id, off in offsets.items():
+        assert sink.read_at(off)["image_id"] == image_id
+
+
+def test_a_later_run_writes_a_later_part_and_its_record_wins(tmp_path):
+    """force_reprocess: the new record of an image that has one in the main file and in an
+    older part wins, because a writer takes a new part (a higher number) per run."""
+    path = tmp_path / "annotations.jsonl"
+    path.write_text(dumps(rec("x", v=0)) + "\n" + dumps(rec("y", v=0)) + "\n")
+    first = JsonlSink(path, parts=True, writer="run:1").append(rec("x", v=1))
+    second = JsonlSink(path, parts=True, writer="run:2").append(rec("x", v=2))
+    late = JsonlSink(path, parts=True, writer="run:1").append(rec("y", v=1))  # run 1's task, still in flight
+    sink = JsonlSink(path)
+    assert [n for n, _ in sink.part_files()] == [1, 2]  # a part per run, not a new one per switch
+    assert (first >> 40, second >> 40, late >> 40) == (1, 2, 1)
+    assert sink.read_at(first) == rec("x", v=1) and sink.read_at(second) == rec("x", v=2)
+    assert sink.read_at(0) == rec("x", v=0)  # offsets into the main file are plain byte offsets
+    assert sink.latest() == {"x": rec("x", v=2), "y": rec("y", v=1)}
+
+
+def test_a_forked_child_never_shares_its_parents_part(tmp_path):
+    import multiprocessing
+
+    path = tmp_path / "annotations.jsonl"
+    parent = JsonlSink(path, parts=True).append(rec("parent"))
+    ctx = multiprocessing.get_context("fork")
+    child = ctx.Process(target=lambda: JsonlSink(path, parts=True).append(rec("child")))
+    child.start()
+    child.join(30)
+    assert child.exitcode == 0
+    JsonlSink(path, parts=True).append(rec("parent2"))
+    sink = JsonlSink(path)
+    by_part = {}
+    for off, r in sink.scan():
+        by_part.setdefault(off >> 40, []).append(r["image_id"])
+    assert parent >> 40 == 1
+    assert by_part == {1: ["parent", "parent2"], 2: ["child"]}
+
+
+def test_a_torn_last_line_of_a_part_is_skipped_and_sealed(tmp_path):
+    path = tmp_path / "annotations.jsonl"
+    JsonlSink(path, parts=True, writer="w1").append(rec("a"))
+    ((_, part),) = JsonlSink(path).part_files()
+    with open(part, "ab") as f:
+        f.write(b'{"image_id": "b", "tor')  # the writer was killed mid-line
+    stats = ReadStats()
+    assert JsonlSink(path).latest_offsets(stats).keys() == {"a"} and stats.bad_lines == 1
+    off = JsonlSink(path, parts=True, writer="w1").append(rec("c"))  # same process: seals, then appends
+    assert JsonlSink(path).read_at(off) == rec("c")
+    stats = ReadStats()
+    assert JsonlSink(path).latest_offsets(stats).keys() == {"a", "c"} and stats.bad_lines == 1
+
+
+def test_a_writer_whose_part_is_frozen_for_a_merge_moves_to_a_new_part(tmp_path):
+    path = tmp_path / "annotations.jsonl"
+    sink = JsonlSink(path, parts=True)
+    first = sink.append(rec("a"))
+    assert JsonlSink(path).freeze() == [1]
+    second = sink.append(rec("b"))
+    assert (first >> 40, second >> 40) == (1, 2)
+    reader = JsonlSink(path)
+    assert [p.name for _, p in reader.part_files()] == ["000001.jsonl.merging", "000002.jsonl"]
+    assert reader.read_at(first) == rec("a") and reader.read_at(second) == rec("b")
+
+
+def test_a_full_disk_under_a_part_leaves_it_as_it_was(tmp_path):
+    from tests.support.faults import fill, tmpfs
+
+    with tmpfs(tmp_path / "vol", "1m") as vol:
+        sink = JsonlSink(vol / "s.jsonl", parts=True)
+        sink.append({"image_id": "a", "x": 1})
+        ((_, part),) = sink.part_files()
+        before = part.read_bytes()
+        filler = fill(vol, leave=100)
+        big = {"image_id": "b", "text": "y" * 10_000}
+        with pytest.raises(OSError):
+            sink.append(big)
+        assert part.read_bytes() == before
+        filler.unlink()
+        off = sink.append(big)
+        assert off == 1 << 40 | len(before)
+        stats = ReadStats()
+        assert sorted(sink.latest_offsets(stats)) == ["a", "b"] and stats.bad_lines == 0
