@@ -27,6 +27,7 @@ from producer.console import (
     stopped_watching,
     watch,
 )
+from producer.enqueue import DEFAULT_MAX_INFLIGHT
 from producer.exitcodes import HELP as EXIT_CODES_HELP
 from producer.exitcodes import ExitCode, fail, for_images, user_errors
 from producer.local import run_local, spec_keys
@@ -75,7 +76,7 @@ def enqueue(
     image_dir: ImageDir = None,
     label_dir: LabelDir = None,
     results_dir: ResultsDir = None,
-    max_inflight: MaxInflight = 5000,
+    max_inflight: MaxInflight = DEFAULT_MAX_INFLIGHT,
     publishers: Annotated[int, typer.Option(
         "--publishers", min=0, help="Processes publishing tasks (0 = one per core, up to 4, for runs of "
                                     "20k+ images to enqueue; else 1).")] = 0,
@@ -284,7 +285,7 @@ def finalize(results_dir: RequiredResults) -> None:
 
 
 @app.command("retry-failed")
-def retry_failed_cmd(results_dir: RequiredResults, max_inflight: MaxInflight = 5000) -> None:
+def retry_failed_cmd(results_dir: RequiredResults, max_inflight: MaxInflight = DEFAULT_MAX_INFLIGHT) -> None:
     """Re-enqueue only the failed image-steps (and the steps after them)."""
     from producer.guard import hold
     from producer.outage import harden_publishing

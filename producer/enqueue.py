@@ -24,7 +24,10 @@ from worker.run import Run
 from worker.runstate import RunState
 
 BATCH = 200
-DEFAULT_MAX_INFLIGHT = 5000
+#: Images in flight at most, by default. With depth-first scheduling the window no longer decides
+#: how soon images finish, only Redis memory (about 1.1 KB per image): it must cover the fleet's
+#: concurrency plus a moment's refill, which 1000 does up to ~800 concurrent calls.
+DEFAULT_MAX_INFLIGHT = 1000
 
 
 @dataclass
