@@ -28,7 +28,7 @@ this script with Celery's again (tests/worker/test_backend.py drives it as a wor
 
 from __future__ import annotations
 
-from functools import cached_property
+from functools import cached_property, partial
 
 from celery.backends.redis import RedisBackend
 
@@ -80,6 +80,19 @@ class RefexpRedisBackend(RedisBackend):
 
     def add_pending_result(self, result, weak=False, start_drainer=True):
         return result
+
+    def on_chord_part_return(self, request, state, result, propagate=None, **kwargs):
+        """Count a header task into its chord, riding out a Redis connection lost on the way
+        with the backend's retry policy (about 20 s).
+
+        The header tasks store no result, so this is their first write to the result backend:
+        Celery runs it unretried, and a connection reset there raised out of the task after its
+        record was committed ("exception raised outside body"), leaving the chord one count
+        short and the image waiting for the reconciler. Storing the result used to absorb the
+        outage first (``RedisBackend.set`` goes through ``ensure``). A retry cannot count twice:
+        the script adds the task to the chord's set once (SADD) and the body is claimed once."""
+        count = partial(super().on_chord_part_return, propagate=propagate, **kwargs)
+        return self.ensure(count, (request, state, result))
 
     @cached_property
     def _chord_part_return_script(self):
