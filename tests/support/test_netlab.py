@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from tests.support.fleet import ROOT
+from tests.support.fleet import ROOT, wait_until
 from tests.support.netlab import PREFIX, NetLab, _links, _namespaces, ip, remove_leftovers
 
 PROBE = "import socket,sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3)"
@@ -45,6 +45,10 @@ def test_leftovers_of_a_dead_run_are_removed_with_what_runs_inside():
     ip("link", "add", link, "type", "veth", "peer", "name", "eth0", "netns", ns)
     inside = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", "import time; time.sleep(600)"])
     try:
+        # `ip netns exec` enters the namespace, then execs the command: wait until it is inside,
+        # or the cleanup may find nothing to kill there yet (seen once in CI).
+        wait_until(lambda: str(inside.pid) in ip("netns", "pids", ns).split(), 10, "the process to enter the namespace",
+                   interval=0.02)
         removed = remove_leftovers()
         assert ns in removed
         assert inside.wait(timeout=10) != 0  # killed
