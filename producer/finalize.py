@@ -132,7 +132,8 @@ def finalize(layout: Layout, steps: list[int], prices: dict | None = None, *,
 
     Run it on a settled run: a worker appending meanwhile is safe (its part is frozen, and it
     takes a new one), but the done index in Redis then holds offsets into merged parts, which
-    ``read_at`` refuses (``StaleOffset``) and the next enqueue reindexes (``submit.register``).
+    ``read_at`` refuses (``StaleOffset``): a task then finds the record again
+    (``execute.read_upstream``) and the next enqueue reindexes (``submit.register``).
     The files are written to temp files and renamed, under a lock (``_finalize_lock``), so
     readers never see half of one; temp files a killed finalize left behind are removed first.
     """

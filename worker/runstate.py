@@ -188,6 +188,15 @@ class RunState:
         pipe.hdel(run_key(self.run_id, Outcome.FAILED, step), image_id)
         pipe.hdel(run_key(self.run_id, Outcome.BLOCKED, step), image_id)
 
+    def repoint_done(self, step: int, image_id: str, offset: int | None) -> None:
+        """Point a done entry at where its record is now (a finalize merged the part the old
+        offset was in); None: the sink holds no record of it any more, so it is not done."""
+        key = run_key(self.run_id, Outcome.DONE, step)
+        if offset is None:
+            self.r.hdel(key, image_id)
+        else:
+            self.r.hset(key, image_id, offset)
+
     def finish(self, step: int, image_id: str, offset: int, steps: list[int], *,
                call: dict | None = None, quality: dict | None = None) -> bool:
         """``mark_done``, the call's usage and quality counters and ``settle``, atomically, in

@@ -329,3 +329,22 @@ def test_the_report_counts_every_image_but_lists_a_bounded_number(tmp_path, monk
     assert report.failed == ["f0", "f1"] and report.missing == ["m0", "m1"]
     summary = read_summary(layout)
     assert (summary["failed"], summary["missing"], summary["images"]) == (3, 5, 8)
+
+
+def test_find_latest_finds_a_record_a_merge_moved_by_binary_search_then_the_parts(tmp_path):
+    layout = Layout(tmp_path)
+    ids = [f"im{i:03d}" for i in range(57)]
+    seed(layout, ids)
+    sink = layout.sink(3)
+    for i in reversed(ids):
+        sink.append(rec(i, 3, expressions=[{"text": f"old-{i}"}]))
+    assert sink.find_latest("im007")[1]["expressions"] == [{"text": "old-im007"}]  # before a merge: scanned
+    finalize(layout, [0, 1, 2, 3])
+    assert sink.main_generation() > 0
+    for i in ids:
+        off, found = sink.find_latest(i)
+        assert found["expressions"] == [{"text": f"old-{i}"}] and sink.read_at(off) == found
+    assert sink.find_latest("im") is None and sink.find_latest("im999") is None and sink.find_latest("a") is None
+    sink.append(rec("im010", 3, expressions=[{"text": "new"}]))  # a part after the merged main file wins
+    off, found = sink.find_latest("im010")
+    assert found["expressions"] == [{"text": "new"}] and sink.read_at(off) == found
