@@ -90,8 +90,8 @@ def _scan_step(root: str, step: int, workdir: str, count_bad: bool, with_usage: 
     return sorted_pairs, usage, stats.bad_lines if count_bad else 0
 
 
-def _compact_step(root: str, step: int, latest: SortedPairs) -> int:
-    return _compact(Layout(Path(root)).sink(step), step, latest)
+def _compact_step(root: str, step: int, latest: SortedPairs, generation: int) -> int:
+    return _compact(Layout(Path(root)).sink(step), step, latest, generation)
 
 
 PARALLEL_BYTES = 64 << 20  # step sinks at least this big are read by a pool of processes
@@ -142,8 +142,12 @@ def finalize(layout: Layout, steps: list[int], prices: dict | None = None, *,
         report.stale_removed = remove_stale_temps(layout)
         final_steps = stepdefs.final_steps(steps)
         sinks = {s: layout.sink(s) for s in ALL_STEPS if s in final_steps or layout.sink(s).exists()}
-        for sink in sinks.values():
-            sink.freeze()
+        # The merged files' generations are reserved *before* the parts are frozen: a writer
+        # that opens a part from now on numbers it above its sink's merged generation, so that
+        # part is never taken for one this merge holds (and later records win in every reader).
+        generations = {s: sink.reserve_generation() for s, sink in sinks.items() if sink.exists()}
+        for s, sink in sinks.items():
+            sink.freeze(keep=generations.get(s))
         with tempfile.TemporaryDirectory(prefix=_sort_prefix(layout), dir=layout.root) as tmpdir, \
                 _pool(layout, sinks) as pool:
             root = str(layout.root)
@@ -158,11 +162,16 @@ def finalize(layout: Layout, steps: list[int], prices: dict | None = None, *,
                 if s in usage:
                     _add(usage[s], counts)
                 report.bad_lines += bad
-            on_disk = [s for s, sink in sinks.items() if sink.exists()]
-            early = {s: _submit(pool, _compact_step, root, s, latest[s]) for s in on_disk if s not in final_steps}
+            # A sink that only came to exist during this finalize has no part frozen: merged next time.
+            on_disk = list(generations)
+            for s in set(latest) - set(on_disk):
+                latest[s].close()
+            early = {s: _submit(pool, _compact_step, root, s, latest[s], generations[s])
+                     for s in on_disk if s not in final_steps}
             seed, failures = ids()
             _write_final(layout, steps, final_steps, sinks, latest, seed, failures, report)
-            late = {s: _submit(pool, _compact_step, root, s, latest[s]) for s in on_disk if s in final_steps}
+            late = {s: _submit(pool, _compact_step, root, s, latest[s], generations[s])
+                    for s in on_disk if s in final_steps}
             for s, job in sorted({**early, **late}.items()):
                 report.compacted[s] = job()
         per_step = {s: {"images": report.compacted.get(s, 0), **usage[s]} for s in steps}
@@ -218,11 +227,11 @@ def _write_final(layout: Layout, steps: list[int], final_steps: list[int], sinks
         tmp.unlink(missing_ok=True)
 
 
-def _compact(sink: JsonlSink, step: int, latest: SortedPairs) -> int:
+def _compact(sink: JsonlSink, step: int, latest: SortedPairs, generation: int) -> int:
     """Rewrite the step's main file with the last record per image, sorted by image id (raw
-    lines, byte for byte), replace it atomically and drop the merged parts; lines written.
+    lines, byte for byte), replace it atomically as ``generation`` (reserved before the parts
+    were frozen) and drop the merged parts; lines written.
     The lines left out were calls paid for: their usage is carried (``JsonlSink.carried_usage``)."""
-    generation = sink.reserve_generation()
     tmp = sink.path.with_name(f".{sink.path.name}.compact-{socket.gethostname()}-{os.getpid()}.tmp")
     n = 0
     dropped: list[tuple[int, dict]] = []

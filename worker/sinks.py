@@ -340,13 +340,17 @@ class JsonlSink:
             return _Part(os.getpid(), self.writer, number, path)
 
     # -- merging (producer finalize, holding the finalize lock) ------------------------------
-    def freeze(self) -> list[int]:
+    def freeze(self, keep: int | None = None) -> list[int]:
         """Mark every part for merging (``<n>.jsonl`` -> ``<n>.jsonl.merging``): its writer, on
         its next append, finds its part gone and takes a new one (``_still_named``), so nothing
-        written after this is lost in the merge. Returns the numbers marked."""
+        written after this is lost in the merge. Returns the numbers marked.
+
+        Call ``reserve_generation`` first and pass it as ``keep`` (its empty placeholder stays):
+        every part frozen is then below the merged generation and every part a writer opens
+        after the freeze above it, so "below the generation" means exactly "merged"."""
         frozen = []
         for number, path in self.part_files():
-            if path.suffix == ".jsonl":
+            if path.suffix == ".jsonl" and number != keep:
                 with contextlib.suppress(FileNotFoundError):
                     os.rename(path, path.with_name(path.name + ".merging"))
                     frozen.append(number)

@@ -198,8 +198,8 @@ def test_a_finalize_stopped_at_any_point_leaves_a_consistent_sink(tmp_path):
     sink.append(rec("a", 0, v=2))
     expect = {"a": 2, "b": 1}
     # Stopped between recording the generation and the rename:
-    sink.freeze()
     generation = sink.reserve_generation()
+    sink.freeze(keep=generation)
     merged = sink.path.with_name("merged.tmp")
     merged.write_text(dumps(rec("a", 0, v=2)) + "\n" + dumps(rec("b", 0, v=1)) + "\n")
     info = {"gen": generation, "ino": merged.stat().st_ino, "prev": 0}
@@ -348,3 +348,37 @@ def test_find_latest_finds_a_record_a_merge_moved_by_binary_search_then_the_part
     sink.append(rec("im010", 3, expressions=[{"text": "new"}]))  # a part after the merged main file wins
     off, found = sink.find_latest("im010")
     assert found["expressions"] == [{"text": "new"}] and sink.read_at(off) == found
+
+
+def test_a_part_a_writer_opens_during_a_finalize_is_never_taken_for_a_merged_one(tmp_path):
+    """The steps of ``finalize`` one by one, a writer appending between them: the part it opens
+    after the freeze numbers above the merged generation, so every reader agrees its records
+    are the newest, and the next finalize merges them instead of deleting them."""
+    from producer.extsort import SortedPairs, last_per_key
+    from producer.finalize import _compact
+    from worker.sinks import JsonlSink
+
+    layout = Layout(tmp_path)
+    seed(layout, ["im0", "im1", "im2"])
+    writer = JsonlSink(layout.sink(0).path, parts=True, writer="w")  # one long-lived writer process
+    writer.append(rec("im0", 0, v="old"))
+    writer.append(rec("im1", 0, v="old"))
+    sink = layout.sink(0)
+    generation = sink.reserve_generation()
+    sink.freeze(keep=generation)
+    work = tmp_path / "sort"
+    work.mkdir()
+    latest = SortedPairs(((str(r["image_id"]), off) for off, r in sink.scan()), work)
+    iter(latest)
+    writer.append(rec("im0", 0, v="newer"))  # its part was frozen: it takes a new one, mid-finalize
+    writer.append(rec("im2", 0, v="new"))
+    _compact(sink, 0, latest, generation)
+    writer.append(rec("im1", 0, v="newer"))
+    expect = {"im0": "newer", "im1": "newer", "im2": "new"}
+    assert {i: r["v"] for i, r in sink.latest().items()} == expect  # scan order
+    with SortedPairs(((str(r["image_id"]), off) for off, r in sink.scan()), work) as pairs:
+        by_sort = {i: sink.read_at(off)["v"] for i, off in last_per_key(pairs)}
+    assert by_sort == expect  # sort order (finalize's and reindex's) agrees
+    finalize(layout, [0])
+    assert {r["image_id"]: r["v"] for r in step_lines(layout, 0)} == expect
+    assert {r["image_id"]: r["v"] for r in read_final(layout)} == expect
