@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from worker.constants import SEED_FILE
 from worker.layout import Layout
 from worker.run import Run
 from worker.runstate import RunRef, RunState
+from worker.sinks import SinkReader
 from worker.spec import Spec
 from worker.stepdefs import ALL_STEPS
 
@@ -46,12 +48,26 @@ def reindex(run_state: RunState, layout: Layout) -> dict[int, int]:
     counts = {}
     for step in ALL_STEPS:
         sink = layout.sink(step)
-        if sink.exists():
-            with tempfile.TemporaryDirectory(prefix=".reindex-", dir=layout.root) as tmp, \
-                    SortedPairs(((str(rec["image_id"]), off) for off, rec in sink.scan()), Path(tmp)) as pairs:
-                counts[step] = run_state.bulk_done(step, last_per_key(pairs))
+        exists = sink.exists()
+        # Every step, even one whose sink is gone (a step dir deleted to redo it): the index is
+        # replaced, so no entry survives whose record is not in the sink any more.
+        with tempfile.TemporaryDirectory(prefix=".reindex-", dir=layout.root) as tmp, \
+                SortedPairs(((str(rec["image_id"]), off) for off, rec in sink.scan()), Path(tmp)) as pairs, \
+                sink.reader() as reader:
+            n = run_state.replace_done(step, last_per_key(pairs), lambda i, off: _record_at(reader, i, off))
+        if exists:
+            counts[step] = n
     run_state.set_meta(sink_generations=sink_generations(layout))
     return counts
+
+
+def _record_at(reader: SinkReader, image_id: str, offset: int) -> bool:
+    """Whether the sink holds ``image_id``'s record at ``offset`` (a done mark set during a reindex)."""
+    try:
+        record = json.loads(reader.read_line_at(offset))
+    except (OSError, ValueError):  # StaleOffset, a file gone, a line that is not one
+        return False
+    return isinstance(record, dict) and str(record.get("image_id")) == image_id
 
 
 def sink_generations(layout: Layout) -> dict[str, int]:

@@ -382,3 +382,34 @@ def test_a_part_a_writer_opens_during_a_finalize_is_never_taken_for_a_merged_one
     finalize(layout, [0])
     assert {r["image_id"]: r["v"] for r in step_lines(layout, 0)} == expect
     assert {r["image_id"]: r["v"] for r in read_final(layout)} == expect
+
+
+def test_a_reindex_replaces_the_done_index_so_entries_whose_record_is_gone_are_not_done(tmp_path, redis_client):
+    """A populated index is rebuilt, not overlaid: an image whose record left the sink (a step
+    dir deleted to redo it) is no longer done; a mark set while the sink was being read (its
+    record readable at that offset) is kept."""
+    import shutil
+
+    from producer.submit import reindex
+    from worker.runstate import RunState
+
+    layout = Layout(tmp_path)
+    seed(layout, ["a", "b", "c"])
+    for i in ("a", "b"):
+        layout.sink(0).append(rec(i, 0, regions=[]))
+        layout.sink(1).append(rec(i, 1, caption=i))
+    state = RunState(redis_client, "run-replace")
+    state.mark_done(0, "gone", 123)  # an entry whose record is in no sink
+    assert reindex(state, layout) == {0: 2, 1: 2}
+    assert state.done_offset(0, "gone") is None and state.done_offset(0, "a") is not None
+    shutil.rmtree(layout.sink(1).path.parent)  # redo step 1
+    finalize(layout, [0])
+    reindex(state, layout)
+    assert [state.counts([0, 1])[s]["done"] for s in (0, 1)] == [2, 0]
+    late = layout.sink(0).append(rec("c", 0, regions=[]))  # as if marked after the rebuild read the sink
+    state.mark_done(0, "c", late)
+    read = {i: state.done_offset(0, i) for i in ("a", "b")}  # what the rebuild read from the sink
+    with layout.sink(0).reader() as reader:
+        from producer.submit import _record_at
+        assert state.replace_done(0, iter(sorted(read.items())), lambda i, off: _record_at(reader, i, off)) == 3
+    assert state.done_offset(0, "c") == late and {i: state.done_offset(0, i) for i in read} == read
