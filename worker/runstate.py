@@ -419,6 +419,15 @@ class RunState:
         if not image_ids:
             return 0
         keys = self._settle_keys(list(steps))
+        try:
+            return self._settle_batch(keys, image_ids)
+        except redis.exceptions.NoScriptError:
+            # Redis restarted between the pipeline's script load and its EVALSHAs (the
+            # connection retry re-sent them to an empty server): a new pipeline loads the script
+            # again. Settling is idempotent, so running the batch twice is safe.
+            return self._settle_batch(keys, image_ids)
+
+    def _settle_batch(self, keys: list[str], image_ids: list[str]) -> int:
         pipe = self.r.pipeline(transaction=False)
         for image_id in image_ids:
             self._mark_and_settle(keys=keys, args=[image_id, 0, 0, "", "", TALLY_FOLD], client=pipe)

@@ -169,3 +169,29 @@ def test_an_upstream_offset_a_finalize_merged_away_is_found_again_not_retried_fo
     assert execute(ctx, 2, "img", 0) == DONE
     fresh = ctx.state.done_offset(1, "img")
     assert fresh != stale and ctx.layout.sink(1).read_at(fresh)["image_id"] == "img"
+
+
+def test_settle_many_survives_a_redis_that_lost_its_scripts_between_load_and_run(redis_url, redis_client):
+    """redis-py loads a pipeline's scripts, then sends the EVALSHAs: a Redis restarted between
+    the two answers NOSCRIPT. ``settle_many`` runs the batch again (settling is idempotent)."""
+    import redis
+
+    flushes = [1]
+
+    class ForgetfulPipeline(redis.client.Pipeline):
+        def load_scripts(self):  # the scripts are loaded, then the server forgets them once
+            super().load_scripts()
+            if flushes[0]:
+                flushes[0] -= 1
+                self.immediate_execute_command("SCRIPT", "FLUSH")
+
+    class ForgetfulRedis(redis.Redis):
+        def pipeline(self, transaction=True, shard_hint=None):
+            return ForgetfulPipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)
+
+    client = ForgetfulRedis.from_url(redis_url)
+    state = RunState(client, "run-noscript")
+    state.mark_queued({"a": 0, "b": 0})
+    state.mark_done(0, "a", 1)
+    assert state.settle_many(["a", "b"], [0]) == 1 and flushes == [0]
+    assert state.queued_count() == 1
