@@ -134,10 +134,10 @@ def finalize(layout: Layout, steps: list[int], prices: dict | None = None, *,
     takes a new one), but the done index in Redis then holds offsets into merged parts, which
     ``read_at`` refuses (``StaleOffset``): a task then finds the record again
     (``execute.read_upstream``) and the next enqueue reindexes (``submit.register``).
-    The files are written to temp files and renamed, under a lock (``_finalize_lock``), so
+    The files are written to temp files and renamed, under a lock (``finalize_lock``), so
     readers never see half of one; temp files a killed finalize left behind are removed first.
     """
-    with _finalize_lock(layout):
+    with finalize_lock(layout):
         report = FinalizeReport(path=layout.final, seed_failed=seed_failed)
         report.stale_removed = remove_stale_temps(layout)
         final_steps = stepdefs.final_steps(steps)
@@ -281,7 +281,7 @@ def _sort_prefix(layout: Layout) -> str:
 
 
 @contextlib.contextmanager
-def _finalize_lock(layout: Layout) -> Iterator[None]:
+def finalize_lock(layout: Layout) -> Iterator[None]:
     layout.root.mkdir(parents=True, exist_ok=True)
     fd = os.open(layout.root / f".{layout.final.name}.finalize.lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -299,6 +299,8 @@ def remove_stale_temps(layout: Layout) -> list[tuple[str, int]]:
     # Finalizes before the host name was in the name left ``.annotations.jsonl.<pid>.tmp``.
     old = re.compile(rf"\.{re.escape(layout.final.name)}\.\d+\.tmp")
     sort_prefix = _sort_prefix(layout)
+    # ``submit.reindex`` spills to ``.reindex-*`` holding this same lock: any there now is stale.
+    reindex_prefix = ".reindex-"
     candidates = list(layout.root.iterdir())
     for step in ALL_STEPS:  # a killed merge of a step file leaves ``.annotations.jsonl.compact-*.tmp``
         folder = layout.sink(step).path.parent
@@ -308,7 +310,7 @@ def remove_stale_temps(layout: Layout) -> list[tuple[str, int]]:
     for path in candidates:
         name = path.name
         try:
-            if name.startswith(sort_prefix) and path.is_dir():  # a killed finalize's sorted runs
+            if name.startswith((sort_prefix, reindex_prefix)) and path.is_dir():  # a killed sort's runs
                 size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
                 shutil.rmtree(path)
             elif (name.startswith(prefix) and name.endswith(".tmp")) or old.fullmatch(name) or ".compact-" in name:

@@ -14,6 +14,7 @@ import redis
 from producer.binding import inputs_of
 from producer.enqueue import DEFAULT_MAX_INFLIGHT, EnqueueReport, OnWait, Todo, dispatch, enqueue
 from producer.extsort import SortedPairs, last_per_key
+from producer.finalize import finalize_lock
 from producer.guard import Claim, ResultsLock, claim
 from producer.outage import OUTAGE_ERRORS, RedisGaveUp, outage_of, patient_client
 from producer.publish import Publisher, auto_publishers
@@ -44,7 +45,15 @@ class Submission:
 def reindex(run_state: RunState, layout: Layout) -> dict[int, int]:
     """Rebuild the done index from the sinks (Redis was flushed, restarted empty, or is new; or a
     finalize merged the sinks, so the offsets it held are stale). Sorted externally, so the
-    producer holds a chunk of pairs at a time, not every image."""
+    producer holds a chunk of pairs at a time, not every image.
+
+    Holds the finalize lock: no finalize merges the sinks while they are read, and a killed
+    reindex's spill folder (``.reindex-*``) is removed by the next finalize (``remove_stale_temps``)."""
+    with finalize_lock(layout):
+        return _reindex(run_state, layout)
+
+
+def _reindex(run_state: RunState, layout: Layout) -> dict[int, int]:
     counts = {}
     for step in ALL_STEPS:
         sink = layout.sink(step)

@@ -31,6 +31,7 @@ import errno
 import fcntl
 import json
 import os
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -555,6 +556,12 @@ class SinkReader:
         self.close()
 
 
+def temp_path(path: Path) -> Path:
+    """A temp file next to ``path`` that no other writer names the same: host, pid and thread
+    (identical containers on two hosts sharing the volume can have the same pid)."""
+    return path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}-{threading.get_ident()}.tmp")
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write a whole file so readers see the old or the new one, never half of it.
 
@@ -562,7 +569,7 @@ def write_atomic(path: Path, text: str) -> None:
     failure leaves nothing behind; the caller decides whether to try again.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp = temp_path(path)
     try:
         with open(tmp, "wb") as f:
             f.write(text.encode("utf-8"))
