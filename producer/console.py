@@ -187,7 +187,11 @@ def finalize_and_report(layout: Layout, steps: list[int], prices: dict | None = 
 
     rep = finalize(layout, steps, prices, seed_failed=seed_failed)
     if rep.stale_removed:
-        typer.echo(f"removed {len(rep.stale_removed)} temp file(s) an interrupted finalize left in {layout.root} "
+        # Every leftover is counted: the temp files, and the folders of sorted runs (``.sort-*``).
+        folders = sum(1 for name, _ in rep.stale_removed if ".sort-" in name)
+        what = f"{len(rep.stale_removed) - folders} temp file(s)"
+        what += f" and {folders} temp folder(s)" if folders else ""
+        typer.echo(f"removed {what} an interrupted finalize left in {layout.root} "
                    f"({sum(size for _, size in rep.stale_removed) / 1e6:.1f} MB)", err=True)
     unseeded = f", {seed_failed} could not be seeded" if seed_failed else ""
     typer.echo(f"wrote {rep.path} ({rep.written} images; {rep.n_failed} failed, {rep.n_missing} missing"

@@ -90,8 +90,8 @@ def _scan_step(root: str, step: int, workdir: str, count_bad: bool, with_usage: 
     return sorted_pairs, usage, stats.bad_lines if count_bad else 0
 
 
-def _compact_step(root: str, step: int, latest: SortedPairs) -> int:
-    return _compact(Layout(Path(root)).sink(step), step, latest)
+def _compact_step(root: str, step: int, latest: SortedPairs, generation: int) -> int:
+    return _compact(Layout(Path(root)).sink(step), step, latest, generation)
 
 
 PARALLEL_BYTES = 64 << 20  # step sinks at least this big are read by a pool of processes
@@ -132,17 +132,22 @@ def finalize(layout: Layout, steps: list[int], prices: dict | None = None, *,
 
     Run it on a settled run: a worker appending meanwhile is safe (its part is frozen, and it
     takes a new one), but the done index in Redis then holds offsets into merged parts, which
-    ``read_at`` refuses (``StaleOffset``) and the next enqueue reindexes (``submit.register``).
-    The files are written to temp files and renamed, under a lock (``_finalize_lock``), so
+    ``read_at`` refuses (``StaleOffset``): a task then finds the record again
+    (``execute.read_upstream``) and the next enqueue reindexes (``submit.register``).
+    The files are written to temp files and renamed, under a lock (``finalize_lock``), so
     readers never see half of one; temp files a killed finalize left behind are removed first.
     """
-    with _finalize_lock(layout):
+    with finalize_lock(layout):
         report = FinalizeReport(path=layout.final, seed_failed=seed_failed)
         report.stale_removed = remove_stale_temps(layout)
         final_steps = stepdefs.final_steps(steps)
         sinks = {s: layout.sink(s) for s in ALL_STEPS if s in final_steps or layout.sink(s).exists()}
-        for sink in sinks.values():
-            sink.freeze()
+        # The merged files' generations are reserved *before* the parts are frozen: a writer
+        # that opens a part from now on numbers it above its sink's merged generation, so that
+        # part is never taken for one this merge holds (and later records win in every reader).
+        generations = {s: sink.reserve_generation() for s, sink in sinks.items() if sink.exists()}
+        for s, sink in sinks.items():
+            sink.freeze(keep=generations.get(s))
         with tempfile.TemporaryDirectory(prefix=_sort_prefix(layout), dir=layout.root) as tmpdir, \
                 _pool(layout, sinks) as pool:
             root = str(layout.root)
@@ -157,11 +162,16 @@ def finalize(layout: Layout, steps: list[int], prices: dict | None = None, *,
                 if s in usage:
                     _add(usage[s], counts)
                 report.bad_lines += bad
-            on_disk = [s for s, sink in sinks.items() if sink.exists()]
-            early = {s: _submit(pool, _compact_step, root, s, latest[s]) for s in on_disk if s not in final_steps}
+            # A sink that only came to exist during this finalize has no part frozen: merged next time.
+            on_disk = list(generations)
+            for s in set(latest) - set(on_disk):
+                latest[s].close()
+            early = {s: _submit(pool, _compact_step, root, s, latest[s], generations[s])
+                     for s in on_disk if s not in final_steps}
             seed, failures = ids()
             _write_final(layout, steps, final_steps, sinks, latest, seed, failures, report)
-            late = {s: _submit(pool, _compact_step, root, s, latest[s]) for s in on_disk if s in final_steps}
+            late = {s: _submit(pool, _compact_step, root, s, latest[s], generations[s])
+                    for s in on_disk if s in final_steps}
             for s, job in sorted({**early, **late}.items()):
                 report.compacted[s] = job()
         per_step = {s: {"images": report.compacted.get(s, 0), **usage[s]} for s in steps}
@@ -217,11 +227,11 @@ def _write_final(layout: Layout, steps: list[int], final_steps: list[int], sinks
         tmp.unlink(missing_ok=True)
 
 
-def _compact(sink: JsonlSink, step: int, latest: SortedPairs) -> int:
+def _compact(sink: JsonlSink, step: int, latest: SortedPairs, generation: int) -> int:
     """Rewrite the step's main file with the last record per image, sorted by image id (raw
-    lines, byte for byte), replace it atomically and drop the merged parts; lines written.
+    lines, byte for byte), replace it atomically as ``generation`` (reserved before the parts
+    were frozen) and drop the merged parts; lines written.
     The lines left out were calls paid for: their usage is carried (``JsonlSink.carried_usage``)."""
-    generation = sink.reserve_generation()
     tmp = sink.path.with_name(f".{sink.path.name}.compact-{socket.gethostname()}-{os.getpid()}.tmp")
     n = 0
     dropped: list[tuple[int, dict]] = []
@@ -271,7 +281,7 @@ def _sort_prefix(layout: Layout) -> str:
 
 
 @contextlib.contextmanager
-def _finalize_lock(layout: Layout) -> Iterator[None]:
+def finalize_lock(layout: Layout) -> Iterator[None]:
     layout.root.mkdir(parents=True, exist_ok=True)
     fd = os.open(layout.root / f".{layout.final.name}.finalize.lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -289,6 +299,8 @@ def remove_stale_temps(layout: Layout) -> list[tuple[str, int]]:
     # Finalizes before the host name was in the name left ``.annotations.jsonl.<pid>.tmp``.
     old = re.compile(rf"\.{re.escape(layout.final.name)}\.\d+\.tmp")
     sort_prefix = _sort_prefix(layout)
+    # ``submit.reindex`` spills to ``.reindex-*`` holding this same lock: any there now is stale.
+    reindex_prefix = ".reindex-"
     candidates = list(layout.root.iterdir())
     for step in ALL_STEPS:  # a killed merge of a step file leaves ``.annotations.jsonl.compact-*.tmp``
         folder = layout.sink(step).path.parent
@@ -298,7 +310,7 @@ def remove_stale_temps(layout: Layout) -> list[tuple[str, int]]:
     for path in candidates:
         name = path.name
         try:
-            if name.startswith(sort_prefix) and path.is_dir():  # a killed finalize's sorted runs
+            if name.startswith((sort_prefix, reindex_prefix)) and path.is_dir():  # a killed sort's runs
                 size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
                 shutil.rmtree(path)
             elif (name.startswith(prefix) and name.endswith(".tmp")) or old.fullmatch(name) or ".compact-" in name:

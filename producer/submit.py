@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from collections.abc import Callable
@@ -13,6 +14,7 @@ import redis
 from producer.binding import inputs_of
 from producer.enqueue import DEFAULT_MAX_INFLIGHT, EnqueueReport, OnWait, Todo, dispatch, enqueue
 from producer.extsort import SortedPairs, last_per_key
+from producer.finalize import finalize_lock
 from producer.guard import Claim, ResultsLock, claim
 from producer.outage import OUTAGE_ERRORS, RedisGaveUp, outage_of, patient_client
 from producer.publish import Publisher, auto_publishers
@@ -24,6 +26,7 @@ from worker.constants import SEED_FILE
 from worker.layout import Layout
 from worker.run import Run
 from worker.runstate import RunRef, RunState
+from worker.sinks import SinkReader
 from worker.spec import Spec
 from worker.stepdefs import ALL_STEPS
 
@@ -42,16 +45,38 @@ class Submission:
 def reindex(run_state: RunState, layout: Layout) -> dict[int, int]:
     """Rebuild the done index from the sinks (Redis was flushed, restarted empty, or is new; or a
     finalize merged the sinks, so the offsets it held are stale). Sorted externally, so the
-    producer holds a chunk of pairs at a time, not every image."""
+    producer holds a chunk of pairs at a time, not every image.
+
+    Holds the finalize lock: no finalize merges the sinks while they are read, and a killed
+    reindex's spill folder (``.reindex-*``) is removed by the next finalize (``remove_stale_temps``)."""
+    with finalize_lock(layout):
+        return _reindex(run_state, layout)
+
+
+def _reindex(run_state: RunState, layout: Layout) -> dict[int, int]:
     counts = {}
     for step in ALL_STEPS:
         sink = layout.sink(step)
-        if sink.exists():
-            with tempfile.TemporaryDirectory(prefix=".reindex-", dir=layout.root) as tmp, \
-                    SortedPairs(((str(rec["image_id"]), off) for off, rec in sink.scan()), Path(tmp)) as pairs:
-                counts[step] = run_state.bulk_done(step, last_per_key(pairs))
+        exists = sink.exists()
+        # Every step, even one whose sink is gone (a step dir deleted to redo it): the index is
+        # replaced, so no entry survives whose record is not in the sink any more.
+        with tempfile.TemporaryDirectory(prefix=".reindex-", dir=layout.root) as tmp, \
+                SortedPairs(((str(rec["image_id"]), off) for off, rec in sink.scan()), Path(tmp)) as pairs, \
+                sink.reader() as reader:
+            n = run_state.replace_done(step, last_per_key(pairs), lambda i, off: _record_at(reader, i, off))
+        if exists:
+            counts[step] = n
     run_state.set_meta(sink_generations=sink_generations(layout))
     return counts
+
+
+def _record_at(reader: SinkReader, image_id: str, offset: int) -> bool:
+    """Whether the sink holds ``image_id``'s record at ``offset`` (a done mark set during a reindex)."""
+    try:
+        record = json.loads(reader.read_line_at(offset))
+    except (OSError, ValueError):  # StaleOffset, a file gone, a line that is not one
+        return False
+    return isinstance(record, dict) and str(record.get("image_id")) == image_id
 
 
 def sink_generations(layout: Layout) -> dict[str, int]:

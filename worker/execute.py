@@ -14,6 +14,7 @@ from worker.clients.base import VLMClient, VLMRequest, VLMResponse
 from worker.context import RunContext
 from worker.errors import InputError
 from worker.runstate import Outcome
+from worker.sinks import StaleOffset
 from worker.stepdefs import STEP
 from worker.steps import input_record, run_step
 from worker.steps.records import PIPELINE_NAMES
@@ -62,6 +63,23 @@ def read_seed(ctx: RunContext, image_id: str, offset: int) -> dict:
     raise InputError(f"{seed.path}: image '{image_id}' is not in the seed file")
 
 
+def read_upstream(ctx: RunContext, step: int, image_id: str, offset: int) -> dict | None:
+    """Step ``step``'s record of the image at ``offset``, as the done index says. A finalize
+    may have merged the part that offset was in (``StaleOffset``): the record is then found
+    again in the sink (``JsonlSink.find_latest``) and the index pointed at it, instead of the
+    task retrying a read that can never succeed. None if the sink no longer holds a record (the
+    done entry is dropped, so the step is redone by the next enqueue)."""
+    sink = ctx.layout.sink(step)
+    try:
+        return sink.read_at(offset)
+    except StaleOffset:
+        found = sink.find_latest(image_id)
+    log.info("%s step %d: offset %d was merged by a finalize; the record is %s", image_id, step, offset,
+             f"at {found[0]} now" if found else "gone")
+    ctx.state.repoint_done(step, image_id, found[0] if found else None)
+    return found[1] if found else None
+
+
 class Uncommitted(Exception):
     """The answer arrived but could not be written (disk or Redis unusable).
 
@@ -91,7 +109,9 @@ def execute(ctx: RunContext, step: int, image_id: str, seed_offset: int) -> str:
     for s in d.reads:
         off = offsets[s]
         if off is not None:
-            upstream[s] = ctx.layout.sink(s).read_at(off)
+            rec = read_upstream(ctx, s, image_id, off)
+            if rec is not None:
+                upstream[s] = rec
     missing = [s for s in d.required(wf.steps) if s not in upstream]
     if missing:
         ctx.state.block_and_settle(step, image_id, f"waiting on step(s) {missing}", wf.steps)

@@ -26,7 +26,6 @@ import io
 import logging
 import os
 import re
-import threading
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from PIL import Image
 
 from worker.coords import downscaled_size
 from worker.errors import InputError
+from worker.sinks import temp_path
 
 log = logging.getLogger("refexp.images")
 
@@ -353,7 +353,7 @@ def _read_cached(path: Path, mime: str) -> bytes | None:
 def _write_cached(path: Path, data: bytes) -> None:
     """Best effort: a cache that cannot be written (read-only or full volume) only costs the
     conversion again on the next call, so it never fails the image-step."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp = temp_path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_bytes(data)

@@ -13,9 +13,10 @@ since every command inside a script counts against what one Redis serves (bench/
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -188,6 +189,15 @@ class RunState:
         pipe.hdel(run_key(self.run_id, Outcome.FAILED, step), image_id)
         pipe.hdel(run_key(self.run_id, Outcome.BLOCKED, step), image_id)
 
+    def repoint_done(self, step: int, image_id: str, offset: int | None) -> None:
+        """Point a done entry at where its record is now (a finalize merged the part the old
+        offset was in); None: the sink holds no record of it any more, so it is not done."""
+        key = run_key(self.run_id, Outcome.DONE, step)
+        if offset is None:
+            self.r.hdel(key, image_id)
+        else:
+            self.r.hset(key, image_id, offset)
+
     def finish(self, step: int, image_id: str, offset: int, steps: list[int], *,
                call: dict | None = None, quality: dict | None = None) -> bool:
         """``mark_done``, the call's usage and quality counters and ``settle``, atomically, in
@@ -274,9 +284,40 @@ class RunState:
         values = iter(pipe.execute())
         return {s: {str(kind): next(values) for kind in MARKS} for s in steps}
 
-    def bulk_done(self, step: int, pairs: Iterable[tuple[str, int]], batch: int = 1000) -> int:
-        n = 0
+    def replace_done(self, step: int, pairs: Iterable[tuple[str, int]], still_there: Callable[[str, int], bool],
+                     batch: int = 1000) -> int:
+        """Make ``pairs`` the whole done index of ``step`` (a reindex), not an overlay: an entry
+        whose record is gone must not stay done. Built into a temp hash and RENAMEd over the old
+        one. A done mark a worker set during the rebuild (its line written after the sink was
+        read) is carried over when it is newer than the rebuilt entry and ``still_there(image_id,
+        offset)`` (its record is readable at that offset). Returns the entries written."""
         key = run_key(self.run_id, Outcome.DONE, step)
+        tmp = f"{key}:reindex"
+        self.r.delete(tmp)
+        n = self.bulk_done(step, pairs, batch, key=tmp)
+        kept: dict[str, int] = {}
+        added = 0
+        old = self.r.hscan_iter(key, count=batch)
+        while chunk := [(k.decode(), int(v)) for k, v in itertools.islice(old, batch)]:
+            rebuilt = self.r.hmget(tmp, [k for k, _ in chunk])
+            for (image_id, offset), new in zip(chunk, rebuilt, strict=True):
+                if (new is None or offset > int(new)) and still_there(image_id, offset):
+                    kept[image_id] = offset
+                    added += new is None
+        if kept:
+            self.r.hset(tmp, mapping=kept)
+        pipe = self.r.pipeline()
+        if n or kept:
+            pipe.rename(tmp, key)
+        else:
+            pipe.delete(key, tmp)
+        pipe.execute()
+        return n + added
+
+    def bulk_done(self, step: int, pairs: Iterable[tuple[str, int]], batch: int = 1000, *,
+                  key: str | None = None) -> int:
+        n = 0
+        key = key or run_key(self.run_id, Outcome.DONE, step)
         chunk: dict[str, int] = {}
         for image_id, offset in pairs:
             chunk[image_id] = offset
@@ -378,6 +419,15 @@ class RunState:
         if not image_ids:
             return 0
         keys = self._settle_keys(list(steps))
+        try:
+            return self._settle_batch(keys, image_ids)
+        except redis.exceptions.NoScriptError:
+            # Redis restarted between the pipeline's script load and its EVALSHAs (the
+            # connection retry re-sent them to an empty server): a new pipeline loads the script
+            # again. Settling is idempotent, so running the batch twice is safe.
+            return self._settle_batch(keys, image_ids)
+
+    def _settle_batch(self, keys: list[str], image_ids: list[str]) -> int:
         pipe = self.r.pipeline(transaction=False)
         for image_id in image_ids:
             self._mark_and_settle(keys=keys, args=[image_id, 0, 0, "", "", TALLY_FOLD], client=pipe)

@@ -31,6 +31,7 @@ import errno
 import fcntl
 import json
 import os
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -340,13 +341,17 @@ class JsonlSink:
             return _Part(os.getpid(), self.writer, number, path)
 
     # -- merging (producer finalize, holding the finalize lock) ------------------------------
-    def freeze(self) -> list[int]:
+    def freeze(self, keep: int | None = None) -> list[int]:
         """Mark every part for merging (``<n>.jsonl`` -> ``<n>.jsonl.merging``): its writer, on
         its next append, finds its part gone and takes a new one (``_still_named``), so nothing
-        written after this is lost in the merge. Returns the numbers marked."""
+        written after this is lost in the merge. Returns the numbers marked.
+
+        Call ``reserve_generation`` first and pass it as ``keep`` (its empty placeholder stays):
+        every part frozen is then below the merged generation and every part a writer opens
+        after the freeze above it, so "below the generation" means exactly "merged"."""
         frozen = []
         for number, path in self.part_files():
-            if path.suffix == ".jsonl":
+            if path.suffix == ".jsonl" and number != keep:
                 with contextlib.suppress(FileNotFoundError):
                     os.rename(path, path.with_name(path.name + ".merging"))
                     frozen.append(number)
@@ -416,6 +421,80 @@ class JsonlSink:
         """The record whose line starts at ``offset`` (as returned by ``append``)."""
         return json.loads(self.read_line_at(offset))
 
+    def find_latest(self, image_id: str) -> tuple[int, dict] | None:
+        """``(offset, record)`` of the newest record of ``image_id``, or None if the sink has
+        none: what a holder of a ``StaleOffset`` reads instead (the record moved in a merge).
+
+        A merged main file (generation > 0) holds one line per image sorted by image id, so it
+        is binary-searched by seeking; the parts after it are small and scanned. A main file
+        from before any merge is scanned. A finalize may replace the main file between the
+        look-ups (then the record is in the new one): the search is tried again a few times."""
+        image_id = str(image_id)
+        for _ in range(3):
+            try:
+                gen = self.main_generation()
+                found = None
+                if self.path.exists():
+                    found = (self._search_main(gen, image_id) if gen
+                             else self._scan_file(gen, self.path, image_id))
+                for number, path in self.part_files():
+                    found = self._scan_file(number, path, image_id) or found
+                if found is None or self.main_generation() == gen:
+                    return found
+            except StaleOffset:
+                pass
+        return found
+
+    @staticmethod
+    def _scan_file(part: int, path: Path, image_id: str) -> tuple[int, dict] | None:
+        found, offset = None, 0
+        for line in _lines(path):
+            start, offset = offset, offset + len(line)
+            record = _parse(line)
+            if record is not None and str(record["image_id"]) == image_id:
+                found = encode_offset(part, start), record
+        return found
+
+    def _search_main(self, gen: int, image_id: str) -> tuple[int, dict] | None:
+        """Binary search of the merged main file (sorted by ``str(image_id)``, one line each)."""
+        try:
+            f = open(self.path, "rb")  # noqa: SIM115 - closed by the with below
+        except FileNotFoundError:
+            return None
+        with f:
+            size = os.fstat(f.fileno()).st_size
+
+            def line_from(pos: int) -> tuple[int, bytes]:
+                """The first line that starts at or after ``pos``."""
+                if pos > 0:
+                    f.seek(pos - 1)
+                    f.readline()  # the rest of the line ``pos - 1`` is in
+                else:
+                    f.seek(0)
+                start = f.tell()
+                return start, f.readline()
+
+            def key(line: bytes) -> str | None:
+                record = _parse(line)
+                return None if record is None else str(record["image_id"])
+
+            lo, hi = 0, size
+            while lo < hi:  # the smallest pos whose next line's id is >= image_id
+                mid = (lo + hi) // 2
+                start, line = line_from(mid)
+                k = key(line) if start < size else None
+                if start < size and k is None:  # a line the merge did not write: do not guess
+                    return self._scan_file(gen, self.path, image_id)
+                if start >= size or k >= image_id:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            start, line = line_from(lo)
+            record = _parse(line)
+            if record is not None and str(record["image_id"]) == image_id:
+                return encode_offset(gen, start), record
+            return None
+
     def files(self) -> list[tuple[int, Path]]:
         """``(part number, path)`` of the main file and every part, in reading order."""
         out = [(self.main_generation(), self.path)] if self.path.exists() else []
@@ -477,6 +556,12 @@ class SinkReader:
         self.close()
 
 
+def temp_path(path: Path) -> Path:
+    """A temp file next to ``path`` that no other writer names the same: host, pid and thread
+    (identical containers on two hosts sharing the volume can have the same pid)."""
+    return path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}-{threading.get_ident()}.tmp")
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write a whole file so readers see the old or the new one, never half of it.
 
@@ -484,7 +569,7 @@ def write_atomic(path: Path, text: str) -> None:
     failure leaves nothing behind; the caller decides whether to try again.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp = temp_path(path)
     try:
         with open(tmp, "wb") as f:
             f.write(text.encode("utf-8"))

@@ -48,6 +48,7 @@ from worker.context import RunContext, RunNotInRedis, get_context, state_redis
 from worker.errors import PERMANENT, RETRYABLE, ClientError
 from worker.execute import SKIPPED, Uncommitted, commit, execute, failure_payload, record_failure
 from worker.keys import WRITE_PROBE
+from worker.sinks import StaleOffset
 from worker.stepdefs import STEP, STEP_NAMES, task_name
 
 log = logging.getLogger("refexp.worker")
@@ -79,6 +80,8 @@ def is_infra_error(exc: BaseException) -> bool:
     """
     if isinstance(exc, Uncommitted):  # the answer is kept; whether trying again helps is the cause's call
         return is_infra_error(exc.cause)
+    if isinstance(exc, StaleOffset):  # the file is fine, the offset is not: retrying cannot help
+        return False
     if isinstance(exc, OSError | RunNotInRedis):
         return True
     if isinstance(exc, _REDIS_UNUSABLE_ERRORS):

@@ -16,6 +16,7 @@ from PIL import Image
 
 from tests.support import badinput
 from tests.support.fleet import producer
+from worker.sinks import JsonlSink
 
 pytestmark = pytest.mark.integration
 
@@ -114,7 +115,8 @@ def test_bad_images_labels_and_answers(fleet, fleet_env, fake_vlm, tmp_path):
 
     # -- every sink line is whole JSON, and no worker died.
     for step_dir in sorted(results.glob("step_*")):
-        read_jsonl(step_dir / "annotations.jsonl")
+        for _, path in JsonlSink(step_dir / "annotations.jsonl").files():  # the main file and every part
+            read_jsonl(path)
     assert all(w.proc.poll() is None for w in workers), fleet.logs()
     print(f"huge answer: caption kept {caption_len} characters")
 

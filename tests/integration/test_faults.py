@@ -23,6 +23,7 @@ from PIL import Image
 
 from producer.embedded import embedded_redis, free_port
 from tests.support.fleet import ROOT, Fleet, producer, wait_until
+from worker.sinks import JsonlSink
 from worker.stepdefs import STEP_NAMES, step_dir_name
 
 pytestmark = pytest.mark.integration
@@ -68,12 +69,14 @@ def status_json(env: dict, results: Path) -> dict:
 
 
 def sink_lines(results: Path) -> dict[int, Counter]:
-    """Per step, how many sink lines each image has (more than one = processed more than once)."""
+    """Per step, how many sink lines each image has (more than one = processed more than once),
+    across the main file and every part not merged yet (``annotations.parts/*.jsonl``): before
+    a finalize the lines are in the writers' parts. Every line must be whole JSON."""
     out = {}
     for s in STEPS:
-        path = results / step_dir_name(s) / "annotations.jsonl"
-        out[s] = Counter(json.loads(line)["image_id"] for line in path.read_text().splitlines()) \
-            if path.exists() else Counter()
+        sink = JsonlSink(results / step_dir_name(s) / "annotations.jsonl")
+        out[s] = Counter(json.loads(line)["image_id"] for _, path in sink.files()
+                         for line in path.read_text().splitlines())
     return out
 
 
@@ -445,7 +448,7 @@ def test_tasks_delivered_twice_leave_one_correct_record_per_image(fleet, fleet_e
     assert_finalized_once(results, ids)
     assert (results / "annotations.jsonl").read_bytes() == (clean / "annotations.jsonl").read_bytes()
     assert failures(results) == []
-    from worker.sinks import JsonlSink, ReadStats
+    from worker.sinks import ReadStats
 
     for s in STEPS:
         stats = ReadStats()

@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw
 
 from tests.support.fake_vlm import default_answer
 from tests.support.fleet import producer, wait_until
+from worker.sinks import JsonlSink
 
 pytestmark = pytest.mark.integration
 
@@ -196,7 +197,7 @@ def test_answers_too_long_of_the_wrong_shape_or_cut_off(local_env, fake_vlm, tmp
     assert (results / "annotations.jsonl").exists(), run.stdout + run.stderr
     final = by_id(results / "annotations.jsonl")
     assert sorted(final) == ["cut", "huge", "json", "plain"]
-    caps = by_id(results / "step_1_image_caption" / "annotations.jsonl")
+    caps = JsonlSink(results / "step_1_image_caption" / "annotations.jsonl").latest()  # main file and parts
 
     # 10: a 5 MB caption is cut to a few KB, at a sentence, and the cut is counted
     assert 3_000 < len(final["huge"]["caption"]) <= 6_000 and final["huge"]["caption"].endswith(".")
@@ -206,7 +207,7 @@ def test_answers_too_long_of_the_wrong_shape_or_cut_off(local_env, fake_vlm, tmp
     assert sloppy.seen[("json", "caption")] == 2
     assert final["json"]["caption"].startswith("A road scene") and "regions" not in final["json"]["caption"]
     # 19: text mode, a step-0 answer cut mid-object with finish "stop": the skipped boxes re-asked
-    q0 = by_id(results / "step_0_region_expr" / "annotations.jsonl")["cut"]["meta"]["step0_region_expr"]
+    q0 = JsonlSink(results / "step_0_region_expr" / "annotations.jsonl").latest()["cut"]["meta"]["step0_region_expr"]
     assert sloppy.seen[("cut", "step0")] == 2
     assert [r["kitti_index"] for r in final["cut"]["regions"]] == [0, 1, 2]
     assert q0["missed_kitti"] == [] and q0["quality"]["reasks"] == 1 and q0["quality"]["mode"] == "text"

@@ -303,6 +303,10 @@ def test_finalize_killed_mid_write_leaves_a_temp_file_the_next_finalize_removes(
         return [p for p in results.iterdir() if p.name.startswith(".annotations.jsonl.finalize-")
                 and p.name.endswith(".tmp")]
 
+    def leftovers() -> list[Path]:
+        """Everything a finalize may leave behind in results_dir but its lock file."""
+        return [p for p in results.iterdir() if p.name.startswith(".") and not p.name.endswith(".lock")]
+
     first = subprocess.Popen([sys.executable, "-m", "producer.cli", "finalize", "--results-dir", str(results)],
                              cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -314,11 +318,14 @@ def test_finalize_killed_mid_write_leaves_a_temp_file_the_next_finalize_removes(
         first.wait()
     (left,) = temps()
     assert f"-{first.pid}.tmp" in left.name and not (results / "annotations.jsonl").exists()
-    size = left.stat().st_size
+    # Killed mid-write, it also left the folder its sorts spill runs to (made before the write).
+    (spill,) = [p for p in leftovers() if p != left]
+    assert spill.is_dir() and spill.name.startswith(".annotations.jsonl.sort-")
+    size = left.stat().st_size + sum(f.stat().st_size for f in spill.rglob("*") if f.is_file())
 
     again = producer(env, "finalize", "--results-dir", str(results))
-    assert temps() == []
-    assert f"removed 1 temp file(s) an interrupted finalize left in {results}" in again.stderr
+    assert temps() == [] and leftovers() == []
+    assert f"removed 1 temp file(s) and 1 temp folder(s) an interrupted finalize left in {results}" in again.stderr
     assert f"({size / 1e6:.1f} MB)" in again.stderr
     assert f"({n} images; 0 failed, 0 missing)" in again.stdout
     ids = [json.loads(line)["image_id"] for line in (results / "annotations.jsonl").read_text().splitlines()]

@@ -198,8 +198,8 @@ def test_a_finalize_stopped_at_any_point_leaves_a_consistent_sink(tmp_path):
     sink.append(rec("a", 0, v=2))
     expect = {"a": 2, "b": 1}
     # Stopped between recording the generation and the rename:
-    sink.freeze()
     generation = sink.reserve_generation()
+    sink.freeze(keep=generation)
     merged = sink.path.with_name("merged.tmp")
     merged.write_text(dumps(rec("a", 0, v=2)) + "\n" + dumps(rec("b", 0, v=1)) + "\n")
     info = {"gen": generation, "ino": merged.stat().st_ino, "prev": 0}
@@ -329,3 +329,87 @@ def test_the_report_counts_every_image_but_lists_a_bounded_number(tmp_path, monk
     assert report.failed == ["f0", "f1"] and report.missing == ["m0", "m1"]
     summary = read_summary(layout)
     assert (summary["failed"], summary["missing"], summary["images"]) == (3, 5, 8)
+
+
+def test_find_latest_finds_a_record_a_merge_moved_by_binary_search_then_the_parts(tmp_path):
+    layout = Layout(tmp_path)
+    ids = [f"im{i:03d}" for i in range(57)]
+    seed(layout, ids)
+    sink = layout.sink(3)
+    for i in reversed(ids):
+        sink.append(rec(i, 3, expressions=[{"text": f"old-{i}"}]))
+    assert sink.find_latest("im007")[1]["expressions"] == [{"text": "old-im007"}]  # before a merge: scanned
+    finalize(layout, [0, 1, 2, 3])
+    assert sink.main_generation() > 0
+    for i in ids:
+        off, found = sink.find_latest(i)
+        assert found["expressions"] == [{"text": f"old-{i}"}] and sink.read_at(off) == found
+    assert sink.find_latest("im") is None and sink.find_latest("im999") is None and sink.find_latest("a") is None
+    sink.append(rec("im010", 3, expressions=[{"text": "new"}]))  # a part after the merged main file wins
+    off, found = sink.find_latest("im010")
+    assert found["expressions"] == [{"text": "new"}] and sink.read_at(off) == found
+
+
+def test_a_part_a_writer_opens_during_a_finalize_is_never_taken_for_a_merged_one(tmp_path):
+    """The steps of ``finalize`` one by one, a writer appending between them: the part it opens
+    after the freeze numbers above the merged generation, so every reader agrees its records
+    are the newest, and the next finalize merges them instead of deleting them."""
+    from producer.extsort import SortedPairs, last_per_key
+    from producer.finalize import _compact
+    from worker.sinks import JsonlSink
+
+    layout = Layout(tmp_path)
+    seed(layout, ["im0", "im1", "im2"])
+    writer = JsonlSink(layout.sink(0).path, parts=True, writer="w")  # one long-lived writer process
+    writer.append(rec("im0", 0, v="old"))
+    writer.append(rec("im1", 0, v="old"))
+    sink = layout.sink(0)
+    generation = sink.reserve_generation()
+    sink.freeze(keep=generation)
+    work = tmp_path / "sort"
+    work.mkdir()
+    latest = SortedPairs(((str(r["image_id"]), off) for off, r in sink.scan()), work)
+    iter(latest)
+    writer.append(rec("im0", 0, v="newer"))  # its part was frozen: it takes a new one, mid-finalize
+    writer.append(rec("im2", 0, v="new"))
+    _compact(sink, 0, latest, generation)
+    writer.append(rec("im1", 0, v="newer"))
+    expect = {"im0": "newer", "im1": "newer", "im2": "new"}
+    assert {i: r["v"] for i, r in sink.latest().items()} == expect  # scan order
+    with SortedPairs(((str(r["image_id"]), off) for off, r in sink.scan()), work) as pairs:
+        by_sort = {i: sink.read_at(off)["v"] for i, off in last_per_key(pairs)}
+    assert by_sort == expect  # sort order (finalize's and reindex's) agrees
+    finalize(layout, [0])
+    assert {r["image_id"]: r["v"] for r in step_lines(layout, 0)} == expect
+    assert {r["image_id"]: r["v"] for r in read_final(layout)} == expect
+
+
+def test_a_reindex_replaces_the_done_index_so_entries_whose_record_is_gone_are_not_done(tmp_path, redis_client):
+    """A populated index is rebuilt, not overlaid: an image whose record left the sink (a step
+    dir deleted to redo it) is no longer done; a mark set while the sink was being read (its
+    record readable at that offset) is kept."""
+    import shutil
+
+    from producer.submit import reindex
+    from worker.runstate import RunState
+
+    layout = Layout(tmp_path)
+    seed(layout, ["a", "b", "c"])
+    for i in ("a", "b"):
+        layout.sink(0).append(rec(i, 0, regions=[]))
+        layout.sink(1).append(rec(i, 1, caption=i))
+    state = RunState(redis_client, "run-replace")
+    state.mark_done(0, "gone", 123)  # an entry whose record is in no sink
+    assert reindex(state, layout) == {0: 2, 1: 2}
+    assert state.done_offset(0, "gone") is None and state.done_offset(0, "a") is not None
+    shutil.rmtree(layout.sink(1).path.parent)  # redo step 1
+    finalize(layout, [0])
+    reindex(state, layout)
+    assert [state.counts([0, 1])[s]["done"] for s in (0, 1)] == [2, 0]
+    late = layout.sink(0).append(rec("c", 0, regions=[]))  # as if marked after the rebuild read the sink
+    state.mark_done(0, "c", late)
+    read = {i: state.done_offset(0, i) for i in ("a", "b")}  # what the rebuild read from the sink
+    with layout.sink(0).reader() as reader:
+        from producer.submit import _record_at
+        assert state.replace_done(0, iter(sorted(read.items())), lambda i, off: _record_at(reader, i, off)) == 3
+    assert state.done_offset(0, "c") == late and {i: state.done_offset(0, i) for i in read} == read

@@ -180,3 +180,25 @@ def test_an_outage_longer_than_the_patience_gives_up_with_the_reason():
     outage.down(ConnectionError("Connection refused"))
     with pytest.raises(RedisGaveUp, match=r"has not answered for \d+ s \(ConnectionError: Connection refused\)"):
         outage.check(ConnectionError("Connection refused"))
+
+
+def test_a_killed_reindex_spill_folder_is_removed_by_the_next_finalize(tmp_path, redis_client):
+    """``submit.reindex`` spills under the finalize lock, so its folder is stale once the lock
+    is free; temp names on the shared volume carry the host (two hosts can share a pid)."""
+    import socket
+
+    from producer.submit import reindex
+    from worker.runstate import RunState
+    from worker.sinks import temp_path
+
+    layout = Layout(tmp_path)
+    seed(layout, ["a"])
+    layout.sink(3).append(rec("a", 3))
+    killed = tmp_path / ".reindex-abc123"
+    (killed / "runs").mkdir(parents=True)
+    (killed / "runs" / "0.run").write_bytes(b"z" * 300)
+    assert reindex(RunState(redis_client, "run-killed-reindex"), layout) == {3: 1}
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".reindex-")) == [killed.name]
+    report = finalize(layout, [0, 1, 2, 3])
+    assert report.stale_removed == [(killed.name, 300)] and not killed.exists()
+    assert socket.gethostname() in temp_path(tmp_path / "x.json").name

@@ -153,3 +153,45 @@ def test_the_step_directories_follow_the_table(tmp_path):
     layout = Layout(Path(tmp_path))
     assert [layout.sink(s).path.parent.name for s in (0, 1, 2, 3)] == [step_dir_name(s) for s in (0, 1, 2, 3)] == [
         "step_0_region_expr", "step_1_image_caption", "step_2_grounding_expr", "step_3_double_check"]
+
+
+def test_an_upstream_offset_a_finalize_merged_away_is_found_again_not_retried_for_ever(ctx):
+    from producer.finalize import finalize
+    from worker.sinks import StaleOffset
+    from worker.tasks import is_infra_error
+
+    assert [execute(ctx, s, "img", 0) for s in (0, 1)] == [DONE, DONE]
+    stale = ctx.state.done_offset(1, "img")
+    finalize(ctx.layout, [0, 1, 2, 3])  # merges the parts the done index points into
+    with pytest.raises(StaleOffset) as err:
+        ctx.layout.sink(1).read_at(stale)
+    assert not is_infra_error(err.value)  # never retried for ever as a volume failure
+    assert execute(ctx, 2, "img", 0) == DONE
+    fresh = ctx.state.done_offset(1, "img")
+    assert fresh != stale and ctx.layout.sink(1).read_at(fresh)["image_id"] == "img"
+
+
+def test_settle_many_survives_a_redis_that_lost_its_scripts_between_load_and_run(redis_url, redis_client):
+    """redis-py loads a pipeline's scripts, then sends the EVALSHAs: a Redis restarted between
+    the two answers NOSCRIPT. ``settle_many`` runs the batch again (settling is idempotent)."""
+    import redis
+
+    flushes = [1]
+
+    class ForgetfulPipeline(redis.client.Pipeline):
+        def load_scripts(self):  # the scripts are loaded, then the server forgets them once
+            super().load_scripts()
+            if flushes[0]:
+                flushes[0] -= 1
+                self.immediate_execute_command("SCRIPT", "FLUSH")
+
+    class ForgetfulRedis(redis.Redis):
+        def pipeline(self, transaction=True, shard_hint=None):
+            return ForgetfulPipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)
+
+    client = ForgetfulRedis.from_url(redis_url)
+    state = RunState(client, "run-noscript")
+    state.mark_queued({"a": 0, "b": 0})
+    state.mark_done(0, "a", 1)
+    assert state.settle_many(["a", "b"], [0]) == 1 and flushes == [0]
+    assert state.queued_count() == 1
