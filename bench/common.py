@@ -513,31 +513,37 @@ class SinkTailer(_Poller):
     results: Path
     poll: float = 0.02
     events: dict[int, dict[str, StepEvent]] = field(default_factory=lambda: {s: {} for s in STEP_DIRS})
-    _pos: dict[int, int] = field(default_factory=lambda: dict.fromkeys(STEP_DIRS, 0))
-    _partial: dict[int, bytes] = field(default_factory=lambda: dict.fromkeys(STEP_DIRS, b""))
+    _pos: dict[Path, int] = field(default_factory=dict)
+    _partial: dict[Path, bytes] = field(default_factory=dict)
 
     def tick(self) -> None:
         now = time.monotonic()
         for step, d in STEP_DIRS.items():
-            path = self.results / d / "annotations.jsonl"
+            # Workers write per-writer part files (worker/sinks.py); the main file holds what a
+            # finalize merged. Tail them all.
+            folder = self.results / d
+            for path in [folder / "annotations.jsonl", *sorted((folder / "annotations.parts").glob("*.jsonl"))]:
+                self._tail(step, path, now)
+
+    def _tail(self, step: int, path: Path, now: float) -> None:
+        try:
+            with open(path, "rb") as f:
+                f.seek(self._pos.get(path, 0))
+                chunk = f.read()
+        except OSError:
+            return
+        if not chunk:
+            return
+        self._pos[path] = self._pos.get(path, 0) + len(chunk)
+        data = self._partial.get(path, b"") + chunk
+        *lines, self._partial[path] = data.split(b"\n")
+        for line in lines:
             try:
-                with open(path, "rb") as f:
-                    f.seek(self._pos[step])
-                    chunk = f.read()
-            except OSError:
+                rec = json.loads(line)
+            except ValueError:
                 continue
-            if not chunk:
-                continue
-            self._pos[step] += len(chunk)
-            data = self._partial[step] + chunk
-            *lines, self._partial[step] = data.split(b"\n")
-            for line in lines:
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    continue
-                call = ((rec.get("meta") or {}).get(PIPELINE_NAMES[step]) or {}).get("call") or {}
-                self.events[step].setdefault(rec["image_id"], StepEvent(now, float(call.get("latency_s") or 0)))
+            call = ((rec.get("meta") or {}).get(PIPELINE_NAMES[step]) or {}).get("call") or {}
+            self.events[step].setdefault(rec["image_id"], StepEvent(now, float(call.get("latency_s") or 0)))
 
 
 @dataclass
