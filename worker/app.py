@@ -16,6 +16,7 @@ from worker import settings
 from worker.clock import ClockCheck
 from worker.keys import PRIORITY_SEP, PRIORITY_STEPS, QUEUE
 from worker.settings import REDIS_SOCKET_TIMEOUT
+from worker.tailfirst import TailFirst
 
 
 def _backend_url(url: str) -> str:
@@ -97,6 +98,9 @@ def make_app() -> Celery:
     # A worker whose clock is off refuses to start, and stops re-queueing others' tasks if it
     # drifts later (worker/clock.py: kombu compares unacked stamps with each worker's own clock).
     app.steps["consumer"].add(ClockCheck)
+    # Once few new images are left to start, a worker starts them before finishing started ones
+    # (worker/tailfirst.py): depth-first until the end of the run, then the longest work first.
+    app.steps["consumer"].add(TailFirst)
     return app
 
 
