@@ -67,23 +67,30 @@ def test_an_images_later_steps_run_before_the_backlogs_head_steps(fleet, fleet_e
     assert failures(results) == []
 
 
-def test_a_killed_workers_later_step_comes_back_into_its_own_priority_list(
-        fleet, fleet_env, fake_vlm, data, tmp_path, redis_url, monkeypatch):
-    # Hold the first step-2 call at the fake, kill -9 its worker: the unacked step-2 message must
-    # be put back into step 2's priority list (ahead of the head steps still queued), not into
-    # the head steps' list, and the run then finishes on a fresh worker.
+def hold_first_call(fake_vlm, step: int) -> tuple[threading.Event, threading.Event]:
+    """Make the fake hold the first call of ``step`` until ``release`` is set (``held`` tells
+    it arrived); every other call is answered as usual."""
     held = threading.Event()
     release = threading.Event()
 
     def answer(prompt: str, image: bytes | None, protocol: str) -> str:
         from tests.support.fake_vlm import default_answer
 
-        if step_of(prompt) == 2 and not held.is_set():
+        if step_of(prompt) == step and not held.is_set():
             held.set()
             release.wait(60)
         return default_answer(prompt, image, protocol)
 
     fake_vlm.answer_fn = answer
+    return held, release
+
+
+def test_a_killed_workers_later_step_comes_back_into_its_own_priority_list(
+        fleet, fleet_env, fake_vlm, data, tmp_path, redis_url, monkeypatch):
+    # Hold the first step-2 call at the fake, kill -9 its worker: the unacked step-2 message must
+    # be put back into step 2's priority list (ahead of the head steps still queued), not into
+    # the head steps' list, and the run then finishes on a fresh worker.
+    held, release = hold_first_call(fake_vlm, 2)
     fake_vlm.latency = 0.05
     vt = {"REFEXP_VISIBILITY_TIMEOUT": SHORT_VT}
     (w1,) = fleet.start(1, concurrency=1, extra_env=vt)
@@ -133,18 +140,7 @@ def test_step_3_sent_by_the_chain_after_step_2_has_step_3s_priority(fleet, fleet
     # Celery sends a chain's next task with priority=None (task_inherit_parent_priority is off),
     # which the transport files under its default, 0: step 3 must be the priority-0 step
     # (worker/stepdefs.py). Hold the first step-3 call and look at its message.
-    held = threading.Event()
-    release = threading.Event()
-
-    def answer(prompt: str, image: bytes | None, protocol: str) -> str:
-        from tests.support.fake_vlm import default_answer
-
-        if step_of(prompt) == 3 and not held.is_set():
-            held.set()
-            release.wait(60)
-        return default_answer(prompt, image, protocol)
-
-    fake_vlm.answer_fn = answer
+    held, release = hold_first_call(fake_vlm, 3)
     fleet.start(1, concurrency=1)
     results = tmp_path / "results"
     producer(fleet_env, "enqueue", *job(fake_vlm, data, results))
