@@ -185,12 +185,13 @@ def test_a_refused_enqueue_touches_nothing_and_a_grown_image_dir_resumes(dirs, r
     assert bound["inputs"] == inputs_of(spec(dirs)) and bound["steps"] == [0, 1, 2, 3]
     assert bound["seed"]["images"] == 3 and len(bound["seed"]["sha256"]) == 64
     seed_bytes, run_bytes = layout.seed.path.read_bytes(), layout.run_file.read_bytes()
+    listing = sorted(p.name for p in layout.root.iterdir())
+    assert {"run.json", "run.spec.yaml", "seed_annotations.jsonl"} <= set(listing)
 
     with pytest.raises(InputsChanged):
         submit(spec(dirs, "other"), redis_client)
     assert layout.seed.path.read_bytes() == seed_bytes and layout.run_file.read_bytes() == run_bytes
-    assert sorted(p.name for p in layout.root.iterdir()) == [".producer.lock", "run.json", "run.spec.yaml",
-                                                             "seed_annotations.jsonl"]
+    assert sorted(p.name for p in layout.root.iterdir()) == listing, "the refused enqueue left a file behind"
 
     Image.new("RGB", (8, 6)).save(dirs["images"] / "images_3.png")  # the image dir grows
     again = submit(spec(dirs), redis_client)
