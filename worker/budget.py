@@ -50,12 +50,21 @@ log = logging.getLogger("refexp.worker")
 # when the entry lapses unless refreshed) and a wake list its waiters block on. A free slot is
 # owed to the waiters of better levels first: a caller gets one only if more slots are free than
 # there are waiters ahead of it, and a release wakes the first level that has waiters.
-# Shared Lua: prune a level's lapsed waiters and count it; wake the first level with waiters.
+# Shared Lua: whether any level has a waiter entry (one EXISTS: the scripts skip the levels when
+# none has, which is every call while threads do not outnumber slots); prune a level's lapsed
+# waiters and count it; wake the first level with waiters.
 # KEYS layout of both scripts after their own keys: waiters_1..waiters_n, wake_1..wake_n.
 _LEVELS = """
 local function waiting(k, now)
   redis.call('ZREMRANGEBYSCORE', k, '-inf', now)
   return redis.call('ZCARD', k)
+end
+local function anyone_waiting(base, n)
+  local keys = {}
+  for i = 1, n do
+    keys[i] = KEYS[base + i]
+  end
+  return redis.call('EXISTS', unpack(keys)) > 0
 end
 local function wake_first(base, n, now, maxc)
   for i = 1, n do
@@ -79,9 +88,13 @@ local maxc = tonumber(ARGV[2])
 local me = tonumber(ARGV[5])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local free = maxc - redis.call('ZCARD', KEYS[1])
+-- Nobody waiting (the usual case): one EXISTS instead of pruning and counting every level.
+local anyone = anyone_waiting(2, n)
 local ahead = 0
-for i = 1, me - 1 do
-  ahead = ahead + waiting(KEYS[2 + i], now)
+if anyone then
+  for i = 1, me - 1 do
+    ahead = ahead + waiting(KEYS[2 + i], now)
+  end
 end
 local mine = KEYS[2 + me]
 if free > ahead then
@@ -89,9 +102,11 @@ if free > ahead then
   redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[1])) + 60)
   redis.call('INCR', KEYS[2])
   redis.call('EXPIRE', KEYS[2], tonumber(ARGV[4]))
-  redis.call('ZREM', mine, ARGV[3])
-  if free > 1 then
-    wake_first(2, n, now, maxc)
+  if anyone then
+    redis.call('ZREM', mine, ARGV[3])
+    if free > 1 then
+      wake_first(2, n, now, maxc)
+    end
   end
   return 1
 end
@@ -107,10 +122,11 @@ return 0
 # nobody waiting, nothing is pushed (a waiter registers in the same script that refuses it, so
 # a release always sees it).
 _RELEASE = _LEVELS + """
-if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
+local n = (#KEYS - 1) / 2
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 and anyone_waiting(1, n) then
   local t = redis.call('TIME')
   local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
-  wake_first(1, (#KEYS - 1) / 2, now, tonumber(ARGV[2]))
+  wake_first(1, n, now, tonumber(ARGV[2]))
 end
 return 0
 """
