@@ -37,8 +37,12 @@ class SortedPairs:
         self._runs: list[Path] = []
         self._buf: list[Pair] = []
         self.count = 0
-        for pair in pairs:
-            self.add(pair)
+        try:
+            for pair in pairs:
+                self.add(pair)
+        except BaseException:  # a listing that fails midway leaves no spilled runs behind
+            self.close()
+            raise
 
     def add(self, pair: Pair) -> None:
         """One more pair (before iterating)."""

@@ -497,3 +497,16 @@ def test_duplicate_ids_in_a_large_jsonl_are_found_by_sorting(tmp_path, monkeypat
         write_seed(jsonl_spec(src), results, SeedReport())
     assert f"{src}:21: image_id 'i03' already seeded on line 4" in str(exc.value)
     assert not (results / SEED_FILE).exists()
+
+
+def test_a_listing_that_fails_after_spilling_leaves_no_sort_folder(tmp_path):
+    from producer.extsort import SortedPairs
+
+    def names():
+        for i in range(10):
+            yield (f"{i:03d}", f"{i:03d}.png")
+        raise OSError(5, "Input/output error")  # the folder's listing fails midway
+
+    with pytest.raises(OSError):
+        SortedPairs(names(), tmp_path, chunk=3)  # three runs spilled by then
+    assert list(tmp_path.iterdir()) == []
