@@ -250,9 +250,10 @@ class GuardedQoS(kombu_redis.QoS):
                         .hset(self.unacked_key, delivery_tag, raw).execute()
                 kombu_virtual.QoS.append(self, message, delivery_tag)
         except redis.exceptions.RedisError as exc:
-            log.error("a task taken from the queue could not be recorded as unacked (%s: %s); running it "
+            task_id = (getattr(message, "headers", None) or {}).get("id", "?")
+            log.error("task %s taken from the queue could not be recorded as unacked (%s: %s); running it "
                       "anyway (should this worker die before it settles, `producer wait` puts its image "
-                      "back)", type(exc).__name__, exc)
+                      "back)", task_id, type(exc).__name__, exc)
             kombu_virtual.QoS.append(self, message, delivery_tag)
 
 

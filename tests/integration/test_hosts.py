@@ -177,6 +177,14 @@ def holding(w: WorkerProc) -> set[str]:
     return held
 
 
+_NOT_RECORDED = re.compile(r"task ([0-9a-f-]{36}) taken from the queue could not be recorded as unacked")
+
+
+def not_recorded(w: WorkerProc) -> set[str]:
+    """Task ids the worker took from the queue but could not record as unacked (worker/clock.py)."""
+    return set(_NOT_RECORDED.findall(w.text()))
+
+
 def received(w: WorkerProc) -> set[str]:
     return {tid for _, tid, event in task_events(w) if event == "received"}
 
@@ -264,7 +272,10 @@ def test_worker_host_cut_off_from_redis_past_the_visibility_timeout(site, fleet,
     # something), and until every task it held was redelivered to host 2 (host 2's restore
     # sweep gave them back to the queue): the heal must find them running in two places.
     def redelivered():
-        return held <= received(w2) or w2.proc.poll() is not None
+        # A task whose message was taken but never recorded as unacked (the reset hit between
+        # BRPOP and the record) is not Redis's to redeliver: the reconciler puts it back after
+        # the heal, and the run must still finish below.
+        return held - not_recorded(w1) <= received(w2) or w2.proc.poll() is not None
 
     wait_until(lambda: time.monotonic() - t_cut >= CUT_FOR and redelivered(), CUT_FOR + SHORT_VT + 30,
                f"host 1's tasks {sorted(held)} to be redelivered to host 2 while host 1 is cut off ({mode})",
