@@ -93,6 +93,23 @@ class PriceSpec(_Strict):
                                      "0 with output_per_million 0 = no price table, no cost shown.")
     output_per_million: float = Field(0.0, ge=0, description="Price per million output tokens "
                                       "(thinking tokens are billed as output).")
+    batch_factor: float = Field(0.5, ge=0, le=1, description="refexp: what a provider batch-mode call costs "
+                                "as a fraction of the online price (Gemini Batch Mode and OpenAI's Batch API "
+                                "bill about half).")
+
+
+class BatchSpec(_Strict):
+    """refexp: provider batch mode (Gemini Batch Mode, OpenAI Batch API): cheaper, answers within a day.
+
+    ``vlm.batch: on`` is short for ``vlm.batch.enabled: true``.
+    """
+
+    enabled: bool = Field(False, description="Send step calls as provider batch jobs instead of online calls.")
+    max_requests_per_job: int = Field(1000, ge=1, description="Requests gathered into one provider job at most.")
+    gather_seconds: float = Field(60.0, gt=0, description="How long requests are gathered before a job that is "
+                                  "not full is submitted anyway.")
+    poll_seconds: float = Field(60.0, gt=0, description="How often the coordinating worker asks the provider "
+                                "about its running jobs.")
 
 
 # Below this a downscaled image shows too little to describe boxes in (and Qwen-VL's minimum
@@ -121,6 +138,17 @@ class VLMSpec(_Strict):
         "auto", description="How the model writes boxes; auto = by model name (worker/coords.py).")
     prices: PriceSpec = Field(PriceSpec(), description="Optional price table {input_per_million, "
                               "output_per_million} in your currency; all 0 (the default) = none.")
+    batch: BatchSpec = Field(BatchSpec(), description="refexp: provider batch mode; off by default.")
+
+    @field_validator("batch", mode="before")
+    @classmethod
+    def _batch_switch(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            return {"enabled": value}
+        word = value.strip().lower() if isinstance(value, str) else None
+        if word in ("on", "yes", "true", "off", "no", "false"):
+            return {"enabled": word in ("on", "yes", "true")}
+        return value
 
 
     @field_validator("downscale_to_pixels", mode="before")

@@ -1,0 +1,93 @@
+"""Provider batch mode: the interface a backend's batch API is driven through.
+
+Why a separate interface from ``VLMClient``: a batch job answers within hours, so nothing may
+block on it. Requests are submitted as a job, the job is polled, and its answers come back keyed
+by the caller's request keys; every answer then goes through the same checks (``check_answer``)
+and parsing as an online call's. Implementations: Gemini Batch Mode (``client.batches``, inline
+requests or an uploaded JSONL file), OpenAI's Batch API (``client.files`` + ``client.batches``),
+and the offline teacher (answers at once, for demos and tests).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+from worker.clients.base import VLMRequest, VLMResponse
+from worker.errors import ConfigError
+from worker.spec import VLMSpec
+
+JobState = Literal["pending", "running", "succeeded", "failed", "expired", "cancelled"]
+FINAL_STATES: frozenset[str] = frozenset({"succeeded", "failed", "expired", "cancelled"})
+
+
+class BatchUnsupported(ConfigError):
+    """The endpoint has no batch API (vLLM, NIM, ...): ``vlm.batch`` must be off for it."""
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One request of a job; ``key`` is the caller's (unique within the job) and comes back with
+    its answer."""
+
+    key: str
+    request: VLMRequest
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """What the provider says about a job. ``counts``: provider request counts when it gives them
+    (e.g. {"total": 10, "succeeded": 7, "failed": 1}); ``error``: its message for a failed job."""
+
+    state: JobState
+    counts: dict = field(default_factory=dict)
+    error: str = ""
+
+    @property
+    def final(self) -> bool:
+        return self.state in FINAL_STATES
+
+
+@runtime_checkable
+class BatchBackend(Protocol):
+    """A backend's batch API.
+
+    ``results`` yields ``(key, answer)`` for every request of a finished job, where ``answer`` is
+    a ``VLMResponse`` (already through ``check_answer``) or the exception an online call would
+    have raised for that request (``worker.errors``: ``RateLimited``, ``BlockedAnswer``,
+    ``TruncatedAnswer``, ``PermanentClientError``, ...), so per-request failures are retried the
+    normal way. A key of the job missing from the provider's output is yielded as a
+    ``ClientError``: nothing is silently dropped.
+    """
+
+    name: str
+
+    def probe(self) -> None:
+        """Raise ``BatchUnsupported`` (with what to change) when the endpoint has no batch API."""
+
+    def submit(self, items: Sequence[BatchItem], *, display_name: str) -> str:
+        """Submit one job; return the provider's job id (kept in the ledger)."""
+
+    def status(self, job_id: str) -> JobStatus: ...
+
+    def results(self, job_id: str) -> Iterator[tuple[str, VLMResponse | Exception]]: ...
+
+    def cancel(self, job_id: str) -> None: ...
+
+
+def get_batch_backend(vlm: VLMSpec) -> BatchBackend:
+    """The batch backend for ``vlm.backend``; imported lazily like the online clients."""
+    if vlm.backend == "gemini":
+        from worker.clients.gemini_batch import GeminiBatch
+
+        return GeminiBatch(vlm.gemini)
+    if vlm.backend == "openai":
+        from worker.clients.openai_batch import OpenAIBatch
+
+        return OpenAIBatch(vlm.openai)
+    if vlm.backend == "offline":
+        from worker.clients.offline_batch import OfflineBatch
+
+        return OfflineBatch(vlm)
+    raise ConfigError(f"vlm.backend = {vlm.backend!r} is not one of: gemini, openai, offline")
