@@ -371,14 +371,28 @@ def why_nothing_seeded(spec: Spec, report: SeedReport) -> str:
     return f"nothing could be seeded from {source}: {'; '.join(found)}"
 
 
-def _inside(image_path: str, root: Path) -> str | None:
-    """The absolute, normalised image path if it lies under ``root`` (as written, or once
-    symlinks are resolved), else None. ``..`` cannot climb out: the check is on the normalised path."""
-    norm = Path(os.path.normpath(root / Path(image_path).expanduser()))
-    real_root = root.resolve()
-    if norm.is_relative_to(root) or norm.is_relative_to(real_root) or norm.resolve().is_relative_to(real_root):
-        return str(norm)
-    return None
+class _Inside:
+    """Whether image paths lie under ``root`` (as written, or once symlinks are resolved): the
+    absolute, normalised path if so, else None. ``..`` cannot climb out: the check is on the
+    normalised path. Built once per input file: the common case (a path under the root as
+    written) is string work only; symlinks are resolved only for a path that is not."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.real_root = root.resolve()
+        self._under = tuple({_prefix(root), _prefix(self.real_root)})
+
+    def __call__(self, image_path: str) -> str | None:
+        norm = os.path.normpath(os.path.join(self.root, os.path.expanduser(image_path)))
+        if norm.startswith(self._under) or norm + os.sep in self._under:
+            return norm
+        return norm if Path(norm).resolve().is_relative_to(self.real_root) else None
+
+
+def _prefix(root: Path) -> str:
+    """``root`` normalised, with one trailing separator: the prefix of every path under it."""
+    text = os.path.normpath(root)
+    return text if text.endswith(os.sep) else text + os.sep
 
 
 def seed_from_jsonl(spec: Spec, report: SeedReport) -> Iterator[dict]:
@@ -396,6 +410,7 @@ def seed_from_jsonl(spec: Spec, report: SeedReport) -> Iterator[dict]:
 
 def _jsonl_records(spec: Spec, path: Path, root: Path, seen: SortedPairs, report: SeedReport) -> Iterator[dict]:
     max_pixels = spec.ire.vlm.max_image_pixels
+    inside = _Inside(root)
     with open(path, encoding="utf-8", errors="replace") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
@@ -419,7 +434,7 @@ def _jsonl_records(spec: Spec, path: Path, root: Path, seen: SortedPairs, report
             if (width or height) and not (_positive_int(width) and _positive_int(height)):
                 raise ConfigError(f"{path}:{lineno}: width and height must be positive integers "
                                   f"(got {width!r} x {height!r}); leave them out to read them from the image")
-            image_path = _inside(str(rec["image_path"]), root)
+            image_path = inside(str(rec["image_path"]))
             if image_path is None:
                 message = (f"{path}:{lineno}: image {rec['image_path']} is outside the allowed root {root} "
                            "(data.image_dir, or the jsonl file's directory when image_dir is unset); not seeded")

@@ -510,3 +510,25 @@ def test_a_listing_that_fails_after_spilling_leaves_no_sort_folder(tmp_path):
     with pytest.raises(OSError):
         SortedPairs(names(), tmp_path, chunk=3)  # three runs spilled by then
     assert list(tmp_path.iterdir()) == []
+
+
+def test_image_paths_are_inside_the_root_by_component_not_by_string_prefix(tmp_path):
+    """The jsonl path check: under the root as written or once resolved; a sibling whose name
+    merely starts with the root's (``images2``) is outside, and ``..`` cannot climb out."""
+    from producer.seed import _Inside
+
+    real = tmp_path / "real"
+    (real / "sub").mkdir(parents=True)
+    (tmp_path / "images2").mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(real)                                   # the root given through a symlink
+    (tmp_path / "way_in").symlink_to(real / "sub")           # outside as written, inside once resolved
+    inside = _Inside(link)
+    assert inside("a.png") == str(link / "a.png")
+    assert inside("sub/../b.png") == str(link / "b.png")
+    assert inside(str(real / "c.png")) == str(real / "c.png")  # the root's real path
+    assert inside(str(tmp_path / "way_in" / "d.png")) == str(tmp_path / "way_in" / "d.png")
+    assert inside("../images2/e.png") is None
+    assert inside(str(tmp_path / "real2" / "f.png")) is None  # a string prefix of the real root
+    assert inside(str(tmp_path / "linkx" / "g.png")) is None  # and of the root as written
+    assert inside("../../etc/passwd") is None
