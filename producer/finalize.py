@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import multiprocessing
 import os
 import re
@@ -30,7 +29,7 @@ from producer.summary import write_summary
 from producer.usage import call_counts, usage_summary
 from worker import stepdefs
 from worker.layout import Layout
-from worker.sinks import JsonlSink, ReadStats, dumps
+from worker.sinks import JsonlSink, ReadStats, dumps, loads
 from worker.stepdefs import ALL_STEPS
 from worker.steps import final_record
 from worker.steps.records import deterministic
@@ -213,7 +212,7 @@ def _write_final(layout: Layout, steps: list[int], final_steps: list[int], sinks
                         if len(report.missing) < LISTED:
                             report.missing.append(image_id)
                     continue
-                records = {s: json.loads(readers[s].read_line_at(found[s][0])) for s in final_steps}
+                records = {s: loads(readers[s].read_line_at(found[s][0])) for s in final_steps}
                 out.write(dumps(deterministic(final_record(steps, records))) + "\n")
                 report.written += 1
             out.flush()
@@ -244,7 +243,7 @@ def _compact(sink: JsonlSink, step: int, latest: SortedPairs, generation: int) -
                     out.write(reader.read_line_at(prev[1]))
                     n += 1
                 elif prev is not None:  # a superseded record of the same image
-                    dropped.append((prev[1], json.loads(reader.read_line_at(prev[1]))))
+                    dropped.append((prev[1], loads(reader.read_line_at(prev[1]))))
                     if len(dropped) >= 1000:
                         _add(dropped_usage, call_counts(dropped, step))
                         dropped.clear()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from collections.abc import Callable
@@ -26,7 +25,7 @@ from worker.constants import SEED_FILE
 from worker.layout import Layout
 from worker.run import Run
 from worker.runstate import RunRef, RunState
-from worker.sinks import SinkReader
+from worker.sinks import SinkReader, loads
 from worker.spec import Spec
 from worker.stepdefs import ALL_STEPS
 
@@ -73,7 +72,7 @@ def _reindex(run_state: RunState, layout: Layout) -> dict[int, int]:
 def _record_at(reader: SinkReader, image_id: str, offset: int) -> bool:
     """Whether the sink holds ``image_id``'s record at ``offset`` (a done mark set during a reindex)."""
     try:
-        record = json.loads(reader.read_line_at(offset))
+        record = loads(reader.read_line_at(offset))
     except (OSError, ValueError):  # StaleOffset, a file gone, a line that is not one
         return False
     return isinstance(record, dict) and str(record.get("image_id")) == image_id

@@ -37,7 +37,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
+
+import orjson
 
 _LOCKS: dict[str, threading.Lock] = {}
 _LOCKS_GUARD = threading.Lock()
@@ -153,12 +155,24 @@ def _lines(path: Path) -> Iterator[bytes]:
 _DECODE = json.JSONDecoder().decode  # on str: json.loads(bytes) first guesses the encoding, per line
 
 
+def loads(line: bytes) -> Any:
+    """One JSON document of a sink line. orjson first: parsing every line is most of what
+    finalize and reindex spend (about twice as fast as ``json`` on our records). What orjson
+    refuses and ``json`` takes (NaN, escaped lone surrogates) falls back to ``json``, so those
+    lines read as they always have; ``ValueError`` when neither takes it. One difference is
+    left: orjson reads an integer past 64 bits as a float (no record we write holds one)."""
+    try:
+        return orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return _DECODE(line.decode("utf-8"))
+
+
 def _parse(line: bytes) -> dict | None:
     """The record of a whole line, or None for a torn, corrupt or foreign one."""
     if not line.endswith(b"\n"):
         return None
     try:
-        record = _DECODE(line.decode("utf-8"))
+        record = loads(line)
     except ValueError:  # UnicodeDecodeError is one too
         return None
     return record if isinstance(record, dict) and "image_id" in record else None
@@ -419,7 +433,7 @@ class JsonlSink:
 
     def read_at(self, offset: int) -> dict:
         """The record whose line starts at ``offset`` (as returned by ``append``)."""
-        return json.loads(self.read_line_at(offset))
+        return loads(self.read_line_at(offset))
 
     def find_latest(self, image_id: str) -> tuple[int, dict] | None:
         """``(offset, record)`` of the newest record of ``image_id``, or None if the sink has

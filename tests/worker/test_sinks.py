@@ -107,6 +107,23 @@ def test_scan_skips_garbage_and_records_without_image_id(tmp_path):
     assert stats.bad_lines == 4
 
 
+def test_lines_read_as_the_json_module_reads_them(tmp_path):
+    """Sink lines are parsed with orjson where it can; what it refuses and ``json`` takes (NaN,
+    an escaped lone surrogate) still reads, with the same values, and invalid UTF-8 is still a
+    bad line."""
+    sink = JsonlSink(tmp_path / "a.jsonl", fsync=False)
+    lines = [b'{"image_id":"nan","v":NaN}\n', b'{"image_id":"sur","v":"\\ud800x"}\n', b'{"image_id":"utf","v":"\xc3\xa9"}\n']
+    sink.path.write_bytes(b"".join(lines) + b'{"image_id":"bad","v":"\xff"}\n')
+    stats = ReadStats()
+    got = {r["image_id"]: r["v"] for _, r in sink.scan(stats)}
+    want = {json.loads(line)["image_id"]: json.loads(line)["v"] for line in lines}
+    assert got.keys() == want.keys() and got["nan"] != got["nan"]  # NaN: not equal to itself
+    assert {k: v for k, v in got.items() if k != "nan"} == {k: v for k, v in want.items() if k != "nan"}
+    assert stats.bad_lines == 1
+    for off, _ in sink.scan():
+        assert sink.read_at(off)["image_id"] in want
+
+
 def test_scan_offsets_match_read_at(tmp_path):
     sink = JsonlSink(tmp_path / "a.jsonl", fsync=False)
     for i in range(3):
