@@ -53,8 +53,8 @@ from typing import Annotated
 import typer
 
 from producer.exitcodes import user_errors
-from producer.preview import choose_ids
-from producer.seed import SeedReport, list_images, read_label, seed_from_jsonl
+from producer.preview import spread_indices
+from producer.seed import SeedReport, read_label, scan_image_dir, seed_from_jsonl
 from producer.usage import call_cost
 from worker.coords import downscaled_size
 from worker.errors import ConfigError, InputError
@@ -140,15 +140,42 @@ class DatasetScan:
         return sum(counts) / len(counts) if counts else 0.0
 
 
+class EvenSample:
+    """About ``sample`` items spread evenly over a stream whose length is not known in advance,
+    in memory for at most ``2 * sample`` of them: every ``stride``-th item is kept, and when
+    the kept ones reach twice the sample, every other one is dropped and the stride doubles.
+    ``sample`` 0 keeps every item (the user asked for all of them)."""
+
+    def __init__(self, sample: int):
+        self.sample, self.stride, self.seen = sample, 1, 0
+        self.kept: list = []
+
+    def add(self, item: object) -> None:
+        if self.sample <= 0 or self.seen % self.stride == 0:
+            self.kept.append(item)
+            if self.sample > 0 and len(self.kept) >= 2 * self.sample:
+                self.kept = self.kept[::2]
+                self.stride *= 2
+        self.seen += 1
+
+    def result(self) -> list:
+        return [self.kept[i] for i in spread_indices(len(self.kept), self.sample)]
+
+
 def scan_dataset(spec: Spec, sample: int) -> DatasetScan:
-    """Read headers and labels of ``sample`` images (0 = all) spread over the dataset."""
+    """Read headers and labels of ``sample`` images (0 = all) spread over the dataset.
+
+    In bounded memory at any number of images (issue 16): the jsonl is streamed through an
+    ``EvenSample``, the image folder's names through the external sort seeding uses; only the
+    sampled images' records are held."""
     data = spec.ire.data
     if data.input_annotations_jsonl:
         if not Path(data.input_annotations_jsonl).is_file():
             raise ConfigError(f"data.input_annotations_jsonl: file not found: {data.input_annotations_jsonl}")
-        records = list(seed_from_jsonl(spec, SeedReport()))
-        ids = choose_ids([str(i) for i in range(len(records))], sample=sample)
-        return DatasetScan(images=len(records), sampled=[records[int(i)] for i in ids])
+        kept = EvenSample(sample)
+        for rec in seed_from_jsonl(spec, SeedReport()):
+            kept.add(rec)
+        return DatasetScan(images=kept.seen, sampled=kept.result())
     if not data.image_dir or data.image_dir == "???":
         raise ConfigError("no images: pass --image-dir (or image_referring_expression.data.image_dir=...)")
     image_dir = Path(data.image_dir).expanduser()
@@ -157,27 +184,41 @@ def scan_dataset(spec: Spec, sample: int) -> DatasetScan:
     label_dir = Path(data.kitti_label_dir).expanduser() if data.kitti_label_dir not in ("", "???") else None
     if label_dir is not None and not label_dir.is_dir():
         raise ConfigError(f"--label-dir: not a directory: {label_dir}")
-    names = dict(list_images(image_dir))
-    chosen = choose_ids(sorted(names), sample=sample)
-    scan = DatasetScan(images=len(names))
-    for stem in chosen:
-        try:
-            w, h = read_size(image_dir / names[stem], max_pixels=spec.ire.vlm.max_image_pixels)
-        except InputError:
-            scan.unreadable += 1
-            continue
-        boxes: list[list] = []
-        if label_dir is not None:
-            try:
-                text = read_label(label_dir / f"{stem}.txt") or ""
-            except InputError:
-                scan.unreadable += 1  # seeding leaves this image out too
+    with scan_image_dir(image_dir).images as names:  # type: ignore[union-attr]
+        scan = DatasetScan(images=names.count)
+        wanted = iter(spread_indices(names.count, sample))
+        want = next(wanted, None)
+        for i, (stem, name) in enumerate(names):
+            if i != want:
                 continue
-            parsed = parse_kitti(text, width=w, height=h, ignore_types=data.ignore_types)
-            boxes = [[*b["bbox"], b["type"]] for b in cap_boxes(parsed.boxes, data.max_boxes_per_image)[0]]
-        scan.sampled.append({"image_id": stem, "image_path": str(image_dir / names[stem]), "width": w, "height": h,
-                             "kitti_bboxes": boxes})
+            want = next(wanted, None)
+            rec = _sample_image(spec, image_dir / name, stem, label_dir)
+            if rec is None:
+                scan.unreadable += 1
+            else:
+                scan.sampled.append(rec)
+            if want is None:
+                break
     return scan
+
+
+def _sample_image(spec: Spec, path: Path, stem: str, label_dir: Path | None) -> dict | None:
+    """A seed-like record of one sampled image (its size and capped boxes), or None when its
+    image or label cannot be read (seeding leaves such an image out too)."""
+    data = spec.ire.data
+    try:
+        w, h = read_size(path, max_pixels=spec.ire.vlm.max_image_pixels)
+    except InputError:
+        return None
+    boxes: list[list] = []
+    if label_dir is not None:
+        try:
+            text = read_label(label_dir / f"{stem}.txt") or ""
+        except InputError:
+            return None
+        parsed = parse_kitti(text, width=w, height=h, ignore_types=data.ignore_types)
+        boxes = [[*b["bbox"], b["type"]] for b in cap_boxes(parsed.boxes, data.max_boxes_per_image)[0]]
+    return {"image_id": stem, "image_path": str(path), "width": w, "height": h, "kitti_bboxes": boxes}
 
 
 # --------------------------------------------------------------------------- token models

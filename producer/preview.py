@@ -122,12 +122,17 @@ def choose_ids(all_ids: list[str], images: Iterable[str] | None = None, sample: 
             raise ConfigError(f"--images: no image with id {', '.join(unknown[:10])} in this run "
                               f"(ids are file stems, e.g. {all_ids[0] if all_ids else 'none seeded'})")
         return sorted(dict.fromkeys(wanted))
-    n = len(all_ids)
+    return sorted({all_ids[i] for i in spread_indices(len(all_ids), sample)})
+
+
+def spread_indices(n: int, sample: int) -> list[int]:
+    """``sample`` positions spread evenly over ``n`` (all of them when ``sample`` is 0 or
+    covers ``n``), first and last included."""
     if sample <= 0 or sample >= n:
-        return list(all_ids)
+        return list(range(n))
     if sample == 1:
-        return [all_ids[0]]
-    return sorted({all_ids[round(i * (n - 1) / (sample - 1))] for i in range(sample)})
+        return [0]
+    return sorted({round(i * (n - 1) / (sample - 1)) for i in range(sample)})
 
 
 def load_views(layout: Layout, ids: list[str]) -> list[ImageView]:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
 import pytest
 import typer
+from PIL import Image
 from typer.testing import CliRunner
 
 from producer.demo import make_demo_dataset
-from producer.estimate import LinearTokens, estimate, fit, image_tokens, register
+from producer.estimate import LinearTokens, estimate, fit, image_tokens, register, scan_dataset
 from tests.producer.test_preview import BOXES, make_run
 from worker.clients.offline import OfflineClient
 from worker.errors import ConfigError
@@ -285,3 +287,38 @@ def test_downscale_counts_image_tokens_at_the_sent_size(demo):
         assert f.calls == s.calls
         assert f.input_per_call - s.input_per_call == pytest.approx(per_image_full - per_image_small, abs=2)
     assert "downscale_to_pixels=120000" in small.image_rule and "downscale" not in full.image_rule
+
+
+def test_even_sample_holds_at_most_twice_the_sample_and_spreads_it():
+    """The jsonl is streamed: at most 2 x sample records held, the chosen ones spread over all."""
+    from producer.estimate import EvenSample
+
+    for n, sample in ((10_000, 10), (1_001, 7), (5, 10), (64, 1)):
+        kept, peak = EvenSample(sample), 0
+        for i in range(n):
+            kept.add(i)
+            peak = max(peak, len(kept.kept))
+        got = kept.result()
+        assert kept.seen == n and peak <= 2 * max(sample, 1)
+        assert len(got) == min(n, sample) and got[0] == 0 and got == sorted(got)
+        if 1 < sample < n:
+            gaps = [b - a for a, b in itertools.pairwise(got)]
+            assert max(gaps) <= 2 * n / (sample - 1) and got[-1] >= n // 2, (n, sample, got)
+    every = EvenSample(0)
+    for i in range(100):
+        every.add(i)
+    assert every.result() == list(range(100))
+
+
+def test_estimate_of_a_jsonl_samples_records_spread_over_the_file(tmp_path):
+    png = tmp_path / "a.png"
+    Image.new("RGB", (40, 30)).save(png)
+    with open(tmp_path / "in.jsonl", "w") as f:
+        for i in range(500):
+            f.write(json.dumps({"image_id": f"im{i:04d}", "image_path": "a.png", "width": 40, "height": 30,
+                                "kitti_bboxes": [[1, 1, 5, 5, "Car"]] * (1 + i % 3)}) + "\n")
+    spec = load_spec(None, [f"results_dir={tmp_path / 'r'}",
+                            f"image_referring_expression.data.input_annotations_jsonl={tmp_path / 'in.jsonl'}"])
+    scan = scan_dataset(spec, 9)
+    ids = [r["image_id"] for r in scan.sampled]
+    assert scan.images == 500 and len(ids) == 9 and ids[0] == "im0000" and int(ids[-1][2:]) >= 400
