@@ -25,11 +25,12 @@ cover each other.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import html
 import itertools
 import shutil
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
@@ -39,6 +40,7 @@ import typer
 from PIL import Image, ImageDraw, ImageFont
 
 from producer.exitcodes import user_errors
+from producer.extsort import SortedPairs
 from producer.seed import iter_seed
 from worker.errors import ConfigError
 from worker.geometry import iou
@@ -106,23 +108,43 @@ class ImageView:
         return out
 
 
-def read_seed_ids(layout: Layout) -> list[str]:
+@contextlib.contextmanager
+def seed_ids(layout: Layout) -> Iterator[SortedPairs]:
+    """The seed's image ids, sorted in bounded memory (``(image_id, 0)`` pairs; ``.count`` is
+    how many): a results dir of ten million images is not a list of ten million names."""
     if not layout.seed.path.exists():
         raise ConfigError(f"{layout.root}: no {layout.seed.path.name}; is this a refexp results_dir?")
-    return sorted(rec["image_id"] for _, rec in iter_seed(layout.seed))
+    with SortedPairs((str(rec["image_id"]), 0) for _, rec in iter_seed(layout.seed)) as ids:
+        yield ids
 
 
-def choose_ids(all_ids: list[str], images: Iterable[str] | None = None, sample: int = DEFAULT_SAMPLE) -> list[str]:
-    """The ids asked for (all must exist), else ``sample`` ids spread evenly (0 = all), sorted."""
+def choose_ids(all_ids: Iterable[str], images: Iterable[str] | None = None, sample: int = DEFAULT_SAMPLE, *,
+               count: int | None = None) -> list[str]:
+    """The ids asked for (all must exist), else ``sample`` ids spread evenly (0 = all), sorted.
+
+    ``all_ids`` is sorted and read once, as a stream (``count`` says how many when it is not a
+    sequence): only the chosen ids are held."""
     if images:
-        wanted = [i.strip() for i in images if i.strip()]
-        known = set(all_ids)
-        unknown = [i for i in wanted if i not in known]
+        wanted = sorted(dict.fromkeys(i.strip() for i in images if i.strip()))
+        missing, first = set(wanted), None
+        for image_id in all_ids:
+            first = image_id if first is None else first
+            missing.discard(image_id)
+        unknown = [i for i in wanted if i in missing]
         if unknown:
             raise ConfigError(f"--images: no image with id {', '.join(unknown[:10])} in this run "
-                              f"(ids are file stems, e.g. {all_ids[0] if all_ids else 'none seeded'})")
-        return sorted(dict.fromkeys(wanted))
-    return sorted({all_ids[i] for i in spread_indices(len(all_ids), sample)})
+                              f"(ids are file stems, e.g. {first if first is not None else 'none seeded'})")
+        return wanted
+    n = count if count is not None else len(all_ids)  # type: ignore[arg-type]
+    picks = iter(spread_indices(n, sample))
+    want, out = next(picks, None), []
+    for i, image_id in enumerate(all_ids):
+        if i == want:
+            out.append(image_id)
+            want = next(picks, None)
+        if want is None:
+            break
+    return sorted(set(out))
 
 
 def spread_indices(n: int, sample: int) -> list[int]:
@@ -792,8 +814,9 @@ def build_preview(results_dir: str | Path, out: str | Path | None = None, *,
     if not root.is_dir():
         raise ConfigError(f"--results-dir: not a directory: {root}")
     layout = Layout(root)
-    all_ids = read_seed_ids(layout)
-    ids = choose_ids(all_ids, images, sample)
+    with seed_ids(layout) as pairs:
+        total = pairs.count
+        ids = choose_ids((image_id for image_id, _ in pairs), images, sample, count=total)
     views = load_views(layout, ids)
     out_dir = Path(out).expanduser().resolve() if out else root / "preview"
     img_dir = out_dir / "images"
@@ -809,8 +832,8 @@ def build_preview(results_dir: str | Path, out: str | Path | None = None, *,
             panels.setdefault(view.image_id, []).append((caption, "images/" + quote(name)))
             n += 1
     index = out_dir / "index.html"
-    write_atomic(index, render_index(root, views, panels, len(all_ids)))
-    return PreviewReport(index=index, images=len(views), panels=n, total=len(all_ids))
+    write_atomic(index, render_index(root, views, panels, total))
+    return PreviewReport(index=index, images=len(views), panels=n, total=total)
 
 
 # --------------------------------------------------------------------------- command line

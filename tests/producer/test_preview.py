@@ -310,6 +310,11 @@ def test_choose_ids_spreads_the_sample():
     assert choose_ids(ids, sample=0) == ids
     assert choose_ids(ids, sample=500) == ids
     assert choose_ids(ids, images=["050", " 007", "050"]) == ["007", "050"]
+    # a stream read once (the seed's sorted ids), with its count: the same picks
+    assert choose_ids(iter(ids), sample=5, count=len(ids)) == ["000", "025", "050", "074", "099"]
+    assert choose_ids(iter(ids), images=["099"], count=len(ids)) == ["099"]
+    with pytest.raises(ConfigError, match=r"no image with id 100, x .*e\.g\. 000"):
+        choose_ids(iter(ids), images=["x", "100", "050"], count=len(ids))
 
 
 def test_step3_changes_kept_removed_moved(run):
