@@ -25,6 +25,7 @@ from producer.console import (
     on_seeded,
     run_gone,
     stopped_watching,
+    warn_if_in_flight,
     watch,
 )
 from producer.enqueue import DEFAULT_MAX_INFLIGHT
@@ -280,6 +281,7 @@ def finalize(results_dir: RequiredResults) -> None:
             fail(f"{layout.root}: no step results to finalize (no steps in {layout.run_file.name}, no stored "
                   "spec, no step sink); has the run been enqueued?")
         spec = stored_spec(layout)
+        warn_if_in_flight(layout)
         code = finalize_and_report(layout, steps, spec.ire.vlm.prices.model_dump() if spec else None)
     raise typer.Exit(code)
 

@@ -176,6 +176,39 @@ def nothing_seeded(spec: Spec, report: SeedReport) -> None:
                err=True)
 
 
+def warn_if_in_flight(layout: Layout) -> None:
+    """Say so when the run still has images in flight: finalize needs no Redis and runs anyway,
+    but the images still being worked on come out as missing, and a worker appending meanwhile
+    makes the done index point into merged parts (re-found on use, reindexed at the next
+    enqueue). Best effort: a Redis that does not answer within a second is not asked."""
+    import redis
+
+    from producer.outage import redact
+    from producer.runs import read_run_file
+    from worker import settings
+    from worker.errors import PipelineError
+    from worker.runstate import RunState
+
+    try:
+        run_id = read_run_file(layout).get("run_id")
+    except PipelineError:
+        return
+    if not run_id:
+        return
+    url = settings.state_url()
+    client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+    try:
+        in_flight = RunState(client, run_id).queued_count()
+    except redis.RedisError:
+        return
+    finally:
+        client.close()
+    if in_flight:
+        typer.echo(f"warning: {in_flight} images of this run are still in flight (Redis at {redact(url)}): "
+                   "they will be listed as missing. `producer wait --results-dir "
+                   f"{layout.root}` waits for them; finalize again after that", err=True)
+
+
 def finalize_and_report(layout: Layout, steps: list[int], prices: dict | None = None, *, seed_failed: int = 0,
                          retry: str | None = None) -> ExitCode:
     """Finalize, print what was written and why images are missing; return the exit code.

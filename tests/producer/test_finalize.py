@@ -413,3 +413,26 @@ def test_a_reindex_replaces_the_done_index_so_entries_whose_record_is_gone_are_n
         from producer.submit import _record_at
         assert state.replace_done(0, iter(sorted(read.items())), lambda i, off: _record_at(reader, i, off)) == 3
     assert state.done_offset(0, "c") == late and {i: state.done_offset(0, i) for i in read} == read
+
+
+def test_finalize_warns_when_the_run_still_has_images_in_flight(tmp_path, redis_client, redis_url, monkeypatch):
+    """finalize needs no Redis, but when the run's Redis answers and images are still in flight
+    it says they will be listed as missing, and what to run; a dead Redis only loses the warning."""
+    from typer.testing import CliRunner
+
+    from producer.cli import app
+    from tests.producer.test_preview import make_run
+    from worker.runstate import RunState
+
+    run = make_run(tmp_path)  # run_id "test"
+    monkeypatch.delenv("REFEXP_STATE_URL", raising=False)
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    quiet = CliRunner().invoke(app, ["finalize", "--results-dir", str(run.root)])
+    assert "in flight" not in quiet.output and (run.root / "annotations.jsonl").exists()
+    RunState(redis_client, "test").mark_queued({"a": 0, "b": 10})
+    busy = CliRunner().invoke(app, ["finalize", "--results-dir", str(run.root)])
+    assert "warning: 2 images of this run are still in flight" in busy.output
+    assert f"producer wait --results-dir {run.root}" in busy.output
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")
+    gone = CliRunner().invoke(app, ["finalize", "--results-dir", str(run.root)])
+    assert "in flight" not in gone.output and "wrote" in gone.output
