@@ -40,7 +40,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator
+import shutil
+import socket
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
@@ -227,54 +229,104 @@ def _xywh(b: list[float]) -> list[float]:
     return [_r(b[0]), _r(b[1]), _r(b[2] - b[0]), _r(b[3] - b[1])]
 
 
-def coco_dataset(records: Iterable[dict], *, root: Path | None, phrases: str = "expressions",
-                 with_refs: bool = False) -> dict:
-    """COCO ``images`` / ``annotations`` / ``categories`` (+ RefCOCO ``refs`` when asked).
+@dataclass
+class CocoCounts:
+    images: int = 0
+    objects: int = 0
+    phrases: int = 0  # distinct phrases per image, summed (RefCOCO: refs)
+    links: int = 0    # phrase-object links
 
-    Records are streamed; category ids (names sorted) are filled in at the end.
-    """
-    images, annotations, refs = [], [], []
-    names: set[str] = set()
+
+def coco_items(records: Iterable[dict], cat_id: dict[str, int], *, root: Path | None,
+               phrases: str = "expressions", with_refs: bool = False,
+               counts: CocoCounts | None = None) -> Iterator[tuple[str, dict]]:
+    """COCO ``images`` and ``annotations`` (and RefCOCO ``refs`` when asked) item by item, as
+    ``(section, item)``, with category ids from ``cat_id`` (``coco_categories``)."""
+    counts = counts if counts is not None else CocoCounts()
     ann_id = ref_id = 0
     for image_id, rec in enumerate(records, start=1):
         objs, referrals = image_objects(rec, phrases)
         file_name = _filename(rec, root)
-        images.append({"id": image_id, "file_name": file_name, "width": int(rec["width"]),
-                       "height": int(rec["height"]), "image_key": rec["image_id"]})
+        counts.images += 1
+        yield "images", {"id": image_id, "file_name": file_name, "width": int(rec["width"]),
+                         "height": int(rec["height"]), "image_key": rec["image_id"]}
         first_ann = ann_id + 1
+        texts: set[str] = set()
         for o in objs:
             ann_id += 1
-            names.add(o.category)
             box = _xywh(o.bbox)
-            ann = {"id": ann_id, "image_id": image_id, "category_id": o.category, "bbox": box,
+            ann = {"id": ann_id, "image_id": image_id, "category_id": cat_id[o.category], "bbox": box,
                    "area": _r(box[2] * box[3]), "iscrowd": 0}
             if not with_refs:
                 ann["attributes"] = {"phrases": o.phrases, "expression_ids": o.expression_ids,
                                      "description": o.description, "color": o.color, "matched": o.matched}
-            annotations.append(ann)
+                counts.links += len(o.phrases)
+                texts.update(o.phrases)
+            counts.objects += 1
+            yield "annotations", ann
+        counts.phrases += len(texts)
         if with_refs:
             for ref in referrals:
                 ref_id += 1
                 ann_ids = [first_ann + oi for oi in ref.objects]
-                refs.append({
+                counts.phrases += 1
+                counts.links += len(ann_ids)
+                yield "refs", {
                     "ref_id": ref_id, "image_id": image_id, "ann_id": ann_ids[0], "ann_ids": ann_ids,
-                    "category_id": objs[ref.objects[0]].category, "split": "train", "file_name": file_name,
+                    "category_id": cat_id[objs[ref.objects[0]].category], "split": "train", "file_name": file_name,
                     "sentences": [{"sent_id": ref_id, "sent": ref.text, "raw": ref.text,
                                    "tokens": ref.text.split()}],
                     "sent_ids": [ref_id], "expression_id": ref.expression_id,
-                })
-    cat_id = {n: i + 1 for i, n in enumerate(sorted(names))}
-    for item in (*annotations, *refs):
-        item["category_id"] = cat_id[item["category_id"]]
-    out: dict = {
-        "info": {"description": "refexp export: referring expressions grounded on KITTI boxes",
-                 "phrases": phrases},
-        "images": images, "annotations": annotations,
-        "categories": [{"id": i, "name": n, "supercategory": n} for n, i in cat_id.items()],
-    }
-    if with_refs:
-        out["refs"] = refs
-    return out
+                }
+
+
+def coco_categories(records: Iterable[dict], phrases: str = "expressions") -> dict[str, int]:
+    """Category name -> id (names sorted), from a first pass over the records."""
+    names = {o.category for rec in records for o in image_objects(rec, phrases)[0]}
+    return {n: i + 1 for i, n in enumerate(sorted(names))}
+
+
+def write_coco(path: Path, records: Callable[[], Iterable[dict]], *, root: Path | None,
+               phrases: str = "expressions", with_refs: bool = False) -> CocoCounts:
+    """Write a COCO (or RefCOCO) JSON file in bounded memory: two passes over ``records()`` (the
+    category names, then the items), the images written as they come and the annotations and
+    refs spooled to temp files beside ``path`` and appended after them. The bytes are those of
+    ``json.dumps`` of the whole dataset (keys in the order info, images, annotations,
+    categories, refs), which held every image, object and phrase of the run in memory."""
+    cat_id = coco_categories(records(), phrases)
+    info = {"description": "refexp export: referring expressions grounded on KITTI boxes", "phrases": phrases}
+    counts = CocoCounts()
+    spools = {name: path.with_name(f".{path.name}.{name}-{socket.gethostname()}-{os.getpid()}.tmp")
+              for name in ("annotations", "refs")}
+    try:
+        with open(path, "w", encoding="utf-8") as out, open(spools["annotations"], "w", encoding="utf-8") as anns, \
+                open(spools["refs"], "w", encoding="utf-8") as refs:
+            sinks = {"images": out, "annotations": anns, "refs": refs}
+            first = dict.fromkeys(sinks, True)
+            out.write(f'{{"info": {json.dumps(info, ensure_ascii=False)}, "images": [')
+            for section, item in coco_items(records(), cat_id, root=root, phrases=phrases, with_refs=with_refs,
+                                            counts=counts):
+                sinks[section].write(("" if first[section] else ", ") + json.dumps(item, ensure_ascii=False))
+                first[section] = False
+        with open(path, "a", encoding="utf-8") as out:
+            out.write('], "annotations": [')
+            _append(out, spools["annotations"])
+            categories = [{"id": i, "name": n, "supercategory": n} for n, i in cat_id.items()]
+            out.write(f'], "categories": {json.dumps(categories, ensure_ascii=False)}')
+            if with_refs:
+                out.write(', "refs": [')
+                _append(out, spools["refs"])
+                out.write("]")
+            out.write("}\n")
+    finally:
+        for spool in spools.values():
+            spool.unlink(missing_ok=True)
+    return counts
+
+
+def _append(out, spool: Path) -> None:
+    with open(spool, encoding="utf-8") as f:
+        shutil.copyfileobj(f, out, 1 << 20)
 
 
 @dataclass
@@ -324,37 +376,32 @@ def export(results_dir: str | Path, fmt: str, out: str | Path | None = None, *,
         root = Path(image_root_dir).resolve() if image_root_dir else image_root(iter_final(root_dir))
     path = Path(out).expanduser().resolve() if out else root_dir / "export" / DEFAULT_NAMES[fmt]
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}.tmp")
     n_phrases = n_links = n_objects = 0
     n_images = 0
-    if fmt == "odvg":
-        n = 0  # images without a phrase: nothing to ground, and an empty caption is no sample
-        with open(tmp, "w", encoding="utf-8") as f:
-            for line in odvg_lines(iter_final(root_dir), root=root, phrases=phrases):
-                regions = line["grounding"]["regions"]
-                if not regions:
-                    n += 1
-                    continue
-                n_images += 1
-                n_links += len(regions)
-                n_phrases += len({r["phrase"] for r in regions})
-                f.write(dumps(line) + "\n")
-        if n:
-            skipped = f"{n} image{'s' if n != 1 else ''} without phrases left out (nothing to ground)"
-            note = f"{note}; {skipped}" if note else skipped
-    else:
-        data = coco_dataset(iter_final(root_dir), root=root, phrases=phrases, with_refs=fmt == "refcoco")
-        n_images = len(data["images"])
-        n_objects = len(data["annotations"])
-        if fmt == "refcoco":
-            n_phrases = len(data["refs"])
-            n_links = sum(len(r["ann_ids"]) for r in data["refs"])
+    try:
+        if fmt == "odvg":
+            n = 0  # images without a phrase: nothing to ground, and an empty caption is no sample
+            with open(tmp, "w", encoding="utf-8") as f:
+                for line in odvg_lines(iter_final(root_dir), root=root, phrases=phrases):
+                    regions = line["grounding"]["regions"]
+                    if not regions:
+                        n += 1
+                        continue
+                    n_images += 1
+                    n_links += len(regions)
+                    n_phrases += len({r["phrase"] for r in regions})
+                    f.write(dumps(line) + "\n")
+            if n:
+                skipped = f"{n} image{'s' if n != 1 else ''} without phrases left out (nothing to ground)"
+                note = f"{note}; {skipped}" if note else skipped
         else:
-            attrs = [(a["image_id"], a["attributes"]) for a in data["annotations"]]
-            n_links = sum(len(at["phrases"]) for _, at in attrs)
-            n_phrases = len({(image, text) for image, at in attrs for text in at["phrases"]})
-        tmp.write_text(json.dumps(data, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+            counts = write_coco(tmp, lambda: iter_final(root_dir), root=root, phrases=phrases,
+                                with_refs=fmt == "refcoco")
+            n_images, n_objects, n_phrases, n_links = counts.images, counts.objects, counts.phrases, counts.links
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # an export that failed midway leaves no half file behind
     return ExportReport(path=path, fmt=fmt, images=n_images, phrases=n_phrases, links=n_links, objects=n_objects,
                         note=note, root=root)
 

@@ -207,6 +207,10 @@ def test_round_trip_on_a_real_offline_run(tmp_path, fmt):
             got[by_file[line["filename"]]] = sorted((r["phrase"], r["bbox"]) for r in line["grounding"]["regions"])
     else:
         data = json.loads(text)
+        # written streamed, yet byte for byte what json.dumps of the whole dataset gives
+        assert text == json.dumps(data, ensure_ascii=False) + "\n"
+        assert list(data) == ["info", "images", "annotations", "categories", *(["refs"] if fmt == "refcoco" else [])]
+        assert not list(tmp_path.glob(".*.tmp"))  # the spools are gone
         anns = {a["id"]: a for a in data["annotations"]}
         keys = {i["id"]: i["image_key"] for i in data["images"]}
         if fmt == "refcoco":
@@ -276,3 +280,15 @@ def test_summaries_agree_and_name_each_count(tmp_path):
     assert links["coco"] == sum(len(a["attributes"]["phrases"]) for a in data["annotations"])
     refs = json.loads((tmp_path / "x.refcoco").read_text())["refs"]
     assert phrases["refcoco"] == len(refs)
+
+
+def test_an_export_that_fails_midway_leaves_nothing_behind(run, tmp_path):
+    """A bad line in annotations.jsonl is an error naming it, and no half file or spool stays."""
+    with open(run.final, "a", encoding="utf-8") as f:
+        f.write("{not json\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    for fmt in ("coco", "refcoco", "odvg"):
+        with pytest.raises(ConfigError, match=r"annotations\.jsonl:\d+: not JSON"):
+            export(run.root, fmt, out / f"x.{fmt}")
+        assert list(out.iterdir()) == []
