@@ -13,6 +13,7 @@ import re
 from worker.clients.base import VLMClient, VLMRequest, VLMResponse
 from worker.context import RunContext
 from worker.errors import InputError
+from worker.images import drop_cached
 from worker.runstate import Outcome
 from worker.sinks import StaleOffset
 from worker.stepdefs import STEP
@@ -142,7 +143,10 @@ def commit(ctx: RunContext, step: int, image_id: str, pending: dict) -> str:
         ctx.layout.write_legacy(step, image_id, pending["legacy"])
     offset = ctx.layout.sink(step).append(record)
     step_meta = record.get("meta", {}).get(PIPELINE_NAMES[step], {})
-    ctx.state.finish(step, image_id, offset, wf.steps, call=step_meta.get("call"), quality=step_meta.get("quality"))
+    settled = ctx.state.finish(step, image_id, offset, wf.steps, call=step_meta.get("call"),
+                               quality=step_meta.get("quality"))
+    if settled and ctx.options.image_cache_dir and record.get("image_path"):
+        drop_cached(ctx.options.image_cache_dir, str(record["image_path"]))
     return DONE
 
 

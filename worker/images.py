@@ -26,6 +26,7 @@ import io
 import logging
 import os
 import re
+import shutil
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -50,7 +51,7 @@ DEFAULT_MAX_PIXELS = 64_000_000
 #: Under ``results_dir``: converted images, one file per image and size sent.
 CACHE_DIR = ".image-cache"
 # Part of every cache key: bump it when the conversion changes, so old entries are not reused.
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: one folder per image (drop_cached)
 # Quality of a downscaled JPEG (the source was lossy already; PNG would be 3-5x the bytes).
 JPEG_QUALITY = 90
 # zlib level of a converted PNG: level 1 writes a KITTI-size frame in ~15 ms where Pillow's
@@ -335,10 +336,30 @@ def cache_path(cache_dir: Path, image_path: str, size: int, mtime_ns: int, sent:
                mime: str) -> Path:
     """Where the converted copy of one image (at one sent size) lives. Keyed by the path every host
     reads the image under (the seed's), its size and mtime: a replaced image gets a new entry,
-    and no byte of the image needs hashing to find it."""
+    and no byte of the image needs hashing to find it. Every entry of an image sits in that
+    image's own folder (``image_cache_dir``), so ``drop_cached`` finds them from the path alone."""
     key = hashlib.sha256(f"{CACHE_VERSION}\0{image_path}\0{size}\0{mtime_ns}\0{sent[0]}x{sent[1]}\0{mime}"
                          .encode("utf-8", "surrogateescape")).hexdigest()
-    return cache_dir / key[:2] / f"{key}{_SUFFIX[mime]}"
+    return image_cache_dir(cache_dir, image_path) / f"{key}{_SUFFIX[mime]}"
+
+
+def image_cache_dir(cache_dir: Path, image_path: str) -> Path:
+    """The folder of one image's converted copies."""
+    key = hashlib.sha256(f"{CACHE_VERSION}\0{image_path}".encode("utf-8", "surrogateescape")).hexdigest()[:32]
+    return cache_dir / key[:2] / key
+
+
+def drop_cached(cache_dir: str | Path, image_path: str) -> None:
+    """Remove one image's converted copies: called once the image has settled (every step done
+    or failed), so the cache holds the images in flight, not every image of the run. Best
+    effort: a copy left behind costs disk only, and a later call converts again."""
+    folder = image_cache_dir(Path(cache_dir), image_path)
+    try:
+        shutil.rmtree(folder)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("cannot remove the converted copies of %s in %s (%s)", image_path, folder, exc)
 
 
 def _read_cached(path: Path, mime: str) -> bytes | None:

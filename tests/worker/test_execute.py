@@ -195,3 +195,31 @@ def test_settle_many_survives_a_redis_that_lost_its_scripts_between_load_and_run
     state.mark_done(0, "a", 1)
     assert state.settle_many(["a", "b"], [0]) == 1 and flushes == [0]
     assert state.queued_count() == 1
+
+
+def test_an_image_s_converted_copies_are_dropped_when_it_settles_not_before(tmp_path, redis_client, redis_url):
+    """With vlm.downscale_to_pixels the image is converted once and kept for its four calls; once
+    the image settles, its copies go: the cache holds the images in flight, not the run's."""
+    image = tmp_path / "big.png"
+    Image.new("RGB", (1200, 800), (90, 90, 90)).save(image)
+    results = tmp_path / "results"
+    spec = load_spec(None, [f"results_dir={results}", f"{P}.vlm.backend=offline",
+                            f"{P}.vlm.downscale_to_pixels=100000"])
+    layout = Layout(results)
+    results.mkdir()
+    layout.seed.path.write_text(dumps({"image_id": "big", "image_path": str(image), "width": 1200, "height": 800,
+                                       "kitti_bboxes": [[100.0, 100.0, 600.0, 700.0, "Car"]]}) + "\n")
+    state = RunState(redis_client, "run2")
+    budget = FleetBudget(redis_client, redis_url, endpoint_key="offline||", max_concurrency=4,
+                         requests_per_minute=0, lease_seconds=30)
+    c = RunContext(run_id="run2", spec=spec, layout=layout, state=state, spec_hash="h", budget=budget)
+    c._client = CountingClient()
+    state.mark_queued({"big": 0})
+    cache = results / ".image-cache"
+    copies = []
+    for step in (0, 1, 2):
+        assert execute(c, step, "big", 0) == DONE
+        copies.append(sorted(p for p in cache.rglob("*") if p.is_file()))
+    assert len(copies[0]) == 1 and copies[0] == copies[1] == copies[2]  # one conversion, kept
+    assert execute(c, 3, "big", 0) == DONE and state.queued_count() == 0
+    assert not [p for p in cache.rglob("*") if p.is_file()]

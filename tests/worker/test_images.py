@@ -515,3 +515,22 @@ def test_downscale_does_not_hide_a_truncated_image(tmp_path):
     with pytest.raises(InputError, match="truncated"):
         load_payload(p, downscale_to_pixels=100_000, cache_dir=tmp_path / "cache")
     assert not (tmp_path / "cache").exists()
+
+
+def test_drop_cached_removes_one_image_s_copies_at_every_size_and_no_other(tmp_path):
+    from worker.images import drop_cached
+
+    cache = tmp_path / "cache"
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    for p in (a, b):
+        Image.new("RGB", (800, 600), (10, 20, 30)).save(p)
+    for size in (100_000, 200_000):
+        load_payload(a, cache_dir=cache, downscale_to_pixels=size)
+    load_payload(b, cache_dir=cache, downscale_to_pixels=100_000)
+    assert len(_cache_files(cache)) == 3
+    drop_cached(cache, str(a))
+    assert len(_cache_files(cache)) == 1
+    assert load_payload(b, cache_dir=cache, downscale_to_pixels=100_000).cached  # b's copy is the one left
+    drop_cached(cache, str(a))  # nothing left of a: not an error
+    drop_cached(cache, str(b))
+    assert _cache_files(cache) == []

@@ -112,7 +112,8 @@ def test_lines_read_as_the_json_module_reads_them(tmp_path):
     an escaped lone surrogate) still reads, with the same values, and invalid UTF-8 is still a
     bad line."""
     sink = JsonlSink(tmp_path / "a.jsonl", fsync=False)
-    lines = [b'{"image_id":"nan","v":NaN}\n', b'{"image_id":"sur","v":"\\ud800x"}\n', b'{"image_id":"utf","v":"\xc3\xa9"}\n']
+    lines = [b'{"image_id":"nan","v":NaN}\n', b'{"image_id":"sur","v":"\\ud800x"}\n',
+             b'{"image_id":"utf","v":"\xc3\xa9"}\n']
     sink.path.write_bytes(b"".join(lines) + b'{"image_id":"bad","v":"\xff"}\n')
     stats = ReadStats()
     got = {r["image_id"]: r["v"] for _, r in sink.scan(stats)}
