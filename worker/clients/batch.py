@@ -91,3 +91,12 @@ def get_batch_backend(vlm: VLMSpec) -> BatchBackend:
 
         return OfflineBatch(vlm)
     raise ConfigError(f"vlm.backend = {vlm.backend!r} is not one of: gemini, openai, offline")
+
+
+def check_items(items: Sequence[BatchItem]) -> None:
+    """A job holds at least one request and no key twice (answers come back by key)."""
+    if not items:
+        raise ValueError("a batch job needs at least one request")
+    keys = [item.key for item in items]
+    if len(set(keys)) != len(keys):
+        raise ValueError("the keys of a batch job's requests must be unique")
