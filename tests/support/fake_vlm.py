@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import functools
 import io
 import json
 import math
@@ -578,6 +579,13 @@ class FakeVLM:
     def gemini_base_url(self) -> str:
         return self.url
 
+    @functools.cached_property
+    def batch(self):
+        """The batch and file routes (``tests.support.fake_batch.FakeBatch``), made on first use."""
+        from tests.support.fake_batch import FakeBatch
+
+        return FakeBatch(self)
+
     # ------------------------------------------------------------------ control
     def reset(self) -> None:
         """Forget recorded requests, counters, queued faults and the rate window."""
@@ -674,6 +682,8 @@ class FakeVLM:
             ids = sorted(self.models or {"gemini-2.5-flash"})
             return 200, {"models": [{"name": f"models/{m}", "supportedGenerationMethods": ["generateContent"]}
                                     for m in ids]}, None
+        if (batch := self.batch.handle_get(h)) is not None:
+            return batch
         return 404, {"error": {"code": 404, "message": f"no route GET {path}", "status": "NOT_FOUND"}}, None
 
     def _handle_post(self, h: _Handler, raw: bytes) -> tuple[Reply, bool]:
@@ -681,6 +691,8 @@ class FakeVLM:
         split = urlsplit(h.path)
         if split.path.startswith("/_"):
             return self._handle_control(split.path, raw), False
+        if (batch := self.batch.handle_post(h, raw)) is not None:
+            return batch, False
         gem = GEMINI_PATH.match(split.path)
         if OPENAI_PATH.match(split.path):
             protocol = "openai"
