@@ -74,6 +74,13 @@ GEMINI_STATES = {"pending": "BATCH_STATE_PENDING", "running": "BATCH_STATE_RUNNI
 OPENAI_STATES = {"pending": "validating", "running": "in_progress", "succeeded": "completed",
                  "failed": "failed", "expired": "expired", "cancelled": "cancelled"}
 HTTP_TO_GRPC = {400: 3, 401: 16, 403: 7, 404: 5, 409: 10, 429: 8, 499: 1, 500: 13, 501: 12, 503: 14, 504: 4}
+#: What a server that predates structured output says about a schema (as FakeVLM online).
+SCHEMA_REFUSALS = {
+    "openai": "1 validation error for ChatCompletionRequest\nresponse_format.type\n  Input should be 'text' or "
+              "'json_object' [type=literal_error, input_value='json_schema']",
+    "gemini": "Invalid JSON payload received. Unknown name \"responseJsonSchema\" at 'generation_config': "
+              "Cannot find field.",
+}
 FINAL = frozenset({"succeeded", "failed", "expired", "cancelled"})
 
 
@@ -287,7 +294,7 @@ class FakeBatch:
         elif self.fake.models is not None and model not in self.fake.models:
             status, message = 404, f"model {model} not found"
         elif self.fake.reject_json_schema and wants_schema(protocol, parsed.params):
-            status, message = 400, "response schema not supported"
+            status, message = 400, SCHEMA_REFUSALS[protocol]
         if status is not None:
             if protocol == "openai":
                 job.errors.append(_openai_line(key, {"status_code": status, "request_id": uuid.uuid4().hex,

@@ -23,7 +23,7 @@ from google.genai import types
 from worker.clients.base import VLMRequest, VLMResponse
 from worker.clients.batch import BatchItem, BatchUnsupported, JobState, JobStatus, check_items
 from worker.clients.gemini import _RETRYABLE_4XX, GeminiClient
-from worker.clients.replies import Endpoint, map_status
+from worker.clients.replies import Endpoint, about_schema, map_status
 from worker.errors import ClientError, PipelineError
 from worker.spec import GeminiSpec
 
@@ -214,8 +214,9 @@ class GeminiBatch(GeminiClient):
     def _line_error(self, code, message) -> Exception:
         code = int(code or 0)
         http = code if code >= 100 else GRPC_TO_HTTP.get(code, 500)
+        detail = self._redact(str(message or ""))[:500]
         return map_status(Endpoint(self.name, self.base_url, self.model, "GOOGLE_API_KEY", _RETRYABLE_4XX), http,
-                          self._redact(str(message or ""))[:500])
+                          detail, schema=about_schema(detail))
 
 
 def _state_name(job: types.BatchJob) -> str:

@@ -21,7 +21,7 @@ from openai.types.chat import ChatCompletion
 from worker.clients.base import VLMResponse
 from worker.clients.batch import BatchItem, BatchUnsupported, JobState, JobStatus, check_items
 from worker.clients.openai_compat import OpenAICompatClient
-from worker.clients.replies import map_status
+from worker.clients.replies import about_schema, map_status
 from worker.errors import ClientError, PipelineError, RateLimited
 
 ENDPOINT = "/v1/chat/completions"
@@ -148,7 +148,8 @@ class OpenAIBatch(OpenAICompatClient):
         if isinstance(code, int) and code >= 400:
             detail = body.get("error", body) if isinstance(body, dict) else body
             message = detail.get("message") if isinstance(detail, dict) else detail
-            return map_status(self._endpoint(), code, self._redact(str(message or ""))[:500])
+            detail = self._redact(str(message or ""))[:500]
+            return map_status(self._endpoint(), code, detail, schema=about_schema(detail))
         err = obj.get("error") if isinstance(obj.get("error"), dict) else {}
         what, message = str(err.get("code") or ""), self._redact(str(err.get("message") or ""))[:500]
         if "rate_limit" in what:

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from tests.support.fake_vlm import FakeVLM
-from worker.clients.base import BlockedAnswer, TruncatedAnswer, VLMRequest, VLMResponse
+from worker.clients.base import BlockedAnswer, StructuredOutputRejected, TruncatedAnswer, VLMRequest, VLMResponse
 from worker.clients.batch import BatchBackend, BatchItem, BatchUnsupported, get_batch_backend
 from worker.clients.gemini import GeminiClient
 from worker.clients.gemini_batch import GeminiBatch
@@ -215,3 +215,15 @@ def test_keys_must_be_unique_and_a_job_not_empty(fake_vlm, png):
         b.submit(items(png, 1) * 2, display_name="x")
     with pytest.raises(ValueError, match="at least one"):
         b.submit([], display_name="x")
+
+
+@pytest.mark.parametrize("mode", ["inline", "file"])
+def test_a_refused_schema_is_told_apart_as_online(make_fake, png, mode):
+    """A server that predates structured output: the step runner falls back to the text prompt."""
+    fake = make_fake(reject_json_schema=True)
+    b = backend(fake, mode)
+    batch = [BatchItem("schema", VLMRequest(image=png, prompt="x", response_schema=SCHEMA)),
+             BatchItem("plain", VLMRequest(image=png, prompt="x"))]
+    got = answers(b, b.submit(batch, display_name="old server"))
+    assert isinstance(got["schema"], StructuredOutputRejected)
+    assert isinstance(got["plain"], VLMResponse)

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tests.support.fake_vlm import FakeVLM
-from worker.clients.base import BlockedAnswer, TruncatedAnswer, VLMRequest, VLMResponse
+from worker.clients.base import BlockedAnswer, StructuredOutputRejected, TruncatedAnswer, VLMRequest, VLMResponse
 from worker.clients.batch import BatchBackend, BatchItem, BatchUnsupported, get_batch_backend
 from worker.clients.openai_batch import OpenAIBatch
 from worker.clients.openai_compat import OpenAICompatClient
@@ -177,3 +177,16 @@ def test_a_wrong_key_is_permanent_and_not_echoed(make_fake, png, monkeypatch):
     with pytest.raises(PermanentClientError, match="OPENAI_API_KEY") as exc:
         backend(fake).submit(items(png, 1), display_name="x")
     assert KEY not in str(exc.value)
+
+
+def test_a_refused_schema_is_told_apart_as_online(make_fake, png):
+    """A server that predates structured output: the step runner falls back to the text prompt."""
+    fake = make_fake(reject_json_schema=True)
+    b = backend(fake)
+    batch = [BatchItem("schema", VLMRequest(image=png, prompt="x", response_schema=SCHEMA)),
+             BatchItem("plain", VLMRequest(image=png, prompt="x"))]
+    job = b.submit(batch, display_name="old server")
+    b.status(job)
+    got = dict(b.results(job))
+    assert isinstance(got["schema"], StructuredOutputRejected)
+    assert isinstance(got["plain"], VLMResponse)
