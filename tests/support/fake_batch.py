@@ -25,8 +25,6 @@ A job's answers are made when it ends (on the status poll that ends it), so a jo
 
 from __future__ import annotations
 
-import email.parser
-import email.policy
 import json
 import re
 import threading
@@ -417,7 +415,7 @@ class FakeBatch:
         if "start" in command:
             meta = json.loads(raw or b"{}").get("file") or {}
             upload_id = uuid.uuid4().hex
-            self._uploads[upload_id] = {"meta": meta, "data": b""}
+            self._uploads[upload_id] = {"meta": meta, "data": bytearray()}
             url = f"{self.fake.url}{urlsplit(h.path).path}?upload_id={upload_id}&upload_protocol=resumable"
             return 200, {}, {"X-Goog-Upload-URL": url, "X-Goog-Upload-Status": "active"}
         upload_id = (parse_qs(query).get("upload_id") or [""])[0]
@@ -434,7 +432,7 @@ class FakeBatch:
         del self._uploads[upload_id]
         meta = session["meta"]
         name = meta.get("name") or "files/" + uuid.uuid4().hex[:16]
-        self.files[name] = (meta.get("displayName", ""), session["data"])
+        self.files[name] = (meta.get("displayName", ""), bytes(session["data"]))
         file = {"name": name, "displayName": meta.get("displayName", ""), "mimeType": meta.get("mimeType", ""),
                 "sizeBytes": str(len(session["data"])), "createTime": _rfc3339(time.time()),
                 "updateTime": _rfc3339(time.time()), "state": "ACTIVE", "source": "UPLOADED",
@@ -533,12 +531,20 @@ def _not_found(name: str, protocol: str) -> Reply:
 
 
 def _multipart(content_type: str, raw: bytes) -> dict[str, tuple[str, bytes]]:
-    """``multipart/form-data`` fields as name -> (filename, bytes)."""
-    head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode()
-    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + raw)
+    """``multipart/form-data`` fields as name -> (filename, bytes). Split on the boundary by hand:
+    the email parser takes seconds over a job file of a hundred megabytes."""
+    m = re.search(r'boundary="?([^";]+)"?', content_type)
+    if not m:
+        return {}
     fields = {}
-    for part in message.iter_parts():
-        name = part.get_param("name", header="content-disposition")
+    for part in raw.split(b"--" + m.group(1).encode())[1:]:
+        if part.startswith(b"--"):
+            break  # the closing delimiter
+        head, _, body = part.partition(b"\r\n\r\n")
+        disposition = next((line for line in head.decode("utf-8", "replace").split("\r\n")
+                            if line.lower().startswith("content-disposition")), "")
+        name = re.search(r'[; ]name="([^"]*)"', disposition)
+        filename = re.search(r'filename="([^"]*)"', disposition)
         if name:
-            fields[name] = (part.get_filename() or "", part.get_payload(decode=True) or b"")
+            fields[name.group(1)] = (filename.group(1) if filename else "", body.removesuffix(b"\r\n"))
     return fields
