@@ -91,7 +91,8 @@ class OpenAIBatch(OpenAICompatClient):
         A key of the job that neither file holds (an expired or cancelled job's unanswered
         requests when the provider lists them nowhere) comes out as a ``ClientError``. The job's
         keys are ``expected_keys`` when the caller gives them, else the ``custom_id``s of the
-        job's input file.
+        job's input file, fetched only when the files hold fewer lines than the job's requests
+        (it carries every image: hundreds of megabytes for a large job).
         """
         job = self._retrieve(job_id)
         state = STATES.get(job.status, "running")
@@ -104,8 +105,12 @@ class OpenAIBatch(OpenAICompatClient):
                 if isinstance(key, str) and key not in seen:
                     seen.add(key)
                     yield key, self._line_answer(obj)
-        keys = list(expected_keys) if expected_keys is not None else [
-            obj["custom_id"] for obj in self._lines(job.input_file_id) if isinstance(obj.get("custom_id"), str)]
+        if expected_keys is not None:
+            keys = list(expected_keys)
+        elif job.request_counts is not None and len(seen) >= job.request_counts.total:
+            keys = []  # every request answered: no need to fetch the (image-heavy) input file
+        else:
+            keys = [obj["custom_id"] for obj in self._lines(job.input_file_id) if isinstance(obj.get("custom_id"), str)]
         for key in keys:
             if key not in seen:
                 yield key, ClientError(f"{self.name}: batch {job_id} ({job.status}) holds no answer for request {key}")

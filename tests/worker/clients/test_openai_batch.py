@@ -93,6 +93,14 @@ def test_per_request_failures_come_back_as_the_online_errors(fake_vlm, png):
     assert isinstance(got["img7:step1"], VLMResponse)
 
 
+def test_a_fully_answered_job_needs_no_input_download(fake_vlm, png):
+    b = backend(fake_vlm)
+    job = b.submit(items(png, 3), display_name="x")
+    b.status(job)
+    assert len(dict(b.results(job))) == 3
+    assert fake_vlm.batch.calls["openai.files.content"] == 1  # the output file only
+
+
 def test_given_keys_spare_the_input_download(fake_vlm, png):
     b = backend(fake_vlm)
     batch = items(png, 2)
