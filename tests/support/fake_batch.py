@@ -16,6 +16,7 @@ answers from a batch parse exactly like online ones.
     fake.batch.block_line(2)            # ... its request #2 is withheld (SAFETY)
     fake.batch.expire_next()            # the next job expires unanswered
     fake.batch.fail_next_job()          # the next job fails whole
+    fake.batch.fail_next_create(503)    # the next job creation is refused
     fake.batch.enabled = False          # no batch routes at all (vLLM, NIM): 404
     fake.batch.calls["gemini.get"]      # calls per step
 
@@ -59,6 +60,8 @@ GEMINI_BATCH_CANCEL = re.compile(r"^/(v1beta|v1alpha|v1)/batches/([^:/]+):cancel
 GEMINI_BATCHES = re.compile(r"^/(v1beta|v1alpha|v1)/batches/?$")
 GEMINI_UPLOAD = re.compile(r"^/upload/(v1beta|v1alpha|v1)/files/?$")
 GEMINI_DOWNLOAD = re.compile(r"^/(v1beta|v1alpha|v1)/files/([^:/]+):download$")
+GEMINI_FILE = re.compile(r"^/(v1beta|v1alpha|v1)/files/(?!file-)([^:/]+)$")
+OPENAI_FILE = re.compile(r"^/v1/files/(file-[^/]+)$")
 OPENAI_FILES = re.compile(r"^/v1/files/?$")
 OPENAI_FILE_CONTENT = re.compile(r"^/v1/files/([^/]+)/content$")
 OPENAI_BATCHES = re.compile(r"^/v1/batches/?$")
@@ -145,6 +148,7 @@ class FakeBatch:
             self.polls_to_finish = 0
             self._plans: deque[_Plan] = deque()
             self._faults: dict[int, LineFault] = {}
+            self._create_failures: deque[tuple[int, str]] = deque()
 
     # ------------------------------------------------------------------ controls
     def finish_after(self, polls: int) -> None:
@@ -161,6 +165,11 @@ class FakeBatch:
         """The next ``n`` jobs fail whole (no answers)."""
         with self._lock:
             self._plans.extend(_Plan("failed", 0, message) for _ in range(n))
+
+    def fail_next_create(self, status: int = 503, message: str | None = None) -> None:
+        """The next job creation (either protocol) is refused with HTTP ``status``."""
+        with self._lock:
+            self._create_failures.append((status, message or f"fake error {status}"))
 
     def fail_line(self, index: int, status: int, message: str | None = None) -> None:
         """Request ``index`` (0-based) of the next job fails with HTTP ``status``."""
@@ -223,6 +232,26 @@ class FakeBatch:
         if OPENAI_BATCHES.match(path):
             return self._guarded(h, "openai", query, "openai.batches.create", lambda: self._openai_create(raw))
         return None
+
+    def handle_delete(self, h) -> Reply | None:
+        """The reply to a DELETE of a file (both protocols), or None when the path is not one."""
+        if not self.enabled:
+            return None
+        split = urlsplit(h.path)
+        if m := GEMINI_FILE.match(split.path):
+            return self._guarded(h, "gemini", split.query, "gemini.files.delete",
+                                 lambda: self._delete(f"files/{m.group(2)}", "gemini"))
+        if m := OPENAI_FILE.match(split.path):
+            return self._guarded(h, "openai", split.query, "openai.files.delete",
+                                 lambda: self._delete(m.group(1), "openai"))
+        return None
+
+    def _delete(self, file_id: str, protocol: str) -> Reply:
+        if self.files.pop(file_id, None) is None:
+            return _not_found(file_id, protocol)
+        if protocol == "openai":
+            return 200, {"id": file_id, "object": "file", "deleted": True}, None
+        return 200, {}, None
 
     def _guarded(self, h, protocol: str, query: str, step: str, serve) -> Reply:
         with self._lock:
@@ -341,6 +370,10 @@ class FakeBatch:
 
     # ------------------------------------------------------------------ Gemini
     def _gemini_create(self, model: str, raw: bytes) -> Reply:
+        if self._create_failures:
+            status, message = self._create_failures.popleft()
+            return status, {"error": {"code": status, "message": message,
+                                      "status": GEMINI_STATUS.get(status, "UNKNOWN")}}, None
         body = json.loads(raw or b"{}")
         batch = body.get("batch") or {}
         source = batch.get("inputConfig") or batch.get("input_config") or {}
@@ -451,6 +484,9 @@ class FakeBatch:
                      "filename": filename, "purpose": purpose, "status": "processed"}, None
 
     def _openai_create(self, raw: bytes) -> Reply:
+        if self._create_failures:
+            status, message = self._create_failures.popleft()
+            return status, openai_error(status, message), None
         body = json.loads(raw or b"{}")
         file_id = body.get("input_file_id", "")
         if file_id not in self.files:

@@ -490,6 +490,11 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         self._send(self.server.fake._handle_get(self))
 
+    def do_DELETE(self):  # the batch routes' file deletion (tests/support/fake_batch.py)
+        reply = self.server.fake.batch.handle_delete(self)
+        self._send(reply or (404, {"error": {"code": 404, "message": f"no route DELETE {self.path}",
+                                             "status": "NOT_FOUND"}}, None))
+
     def do_POST(self):
         fake, generate = self.server.fake, False
         try:

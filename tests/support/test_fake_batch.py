@@ -158,6 +158,7 @@ def test_disabled_batch_routes_answer_404_like_vllm(fake):
     assert http(fake, "POST", "/v1/files", b"")[0] == 404
     assert http(fake, "GET", "/v1beta/batches/abc")[0] == 404
     assert http(fake, "POST", "/v1beta/models/m:batchGenerateContent", b"{}")[0] == 404
+    assert http(fake, "DELETE", "/v1/files/file-abc")[0] == 404
     assert sum(fake.batch.calls.values()) == 0
 
 
@@ -173,3 +174,14 @@ def test_reset_forgets_jobs_files_and_counters(fake):
     batch = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
     assert client.batches.retrieve(batch.id).status == "completed"  # no leftover expiry or fault
     assert client.batches.retrieve(batch.id).error_file_id is None
+
+
+def test_files_can_be_deleted_through_both_sdks(fake):
+    f = oai(fake).files.create(file=("in.jsonl", b"{}\n", "application/jsonl"), purpose="batch")
+    assert oai(fake).files.delete(f.id).deleted is True
+    client = gemini(fake)
+    uploaded = client.files.upload(file=io.BytesIO(b"{}\n"), config={"mime_type": "jsonl"})
+    client.files.delete(name=uploaded.name)
+    assert fake.batch.files == {}
+    with pytest.raises(openai.NotFoundError):
+        oai(fake).files.delete(f.id)

@@ -13,6 +13,7 @@ message; it never goes into a display name or a file.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -98,8 +99,13 @@ class GeminiBatch(GeminiClient):
                                          metadata={"key": item.key}) for item in items]
             else:
                 src = self._upload(items, name)
-            job = self._client.batches.create(model=self.model, src=src,
-                                              config=types.CreateBatchJobConfig(display_name=name))
+            try:
+                job = self._client.batches.create(model=self.model, src=src,
+                                                  config=types.CreateBatchJobConfig(display_name=name))
+            except Exception:
+                if isinstance(src, str):
+                    self._forget(src)
+                raise
         if not job.name:
             raise ClientError(f"{self.name}: {self.base_url} created a batch job without a name")
         return job.name
@@ -160,6 +166,11 @@ class GeminiBatch(GeminiClient):
         if not uploaded.name:
             raise ClientError(f"{self.name}: {self.base_url} stored the batch input file without a name")
         return uploaded.name
+
+    def _forget(self, file_name: str) -> None:
+        """Best effort: delete an input file no job uses (Google would drop it after 48 hours)."""
+        with contextlib.suppress(Exception):  # the failure being raised matters, not this one
+            self._client.files.delete(name=file_name)
 
     def _answers(self, job: types.BatchJob) -> Iterator[tuple[str, VLMResponse | Exception]]:
         dest = job.dest

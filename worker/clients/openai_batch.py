@@ -11,6 +11,7 @@ Self-hosted servers (vLLM, NIM) have no batch routes: ``probe`` says so before a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Iterable, Iterator, Sequence
@@ -66,9 +67,13 @@ class OpenAIBatch(OpenAICompatClient):
         filename = (_FILENAME.sub("-", name).strip("-") or "refexp-batch") + ".jsonl"
         with self.sdk_errors(expected="a file object"):
             uploaded = self._client.files.create(file=(filename, data, "application/jsonl"), purpose="batch")
-        with self.sdk_errors(expected="a batch object"):
-            job = self._client.batches.create(input_file_id=uploaded.id, endpoint=ENDPOINT,
-                                              completion_window="24h", metadata={"name": name})
+        try:
+            with self.sdk_errors(expected="a batch object"):
+                job = self._client.batches.create(input_file_id=uploaded.id, endpoint=ENDPOINT,
+                                                  completion_window="24h", metadata={"name": name})
+        except PipelineError:
+            self._forget(uploaded.id)
+            raise
         return job.id
 
     def status(self, job_id: str) -> JobStatus:
@@ -120,6 +125,11 @@ class OpenAIBatch(OpenAICompatClient):
             self._client.batches.cancel(job_id)
 
     # ------------------------------------------------------------------ internals
+    def _forget(self, file_id: str) -> None:
+        """Best effort: delete an input file no job uses (OpenAI keeps files until deleted)."""
+        with contextlib.suppress(Exception):  # the failure being raised matters, not this one
+            self._client.files.delete(file_id)
+
     def _retrieve(self, job_id: str):
         with self.sdk_errors(expected="a batch object"):
             return self._client.batches.retrieve(job_id)

@@ -227,3 +227,11 @@ def test_a_refused_schema_is_told_apart_as_online(make_fake, png, mode):
     got = answers(b, b.submit(batch, display_name="old server"))
     assert isinstance(got["schema"], StructuredOutputRejected)
     assert isinstance(got["plain"], VLMResponse)
+
+
+def test_a_refused_job_leaves_no_input_file_behind(fake_vlm, png):
+    b = backend(fake_vlm, "file")
+    fake_vlm.batch.fail_next_create(429)
+    with pytest.raises(RateLimited):
+        b.submit(items(png, 2), display_name="x")
+    assert fake_vlm.batch.files == {} and fake_vlm.batch.calls["gemini.files.delete"] == 1

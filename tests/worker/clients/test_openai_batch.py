@@ -198,3 +198,11 @@ def test_a_refused_schema_is_told_apart_as_online(make_fake, png):
     got = dict(b.results(job))
     assert isinstance(got["schema"], StructuredOutputRejected)
     assert isinstance(got["plain"], VLMResponse)
+
+
+def test_a_refused_job_leaves_no_input_file_behind(fake_vlm, png):
+    b = backend(fake_vlm)
+    fake_vlm.batch.fail_next_create(503)
+    with pytest.raises(ClientError):
+        b.submit(items(png, 2), display_name="x")
+    assert fake_vlm.batch.files == {} and fake_vlm.batch.calls["openai.files.delete"] == 1
