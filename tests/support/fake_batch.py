@@ -126,6 +126,7 @@ class Job:
     output_file_id: str = ""
     error_file_id: str = ""
     metadata: dict = field(default_factory=dict)
+    bare: bool = False  # inline responses without metadata
 
 
 class FakeBatch:
@@ -134,6 +135,8 @@ class FakeBatch:
     def __init__(self, fake: FakeVLM):
         self.fake = fake
         self.enabled = True
+        #: Inline responses without their ``metadata`` (in request order only).
+        self.omit_inline_metadata = False
         self._lock = threading.Lock()
         self.reset()
 
@@ -268,7 +271,8 @@ class FakeBatch:
         plan = self._plans.popleft() if self._plans else _Plan()
         prefix = "batches/" if protocol == "gemini" else "batch_"
         job = Job(id=prefix + uuid.uuid4().hex[:20], protocol=protocol, model=model, display_name=display_name,
-                  lines=lines, source=source, polls_left=self.polls_to_finish, plan=plan, faults=self._faults)
+                  lines=lines, source=source, polls_left=self.polls_to_finish, plan=plan, faults=self._faults,
+                  bare=self.omit_inline_metadata)
         self._faults = {}
         self.jobs[job.id] = job
         return job
@@ -535,7 +539,8 @@ def _gemini_entry(job: Job, key: str, *, response: dict | None = None, error: di
     """An inline response (``metadata.key``) or a result-file line (``key``)."""
     entry: dict = {"response": response} if response is not None else {"error": error}
     if job.source == "inline":
-        entry["metadata"] = {"key": key}
+        if not job.bare:
+            entry["metadata"] = {"key": key}
     else:
         entry["key"] = key
     return entry

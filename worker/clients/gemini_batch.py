@@ -128,18 +128,21 @@ class GeminiBatch(GeminiClient):
         """Every answer of a finished job, keyed as submitted.
 
         The keys come back with the answers (inline ``metadata.key``, a file line's ``key``).
-        ``expected_keys`` (the job's keys, from the caller's ledger) makes a key missing from
-        the output come out as a ``ClientError``; Gemini cannot list a job's input afterwards.
+        ``expected_keys`` (the job's keys in submission order, from the caller's ledger) makes a
+        key missing from the output come out as a ``ClientError`` (Gemini cannot list a job's
+        input afterwards), and places an inline response that came back without its metadata by
+        its position (Google returns inline responses in request order).
         """
         job = self._get(job_id)
         state = _state(job)
         if state not in ("succeeded", "failed", "expired", "cancelled"):
             raise ClientError(f"{self.name}: batch job {job_id} is still {state}; its results come once it ends")
+        expected = list(expected_keys) if expected_keys is not None else []
         seen: set[str] = set()
-        for key, answer in self._answers(job):
+        for key, answer in self._answers(job, expected):
             seen.add(key)
             yield key, answer
-        for key in expected_keys or ():
+        for key in expected:
             if key not in seen:
                 yield key, ClientError(f"{self.name}: batch job {job_id} ({_state_name(job)}) holds no answer "
                                        f"for request {key}")
@@ -172,13 +175,14 @@ class GeminiBatch(GeminiClient):
         with contextlib.suppress(Exception):  # the failure being raised matters, not this one
             self._client.files.delete(name=file_name)
 
-    def _answers(self, job: types.BatchJob) -> Iterator[tuple[str, VLMResponse | Exception]]:
+    def _answers(self, job: types.BatchJob, expected: list[str]) -> Iterator[tuple[str, VLMResponse | Exception]]:
         dest = job.dest
         if dest is None:
             return
         if dest.inlined_responses is not None:
-            for item in dest.inlined_responses:
-                key = (item.metadata or {}).get("key")
+            in_order = len(dest.inlined_responses) == len(expected)
+            for i, item in enumerate(dest.inlined_responses):
+                key = (item.metadata or {}).get("key") or (expected[i] if in_order else None)
                 if key is None:
                     continue  # not ours to place; expected_keys reports the request as missing
                 if item.error is not None:

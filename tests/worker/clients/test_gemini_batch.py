@@ -235,3 +235,16 @@ def test_a_refused_job_leaves_no_input_file_behind(fake_vlm, png):
     with pytest.raises(RateLimited):
         b.submit(items(png, 2), display_name="x")
     assert fake_vlm.batch.files == {} and fake_vlm.batch.calls["gemini.files.delete"] == 1
+
+
+def test_inline_responses_without_metadata_are_placed_by_position(fake_vlm, png):
+    b = backend(fake_vlm)
+    fake_vlm.batch.omit_inline_metadata = True
+    fake_vlm.batch.fail_line(1, 429)
+    batch = items(png, 3)
+    job = b.submit(batch, display_name="x")
+    got = answers(b, job, batch)
+    assert isinstance(got["img0:step0"], VLMResponse) and isinstance(got["img1:step0"], RateLimited)
+    assert isinstance(got["img2:step0"], VLMResponse)
+    unplaced = answers(b, job)  # without the job's keys nothing can be placed
+    assert unplaced == {}
