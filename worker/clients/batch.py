@@ -100,3 +100,10 @@ def check_items(items: Sequence[BatchItem]) -> None:
     keys = [item.key for item in items]
     if len(set(keys)) != len(keys):
         raise ValueError("the keys of a batch job's requests must be unique")
+
+
+#: The key a batch backend is built with where there is none (the producer, which only probes:
+#: keys live on the workers). Never a real key; a provider answers it with an auth error.
+NO_KEY = "refexp-no-key"
+#: What an endpoint's batch route answers a keyless probe with when the route exists.
+KEYLESS_PROBE_ANSWERS = frozenset({400, 401, 403})

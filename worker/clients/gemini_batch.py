@@ -22,10 +22,18 @@ from collections.abc import Iterable, Iterator, Sequence
 from google.genai import types
 
 from worker.clients.base import VLMRequest, VLMResponse
-from worker.clients.batch import BatchItem, BatchUnsupported, JobState, JobStatus, check_items
+from worker.clients.batch import (
+    KEYLESS_PROBE_ANSWERS,
+    NO_KEY,
+    BatchItem,
+    BatchUnsupported,
+    JobState,
+    JobStatus,
+    check_items,
+)
 from worker.clients.gemini import _RETRYABLE_4XX, GeminiClient
 from worker.clients.replies import Endpoint, about_schema, map_status
-from worker.errors import ClientError, PipelineError
+from worker.errors import ClientError, PermanentClientError, PipelineError
 from worker.spec import GeminiSpec
 
 #: Google: inline requests suit jobs whose whole create request stays under 20 MB. We switch to
@@ -72,23 +80,39 @@ class GeminiBatch(GeminiClient):
     """
 
     def __init__(self, spec: GeminiSpec, *, inline_max_bytes: int = INLINE_MAX_BYTES):
-        super().__init__(spec)
+        try:
+            super().__init__(spec)
+            self._no_key: PermanentClientError | None = None
+        except PermanentClientError as exc:  # no key in this process (the producer): probe only
+            super().__init__(spec.model_copy(update={"api_key": NO_KEY}))
+            self._no_key = exc
         self.inline_max_bytes = inline_max_bytes
+
+    def _keyed(self) -> None:
+        """Jobs need the key: without one, the error an online client raises at construction."""
+        if self._no_key is not None:
+            raise self._no_key
 
     # ------------------------------------------------------------------ BatchBackend
     def probe(self) -> None:
-        """List one job: an endpoint without the batch routes answers 404."""
+        """List one job: an endpoint without the batch routes answers 404. Without a key (the
+        producer) an auth error is the answer of a route that exists: the workers' key is
+        checked when they submit."""
         try:
             with self.sdk_errors(expected="a list of batch jobs"):
                 self._client.batches.list(config=types.ListBatchJobsConfig(page_size=1))
         except PipelineError as exc:
-            if getattr(exc, "status", None) in (404, 405, 501):
+            status = getattr(exc, "status", None)
+            if status in (404, 405, 501):
                 raise BatchUnsupported(
                     f"{self.name}: {self.base_url} has no batch API (listing batch jobs answered HTTP "
                     f"{exc.status}): set vlm.batch off for this endpoint") from exc
+            if self._no_key is not None and status in KEYLESS_PROBE_ANSWERS:
+                return
             raise
 
     def submit(self, items: Sequence[BatchItem], *, display_name: str) -> str:
+        self._keyed()
         check_items(items)
         name = self._redact(display_name)[:128]
         size = sum(estimated_bytes(item.request) for item in items)
@@ -148,11 +172,13 @@ class GeminiBatch(GeminiClient):
                                        f"for request {key}")
 
     def cancel(self, job_id: str) -> None:
+        self._keyed()
         with self.sdk_errors(expected="a cancelled batch job"):
             self._client.batches.cancel(name=job_id)
 
     # ------------------------------------------------------------------ internals
     def _get(self, job_id: str) -> types.BatchJob:
+        self._keyed()
         with self.sdk_errors(expected="a batch job"):
             return self._client.batches.get(name=job_id)
 

@@ -20,10 +20,19 @@ import pydantic
 from openai.types.chat import ChatCompletion
 
 from worker.clients.base import VLMResponse
-from worker.clients.batch import BatchItem, BatchUnsupported, JobState, JobStatus, check_items
+from worker.clients.batch import (
+    KEYLESS_PROBE_ANSWERS,
+    NO_KEY,
+    BatchItem,
+    BatchUnsupported,
+    JobState,
+    JobStatus,
+    check_items,
+)
 from worker.clients.openai_compat import OpenAICompatClient
 from worker.clients.replies import about_schema, map_status
-from worker.errors import ClientError, PipelineError, RateLimited
+from worker.errors import ClientError, PermanentClientError, PipelineError, RateLimited
+from worker.spec import OpenAISpec
 
 ENDPOINT = "/v1/chat/completions"
 #: OpenAI's limits for one job's input file.
@@ -39,20 +48,39 @@ _FILENAME = re.compile(r"[^A-Za-z0-9._-]+")
 class OpenAIBatch(OpenAICompatClient):
     """``BatchBackend`` for OpenAI's Batch API (and servers implementing it at ``spec.base_url``)."""
 
+    def __init__(self, spec: OpenAISpec):
+        try:
+            super().__init__(spec)
+            self._no_key: PermanentClientError | None = None
+        except PermanentClientError as exc:  # a keyed host and no key here (the producer): probe only
+            super().__init__(spec.model_copy(update={"api_key": NO_KEY}))
+            self._no_key = exc
+
+    def _keyed(self) -> None:
+        """Jobs need the key: without one, the error an online client raises at construction."""
+        if self._no_key is not None:
+            raise self._no_key
+
     # ------------------------------------------------------------------ BatchBackend
     def probe(self) -> None:
-        """List one job: vLLM and NIM answer 404 on ``/batches``."""
+        """List one job: vLLM and NIM answer 404 on ``/batches``. Without a key (the producer)
+        an auth error is the answer of a route that exists: the workers' key is checked when
+        they submit."""
         try:
             with self.sdk_errors(expected="a list of batches"):
                 self._client.batches.list(limit=1)
         except PipelineError as exc:
-            if getattr(exc, "status", None) in (404, 405, 501):
+            status = getattr(exc, "status", None)
+            if status in (404, 405, 501):
                 raise BatchUnsupported(
                     f"{self.name}: {self.base_url} has no batch API (GET /batches answered HTTP {exc.status}; "
                     f"vLLM and NIM have none): set vlm.batch off for this endpoint") from exc
+            if self._no_key is not None and status in KEYLESS_PROBE_ANSWERS:
+                return
             raise
 
     def submit(self, items: Sequence[BatchItem], *, display_name: str) -> str:
+        self._keyed()
         check_items(items)
         if len(items) > MAX_REQUESTS:
             raise ClientError(f"{self.name}: {len(items)} requests in one job is over OpenAI's {MAX_REQUESTS}: "
@@ -121,6 +149,7 @@ class OpenAIBatch(OpenAICompatClient):
                 yield key, ClientError(f"{self.name}: batch {job_id} ({job.status}) holds no answer for request {key}")
 
     def cancel(self, job_id: str) -> None:
+        self._keyed()
         with self.sdk_errors(expected="a batch object"):
             self._client.batches.cancel(job_id)
 
@@ -131,6 +160,7 @@ class OpenAIBatch(OpenAICompatClient):
             self._client.files.delete(file_id)
 
     def _retrieve(self, job_id: str):
+        self._keyed()
         with self.sdk_errors(expected="a batch object"):
             return self._client.batches.retrieve(job_id)
 

@@ -248,3 +248,27 @@ def test_inline_responses_without_metadata_are_placed_by_position(fake_vlm, png)
     assert isinstance(got["img2:step0"], VLMResponse)
     unplaced = answers(b, job)  # without the job's keys nothing can be placed
     assert unplaced == {}
+
+
+def test_without_a_key_it_probes_and_does_nothing_else(make_fake, png, monkeypatch):
+    """The producer has no key (keys live on the workers): the probe still tells an endpoint
+    with batch routes (they answer the keyless call with an auth error) from one without."""
+    monkeypatch.delenv("GOOGLE_API_KEY")
+    fake = make_fake(api_key=KEY)
+    b = backend(fake)
+    b.probe()
+    assert fake.batch.calls["gemini.list"] == 1
+    with pytest.raises(PermanentClientError, match="GOOGLE_API_KEY is not set"):
+        b.submit(items(png, 1), display_name="x")
+    with pytest.raises(PermanentClientError, match="GOOGLE_API_KEY is not set"):
+        b.status("batches/abc")
+    assert sum(fake.batch.calls.values()) == 1  # nothing sent without a key
+    fake.batch.enabled = False
+    with pytest.raises(BatchUnsupported):
+        b.probe()
+
+
+def test_with_a_wrong_key_the_probe_says_so(make_fake):
+    fake = make_fake(api_key="the-right-key")
+    with pytest.raises(PermanentClientError, match="GOOGLE_API_KEY"):
+        backend(fake).probe()

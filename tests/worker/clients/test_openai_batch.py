@@ -206,3 +206,27 @@ def test_a_refused_job_leaves_no_input_file_behind(fake_vlm, png):
     with pytest.raises(ClientError):
         b.submit(items(png, 2), display_name="x")
     assert fake_vlm.batch.files == {} and fake_vlm.batch.calls["openai.files.delete"] == 1
+
+
+def test_without_a_key_it_probes_and_does_nothing_else(make_fake, png, monkeypatch):
+    """The producer has no key (keys live on the workers): for a host that needs one, the probe
+    reads the batch route's auth error as "the route exists"; jobs need the key."""
+    import worker.clients.openai_compat as compat
+
+    fake = make_fake(api_key=KEY)
+    monkeypatch.setitem(compat.KEYED_HOSTS, "127.0.0.1", "OPENAI_API_KEY")  # the fake plays api.openai.com
+    b = backend(fake)
+    b.probe()
+    with pytest.raises(PermanentClientError, match="OPENAI_API_KEY is not set"):
+        b.submit(items(png, 1), display_name="x")
+    assert sum(fake.batch.calls.values()) == 1
+    fake.batch.enabled = False
+    with pytest.raises(BatchUnsupported, match="vLLM and NIM"):
+        b.probe()
+
+
+def test_with_a_wrong_key_the_probe_says_so(make_fake, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    fake = make_fake(api_key="the-right-key")
+    with pytest.raises(PermanentClientError, match="OPENAI_API_KEY"):
+        backend(fake).probe()
