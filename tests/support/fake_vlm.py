@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import functools
 import io
 import json
 import math
@@ -489,6 +490,11 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         self._send(self.server.fake._handle_get(self))
 
+    def do_DELETE(self):  # the batch routes' file deletion (tests/support/fake_batch.py)
+        reply = self.server.fake.batch.handle_delete(self)
+        self._send(reply or (404, {"error": {"code": 404, "message": f"no route DELETE {self.path}",
+                                             "status": "NOT_FOUND"}}, None))
+
     def do_POST(self):
         fake, generate = self.server.fake, False
         try:
@@ -577,6 +583,13 @@ class FakeVLM:
     @property
     def gemini_base_url(self) -> str:
         return self.url
+
+    @functools.cached_property
+    def batch(self):
+        """The batch and file routes (``tests.support.fake_batch.FakeBatch``), made on first use."""
+        from tests.support.fake_batch import FakeBatch
+
+        return FakeBatch(self)
 
     # ------------------------------------------------------------------ control
     def reset(self) -> None:
@@ -674,6 +687,8 @@ class FakeVLM:
             ids = sorted(self.models or {"gemini-2.5-flash"})
             return 200, {"models": [{"name": f"models/{m}", "supportedGenerationMethods": ["generateContent"]}
                                     for m in ids]}, None
+        if (batch := self.batch.handle_get(h)) is not None:
+            return batch
         return 404, {"error": {"code": 404, "message": f"no route GET {path}", "status": "NOT_FOUND"}}, None
 
     def _handle_post(self, h: _Handler, raw: bytes) -> tuple[Reply, bool]:
@@ -681,6 +696,8 @@ class FakeVLM:
         split = urlsplit(h.path)
         if split.path.startswith("/_"):
             return self._handle_control(split.path, raw), False
+        if (batch := self.batch.handle_post(h, raw)) is not None:
+            return batch, False
         gem = GEMINI_PATH.match(split.path)
         if OPENAI_PATH.match(split.path):
             protocol = "openai"

@@ -91,3 +91,19 @@ def get_batch_backend(vlm: VLMSpec) -> BatchBackend:
 
         return OfflineBatch(vlm)
     raise ConfigError(f"vlm.backend = {vlm.backend!r} is not one of: gemini, openai, offline")
+
+
+def check_items(items: Sequence[BatchItem]) -> None:
+    """A job holds at least one request and no key twice (answers come back by key)."""
+    if not items:
+        raise ValueError("a batch job needs at least one request")
+    keys = [item.key for item in items]
+    if len(set(keys)) != len(keys):
+        raise ValueError("the keys of a batch job's requests must be unique")
+
+
+#: The key a batch backend is built with where there is none (the producer, which only probes:
+#: keys live on the workers). Never a real key; a provider answers it with an auth error.
+NO_KEY = "refexp-no-key"
+#: What an endpoint's batch route answers a keyless probe with when the route exists.
+KEYLESS_PROBE_ANSWERS = frozenset({400, 401, 403})

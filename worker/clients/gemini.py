@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from google import genai
 from google.genai import errors as genai_errors
@@ -162,16 +164,26 @@ class GeminiClient:
             **extra,
         )
 
-    def generate(self, request: VLMRequest) -> VLMResponse:
-        contents = [types.Content(role="user", parts=[
+    def contents(self, request: VLMRequest) -> list[types.Content]:
+        """The one user turn: the image first, then the prompt (online and batch calls alike)."""
+        return [types.Content(role="user", parts=[
             types.Part.from_bytes(data=request.image.data, mime_type=request.image.mime),
             types.Part.from_text(text=request.prompt),
         ])]
-        try:
+
+    def generate(self, request: VLMRequest) -> VLMResponse:
+        with self.sdk_errors(schema=request.response_schema is not None):
             resp = self._client.models.generate_content(
-                model=self.model, contents=contents, config=self._config(request))
+                model=self.model, contents=self.contents(request), config=self._config(request))
+        return self._response(resp)
+
+    @contextmanager
+    def sdk_errors(self, *, schema: bool = False, expected: str = "a generateContent response") -> Iterator[None]:
+        """Turn whatever the SDK raises inside the block into ``worker.errors`` (keys redacted)."""
+        try:
+            yield
         except genai_errors.APIError as exc:
-            raise self._map_status(exc, schema=request.response_schema is not None) from exc
+            raise self._map_status(exc, schema=schema) from exc
         except _TIMEOUTS as exc:
             raise ClientError(f"{self.name}: no answer from {self.base_url} within {self.spec.timeout:g}s "
                               f"({type(exc).__name__})") from exc
@@ -181,10 +193,9 @@ class GeminiClient:
         except json.JSONDecodeError as exc:  # the SDK parses every 200 body as JSON
             raise not_the_api(
                 Endpoint(self.name, self.base_url, self.model, "GOOGLE_API_KEY"), self._redact(exc.doc),
-                expected="a generateContent response",
+                expected=expected,
                 hint="vlm.gemini.base_url is the API root, e.g. https://generativelanguage.googleapis.com, "
                      "without /v1beta") from exc
-        return self._response(resp)
 
     def _response(self, resp: types.GenerateContentResponse) -> VLMResponse:
         cand = resp.candidates[0] if resp.candidates else None

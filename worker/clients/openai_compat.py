@@ -12,6 +12,8 @@ from __future__ import annotations
 import base64
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from urllib.parse import urlsplit
 
 import openai
@@ -76,22 +78,34 @@ class OpenAICompatClient:
         self._client = openai.OpenAI(base_url=spec.base_url or None, api_key=key, timeout=spec.timeout,
                                      max_retries=0)
 
-    def generate(self, request: VLMRequest) -> VLMResponse:
+    def body(self, request: VLMRequest) -> dict:
+        """The chat-completions body for one request: what ``generate`` sends, and what a batch
+        job's line carries as its ``body``, so the two never drift apart."""
         b64 = base64.b64encode(request.image.data).decode("ascii")
         content = [{"type": "image_url", "image_url": {"url": f"data:{request.image.mime};base64,{b64}"}},
                    {"type": "text", "text": request.prompt}]
-        extra: dict = {}
+        body: dict = {"model": self.model, "messages": [{"role": "user", "content": content}],
+                      "temperature": self.spec.temperature,
+                      "max_tokens": request.max_tokens or self.spec.max_tokens}
         if request.response_schema is not None:
-            extra["response_format"] = {"type": "json_schema", "json_schema": {
+            body["response_format"] = {"type": "json_schema", "json_schema": {
                 "name": request.schema_name or "answer", "schema": strict(request.response_schema), "strict": True}}
+        return body
+
+    def generate(self, request: VLMRequest) -> VLMResponse:
+        with self.sdk_errors(schema=request.response_schema is not None):
+            resp = self._client.chat.completions.create(**self.body(request))
+        if isinstance(resp, str):  # the SDK hands back the text of a body that is not JSON
+            raise self._not_the_api(resp)
+        return self._response(resp)
+
+    @contextmanager
+    def sdk_errors(self, *, schema: bool = False, expected: str = "a chat completion") -> Iterator[None]:
+        """Turn whatever the SDK raises inside the block into ``worker.errors`` (keys redacted)."""
         try:
-            resp = self._client.chat.completions.create(
-                model=self.model, messages=[{"role": "user", "content": content}],
-                temperature=self.spec.temperature, max_tokens=request.max_tokens or self.spec.max_tokens,
-                **extra,
-            )
+            yield
         except openai.APIStatusError as exc:
-            raise self._map_status(exc, schema=request.response_schema is not None) from exc
+            raise self._map_status(exc, schema=schema) from exc
         except openai.APITimeoutError as exc:
             raise ClientError(
                 f"{self.name}: no answer from {self.base_url} within {self.spec.timeout:g}s") from exc
@@ -100,13 +114,10 @@ class OpenAICompatClient:
             raise ClientError(f"{self.name}: cannot reach {self.base_url}: "
                               f"{self._redact(str(cause)) or type(cause).__name__}") from exc
         except json.JSONDecodeError as exc:  # a JSON content type over a body that is not JSON
-            raise self._not_the_api(exc.doc) from exc
-        if isinstance(resp, str):  # the SDK hands back the text of a body that is not JSON
-            raise self._not_the_api(resp)
-        return self._response(resp)
+            raise self._not_the_api(exc.doc, expected=expected) from exc
 
-    def _not_the_api(self, body: str) -> PermanentClientError:
-        return not_the_api(self._endpoint(), self._redact(body), expected="a chat completion",
+    def _not_the_api(self, body: str, *, expected: str = "a chat completion") -> PermanentClientError:
+        return not_the_api(self._endpoint(), self._redact(body), expected=expected,
                            hint="an OpenAI-compatible base_url ends in /v1, e.g. http://host:8000/v1")
 
     def _endpoint(self) -> Endpoint:

@@ -77,6 +77,17 @@ def map_status(ep: Endpoint, code: int, detail: str, *, status_text: str = "", r
     return PermanentClientError(f"{ep.name}: {ep.base_url} answered {http}: {detail}", status=code)
 
 
+#: The request fields a server names when it refuses a response schema (OpenAI ``response_format``
+#: json_schema, Gemini ``responseJsonSchema`` / ``response_schema``).
+SCHEMA_FIELDS = re.compile(r"response_?(json_?)?schema|response_?format|json_?schema", re.I)
+
+
+def about_schema(detail: str) -> bool:
+    """Whether an error message is about the response schema. A batch job's per-request error
+    comes back without its request, so this is how it is told from any other 400."""
+    return bool(SCHEMA_FIELDS.search(detail or ""))
+
+
 def not_the_api(ep: Endpoint, body: str, *, expected: str, hint: str) -> PermanentClientError:
     """A 200 whose body is not the API's JSON, said as what it is. An HTML page means the
     request reached a web server that is not the model's API: a proxy or login page, or a
