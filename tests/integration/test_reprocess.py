@@ -77,8 +77,15 @@ def test_changed_redoes_only_what_the_spec_changed(fleet, fleet_env, fake_vlm, t
     assert enqueue(f"{P}.vlm.openai.timeout=45") == dict.fromkeys(STEPS, 0), fleet.logs()
     assert fingerprints(results) == before
 
-    # The step-3 prompt: step 3 alone is asked again, for every image it asks about.
+    # The step-3 prompt: step 3 alone is asked again, for every image it asks about. The
+    # estimate says so first, from the sinks, and prices it from what those calls took.
     prompts = step3_prompt_file(tmp_path)
+    est_args = args(fake_vlm, results, data, f"{P}.workflow.prompts_file={prompts}",
+                    f"{P}.vlm.prices.input_per_million=1")
+    est = json.loads(producer(fleet_env, "estimate", *est_args, "--json").stdout)
+    assert {s["step"]: (s["done"], s["stale"], s["calls"]) for s in est["stale"]["steps"]} == {
+        0: (10, 0, 0), 1: (10, 0, 0), 2: (10, 0, 0), 3: (10, with_boxes, with_boxes)}
+    assert est["stale"]["cost"] > 0 and fake_vlm.stats()["calls"] == 0
     assert enqueue(f"{P}.workflow.prompts_file={prompts}") == {
         "region_expr": 0, "image_caption": 0, "grounding_expr": 0, "double_check": with_boxes}, fleet.logs()
     after = fingerprints(results)
@@ -129,6 +136,10 @@ def test_producer_run_redoes_the_steps_of_a_replaced_image_only(fleet_env, fake_
     with Image.open(path) as im:
         flipped = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         flipped.save(path)
+    st = json.loads(producer(env, "status", "--results-dir", str(results), "--stale", "--json").stdout)
+    assert {s["step"]: s["stale"] for s in st["stale"]["steps"]} == dict.fromkeys(range(4), 1)
+    shown = producer(env, "status", "--results-dir", str(results), "--stale").stdout
+    assert "workflow.reprocess: changed: a re-run redoes these" in shown and "redoing them: 4 calls" in shown
     fake_vlm.reset()
     producer(env, "run", *args(fake_vlm, results, data, f"{P}.workflow.reprocess=changed"))
     assert calls(fake_vlm) == dict.fromkeys(STEPS, 1), first
