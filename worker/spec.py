@@ -262,10 +262,14 @@ class Spec(_Strict):
     def public_dict(self) -> dict:
         """The spec as a plain dict with every secret blanked: what may reach Redis and files.
 
-        ``workflow.reprocess`` says what ``force_reprocess`` would, so only it is written: a
-        ``run.spec.yaml`` given back with either key overridden then never holds both."""
+        ``workflow.reprocess`` says what ``force_reprocess`` would, so only it is written, and
+        only when it is not the default: a ``run.spec.yaml`` given back with either key
+        overridden then holds at most the one its run chose."""
         data = self.model_dump(mode="json")
-        data["image_referring_expression"]["workflow"].pop("force_reprocess", None)
+        wf = data["image_referring_expression"]["workflow"]
+        wf.pop("force_reprocess", None)
+        if wf.get("reprocess") == "missing":
+            wf.pop("reprocess")
         _blank_secrets(data)
         return data
 
