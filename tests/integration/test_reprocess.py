@@ -148,3 +148,23 @@ def test_producer_run_redoes_the_steps_of_a_replaced_image_only(fleet_env, fake_
     before = {i: {k: m["fingerprint"] for k, m in r["meta"].items()} for i, r in records.items()}
     after = fingerprints(results)
     assert {i for i in after if after[i] != before[i]} == {target}
+
+
+def test_records_made_after_a_schema_fallback_are_kept(fleet_env, tmp_path):
+    """An endpoint that refuses response schemas: each new process tries one and falls back to
+    the text prompts. The records hold the text request (the mode actually used), and a
+    ``changed`` re-run keeps them instead of paying for every image again."""
+    from tests.support.fake_vlm import FakeVLM
+
+    env = {k: v for k, v in fleet_env.items() if k != "REDIS_URL"}
+    data = make_demo_dataset(tmp_path / "data", n_images=4, seed=5)
+    results = tmp_path / "results"
+    with FakeVLM(reject_json_schema=True) as fake:
+        producer(env, "run", *args(fake, results, data))
+        modes = {m["quality"]["mode"] for r in final(results).values() for m in r["meta"].values() if "call" in m}
+        assert modes == {"text"}
+        assert all(m.get("schema_refused") for r in final(results).values() for k, m in r["meta"].items()
+                   if "call" in m and k != "step1_image_caption")  # captions never send a schema
+        fake.reset()
+        producer(env, "run", *args(fake, results, data, f"{P}.workflow.reprocess=changed"))
+        assert calls(fake) == dict.fromkeys(STEPS, 0)

@@ -81,6 +81,8 @@ def run_step(
     name = PIPELINE_NAMES[step]
     meta = dict(out.get("meta") or {})
     meta[name] = {**meta.get(name, {}), fingerprint.KEY: fp}
+    if exchange.schema_refused and exchange.sent is not None:
+        meta[name][fingerprint.REFUSED] = True
     out = canonical({**out, "meta": meta})
     if response is not None:
         usage = response.usage or {}
@@ -105,14 +107,15 @@ def expected_fingerprints(step: int, record: dict, templates: dict[str, str], op
     records as they are now) would carry if it were made now, without asking the model: the
     first request rebuilt (``converse.plan``) and the image's hash (``images.content_hash``: a
     stat and, usually, no read). ``structured``: whether this process would send a schema.
-    ``fell_back``: the existing record's endpoint refused a schema, so the text request it fell
-    back to is also current (the endpoint would refuse it again). Raises ``InputError`` when
+    ``fell_back``: the existing record's endpoint refused a schema, so the text requests it
+    sends then are also current (the endpoint would refuse again): the one right after the
+    refusal (the structured budget) and the ones after it (the text budget). Raises ``InputError`` when
     the image cannot be read (the redo then fails the same way)."""
     upstream = fingerprint.upstream_of(record, step)
     out = set()
-    for fallback in (False, True) if fell_back else (False,):
-        sent = plan(STEP[step], STEPS[step], record, templates, options=options, structured=structured,
-                    fallback=fallback)
+    tries = [(structured, False)] + ([(structured, True), (False, False)] if fell_back else [])
+    for ok, fallback in tries:
+        sent = plan(STEP[step], STEPS[step], record, templates, options=options, structured=ok, fallback=fallback)
         sha = content_hash(record["image_path"], options.image_cache_dir or None) if sent is not None else ""
         out.add(fingerprint.compose(step, sent, generation=options.generation,
                                     downscale_to_pixels=options.downscale_to_pixels, image_sha256=sha,

@@ -126,6 +126,7 @@ class Exchange:
     response: VLMResponse | None
     sent: Sent | None = None  # the first request as sent (after any fallback): the fingerprint's
     image_sha256: str = ""    # the image file's hash, when the step asked about it
+    schema_refused: bool = False  # text was sent because this endpoint refused a schema (now or before)
 
 
 CUT_REPAIRS = ("truncated_array", "truncated_object")
@@ -158,6 +159,7 @@ class _Conversation:
         self.fallback = ""
         self.image = None
         self.sent: Sent | None = None
+        self.schema_refused = False
 
     def build(self, ctx: AnswerContext):
         template = template_for(self.templates, self.d.name, ctx.mode == STRUCTURED)
@@ -215,6 +217,7 @@ class _Conversation:
                 log.warning("%s refused a response schema (%s); using the text prompts for this endpoint "
                             "from now on (vlm.structured_output: off silences this)", key, exc)
             self.fallback = "structured_rejected"
+            self.schema_refused = True
         ctx = ctx.but(mode=TEXT)
         built = self.build(ctx)
         self.sent = self.planned(ctx, built, tokens)
@@ -248,7 +251,12 @@ class _Conversation:
         return ctx, budget(self.d, self.mod.n_items(self.record), mode, options)
 
     def run(self) -> Exchange:
-        ctx, tokens = self.start(structured_ok(self.client, self.options))
+        ok = structured_ok(self.client, self.options)
+        ctx, tokens = self.start(ok)
+        # Text because the endpoint refused a schema before (in this process): the record says
+        # so, for a fingerprint check in a process that does not know it yet.
+        self.schema_refused = (not ok and supports_structured(self.client)
+                               and self.start(True)[0].mode == STRUCTURED)
         ctx, built, response, truncated = self.first_call(ctx, tokens)
         if built is None:
             return Exchange(self.mod.empty(), None)
@@ -321,7 +329,8 @@ class _Conversation:
         if self.responses:
             last = response if response is not None else self.responses[-1]
             combined = replace(last, usage=_sum_usage(self.responses)) if len(self.responses) > 1 else last
-        return Exchange(parsed, combined, self.sent, self.image.sha256 if self.image is not None else "")
+        return Exchange(parsed, combined, self.sent, self.image.sha256 if self.image is not None else "",
+                        self.schema_refused)
 
 
 def converse(d: StepDef, mod: ModuleType, record: dict, client: VLMClient, templates: dict[str, str], *,

@@ -33,6 +33,9 @@ from worker.steps.records import PIPELINE_NAMES
 VERSION = 1
 LENGTH = 16
 KEY = "fingerprint"  # meta[<step record name>][KEY]
+#: meta[<step record name>][REFUSED] is true when text was sent because the endpoint had
+#: refused a response schema (this call, or an earlier one of the same process).
+REFUSED = "schema_refused"
 
 
 @dataclass(frozen=True)
@@ -94,8 +97,11 @@ def upstream_of(record: dict, step: int) -> dict[int, str]:
 
 
 def fell_back(record: dict | None, step: int) -> bool:
-    """Whether the record's call fell back from structured to text (the endpoint refused a
-    schema): its fingerprint then holds the text request."""
+    """Whether the record's request was text because its endpoint refused a schema (this call
+    or an earlier one of its process): its fingerprint then holds a text request, which a
+    process that has not met the refusal yet must also accept."""
     meta = ((record or {}).get("meta") or {}).get(PIPELINE_NAMES[step]) or {}
-    quality = meta.get("quality") if isinstance(meta, dict) else None
-    return isinstance(quality, dict) and quality.get("fallback") == "structured_rejected"
+    if not isinstance(meta, dict):
+        return False
+    quality = meta.get("quality")
+    return bool(meta.get(REFUSED)) or (isinstance(quality, dict) and quality.get("fallback") == "structured_rejected")
