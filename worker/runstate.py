@@ -124,28 +124,20 @@ end
 redis.call('HDEL', KEYS[1], image)
 return 1
 """
-# Move done marks aside for a ``reprocess: changed`` re-run (``RunState.clear_attempt``): the
-# image-step is pending again, and the task finds the record it may keep under ``recheck``.
-# KEYS: done, recheck of one step. ARGV: image ids. An entry already aside (a re-run stopped
-# midway) stays when there is no done mark to move.
-_MOVE_TO_RECHECK = """
-for _, image in ipairs(ARGV) do
-  local offset = redis.call('HGET', KEYS[1], image)
-  if offset then
-    redis.call('HSET', KEYS[2], image, offset)
-    redis.call('HDEL', KEYS[1], image)
-  end
-end
-return 0
-"""
-# The reverse, for an enqueue that is not ``changed`` after a ``changed`` one stopped midway:
-# a record set aside is done again (unless a newer done mark is there), and the entry goes.
-_RESTORE_FROM_RECHECK = """
-for _, image in ipairs(ARGV) do
-  local offset = redis.call('HGET', KEYS[2], image)
-  if offset then
-    redis.call('HSETNX', KEYS[1], image, offset)
-    redis.call('HDEL', KEYS[2], image)
+# Move entries of some images from one hash to another, in one round trip: done marks set
+# aside for a ``reprocess: changed`` re-run (``RunState.clear_attempt``: the image-step is
+# pending again, and the task finds the record it may keep under ``recheck``), and back
+# (``restore_prior``). KEYS: from, to. ARGV: 1 to overwrite an entry already there (setting
+# aside: the newest done mark wins) or 0 to keep it (restoring: a newer done mark wins), then
+# the image ids. An image without an entry in ``from`` keeps what ``to`` holds (a re-run
+# stopped midway left it there).
+_MOVE_ENTRIES = """
+local set = ARGV[1] == '1' and 'HSET' or 'HSETNX'
+for i = 2, #ARGV do
+  local value = redis.call('HGET', KEYS[1], ARGV[i])
+  if value then
+    redis.call(set, KEYS[2], ARGV[i], value)
+    redis.call('HDEL', KEYS[1], ARGV[i])
   end
 end
 return 0
@@ -161,8 +153,7 @@ class RunState:
         self.r = client
         self.run_id = run_id
         self._mark_and_settle = client.register_script(_MARK_AND_SETTLE)
-        self._move_to_recheck = client.register_script(_MOVE_TO_RECHECK)
-        self._restore_from_recheck = client.register_script(_RESTORE_FROM_RECHECK)
+        self._move_entries = client.register_script(_MOVE_ENTRIES)
 
     # -- spec ---------------------------------------------------------------------------------
     def store_spec(self, spec_hash: str, public_spec: dict, meta: dict,
@@ -234,8 +225,8 @@ class RunState:
         """Make the records set aside for these images done again (an enqueue that is not
         ``changed``, after a ``changed`` one stopped midway: they are records, so done)."""
         if image_ids:
-            self._restore_from_recheck(keys=[run_key(self.run_id, Outcome.DONE, step),
-                                             run_key(self.run_id, RECHECK, step)], args=image_ids)
+            self._move_entries(keys=[run_key(self.run_id, RECHECK, step), run_key(self.run_id, Outcome.DONE, step)],
+                               args=[0, *image_ids])
 
     def drop_prior(self, step: int, image_id: str) -> None:
         """Forget the record set aside for a check, once the image-step has its new outcome."""
@@ -337,8 +328,8 @@ class RunState:
             for kind in (Outcome.FAILED, Outcome.BLOCKED, *((Outcome.DONE,) if done else ())):
                 pipe.hdel(run_key(self.run_id, kind, step), *ids)
             if recheck and not done:
-                self._move_to_recheck(keys=[run_key(self.run_id, Outcome.DONE, step),
-                                            run_key(self.run_id, RECHECK, step)], args=ids, client=pipe)
+                self._move_entries(keys=[run_key(self.run_id, Outcome.DONE, step), run_key(self.run_id, RECHECK, step)],
+                                   args=[1, *ids], client=pipe)
             pipe.execute()
 
     def iter_failed(self, step: int) -> Iterator[str]:
