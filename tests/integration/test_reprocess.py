@@ -168,3 +168,25 @@ def test_records_made_after_a_schema_fallback_are_kept(fleet_env, tmp_path):
         fake.reset()
         producer(env, "run", *args(fake, results, data, f"{P}.workflow.reprocess=changed"))
         assert calls(fake) == dict.fromkeys(STEPS, 0)
+
+
+def test_gemini_budgets_as_sent_are_part_of_it(fleet_env, fake_vlm, tmp_path):
+    """Through the google-genai SDK: Gemini's first-call budget is sized from the boxes, and the
+    check rebuilds it the same way (nothing redone); a new ``max_output_tokens`` changes what is
+    sent, so every step that asks is redone; the timeout changes nothing."""
+    env = {k: v for k, v in fleet_env.items() if k != "REDIS_URL"} | {"GOOGLE_API_KEY": "test-key"}
+    data = make_demo_dataset(tmp_path / "data", n_images=4, seed=9)
+    results = tmp_path / "results"
+    image_dir, label_dir = data
+
+    def run(*extra: str) -> dict[str, int]:
+        fake_vlm.reset()
+        producer(env, "run", f"{P}.vlm.backend=gemini", f"{P}.vlm.gemini.base_url={fake_vlm.gemini_base_url}",
+                 f"{P}.vlm.gemini.model=gemini-2.5-flash", *extra, "--image-dir", str(image_dir),
+                 "--label-dir", str(label_dir), "--results-dir", str(results))
+        return calls(fake_vlm)
+
+    first = run()
+    assert first["image_caption"] == 4
+    assert run(f"{P}.workflow.reprocess=changed", f"{P}.vlm.gemini.timeout=30") == dict.fromkeys(STEPS, 0)
+    assert run(f"{P}.workflow.reprocess=changed", f"{P}.vlm.gemini.max_output_tokens=9000") == first
