@@ -376,7 +376,11 @@ class Estimate:
     stale: dict | None = None  # results_dir holds records: how many are stale against this spec (producer/stale.py)
 
 
-def estimate(spec: Spec, *, sample: int = DEFAULT_SAMPLE, from_results: Path | None = None) -> Estimate:
+def estimate(spec: Spec, *, sample: int = DEFAULT_SAMPLE, from_results: Path | None = None,
+             stale: bool = False) -> Estimate:
+    """The calls, tokens and cost of ``spec`` on its dataset; with ``stale``, also how many of
+    the records already in ``spec.results_dir`` are stale against it (``producer/stale.py``:
+    reads every record and image hash there, so only when asked: ``--results-dir``)."""
     scan = scan_dataset(spec, sample)
     steps = spec.ire.workflow.steps
     readable = len(scan.sampled)
@@ -423,7 +427,7 @@ def estimate(spec: Spec, *, sample: int = DEFAULT_SAMPLE, from_results: Path | N
                     boxes_per_image_with_boxes=round(mean_boxes, 2), source=source, image_rule=rule, steps=out,
                     input_tokens=total_in, output_tokens=total_out, cost=None if cost is None else round(cost, 6),
                     prices=prices if cost is not None else None, notes=notes, measured_on=measured_on,
-                    stale=_stale(spec))
+                    stale=_stale(spec) if stale else None)
 
 
 def _stale(spec: Spec) -> dict | None:
@@ -498,7 +502,7 @@ def register(app: typer.Typer) -> None:
             extra.append(f"image_referring_expression.data.kitti_label_dir={label_dir}")
         with user_errors():
             s = load_spec(spec, extra)
-            e = estimate(s, sample=sample, from_results=from_results)
+            e = estimate(s, sample=sample, from_results=from_results, stale=results_dir is not None)
         if json_:
             typer.echo(json.dumps(asdict(e)))
         else:
