@@ -213,6 +213,9 @@ def run(
 def status(
     results_dir: RequiredResults,
     json_: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
+    stale: Annotated[bool, typer.Option("--stale", help="Also scan the sinks: how many done image-steps are stale "
+                                        "against the run's spec (run.spec.yaml, its last enqueue), and their cost. "
+                                        "Reads every record and image hash.")] = False,
 ) -> None:
     """Images, done / failed / blocked / pending per step, throughput, ETA, workers, budget."""
     from producer.runs import connect, existing_run
@@ -222,9 +225,15 @@ def status(
     from worker.layout import Layout
 
     # A `producer run` took its Redis with it: its results dir speaks for it (summary.json).
-    local = local_run(Layout(results_dir.expanduser().resolve()))
+    layout = Layout(results_dir.expanduser().resolve())
+    local = local_run(layout)
     if local is not None:
-        typer.echo(json.dumps(local.to_json()) if json_ else format_local(local, str(results_dir / SUMMARY_FILE)))
+        out = local.to_json()
+        if stale:
+            out["stale"] = _stale_or_exit(layout, json_)
+        typer.echo(json.dumps(out) if json_ else format_local(local, str(results_dir / SUMMARY_FILE)))
+        if stale and not json_:
+            _print_stale(layout, out["stale"])
         return
     with user_errors():
         run_id, layout, state = existing_run(results_dir, connect())
@@ -232,7 +241,34 @@ def status(
             st = get_status(state)
         except RunNotInRedis:
             run_gone(layout, run_id, as_json=json_)
+        if stale:
+            st["stale"] = _stale_or_exit(layout, json_)
         typer.echo(json.dumps(st) if json_ else format_status(st))
+        if stale and not json_:
+            _print_stale(layout, st["stale"])
+
+
+def _stale_or_exit(layout, as_json: bool) -> dict:
+    """``status --stale``: the stale count against the run's own spec (``run.spec.yaml``)."""
+    from producer.runs import stored_spec
+    from producer.stale import stale_report
+    from worker.errors import ConfigError
+
+    with user_errors():
+        spec = stored_spec(layout)
+        if spec is None:
+            raise ConfigError(f"{layout.root}: no run.spec.yaml (a run enqueued before it was written): run "
+                              "`producer estimate -c SPEC --results-dir ...` with its spec instead")
+        return stale_report(spec, layout).to_json()
+
+
+def _print_stale(layout, stale: dict) -> None:
+    from producer.runs import stored_spec
+    from producer.stale import StaleReport, StepStale, format_stale
+
+    report = StaleReport([StepStale(**s) for s in stale["steps"]], stale["images_unreadable"], stale["cost"])
+    for line in format_stale(report, stored_spec(layout)):
+        typer.echo(line)
 
 
 @app.command()

@@ -85,24 +85,31 @@ def enqueue(
     publisher = publisher or Publisher(1)
     steps = run.spec.ire.workflow.steps
     force = run.spec.ire.workflow.force_reprocess
+    # ``reprocess: changed``: every image goes out, its done marks set aside for the tasks to
+    # check (worker/execute.py); only the worker can rebuild a step's request from its inputs.
+    changed = run.spec.ire.workflow.reprocess == "changed"
+    restore = not (force or changed) and run.state.has_prior(steps)
     report = EnqueueReport()
     for batch in _batches(run, BATCH * publisher.processes):
         ids = [image_id for _, image_id in batch]
         report.images += len(ids)
         queued = run.state.queued_many(ids)
-        done = {s: run.state.done_many(s, ids) for s in steps} if not force else {}
+        if restore:  # a `changed` re-run stopped midway: its set-aside records are done again
+            for s in steps:
+                run.state.restore_prior(s, [image_id for i, image_id in enumerate(ids) if not queued[i]])
+        done = {s: run.state.done_many(s, ids) for s in steps} if not (force or changed) else {}
         todo: list[tuple[int, str, list[int]]] = []
         for i, (offset, image_id) in enumerate(batch):
             if queued[i]:
                 report.already_queued += 1
                 continue
-            remaining = steps if force else [s for s in steps if not done[s][i]]
+            remaining = steps if force or changed else [s for s in steps if not done[s][i]]
             if not remaining:
                 report.already_done += 1
                 continue
             todo.append((offset, image_id, remaining))
         report.enqueued += dispatch(run.state, run.ref, todo, steps, publisher, max_inflight=max_inflight,
-                                    force=force, on_wait=on_wait)
+                                    force=force, on_wait=on_wait, recheck=changed)
         if progress is not None:
             progress(len(batch))
     return report
@@ -112,7 +119,7 @@ Todo = list[tuple[int, str, list[int]]]  # (seed offset, image_id, steps to run)
 
 
 def dispatch(state: RunState, run_ref: str, todo: Todo, steps: list[int], publisher: Publisher, *,
-             max_inflight: int, force: bool = False, on_wait: OnWait | None = None) -> int:
+             max_inflight: int, force: bool = False, on_wait: OnWait | None = None, recheck: bool = False) -> int:
     """The one way images go out (``enqueue``, ``retry-failed``): in chunks that fit the window,
     each published before it is marked in flight (``publish_chunk``, which the reconciler uses
     alone: the images it puts back hold their places in the window already). Returns how many."""
@@ -120,18 +127,19 @@ def dispatch(state: RunState, run_ref: str, todo: Todo, steps: list[int], publis
     while todo:
         room = wait_for_window(state, max_inflight, on_wait=on_wait)
         chunk, todo = todo[:room], todo[room:]
-        publish_chunk(state, run_ref, chunk, steps, publisher, force=force)
+        publish_chunk(state, run_ref, chunk, steps, publisher, force=force, recheck=recheck)
         sent += len(chunk)
     return sent
 
 
 def publish_chunk(state: RunState, run_ref: str, chunk: Todo, steps: list[int], publisher: Publisher, *,
-                  force: bool = False) -> None:
+                  force: bool = False, recheck: bool = False) -> None:
     """Clear old outcomes, publish, then mark in flight (in that order: a producer killed between
     the publish and the mark causes at most a duplicate message, never a lost image), then settle
-    the images a fast worker finished before the mark."""
+    the images a fast worker finished before the mark. ``recheck``: done marks are set aside
+    for a fingerprint check instead of kept (``RunState.clear_attempt``)."""
     for s in steps:
-        state.clear_attempt(s, [image_id for _, image_id, r in chunk if s in r], done=force)
+        state.clear_attempt(s, [image_id for _, image_id, r in chunk if s in r], done=force, recheck=recheck)
     publisher.publish([(remaining, run_ref, image_id, offset) for offset, image_id, remaining in chunk])
     state.mark_queued({image_id: offset for offset, image_id, _ in chunk})
     state.settle_many([image_id for _, image_id, _ in chunk], steps)

@@ -414,9 +414,14 @@ class Estimate:
     prices: dict | None
     notes: list[str]
     measured_on: list[str] = field(default_factory=list)  # models that answered the sample run's calls
+    stale: dict | None = None  # results_dir holds records: how many are stale against this spec (producer/stale.py)
 
 
-def estimate(spec: Spec, *, sample: int = DEFAULT_SAMPLE, from_results: Path | None = None) -> Estimate:
+def estimate(spec: Spec, *, sample: int = DEFAULT_SAMPLE, from_results: Path | None = None,
+             stale: bool = False) -> Estimate:
+    """The calls, tokens and cost of ``spec`` on its dataset; with ``stale``, also how many of
+    the records already in ``spec.results_dir`` are stale against it (``producer/stale.py``:
+    reads every record and image hash there, so only when asked: ``--results-dir``)."""
     scan = scan_dataset(spec, sample)
     steps = spec.ire.workflow.steps
     readable = len(scan.sampled)
@@ -462,7 +467,18 @@ def estimate(spec: Spec, *, sample: int = DEFAULT_SAMPLE, from_results: Path | N
     return Estimate(images=scan.images, sampled=readable + scan.unreadable, with_boxes_share=scan.with_boxes_share,
                     boxes_per_image_with_boxes=round(mean_boxes, 2), source=source, image_rule=rule, steps=out,
                     input_tokens=total_in, output_tokens=total_out, cost=None if cost is None else round(cost, 6),
-                    prices=prices if cost is not None else None, notes=notes, measured_on=measured_on)
+                    prices=prices if cost is not None else None, notes=notes, measured_on=measured_on,
+                    stale=_stale(spec) if stale else None)
+
+
+def _stale(spec: Spec) -> dict | None:
+    """When the spec's results dir already holds records: how many are stale against the spec
+    and what redoing them costs (``producer/stale.py``); None for a results dir with none."""
+    from producer.stale import stale_report
+
+    if not spec.results_dir or not Layout(Path(spec.results_dir)).seed.exists():
+        return None
+    return stale_report(spec).to_json()
 
 
 def format_estimate(e: Estimate, spec: Spec) -> Iterator[str]:
@@ -488,6 +504,11 @@ def format_estimate(e: Estimate, spec: Spec) -> Iterator[str]:
         yield "cost: set vlm.prices.input_per_million / output_per_million in the spec to see it"
     for n in e.notes:
         yield f"note: {n}"
+    if e.stale is not None:
+        from producer.stale import StaleReport, StepStale, format_stale
+
+        report = StaleReport([StepStale(**s) for s in e.stale["steps"]], e.stale["images_unreadable"], e.stale["cost"])
+        yield from format_stale(report, spec)
 
 
 # --------------------------------------------------------------------------- command line
@@ -507,17 +528,22 @@ def register(app: typer.Typer) -> None:
                                                                      "spread evenly (0 = all).")] = DEFAULT_SAMPLE,
         from_results: Annotated[Path | None, typer.Option("--from-results", help="A sample run's results_dir: "
                                                           "use its measured token usage.")] = None,
+        results_dir: Annotated[Path | None, typer.Option(
+            "--results-dir", help="= results_dir: when it holds records, also count those stale against this spec "
+                                  "(what workflow.reprocess=changed would redo) and their cost.")] = None,
         json_: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
     ) -> None:
         """Predict calls, tokens and cost for a dataset before any call is made."""
         extra = list(overrides or [])
+        if results_dir is not None:
+            extra.append(f"results_dir={results_dir}")
         if image_dir is not None:
             extra.append(f"image_referring_expression.data.image_dir={image_dir}")
         if label_dir is not None:
             extra.append(f"image_referring_expression.data.kitti_label_dir={label_dir}")
         with user_errors():
             s = load_spec(spec, extra)
-            e = estimate(s, sample=sample, from_results=from_results)
+            e = estimate(s, sample=sample, from_results=from_results, stale=results_dir is not None)
         if json_:
             typer.echo(json.dumps(asdict(e)))
         else:

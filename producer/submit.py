@@ -162,7 +162,9 @@ def register(run: Run, report: SeedReport) -> dict[int, int]:
     if not index_is_current(run.state.meta(), run.layout):
         reindexed = reindex(run.state, run.layout)
     steps = run.spec.ire.workflow.steps
-    last_done = run.state.counts([steps[-1]])[steps[-1]]["done"]
+    # `changed` and `all` publish every image again (its done marks set aside or cleared): the
+    # run's progress starts from nothing, not from the records already there.
+    last_done = 0 if run.spec.ire.workflow.reprocess != "missing" else run.state.counts([steps[-1]])[steps[-1]]["done"]
     run.state.store_spec(run.spec_hash, run.spec.public_dict(), {
         "images": report.images, "steps": steps, "spec_hash": run.spec_hash, "indexed": True,
         "seed_failed": len(report.failures), "enqueued_at": time.time(), "enqueue_complete": False,

@@ -17,7 +17,8 @@ from worker.images import drop_cached
 from worker.runstate import Outcome
 from worker.sinks import StaleOffset
 from worker.stepdefs import STEP
-from worker.steps import input_record, run_step
+from worker.steps import expected_fingerprints, fingerprint, input_record, run_step
+from worker.steps.converse import structured_ok
 from worker.steps.records import PIPELINE_NAMES
 
 DONE, SKIPPED, BLOCKED, FAILED = Outcome.DONE, Outcome.SKIPPED, Outcome.BLOCKED, Outcome.FAILED
@@ -103,7 +104,9 @@ def execute(ctx: RunContext, step: int, image_id: str, seed_offset: int) -> str:
     """
     wf = ctx.spec.ire.workflow
     d = STEP[step]
-    offsets = ctx.state.done_offsets(image_id, (step, *d.reads))  # one round trip
+    changed = wf.reprocess == "changed"
+    # One round trip: the done index, and with ``reprocess: changed`` the record set aside at enqueue.
+    offsets, prior = ctx.state.offsets_and_prior(image_id, (step, *d.reads), step if changed else None)
     if not wf.force_reprocess and offsets[step] is not None:
         return SKIPPED
     upstream: dict[int, dict] = {}
@@ -116,9 +119,13 @@ def execute(ctx: RunContext, step: int, image_id: str, seed_offset: int) -> str:
     missing = [s for s in d.required(wf.steps) if s not in upstream]
     if missing:
         ctx.state.block_and_settle(step, image_id, f"waiting on step(s) {missing}", wf.steps)
+        if changed:
+            ctx.state.drop_prior(step, image_id)
         return BLOCKED
     seed = read_seed(ctx, image_id, seed_offset) if d.reads_seed else {}
     record = input_record(step, seed, upstream)
+    if prior is not None and keep_if_current(ctx, step, image_id, prior, record):
+        return DONE
     outcome = run_step(step, record, ValidText(ctx.client, image_id), ctx.prompts,
                        max_pixels=ctx.spec.ire.vlm.max_image_pixels, options=ctx.options)
     pending = {"record": outcome.record, "legacy": outcome.legacy}
@@ -126,6 +133,35 @@ def execute(ctx: RunContext, step: int, image_id: str, seed_offset: int) -> str:
         return commit(ctx, step, image_id, pending)
     except Exception as exc:
         raise Uncommitted(pending, exc) from exc
+
+
+def keep_if_current(ctx: RunContext, step: int, image_id: str, prior: int, record: dict) -> bool:
+    """``reprocess: changed``: keep the record set aside at enqueue (mark it done again, no
+    call) when its fingerprint is what the current spec would send for ``record`` (the step's
+    input as it is now: upstream steps of this run already kept or redone). A record without a
+    fingerprint (written before they existed), gone, or unreadable is redone."""
+    sink = ctx.layout.sink(step)
+    try:
+        old = sink.read_at(prior)
+    except StaleOffset:  # a finalize merged its part: find it again
+        found = sink.find_latest(image_id)
+        if found is None:
+            return False
+        prior, old = found
+    except ValueError:
+        return False
+    have = fingerprint.of_record(old, step) if old.get("image_id") == image_id else None
+    if have is None:
+        return False
+    want = expected_fingerprints(step, record, ctx.prompts, ctx.options,
+                                 structured=structured_ok(ctx.client, ctx.options),
+                                 fell_back=fingerprint.fell_back(old, step))
+    if have not in want:
+        log.debug("%s step %d: fingerprint %s is stale (now %s); redoing it", image_id, step, have, sorted(want))
+        return False
+    ctx.state.finish(step, image_id, prior, ctx.spec.ire.workflow.steps)
+    ctx.state.drop_prior(step, image_id)
+    return True
 
 
 def commit(ctx: RunContext, step: int, image_id: str, pending: dict) -> str:
@@ -145,6 +181,8 @@ def commit(ctx: RunContext, step: int, image_id: str, pending: dict) -> str:
     step_meta = record.get("meta", {}).get(PIPELINE_NAMES[step], {})
     settled = ctx.state.finish(step, image_id, offset, wf.steps, call=step_meta.get("call"),
                                quality=step_meta.get("quality"))
+    if wf.reprocess == "changed":
+        ctx.state.drop_prior(step, image_id)  # the record set aside is superseded
     if settled and ctx.options.image_cache_dir and record.get("image_path"):
         drop_cached(ctx.options.image_cache_dir, str(record["image_path"]))
     return DONE
@@ -163,6 +201,8 @@ def record_failure(ctx: RunContext, step: int, image_id: str, exc: BaseException
                               attempts=attempts, **extra)
     ctx.state.fail_and_settle(step, image_id, f"{payload['error']}: {payload['message']}",
                               ctx.spec.ire.workflow.steps)
+    if ctx.spec.ire.workflow.reprocess == "changed":
+        ctx.state.drop_prior(step, image_id)  # failed now; the old record stays in the sink, not done
     return FAILED
 
 

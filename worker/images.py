@@ -85,6 +85,7 @@ class ImagePayload:
     sent_width: int = 0
     sent_height: int = 0
     cached: bool = False  # the converted bytes came from the results volume's cache
+    sha256: str = ""  # of the original file's bytes (``content_hash``): part of each step's fingerprint
 
     @property
     def sent(self) -> tuple[int, int]:
@@ -386,6 +387,87 @@ def _write_cached(path: Path, data: bytes) -> None:
                     path, exc)
 
 
+# --------------------------------------------------------------------------- content hashes
+
+#: Content hashes known to this process: ``(path, size, mtime_ns) -> sha256`` (a few hundred
+#: bytes an entry; bounded so a long-lived worker does not grow with the dataset).
+_HASHES: dict[tuple[str, int, int], str] = {}
+_HASHES_MAX = 4096
+
+
+def hash_path(cache_dir: Path, image_path: str, size: int, mtime_ns: int) -> Path:
+    """Where an image's content hash is kept beside its converted copies, in the image's folder
+    (removed with them when the image settles): keyed like them (the seeded path, size and
+    mtime), so a replaced image is hashed again and nothing else is."""
+    key = hashlib.sha256(f"{CACHE_VERSION}\0sha256\0{image_path}\0{size}\0{mtime_ns}"
+                         .encode("utf-8", "surrogateescape")).hexdigest()
+    return image_cache_dir(cache_dir, image_path) / f"{key}.sha256"
+
+
+def _remember(key: tuple[str, int, int], digest: str) -> str:
+    if len(_HASHES) >= _HASHES_MAX:
+        _HASHES.clear()
+    _HASHES[key] = digest
+    return digest
+
+
+def _known_hash(key: tuple[str, int, int], cache_dir: str | Path | None) -> str | None:
+    found = _HASHES.get(key)  # .get: another thread may clear the table between a test and a read
+    if found:
+        return found
+    if cache_dir:
+        try:
+            text = hash_path(Path(cache_dir), *key).read_text().strip()
+        except OSError:
+            return None
+        if re.fullmatch(r"[0-9a-f]{64}", text):
+            return _remember(key, text)
+    return None
+
+
+def _keep_hash(key: tuple[str, int, int], digest: str, cache_dir: str | Path | None) -> str:
+    """Best effort, like the converted images: a volume that takes no write costs a hash again."""
+    if cache_dir:
+        path = hash_path(Path(cache_dir), *key)
+        tmp = temp_path(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(digest)
+            os.replace(tmp, path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+    return _remember(key, digest)
+
+
+def hash_of(path: str, data: bytes, st: os.stat_result, cache_dir: str | Path | None = None) -> str:
+    """The sha256 of an image's bytes already read. The call path passes no ``cache_dir``: with
+    the bytes in memory a hash costs well under a millisecond for a KITTI frame, less than a
+    file on the volume would, so it touches no file (``content_hash`` keeps one)."""
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    return _known_hash(key, cache_dir) or _keep_hash(key, hashlib.sha256(data).hexdigest(), cache_dir)
+
+
+def content_hash(path: str | Path, cache_dir: str | Path | None = None) -> str:
+    """The sha256 of an image file's bytes, without reading them when it is known: a stat, then
+    this process's table, then ``hash_path`` (written by whichever host hashed it first, kept
+    while the image is in flight). A step's fingerprint holds it, so a ``reprocess: changed`` re-run can tell
+    an image replaced in place (same name, new pixels) from one left alone."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except FileNotFoundError as exc:
+        raise InputError(f"{p}: image file not found") from exc
+    except OSError as exc:
+        raise InputError(f"{p}: cannot read image ({exc})") from exc
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    known = _known_hash(key, cache_dir)
+    if known:
+        return known
+    data, st = _read(p)
+    return hash_of(str(path), data, st, cache_dir)
+
+
 # --------------------------------------------------------------------------- the call path
 
 def _read(p: Path) -> tuple[bytes, os.stat_result]:
@@ -435,9 +517,10 @@ def load_payload(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, down
     except (OSError, SyntaxError, ValueError) as exc:
         raise InputError(f"{p}: not a readable image ({exc})") from exc
     sent = downscaled_size(size[0], size[1], downscale_to_pixels)
+    digest = hash_of(str(path), data, st)
     # An animated WebP is sent as its first frame (OpenAI takes no animation).
     if fmt in _MIME and mode in _SAFE_MODES and not animated and sent == size:
-        return ImagePayload(data, _MIME[fmt], size[0], size[1], str(p))
+        return ImagePayload(data, _MIME[fmt], size[0], size[1], str(p), sha256=digest)
     mime = _target_mime(fmt, mode, transparent, sent != size)
     entry = cache_path(Path(cache_dir), str(path), st.st_size, st.st_mtime_ns, sent, mime) if cache_dir else None
     converted = _read_cached(entry, mime) if entry is not None else None
@@ -453,7 +536,7 @@ def load_payload(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, down
             _write_cached(entry, converted)
     return ImagePayload(converted, mime, size[0], size[1], str(p), reencoded=True,
                         sent_width=sent[0] if sent != size else 0, sent_height=sent[1] if sent != size else 0,
-                        cached=cached)
+                        cached=cached, sha256=digest)
 
 
 def open_rgb(payload: ImagePayload) -> Image.Image:

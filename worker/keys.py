@@ -8,7 +8,8 @@ clock guard restamps. No secret is ever part of a key or a value.
 
 Run keys (``run_key(run_id, ...)``): ``spec:<hash>`` and ``prompts:<hash>`` (the run's public
 spec and prompt templates), ``meta``, ``done:<step>`` (image_id -> sink offset), ``failed:<step>``
-and ``blocked:<step>`` (image_id -> reason), ``queued`` (the in-flight window: image_id ->
+and ``blocked:<step>`` (image_id -> reason), ``recheck:<step>`` (done entries set aside while a
+``reprocess: changed`` run checks their records' fingerprints), ``queued`` (the in-flight window: image_id ->
 "<Redis time>:<seed offset>"), ``usage`` and ``quality`` (counter totals) with ``tally`` (the
 counter entries not folded into them yet, at most ``runstate.TALLY_FOLD``), ``workers``,
 ``producer``.

@@ -53,6 +53,9 @@ class Outcome(StrEnum):
     SKIPPED = "skipped"
 
 
+#: Done marks set aside while a ``reprocess: changed`` re-run checks their records' fingerprints.
+RECHECK = "recheck"
+
 #: The marks that settle an image-step, in the order ``counts`` and ``outcomes`` report them.
 MARKS = (Outcome.DONE, Outcome.FAILED, Outcome.BLOCKED)
 
@@ -121,6 +124,24 @@ end
 redis.call('HDEL', KEYS[1], image)
 return 1
 """
+# Move entries of some images from one hash to another, in one round trip: done marks set
+# aside for a ``reprocess: changed`` re-run (``RunState.clear_attempt``: the image-step is
+# pending again, and the task finds the record it may keep under ``recheck``), and back
+# (``restore_prior``). KEYS: from, to. ARGV: 1 to overwrite an entry already there (setting
+# aside: the newest done mark wins) or 0 to keep it (restoring: a newer done mark wins), then
+# the image ids. An image without an entry in ``from`` keeps what ``to`` holds (a re-run
+# stopped midway left it there).
+_MOVE_ENTRIES = """
+local set = ARGV[1] == '1' and 'HSET' or 'HSETNX'
+for i = 2, #ARGV do
+  local value = redis.call('HGET', KEYS[1], ARGV[i])
+  if value then
+    redis.call(set, KEYS[2], ARGV[i], value)
+    redis.call('HDEL', KEYS[1], ARGV[i])
+  end
+end
+return 0
+"""
 WORKER_SEEN_WINDOW = 120.0
 USAGE_FIELDS = ("input_tokens", "output_tokens", "image_tokens", "thinking_tokens")
 
@@ -132,6 +153,7 @@ class RunState:
         self.r = client
         self.run_id = run_id
         self._mark_and_settle = client.register_script(_MARK_AND_SETTLE)
+        self._move_entries = client.register_script(_MOVE_ENTRIES)
 
     # -- spec ---------------------------------------------------------------------------------
     def store_spec(self, spec_hash: str, public_spec: dict, meta: dict,
@@ -178,6 +200,37 @@ class RunState:
         for s in steps:
             pipe.hget(run_key(self.run_id, Outcome.DONE, s), image_id)
         return {s: int(raw) if raw is not None else None for s, raw in zip(steps, pipe.execute(), strict=True)}
+
+    def offsets_and_prior(self, image_id: str, steps: Iterable[int], prior_of: int | None
+                          ) -> tuple[dict[int, int | None], int | None]:
+        """``done_offsets``, and (when ``prior_of`` is a step) the offset of that step's record
+        set aside for a fingerprint check (``clear_attempt(recheck=True)``), in one round trip."""
+        steps = list(steps)
+        pipe = self.r.pipeline(transaction=False)
+        for s in steps:
+            pipe.hget(run_key(self.run_id, Outcome.DONE, s), image_id)
+        if prior_of is not None:
+            pipe.hget(run_key(self.run_id, RECHECK, prior_of), image_id)
+        raw = pipe.execute()
+        offsets = {s: int(v) if v is not None else None for s, v in zip(steps, raw, strict=False)}
+        prior = raw[-1] if prior_of is not None else None
+        return offsets, int(prior) if prior is not None else None
+
+    def has_prior(self, steps: Iterable[int]) -> bool:
+        """Whether any record is set aside for a check (a ``changed`` re-run is, or was, going)."""
+        keys = [run_key(self.run_id, RECHECK, s) for s in steps]
+        return bool(keys) and self.r.exists(*keys) > 0
+
+    def restore_prior(self, step: int, image_ids: list[str]) -> None:
+        """Make the records set aside for these images done again (an enqueue that is not
+        ``changed``, after a ``changed`` one stopped midway: they are records, so done)."""
+        if image_ids:
+            self._move_entries(keys=[run_key(self.run_id, RECHECK, step), run_key(self.run_id, Outcome.DONE, step)],
+                               args=[0, *image_ids])
+
+    def drop_prior(self, step: int, image_id: str) -> None:
+        """Forget the record set aside for a check, once the image-step has its new outcome."""
+        self.r.hdel(run_key(self.run_id, RECHECK, step), image_id)
 
     def mark_done(self, step: int, image_id: str, offset: int) -> None:
         pipe = self.r.pipeline()
@@ -261,14 +314,22 @@ class RunState:
         """``mark_blocked`` and ``settle`` in one script (one round trip)."""
         return self._settle_script(image_id, steps, step, Outcome.BLOCKED, reason[:200])
 
-    def clear_attempt(self, step: int, image_ids: Iterable[str], *, done: bool = False) -> None:
+    def clear_attempt(self, step: int, image_ids: Iterable[str], *, done: bool = False,
+                      recheck: bool = False) -> None:
         """Forget failed/blocked marks (and done marks, for a forced redo) before an image-step is
-        enqueued again, so status counts it as pending until its new outcome lands."""
+        enqueued again, so status counts it as pending until its new outcome lands.
+
+        ``recheck`` (``reprocess: changed``): done marks are moved to ``recheck:<step>`` instead,
+        where the task finds the record it keeps when its fingerprint is current. Only images
+        being enqueued are there, so it holds at most the window's (and moves, not copies)."""
         ids = list(image_ids)
         if ids:
             pipe = self.r.pipeline()
             for kind in (Outcome.FAILED, Outcome.BLOCKED, *((Outcome.DONE,) if done else ())):
                 pipe.hdel(run_key(self.run_id, kind, step), *ids)
+            if recheck and not done:
+                self._move_entries(keys=[run_key(self.run_id, Outcome.DONE, step), run_key(self.run_id, RECHECK, step)],
+                                   args=[1, *ids], client=pipe)
             pipe.execute()
 
     def iter_failed(self, step: int) -> Iterator[str]:

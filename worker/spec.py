@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from worker.errors import ConfigError
 from worker.kitti import MAX_BOXES_PER_IMAGE
@@ -55,6 +55,9 @@ Backend = Annotated[Literal["gemini", "openai", "offline"], _word()]
 BoxFormat = Annotated[Literal["auto", "xyxy_1000", "yxyx_1000", "xyxy_pixels", "xyxy_norm1", "xyxy_smart_resize"],
                       _word()]
 OutputFormat = Annotated[Literal["jsonl", "legacy", "both"], _word()]
+#: What a re-run redoes: image-steps without a record (missing), also those whose record's
+#: fingerprint differs from what the spec would send now (changed), or every one (all).
+Reprocess = Annotated[Literal["missing", "changed", "all"], _word()]
 Temperature = Annotated[float, Field(ge=0, le=2)]
 Timeout = Annotated[float, Field(gt=0, le=MAX_TIMEOUT_S, description="Seconds per VLM call.")]
 
@@ -173,6 +176,10 @@ class WorkflowSpec(_Strict):
     steps: list[int] = Field(default_factory=lambda: list(ALL_STEPS))
     max_workers: int = Field(4, ge=1)
     force_reprocess: bool = False
+    reprocess: Reprocess = Field("missing", description="refexp: what a re-run redoes: missing (image-steps "
+                                 "without a record), changed (also records the current spec would ask "
+                                 "differently: model, prompt, generation parameters, image), all "
+                                 "(= force_reprocess).")
     output_format: OutputFormat = "jsonl"
     prompts_file: str = Field("", description="refexp: YAML of step name -> prompt template.")
     # TAO keeps these for its LLM client; image pipelines ignore them. Accepted so TAO specs load.
@@ -199,6 +206,23 @@ class WorkflowSpec(_Strict):
         if not out:
             raise ValueError("at least one step must run")
         return sorted(set(out))
+
+    @model_validator(mode="after")
+    def _one_reprocess(self) -> WorkflowSpec:
+        """``force_reprocess`` (TAO's key) and ``reprocess`` say one thing: ``force_reprocess:
+        true`` is ``reprocess: all``. Both given and saying different things is refused, naming
+        both; otherwise each is set from the other, so code may read either."""
+        given = self.model_fields_set
+        if "force_reprocess" in given and "reprocess" in given and self.force_reprocess != (self.reprocess == "all"):
+            raise ValueError(
+                f"image_referring_expression.workflow.force_reprocess={str(self.force_reprocess).lower()} and "
+                f"image_referring_expression.workflow.reprocess={self.reprocess} disagree "
+                "(force_reprocess: true is reprocess: all); set only one of them")
+        if self.force_reprocess and self.reprocess != "all":
+            object.__setattr__(self, "reprocess", "all")
+        if self.reprocess == "all" and not self.force_reprocess:
+            object.__setattr__(self, "force_reprocess", True)
+        return self
 
 
 class DataSpec(_Strict):
@@ -236,8 +260,16 @@ class Spec(_Strict):
         return self.image_referring_expression
 
     def public_dict(self) -> dict:
-        """The spec as a plain dict with every secret blanked: what may reach Redis and files."""
+        """The spec as a plain dict with every secret blanked: what may reach Redis and files.
+
+        ``workflow.reprocess`` says what ``force_reprocess`` would, so only it is written, and
+        only when it is not the default: a ``run.spec.yaml`` given back with either key
+        overridden then holds at most the one its run chose."""
         data = self.model_dump(mode="json")
+        wf = data["image_referring_expression"]["workflow"]
+        wf.pop("force_reprocess", None)
+        if wf.get("reprocess") == "missing":
+            wf.pop("reprocess")
         _blank_secrets(data)
         return data
 

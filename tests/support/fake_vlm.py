@@ -299,6 +299,23 @@ def wants_schema(protocol: str, params: dict) -> bool:
                                      "response_schema"))
 
 
+def step_of(prompt: str) -> str:
+    """Which of our four steps a prompt is (structured or text), by the same markers the answers
+    use; "other" for anything else. Tests count calls per step with it (``calls_by_step``)."""
+    for name, marker in STRUCTURED_MARKERS.items():
+        if marker in prompt:
+            return name
+    if '"bbox_2d": [x1, y1, x2, y2]' in prompt and "Objects in the image at [x1, y1, x2, y2]:" in prompt:
+        return "region_expr"
+    if "You are an AI visual assistant that specializes" in prompt:
+        return "image_caption"
+    if "classify the provided objects into groups" in prompt:
+        return "grounding_expr"
+    if "You are verifying grounding expressions" in prompt:
+        return "double_check"
+    return "other"
+
+
 def default_answer(prompt: str, image: bytes | None, protocol: str) -> str:
     """Answer our four prompts like a literal-minded model; anything else gets one sentence."""
     structured = structured_answer(prompt, image)
@@ -602,6 +619,7 @@ class FakeVLM:
             self.status_counts: dict[int, int] = {}
             self.requests_by_model: Counter[str] = Counter()
             self.requests_by_client: Counter[str] = Counter()  # by the caller's IP address: per host
+            self.calls_by_step: Counter[str] = Counter()  # by our step the prompt is (``step_of``)
             self._directives.clear()
             self._window.clear()
 
@@ -641,7 +659,8 @@ class FakeVLM:
             return {"calls": self.calls, "in_flight": self.in_flight, "max_in_flight": self.max_in_flight,
                     "status_counts": {str(k): v for k, v in self.status_counts.items()},
                     "requests_by_model": dict(self.requests_by_model),
-                    "requests_by_client": dict(self.requests_by_client)}
+                    "requests_by_client": dict(self.requests_by_client),
+                    "calls_by_step": dict(self.calls_by_step)}
 
     # ------------------------------------------------------------------ internals
     def _sleep(self, seconds: float) -> None:
@@ -726,6 +745,7 @@ class FakeVLM:
         with self._lock:
             self.requests_by_model[model] += 1
             self.requests_by_client[h.client_address[0]] += 1
+            self.calls_by_step[step_of(parsed.prompt)] += 1
             if self.record:
                 self.requests.append(rec)
 

@@ -223,3 +223,63 @@ def test_an_image_s_converted_copies_are_dropped_when_it_settles_not_before(tmp_
     assert len(copies[0]) == 1 and copies[0] == copies[1] == copies[2]  # one conversion, kept
     assert execute(c, 3, "big", 0) == DONE and state.queued_count() == 0
     assert not [p for p in cache.rglob("*") if p.is_file()]
+
+
+def _changed(ctx, *extra: str, templates: dict[str, str] | None = None) -> RunContext:
+    """The same run, its spec now ``reprocess: changed`` (plus ``extra``), every step set aside
+    for a check as ``producer enqueue`` does (``clear_attempt(recheck=True)``)."""
+    spec = load_spec(None, [f"results_dir={ctx.layout.root}", f"{P}.vlm.backend=offline",
+                            f"{P}.workflow.output_format=both", f"{P}.workflow.reprocess=changed", *extra])
+    c = RunContext(run_id="run1", spec=spec, layout=ctx.layout, state=ctx.state, spec_hash="h2", budget=ctx.budget,
+                   templates=templates)
+    c._client = ctx._client
+    for s in (0, 1, 2, 3):
+        ctx.state.clear_attempt(s, ["img"], recheck=True)
+    ctx.state.mark_queued({"img": 0})
+    return c
+
+
+def test_changed_keeps_current_records_without_a_call_and_redoes_a_changed_step_and_what_follows(ctx, redis_client):
+    from worker.steps.prompts import PROMPT_TEMPLATES
+
+    run_all(ctx)
+    calls = ctx._client.calls
+    offsets = ctx.state.done_offsets("img", (0, 1, 2, 3))
+    fps = {s: ctx.layout.sink(s).read_at(offsets[s])["meta"] for s in offsets}
+
+    again = _changed(ctx)
+    assert ctx.state.done_offsets("img", (0, 1, 2, 3)) == dict.fromkeys((0, 1, 2, 3))  # pending again
+    assert run_all(again) == [DONE] * 4 and ctx._client.calls == calls
+    assert ctx.state.done_offsets("img", (0, 1, 2, 3)) == offsets  # the same records, marked done again
+    assert not list(redis_client.scan_iter("refexp:run:run1:recheck:*"))
+    assert ctx.state.queued_count() == 0
+
+    # A new step-2 prompt: step 2 is asked again, and step 3, which reads it, with it.
+    templates = {**PROMPT_TEMPLATES, "grounding_expr": "Group carefully.\n" + PROMPT_TEMPLATES["grounding_expr"]}
+    again = _changed(ctx, templates=templates)
+    assert run_all(again) == [DONE] * 4 and ctx._client.calls == calls + 2
+    now = ctx.state.done_offsets("img", (0, 1, 2, 3))
+    assert {s: now[s] == offsets[s] for s in now} == {0: True, 1: True, 2: False, 3: False}
+    new3 = ctx.layout.sink(3).read_at(now[3])["meta"]
+    assert new3["step2_grounding_expr"]["fingerprint"] != fps[2]["step2_grounding_expr"]["fingerprint"]
+    assert new3["step0_region_expr"]["fingerprint"] == fps[0]["step0_region_expr"]["fingerprint"]
+    assert not list(redis_client.scan_iter("refexp:run:run1:recheck:*"))
+
+
+def test_changed_redoes_a_record_written_before_fingerprints(ctx):
+    assert execute(ctx, 1, "img", 0) == DONE
+    rec = ctx.layout.sink(1).read_at(ctx.state.done_offset(1, "img"))
+    del rec["meta"]["step1_image_caption"]["fingerprint"]
+    ctx.state.mark_done(1, "img", ctx.layout.sink(1).append(rec))
+    calls = ctx._client.calls
+    assert execute(_changed(ctx), 1, "img", 0) == DONE and ctx._client.calls == calls + 1
+
+
+def test_an_enqueue_that_is_not_changed_makes_set_aside_records_done_again(ctx):
+    run_all(ctx)
+    offsets = ctx.state.done_offsets("img", (0, 1, 2, 3))
+    _changed(ctx)  # a `changed` re-run that stopped before any task ran
+    assert ctx.state.has_prior((0, 1, 2, 3))
+    for s in (0, 1, 2, 3):
+        ctx.state.restore_prior(s, ["img"])
+    assert ctx.state.done_offsets("img", (0, 1, 2, 3)) == offsets and not ctx.state.has_prior((0, 1, 2, 3))

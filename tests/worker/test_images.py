@@ -412,7 +412,8 @@ def test_check_complete_does_not_decode(monkeypatch, tmp_path):
 
 
 def _cache_files(cache):
-    return sorted(x for x in cache.rglob("*") if x.is_file()) if cache.exists() else []
+    """The converted images in the cache (not the images' content hashes kept beside them)."""
+    return sorted(x for x in cache.rglob("*") if x.is_file() and x.suffix != ".sha256") if cache.exists() else []
 
 
 def test_palette_png_is_converted_once_and_kept_on_the_volume(tmp_path):
@@ -534,3 +535,32 @@ def test_drop_cached_removes_one_image_s_copies_at_every_size_and_no_other(tmp_p
     drop_cached(cache, str(a))  # nothing left of a: not an error
     drop_cached(cache, str(b))
     assert _cache_files(cache) == []
+
+
+def test_content_hash_is_kept_beside_the_cache_and_follows_a_replaced_image(tmp_path):
+    import hashlib
+    import os
+
+    from worker import images
+
+    p = save(Image.new("RGB", (16, 12), (0, 0, 255)), tmp_path / "a.png", "PNG")
+    cache = tmp_path / "results" / ".image-cache"
+    payload = load_payload(p, cache_dir=cache)
+    digest = hashlib.sha256(p.read_bytes()).hexdigest()
+    assert payload.sha256 == digest and not cache.exists()  # a call writes nothing for it
+    images._HASHES.clear()
+    assert images.content_hash(p, cache) == digest  # a check reads the image once, and keeps the hash
+    (kept,) = [x for x in cache.rglob("*.sha256")]
+    assert kept.read_text() == digest
+    # Another process: the file on the volume answers and the image is not read (shown by bytes
+    # changed under the same size and mtime, which only a read would see; the key is path, size, mtime).
+    images._HASHES.clear()
+    st = p.stat()
+    data = bytearray(p.read_bytes())
+    data[-5] ^= 0xFF
+    p.write_bytes(bytes(data))
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert images.content_hash(p, cache) == digest
+    save(Image.new("RGB", (16, 12), (255, 0, 0)), p, "PNG")  # replaced in place: new size or mtime
+    os.utime(p, ns=(1, 1))
+    assert images.content_hash(p, cache) == hashlib.sha256(p.read_bytes()).hexdigest() != digest

@@ -407,3 +407,40 @@ def test_downscale_to_pixels_is_off_by_default_and_checked():
         load_spec(None, [f"{key}=1M"])
     with pytest.raises(ConfigError, match=r"must be 0 \(off\)"):
         load_spec(None, [f"{key}=-1"])
+
+
+WF = "image_referring_expression.workflow"
+
+
+@pytest.mark.parametrize(("given", "force", "reprocess"), [
+    ([], False, "missing"),
+    ([f"{WF}.force_reprocess=true"], True, "all"),
+    ([f"{WF}.reprocess=all"], True, "all"),
+    ([f"{WF}.reprocess=changed"], False, "changed"),
+    ([f"{WF}.reprocess=CHANGED", f"{WF}.force_reprocess=false"], False, "changed"),
+    ([f"{WF}.reprocess=all", f"{WF}.force_reprocess=true"], True, "all"),
+])
+def test_reprocess_and_force_reprocess_say_one_thing(given, force, reprocess):
+    wf = load_spec(None, given).ire.workflow
+    assert (wf.force_reprocess, wf.reprocess) == (force, reprocess)
+
+
+@pytest.mark.parametrize(("force", "reprocess"), [("true", "changed"), ("true", "missing"), ("false", "all")])
+def test_force_reprocess_and_reprocess_disagreeing_is_a_config_error_naming_both(force, reprocess):
+    with pytest.raises(ConfigError) as exc:
+        load_spec(None, [f"{WF}.force_reprocess={force}", f"{WF}.reprocess={reprocess}"])
+    assert f"{WF}.force_reprocess={force}" in str(exc.value) and f"{WF}.reprocess={reprocess}" in str(exc.value)
+
+
+def test_the_public_spec_holds_reprocess_alone_so_an_override_of_either_key_loads(tmp_path):
+    public = load_spec(None, [f"{WF}.force_reprocess=true"]).public_dict()
+    assert public["image_referring_expression"]["workflow"]["reprocess"] == "all"
+    assert "force_reprocess" not in public["image_referring_expression"]["workflow"]
+    path = tmp_path / "run.spec.yaml"
+    path.write_text(yaml.safe_dump(load_spec(None, []).public_dict()))  # the default: neither key
+    assert load_spec(path, [f"{WF}.reprocess=changed"]).ire.workflow.reprocess == "changed"
+    assert load_spec(path, [f"{WF}.force_reprocess=true"]).ire.workflow.reprocess == "all"
+    path.write_text(yaml.safe_dump(load_spec(None, [f"{WF}.reprocess=changed"]).public_dict()))
+    assert load_spec(path).ire.workflow.reprocess == "changed"
+    with pytest.raises(ConfigError, match="disagree"):  # the file says changed: override reprocess instead
+        load_spec(path, [f"{WF}.force_reprocess=true"])

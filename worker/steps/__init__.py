@@ -13,13 +13,14 @@ from importlib import import_module
 from types import ModuleType
 
 from worker.clients.base import VLMClient, VLMResponse
-from worker.images import DEFAULT_MAX_PIXELS
+from worker.images import DEFAULT_MAX_PIXELS, content_hash
 from worker.stepdefs import PIPELINE, STEP, final_steps
-from worker.steps.converse import CLEAN_STOPS, converse
+from worker.steps import fingerprint
+from worker.steps.converse import CLEAN_STOPS, converse, plan
 from worker.steps.options import StepOptions
 from worker.steps.records import PIPELINE_NAMES, canonical, merge
 
-__all__ = ["CLEAN_STOPS", "STEPS", "StepOptions", "StepOutcome", "final_record",
+__all__ = ["CLEAN_STOPS", "STEPS", "StepOptions", "StepOutcome", "expected_fingerprints", "final_record",
            "input_record", "run_step"]
 
 #: The module holding each step's pure logic, as ``worker/stepdefs.py`` declares it (with what
@@ -62,7 +63,8 @@ def run_step(
     ``{model, input_tokens, output_tokens[, image_tokens][, thinking_tokens], latency_s}`` (the
     API's usage, whichever names the client used, summed over the conversation's calls;
     ``latency_s`` is the conversation's wall time; ``finalize`` drops it so the final output
-    stays deterministic).
+    stays deterministic). Every record's ``meta[<step>]["fingerprint"]`` says what produced it
+    (``worker.steps.fingerprint``).
 
     Raises the errors of ``worker.errors``: the caller decides about retries and failures.
     """
@@ -72,6 +74,16 @@ def run_step(
     latency = time.monotonic() - started
     parsed, response = exchange.parsed, exchange.response
     out = mod.record(record, parsed)
+    options = options or StepOptions()
+    fp = fingerprint.compose(step, exchange.sent, generation=options.generation,
+                             downscale_to_pixels=options.downscale_to_pixels, image_sha256=exchange.image_sha256,
+                             upstream=fingerprint.upstream_of(record, step))
+    name = PIPELINE_NAMES[step]
+    meta = dict(out.get("meta") or {})
+    meta[name] = {**meta.get(name, {}), fingerprint.KEY: fp}
+    if exchange.schema_refused and exchange.sent is not None:
+        meta[name][fingerprint.REFUSED] = True
+    out = canonical({**out, "meta": meta})
     if response is not None:
         usage = response.usage or {}
         cost: dict = {
@@ -83,11 +95,32 @@ def run_step(
             if usage.get(key):
                 cost[key] = int(usage[key])
         cost["latency_s"] = round(latency, 3)
-        name = PIPELINE_NAMES[step]
         meta = dict(out.get("meta") or {})
-        meta[name] = {**meta.get(name, {}), "call": cost}
+        meta[name] = {**meta.get(name, {}), "call": cost, fingerprint.KEY: fp}
         out = canonical({**out, "meta": meta})
     return StepOutcome(record=out, legacy=mod.legacy(out), response=response)
+
+
+def expected_fingerprints(step: int, record: dict, templates: dict[str, str], options: StepOptions, *,
+                          structured: bool, fell_back: bool = False) -> set[str]:
+    """The fingerprints a record of ``step`` made from ``record`` (its input: seed and upstream
+    records as they are now) would carry if it were made now, without asking the model: the
+    first request rebuilt (``converse.plan``) and the image's hash (``images.content_hash``: a
+    stat and, usually, no read). ``structured``: whether this process would send a schema.
+    ``fell_back``: the existing record's endpoint refused a schema, so the text requests it
+    sends then are also current (the endpoint would refuse again): the one right after the
+    refusal (the structured budget) and the ones after it (the text budget). Raises ``InputError`` when
+    the image cannot be read (the redo then fails the same way)."""
+    upstream = fingerprint.upstream_of(record, step)
+    out = set()
+    tries = [(structured, False)] + ([(structured, True), (False, False)] if fell_back else [])
+    for ok, fallback in tries:
+        sent = plan(STEP[step], STEPS[step], record, templates, options=options, structured=ok, fallback=fallback)
+        sha = content_hash(record["image_path"], options.image_cache_dir or None) if sent is not None else ""
+        out.add(fingerprint.compose(step, sent, generation=options.generation,
+                                    downscale_to_pixels=options.downscale_to_pixels, image_sha256=sha,
+                                    upstream=upstream))
+    return out
 
 
 def final_record(steps: list[int], records: dict[int, dict]) -> dict:

@@ -40,6 +40,7 @@ from worker.clients.base import (
 from worker.errors import ClientError, EmptyAnswer, InputError, ParseError, PermanentClientError
 from worker.images import DEFAULT_MAX_PIXELS, ImagePayload, load_payload
 from worker.stepdefs import StepDef
+from worker.steps.fingerprint import Sent
 from worker.steps.options import STRUCTURED, TEXT, AnswerContext, StepOptions
 from worker.steps.prompts import template_for
 from worker.steps.schemas import schema_for
@@ -74,6 +75,12 @@ def _endpoint(client: VLMClient, options: StepOptions) -> str:
 def supports_structured(client: VLMClient) -> bool:
     """Whether the client can send a response schema (``VLMClient.structured_output``)."""
     return bool(getattr(client, "structured_output", False))
+
+
+def structured_ok(client: VLMClient, options: StepOptions) -> bool:
+    """Whether this process would send a schema to the client's endpoint now: the client can,
+    and the endpoint has not refused one (see the module docstring, 1)."""
+    return supports_structured(client) and not _rejected_endpoint(_endpoint(client, options))
 
 
 def checked_payload(record: dict, max_pixels: int, options: StepOptions | None = None) -> ImagePayload:
@@ -117,6 +124,9 @@ class Exchange:
 
     parsed: dict
     response: VLMResponse | None
+    sent: Sent | None = None  # the first request as sent (after any fallback): the fingerprint's
+    image_sha256: str = ""    # the image file's hash, when the step asked about it
+    schema_refused: bool = False  # text was sent because this endpoint refused a schema (now or before)
 
 
 CUT_REPAIRS = ("truncated_array", "truncated_object")
@@ -148,6 +158,8 @@ class _Conversation:
         self.n_calls = 0
         self.fallback = ""
         self.image = None
+        self.sent: Sent | None = None
+        self.schema_refused = False
 
     def build(self, ctx: AnswerContext):
         template = template_for(self.templates, self.d.name, ctx.mode == STRUCTURED)
@@ -179,15 +191,22 @@ class _Conversation:
             truncated = check_answer(getattr(self.client, "name", "client"), response.text, response.finish_reason)
         return response, truncated
 
+    def planned(self, ctx: AnswerContext, built, tokens: int | None) -> Sent:
+        """What the fingerprint holds of a first request: mode, prompt, schema, budget as sent."""
+        return Sent(mode=ctx.mode, prompt=built[0], schema=schema_for(self.d.name) if ctx.mode == STRUCTURED else None,
+                    max_tokens=int(tokens or self.options.max_tokens or 0))
+
     def first_call(self, ctx: AnswerContext, tokens: int | None):
         built = self.build(ctx)
         if built is None:
             return ctx, None, None, False
         if ctx.mode != STRUCTURED:
+            self.sent = self.planned(ctx, built, tokens)
             response, truncated = self.call(ctx, built, tokens)
             return ctx, built, response, truncated
         key = _endpoint(self.client, self.options)
         try:
+            self.sent = self.planned(ctx, built, tokens)
             response, truncated = self.call(ctx, built, tokens)
             return ctx, built, response, truncated
         except StructuredOutputRejected as exc:
@@ -198,8 +217,10 @@ class _Conversation:
                 log.warning("%s refused a response schema (%s); using the text prompts for this endpoint "
                             "from now on (vlm.structured_output: off silences this)", key, exc)
             self.fallback = "structured_rejected"
+            self.schema_refused = True
         ctx = ctx.but(mode=TEXT)
         built = self.build(ctx)
+        self.sent = self.planned(ctx, built, tokens)
         try:
             response, truncated = self.call(ctx, built, tokens)
         except PermanentClientError:
@@ -219,15 +240,23 @@ class _Conversation:
             raise EmptyAnswer(f"step {self.step}: the model returned no text (finish: {finish})")
         return self.mod.parse(response.text, self.record, ctx=ctx)
 
-    def run(self) -> Exchange:
+    def start(self, structured: bool) -> tuple[AnswerContext, int | None]:
+        """The first call's answer context and budget. ``structured``: whether a schema may be
+        sent (``structured_ok``)."""
         options = self.options
         mode = TEXT
-        if (options.structured_output == "auto" and schema_for(self.d.name) is not None
-                and supports_structured(self.client)
-                and not _rejected_endpoint(_endpoint(self.client, options))):
+        if options.structured_output == "auto" and schema_for(self.d.name) is not None and structured:
             mode = STRUCTURED
         ctx = AnswerContext(mode=mode, convention=options.convention, downscale_to_pixels=options.downscale_to_pixels)
-        tokens = budget(self.d, self.mod.n_items(self.record), mode, options)
+        return ctx, budget(self.d, self.mod.n_items(self.record), mode, options)
+
+    def run(self) -> Exchange:
+        ok = structured_ok(self.client, self.options)
+        ctx, tokens = self.start(ok)
+        # Text because the endpoint refused a schema before (in this process): the record says
+        # so, for a fingerprint check in a process that does not know it yet.
+        self.schema_refused = (not ok and supports_structured(self.client)
+                               and self.start(True)[0].mode == STRUCTURED)
         ctx, built, response, truncated = self.first_call(ctx, tokens)
         if built is None:
             return Exchange(self.mod.empty(), None)
@@ -300,7 +329,8 @@ class _Conversation:
         if self.responses:
             last = response if response is not None else self.responses[-1]
             combined = replace(last, usage=_sum_usage(self.responses)) if len(self.responses) > 1 else last
-        return Exchange(parsed, combined)
+        return Exchange(parsed, combined, self.sent, self.image.sha256 if self.image is not None else "",
+                        self.schema_refused)
 
 
 def converse(d: StepDef, mod: ModuleType, record: dict, client: VLMClient, templates: dict[str, str], *,
@@ -312,3 +342,17 @@ def converse(d: StepDef, mod: ModuleType, record: dict, client: VLMClient, templ
     the caller decides about retries and failures.
     """
     return _Conversation(d, mod, record, client, templates, options or StepOptions(), max_pixels).run()
+
+
+def plan(d: StepDef, mod: ModuleType, record: dict, templates: dict[str, str], *, options: StepOptions,
+         structured: bool, fallback: bool = False) -> Sent | None:
+    """The first request ``converse`` would send for this record, without sending it (None: it
+    would ask nothing). ``structured``: whether a schema may be sent (``structured_ok``);
+    ``fallback``: the text request that follows an endpoint refusing the schema (same budget).
+    Reads no image: the fingerprint takes the image's hash."""
+    conv = _Conversation(d, mod, record, None, templates, options, DEFAULT_MAX_PIXELS)  # type: ignore[arg-type]
+    ctx, tokens = conv.start(structured)
+    if fallback and ctx.mode == STRUCTURED:
+        ctx = ctx.but(mode=TEXT)
+    built = conv.build(ctx)
+    return None if built is None else conv.planned(ctx, built, tokens)

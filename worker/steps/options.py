@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from worker.coords import Convention, Frame, convention_for
+from worker.steps.fingerprint import generation
 
 TEXT = "text"
 STRUCTURED = "structured"
@@ -35,6 +36,8 @@ class StepOptions:
         resized, and boxes in a pixel format are written and read in the sent size.
     :param image_cache_dir: where converted images are kept once per image (``worker.images``;
         ``<results_dir>/.image-cache``); "" converts on every call.
+    :param generation: what the client adds to every request (backend, model, temperature, ...:
+        ``fingerprint.generation``), for each record's fingerprint.
     """
 
     structured_output: str = "auto"
@@ -47,6 +50,7 @@ class StepOptions:
     thinking_budget: int | None = None
     downscale_to_pixels: int = 0
     image_cache_dir: str = ""
+    generation: tuple = ()
 
     @property
     def convention(self) -> Convention:
@@ -71,7 +75,7 @@ class StepOptions:
         return cls(structured_output=structured, box_format=box_format, model=model, max_tokens=max_tokens,
                    token_ceiling=ceiling, endpoint=endpoint, grow_first_call=backend == "gemini",
                    thinking_budget=thinking, downscale_to_pixels=int(getattr(vlm, "downscale_to_pixels", 0) or 0),
-                   image_cache_dir=image_cache_dir)
+                   image_cache_dir=image_cache_dir, generation=generation(vlm))
 
 
 def gemini_output_ceiling(model: str, configured: int) -> int:
