@@ -177,9 +177,14 @@ def check_batch(spec: Spec) -> None:
     ``ConfigError``) now, before anything is seeded. The probe needs no key (keys stay on the
     workers): it decides from the endpoint (``BatchBackend.probe``)."""
     if spec.ire.vlm.batch.enabled:
-        from worker.clients.batch import get_batch_backend
+        from worker.clients.batch import BatchUnsupported, get_batch_backend
 
-        get_batch_backend(spec.ire.vlm).probe()
+        try:
+            backend = get_batch_backend(spec.ire.vlm)
+        except ImportError as exc:
+            raise BatchUnsupported(f"vlm.batch is on, but this installation has no batch backend for "
+                                   f"vlm.backend={spec.ire.vlm.backend} ({exc}); turn vlm.batch off") from None
+        backend.probe()
 
 
 def open_run(spec: Spec, client: redis.Redis) -> Run:

@@ -2,7 +2,7 @@
 provider jobs, submits them, polls them, and puts their answers back into the flow.
 
 Why a worker: keys stay on the workers (invariant 5), so only a worker can submit or poll. Why
-one: a lease in Redis (``keys.BATCH_LEASE``, ``LEASE_SECONDS``, renewed on every tick) names
+one: a lease in Redis (``keys.BATCH_LEASE``, ``lease_seconds_default``, renewed on every tick) names
 the holder; every worker process runs a ``CoordinatorThread`` that tries to take it, so when the
 holder dies another worker takes over within a lease. Everything it knows is in the ledger on
 the results volume (``worker/ledger.py``), read again by whoever takes over: a job submitted
@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import threading
 import time
 import uuid
@@ -48,7 +49,12 @@ from worker.parking import BatchJobFailed, answer_to_json, request_from_json
 
 log = logging.getLogger("refexp.batch")
 
-LEASE_SECONDS = 30.0
+def lease_seconds_default() -> float:
+    """How long the coordinator's lease lasts unrenewed (``REFEXP_BATCH_LEASE_SECONDS``, 30 by
+    default; tests lower it so a killed holder is replaced quickly)."""
+    return float(os.environ.get("REFEXP_BATCH_LEASE_SECONDS") or 30.0)
+
+
 #: Ticks are at most this far apart (and at most a third of the lease).
 MAX_TICK = 5.0
 MIN_TICK = 0.05
@@ -300,11 +306,11 @@ class Desk:
 class Coordinator:
     """Holds the lease (or tries to) and ticks the desks of every run with batch work."""
 
-    def __init__(self, r: redis.Redis | None = None, *, name: str = "", lease_seconds: float = LEASE_SECONDS,
+    def __init__(self, r: redis.Redis | None = None, *, name: str = "", lease_seconds: float | None = None,
                  backend_for: BackendFor = default_backend):
         self.r = r or state_redis()
         self.token = f"{name or 'worker'}:{uuid.uuid4().hex[:8]}"
-        self.lease_seconds = lease_seconds
+        self.lease_seconds = lease_seconds or lease_seconds_default()
         self.backend_for = backend_for
         self.desks: dict[str, Desk] = {}
         self._lease = self.r.register_script(_LEASE)

@@ -11,7 +11,8 @@ Knobs (environment, read at each call, for tests):
 - ``REFEXP_OFFLINE_BATCH_POLLS``: status polls a job stays ``running`` before it succeeds (1:
   it succeeds on the first poll);
 - ``REFEXP_OFFLINE_BATCH_END``: ``expired`` or ``failed`` makes every job end that way instead
-  (a job that expires whole);
+  (a job that expires whole), ``expired:<n>`` the first ``n`` jobs only;
+- ``REFEXP_OFFLINE_BATCH_UNSUPPORTED``: the probe says there is no batch API;
 - ``REFEXP_OFFLINE_BATCH_ERRORS``: ``<step>:<n>``: the first ``n`` requests of that step (counted
   across jobs, in the directory) answer with a 503 ``ClientError`` (per-request errors).
 
@@ -30,12 +31,20 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from worker.clients.base import VLMResponse
-from worker.clients.batch import BatchItem, JobStatus
+from worker.clients.batch import BatchItem, BatchUnsupported, JobStatus
 from worker.clients.offline import OfflineClient
 from worker.errors import ClientError, PipelineError
 from worker.sinks import write_atomic
 
 ENV_DIR = "REFEXP_OFFLINE_BATCH_DIR"
+
+
+def _count(var: str) -> int:
+    """``expired:2`` -> 2 (a bare ``expired`` means every job)."""
+    word, _, n = os.environ.get(var, "").partition(":")
+    if not word:
+        return 0
+    return int(n) if n else 1 << 30
 
 
 def default_dir() -> Path:
@@ -57,7 +66,11 @@ class OfflineBatch:
         self.teacher = OfflineClient(vlm_spec)
 
     def probe(self) -> None:
-        """The offline teacher always has its batch API."""
+        """The offline teacher has its batch API, unless ``REFEXP_OFFLINE_BATCH_UNSUPPORTED`` is
+        set (tests: an endpoint without one, as vLLM or NIM)."""
+        if os.environ.get("REFEXP_OFFLINE_BATCH_UNSUPPORTED"):
+            raise BatchUnsupported("vlm.batch is on, but this offline endpoint has no batch API "
+                                   "(REFEXP_OFFLINE_BATCH_UNSUPPORTED is set): turn vlm.batch off")
 
     def _path(self, job_id: str) -> Path:
         return self.dir / f"{job_id}.json"
@@ -69,17 +82,24 @@ class OfflineBatch:
             raise ClientError(f"offline batch: no job {job_id}", status=404) from None
 
     def _take_error(self, step: str) -> bool:
-        """Whether this request of ``step`` is one of the first n told to fail (a counter under a lock)."""
+        """Whether this request of ``step`` is one of the first n told to fail."""
         spec = os.environ.get("REFEXP_OFFLINE_BATCH_ERRORS", "")
         want, _, count = spec.partition(":")
         if not spec or want != step:
             return False
+        return self._take("errors", int(count or 0))
+
+    def _take(self, counter: str, limit: int) -> bool:
+        """Whether one more of ``limit`` may be used (a counter file under a lock: jobs are polled
+        by whichever worker holds the coordinator's lease)."""
+        if limit <= 0:
+            return False
         self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.dir / "errors.count", "a+") as f:
+        with open(self.dir / f"{counter}.count", "a+") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             f.seek(0)
             used = len(f.read())
-            if used >= int(count or 0):
+            if used >= limit:
                 return False
             f.write("x")
             f.flush()
@@ -114,9 +134,13 @@ class OfflineBatch:
         n = len(job["answers"])
         if job["polls"] < int(os.environ.get("REFEXP_OFFLINE_BATCH_POLLS", "1") or 1):
             return JobStatus("running", {"total": n})
-        end = os.environ.get("REFEXP_OFFLINE_BATCH_END", "")
-        if end in ("expired", "failed"):
-            return JobStatus(end, {"total": n}, error=f"offline batch: the job {end}")  # type: ignore[arg-type]
+        if "end" not in job:  # decided once per job, at its first final poll
+            job["end"] = "failed" if self._take("end", _count("REFEXP_OFFLINE_BATCH_END")) else "succeeded"
+            if job["end"] == "failed":
+                job["end"] = os.environ["REFEXP_OFFLINE_BATCH_END"].partition(":")[0]
+            write_atomic(self._path(job_id), json.dumps(job))
+        if job["end"] != "succeeded":
+            return JobStatus(job["end"], {"total": n}, error=f"offline batch: the job {job['end']}")
         return JobStatus("succeeded", {"total": n, "succeeded": n})
 
     def results(self, job_id: str) -> Iterator[tuple[str, VLMResponse | Exception]]:
