@@ -11,7 +11,7 @@ from producer.usage import format_usage, run_prices, usage_summary
 from worker.budget import budget_stats
 from worker.keys import run_key
 from worker.layout import Layout
-from worker.runstate import USAGE_FIELDS, RunState
+from worker.runstate import BATCH_USAGE_FIELDS, USAGE_FIELDS, RunState
 
 
 class RunNotInRedis(Exception):
@@ -70,6 +70,7 @@ def status(state: RunState) -> dict:
             c = counted.get(s, {})
             per_step[s] = {"images": out_steps[str(s)]["done"], "calls": c.get("calls", 0),
                            **{f: c.get(f, 0) for f in USAGE_FIELDS},
+                           **{f: c[f] for f in BATCH_USAGE_FIELDS if c.get(f)},
                            "latency_s": c.get("latency_ms", 0) / 1000}
         result["usage"] = usage_summary(per_step, run_prices(state, meta))
     quality = state.quality()
