@@ -110,6 +110,9 @@ class Desk:
         self.pending_keys: set[tuple[int, str]] = set()
         self.polled: dict[str, float] = {}
         self.backends: dict[str, BatchBackend] = {}
+        for job in self.jobs.values():  # a Redis that restarted empty shows them again
+            with contextlib.suppress(RunNotInRedis):
+                self.publish_summary(job)
 
     # -- helpers ---------------------------------------------------------------------------
     def backend(self, ctx: RunContext) -> BatchBackend:
@@ -144,15 +147,16 @@ class Desk:
             self.read_pos[p.part] = p.end
             if not p.entry:
                 continue
-            if p.key in self.waiting or p.key in self.pending_keys:
-                run_id = str(p.entry["run_ref"]).partition(":")[0]
-                dropped[run_id] = dropped.get(run_id, 0) + 1
+            if p.key in self.waiting or p.key in self.pending_keys:  # parked twice (a duplicate message)
+                ref = str(p.entry["run_ref"])
+                dropped[ref] = dropped.get(ref, 0) + 1
                 continue
             self.pending.setdefault((str(p.entry["run_ref"]), p.key[0]), []).append(p)
             self.pending_keys.add(p.key)
-        r = state_redis()
-        for run_id, n in dropped.items():
-            r.decrby(run_key(run_id, "batch", "gathering"), n)
+        for ref, n in dropped.items():
+            with contextlib.suppress(RunNotInRedis):
+                ctx = get_context(ref)
+                ctx.state.r.decrby(run_key(ctx.run_id, "batch", "gathering"), n)
         if not self.pending:
             self.save_cursors()
 
