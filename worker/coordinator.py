@@ -84,6 +84,10 @@ return 0
 BackendFor = Callable[[RunContext], BatchBackend]
 
 
+class LeaseLost(Exception):
+    """Another worker holds the coordinator's lease now: this one drops its desks."""
+
+
 def default_backend(ctx: RunContext) -> BatchBackend:
     return get_batch_backend(ctx.spec.ire.vlm)
 
@@ -97,9 +101,13 @@ def _summary(job: Job) -> str:
 class Desk:
     """The coordinator's working state for one results dir, rebuilt from its ledger on takeover."""
 
-    def __init__(self, ledger: Ledger, backend_for: BackendFor):
+    def __init__(self, ledger: Ledger, backend_for: BackendFor, *, token: str = "",
+                 holds: Callable[[], bool] = lambda: True, claim_stale_after: float = 300.0):
         self.ledger = ledger
         self.backend_for = backend_for
+        self.token = token or uuid.uuid4().hex[:8]
+        self.holds = holds
+        self.claim_stale_after = claim_stale_after
         self.jobs: dict[str, Job] = {j.job_id: j for j in ledger.jobs() if j.state != "released"}
         self.waiting: set[tuple[int, str]] = set()
         for job in self.jobs.values():
@@ -129,6 +137,8 @@ class Desk:
         self.gather()
         self.form(now)
         for job in list(self.jobs.values()):
+            if not self.holds():  # the lease went to another worker mid-tick: stop acting
+                raise LeaseLost()
             try:
                 if job.state == "formed":
                     self.submit(job)
@@ -206,6 +216,11 @@ class Desk:
     # -- 3. submit --------------------------------------------------------------------------
     def submit(self, job: Job) -> None:
         ctx = get_context(job.run_ref)
+        if not self.ledger.claim_submit(job, self.token, self.claim_stale_after):
+            now = self.ledger.reload(job)  # another coordinator is sending it, or has
+            if now.state != "formed":
+                job.__dict__.update(now.__dict__)
+            return
         vlm, opts = ctx.spec.ire.vlm, ctx.options
 
         def load(path: str):
@@ -348,10 +363,15 @@ class Coordinator:
             root = str(Path(ctx.spec.results_dir))
             seen.add(root)
             if root not in self.desks:
-                self.desks[root] = Desk(Ledger(root), self.backend_for)
+                self.desks[root] = Desk(Ledger(root), self.backend_for, token=self.token, holds=self.holds_lease,
+                                        claim_stale_after=max(60.0, 10 * self.lease_seconds))
         now = time.time()
-        for root in seen:
-            self.desks[root].tick(now)
+        try:
+            for root in seen:
+                self.desks[root].tick(now)
+        except LeaseLost:
+            log.warning("batch coordinator: the lease went to another worker mid-tick; stepping down")
+            self.desks.clear()
         return max(MIN_TICK, interval)
 
     def run(self, stop: threading.Event) -> None:

@@ -165,6 +165,34 @@ class Ledger:
     def save(self, job: Job) -> None:
         write_atomic(self.job_dir(job.job_id) / "job.json", json.dumps(asdict(job), sort_keys=True))
 
+    def claim_submit(self, job: Job, token: str, stale_after: float) -> bool:
+        """Take the right to submit ``job`` (an ``O_EXCL`` file in its folder): of two
+        coordinators acting at once (a lease lost mid-tick, a Redis restarted empty), only one
+        sends it. A claim older than ``stale_after`` s whose job is still ``formed`` is a
+        coordinator that died between claiming and recording the provider's id: it is taken over
+        (the job may then be sent twice: the one window where that can happen)."""
+        path = self.job_dir(job.job_id) / "submit.claim"
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                try:
+                    age = time.time() - path.stat().st_mtime
+                except FileNotFoundError:
+                    continue
+                if age < stale_after:
+                    return False
+                path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(token)
+            return True
+        return False
+
+    def reload(self, job: Job) -> Job:
+        """The job as its record on disk says now (another coordinator may have moved it)."""
+        return Job(**json.loads((self.job_dir(job.job_id) / "job.json").read_text()))
+
     def jobs(self) -> list[Job]:
         out = []
         for path in sorted((self.root / "jobs").glob("*/job.json")):

@@ -168,3 +168,32 @@ def test_batch_on_an_endpoint_without_a_batch_api_fails_before_seeding(batch_env
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "has no batch API" in proc.stdout + proc.stderr
     assert not (results / "seed_annotations.jsonl").exists()
+
+
+def test_a_redis_restarted_empty_loses_no_submitted_job(fleet_env, demo_data, tmp_path):
+    from producer.embedded import RedisServer
+    from tests.integration.test_producer_outages import revive_crashed
+    from tests.support.fleet import Fleet
+
+    results = tmp_path / "results"
+    server = RedisServer().start()
+    env = {**fleet_env, "REDIS_URL": server.url, "REFEXP_OFFLINE_BATCH_DIR": str(tmp_path / "provider"),
+           "REFEXP_BATCH_LEASE_SECONDS": "3"}
+    fleet = Fleet(env=env, logdir=tmp_path)
+    try:
+        fleet.start(2, extra_env={"REFEXP_OFFLINE_BATCH_POLLS": "6"})
+        producer(env, "enqueue", *batch_args(results, demo_data))
+        wait_until(lambda: any(j.state == "submitted" for j in ledger_jobs(results)), 120, "a job submitted")
+        server.stop()
+        server = RedisServer(port=server.port).start()
+        submitted = {j.job_id for j in ledger_jobs(results) if j.provider_id}
+        producer(env, "enqueue", "-c", str(results / "run.spec.yaml"), "--wait", "--timeout", "240", timeout=300)
+        revive_crashed(fleet)
+        names = submitted_names(tmp_path / "provider")
+        assert len(names) == len(set(names)), "a job was submitted twice"
+        jobs = {j.job_id: j for j in ledger_jobs(results)}
+        assert all(jobs[i].state == "released" for i in submitted), "a job submitted before the restart was lost"
+        assert without_calls(results / "annotations.jsonl") == online_reference(env, demo_data, tmp_path)
+    finally:
+        fleet.stop_all()
+        server.stop()
