@@ -197,3 +197,16 @@ def test_a_redis_restarted_empty_loses_no_submitted_job(fleet_env, demo_data, tm
     finally:
         fleet.stop_all()
         server.stop()
+
+
+def test_requests_the_provider_answered_with_an_error_are_parked_again(fleet, batch_env, demo_data, tmp_path):
+    fleet.start(2, extra_env={"REFEXP_OFFLINE_BATCH_ERRORS": "image_caption:3"})
+    results = tmp_path / "results"
+    producer(batch_env, "enqueue", *batch_args(results, demo_data), "--wait", "--timeout", "240", timeout=300)
+    assert not (results / "failures.jsonl").exists() or not (results / "failures.jsonl").read_text().strip()
+    ledger = Ledger(results)
+    step1 = [e["image_id"] for j in ledger.jobs() if j.step == 1 for e in ledger.requests(j)]
+    assert len(step1) == len(set(step1)) + 3, "the three requests answered 503 went into a later job"
+    retried = [e for j in ledger.jobs() if j.step == 1 for e in ledger.requests(j) if e["vlm_retries"]]
+    assert len(retried) == 3
+    assert without_calls(results / "annotations.jsonl") == online_reference(batch_env, demo_data, tmp_path)
