@@ -10,7 +10,9 @@ calling the model, so the chain stops for that image and every other image goes 
 Every way out of ``run_task`` leaves the image-step in exactly one of three states (invariant
 7): **done** (``execute.commit`` wrote the line and marked it), **failed** (a line in
 failures.jsonl and the failed mark), or **retrying** (a retry message is published, or the
-message stays unacknowledged in Redis and comes back after the visibility timeout). Which one
+message stays unacknowledged in Redis and comes back after the visibility timeout). In batch
+mode a fourth: **parked** (its request is on disk in the batch ledger, whose coordinator sends
+the answer back as a new task: ``worker/batchflow.py``). Which one
 is decided by ``_settle_error`` from what went wrong:
 
 - an answer that arrived but could not be written (``Uncommitted``) is retried as a *write*:
