@@ -33,7 +33,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import redis
@@ -98,16 +98,38 @@ def _summary(job: Job) -> str:
                        "released_at": job.released_at})
 
 
+@contextlib.contextmanager
+def renewing(holds: Callable[[], bool], every: float) -> Iterator[None]:
+    """Keep renewing the lease while a long provider call runs (an upload of a thousand images
+    can outlast it): a lease that ran out mid-upload would let a second coordinator act."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(every):
+            with contextlib.suppress(Exception):
+                holds()
+
+    thread = threading.Thread(target=loop, name="refexp-batch-lease", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 class Desk:
     """The coordinator's working state for one results dir, rebuilt from its ledger on takeover."""
 
     def __init__(self, ledger: Ledger, backend_for: BackendFor, *, token: str = "",
-                 holds: Callable[[], bool] = lambda: True, claim_stale_after: float = 300.0):
+                 holds: Callable[[], bool] = lambda: True, claim_stale_after: float = 300.0,
+                 renew_every: float = 10.0):
         self.ledger = ledger
         self.backend_for = backend_for
         self.token = token or uuid.uuid4().hex[:8]
         self.holds = holds
         self.claim_stale_after = claim_stale_after
+        self.renew_every = renew_every
         self.jobs: dict[str, Job] = {j.job_id: j for j in ledger.jobs() if j.state != "released"}
         self.waiting: set[tuple[int, str]] = set()
         for job in self.jobs.values():
@@ -238,7 +260,8 @@ class Desk:
         job.counts = {"prefailed": prefailed} if prefailed else {}
         if items:
             try:
-                job.provider_id = self.backend(ctx).submit(items, display_name=f"refexp-{job.job_id}")
+                with renewing(self.holds, self.renew_every):
+                    job.provider_id = self.backend(ctx).submit(items, display_name=f"refexp-{job.job_id}")
             except (PermanentClientError, ConfigError) as exc:
                 log.error("batch job %s: the provider refused it: %s", job.job_id, exc)
                 self.collect(job, {e["key"]: answer_to_json(exc) for e in self.ledger.requests(job)})
@@ -274,7 +297,8 @@ class Desk:
             return
         keys = [e["key"] for e in self.ledger.requests(job)]
         if st.state == "succeeded":
-            answers = {k: answer_to_json(a) for k, a in backend.results(job.provider_id)}
+            with renewing(self.holds, self.renew_every):
+                answers = {k: answer_to_json(a) for k, a in backend.results(job.provider_id)}
             missing = ClientError(f"batch job {job.provider_id}: no answer for this request in its output")
             answers = {k: answers.get(k) or answer_to_json(missing) for k in keys}
         else:
@@ -364,7 +388,8 @@ class Coordinator:
             seen.add(root)
             if root not in self.desks:
                 self.desks[root] = Desk(Ledger(root), self.backend_for, token=self.token, holds=self.holds_lease,
-                                        claim_stale_after=max(60.0, 10 * self.lease_seconds))
+                                        claim_stale_after=max(60.0, 10 * self.lease_seconds),
+                                        renew_every=self.lease_seconds / 3)
         now = time.time()
         try:
             for root in seen:
