@@ -139,6 +139,7 @@ class Desk:
         self.pending: dict[tuple[str, int], list[Parked]] = {}
         self.pending_keys: set[tuple[int, str]] = set()
         self.polled: dict[str, float] = {}
+        self.noted: dict[str, float] = {}
         self.backends: dict[str, BatchBackend] = {}
         for job in self.jobs.values():  # a Redis that restarted empty shows them again
             with contextlib.suppress(RunNotInRedis):
@@ -169,8 +170,18 @@ class Desk:
                 if job.state == "collected":
                     self.release(job)
             except RunNotInRedis:
-                log.warning("batch job %s: run %s is not in Redis; it waits for the run to be enqueued again",
-                            job.job_id, job.run_ref)
+                self.note(job, "run %s is not in Redis; the job waits for the run to be enqueued again", job.run_ref)
+            except redis.RedisError:
+                raise  # the coordinator's loop waits for Redis
+            except Exception as exc:  # one broken job (a provider's odd answer, a bug) does not stop the others
+                self.note(job, "%s: %s; trying again next tick", type(exc).__name__, exc, exc_info=True)
+
+    def note(self, job: Job, msg: str, *args: object, exc_info: bool = False) -> None:
+        """Log a job's trouble at most once a minute (the tick retries it every few seconds)."""
+        now = time.monotonic()
+        if now - self.noted.get(job.job_id, float("-inf")) >= 60.0:
+            self.noted[job.job_id] = now
+            log.warning("batch job %s: " + msg, job.job_id, *args, exc_info=exc_info)
 
     # -- 1. gather --------------------------------------------------------------------------
     def gather(self) -> None:

@@ -89,3 +89,32 @@ def test_one_coordinator_holds_the_lease_until_it_lets_go(redis_client):
     a.release_lease()
     assert b.holds_lease()
     assert redis_client.get(BATCH_LEASE).decode().startswith("b:")
+
+
+class OddProvider(OfflineBatch):
+    """A provider whose status call breaks for one job (an answer its SDK cannot read)."""
+
+    broken: str = ""
+
+    def status(self, job_id):
+        if job_id == self.broken:
+            raise RuntimeError("unreadable status")
+        return super().status(job_id)
+
+
+def test_one_broken_job_does_not_stop_the_others(ctx, tmp_path):
+    image = tmp_path / "a.png"
+    Image.new("RGB", (64, 48), (120, 80, 40)).save(image)
+    now = time.time()
+    for name in ("a", "b", "c", "d"):
+        park(ctx, name, image, now)
+    provider = OddProvider(directory=tmp_path / "provider")
+    desk = Desk(Ledger(ctx.spec.results_dir), lambda c: provider)
+    desk.gather()
+    desk.form(now)
+    first, second = desk.jobs.values()
+    desk.submit(first)
+    provider.broken = first.provider_id
+    desk.tick(now + 1)  # the first job's poll raises; the second is still submitted in the same tick
+    assert (first.state, second.state) == ("submitted", "submitted")
+    assert first.job_id in desk.noted
