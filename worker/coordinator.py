@@ -384,19 +384,21 @@ class Coordinator:
             self.desks.clear()  # whoever holds it has the truth; read the ledger again on takeover
             return min(self.lease_seconds / 3, MAX_TICK)
         interval = min(self.lease_seconds / 3, MAX_TICK)
-        seen: set[str] = set()
+        seen: dict[str, list[str]] = {}
         for raw in self.r.smembers(BATCH_RUNS):
             ref = raw.decode()
             try:
                 ctx = get_context(ref)
-            except RunNotInRedis:
+            except RunNotInRedis:  # its spec is gone from Redis: an enqueue adds it again
+                self.r.srem(BATCH_RUNS, ref)
                 continue
             batch = ctx.spec.ire.vlm.batch
             if not batch.enabled:
+                self.r.srem(BATCH_RUNS, ref)
                 continue
             interval = min(interval, batch.gather_seconds / 2, batch.poll_seconds / 2)
             root = str(Path(ctx.spec.results_dir))
-            seen.add(root)
+            seen.setdefault(root, []).append(ref)
             if root not in self.desks:
                 self.desks[root] = Desk(Ledger(root), self.backend_for, token=self.token, holds=self.holds_lease,
                                         claim_stale_after=max(60.0, 10 * self.lease_seconds),
@@ -408,7 +410,23 @@ class Coordinator:
         except LeaseLost:
             log.warning("batch coordinator: the lease went to another worker mid-tick; stepping down")
             self.desks.clear()
+            return max(MIN_TICK, interval)
+        for root, refs in seen.items():
+            self.retire_if_idle(self.desks[root], refs)
         return max(MIN_TICK, interval)
+
+    def retire_if_idle(self, desk: Desk, refs: list[str]) -> None:
+        """A results dir with nothing gathering and no job unreleased leaves the set of batch runs,
+        so an idle fleet holds no lease and ticks no desk. The ledger is read once more *after*
+        the removal: a task parks (ledger line) before it adds its run (SADD), so a request parked
+        meanwhile is either seen by that read or adds the run again itself."""
+        if desk.pending or desk.jobs:
+            return
+        self.r.srem(BATCH_RUNS, *refs)
+        desk.gather()
+        back = {ref for (ref, _), items in desk.pending.items() if items}
+        if back:
+            self.r.sadd(BATCH_RUNS, *back)
 
     def run(self, stop: threading.Event) -> None:
         """Tick until ``stop`` is set; an error in a tick is logged and the next tick tries again

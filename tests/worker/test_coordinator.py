@@ -119,3 +119,19 @@ def test_one_broken_job_does_not_stop_the_others(ctx, tmp_path):
     desk.tick(now + 1)  # the first job's poll raises; the second is still submitted in the same tick
     assert (first.state, second.state) == ("submitted", "submitted")
     assert first.job_id in desk.noted
+
+
+def test_an_idle_results_dir_leaves_the_batch_runs_and_a_new_park_brings_it_back(ctx, tmp_path, redis_client):
+    from worker.keys import BATCH_RUNS
+
+    image = tmp_path / "a.png"
+    Image.new("RGB", (64, 48), (120, 80, 40)).save(image)
+    redis_client.sadd(BATCH_RUNS, REF)
+    coord = Coordinator(redis_client, name="t", lease_seconds=5,
+                        backend_for=lambda c: OfflineBatch(directory=tmp_path / "provider"))
+    coord.tick()
+    assert not redis_client.exists(BATCH_RUNS)  # nothing parked, no job: no lease held from now on
+    park(ctx, "a", image, time.time())  # parked between the removal and the read: found by the read
+    (desk,) = coord.desks.values()
+    coord.retire_if_idle(desk, [REF])
+    assert redis_client.smembers(BATCH_RUNS) == {REF.encode()}
