@@ -10,18 +10,25 @@ window, not by the dataset. Publishing happens before marking an image in flight
 killed mid-batch can only cause a duplicate message (which the worker's done check absorbs),
 never a lost image; an image a worker finished before it was marked is settled right after
 the mark, so it cannot stay "in flight" for ever. The producer keeps no per-image state.
+
+With ``vlm.batch`` on, an image's first steps go out alone (``stepdefs.first_wave``): a step
+waiting in a provider job must not count towards a chord, so each step task publishes the next
+itself (``worker/batchflow.py``), and an image leaves the window while its request waits.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from producer.publish import Publisher
 from producer.seed import iter_seed
+from worker.keys import run_key
 from worker.run import Run
 from worker.runstate import RunState
+from worker.stepdefs import first_wave
 
 BATCH = 200
 #: Images in flight at most, by default. With depth-first scheduling the window no longer decides
@@ -132,6 +139,12 @@ def dispatch(state: RunState, run_ref: str, todo: Todo, steps: list[int], publis
     return sent
 
 
+def batch_mode(state: RunState) -> bool:
+    """Whether the run sends its calls as provider batch jobs (``vlm.batch``; the run's meta)."""
+    raw = state.r.hget(run_key(state.run_id, "meta"), "batch")
+    return bool(raw and json.loads(raw))
+
+
 def publish_chunk(state: RunState, run_ref: str, chunk: Todo, steps: list[int], publisher: Publisher, *,
                   force: bool = False, recheck: bool = False) -> None:
     """Clear old outcomes, publish, then mark in flight (in that order: a producer killed between
@@ -140,6 +153,8 @@ def publish_chunk(state: RunState, run_ref: str, chunk: Todo, steps: list[int], 
     for a fingerprint check instead of kept (``RunState.clear_attempt``)."""
     for s in steps:
         state.clear_attempt(s, [image_id for _, image_id, r in chunk if s in r], done=force, recheck=recheck)
+    if batch_mode(state):  # no chord, no chain: each step task publishes the next (worker/batchflow.py)
+        chunk = [(offset, image_id, first_wave(remaining)) for offset, image_id, remaining in chunk]
     publisher.publish([(remaining, run_ref, image_id, offset) for offset, image_id, remaining in chunk])
     state.mark_queued({image_id: offset for offset, image_id, _ in chunk})
     state.settle_many([image_id for _, image_id, _ in chunk], steps)

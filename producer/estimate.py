@@ -461,7 +461,10 @@ def estimate(spec: Spec, *, sample: int = DEFAULT_SAMPLE, from_results: Path | N
     total_in = sum(s.input_tokens for s in out)
     total_out = sum(s.output_tokens for s in out)
     prices = spec.ire.vlm.prices.model_dump()
-    cost = call_cost(prices, total_in, total_out)
+    if spec.ire.vlm.batch.enabled:  # every first call goes in a batch job (re-asks, online, are not counted)
+        cost = call_cost(prices, total_in, total_out, batch_input_tokens=total_in, batch_output_tokens=total_out)
+    else:
+        cost = call_cost(prices, total_in, total_out)
     if offline_stand_in(measured_on, spec_model(spec.ire.vlm)):
         cost = None  # the offline teacher's counts priced as a model's would be a made-up bill
     return Estimate(images=scan.images, sampled=readable + scan.unreadable, with_boxes_share=scan.with_boxes_share,
@@ -498,8 +501,10 @@ def format_estimate(e: Estimate, spec: Spec) -> Iterator[str]:
         yield f"cost: not estimated (the figures come from the offline teacher, not {model})"
     elif e.cost is not None and e.prices:
         amount = f"{e.cost:,.2f}" if e.cost >= 10 else f"{e.cost:.4g}"
+        batch = (f", at batch prices: x{e.prices.get('batch_factor', 0.5):g} (vlm.batch)"
+                 if vlm.batch.enabled else "")
         yield (f"cost: {amount} (input {e.prices['input_per_million']:g} / output "
-               f"{e.prices['output_per_million']:g} per million tokens; retries not included)")
+               f"{e.prices['output_per_million']:g} per million tokens{batch}; retries not included)")
     else:
         yield "cost: set vlm.prices.input_per_million / output_per_million in the spec to see it"
     for n in e.notes:

@@ -168,7 +168,23 @@ def prepare(spec: Spec) -> tuple[Spec, Layout]:
     check_paths(spec)
     layout = Layout(Path(spec.results_dir))
     check_wiring(spec, layout)
+    check_batch(spec)
     return spec, layout
+
+
+def check_batch(spec: Spec) -> None:
+    """With ``vlm.batch`` on, the endpoint must have a batch API: a ``BatchUnsupported`` (a
+    ``ConfigError``) now, before anything is seeded. The probe needs no key (keys stay on the
+    workers): it decides from the endpoint (``BatchBackend.probe``)."""
+    if spec.ire.vlm.batch.enabled:
+        from worker.clients.batch import BatchUnsupported, get_batch_backend
+
+        try:
+            backend = get_batch_backend(spec.ire.vlm)
+        except ImportError as exc:
+            raise BatchUnsupported(f"vlm.batch is on, but this installation has no batch backend for "
+                                   f"vlm.backend={spec.ire.vlm.backend} ({exc}); turn vlm.batch off") from None
+        backend.probe()
 
 
 def open_run(spec: Spec, client: redis.Redis) -> Run:

@@ -9,8 +9,9 @@ from producer.outage import redact
 from producer.seed import iter_seed
 from producer.usage import format_usage, run_prices, usage_summary
 from worker.budget import budget_stats
+from worker.keys import run_key
 from worker.layout import Layout
-from worker.runstate import USAGE_FIELDS, RunState
+from worker.runstate import BATCH_USAGE_FIELDS, USAGE_FIELDS, RunState
 
 
 class RunNotInRedis(Exception):
@@ -69,12 +70,60 @@ def status(state: RunState) -> dict:
             c = counted.get(s, {})
             per_step[s] = {"images": out_steps[str(s)]["done"], "calls": c.get("calls", 0),
                            **{f: c.get(f, 0) for f in USAGE_FIELDS},
+                           **{f: c[f] for f in BATCH_USAGE_FIELDS if c.get(f)},
                            "latency_s": c.get("latency_ms", 0) / 1000}
         result["usage"] = usage_summary(per_step, run_prices(state, meta))
     quality = state.quality()
     if quality:
         result["quality"] = {str(s): quality[s] for s in steps if s in quality}
+    if meta.get("batch"):
+        result["batch"] = batch_status(state)
     return result
+
+
+def batch_status(state: RunState, now: float | None = None) -> dict:
+    """Batch mode: the run's provider jobs by state (``submitted``: formed or accepted by the
+    provider and not started; ``running``; ``done``: finished, its answers collected and sent
+    back into the flow), how long the oldest unfinished one has waited, and how many
+    parked requests are still being gathered into a job. One HGETALL (an entry per job)."""
+    from worker.batchflow import jobs_summary
+
+    now = time.time() if now is None else now
+    jobs = jobs_summary(state.r, state.run_id)
+    counts = dict.fromkeys(("submitted", "running", "done"), 0)
+    waiting_since = []
+    per_step: dict[str, dict[str, int]] = {}
+    for j in jobs.values():
+        if j["state"] in ("collected", "released"):
+            kind = "done"
+        elif j.get("provider_state") == "running":
+            kind = "running"
+        else:
+            kind = "submitted"
+        counts[kind] += 1
+        step = per_step.setdefault(str(j["step"]), dict.fromkeys(counts, 0))
+        step[kind] += 1
+        if kind in ("submitted", "running"):
+            waiting_since.append(j.get("submitted_at") or j.get("created") or now)
+    raw = state.r.get(run_key(state.run_id, "batch", "gathering"))
+    return {"jobs": counts, "steps": per_step, "requests_gathering": max(0, int(raw or 0)),
+            "oldest_waiting_s": round(now - min(waiting_since), 1) if waiting_since else None,
+            "requests_in_jobs": sum(int(j.get("n") or 0) for j in jobs.values() if j["state"] != "released")}
+
+
+def _age(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}h {s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m {s % 60:02d}s"
+
+
+def format_batch(b: dict) -> list[str]:
+    j = b["jobs"]
+    line = (f"  batch jobs: {j['submitted']} submitted, {j['running']} running, {j['done']} done"
+            f"; {b['requests_in_jobs']} requests waiting in jobs, "
+            f"{b['requests_gathering']} gathering")
+    if b.get("oldest_waiting_s") is not None:
+        line += f"; oldest waiting {_age(b['oldest_waiting_s'])}"
+    return [line]
 
 
 def gone_report(layout: Layout, run_id: str, redis_url: str) -> dict:
@@ -165,6 +214,8 @@ def format_status(st: dict) -> str:
         b = st["budget"]
         lines.append(f"  endpoint {b['endpoint']}: {b['in_flight']} calls in flight, "
                      f"~{b['calls_per_minute']} calls/min, ~{b['rate_limited_per_minute']} 429s/min (last 60 s)")
+    if st.get("batch"):
+        lines += format_batch(st["batch"])
     if st.get("usage"):
         lines += format_usage(st["usage"])
     if st.get("quality"):

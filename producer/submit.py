@@ -22,6 +22,7 @@ from producer.seed import SeedReport, iter_seed, write_seed
 from producer.status import RunNotInRedis, status
 from worker.budget import endpoint_key
 from worker.constants import SEED_FILE
+from worker.keys import BATCH_RUNS
 from worker.layout import Layout
 from worker.run import Run
 from worker.runstate import RunRef, RunState
@@ -169,8 +170,10 @@ def register(run: Run, report: SeedReport) -> dict[int, int]:
         "images": report.images, "steps": steps, "spec_hash": run.spec_hash, "indexed": True,
         "seed_failed": len(report.failures), "enqueued_at": time.time(), "enqueue_complete": False,
         "endpoint": endpoint_key(run.spec.ire.vlm), "done_at_start": last_done,
-        "results_dir": str(run.layout.root), "seeding": False,
+        "results_dir": str(run.layout.root), "seeding": False, "batch": run.spec.ire.vlm.batch.enabled,
     }, prompts=run.templates)
+    if run.spec.ire.vlm.batch.enabled:  # the coordinator looks after the run's jobs (worker/coordinator.py)
+        run.state.r.sadd(BATCH_RUNS, run.ref)
     return reindexed
 
 

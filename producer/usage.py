@@ -7,7 +7,7 @@ from collections.abc import Iterable
 
 from producer.extsort import SortedPairs, last_per_key
 from worker.layout import Layout
-from worker.runstate import USAGE_FIELDS, RunState
+from worker.runstate import BATCH_USAGE_FIELDS, USAGE_FIELDS, RunState
 from worker.steps.records import PIPELINE_NAMES
 
 
@@ -21,18 +21,30 @@ def run_prices(state: RunState, meta: dict | None = None) -> dict | None:
 # --------------------------------------------------------------------------- tokens and cost
 
 
-def call_cost(prices: dict | None, input_tokens: int, output_tokens: int, thinking_tokens: int = 0) -> float | None:
+#: The part of a call's tokens that a provider batch job answered (billed at the batch price).
+BATCH_FIELDS = BATCH_USAGE_FIELDS
+
+
+def call_cost(prices: dict | None, input_tokens: int, output_tokens: int, thinking_tokens: int = 0, *,
+              batch_input_tokens: int = 0, batch_output_tokens: int = 0, batch_thinking_tokens: int = 0
+              ) -> float | None:
     """What the tokens cost under ``vlm.prices``; None when there is no price table.
 
     Image tokens are part of ``input_tokens`` (every API counts them in the prompt), and
-    thinking tokens are billed as output.
+    thinking tokens are billed as output. The ``batch_*`` tokens are the part of those totals
+    that provider batch jobs answered: they cost ``vlm.prices.batch_factor`` of the online price
+    (0.5 when the table has no factor).
     """
     if not prices:
         return None
     pin, pout = float(prices.get("input_per_million") or 0), float(prices.get("output_per_million") or 0)
     if not pin and not pout:
         return None
-    return (input_tokens * pin + (output_tokens + thinking_tokens) * pout) / 1e6
+    factor = float(prices.get("batch_factor", 0.5) if prices.get("batch_factor") is not None else 0.5)
+    online = ((input_tokens - batch_input_tokens) * pin
+              + (output_tokens + thinking_tokens - batch_output_tokens - batch_thinking_tokens) * pout)
+    batch = (batch_input_tokens * pin + (batch_output_tokens + batch_thinking_tokens) * pout) * factor
+    return (online + batch) / 1e6
 
 
 def usage_summary(per_step: dict[int, dict], prices: dict | None = None) -> dict:
@@ -49,7 +61,9 @@ def usage_summary(per_step: dict[int, dict], prices: dict | None = None) -> dict
         for f in ("input_tokens", "output_tokens"):
             out[f"{f}_per_image"] = round(out[f] / images, 1) if images else None
         out["latency_s_per_call"] = round(out["latency_s"] / calls, 3) if calls else None
-        cost = call_cost(prices, out["input_tokens"], out["output_tokens"], out["thinking_tokens"])
+        batch = {f: int(c.get(f) or 0) for f in BATCH_FIELDS if c.get(f)}
+        out.update(batch)  # only when batch jobs answered some of the calls
+        cost = call_cost(prices, out["input_tokens"], out["output_tokens"], out["thinking_tokens"], **batch)
         if cost is not None:
             out["cost"] = round(cost, 6)
             out["cost_per_image"] = round(cost / images, 6) if images else None
@@ -59,6 +73,9 @@ def usage_summary(per_step: dict[int, dict], prices: dict | None = None) -> dict
     total: dict = {"images": max((c["images"] for c in steps.values()), default=0)}
     for f in ("calls", *USAGE_FIELDS, "latency_s"):
         total[f] = sum(c[f] for c in steps.values())
+    for f in BATCH_FIELDS:
+        if any(c.get(f) for c in steps.values()):
+            total[f] = sum(c.get(f, 0) for c in steps.values())
     return {"steps": steps, "total": finish(total)}
 
 
@@ -76,8 +93,8 @@ def usage_from_sinks(layout: Layout, steps: list[int], prices: dict | None = Non
         with SortedPairs((rec["image_id"], 0) for _, rec in sink.scan()) as ids:  # distinct, in bounded memory
             images = sum(1 for _ in last_per_key(ids))
         for f, v in sink.carried_usage().items():  # calls whose lines a finalize merged away
-            if f in c:
-                c[f] += v
+            if f in c or f in BATCH_FIELDS:
+                c[f] = c.get(f, 0) + v
         per_step[s] = {"images": images, **c}
     return usage_summary(per_step, prices)
 
@@ -93,6 +110,9 @@ def call_counts(records: Iterable[tuple[int, dict]], step: int) -> dict:
         c["calls"] += 1
         for f in USAGE_FIELDS:
             c[f] += int(call.get(f) or 0)
+        for f in BATCH_FIELDS:
+            if call.get(f):
+                c[f] = c.get(f, 0) + int(call[f])
         c["latency_s"] += float(call.get("latency_s") or 0)
     return c
 
@@ -105,6 +125,8 @@ def format_usage(usage: dict) -> list[str]:
         if c["images"]:
             text += f"  per image: in {c['input_tokens_per_image']:,.0f}, out {c['output_tokens_per_image']:,.0f}"
         extras = [f"{f.split('_')[0]} {c[f]:,}" for f in ("image_tokens", "thinking_tokens") if c.get(f)]
+        if c.get("batch_input_tokens"):
+            extras.append(f"batch-priced in {c['batch_input_tokens']:,}")
         if c.get("latency_s_per_call") is not None and label != "total":
             extras.append(f"{c['latency_s_per_call']:.2f} s/call")
         if "cost" in c:

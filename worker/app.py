@@ -14,6 +14,7 @@ from celery.signals import celeryd_after_setup
 
 from worker import settings
 from worker.clock import ClockCheck
+from worker.coordstep import BatchCoordinatorStep
 from worker.keys import PRIORITY_SEP, PRIORITY_STEPS, QUEUE
 from worker.settings import REDIS_SOCKET_TIMEOUT
 from worker.tailfirst import TailFirst
@@ -101,6 +102,9 @@ def make_app() -> Celery:
     # Once few new images are left to start, a worker starts them before finishing started ones
     # (worker/tailfirst.py): depth-first until the end of the run, then the longest work first.
     app.steps["consumer"].add(TailFirst)
+    # Batch mode: one worker at a time (a lease in Redis) submits and polls provider jobs
+    # (worker/coordinator.py); idle, it costs one EXISTS every few seconds.
+    app.steps["consumer"].add(BatchCoordinatorStep)
     return app
 
 

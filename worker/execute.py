@@ -95,8 +95,11 @@ class Uncommitted(Exception):
         self.cause = cause
 
 
-def execute(ctx: RunContext, step: int, image_id: str, seed_offset: int) -> str:
+def execute(ctx: RunContext, step: int, image_id: str, seed_offset: int, *, client: VLMClient | None = None) -> str:
     """Run ``step`` for one image; return DONE, SKIPPED or BLOCKED, or raise.
+
+    ``client``: the client in place of the run's online one (batch mode: ``worker.parking``'s
+    ``ParkingClient``, which raises ``Parked`` with the built request, or ``AnswerClient``).
 
     DONE and BLOCKED mean the outcome is marked and the image settled, in one round trip; the
     caller settles a SKIPPED image-step. When the call succeeded but its write failed, raises
@@ -126,8 +129,13 @@ def execute(ctx: RunContext, step: int, image_id: str, seed_offset: int) -> str:
     record = input_record(step, seed, upstream)
     if prior is not None and keep_if_current(ctx, step, image_id, prior, record):
         return DONE
-    outcome = run_step(step, record, ValidText(ctx.client, image_id), ctx.prompts,
+    outcome = run_step(step, record, ValidText(client or ctx.client, image_id), ctx.prompts,
                        max_pixels=ctx.spec.ire.vlm.max_image_pixels, options=ctx.options)
+    used_batch = getattr(client, "used_batch", None)
+    if used_batch is not None:  # its tokens are billed at the batch price
+        from worker.batchflow import batch_usage
+
+        outcome.record = batch_usage(outcome.record, step, used_batch)
     pending = {"record": outcome.record, "legacy": outcome.legacy}
     try:
         return commit(ctx, step, image_id, pending)

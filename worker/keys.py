@@ -12,7 +12,8 @@ and ``blocked:<step>`` (image_id -> reason), ``recheck:<step>`` (done entries se
 ``reprocess: changed`` run checks their records' fingerprints), ``queued`` (the in-flight window: image_id ->
 "<Redis time>:<seed offset>"), ``usage`` and ``quality`` (counter totals) with ``tally`` (the
 counter entries not folded into them yet, at most ``runstate.TALLY_FOLD``), ``workers``,
-``producer``.
+``producer``, ``batch:jobs`` (job id -> a short JSON of its state, one entry per provider job)
+and ``batch:gathering`` (requests parked and not yet in a job).
 """
 
 from __future__ import annotations
@@ -54,3 +55,9 @@ QUEUE_LISTS: tuple[str, ...] = tuple(queue_list(p) for p in PRIORITY_STEPS)
 def is_queue_list(name: str) -> bool:
     """Whether a Redis key is the Celery queue's list (or one of its priority lists)."""
     return name == QUEUE or name.startswith(QUEUE + PRIORITY_SEP)
+
+
+#: Batch mode (worker/coordinator.py): the coordinator's lease (one worker of the fleet holds it),
+#: and the runs with batch work (run refs; the producer and every parking task add theirs).
+BATCH_LEASE = f"{KEY_PREFIX}:batch:lease"
+BATCH_RUNS = f"{KEY_PREFIX}:batch:runs"

@@ -144,6 +144,8 @@ return 0
 """
 WORKER_SEEN_WINDOW = 120.0
 USAGE_FIELDS = ("input_tokens", "output_tokens", "image_tokens", "thinking_tokens")
+#: Batch mode: the part of a call's tokens a provider batch job answered (batch-priced).
+BATCH_USAGE_FIELDS = ("batch_input_tokens", "batch_output_tokens", "batch_thinking_tokens")
 
 
 class RunState:
@@ -509,7 +511,7 @@ def _tally(step: int, call: dict | None, quality: dict | None) -> str:
     parts: list[tuple[str, int]] = []
     if call:
         parts.append((f"u{step}:calls", 1))
-        parts += [(f"u{step}:{f}", int(call[f])) for f in USAGE_FIELDS if call.get(f)]
+        parts += [(f"u{step}:{f}", int(call[f])) for f in (*USAGE_FIELDS, *BATCH_USAGE_FIELDS) if call.get(f)]
         parts.append((f"u{step}:latency_ms", round(float(call.get("latency_s") or 0) * 1000)))
     if quality:
         parts.append((f"q{step}:images", 1))

@@ -101,6 +101,16 @@ class PriceSpec(_Strict):
                                 "bill about half).")
 
 
+def batch_switch(value: Any) -> Any:
+    """``vlm.batch: on`` (or a YAML boolean) is short for ``{enabled: true}``; anything else as given."""
+    if isinstance(value, bool):
+        return {"enabled": value}
+    word = value.strip().lower() if isinstance(value, str) else None
+    if word in ("on", "yes", "true", "off", "no", "false"):
+        return {"enabled": word in ("on", "yes", "true")}
+    return value
+
+
 class BatchSpec(_Strict):
     """refexp: provider batch mode (Gemini Batch Mode, OpenAI Batch API): cheaper, answers within a day.
 
@@ -146,12 +156,7 @@ class VLMSpec(_Strict):
     @field_validator("batch", mode="before")
     @classmethod
     def _batch_switch(cls, value: Any) -> Any:
-        if isinstance(value, bool):
-            return {"enabled": value}
-        word = value.strip().lower() if isinstance(value, str) else None
-        if word in ("on", "yes", "true", "off", "no", "false"):
-            return {"enabled": word in ("on", "yes", "true")}
-        return value
+        return batch_switch(value)
 
 
     @field_validator("downscale_to_pixels", mode="before")
@@ -387,6 +392,16 @@ def _check_shapes(data: Any, source: str, lines: dict[str, int], overrides: set[
             raise ConfigError(_format_errors(shape, source, lines, overrides)) from None
 
 
+def _batch_as_mapping(tree: Any) -> Any:
+    """``vlm.batch`` given as a word becomes its mapping *before* the layers are merged: merged as
+    a word, a later ``vlm.batch.gather_seconds=2`` replaced it with a mapping that said nothing of
+    ``enabled``, and batch mode was off without a word."""
+    vlm = ((tree or {}).get("image_referring_expression") or {}).get("vlm") if isinstance(tree, dict) else None
+    if isinstance(vlm, dict) and "batch" in vlm and not isinstance(vlm["batch"], dict):
+        vlm["batch"] = batch_switch(vlm["batch"])
+    return tree
+
+
 def load_spec(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Spec:
     """Load a spec file (or the defaults), apply ``key=value`` overrides, validate.
 
@@ -407,6 +422,7 @@ def load_spec(path: str | Path | None = None, overrides: list[str] | tuple[str, 
         raise ConfigError(f"{source}: the spec must be a mapping at the top level, not a {type(loaded).__name__}")
     lines = _key_lines(text)
     _check_shapes(loaded or {}, source, lines, set())
+    loaded = _batch_as_mapping(loaded)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.path=value")
@@ -419,6 +435,8 @@ def load_spec(path: str | Path | None = None, overrides: list[str] | tuple[str, 
         except OmegaConfBaseException as exc:
             raise ConfigError(f"command-line override {item!r}: {exc}") from None
         _check_shapes(OmegaConf.to_container(one, resolve=False), source, {}, {key})
+        if key.endswith("vlm.batch"):
+            one = OmegaConf.create(_batch_as_mapping(OmegaConf.to_container(one, resolve=False)))
         try:
             extra = OmegaConf.merge(extra, one)
         except (OmegaConfBaseException, TypeError, ValueError) as exc:

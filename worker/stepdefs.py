@@ -159,3 +159,23 @@ def wiring_errors(steps: list[int], exists: dict[int, bool]) -> list[str]:
                 out.append(f"step {s} reads step {need}'s results, but step {need} is not in the steps "
                            "and has no results here")
     return out
+
+
+def first_wave(remaining: list[int] | tuple[int, ...]) -> list[int]:
+    """Batch mode: the steps of ``remaining`` that can start now (the head steps, else the first
+    later one). The producer publishes these alone, with no chord or chain: each step task
+    publishes the image's next step itself once it settles (``worker/batchflow.py``), since a
+    step waiting in a provider job must not count as done towards a chord."""
+    heads = [s for s in remaining if STEP[s].head]
+    return heads or sorted(remaining)[:1]
+
+
+def next_step(step: int, steps: list[int] | tuple[int, ...]) -> tuple[int | None, tuple[int, ...]]:
+    """The step to publish after ``step`` settles in a run of ``steps``, and the steps that must
+    all be settled first (the head steps, when ``step`` is one of them): ``(None, ())`` at the end."""
+    tail = sorted(s for s in steps if not STEP[s].head)
+    if STEP[step].head:
+        heads = tuple(sorted(s for s in steps if STEP[s].head))
+        return (tail[0], heads) if tail else (None, ())
+    later = [s for s in tail if s > step]
+    return (later[0], ()) if later else (None, ())

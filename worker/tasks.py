@@ -10,7 +10,9 @@ calling the model, so the chain stops for that image and every other image goes 
 Every way out of ``run_task`` leaves the image-step in exactly one of three states (invariant
 7): **done** (``execute.commit`` wrote the line and marked it), **failed** (a line in
 failures.jsonl and the failed mark), or **retrying** (a retry message is published, or the
-message stays unacknowledged in Redis and comes back after the visibility timeout). Which one
+message stays unacknowledged in Redis and comes back after the visibility timeout). In batch
+mode a fourth: **parked** (its request is on disk in the batch ledger, whose coordinator sends
+the answer back as a new task: ``worker/batchflow.py``). Which one
 is decided by ``_settle_error`` from what went wrong:
 
 - an answer that arrived but could not be written (``Uncommitted``) is retried as a *write*:
@@ -44,10 +46,12 @@ from celery.exceptions import Reject, Retry
 
 from worker import settings
 from worker.app import app
+from worker.batchflow import after_step, load_answer, park
 from worker.context import RunContext, RunNotInRedis, get_context, state_redis
 from worker.errors import PERMANENT, RETRYABLE, ClientError
 from worker.execute import SKIPPED, Uncommitted, commit, execute, failure_payload, record_failure
 from worker.keys import WRITE_PROBE
+from worker.parking import AnswerClient, Parked, ParkingClient
 from worker.sinks import StaleOffset
 from worker.stepdefs import STEP, STEP_NAMES, task_name
 
@@ -102,17 +106,22 @@ def retry_countdown(retries: int, retry_after: float | None, visibility_timeout:
 
 
 def run_task(task: Task, step: int, run_ref: str, image_id: str, seed_offset: int,
-             pending: dict | None = None, failure: dict | None = None, vlm_retries: int = 0) -> str:
+             pending: dict | None = None, failure: dict | None = None, vlm_retries: int = 0,
+             batch_answer: dict | None = None) -> str:
     """One attempt at one image-step; settles it on every path (see the module docstring).
 
     ``pending``: an answer an earlier attempt got but could not write; ``failure``: a failure an
     earlier attempt could not record. Either way this attempt only finishes that work.
     ``vlm_retries``: how many retries the VLM's errors have used (``vlm.max_retries`` bounds
     them; retries for the infrastructure are not counted against it).
+    ``batch_answer``: batch mode, ``{"job", "at"}``: where the ledger holds the provider's answer
+    to this image-step's request (``worker/batchflow.py``).
     """
     ctx: RunContext | None = None
+    batch = False
     try:
         ctx = get_context(run_ref)
+        batch = ctx.spec.ire.vlm.batch.enabled
         _heartbeat(ctx, task.request.hostname or "unknown")
         if failure is None and pending is None and (task.request.delivery_info or {}).get("redelivered"):
             pending = ctx.layout.read_spool(step, image_id, ctx.spec_hash)  # kept while Redis was unusable
@@ -125,16 +134,25 @@ def run_task(task: Task, step: int, run_ref: str, image_id: str, seed_offset: in
         elif pending is not None:
             outcome = _commit_pending(ctx, step, image_id, pending)
             ctx.layout.drop_spool(step, image_id, ctx.spec_hash)
+        elif batch:
+            client = (AnswerClient(load_answer(ctx, batch_answer), ctx.client) if batch_answer
+                      else ParkingClient(ctx.client))
+            try:
+                outcome = execute(ctx, step, image_id, seed_offset, client=client)
+            except Parked as parked:
+                return park(ctx, step, image_id, seed_offset, parked.request, vlm_retries)
         else:
             outcome = execute(ctx, step, image_id, seed_offset)
         if outcome == SKIPPED or not settled_with_mark:
             ctx.state.settle(image_id, ctx.spec.ire.workflow.steps)
+        if batch:
+            after_step(ctx, step, image_id, seed_offset)
         return outcome
     except (Retry, Reject):
         raise
     except Exception as exc:
         try:
-            return _settle_error(task, ctx, step, image_id, exc, vlm_retries)
+            outcome = _settle_error(task, ctx, step, image_id, exc, vlm_retries)
         except (Retry, Reject):
             raise
         except Exception:  # a bug in settling itself: still never acknowledge an unsettled image-step
@@ -147,6 +165,14 @@ def run_task(task: Task, step: int, run_ref: str, image_id: str, seed_offset: in
             except Exception:
                 time.sleep(REQUEUE_PAUSE)
                 raise Reject(exc, requeue=True) from None
+        if batch and ctx is not None:  # recorded as failed for good: the next step blocks on it
+            try:
+                after_step(ctx, step, image_id, seed_offset)
+            except Exception as nexc:  # the retry finds the failure recorded, and publishes again
+                return _retry_later(task, nexc, retry_countdown(min(task.request.retries, 5), None,
+                                                                settings.visibility_timeout()),
+                                    {"failure": {"error": type(exc).__name__, "message": str(exc)[:4000]}})
+        return outcome
 
 
 def _keep(ctx: RunContext, step: int, image_id: str, exc: Uncommitted) -> None:
@@ -189,7 +215,8 @@ def _settle_error(task: Task, ctx: RunContext | None, step: int, image_id: str, 
         countdown = retry_countdown(vlm_retries, retry_after, settings.visibility_timeout())
         log.warning("%s step %s attempt %d failed (%s: %s); retry in %.1fs",
                     image_id, step, vlm_retries + 1, type(exc).__name__, exc, countdown)
-        return _retry_later(task, exc, countdown, {"vlm_retries": vlm_retries + 1})
+        # Batch mode: the retry parks a new request (the next job) instead of reading this answer again.
+        return _retry_later(task, exc, countdown, {"vlm_retries": vlm_retries + 1, "batch_answer": None})
     if isinstance(exc, Uncommitted):  # writing the answer failed for a reason no retry mends: a bug
         exc = exc.cause if isinstance(exc.cause, Exception) else exc
     expected = isinstance(exc, PERMANENT + RETRYABLE)
@@ -269,8 +296,9 @@ def _make(step: int) -> Task:
     @app.task(bind=True, name=task_name(step), acks_late=True, ignore_result=not STEP[step].stores_result,
               max_retries=None)
     def step_task(self: Task, run_ref: str, image_id: str, seed_offset: int,
-                  pending: dict | None = None, failure: dict | None = None, vlm_retries: int = 0) -> str:
-        return run_task(self, step, run_ref, image_id, seed_offset, pending, failure, vlm_retries)
+                  pending: dict | None = None, failure: dict | None = None, vlm_retries: int = 0,
+                  batch_answer: dict | None = None) -> str:
+        return run_task(self, step, run_ref, image_id, seed_offset, pending, failure, vlm_retries, batch_answer)
 
     step_task.__doc__ = f"Step {step} ({name}) for one image."
     return step_task
