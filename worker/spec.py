@@ -56,6 +56,8 @@ BoxFormat = Annotated[Literal["auto", "xyxy_1000", "yxyx_1000", "xyxy_pixels", "
                       _word()]
 OutputFormat = Annotated[Literal["jsonl", "legacy", "both"], _word()]
 Temperature = Annotated[float, Field(ge=0, le=2)]
+#: A fixed number of calls in flight, or ``auto``: the fleet's controller finds it (worker/adaptive.py).
+MaxConcurrency = Annotated[Literal["auto"] | Annotated[int, Field(ge=1)], _word()]
 Timeout = Annotated[float, Field(gt=0, le=MAX_TIMEOUT_S, description="Seconds per VLM call.")]
 
 
@@ -122,7 +124,11 @@ class VLMSpec(_Strict):
     gemini: GeminiSpec = GeminiSpec()
     openai: OpenAISpec = OpenAISpec()
     # refexp additions
-    max_concurrency: int = Field(16, ge=1, description="Fleet-wide VLM calls in flight per endpoint.")
+    max_concurrency: MaxConcurrency = Field(
+        16, description="Fleet-wide VLM calls in flight per endpoint; auto = found from what the calls see "
+        "(latency against its floor, 429/503, timeouts), up to max_concurrency_ceiling.")
+    max_concurrency_ceiling: int = Field(
+        256, ge=1, description="refexp: with max_concurrency: auto, the most calls in flight it may allow.")
     requests_per_minute: int = Field(0, ge=0, description="Fleet-wide per endpoint; 0 = unlimited.")
     max_retries: int = Field(5, ge=0, description="Retries of a retryable VLM failure per image-step.")
     max_image_pixels: int = Field(64_000_000, ge=1, description="Larger images fail (bomb guard).")
