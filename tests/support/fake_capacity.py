@@ -134,3 +134,37 @@ class Capacity:
         now = self._clock()
         self._v += (now - self._t) * self._rate()
         self._t = now
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The fake endpoint with a capacity model in its own process (benchmarks). Prints
+    ``FAKE_VLM_URL=...``, then reads commands on stdin, one a line: ``k N`` (change K now),
+    ``mark`` (start ``peak_since_mark``), ``stats`` (prints ``STATS {json}``); EOF stops it."""
+    import argparse
+    import json
+    import sys
+
+    from tests.support.fake_vlm import FakeVLM
+
+    p = argparse.ArgumentParser(prog="python -m tests.support.fake_capacity")
+    p.add_argument("--k", type=int, required=True)
+    p.add_argument("--rpm", type=int, default=0)
+    p.add_argument("--latency", type=float, default=1.0)
+    a = p.parse_args(argv)
+    fake = FakeVLM(latency=a.latency, record=False).start()
+    fake.capacity = Capacity(k=a.k, rpm=a.rpm)
+    print(f"FAKE_VLM_URL={fake.url}", flush=True)
+    for line in sys.stdin:
+        cmd = line.split()
+        if cmd[:1] == ["k"]:
+            fake.capacity.set_capacity(int(cmd[1]))
+        elif cmd[:1] == ["mark"]:
+            fake.capacity.mark()
+        elif cmd[:1] == ["stats"]:
+            print("STATS " + json.dumps({**fake.capacity.stats(), "status_counts": fake.stats()["status_counts"]}),
+                  flush=True)
+    fake.stop()
+
+
+if __name__ == "__main__":
+    main()
