@@ -52,6 +52,7 @@ LOW_RATIO = 1.15  # latency this close to its floor leaves room to grow
 HEADROOM = 0.10  # over the floor's concurrency: a small queue keeps a batch server full
 USED_TO_GROW = 0.8  # the limit grows only while it is in use
 CUT = 0.7  # multiplicative decrease on 429 / 503 / timeouts
+MAX_STEP_CUT = 0.5  # a latency-driven cut keeps at least this much of the limit
 FLOOR_DRIFT = 0.002  # per update, towards the latency seen (about 11 % a minute)
 MIN_CALLS_FOR_FLOOR = 3
 STATE_TTL = 86_400  # the learned state outlives a quiet day, not a forgotten endpoint
@@ -66,6 +67,7 @@ class Sample:
     r503: int = 0
     timeouts: int = 0
     retry_after: float = 0.0
+    waited: int = 0  # calls that found the limit reached and waited for a slot
 
     def add(self, other: Sample) -> None:
         for step, (n, s) in other.steps.items():
@@ -76,20 +78,21 @@ class Sample:
         self.r503 += other.r503
         self.timeouts += other.timeouts
         self.retry_after = max(self.retry_after, other.retry_after)
+        self.waited += other.waited
 
     def empty(self) -> bool:
-        return not self.steps and not (self.r429 or self.r503 or self.timeouts)
+        return not self.steps and not (self.r429 or self.r503 or self.timeouts or self.waited)
 
     def dumps(self) -> str:
-        return json.dumps({"s": self.steps, "e": [self.r429, self.r503, self.timeouts], "ra": self.retry_after},
-                          separators=(",", ":"))
+        return json.dumps({"s": self.steps, "e": [self.r429, self.r503, self.timeouts], "ra": self.retry_after,
+                           "w": self.waited}, separators=(",", ":"))
 
     @classmethod
     def loads(cls, raw: str | bytes) -> Sample:
         d = json.loads(raw)
         r429, r503, timeouts = d.get("e", [0, 0, 0])
         return cls(steps={k: [v[0], v[1]] for k, v in d.get("s", {}).items()}, r429=r429, r503=r503,
-                   timeouts=timeouts, retry_after=float(d.get("ra") or 0.0))
+                   timeouts=timeouts, retry_after=float(d.get("ra") or 0.0), waited=int(d.get("w", 0)))
 
 
 class Sampler:
@@ -104,6 +107,11 @@ class Sampler:
             acc = self._s.steps.setdefault(step, [0, 0.0])
             acc[0] += 1
             acc[1] += latency
+
+    def waited(self) -> None:
+        """A call found the limit reached: demand is above the limit."""
+        with self._lock:
+            self._s.waited += 1
 
     def overloaded(self, kind: str, retry_after: float | None = None) -> None:
         """``kind``: ``429``, ``503`` or ``timeout``."""
@@ -180,14 +188,20 @@ def decide(st: State, s: Sample, *, now: float, interval: float, ceiling: int) -
     if s.retry_after > 0:
         new.pause_until = max(new.pause_until, now + s.retry_after)
     limit, reason = st.limit, ""
+    # In use: calls waited for a slot, or the calls answered kept most of the limit busy.
+    in_use = s.waited > 0 or used >= USED_TO_GROW * st.limit
     if overload and now >= st.settle_until:
         parts = [f"{n} {w}" for n, w in ((s.r429, "429"), (s.r503, "503"), (s.timeouts, "timeouts")) if n]
-        limit = max(1.0, min(st.limit, max(used, 1.0)) * CUT)
+        limit = max(1.0, st.limit * CUT)
         reason = ", ".join(parts) + (f" (Retry-After {s.retry_after:g} s)" if s.retry_after else "")
     elif ratio is not None and ratio > HIGH_RATIO and now >= st.settle_until:
-        limit = max(1.0, min(st.limit, used / ratio * (1 + HEADROOM)))
+        # What was in flight, scaled to the floor: the limit when in use, else what was used
+        # (a limit nobody fills says nothing about the endpoint). At most halved per step:
+        # a few slow answers in a short interval are a noisy gradient.
+        base = st.limit if in_use else min(st.limit, used)
+        limit = max(1.0, st.limit * MAX_STEP_CUT, base / ratio * (1 + HEADROOM))
         reason = f"latency {ratio:.2f}x its floor"
-    elif (ratio is not None and ratio < LOW_RATIO and used >= USED_TO_GROW * st.limit
+    elif (ratio is not None and ratio < LOW_RATIO and in_use
           and now >= st.settle_until and st.limit < ceiling):
         limit = st.limit * 2 if st.slow_start else st.limit + max(1.0, math.sqrt(st.limit) / 2)
         reason = f"latency {ratio:.2f}x its floor with the limit in use" + (" (slow start)" if st.slow_start else "")

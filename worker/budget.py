@@ -259,12 +259,16 @@ class FleetBudget:
         # A waiter's entry lapses unless its next try refreshes it: a waiter that died holds
         # no slot back from the levels behind it for longer than this.
         entry_seconds = 2 * self.wait_poll + 2
+        waited = False
         while True:
             got = self._acquire(keys=[self._leases, _stats_key(self.endpoint, "calls"), self._state, *levels],
                                 args=[self.lease_seconds, self.max_concurrency, token, STATS_TTL, level,
                                       entry_seconds, adaptive.INITIAL_LIMIT])
             if got == 1:
                 break
+            if waited is False and got == 0 and self.controller is not None:
+                self.controller.sampler.waited()  # demand is above the limit: it may grow
+            waited = waited or got == 0
             if got < 0:  # the fleet is paused for a Retry-After the endpoint stated
                 time.sleep(min(-got / 1000, self.wait_poll) * (0.5 + random.random() / 2))
                 continue

@@ -47,6 +47,21 @@ def test_queueing_cuts_to_the_concurrency_that_sees_the_floor_plus_headroom():
     assert not new.slow_start and "2.00x" in new.reason
 
 
+def test_a_cut_on_few_answers_scales_the_limit_in_use_and_at_most_halves_it():
+    # 16 in flight on 8 slots answer in one batch: an interval may hold only a few of them.
+    st = State(limit=16, floors={"s": 1.0})
+    new, changed = decide(st, sample(3, 1.34, waited=20), now=10, interval=1.0, ceiling=256)
+    assert changed and new.limit == pytest.approx(16 / 1.34 * 1.1, rel=0.01)
+    new, _ = decide(st, sample(2, 5.0, waited=20), now=10, interval=1.0, ceiling=256)
+    assert new.limit == 8
+
+
+def test_a_small_limit_grows_when_calls_wait_for_it():
+    st = State(limit=1, floors={"s": 1.0}, slow_start=False)
+    new, changed = decide(st, sample(1, 1.0, waited=5), now=10, interval=1.4, ceiling=256)
+    assert changed and new.limit == 2
+
+
 def test_no_second_cut_before_the_first_one_settled():
     st = State(limit=35, floors={"s": 1.0}, slow_start=False, settle_until=12)
     new, changed = decide(st, sample(32, 2.0), now=11, interval=1.0, ceiling=256)
@@ -58,8 +73,10 @@ def test_429s_and_timeouts_cut_multiplicatively_and_retry_after_pauses_the_fleet
     new, changed = decide(st, sample(20, 1.0, r429=3, retry_after=7), now=100, interval=1.0, ceiling=256)
     assert changed and new.limit == pytest.approx(14) and "3 429" in new.reason and "Retry-After 7" in new.reason
     assert new.pause_until == 107
-    new, _ = decide(State(limit=20, floors={"s": 1.0}), sample(0, 0, timeouts=2), now=1, interval=1, ceiling=9)
-    assert new.limit == pytest.approx(0.7) or new.limit == 1.0
+    new, _ = decide(State(limit=20, floors={"s": 1.0}), Sample(timeouts=2), now=1, interval=1, ceiling=256)
+    assert new.limit == pytest.approx(14) and new.reason == "2 timeouts" and not new.slow_start
+    new, _ = decide(State(limit=1.2), Sample(timeouts=1), now=1, interval=1, ceiling=256)
+    assert new.limit == 1.0
 
 
 def test_the_limit_stays_within_the_ceiling():
