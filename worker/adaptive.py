@@ -27,7 +27,9 @@ Vegas, with AIMD's cut for explicit overload:
 - ``ratio`` below 1.15 and the limit in use (at least 80 % of it): grow, doubling while no
   congestion was seen yet (slow start), else by ``sqrt(limit) / 2``;
 - after a change nothing is decided on latency until the calls started under the new limit
-  have come back (``settle``: 1.2 latencies), so one queue is not cut twice.
+  have come back (``settle``: 1.2 latencies), so one queue is not cut twice;
+- for a minute after a 429 or 503 (a quota's window is a minute) the limit grows by one at a
+  time and stays below 0.9 of the limit refused at, so it does not walk back into the quota.
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ LOW_RATIO = 1.15  # latency this close to its floor leaves room to grow
 HEADROOM = 0.10  # over the floor's concurrency: a small queue keeps a batch server full
 USED_TO_GROW = 0.8  # the limit grows only while it is in use
 CUT = 0.7  # multiplicative decrease on 429 / 503 / timeouts
+QUOTA_MEMORY = 60.0  # seconds a refusal (429 / 503) caps the growth
+QUOTA_MARGIN = 0.9  # of the limit refused at
 MAX_STEP_CUT = 0.5  # a latency-driven cut keeps at least this much of the limit
 FLOOR_DRIFT = 0.002  # per update, towards the latency seen (about 11 % a minute)
 MIN_CALLS_FOR_FLOOR = 3
@@ -141,12 +145,15 @@ class State:
     settle_until: float = 0.0
     pause_until: float = 0.0
     reason: str = "start"
+    refused_at: float = 0.0  # when the endpoint last refused (429 / 503): a quota is near
+    refused_limit: float = 0.0  # the limit it refused at
     changed_at: float = 0.0
 
     def to_redis(self) -> dict[str, str]:
         return {"limit": f"{self.limit:.3f}", "floors": json.dumps(self.floors), "slow_start": int(self.slow_start),
                 "settle_until": f"{self.settle_until:.3f}", "pause_until": f"{self.pause_until:.3f}",
-                "reason": self.reason, "changed_at": f"{self.changed_at:.3f}"}
+                "reason": self.reason, "changed_at": f"{self.changed_at:.3f}",
+                "refused_at": f"{self.refused_at:.3f}", "refused_limit": f"{self.refused_limit:.3f}"}
 
     @classmethod
     def from_redis(cls, h: dict) -> State:
@@ -157,7 +164,8 @@ class State:
         return cls(limit=float(g["limit"]), floors=json.loads(g.get("floors") or "{}"),
                    slow_start=g.get("slow_start", "1") == "1", settle_until=float(g.get("settle_until") or 0),
                    pause_until=float(g.get("pause_until") or 0), reason=g.get("reason", ""),
-                   changed_at=float(g.get("changed_at") or 0))
+                   changed_at=float(g.get("changed_at") or 0), refused_at=float(g.get("refused_at") or 0),
+                   refused_limit=float(g.get("refused_limit") or 0))
 
     def floor(self) -> float:
         """The floor shown to users: the lowest of the steps' floors (0 before any call)."""
@@ -190,6 +198,10 @@ def decide(st: State, s: Sample, *, now: float, interval: float, ceiling: int) -
     limit, reason = st.limit, ""
     # In use: calls waited for a slot, or the calls answered kept most of the limit busy.
     in_use = s.waited > 0 or used >= USED_TO_GROW * st.limit
+    if s.r429 or s.r503:
+        new.refused_at = now
+        if now >= st.settle_until:  # later refusals of calls sent before the cut keep the level
+            new.refused_limit = st.limit
     if overload and now >= st.settle_until:
         parts = [f"{n} {w}" for n, w in ((s.r429, "429"), (s.r503, "503"), (s.timeouts, "timeouts")) if n]
         limit = max(1.0, st.limit * CUT)
@@ -204,6 +216,10 @@ def decide(st: State, s: Sample, *, now: float, interval: float, ceiling: int) -
     elif (ratio is not None and ratio < LOW_RATIO and in_use
           and now >= st.settle_until and st.limit < ceiling):
         limit = st.limit * 2 if st.slow_start else st.limit + max(1.0, math.sqrt(st.limit) / 2)
+        if st.refused_limit > 0 and now - st.refused_at < QUOTA_MEMORY:
+            # The endpoint refused at refused_limit a moment ago (a quota: its window is a minute
+            # long): stay below it, and creep up by one, until that is forgotten.
+            limit = min(limit, st.limit + 1.0, max(st.limit, QUOTA_MARGIN * st.refused_limit))
         reason = f"latency {ratio:.2f}x its floor with the limit in use" + (" (slow start)" if st.slow_start else "")
     limit = min(float(ceiling), limit)
     changed = int(limit) != int(st.limit)

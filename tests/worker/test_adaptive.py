@@ -79,6 +79,19 @@ def test_429s_and_timeouts_cut_multiplicatively_and_retry_after_pauses_the_fleet
     assert new.limit == 1.0
 
 
+def test_after_a_429_the_limit_creeps_back_below_the_level_refused_for_a_minute():
+    st = State(limit=30, floors={"s": 1.0}, slow_start=False)
+    st, _ = decide(st, sample(30, 1.0, r429=2), now=100, interval=1, ceiling=256)
+    assert st.limit == pytest.approx(21) and st.refused_limit == 30
+    limits = []
+    for t in range(102, 140, 2):
+        st, _ = decide(st, sample(int(st.limit), 1.0, waited=5), now=t, interval=1, ceiling=256)
+        limits.append(st.limit)
+    assert limits[0] == pytest.approx(22) and max(limits) == pytest.approx(27), limits
+    st, _ = decide(st, sample(int(st.limit), 1.0, waited=5), now=170, interval=1, ceiling=256)
+    assert st.limit > 27 + 1  # a minute on, the quota is probed again at the usual pace
+
+
 def test_the_limit_stays_within_the_ceiling():
     new, _ = decide(State(limit=100, floors={"s": 1.0}), sample(100, 1.0), now=1, interval=1, ceiling=120)
     assert new.limit == 120
