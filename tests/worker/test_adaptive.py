@@ -207,3 +207,42 @@ def test_a_429_with_retry_after_pauses_new_calls_fleet_wide(redis_client, redis_
     with b.slot():
         waited = time.monotonic() - t0
     assert waited >= 1.0, f"the other process called {waited:.2f} s into a 2 s Retry-After"
+
+
+def test_timed_out_calls_do_not_put_more_calls_on_the_server_than_a_fixed_cap(redis_url, endpoint, monkeypatch):
+    """The issue's case, scaled down: calls take 0.8 s at the server, the client gives up at
+    0.5 s and calls again. Freeing the slot at the timeout put twice the cap on the server; held
+    as long again, the server never sees more than the cap."""
+    from tests.support.fake_capacity import Capacity
+    from tests.support.fake_vlm import FakeVLM
+    from worker.clients.base import VLMRequest
+    from worker.clients.factory import get_client
+    from worker.context import BudgetedClient
+    from worker.images import ImagePayload
+    from worker.spec import VLMSpec
+
+    monkeypatch.setenv("OPENAI_API_KEY", "x")
+    with FakeVLM(latency=0.8) as fake:
+        fake.capacity = cap = Capacity(k=100)
+        vlm = VLMSpec(backend="openai", openai={"base_url": fake.openai_base_url, "model_name": "m", "timeout": 0.5},
+                      structured_output="off")
+        budget = make(redis_url, endpoint, max_concurrency=2, lease_seconds=30.5)
+        client = BudgetedClient(get_client(vlm), budget)
+        request = VLMRequest(image=ImagePayload(b"\x89PNG\r\n\x1a\n", "image/png", 8, 8, ""), prompt="hi")
+        outcomes: list[str] = []
+
+        def caller() -> None:
+            for _ in range(3):
+                try:
+                    client.generate(request)
+                    outcomes.append("ok")
+                except TimedOut:
+                    outcomes.append("timeout")
+
+        threads = [threading.Thread(target=caller) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert outcomes.count("timeout") == 12, outcomes
+        assert cap.stats()["peak"] <= 2, f"the server held {cap.stats()['peak']} calls against a cap of 2"
