@@ -147,19 +147,16 @@ def run(redis_url: str, ep: Endpoint, *, concurrency: int | str, seconds: float,
     return calls, t0, ep.stats()
 
 
-def throughput(calls: list[Call], a: float, b: float) -> float:
-    return sum(1 for c in calls if c.ok and a <= c.end < b) / (b - a)
-
-
-def steady_throughput(calls: list[Call], after: float) -> float:
-    """Calls per second between the first and the last answer after ``after``: a fixed limit
-    above K on a processor-sharing server answers in synchronised batches (every call of a batch
-    ends together), which a fixed window would cut at random."""
-    ends = sorted(c.end for c in calls if c.ok and c.end >= after)
-    if len(ends) < 2 or ends[-1] - ends[0] < 0.1:
-        return 0.0
-    later = sum(1 for e in ends if e > ends[0] + 0.05)  # the calls answered after the first batch
-    return later / (ends[-1] - ends[0])
+def served_rate(calls: list[Call], a: float, b: float) -> float:
+    """Calls' worth of service per second the endpoint gave in ``[a, b)``: each answered call
+    counts for the share of its time at the server that falls in the window. A fixed limit
+    above K on a processor-sharing server answers in synchronised batches (every call of a
+    batch ends together), which counting answers in a window would cut at random."""
+    total = 0.0
+    for c in calls:
+        if c.ok and c.end > c.start:
+            total += max(0.0, min(c.end, b) - max(c.start, a)) / (c.end - c.start)
+    return total / (b - a)
 
 
 def main() -> None:
@@ -167,7 +164,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, nargs="+", default=[8, 24, 64])
     ap.add_argument("--latency", type=float, default=1.0, help="base latency L (s)")
     ap.add_argument("--fixed", type=int, nargs="+", default=[8, 16, 32, 64, 96])
-    ap.add_argument("--fixed-seconds", type=float, default=15.0)
+    ap.add_argument("--fixed-seconds", type=float, default=12.0)
     ap.add_argument("--auto-seconds", type=float, default=70.0)
     ap.add_argument("--halve-at", type=float, default=40.0)
     ap.add_argument("--rpm", type=int, default=0, help="the endpoint's quota (429 above it)")
@@ -190,7 +187,7 @@ def main() -> None:
                     calls, _, st = run(url, ep, concurrency=c, seconds=a.fixed_seconds, threads=a.threads,
                                        timeout=a.timeout, k=k)
                     half = a.fixed_seconds / 3
-                    fixed[c] = steady_throughput(calls, half)
+                    fixed[c] = served_rate(calls, half, a.fixed_seconds)
                     lat = [c_.end - c_.start for c_ in calls if c_.ok and c_.end >= half]
                     print(f"  fixed {c:>3}: {fixed[c]:6.2f} calls/s, p50 {pct(lat, 0.5):5.2f} s, "
                           f"p99 {pct(lat, 0.99):5.2f} s, server peak {st['peak']}")
@@ -198,9 +195,9 @@ def main() -> None:
                 best = fixed[best_c]
                 calls, _, st = run(url, ep, concurrency="auto", seconds=a.auto_seconds, threads=a.threads,
                                    timeout=a.timeout, halve_at=a.halve_at, k=k)
-                windows = [(t, throughput(calls, t, t + 5)) for t in range(0, int(a.halve_at) - 4, 5)]
+                windows = [(t, served_rate(calls, t, t + 5)) for t in range(0, int(a.halve_at) - 4, 5)]
                 reached = next((t + 5 for t, x in windows if x >= 0.95 * best), None)
-                steady = throughput(calls, a.halve_at - 15, a.halve_at)
+                steady = served_rate(calls, a.halve_at - 15, a.halve_at)
                 n429 = sum(1 for c_ in calls if c_.status == "RateLimited")
                 cap = k / a.latency
                 print(f"  auto     : {steady:6.2f} calls/s over the 15 s before the halving = "
@@ -219,7 +216,7 @@ def main() -> None:
                         back = t + 2 - a.halve_at
                     elif lat and pct(lat, 0.99) > 2 * a.latency:
                         back = None
-                after = throughput(calls, a.auto_seconds - 10, a.auto_seconds)
+                after = served_rate(calls, a.auto_seconds - 10, a.auto_seconds)
                 lat_end = [c_.end - c_.start for c_ in calls if c_.ok and c_.end >= a.auto_seconds - 10]
                 print(f"             K -> {k // 2} at {a.halve_at:g} s: p99 within 2x floor from "
                       f"{back if back is not None else 'never'} s after (for good); last 10 s "
