@@ -17,17 +17,18 @@ Vegas, with AIMD's cut for explicit overload:
 
 - the latency floor of each step is the lowest interval mean seen, drifting slowly towards what
   is seen now (so a genuinely slower endpoint is not read as queueing for ever);
-- ``ratio`` = latency / floor, averaged over steps weighted by calls; ``used`` = the calls in
-  flight the interval actually had (sum of latencies / interval, Little's law);
-- 429, 503 or a timeout: cut to 0.7 of what was used (AIMD's multiplicative decrease); a stated
-  Retry-After also pauses the fleet's new calls until then;
-- ``ratio`` above 1.3 (queueing): the limit becomes ``used / ratio`` plus 10 % headroom, i.e.
-  the concurrency at which the same throughput is served at the floor (Gradient2's
-  ``limit x gradient``, Vegas's queue estimate ``used x (1 - floor/latency)`` taken off);
-- ``ratio`` below 1.15 and the limit in use (at least 80 % of it): grow, doubling while no
-  congestion was seen yet (slow start), else by ``sqrt(limit) / 2``;
+- ``ratio`` = latency / floor, averaged over steps weighted by calls; ``queued`` = Vegas's
+  estimate of the calls waiting at the server, ``in flight x (1 - 1 / ratio)``;
+- 429, 503 or a timeout: cut to 0.7 (AIMD's multiplicative decrease); a stated Retry-After also
+  pauses the fleet's new calls until then;
+- ``queued`` above beta (30 % of the limit, at least 4): the limit becomes ``limit / ratio``,
+  the concurrency at which the endpoint answers at its floor (Gradient2's ``limit x
+  gradient``), plus alpha, at most halving it;
+- ``queued`` below alpha (10 % of the limit, at least 2) and the limit in use (calls waited for
+  a slot, or the answered ones kept 80 % of it busy): grow, doubling while no congestion was
+  seen yet (slow start), else by ``sqrt(limit) / 2``;
 - after a change nothing is decided on latency until the calls started under the new limit
-  have come back (``settle``: 1.2 latencies), so one queue is not cut twice;
+  have come back (``settle``: a latency and an interval), so one queue is not cut twice;
 - for a minute after a 429 or 503 (a quota's window is a minute) the limit grows by one at a
   time and stays below 0.9 of the limit refused at, so it does not walk back into the quota.
 """
@@ -49,9 +50,11 @@ log = logging.getLogger("refexp.worker")
 INTERVAL = 1.0
 #: Where ``auto`` starts: low, so the first latencies seen are the floor and not a queue.
 INITIAL_LIMIT = 4.0
-HIGH_RATIO = 1.3  # latency this far above its floor is a queue
-LOW_RATIO = 1.15  # latency this close to its floor leaves room to grow
-HEADROOM = 0.10  # over the floor's concurrency: a small queue keeps a batch server full
+# Calls queued at the server (Vegas's estimate: in flight x (1 - floor / latency)): below alpha
+# the limit grows, above beta it is cut, between them it stays. A few queued calls keep a batch
+# server full across the gap between one call's answer and the next call's arrival.
+ALPHA, ALPHA_MIN = 0.10, 2.0  # of the limit, at least
+BETA, BETA_MIN = 0.30, 4.0
 USED_TO_GROW = 0.8  # the limit grows only while it is in use
 CUT = 0.7  # multiplicative decrease on 429 / 503 / timeouts
 QUOTA_MEMORY = 60.0  # seconds a refusal (429 / 503) caps the growth
@@ -202,18 +205,23 @@ def decide(st: State, s: Sample, *, now: float, interval: float, ceiling: int) -
         new.refused_at = now
         if now >= st.settle_until:  # later refusals of calls sent before the cut keep the level
             new.refused_limit = st.limit
+    # What was in flight: the limit when in use, else what was used (a limit nobody fills says
+    # nothing about the endpoint); of it, Vegas's estimate of the calls queued at the server.
+    base = st.limit if in_use else min(st.limit, used)
+    queued = base * (1 - 1 / ratio) if ratio else 0.0
+    alpha = max(ALPHA_MIN, ALPHA * st.limit)
+    beta = max(BETA_MIN, BETA * st.limit)
     if overload and now >= st.settle_until:
         parts = [f"{n} {w}" for n, w in ((s.r429, "429"), (s.r503, "503"), (s.timeouts, "timeouts")) if n]
         limit = max(1.0, st.limit * CUT)
         reason = ", ".join(parts) + (f" (Retry-After {s.retry_after:g} s)" if s.retry_after else "")
-    elif ratio is not None and ratio > HIGH_RATIO and now >= st.settle_until:
-        # What was in flight, scaled to the floor: the limit when in use, else what was used
-        # (a limit nobody fills says nothing about the endpoint). At most halved per step:
-        # a few slow answers in a short interval are a noisy gradient.
-        base = st.limit if in_use else min(st.limit, used)
-        limit = max(1.0, st.limit * MAX_STEP_CUT, base / ratio * (1 + HEADROOM))
-        reason = f"latency {ratio:.2f}x its floor"
-    elif (ratio is not None and ratio < LOW_RATIO and in_use
+    elif ratio is not None and queued > beta and now >= st.settle_until:
+        # The concurrency that would see the floor (Gradient2's limit x gradient), plus alpha
+        # queued to keep a batch full. At most halved per step: a few slow answers in a short
+        # interval are a noisy gradient.
+        limit = max(1.0, st.limit * MAX_STEP_CUT, base / ratio + alpha)
+        reason = f"latency {ratio:.2f}x its floor (~{queued:.0f} calls queued)"
+    elif (ratio is not None and queued < alpha and in_use
           and now >= st.settle_until and st.limit < ceiling):
         limit = st.limit * 2 if st.slow_start else st.limit + max(1.0, math.sqrt(st.limit) / 2)
         if st.refused_limit > 0 and now - st.refused_at < QUOTA_MEMORY:
@@ -230,7 +238,7 @@ def decide(st: State, s: Sample, *, now: float, interval: float, ceiling: int) -
         new.reason = reason
         new.changed_at = now
         mean_latency = latency_sum / answered if answered else new.floor()
-        new.settle_until = now + 1.2 * max(mean_latency, INTERVAL)
+        new.settle_until = now + max(mean_latency, INTERVAL) + INTERVAL
     return new, changed
 
 
