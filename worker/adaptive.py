@@ -21,7 +21,7 @@ Vegas, with AIMD's cut for explicit overload:
   estimate of the calls waiting at the server, ``in flight x (1 - 1 / ratio)``;
 - 429, 503 or a timeout: cut to 0.7 (AIMD's multiplicative decrease); a stated Retry-After also
   pauses the fleet's new calls until then;
-- ``queued`` above beta (30 % of the limit, at least 4): the limit becomes ``limit / ratio``,
+- ``queued`` above beta (30 % of the limit, at least 3): the limit becomes ``limit / ratio``,
   the concurrency at which the endpoint answers at its floor (Gradient2's ``limit x
   gradient``), plus alpha, at most halving it;
 - ``queued`` below alpha (10 % of the limit, at least 2) and the limit in use (calls waited for
@@ -54,7 +54,7 @@ INITIAL_LIMIT = 4.0
 # the limit grows, above beta it is cut, between them it stays. A few queued calls keep a batch
 # server full across the gap between one call's answer and the next call's arrival.
 ALPHA, ALPHA_MIN = 0.10, 2.0  # of the limit, at least
-BETA, BETA_MIN = 0.30, 4.0
+BETA, BETA_MIN = 0.30, 3.0
 USED_TO_GROW = 0.8  # the limit grows only while it is in use
 CUT = 0.7  # multiplicative decrease on 429 / 503 / timeouts
 QUOTA_MEMORY = 60.0  # seconds a refusal (429 / 503) caps the growth
