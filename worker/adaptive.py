@@ -229,7 +229,8 @@ def decide(st: State, s: Sample, *, now: float, interval: float, ceiling: int) -
             # long): stay below it, and creep up by one, until that is forgotten.
             limit = min(limit, st.limit + 1.0, max(st.limit, QUOTA_MARGIN * st.refused_limit))
         reason = f"latency {ratio:.2f}x its floor with the limit in use" + (" (slow start)" if st.slow_start else "")
-    limit = min(float(ceiling), limit)
+    if limit > ceiling:  # a ceiling lowered since, or below the start value
+        limit, reason = float(ceiling), reason or f"max_concurrency_ceiling {ceiling}"
     changed = int(limit) != int(st.limit)
     if reason and limit != st.limit:
         if limit < st.limit:

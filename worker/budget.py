@@ -263,7 +263,7 @@ class FleetBudget:
         while True:
             got = self._acquire(keys=[self._leases, _stats_key(self.endpoint, "calls"), self._state, *levels],
                                 args=[self.lease_seconds, self.max_concurrency, token, STATS_TTL, level,
-                                      entry_seconds, adaptive.INITIAL_LIMIT])
+                                      entry_seconds, min(adaptive.INITIAL_LIMIT, self.ceiling)])
             if got == 1:
                 break
             if waited is False and got == 0 and self.controller is not None:

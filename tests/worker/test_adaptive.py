@@ -97,6 +97,11 @@ def test_the_limit_stays_within_the_ceiling():
     assert new.limit == 120
 
 
+def test_a_ceiling_below_the_limit_brings_it_down_at_the_next_update():
+    new, changed = decide(State(limit=4), Sample(), now=1, interval=1, ceiling=2)
+    assert changed and new.limit == 2 and "ceiling" in new.reason
+
+
 def test_floors_are_per_step_and_drift_up_slowly():
     st = State(limit=10, floors={"a": 1.0, "b": 4.0})
     # Both steps at their own floors: no queueing, though b's calls are 4x slower than a's.
