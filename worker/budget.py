@@ -53,13 +53,16 @@ log = logging.getLogger("refexp.worker")
 # owed to the waiters of better levels first: a caller gets one only if more slots are free than
 # there are waiters ahead of it, and a release wakes the first level that has waiters.
 # Shared Lua: whether any level has a waiter entry (one EXISTS: the scripts skip the levels when
-# none has, which is every call while threads do not outnumber slots); prune a level's lapsed
-# waiters and count it; wake the first level with waiters.
+# none has, which is every call while threads do not outnumber slots); count a level's live
+# waiters (one ZCOUNT; lapsed entries, left by a killed waiter, are pruned when a waiter
+# registers at that level, or go with the key a minute after the last one); wake the first
+# level with waiters.
 # KEYS layout of both scripts after their own keys: waiters_1..waiters_n, wake_1..wake_n.
 _LEVELS = """
 local function waiting(k, now)
-  redis.call('ZREMRANGEBYSCORE', k, '-inf', now)
-  return redis.call('ZCARD', k)
+  -- Live entries only (scored by when they lapse): one ZCOUNT, no pruning on every look. A
+  -- level's lapsed entries are pruned when a waiter registers there.
+  return redis.call('ZCOUNT', k, '(' .. now, '+inf')
 end
 local function anyone_waiting(base, n)
   local keys = {}
@@ -125,6 +128,7 @@ if free > ahead then
   end
   return 1
 end
+redis.call('ZREMRANGEBYSCORE', mine, '-inf', now)
 redis.call('ZADD', mine, now + tonumber(ARGV[6]), ARGV[3])
 redis.call('EXPIRE', mine, math.ceil(tonumber(ARGV[6])) + 60)
 if free > 0 then
