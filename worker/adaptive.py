@@ -30,7 +30,9 @@ Vegas, with AIMD's cut for explicit overload:
 - after a change nothing is decided on latency until the calls started under the new limit
   have come back (``settle``: a latency and an interval), so one queue is not cut twice;
 - for a minute after a 429 or 503 (a quota's window is a minute) the limit grows by one at a
-  time and stays below 0.9 of the limit refused at, so it does not walk back into the quota.
+  time up to the quota's concurrency: 0.9 x the rate the endpoint accepted over the last minute
+  (an average over about a minute of answered calls per second) x the latency (Little's law),
+  so the fleet runs under a per-minute quota instead of walking back into it.
 """
 
 from __future__ import annotations
@@ -58,7 +60,8 @@ BETA, BETA_MIN = 0.30, 3.0
 USED_TO_GROW = 0.8  # the limit grows only while it is in use
 CUT = 0.7  # multiplicative decrease on 429 / 503 / timeouts
 QUOTA_MEMORY = 60.0  # seconds a refusal (429 / 503) caps the growth
-QUOTA_MARGIN = 0.9  # of the limit refused at
+QUOTA_MARGIN = 0.9  # of the rate the endpoint accepted
+RATE_WINDOW = 60.0  # seconds of the accepted-rate average (a quota's window)
 MAX_STEP_CUT = 0.5  # a latency-driven cut keeps at least this much of the limit
 FLOOR_DRIFT = 0.002  # per update, towards the latency seen (about 11 % a minute)
 MIN_CALLS_FOR_FLOOR = 3
@@ -149,14 +152,16 @@ class State:
     pause_until: float = 0.0
     reason: str = "start"
     refused_at: float = 0.0  # when the endpoint last refused (429 / 503): a quota is near
-    refused_limit: float = 0.0  # the limit it refused at
+    refused_limit: float = 0.0  # the concurrency the accepted rate allows, set at a refusal
+    rate: float = 0.0  # answered calls per second, averaged over about RATE_WINDOW
     changed_at: float = 0.0
 
     def to_redis(self) -> dict[str, str]:
         return {"limit": f"{self.limit:.3f}", "floors": json.dumps(self.floors), "slow_start": int(self.slow_start),
                 "settle_until": f"{self.settle_until:.3f}", "pause_until": f"{self.pause_until:.3f}",
                 "reason": self.reason, "changed_at": f"{self.changed_at:.3f}",
-                "refused_at": f"{self.refused_at:.3f}", "refused_limit": f"{self.refused_limit:.3f}"}
+                "refused_at": f"{self.refused_at:.3f}", "refused_limit": f"{self.refused_limit:.3f}",
+                "rate": f"{self.rate:.3f}"}
 
     @classmethod
     def from_redis(cls, h: dict) -> State:
@@ -168,7 +173,7 @@ class State:
                    slow_start=g.get("slow_start", "1") == "1", settle_until=float(g.get("settle_until") or 0),
                    pause_until=float(g.get("pause_until") or 0), reason=g.get("reason", ""),
                    changed_at=float(g.get("changed_at") or 0), refused_at=float(g.get("refused_at") or 0),
-                   refused_limit=float(g.get("refused_limit") or 0))
+                   refused_limit=float(g.get("refused_limit") or 0), rate=float(g.get("rate") or 0))
 
     def floor(self) -> float:
         """The floor shown to users: the lowest of the steps' floors (0 before any call)."""
@@ -181,6 +186,7 @@ def decide(st: State, s: Sample, *, now: float, interval: float, ceiling: int) -
     answered = sum(n for n, _ in s.steps.values())
     latency_sum = sum(t for _, t in s.steps.values())
     used = latency_sum / max(interval, 0.1)
+    new.rate += (answered / max(interval, 0.1) - new.rate) * min(1.0, interval / RATE_WINDOW)
     # Latency against each step's floor, weighted by calls.
     weighted = 0.0
     for step, (n, total) in s.steps.items():
@@ -204,7 +210,8 @@ def decide(st: State, s: Sample, *, now: float, interval: float, ceiling: int) -
     if s.r429 or s.r503:
         new.refused_at = now
         if now >= st.settle_until:  # later refusals of calls sent before the cut keep the level
-            new.refused_limit = st.limit
+            mean = latency_sum / answered if answered else new.floor() or 1.0
+            new.refused_limit = max(1.0, QUOTA_MARGIN * new.rate * mean)
     # What was in flight: the limit when in use, else what was used (a limit nobody fills says
     # nothing about the endpoint); of it, Vegas's estimate of the calls queued at the server.
     base = st.limit if in_use else min(st.limit, used)
@@ -214,6 +221,8 @@ def decide(st: State, s: Sample, *, now: float, interval: float, ceiling: int) -
     if overload and now >= st.settle_until:
         parts = [f"{n} {w}" for n, w in ((s.r429, "429"), (s.r503, "503"), (s.timeouts, "timeouts")) if n]
         limit = max(1.0, st.limit * CUT)
+        if s.r429 or s.r503:  # down to the quota's concurrency, at most halving per step
+            limit = max(1.0, min(limit, max(new.refused_limit, st.limit * MAX_STEP_CUT)))
         reason = ", ".join(parts) + (f" (Retry-After {s.retry_after:g} s)" if s.retry_after else "")
     elif ratio is not None and queued > beta and now >= st.settle_until:
         # The concurrency that would see the floor (Gradient2's limit x gradient), plus alpha
@@ -225,9 +234,10 @@ def decide(st: State, s: Sample, *, now: float, interval: float, ceiling: int) -
           and now >= st.settle_until and st.limit < ceiling):
         limit = st.limit * 2 if st.slow_start else st.limit + max(1.0, math.sqrt(st.limit) / 2)
         if st.refused_limit > 0 and now - st.refused_at < QUOTA_MEMORY:
-            # The endpoint refused at refused_limit a moment ago (a quota: its window is a minute
-            # long): stay below it, and creep up by one, until that is forgotten.
-            limit = min(limit, st.limit + 1.0, max(st.limit, QUOTA_MARGIN * st.refused_limit))
+            # The endpoint refused a moment ago (a quota: its window is a minute long): stay
+            # within the concurrency its accepted rate allows, creeping up by one, until that
+            # is forgotten; then probe again.
+            limit = min(limit, st.limit + 1.0, max(st.limit, st.refused_limit))
         reason = f"latency {ratio:.2f}x its floor with the limit in use" + (" (slow start)" if st.slow_start else "")
     if limit > ceiling:  # a ceiling lowered since, or below the start value
         limit, reason = float(ceiling), reason or f"max_concurrency_ceiling {ceiling}"
@@ -289,6 +299,10 @@ class Controller:
         self._push = client.register_script(_PUSH)
         self._write = client.register_script(_WRITE)
         self._flushing = threading.Lock()
+        self._next = 0.0
+
+    def force_next(self) -> None:
+        """Push at the next chance, without waiting for the interval (a stated Retry-After)."""
         self._next = 0.0
 
     def maybe_flush(self, *, force: bool = False) -> None:

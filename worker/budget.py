@@ -239,6 +239,7 @@ class FleetBudget:
         self._release = client.register_script(_RELEASE)
         self._in_flight = client.register_script(_IN_FLIGHT)
         self.controller: adaptive.Controller | None = None
+        self._paused_until = 0.0  # monotonic: this process's pause for a stated Retry-After (auto)
         if self.auto:
             self.controller = adaptive.Controller(
                 client, samples_key=_key(self.endpoint, "samples"), state_key=self._state,
@@ -257,6 +258,8 @@ class FleetBudget:
         A call that times out (``TimedOut``) keeps its slot a while longer: the server is
         likely still working on it (``abandoned_hold``)."""
         self._wait_rate()
+        while (left := self._paused_until - time.monotonic()) > 0:
+            time.sleep(min(left, self.wait_poll) * (0.5 + random.random() / 2))
         token = uuid.uuid4().hex
         level = level_of(step)
         levels = [*self._waiters, *self._wakes]
@@ -289,6 +292,12 @@ class FleetBudget:
             raise
         except RateLimited as exc:
             self._note("429", exc.retry_after)
+            if self.controller is not None and exc.retry_after:
+                # This process stops at once; the fleet at the push below, not a second later.
+                until = time.monotonic() + float(exc.retry_after)
+                if until > self._paused_until + 0.5:
+                    self._paused_until = until
+                    self.controller.force_next()
             raise
         except ClientError as exc:
             if exc.status == 503:

@@ -71,8 +71,12 @@ def test_no_second_cut_before_the_first_one_settled():
 def test_429s_and_timeouts_cut_multiplicatively_and_retry_after_pauses_the_fleet():
     st = State(limit=20, floors={"s": 1.0}, slow_start=False)
     new, changed = decide(st, sample(20, 1.0, r429=3, retry_after=7), now=100, interval=1.0, ceiling=256)
-    assert changed and new.limit == pytest.approx(14) and "3 429" in new.reason and "Retry-After 7" in new.reason
+    # A 429 cuts to the concurrency the accepted rate allows (little accepted yet), at most halving.
+    assert changed and new.limit == pytest.approx(10) and "3 429" in new.reason and "Retry-After 7" in new.reason
     assert new.pause_until == 107
+    warm = State(limit=20, floors={"s": 1.0}, slow_start=False, rate=12.0)
+    new, _ = decide(warm, sample(12, 1.0, r429=1), now=100, interval=1.0, ceiling=256)
+    assert new.limit == pytest.approx(0.9 * 12, rel=0.01) and new.refused_limit == new.limit
     new, _ = decide(State(limit=20, floors={"s": 1.0}), Sample(timeouts=2), now=1, interval=1, ceiling=256)
     assert new.limit == pytest.approx(14) and new.reason == "2 timeouts" and not new.slow_start
     new, _ = decide(State(limit=1.2), Sample(timeouts=1), now=1, interval=1, ceiling=256)
@@ -80,9 +84,9 @@ def test_429s_and_timeouts_cut_multiplicatively_and_retry_after_pauses_the_fleet
 
 
 def test_after_a_429_the_limit_creeps_back_below_the_level_refused_for_a_minute():
-    st = State(limit=30, floors={"s": 1.0}, slow_start=False)
+    st = State(limit=30, floors={"s": 1.0}, slow_start=False, rate=30.0)
     st, _ = decide(st, sample(30, 1.0, r429=2), now=100, interval=1, ceiling=256)
-    assert st.limit == pytest.approx(21) and st.refused_limit == 30
+    assert st.limit == pytest.approx(21) and st.refused_limit == pytest.approx(27)
     limits = []
     for t in range(102, 140, 2):
         st, _ = decide(st, sample(int(st.limit), 1.0, waited=5), now=t, interval=1, ceiling=256)
