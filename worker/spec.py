@@ -14,7 +14,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
 from worker.errors import ConfigError
 from worker.kitti import MAX_BOXES_PER_IMAGE
@@ -56,8 +57,27 @@ BoxFormat = Annotated[Literal["auto", "xyxy_1000", "yxyx_1000", "xyxy_pixels", "
                       _word()]
 OutputFormat = Annotated[Literal["jsonl", "legacy", "both"], _word()]
 Temperature = Annotated[float, Field(ge=0, le=2)]
+
+
+def _max_concurrency(value: Any) -> int | str:
+    """A number of calls (at least 1) or ``auto``, with one error that says both (a union type
+    reported one error per member, under member names users never typed)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    if isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:
+            n = int(value)
+        except ValueError:
+            n = None
+        if n is not None:
+            if n < 1:
+                raise PydanticCustomError("greater_than_equal", "Input should be greater than or equal to 1, or auto")
+            return n
+    raise PydanticCustomError("int_or_auto", "Input should be a number of calls (at least 1) or auto")
+
+
 #: A fixed number of calls in flight, or ``auto``: the fleet's controller finds it (worker/adaptive.py).
-MaxConcurrency = Annotated[Literal["auto"] | Annotated[int, Field(ge=1)], _word()]
+MaxConcurrency = Annotated[int | Literal["auto"], PlainValidator(_max_concurrency)]
 Timeout = Annotated[float, Field(gt=0, le=MAX_TIMEOUT_S, description="Seconds per VLM call.")]
 
 

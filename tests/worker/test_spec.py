@@ -407,3 +407,17 @@ def test_downscale_to_pixels_is_off_by_default_and_checked():
         load_spec(None, [f"{key}=1M"])
     with pytest.raises(ConfigError, match=r"must be 0 \(off\)"):
         load_spec(None, [f"{key}=-1"])
+
+
+def test_max_concurrency_is_a_number_or_auto_with_one_clear_error():
+    import re
+
+    from worker.spec import VLMSpec
+
+    assert VLMSpec(max_concurrency="AUTO").max_concurrency == "auto"
+    assert VLMSpec(max_concurrency="24").max_concurrency == 24
+    assert VLMSpec().max_concurrency_ceiling == 256
+    for bad, says in ((0, "greater than or equal to 1, or auto"), ("lots", "a number of calls (at least 1) or auto"),
+                      (2.5, "a number of calls"), (True, "a number of calls")):
+        with pytest.raises(ValueError, match=re.escape(says)):
+            VLMSpec(max_concurrency=bad)
