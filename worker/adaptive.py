@@ -307,7 +307,7 @@ class Controller:
 
     def maybe_flush(self, *, force: bool = False) -> None:
         """Push this process's sample if ``interval`` has passed (one thread at a time, the
-        others go on). Redis errors lose the sample, never the call."""
+        others go on). Errors lose the sample, never the call."""
         now = time.monotonic()
         if (now < self._next and not force) or not self._flushing.acquire(blocking=False):
             return
@@ -316,6 +316,8 @@ class Controller:
             self.flush()
         except redis.exceptions.RedisError as exc:
             log.warning("adaptive concurrency: could not push samples (%s: %s)", type(exc).__name__, exc)
+        except Exception:  # a bug here must not cost the answer of the call that just ended
+            log.exception("adaptive concurrency: the controller's update failed")
         finally:
             self._flushing.release()
 
