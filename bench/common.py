@@ -384,7 +384,7 @@ def producer_run(env: dict[str, str], *args: str, timeout: float = 600) -> subpr
 
 
 def spec_args(*, backend: str, fake: Fake | None, results: Path, images: Path | None = None,
-              labels: Path | None = None, concurrency: int = 32, extra: tuple[str, ...] = ()) -> list[str]:
+              labels: Path | None = None, concurrency: int | str = 32, extra: tuple[str, ...] = ()) -> list[str]:
     """Spec overrides for a run against the fake endpoint (openai protocol, no key)."""
     p = "image_referring_expression"
     args = [f"{p}.vlm.backend={backend}", f"{p}.vlm.max_concurrency={concurrency}"]

@@ -154,7 +154,8 @@ def _first_key(name: str, args: list[str]) -> str:
 
 
 def one_run(url: str, *, images_dir: Path, labels_dir: Path, results: Path, backend: str, fake, n_workers: int,
-            threads: int, events: bool, monitor: bool, logdir: Path, deadline: Deadline) -> dict:
+            threads: int, events: bool, monitor: bool, logdir: Path, deadline: Deadline,
+            concurrency: int | str = 32) -> dict:
     r = redis_client(url)
     r.flushall()
     shutil.rmtree(results, ignore_errors=True)
@@ -165,7 +166,7 @@ def one_run(url: str, *, images_dir: Path, labels_dir: Path, results: Path, back
         cmd0, reads0 = _commandstats(r), _reads(r)
         t0 = time.monotonic()
         args = spec_args(backend=backend, fake=fake if backend == "openai" else None, results=results,
-                         images=images_dir, labels=labels_dir)
+                         images=images_dir, labels=labels_dir, concurrency=concurrency)
         producer_run(env, "enqueue", *args, "--max-inflight", "1000000", timeout=max(10, deadline.left()))
         rid = run_id(results)
         polls = 0
@@ -270,10 +271,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/refexp-bench"))
     ap.add_argument("--timeout", type=float, default=170)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--concurrency", default="32", help="vlm.max_concurrency: a number or auto")
     a = ap.parse_args(argv)
     deadline = Deadline(a.timeout)
     m = banner("bench.redis_cost: Redis commands per task and bytes per finished image-step", images=a.images,
-               backend=a.backend, layout=a.layout, events=a.events, monitor=a.monitor)
+               backend=a.backend, layout=a.layout, events=a.events, monitor=a.monitor,
+               concurrency=a.concurrency)
     images_dir, labels_dir = make_dataset(a.workdir / f"data-small-{a.images}", a.images, fmt="small")
     n_workers, threads = (int(x) for x in a.layout.lower().split("x"))
     runs = []
@@ -283,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
             res = one_run(url, images_dir=images_dir, labels_dir=labels_dir,
                           results=a.workdir / f"results-redis-cost-{int(events)}", backend=a.backend, fake=fake,
                           n_workers=n_workers, threads=threads, events=events, monitor=a.monitor,
-                          logdir=a.workdir / "logs", deadline=deadline)
+                          logdir=a.workdir / "logs", deadline=deadline, concurrency=a.concurrency)
             report(res)
             runs.append(res)
             ok = ok and res["settled"]

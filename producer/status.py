@@ -8,7 +8,7 @@ import time
 from producer.outage import redact
 from producer.seed import iter_seed
 from producer.usage import format_usage, run_prices, usage_summary
-from worker.budget import budget_stats
+from worker.budget import budget_stats, controller_state
 from worker.keys import run_key
 from worker.layout import Layout
 from worker.runstate import BATCH_USAGE_FIELDS, USAGE_FIELDS, RunState
@@ -22,6 +22,12 @@ class RunNotInRedis(Exception):
     def __init__(self, run_id: str):
         super().__init__(f"Redis holds nothing for run {run_id}")
         self.run_id = run_id
+
+
+def _redis_now(state: RunState) -> float:
+    """Redis's clock: the controller's times are in it, not in this host's."""
+    sec, usec = state.r.time()
+    return sec + usec / 1e6
 
 
 def status(state: RunState) -> dict:
@@ -63,6 +69,10 @@ def status(state: RunState) -> dict:
     }
     if meta.get("endpoint"):
         result["budget"] = {"endpoint": meta["endpoint"], **budget_stats(state.r, meta["endpoint"])}
+        auto = controller_state(state.r, meta["endpoint"])
+        if auto is not None:  # vlm.max_concurrency: auto has run for this endpoint
+            auto["changed_s_ago"] = round(max(0.0, _redis_now(state) - auto["changed_at"]), 1)
+            result["budget"]["auto"] = auto
     counted = state.usage()
     if counted:
         per_step = {}
@@ -214,6 +224,10 @@ def format_status(st: dict) -> str:
         b = st["budget"]
         lines.append(f"  endpoint {b['endpoint']}: {b['in_flight']} calls in flight, "
                      f"~{b['calls_per_minute']} calls/min, ~{b['rate_limited_per_minute']} 429s/min (last 60 s)")
+        if "auto" in b:
+            a = b["auto"]
+            lines.append(f"  concurrency (auto): limit {a['limit']}, latency floor {a['floor_s']:.2f} s; "
+                         f"last change {a['changed_s_ago']:.0f} s ago: {a['reason']}")
     if st.get("batch"):
         lines += format_batch(st["batch"])
     if st.get("usage"):

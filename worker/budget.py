@@ -37,7 +37,9 @@ from limits import RateLimitItemPerMinute
 from limits.storage import storage_from_string
 from limits.strategies import SlidingWindowCounterRateLimiter
 
+from worker import adaptive
 from worker.clients.factory import GEMINI_DEFAULT_BASE_URL, OPENAI_DEFAULT_BASE_URL
+from worker.errors import ClientError, RateLimited, TimedOut
 from worker.keys import PRIORITY_STEPS
 from worker.keys import budget_key as _key
 from worker.spec import VLMSpec
@@ -51,13 +53,16 @@ log = logging.getLogger("refexp.worker")
 # owed to the waiters of better levels first: a caller gets one only if more slots are free than
 # there are waiters ahead of it, and a release wakes the first level that has waiters.
 # Shared Lua: whether any level has a waiter entry (one EXISTS: the scripts skip the levels when
-# none has, which is every call while threads do not outnumber slots); prune a level's lapsed
-# waiters and count it; wake the first level with waiters.
+# none has, which is every call while threads do not outnumber slots); count a level's live
+# waiters (one ZCOUNT; lapsed entries, left by a killed waiter, are pruned when a waiter
+# registers at that level, or go with the key a minute after the last one); wake the first
+# level with waiters.
 # KEYS layout of both scripts after their own keys: waiters_1..waiters_n, wake_1..wake_n.
 _LEVELS = """
 local function waiting(k, now)
-  redis.call('ZREMRANGEBYSCORE', k, '-inf', now)
-  return redis.call('ZCARD', k)
+  -- Live entries only (scored by when they lapse): one ZCOUNT, no pruning on every look. A
+  -- level's lapsed entries are pruned when a waiter registers there.
+  return redis.call('ZCOUNT', k, '(' .. now, '+inf')
 end
 local function anyone_waiting(base, n)
   local keys = {}
@@ -78,51 +83,73 @@ local function wake_first(base, n, now, maxc)
   end
 end
 """
-# KEYS: leases, this minute's call counter, the levels. ARGV: lease seconds, max concurrency,
-# token, stats TTL, the caller's level (1-based), waiter entry seconds.
+# KEYS: leases, this minute's call counter, the controller's state (worker/adaptive.py), the
+# levels. ARGV: lease seconds, max concurrency (0 = auto: the controller's limit, ARGV[7] until
+# it has one), token, stats TTL, the caller's level (1-based), waiter entry seconds, the initial
+# limit. Returns 1 (a slot), 0 (wait to be woken) or, while the controller pauses the fleet for a
+# stated Retry-After, minus the milliseconds left.
 _ACQUIRE = _LEVELS + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
-local n = (#KEYS - 2) / 2
+local n = (#KEYS - 3) / 2
 local maxc = tonumber(ARGV[2])
 local me = tonumber(ARGV[5])
+if maxc == 0 then
+  local ctl = redis.call('HMGET', KEYS[3], 'limit', 'pause_until')
+  maxc = math.max(1, math.floor(tonumber(ctl[1] or ARGV[7])))
+  local pause = tonumber(ctl[2] or '0')
+  if pause > now then
+    return -math.ceil((pause - now) * 1000)
+  end
+end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local free = maxc - redis.call('ZCARD', KEYS[1])
 -- Nobody waiting (the usual case): one EXISTS instead of pruning and counting every level.
-local anyone = anyone_waiting(2, n)
+local anyone = anyone_waiting(3, n)
 local ahead = 0
 if anyone then
   for i = 1, me - 1 do
-    ahead = ahead + waiting(KEYS[2 + i], now)
+    ahead = ahead + waiting(KEYS[3 + i], now)
   end
 end
-local mine = KEYS[2 + me]
+local mine = KEYS[3 + me]
 if free > ahead then
   redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[3])
   redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[1])) + 60)
-  redis.call('INCR', KEYS[2])
-  redis.call('EXPIRE', KEYS[2], tonumber(ARGV[4]))
+  -- The minute's counter is a new key each minute: its TTL is set once, when it is made.
+  if redis.call('INCR', KEYS[2]) == 1 then
+    redis.call('EXPIRE', KEYS[2], tonumber(ARGV[4]))
+  end
   if anyone then
     redis.call('ZREM', mine, ARGV[3])
     if free > 1 then
-      wake_first(2, n, now, maxc)
+      wake_first(3, n, now, maxc)
     end
   end
   return 1
 end
+redis.call('ZREMRANGEBYSCORE', mine, '-inf', now)
 redis.call('ZADD', mine, now + tonumber(ARGV[6]), ARGV[3])
 redis.call('EXPIRE', mine, math.ceil(tonumber(ARGV[6])) + 60)
 if free > 0 then
-  wake_first(2, n, now, maxc)
+  wake_first(3, n, now, maxc)
 end
 return 0
 """
-# KEYS: leases, the levels. ARGV: token, max concurrency. A lease that already expired (and may
-# have been reclaimed) wakes nobody: its slot was handed on when it was found expired. With
-# nobody waiting, nothing is pushed (a waiter registers in the same script that refuses it, so
-# a release always sees it).
+# KEYS: leases, the levels. ARGV: token, max concurrency (the wake lists' cap), hold seconds. A
+# lease that already expired (and may have been reclaimed) wakes nobody: its slot was handed on
+# when it was found expired. With nobody waiting, nothing is pushed (a waiter registers in the
+# same script that refuses it, so a release always sees it). A call the client abandoned (a
+# timeout) is not released but held `hold` seconds more (only if its lease is still there):
+# the server is likely still working on it.
 _RELEASE = _LEVELS + """
 local n = (#KEYS - 1) / 2
+local hold = tonumber(ARGV[3])
+if hold > 0 then
+  local t = redis.call('TIME')
+  redis.call('ZADD', KEYS[1], 'XX', tonumber(t[1]) + tonumber(t[2]) / 1e6 + hold, ARGV[1])
+  return 0
+end
 if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 and anyone_waiting(1, n) then
   local t = redis.call('TIME')
   local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
@@ -177,7 +204,11 @@ def _stats_key(endpoint: str, what: str) -> str:
 
 
 class FleetBudget:
-    """Waits for a fleet-wide slot before each VLM call and counts calls and 429s per minute."""
+    """Waits for a fleet-wide slot before each VLM call and counts calls and 429s per minute.
+
+    ``max_concurrency`` is a number, or ``"auto"``: the fleet's controller (worker/adaptive.py)
+    sets the limit, at most ``ceiling``, from the samples every process pushes once a second.
+    """
 
     def __init__(
         self,
@@ -185,22 +216,34 @@ class FleetBudget:
         redis_url: str,
         *,
         endpoint_key: str,
-        max_concurrency: int,
+        max_concurrency: int | str,
         requests_per_minute: int,
         lease_seconds: float,
         wait_poll: int = WAIT_POLL,
+        ceiling: int = 256,
+        controller_interval: float = adaptive.INTERVAL,
     ):
         self.r = client
         self.endpoint = endpoint_id(endpoint_key)
-        self.max_concurrency = max_concurrency
+        self.auto = max_concurrency == "auto"
+        # 0 tells the acquire script to read the controller's limit.
+        self.max_concurrency = 0 if self.auto else int(max_concurrency)
+        self.ceiling = ceiling
         self.lease_seconds = lease_seconds
         self.wait_poll = wait_poll
         self._leases = _key(self.endpoint, "leases")
+        self._state = _key(self.endpoint, "ctl")
         self._waiters = [_key(self.endpoint, "waiters", p) for p in LEVELS]
         self._wakes = [_key(self.endpoint, "wake", p) for p in LEVELS]
         self._acquire = client.register_script(_ACQUIRE)
         self._release = client.register_script(_RELEASE)
         self._in_flight = client.register_script(_IN_FLIGHT)
+        self.controller: adaptive.Controller | None = None
+        self._paused_until = 0.0  # monotonic: this process's pause for a stated Retry-After (auto)
+        if self.auto:
+            self.controller = adaptive.Controller(
+                client, samples_key=_key(self.endpoint, "samples"), state_key=self._state,
+                ceiling=ceiling, label=endpoint_key, interval=controller_interval)
         self._limiter = None
         if requests_per_minute > 0:
             self._limiter = SlidingWindowCounterRateLimiter(storage_from_string(redis_url))
@@ -210,30 +253,85 @@ class FleetBudget:
     def slot(self, step: str = "") -> Iterator[None]:
         """Hold one of the endpoint's concurrency slots (and one rate token) for one call made
         for ``step`` (a step name): while slots are short, a later step's waiting call gets the
-        next free one before a head step's (the order the queue serves messages in)."""
+        next free one before a head step's (the order the queue serves messages in).
+
+        A call that times out (``TimedOut``) keeps its slot a while longer: the server is
+        likely still working on it (``abandoned_hold``)."""
         self._wait_rate()
+        while (left := self._paused_until - time.monotonic()) > 0:
+            time.sleep(min(left, self.wait_poll) * (0.5 + random.random() / 2))
         token = uuid.uuid4().hex
         level = level_of(step)
         levels = [*self._waiters, *self._wakes]
         # A waiter's entry lapses unless its next try refreshes it: a waiter that died holds
         # no slot back from the levels behind it for longer than this.
         entry_seconds = 2 * self.wait_poll + 2
-        while not self._acquire(keys=[self._leases, _stats_key(self.endpoint, "calls"), *levels],
+        waited = False
+        while True:
+            got = self._acquire(keys=[self._leases, _stats_key(self.endpoint, "calls"), self._state, *levels],
                                 args=[self.lease_seconds, self.max_concurrency, token, STATS_TTL, level,
-                                      entry_seconds]):
+                                      entry_seconds, min(adaptive.INITIAL_LIMIT, self.ceiling)])
+            if got == 1:
+                break
+            if waited is False and got == 0 and self.controller is not None:
+                self.controller.sampler.waited()  # demand is above the limit: it may grow
+            waited = waited or got == 0
+            if got < 0:  # the fleet is paused for a Retry-After the endpoint stated
+                time.sleep(min(-got / 1000, self.wait_poll) * (0.5 + random.random() / 2))
+                continue
             # A wake token left for a waiter of our level that has gone wakes us at once: one
             # more try, no harm.
             self.r.blpop([self._wakes[level - 1]], timeout=self.wait_poll)
+        started = time.monotonic()
+        hold = 0.0
         try:
             yield
+        except TimedOut:
+            hold = self.abandoned_hold(time.monotonic() - started)
+            self._note("timeout")
+            raise
+        except RateLimited as exc:
+            self._note("429", exc.retry_after)
+            if self.controller is not None and exc.retry_after:
+                # This process stops at once; the fleet at the push below, not a second later.
+                until = time.monotonic() + float(exc.retry_after)
+                if until > self._paused_until + 0.5:
+                    self._paused_until = until
+                    self.controller.force_next()
+            raise
+        except ClientError as exc:
+            if exc.status == 503:
+                self._note("503", exc.retry_after)
+            raise
+        else:
+            if self.controller is not None:
+                self.controller.sampler.answered(step, time.monotonic() - started)
         finally:
             try:
-                self._release(keys=[self._leases, *levels], args=[token, self.max_concurrency])
+                self._release(keys=[self._leases, *levels],
+                              args=[token, self.max_concurrency or self.ceiling, hold])
             except redis.exceptions.RedisError as exc:
                 # The call is made and paid for: its answer must not be lost because Redis is
                 # unusable right now. The slot frees itself when its lease runs out.
                 log.warning("could not release a budget slot (%s: %s); it frees itself within %.0f s",
                             type(exc).__name__, exc, self.lease_seconds)
+            if self.controller is not None:
+                self.controller.maybe_flush()
+
+    def abandoned_hold(self, elapsed: float) -> float:
+        """Seconds a timed-out call keeps its slot after the client gave up.
+
+        All we know is that the server had the call for ``elapsed`` seconds and had not
+        answered: its latency is at least that. Assuming it needs as long again (doubling, the
+        usual guess when only a lower bound is known) covers the common case of a queue that
+        made every call somewhat slower than the timeout (the issue's 8 s calls against a 5 s
+        timeout); the hold never outlasts the call's own lease.
+        """
+        return max(0.0, min(elapsed, self.lease_seconds - elapsed))
+
+    def _note(self, kind: str, retry_after: float | None = None) -> None:
+        if self.controller is not None:
+            self.controller.sampler.overloaded(kind, retry_after)
 
     def _wait_rate(self) -> None:
         if self._limiter is None:
@@ -254,6 +352,11 @@ class FleetBudget:
 
     def note_rate_limited(self) -> None:
         self._count("429")
+
+
+def controller_state(client: redis.Redis, endpoint_key: str) -> dict | None:
+    """The ``auto`` controller's limit, latency floor and last reason (None: it never ran)."""
+    return adaptive.read_state(client, _key(endpoint_id(endpoint_key), "ctl"))
 
 
 def budget_stats(client: redis.Redis, endpoint_key: str) -> dict[str, int]:

@@ -119,6 +119,7 @@ def get_context(run_ref: str) -> RunContext:
             max_concurrency=vlm.max_concurrency,
             requests_per_minute=vlm.requests_per_minute,
             lease_seconds=float(timeout) + 30.0,
+            ceiling=vlm.max_concurrency_ceiling,
         )
         ctx = RunContext(
             run_id=run_id,

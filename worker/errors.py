@@ -33,6 +33,11 @@ class RateLimited(ClientError):
     """HTTP 429 / RESOURCE_EXHAUSTED; ``retry_after`` holds the server's hint when it gave one."""
 
 
+class TimedOut(ClientError):
+    """No answer within the client's timeout. The server may still be working on the call: the
+    fleet budget keeps its slot for a while and counts it as a sign of overload."""
+
+
 class EmptyAnswer(ClientError):
     """The model returned no text (blocked, empty candidates); a new sample may succeed."""
 

@@ -14,7 +14,17 @@ from typing import Annotated, Any, Literal
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from worker.errors import ConfigError
 from worker.kitti import MAX_BOXES_PER_IMAGE
@@ -59,6 +69,27 @@ OutputFormat = Annotated[Literal["jsonl", "legacy", "both"], _word()]
 #: fingerprint differs from what the spec would send now (changed), or every one (all).
 Reprocess = Annotated[Literal["missing", "changed", "all"], _word()]
 Temperature = Annotated[float, Field(ge=0, le=2)]
+
+
+def _max_concurrency(value: Any) -> int | str:
+    """A number of calls (at least 1) or ``auto``, with one error that says both (a union type
+    reported one error per member, under member names users never typed)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    if isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:
+            n = int(value)
+        except ValueError:
+            n = None
+        if n is not None:
+            if n < 1:
+                raise PydanticCustomError("greater_than_equal", "Input should be greater than or equal to 1, or auto")
+            return n
+    raise PydanticCustomError("int_or_auto", "Input should be a number of calls (at least 1) or auto")
+
+
+#: A fixed number of calls in flight, or ``auto``: the fleet's controller finds it (worker/adaptive.py).
+MaxConcurrency = Annotated[int | Literal["auto"], PlainValidator(_max_concurrency)]
 Timeout = Annotated[float, Field(gt=0, le=MAX_TIMEOUT_S, description="Seconds per VLM call.")]
 
 
@@ -135,7 +166,11 @@ class VLMSpec(_Strict):
     gemini: GeminiSpec = GeminiSpec()
     openai: OpenAISpec = OpenAISpec()
     # refexp additions
-    max_concurrency: int = Field(16, ge=1, description="Fleet-wide VLM calls in flight per endpoint.")
+    max_concurrency: MaxConcurrency = Field(
+        16, description="Fleet-wide VLM calls in flight per endpoint; auto = found from what the calls see "
+        "(latency against its floor, 429/503, timeouts), up to max_concurrency_ceiling.")
+    max_concurrency_ceiling: int = Field(
+        256, ge=1, description="refexp: with max_concurrency: auto, the most calls in flight it may allow.")
     requests_per_minute: int = Field(0, ge=0, description="Fleet-wide per endpoint; 0 = unlimited.")
     max_retries: int = Field(5, ge=0, description="Retries of a retryable VLM failure per image-step.")
     max_image_pixels: int = Field(64_000_000, ge=1, description="Larger images fail (bomb guard).")

@@ -62,3 +62,24 @@ def test_answers_cut_to_size_are_counted_and_shown(make_state):
     q = status(state)["quality"]["1"]
     assert q["answers_cut"] == 1 and q["repair:oversized_answer_cut"] == 1
     assert "answers cut to size 1" in format_status(status(state))
+
+
+def test_auto_concurrency_shows_its_limit_floor_and_last_reason(make_state, redis_client):
+    import uuid
+
+    from worker.budget import FleetBudget
+
+    endpoint = f"openai|http://status-{uuid.uuid4().hex[:8]}/v1|m"
+    state = make_state()
+    state.set_meta(endpoint=endpoint)
+    st = status(state)
+    assert "auto" not in st["budget"] and "concurrency (auto)" not in format_status(st)
+    budget = FleetBudget(redis_client, "redis://unused", endpoint_key=endpoint, max_concurrency="auto",
+                         requests_per_minute=0, lease_seconds=30)
+    for _ in range(4):
+        with budget.slot("region_expr"):
+            pass
+    budget.controller.maybe_flush(force=True)
+    auto = status(state)["budget"]["auto"]
+    assert auto["limit"] >= 1 and auto["floor_s"] >= 0 and auto["reason"]
+    assert f"concurrency (auto): limit {auto['limit']}" in format_status(status(state))

@@ -540,6 +540,9 @@ class FakeVLM:
         servers that predate it do.
     """
 
+    #: When set (a ``tests.support.fake_capacity.Capacity``), answers take their latency from it.
+    capacity = None
+
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0, latency: float = 0.0,
                  latency_dist: str = "fixed", max_concurrency: int = 0, rpm: int = 0,
                  api_key: str | None = None, models=None, seed: int = 0, record: bool = True,
@@ -800,7 +803,14 @@ class FakeVLM:
             return directive.status, directive.body, {"Content-Type": directive.content_type}
         if isinstance(directive, _Hang):
             self._sleep(directive.seconds)
-        self._sleep(self.sample_latency())
+        if self.capacity is None:
+            self._sleep(self.sample_latency())
+        else:  # a GPU batch server with K slots and a quota (tests/support/fake_capacity.py)
+            wait = self.capacity.admit()
+            if wait is not None:
+                return self._error(protocol, 429, f"quota of {self.capacity.rpm} requests per minute exceeded",
+                                   retry_after=wait)
+            self.capacity.serve(self.sample_latency(), self._stopping)
         image = parsed.images[0][0] if parsed.images else None
         if isinstance(directive, _Block):
             if protocol == "openai":

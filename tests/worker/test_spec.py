@@ -444,3 +444,17 @@ def test_the_public_spec_holds_reprocess_alone_so_an_override_of_either_key_load
     assert load_spec(path).ire.workflow.reprocess == "changed"
     with pytest.raises(ConfigError, match="disagree"):  # the file says changed: override reprocess instead
         load_spec(path, [f"{WF}.force_reprocess=true"])
+
+
+def test_max_concurrency_is_a_number_or_auto_with_one_clear_error():
+    import re
+
+    from worker.spec import VLMSpec
+
+    assert VLMSpec(max_concurrency="AUTO").max_concurrency == "auto"
+    assert VLMSpec(max_concurrency="24").max_concurrency == 24
+    assert VLMSpec().max_concurrency_ceiling == 256
+    for bad, says in ((0, "greater than or equal to 1, or auto"), ("lots", "a number of calls (at least 1) or auto"),
+                      (2.5, "a number of calls"), (True, "a number of calls")):
+        with pytest.raises(ValueError, match=re.escape(says)):
+            VLMSpec(max_concurrency=bad)

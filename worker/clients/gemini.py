@@ -22,7 +22,7 @@ from google.genai import types
 from worker import settings
 from worker.clients.base import VLMRequest, VLMResponse, check_answer
 from worker.clients.replies import Endpoint, map_status, not_the_api, retry_after_from_headers, strip_thinking
-from worker.errors import ClientError, ConfigError, PermanentClientError
+from worker.errors import ClientError, ConfigError, PermanentClientError, TimedOut
 from worker.spec import GeminiSpec
 
 DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com"
@@ -185,7 +185,7 @@ class GeminiClient:
         except genai_errors.APIError as exc:
             raise self._map_status(exc, schema=schema) from exc
         except _TIMEOUTS as exc:
-            raise ClientError(f"{self.name}: no answer from {self.base_url} within {self.spec.timeout:g}s "
+            raise TimedOut(f"{self.name}: no answer from {self.base_url} within {self.spec.timeout:g}s "
                               f"({type(exc).__name__})") from exc
         except _TRANSPORT as exc:
             raise ClientError(f"{self.name}: cannot reach {self.base_url}: "

@@ -21,7 +21,7 @@ import openai
 from worker import settings
 from worker.clients.base import VLMRequest, VLMResponse, check_answer
 from worker.clients.replies import Endpoint, map_status, not_the_api, retry_after_from_headers, strip_thinking
-from worker.errors import ClientError, EmptyAnswer, PermanentClientError
+from worker.errors import ClientError, EmptyAnswer, PermanentClientError, TimedOut
 from worker.spec import OpenAISpec
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
@@ -107,7 +107,7 @@ class OpenAICompatClient:
         except openai.APIStatusError as exc:
             raise self._map_status(exc, schema=schema) from exc
         except openai.APITimeoutError as exc:
-            raise ClientError(
+            raise TimedOut(
                 f"{self.name}: no answer from {self.base_url} within {self.spec.timeout:g}s") from exc
         except openai.APIConnectionError as exc:
             cause = exc.__cause__ or exc

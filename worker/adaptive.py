@@ -1,0 +1,354 @@
+"""``vlm.max_concurrency: auto``: one controller for the fleet finds the endpoint's capacity.
+
+Why a controller: the right number of calls in flight is what the endpoint serves at its base
+latency. Below it a GPU server or a paid quota idles; above it a self-hosted server queues and
+preempts (latency grows, then timeouts) and a hosted API answers 429. It moves during a run.
+
+**Signals** (docs/architecture.md, "Adaptive concurrency", says why this design): each worker
+process adds up what its calls saw (``Sampler``), per step since steps differ in latency: calls
+answered and the sum of their latencies, 429s, 503s, timeouts, the longest Retry-After. Once a
+second at most, on the way out of a call, a process pushes that sum to a Redis list in the same
+script that asks whether an update is due; the process that finds it due holds the update until
+the next one is (a lease of one interval, an epoch guards the write), folds every process's
+samples and writes the new state. Nothing is sent per call.
+
+**The rule** (``decide``), a gradient limiter in the manner of Netflix's Gradient2 and TCP
+Vegas, with AIMD's cut for explicit overload:
+
+- the latency floor of each step is the lowest interval mean seen, drifting slowly towards what
+  is seen now (so a genuinely slower endpoint is not read as queueing for ever);
+- ``ratio`` = latency / floor, averaged over steps weighted by calls; ``queued`` = Vegas's
+  estimate of the calls waiting at the server, ``in flight x (1 - 1 / ratio)``;
+- 429, 503 or a timeout: cut to 0.7 (AIMD's multiplicative decrease); a stated Retry-After also
+  pauses the fleet's new calls until then;
+- ``queued`` above beta (30 % of the limit, at least 3): the limit becomes ``limit / ratio``,
+  the concurrency at which the endpoint answers at its floor (Gradient2's ``limit x
+  gradient``), plus alpha, at most halving it;
+- ``queued`` below alpha (10 % of the limit, at least 2) and the limit in use (calls waited for
+  a slot, or the answered ones kept 80 % of it busy): grow, doubling while no congestion was
+  seen yet (slow start), else by ``sqrt(limit) / 2``;
+- after a change nothing is decided on latency until the calls started under the new limit
+  have come back (``settle``: a latency and an interval), so one queue is not cut twice;
+- for a minute after a 429 or 503 (a quota's window is a minute) the limit grows by one at a
+  time up to the quota's concurrency: 0.9 x the rate the endpoint accepted over the last minute
+  (an average over about a minute of answered calls per second) x the latency (Little's law),
+  so the fleet runs under a per-minute quota instead of walking back into it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+
+import redis
+
+log = logging.getLogger("refexp.worker")
+
+#: Seconds between a process's sample pushes, and between two updates of the fleet's limit.
+INTERVAL = 1.0
+#: Where ``auto`` starts: low, so the first latencies seen are the floor and not a queue.
+INITIAL_LIMIT = 4.0
+# Calls queued at the server (Vegas's estimate: in flight x (1 - floor / latency)): below alpha
+# the limit grows, above beta it is cut, between them it stays. A few queued calls keep a batch
+# server full across the gap between one call's answer and the next call's arrival.
+ALPHA, ALPHA_MIN = 0.10, 2.0  # of the limit, at least
+BETA, BETA_MIN = 0.30, 3.0
+USED_TO_GROW = 0.8  # the limit grows only while it is in use
+CUT = 0.7  # multiplicative decrease on 429 / 503 / timeouts
+QUOTA_MEMORY = 60.0  # seconds a refusal (429 / 503) caps the growth
+QUOTA_MARGIN = 0.9  # of the rate the endpoint accepted
+RATE_WINDOW = 60.0  # seconds of the accepted-rate average (a quota's window)
+MAX_STEP_CUT = 0.5  # a latency-driven cut keeps at least this much of the limit
+FLOOR_DRIFT = 0.002  # per update, towards the latency seen (about 11 % a minute)
+MIN_CALLS_FOR_FLOOR = 3
+STATE_TTL = 86_400  # the learned state outlives a quiet day, not a forgotten endpoint
+
+
+@dataclass
+class Sample:
+    """What one process's calls saw since its last push (or, folded, the fleet's in an interval)."""
+
+    steps: dict[str, list[float]] = field(default_factory=dict)  # step -> [calls answered, latency sum]
+    r429: int = 0
+    r503: int = 0
+    timeouts: int = 0
+    retry_after: float = 0.0
+    waited: int = 0  # calls that found the limit reached and waited for a slot
+
+    def add(self, other: Sample) -> None:
+        for step, (n, s) in other.steps.items():
+            acc = self.steps.setdefault(step, [0, 0.0])
+            acc[0] += n
+            acc[1] += s
+        self.r429 += other.r429
+        self.r503 += other.r503
+        self.timeouts += other.timeouts
+        self.retry_after = max(self.retry_after, other.retry_after)
+        self.waited += other.waited
+
+    def empty(self) -> bool:
+        return not self.steps and not (self.r429 or self.r503 or self.timeouts or self.waited)
+
+    def dumps(self) -> str:
+        return json.dumps({"s": self.steps, "e": [self.r429, self.r503, self.timeouts], "ra": self.retry_after,
+                           "w": self.waited}, separators=(",", ":"))
+
+    @classmethod
+    def loads(cls, raw: str | bytes) -> Sample:
+        d = json.loads(raw)
+        r429, r503, timeouts = d.get("e", [0, 0, 0])
+        return cls(steps={k: [v[0], v[1]] for k, v in d.get("s", {}).items()}, r429=r429, r503=r503,
+                   timeouts=timeouts, retry_after=float(d.get("ra") or 0.0), waited=int(d.get("w", 0)))
+
+
+class Sampler:
+    """A process's running sum of its calls' outcomes (thread-safe; ``take`` empties it)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._s = Sample()
+
+    def answered(self, step: str, latency: float) -> None:
+        with self._lock:
+            acc = self._s.steps.setdefault(step, [0, 0.0])
+            acc[0] += 1
+            acc[1] += latency
+
+    def waited(self) -> None:
+        """A call found the limit reached: demand is above the limit."""
+        with self._lock:
+            self._s.waited += 1
+
+    def overloaded(self, kind: str, retry_after: float | None = None) -> None:
+        """``kind``: ``429``, ``503`` or ``timeout``."""
+        with self._lock:
+            if kind == "429":
+                self._s.r429 += 1
+            elif kind == "503":
+                self._s.r503 += 1
+            else:
+                self._s.timeouts += 1
+            if retry_after:
+                self._s.retry_after = max(self._s.retry_after, float(retry_after))
+
+    def take(self) -> Sample:
+        with self._lock:
+            s, self._s = self._s, Sample()
+            return s
+
+
+@dataclass
+class State:
+    """The fleet's controller state, as kept in Redis (``refexp:ep:<id>:ctl``)."""
+
+    limit: float = INITIAL_LIMIT
+    floors: dict[str, float] = field(default_factory=dict)  # step -> latency floor (s)
+    slow_start: bool = True
+    settle_until: float = 0.0
+    pause_until: float = 0.0
+    reason: str = "start"
+    refused_at: float = 0.0  # when the endpoint last refused (429 / 503): a quota is near
+    refused_limit: float = 0.0  # the concurrency the accepted rate allows, set at a refusal
+    rate: float = 0.0  # answered calls per second, averaged over about RATE_WINDOW
+    changed_at: float = 0.0
+
+    def to_redis(self) -> dict[str, str]:
+        return {"limit": f"{self.limit:.3f}", "floors": json.dumps(self.floors), "slow_start": int(self.slow_start),
+                "settle_until": f"{self.settle_until:.3f}", "pause_until": f"{self.pause_until:.3f}",
+                "reason": self.reason, "changed_at": f"{self.changed_at:.3f}",
+                "refused_at": f"{self.refused_at:.3f}", "refused_limit": f"{self.refused_limit:.3f}",
+                "rate": f"{self.rate:.3f}"}
+
+    @classmethod
+    def from_redis(cls, h: dict) -> State:
+        g = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+             for k, v in h.items()}
+        if "limit" not in g:
+            return cls()
+        return cls(limit=float(g["limit"]), floors=json.loads(g.get("floors") or "{}"),
+                   slow_start=g.get("slow_start", "1") == "1", settle_until=float(g.get("settle_until") or 0),
+                   pause_until=float(g.get("pause_until") or 0), reason=g.get("reason", ""),
+                   changed_at=float(g.get("changed_at") or 0), refused_at=float(g.get("refused_at") or 0),
+                   refused_limit=float(g.get("refused_limit") or 0), rate=float(g.get("rate") or 0))
+
+    def floor(self) -> float:
+        """The floor shown to users: the lowest of the steps' floors (0 before any call)."""
+        return min(self.floors.values()) if self.floors else 0.0
+
+
+def decide(st: State, s: Sample, *, now: float, interval: float, ceiling: int) -> tuple[State, bool]:
+    """The next state from the fleet's sample of one interval; and whether the limit changed."""
+    new = State(**{**st.__dict__, "floors": dict(st.floors)})
+    answered = sum(n for n, _ in s.steps.values())
+    latency_sum = sum(t for _, t in s.steps.values())
+    used = latency_sum / max(interval, 0.1)
+    new.rate += (answered / max(interval, 0.1) - new.rate) * min(1.0, interval / RATE_WINDOW)
+    # Latency against each step's floor, weighted by calls.
+    weighted = 0.0
+    for step, (n, total) in s.steps.items():
+        if n <= 0:
+            continue
+        mean = total / n
+        floor = new.floors.get(step)
+        if floor is None or mean < floor:
+            if floor is None or n >= MIN_CALLS_FOR_FLOOR:
+                new.floors[step] = floor = mean
+        else:
+            new.floors[step] = floor = floor + (mean - floor) * FLOOR_DRIFT
+        weighted += n * (mean / floor if floor > 0 else 1.0)
+    ratio = weighted / answered if answered else None
+    overload = s.r429 + s.r503 + s.timeouts
+    if s.retry_after > 0:
+        new.pause_until = max(new.pause_until, now + s.retry_after)
+    limit, reason = st.limit, ""
+    # In use: calls waited for a slot, or the calls answered kept most of the limit busy.
+    in_use = s.waited > 0 or used >= USED_TO_GROW * st.limit
+    if s.r429 or s.r503:
+        new.refused_at = now
+        if now >= st.settle_until:  # later refusals of calls sent before the cut keep the level
+            mean = latency_sum / answered if answered else new.floor() or 1.0
+            new.refused_limit = max(1.0, QUOTA_MARGIN * new.rate * mean)
+    # What was in flight: the limit when in use, else what was used (a limit nobody fills says
+    # nothing about the endpoint); of it, Vegas's estimate of the calls queued at the server.
+    base = st.limit if in_use else min(st.limit, used)
+    queued = base * (1 - 1 / ratio) if ratio else 0.0
+    alpha = max(ALPHA_MIN, ALPHA * st.limit)
+    beta = max(BETA_MIN, BETA * st.limit)
+    if overload and now >= st.settle_until:
+        parts = [f"{n} {w}" for n, w in ((s.r429, "429"), (s.r503, "503"), (s.timeouts, "timeouts")) if n]
+        limit = max(1.0, st.limit * CUT)
+        if s.r429 or s.r503:  # down to the quota's concurrency, at most halving per step
+            limit = max(1.0, min(limit, max(new.refused_limit, st.limit * MAX_STEP_CUT)))
+        reason = ", ".join(parts) + (f" (Retry-After {s.retry_after:g} s)" if s.retry_after else "")
+    elif ratio is not None and queued > beta and now >= st.settle_until:
+        # The concurrency that would see the floor (Gradient2's limit x gradient), plus alpha
+        # queued to keep a batch full. At most halved per step: a few slow answers in a short
+        # interval are a noisy gradient.
+        limit = max(1.0, st.limit * MAX_STEP_CUT, base / ratio + alpha)
+        reason = f"latency {ratio:.2f}x its floor (~{queued:.0f} calls queued)"
+    elif (ratio is not None and queued < alpha and in_use
+          and now >= st.settle_until and st.limit < ceiling):
+        limit = st.limit * 2 if st.slow_start else st.limit + max(1.0, math.sqrt(st.limit) / 2)
+        if st.refused_limit > 0 and now - st.refused_at < QUOTA_MEMORY:
+            # The endpoint refused a moment ago (a quota: its window is a minute long): stay
+            # within the concurrency its accepted rate allows, creeping up by one, until that
+            # is forgotten; then probe again.
+            limit = min(limit, st.limit + 1.0, max(st.limit, st.refused_limit))
+        reason = f"latency {ratio:.2f}x its floor with the limit in use" + (" (slow start)" if st.slow_start else "")
+    if limit > ceiling:  # a ceiling lowered since, or below the start value
+        limit, reason = float(ceiling), reason or f"max_concurrency_ceiling {ceiling}"
+    changed = int(limit) != int(st.limit)
+    if reason and limit != st.limit:
+        if limit < st.limit:
+            new.slow_start = False
+        new.limit = limit
+        new.reason = reason
+        new.changed_at = now
+        mean_latency = latency_sum / answered if answered else new.floor()
+        new.settle_until = now + max(mean_latency, INTERVAL) + INTERVAL
+    return new, changed
+
+
+# KEYS: samples list, controller hash. ARGV: this process's sample ('' = none), interval.
+# Pushes the sample; if an update is due, claims it (the claim is the lease: nobody else updates
+# before `next`) and returns the samples and the state.
+_PUSH = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+if ARGV[1] ~= '' then
+  redis.call('RPUSH', KEYS[1], ARGV[1])
+  redis.call('EXPIRE', KEYS[1], 60)
+end
+local nxt = tonumber(redis.call('HGET', KEYS[2], 'next') or '0')
+if now < nxt then
+  return {tostring(now)}
+end
+local last = redis.call('HGET', KEYS[2], 'last') or tostring(now - tonumber(ARGV[2]))
+local epoch = redis.call('HINCRBY', KEYS[2], 'epoch', 1)
+redis.call('HSET', KEYS[2], 'next', tostring(now + tonumber(ARGV[2])), 'last', tostring(now))
+local s = redis.call('LRANGE', KEYS[1], 0, -1)
+redis.call('DEL', KEYS[1])
+return {tostring(now), tostring(epoch), last, s, redis.call('HGETALL', KEYS[2])}
+"""
+# KEYS: controller hash. ARGV: epoch, TTL, then field, value pairs. Written only by the holder
+# of the claim it names (a holder stalled past the next claim writes nothing).
+_WRITE = """
+if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then
+  return 0
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
+return 1
+"""
+
+
+class Controller:
+    """A process's side of the fleet's controller: push samples at most every ``interval``, and
+    update the fleet's state when this process holds the update."""
+
+    def __init__(self, client: redis.Redis, *, samples_key: str, state_key: str, ceiling: int,
+                 label: str, interval: float = INTERVAL):
+        self.r = client
+        self.samples_key, self.state_key = samples_key, state_key
+        self.ceiling, self.label, self.interval = ceiling, label, interval
+        self.sampler = Sampler()
+        self._push = client.register_script(_PUSH)
+        self._write = client.register_script(_WRITE)
+        self._flushing = threading.Lock()
+        self._next = 0.0
+
+    def force_next(self) -> None:
+        """Push at the next chance, without waiting for the interval (a stated Retry-After)."""
+        self._next = 0.0
+
+    def maybe_flush(self, *, force: bool = False) -> None:
+        """Push this process's sample if ``interval`` has passed (one thread at a time, the
+        others go on). Errors lose the sample, never the call."""
+        now = time.monotonic()
+        if (now < self._next and not force) or not self._flushing.acquire(blocking=False):
+            return
+        try:
+            self._next = now + self.interval
+            self.flush()
+        except redis.exceptions.RedisError as exc:
+            log.warning("adaptive concurrency: could not push samples (%s: %s)", type(exc).__name__, exc)
+        except Exception:  # a bug here must not cost the answer of the call that just ended
+            log.exception("adaptive concurrency: the controller's update failed")
+        finally:
+            self._flushing.release()
+
+    def flush(self) -> State | None:
+        """Push, and update if due; the new state when this call updated it."""
+        s = self.sampler.take()
+        out = self._push(keys=[self.samples_key, self.state_key],
+                         args=["" if s.empty() else s.dumps(), self.interval])
+        if len(out) == 1:
+            return None
+        now, epoch, last = float(out[0]), out[1], float(out[2])
+        fleet = Sample()
+        for raw in out[3]:
+            fleet.add(Sample.loads(raw))
+        h = dict(zip(out[4][::2], out[4][1::2], strict=True))
+        old = State.from_redis(h)
+        new, changed = decide(old, fleet, now=now, interval=min(max(now - last, 0.1), 5 * self.interval),
+                              ceiling=self.ceiling)
+        fields = [x for kv in new.to_redis().items() for x in kv]
+        if self._write(keys=[self.state_key], args=[epoch, STATE_TTL, *fields]) and changed:
+            log.info("vlm concurrency limit %d -> %d for %s: %s (latency floor %.2f s)",
+                     int(old.limit), int(new.limit), self.label, new.reason, new.floor())
+        return new
+
+
+def read_state(client: redis.Redis, state_key: str) -> dict | None:
+    """What ``producer status`` shows of the controller, or None when it has not run."""
+    h = client.hgetall(state_key)
+    if not h:
+        return None
+    st = State.from_redis(h)
+    return {"limit": int(st.limit), "floor_s": round(st.floor(), 3),
+            "floors_s": {k: round(v, 3) for k, v in st.floors.items()}, "reason": st.reason,
+            "changed_at": st.changed_at, "paused_until": st.pause_until, "slow_start": st.slow_start}
