@@ -135,3 +135,31 @@ def test_an_idle_results_dir_leaves_the_batch_runs_and_a_new_park_brings_it_back
     (desk,) = coord.desks.values()
     coord.retire_if_idle(desk, [REF])
     assert redis_client.smembers(BATCH_RUNS) == {REF.encode()}
+
+
+def test_an_expired_job_keeps_the_answers_it_finished_and_retries_only_the_rest(ctx, tmp_path, fake_vlm):
+    """OpenAI's Batch API writes the answers a job finished before it expired: they are used, and
+    only the others come back as the job's failure (parked again into a new job). Driven through
+    the openai SDK against the fake's batch routes."""
+    from worker.clients.openai_batch import OpenAIBatch
+    from worker.spec import OpenAISpec
+
+    image = tmp_path / "a.png"
+    Image.new("RGB", (64, 48), (120, 80, 40)).save(image)
+    ledger = Ledger(ctx.spec.results_dir)
+    now = time.time()
+    for name in ("a", "b"):
+        park(ctx, name, image, now)
+    spec = OpenAISpec(base_url=fake_vlm.openai_base_url, model_name="fake-vl", api_key="test-key")
+    desk = Desk(ledger, lambda c: OpenAIBatch(spec))
+    fake_vlm.batch.expire_next(answered=1)
+    desk.gather()
+    desk.form(now)
+    (job,) = desk.jobs.values()
+    desk.submit(job)
+    desk.poll(job, now + 1)
+    assert job.state == "collected" and job.provider_state == "expired"
+    answers = {a["key"]: a for _, a in ledger.answers(job)}
+    first, second = (e["key"] for e in ledger.requests(job))
+    assert answers[first].get("text") and "error" not in answers[first]
+    assert answers[second]["error"] == "BatchJobFailed" and "expired" in answers[second]["message"]

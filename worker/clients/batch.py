@@ -10,7 +10,8 @@ and the offline teacher (answers at once, for demos and tests).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
@@ -71,13 +72,37 @@ class BatchBackend(Protocol):
 
     def status(self, job_id: str) -> JobStatus: ...
 
-    def results(self, job_id: str) -> Iterator[tuple[str, VLMResponse | Exception]]: ...
+    def results(self, job_id: str, *, expected_keys: Iterable[str] | None = None
+                ) -> Iterator[tuple[str, VLMResponse | Exception]]:
+        """Every request's answer; with ``expected_keys`` (the job's keys, from the caller's
+        ledger) a key the output lacks is yielded as a ``ClientError``, and output lines under
+        keys not asked for are left out."""
 
     def cancel(self, job_id: str) -> None: ...
 
 
+_backends: dict[tuple[str, str], BatchBackend] = {}
+_backends_lock = threading.Lock()
+
+
 def get_batch_backend(vlm: VLMSpec) -> BatchBackend:
-    """The batch backend for ``vlm.backend``; imported lazily like the online clients."""
+    """The batch backend for ``vlm.backend``, imported lazily like the online clients. Gemini's
+    and OpenAI's are kept per process and spec (as ``factory.get_client`` keeps online clients):
+    an SDK client owns a connection pool, and the coordinator asks on every poll. The offline
+    teacher's reads its settings from the environment when built, so it is built each time."""
+    if vlm.backend not in ("gemini", "openai"):
+        return _build(vlm)
+    from worker.clients.factory import spec_fingerprint
+
+    key = (vlm.backend, spec_fingerprint(vlm))
+    with _backends_lock:
+        backend = _backends.get(key)
+        if backend is None:
+            backend = _backends[key] = _build(vlm)
+        return backend
+
+
+def _build(vlm: VLMSpec) -> BatchBackend:
     if vlm.backend == "gemini":
         from worker.clients.gemini_batch import GeminiBatch
 

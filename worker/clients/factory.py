@@ -30,7 +30,7 @@ _lock = threading.Lock()
 _clients: dict[tuple[str, str], VLMClient] = {}
 
 
-def _fingerprint(vlm: VLMSpec) -> str:
+def spec_fingerprint(vlm: VLMSpec) -> str:
     """sha256 over the backend's spec section and the environment it reads."""
     section = getattr(vlm, vlm.backend, None)
     fields = section.model_dump(mode="json") if section is not None else vlm.model_dump(mode="json")
@@ -58,7 +58,7 @@ def _build(vlm: VLMSpec) -> VLMClient:
 
 def get_client(vlm: VLMSpec) -> VLMClient:
     """The process-wide client for this spec; built on first use, under a lock."""
-    key = (vlm.backend, _fingerprint(vlm))
+    key = (vlm.backend, spec_fingerprint(vlm))
     with _lock:
         client = _clients.get(key)
         if client is None:

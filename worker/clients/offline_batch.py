@@ -27,7 +27,7 @@ import json
 import os
 import tempfile
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from worker.clients.base import VLMResponse
@@ -143,8 +143,14 @@ class OfflineBatch:
             return JobStatus(job["end"], {"total": n}, error=f"offline batch: the job {job['end']}")
         return JobStatus("succeeded", {"total": n, "succeeded": n})
 
-    def results(self, job_id: str) -> Iterator[tuple[str, VLMResponse | Exception]]:
-        for key, a in self._load(job_id)["answers"].items():
+    def results(self, job_id: str, *, expected_keys: Iterable[str] | None = None
+                ) -> Iterator[tuple[str, VLMResponse | Exception]]:
+        answers = self._load(job_id)["answers"]
+        if expected_keys is not None:
+            wanted = list(expected_keys)
+            missing = {"error": True, "message": f"offline batch job {job_id}: no answer for this request"}
+            answers = {k: answers.get(k, missing) for k in wanted}
+        for key, a in answers.items():
             if "error" in a:
                 yield key, ClientError(a["message"], status=503)
             else:
