@@ -249,10 +249,13 @@ class Desk:
     # -- 3. submit --------------------------------------------------------------------------
     def submit(self, job: Job) -> None:
         ctx = get_context(job.run_ref)
-        if not self.ledger.claim_submit(job, self.token, self.claim_stale_after):
+        claim = self.ledger.claim_submit(job, self.token, self.claim_stale_after)
+        if claim is None:
             now = self.ledger.reload(job)  # another coordinator is sending it, or has
             if now.state != "formed":
                 job.__dict__.update(now.__dict__)
+            return
+        if claim == "taken over" and self.adopt(job, ctx):
             return
         vlm, opts = ctx.spec.ire.vlm, ctx.options
 
@@ -286,6 +289,26 @@ class Desk:
             log.info("batch job %s submitted as %s (%d requests)", job.job_id, job.provider_id, len(items))
         else:
             self.collect(job, {})
+
+    def adopt(self, job: Job, ctx: RunContext) -> bool:
+        """A coordinator died holding this job's claim, before recording the provider's id: if the
+        provider lists a job under the job's name, that is the job; record it instead of sending
+        the requests again (twice the bill). A provider that cannot be asked sends it anew."""
+        try:
+            with renewing(self.holds, self.renew_every):
+                found = self.backend(ctx).find(f"refexp-{job.job_id}")
+        except ClientError as exc:
+            log.warning("batch job %s: could not ask the provider whether it was sent (%s); sending it", job.job_id,
+                        exc)
+            return False
+        if found is None:
+            return False
+        job.provider_id, job.state, job.submitted_at = found, "submitted", time.time()
+        self.ledger.save(job)
+        self.publish_summary(job)
+        log.warning("batch job %s: a coordinator died after sending it as %s; picked up, not sent again",
+                    job.job_id, found)
+        return True
 
     # -- 4. poll ----------------------------------------------------------------------------
     def poll(self, job: Job, now: float) -> None:

@@ -165,13 +165,15 @@ class Ledger:
     def save(self, job: Job) -> None:
         write_atomic(self.job_dir(job.job_id) / "job.json", json.dumps(asdict(job), sort_keys=True))
 
-    def claim_submit(self, job: Job, token: str, stale_after: float) -> bool:
+    def claim_submit(self, job: Job, token: str, stale_after: float) -> str | None:
         """Take the right to submit ``job`` (an ``O_EXCL`` file in its folder): of two
         coordinators acting at once (a lease lost mid-tick, a Redis restarted empty), only one
-        sends it. A claim older than ``stale_after`` s whose job is still ``formed`` is a
-        coordinator that died between claiming and recording the provider's id: it is taken over
-        (the job may then be sent twice: the one window where that can happen)."""
+        sends it. Returns ``"new"``, ``"taken over"`` or None (another holds it). A claim older
+        than ``stale_after`` s whose job is still ``formed`` is a coordinator that died between
+        claiming and recording the provider's id: it is taken over, and the new holder first asks
+        the provider for a job under the job's name (``BatchBackend.find``) before sending it."""
         path = self.job_dir(job.job_id) / "submit.claim"
+        taken_over = False
         for _ in range(2):
             try:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -181,13 +183,14 @@ class Ledger:
                 except FileNotFoundError:
                     continue
                 if age < stale_after:
-                    return False
+                    return None
                 path.unlink(missing_ok=True)
+                taken_over = True
                 continue
             with os.fdopen(fd, "w") as f:
                 f.write(token)
-            return True
-        return False
+            return "taken over" if taken_over else "new"
+        return None
 
     def reload(self, job: Job) -> Job:
         """The job as its record on disk says now (another coordinator may have moved it)."""

@@ -163,3 +163,38 @@ def test_an_expired_job_keeps_the_answers_it_finished_and_retries_only_the_rest(
     first, second = (e["key"] for e in ledger.requests(job))
     assert answers[first].get("text") and "error" not in answers[first]
     assert answers[second]["error"] == "BatchJobFailed" and "expired" in answers[second]["message"]
+
+
+@pytest.mark.parametrize("sent_before", [True, False])
+def test_a_job_whose_coordinator_died_mid_submit_is_picked_up_not_sent_twice(ctx, tmp_path, sent_before):
+    """A coordinator that claimed a job and died before recording the provider's id leaves a
+    stale claim. The next one asks the provider for a job under the job's name: one that was
+    sent is adopted (no second bill); one that was not is sent now."""
+    import os
+
+    image = tmp_path / "a.png"
+    Image.new("RGB", (64, 48), (120, 80, 40)).save(image)
+    ledger = Ledger(ctx.spec.results_dir)
+    now = time.time()
+    for name in ("a", "b"):
+        park(ctx, name, image, now)
+    provider = OfflineBatch(directory=tmp_path / "provider")
+    dead = Desk(ledger, lambda c: provider, token="dead", claim_stale_after=5)
+    dead.gather()
+    dead.form(now)
+    (job,) = dead.jobs.values()
+    assert ledger.claim_submit(job, "dead", 5) == "new"  # the dead one's claim ...
+    if sent_before:  # ... and, maybe, the job it got out before it died
+        earlier = provider.submit([], display_name=f"refexp-{job.job_id}")
+    claim = ledger.job_dir(job.job_id) / "submit.claim"
+    os.utime(claim, (now - 60, now - 60))
+    desk = Desk(ledger, lambda c: provider, token="next", claim_stale_after=5)
+    desk.gather()
+    (job,) = desk.jobs.values()
+    desk.submit(job)
+    assert job.state == "submitted"
+    assert len(provider.submitted()) == 1
+    if sent_before:
+        assert job.provider_id == earlier
+    desk.poll(job, now + 1)
+    assert job.state == "collected"

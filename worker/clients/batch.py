@@ -80,6 +80,11 @@ class BatchBackend(Protocol):
 
     def cancel(self, job_id: str) -> None: ...
 
+    def find(self, display_name: str) -> str | None:
+        """The id of a job this key submitted under ``display_name``, if the provider lists one
+        among its recent jobs: how a coordinator that died between the provider accepting a job
+        and the ledger recording its id is caught up without sending the job again."""
+
 
 _backends: dict[tuple[str, str], BatchBackend] = {}
 _backends_lock = threading.Lock()
@@ -130,5 +135,7 @@ def check_items(items: Sequence[BatchItem]) -> None:
 #: The key a batch backend is built with where there is none (the producer, which only probes:
 #: keys live on the workers). Never a real key; a provider answers it with an auth error.
 NO_KEY = "refexp-no-key"
+#: How many of a key's most recent jobs ``find`` looks through (a job lost mid-submit is recent).
+FIND_LIMIT = 500
 #: What an endpoint's batch route answers a keyless probe with when the route exists.
 KEYLESS_PROBE_ANSWERS = frozenset({400, 401, 403})

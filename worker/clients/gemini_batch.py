@@ -23,6 +23,7 @@ from google.genai import types
 
 from worker.clients.base import VLMRequest, VLMResponse
 from worker.clients.batch import (
+    FIND_LIMIT,
     KEYLESS_PROBE_ANSWERS,
     NO_KEY,
     BatchItem,
@@ -133,6 +134,19 @@ class GeminiBatch(GeminiClient):
         if not job.name:
             raise ClientError(f"{self.name}: {self.base_url} created a batch job without a name")
         return job.name
+
+    def find(self, display_name: str) -> str | None:
+        """Among the key's most recent ``FIND_LIMIT`` batch jobs, one whose ``display_name`` is
+        ``display_name`` as ``submit`` wrote it."""
+        self._keyed()
+        name = self._redact(display_name)[:128]
+        with self.sdk_errors(expected="a list of batch jobs"):
+            for n, job in enumerate(self._client.batches.list(config=types.ListBatchJobsConfig(page_size=100))):
+                if n >= FIND_LIMIT:
+                    break
+                if job.display_name == name and job.name:
+                    return job.name
+        return None
 
     def status(self, job_id: str) -> JobStatus:
         job = self._get(job_id)

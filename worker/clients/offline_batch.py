@@ -162,6 +162,14 @@ class OfflineBatch:
         job["cancelled"] = True
         write_atomic(self._path(job_id), json.dumps(job))
 
+    def find(self, display_name: str) -> str | None:
+        try:
+            lines = (self.dir / "submits.log").read_text().splitlines()
+        except FileNotFoundError:
+            return None
+        found = [line.split()[0] for line in lines if line.split()[1:2] == [display_name]]
+        return found[-1] if found else None
+
     def submitted(self) -> list[str]:
         """The job ids submitted so far, in order (tests)."""
         try:

@@ -21,6 +21,7 @@ from openai.types.chat import ChatCompletion
 
 from worker.clients.base import VLMResponse
 from worker.clients.batch import (
+    FIND_LIMIT,
     KEYLESS_PROBE_ANSWERS,
     NO_KEY,
     BatchItem,
@@ -103,6 +104,19 @@ class OpenAIBatch(OpenAICompatClient):
             self._forget(uploaded.id)
             raise
         return job.id
+
+    def find(self, display_name: str) -> str | None:
+        """Among the key's most recent ``FIND_LIMIT`` jobs (newest first), one whose
+        ``metadata.name`` is ``display_name`` as ``submit`` wrote it."""
+        self._keyed()
+        name = self._redact(display_name)[:200]
+        with self.sdk_errors(expected="a list of batches"):
+            for n, job in enumerate(self._client.batches.list(limit=100)):
+                if n >= FIND_LIMIT:
+                    break
+                if (job.metadata or {}).get("name") == name:
+                    return job.id
+        return None
 
     def status(self, job_id: str) -> JobStatus:
         job = self._retrieve(job_id)

@@ -230,3 +230,11 @@ def test_with_a_wrong_key_the_probe_says_so(make_fake, monkeypatch):
     fake = make_fake(api_key="the-right-key")
     with pytest.raises(PermanentClientError, match="OPENAI_API_KEY"):
         backend(fake).probe()
+
+
+def test_find_names_the_job_submitted_under_a_display_name(fake_vlm, png):
+    """How a coordinator that died mid-submit is caught up: the job is listed by its name."""
+    b = backend(fake_vlm)
+    first = b.submit(items(png, 1), display_name="refexp-j1")
+    second = b.submit(items(png, 1), display_name="refexp-j2")
+    assert (b.find("refexp-j1"), b.find("refexp-j2"), b.find("refexp-j3")) == (first, second, None)
