@@ -11,7 +11,7 @@ Knobs (environment, read at each call, for tests):
 - ``REFEXP_OFFLINE_BATCH_POLLS``: status polls a job stays ``running`` before it succeeds (1:
   it succeeds on the first poll);
 - ``REFEXP_OFFLINE_BATCH_END``: ``expired`` or ``failed`` makes every job end that way instead
-  (a job that expires whole), ``expired:<n>`` the first ``n`` jobs only;
+  (a job that expires whole, no request answered), ``expired:<n>`` the first ``n`` jobs only;
 - ``REFEXP_OFFLINE_BATCH_UNSUPPORTED``: the probe says there is no batch API;
 - ``REFEXP_OFFLINE_BATCH_ERRORS``: ``<step>:<n>``: the first ``n`` requests of that step (counted
   across jobs, in the directory) answer with a 503 ``ClientError`` (per-request errors).
@@ -145,7 +145,10 @@ class OfflineBatch:
 
     def results(self, job_id: str, *, expected_keys: Iterable[str] | None = None
                 ) -> Iterator[tuple[str, VLMResponse | Exception]]:
-        answers = self._load(job_id)["answers"]
+        job = self._load(job_id)
+        # A job that expired or failed here ended before answering anything (the knob's meaning:
+        # the whole job is lost); a provider's expired job may hold some answers (OpenAI's does).
+        answers = {} if job.get("end", "succeeded") != "succeeded" else job["answers"]
         if expected_keys is not None:
             wanted = list(expected_keys)
             missing = {"error": True, "message": f"offline batch job {job_id}: no answer for this request"}
