@@ -42,10 +42,14 @@ def test_polls_errors_end_states_and_probe_knobs(tmp_path, items, monkeypatch):
     assert backend.status(first).state == "running"
     assert backend.status(first).state == "expired"
     assert backend.status(first).state == "expired"  # decided once
+    assert list(backend.results(first)) == []  # expired whole: nothing answered
+    missing = dict(backend.results(first, expected_keys=[i.key for i in items]))
+    assert len(missing) == len(items) and all(isinstance(a, ClientError) for a in missing.values())
+    monkeypatch.setenv("REFEXP_OFFLINE_BATCH_ERRORS", "image_caption:2")  # the count is for the run: one more
     second = backend.submit(items, display_name="b")
     backend.status(second)
     assert backend.status(second).state == "succeeded"
-    errors = [k for k, a in backend.results(first) if isinstance(a, ClientError)]
+    errors = [k for k, a in backend.results(second) if isinstance(a, ClientError)]
     assert len(errors) == 1
     backend.cancel(second)
     assert backend.status(second).state == "cancelled"
