@@ -49,6 +49,14 @@ def park(ctx: RunContext, image_id: str, image, t: float) -> None:
                                           "step": 1, "vlm_retries": 0, "t": t, "request": request_to_json(req)})
 
 
+def park_two(ctx: RunContext, tmp_path, now: float) -> None:
+    """Two images' step-1 requests parked: one job's worth."""
+    image = tmp_path / "a.png"
+    Image.new("RGB", (64, 48), (120, 80, 40)).save(image)
+    for name in ("a", "b"):
+        park(ctx, name, image, now)
+
+
 def test_gathering_forms_full_jobs_then_old_ones_drops_duplicates_and_survives_takeover(ctx, tmp_path):
     image = tmp_path / "a.png"
     Image.new("RGB", (64, 48), (120, 80, 40)).save(image)
@@ -144,12 +152,8 @@ def test_an_expired_job_keeps_the_answers_it_finished_and_retries_only_the_rest(
     from worker.clients.openai_batch import OpenAIBatch
     from worker.spec import OpenAISpec
 
-    image = tmp_path / "a.png"
-    Image.new("RGB", (64, 48), (120, 80, 40)).save(image)
-    ledger = Ledger(ctx.spec.results_dir)
-    now = time.time()
-    for name in ("a", "b"):
-        park(ctx, name, image, now)
+    ledger, now = Ledger(ctx.spec.results_dir), time.time()
+    park_two(ctx, tmp_path, now)
     spec = OpenAISpec(base_url=fake_vlm.openai_base_url, model_name="fake-vl", api_key="test-key")
     desk = Desk(ledger, lambda c: OpenAIBatch(spec))
     fake_vlm.batch.expire_next(answered=1)
@@ -172,12 +176,8 @@ def test_a_job_whose_coordinator_died_mid_submit_is_picked_up_not_sent_twice(ctx
     sent is adopted (no second bill); one that was not is sent now."""
     import os
 
-    image = tmp_path / "a.png"
-    Image.new("RGB", (64, 48), (120, 80, 40)).save(image)
-    ledger = Ledger(ctx.spec.results_dir)
-    now = time.time()
-    for name in ("a", "b"):
-        park(ctx, name, image, now)
+    ledger, now = Ledger(ctx.spec.results_dir), time.time()
+    park_two(ctx, tmp_path, now)
     provider = OfflineBatch(directory=tmp_path / "provider")
     dead = Desk(ledger, lambda c: provider, token="dead", claim_stale_after=5)
     dead.gather()

@@ -34,24 +34,30 @@ class CountingClient(OfflineClient):
         return super().generate(request)
 
 
-@pytest.fixture
-def ctx(tmp_path, redis_client, redis_url) -> RunContext:
-    image = tmp_path / "img.png"
-    Image.new("RGB", (200, 100), (90, 90, 90)).save(image)
+def make_ctx(tmp_path, redis_client, redis_url, *, run_id: str = "run1", image_id: str = "img",
+             size: tuple[int, int] = (200, 100), box: tuple[float, ...] = (10.0, 10.0, 60.0, 80.0),
+             overrides: tuple[str, ...] = (f"{P}.workflow.output_format=both",)) -> RunContext:
+    """A run of one image in flight: its seed line, run state, budget and the counting teacher."""
+    image = tmp_path / f"{image_id}.png"
+    Image.new("RGB", size, (90, 90, 90)).save(image)
     results = tmp_path / "results"
-    spec = load_spec(None, [f"results_dir={results}", f"{P}.vlm.backend=offline",
-                            f"{P}.workflow.output_format=both"])
+    spec = load_spec(None, [f"results_dir={results}", f"{P}.vlm.backend=offline", *overrides])
     layout = Layout(results)
     results.mkdir()
-    layout.seed.path.write_text(dumps({"image_id": "img", "image_path": str(image), "width": 200, "height": 100,
-                                       "kitti_bboxes": [[10.0, 10.0, 60.0, 80.0, "Car"]]}) + "\n")
-    state = RunState(redis_client, "run1")
+    layout.seed.path.write_text(dumps({"image_id": image_id, "image_path": str(image), "width": size[0],
+                                       "height": size[1], "kitti_bboxes": [[*box, "Car"]]}) + "\n")
+    state = RunState(redis_client, run_id)
     budget = FleetBudget(redis_client, redis_url, endpoint_key="offline||", max_concurrency=4,
                          requests_per_minute=0, lease_seconds=30)
-    c = RunContext(run_id="run1", spec=spec, layout=layout, state=state, spec_hash="h", budget=budget)
+    c = RunContext(run_id=run_id, spec=spec, layout=layout, state=state, spec_hash="h", budget=budget)
     c._client = CountingClient()
-    state.mark_queued({"img": 0})
+    state.mark_queued({image_id: 0})
     return c
+
+
+@pytest.fixture
+def ctx(tmp_path, redis_client, redis_url) -> RunContext:
+    return make_ctx(tmp_path, redis_client, redis_url)
 
 
 def run_all(ctx) -> list[str]:
@@ -200,21 +206,9 @@ def test_settle_many_survives_a_redis_that_lost_its_scripts_between_load_and_run
 def test_an_image_s_converted_copies_are_dropped_when_it_settles_not_before(tmp_path, redis_client, redis_url):
     """With vlm.downscale_to_pixels the image is converted once and kept for its four calls; once
     the image settles, its copies go: the cache holds the images in flight, not the run's."""
-    image = tmp_path / "big.png"
-    Image.new("RGB", (1200, 800), (90, 90, 90)).save(image)
-    results = tmp_path / "results"
-    spec = load_spec(None, [f"results_dir={results}", f"{P}.vlm.backend=offline",
-                            f"{P}.vlm.downscale_to_pixels=100000"])
-    layout = Layout(results)
-    results.mkdir()
-    layout.seed.path.write_text(dumps({"image_id": "big", "image_path": str(image), "width": 1200, "height": 800,
-                                       "kitti_bboxes": [[100.0, 100.0, 600.0, 700.0, "Car"]]}) + "\n")
-    state = RunState(redis_client, "run2")
-    budget = FleetBudget(redis_client, redis_url, endpoint_key="offline||", max_concurrency=4,
-                         requests_per_minute=0, lease_seconds=30)
-    c = RunContext(run_id="run2", spec=spec, layout=layout, state=state, spec_hash="h", budget=budget)
-    c._client = CountingClient()
-    state.mark_queued({"big": 0})
+    c = make_ctx(tmp_path, redis_client, redis_url, run_id="run2", image_id="big", size=(1200, 800),
+                 box=(100.0, 100.0, 600.0, 700.0), overrides=(f"{P}.vlm.downscale_to_pixels=100000",))
+    state, results = c.state, c.layout.root
     cache = results / ".image-cache"
     copies = []
     for step in (0, 1, 2):

@@ -10,7 +10,6 @@ and the offline teacher (answers at once, for demos and tests).
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
@@ -86,25 +85,16 @@ class BatchBackend(Protocol):
         and the ledger recording its id is caught up without sending the job again."""
 
 
-_backends: dict[tuple[str, str], BatchBackend] = {}
-_backends_lock = threading.Lock()
-
-
 def get_batch_backend(vlm: VLMSpec) -> BatchBackend:
     """The batch backend for ``vlm.backend``, imported lazily like the online clients. Gemini's
-    and OpenAI's are kept per process and spec (as ``factory.get_client`` keeps online clients):
-    an SDK client owns a connection pool, and the coordinator asks on every poll. The offline
+    and OpenAI's are kept per process and spec (``factory.cached``, as online clients are): an
+    SDK client owns a connection pool, and the coordinator asks on every poll. The offline
     teacher's reads its settings from the environment when built, so it is built each time."""
     if vlm.backend not in ("gemini", "openai"):
         return _build(vlm)
-    from worker.clients.factory import spec_fingerprint
+    from worker.clients.factory import cached
 
-    key = (vlm.backend, spec_fingerprint(vlm))
-    with _backends_lock:
-        backend = _backends.get(key)
-        if backend is None:
-            backend = _backends[key] = _build(vlm)
-        return backend
+    return cached("batch", vlm, _build)
 
 
 def _build(vlm: VLMSpec) -> BatchBackend:

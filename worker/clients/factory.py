@@ -13,6 +13,8 @@ import hashlib
 import json
 import os
 import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from worker import settings
 from worker.clients.base import VLMClient
@@ -26,8 +28,9 @@ OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
 _KEYS = settings.API_KEY_VARS
 _ENV = {"openai": ("OPENAI_BASE_URL",)}
 
+T = TypeVar("T")
 _lock = threading.Lock()
-_clients: dict[tuple[str, str], VLMClient] = {}
+_clients: dict[tuple[str, str, str], Any] = {}
 
 
 def spec_fingerprint(vlm: VLMSpec) -> str:
@@ -58,12 +61,18 @@ def _build(vlm: VLMSpec) -> VLMClient:
 
 def get_client(vlm: VLMSpec) -> VLMClient:
     """The process-wide client for this spec; built on first use, under a lock."""
-    key = (vlm.backend, spec_fingerprint(vlm))
+    return cached("online", vlm, _build)
+
+
+def cached(kind: str, vlm: VLMSpec, build: Callable[[VLMSpec], T]) -> T:
+    """``build(vlm)``, once per process for each kind of object, backend and spec fingerprint
+    (online clients here, batch backends in ``clients/batch.py``)."""
+    key = (kind, vlm.backend, spec_fingerprint(vlm))
     with _lock:
-        client = _clients.get(key)
-        if client is None:
-            client = _clients[key] = _build(vlm)
-        return client
+        obj = _clients.get(key)
+        if obj is None:
+            obj = _clients[key] = build(vlm)
+        return obj
 
 
 def clear_cache() -> None:
