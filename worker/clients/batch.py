@@ -10,12 +10,12 @@ and the offline teacher (answers at once, for demos and tests).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from worker.clients.base import VLMRequest, VLMResponse
-from worker.errors import ConfigError
+from worker.errors import ConfigError, PipelineError
 from worker.spec import VLMSpec
 
 JobState = Literal["pending", "running", "succeeded", "failed", "expired", "cancelled"]
@@ -129,3 +129,22 @@ NO_KEY = "refexp-no-key"
 FIND_LIMIT = 500
 #: What an endpoint's batch route answers a keyless probe with when the route exists.
 KEYLESS_PROBE_ANSWERS = frozenset({400, 401, 403})
+
+
+def probe_listing(backend: Any, list_one: Callable[[], object], *, expected: str, asked: str) -> None:
+    """``BatchBackend.probe`` by listing one job through the backend's SDK client: a 404 (405,
+    501) is an endpoint without a batch API (vLLM, NIM); without a key (the producer) an auth
+    error is the answer of a route that exists, since the workers' key is checked when they
+    submit. ``asked`` names the request in the message (``GET /batches``)."""
+    try:
+        with backend.sdk_errors(expected=expected):
+            list_one()
+    except PipelineError as exc:
+        status = getattr(exc, "status", None)
+        if status in (404, 405, 501):
+            raise BatchUnsupported(
+                f"{backend.name}: {backend.base_url} has no batch API ({asked} answered HTTP {status}; vLLM and "
+                "NIM have none): set vlm.batch off for this endpoint") from exc
+        if backend._no_key is not None and status in KEYLESS_PROBE_ANSWERS:
+            return
+        raise

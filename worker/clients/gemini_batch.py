@@ -24,13 +24,12 @@ from google.genai import types
 from worker.clients.base import VLMRequest, VLMResponse
 from worker.clients.batch import (
     FIND_LIMIT,
-    KEYLESS_PROBE_ANSWERS,
     NO_KEY,
     BatchItem,
-    BatchUnsupported,
     JobState,
     JobStatus,
     check_items,
+    probe_listing,
 )
 from worker.clients.gemini import _RETRYABLE_4XX, GeminiClient
 from worker.clients.replies import Endpoint, about_schema, map_status
@@ -99,18 +98,8 @@ class GeminiBatch(GeminiClient):
         """List one job: an endpoint without the batch routes answers 404. Without a key (the
         producer) an auth error is the answer of a route that exists: the workers' key is
         checked when they submit."""
-        try:
-            with self.sdk_errors(expected="a list of batch jobs"):
-                self._client.batches.list(config=types.ListBatchJobsConfig(page_size=1))
-        except PipelineError as exc:
-            status = getattr(exc, "status", None)
-            if status in (404, 405, 501):
-                raise BatchUnsupported(
-                    f"{self.name}: {self.base_url} has no batch API (listing batch jobs answered HTTP "
-                    f"{exc.status}): set vlm.batch off for this endpoint") from exc
-            if self._no_key is not None and status in KEYLESS_PROBE_ANSWERS:
-                return
-            raise
+        probe_listing(self, lambda: self._client.batches.list(config=types.ListBatchJobsConfig(page_size=1)),
+                      expected="a list of batch jobs", asked="listing batch jobs")
 
     def submit(self, items: Sequence[BatchItem], *, display_name: str) -> str:
         self._keyed()

@@ -22,13 +22,12 @@ from openai.types.chat import ChatCompletion
 from worker.clients.base import VLMResponse
 from worker.clients.batch import (
     FIND_LIMIT,
-    KEYLESS_PROBE_ANSWERS,
     NO_KEY,
     BatchItem,
-    BatchUnsupported,
     JobState,
     JobStatus,
     check_items,
+    probe_listing,
 )
 from worker.clients.openai_compat import OpenAICompatClient
 from worker.clients.replies import about_schema, map_status
@@ -67,18 +66,8 @@ class OpenAIBatch(OpenAICompatClient):
         """List one job: vLLM and NIM answer 404 on ``/batches``. Without a key (the producer)
         an auth error is the answer of a route that exists: the workers' key is checked when
         they submit."""
-        try:
-            with self.sdk_errors(expected="a list of batches"):
-                self._client.batches.list(limit=1)
-        except PipelineError as exc:
-            status = getattr(exc, "status", None)
-            if status in (404, 405, 501):
-                raise BatchUnsupported(
-                    f"{self.name}: {self.base_url} has no batch API (GET /batches answered HTTP {exc.status}; "
-                    f"vLLM and NIM have none): set vlm.batch off for this endpoint") from exc
-            if self._no_key is not None and status in KEYLESS_PROBE_ANSWERS:
-                return
-            raise
+        probe_listing(self, lambda: self._client.batches.list(limit=1), expected="a list of batches",
+                      asked="GET /batches")
 
     def submit(self, items: Sequence[BatchItem], *, display_name: str) -> str:
         self._keyed()
