@@ -177,7 +177,8 @@ def check_batch(spec: Spec) -> None:
     ``ConfigError``) now, before anything is seeded. The probe needs no key (keys stay on the
     workers): it decides from the endpoint (``BatchBackend.probe``)."""
     if spec.ire.vlm.batch.enabled:
-        from worker.clients.batch import BatchUnsupported, get_batch_backend
+        from worker.clients.batch import BatchUnsupported
+        from worker.clients.factory import get_batch_backend
 
         try:
             backend = get_batch_backend(spec.ire.vlm)

@@ -39,7 +39,8 @@ from pathlib import Path
 import redis
 
 from worker.batchflow import publish_step
-from worker.clients.batch import BatchBackend, BatchItem, get_batch_backend
+from worker.clients.batch import BatchBackend, BatchItem
+from worker.clients.factory import get_batch_backend
 from worker.context import RunContext, RunNotInRedis, get_context, state_redis
 from worker.errors import ClientError, ConfigError, PermanentClientError
 from worker.images import load_payload

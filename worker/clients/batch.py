@@ -16,7 +16,6 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 from worker.clients.base import VLMRequest, VLMResponse
 from worker.errors import ConfigError, PipelineError
-from worker.spec import VLMSpec
 
 JobState = Literal["pending", "running", "succeeded", "failed", "expired", "cancelled"]
 FINAL_STATES: frozenset[str] = frozenset({"succeeded", "failed", "expired", "cancelled"})
@@ -83,34 +82,6 @@ class BatchBackend(Protocol):
         """The id of a job this key submitted under ``display_name``, if the provider lists one
         among its recent jobs: how a coordinator that died between the provider accepting a job
         and the ledger recording its id is caught up without sending the job again."""
-
-
-def get_batch_backend(vlm: VLMSpec) -> BatchBackend:
-    """The batch backend for ``vlm.backend``, imported lazily like the online clients. Gemini's
-    and OpenAI's are kept per process and spec (``factory.cached``, as online clients are): an
-    SDK client owns a connection pool, and the coordinator asks on every poll. The offline
-    teacher's reads its settings from the environment when built, so it is built each time."""
-    if vlm.backend not in ("gemini", "openai"):
-        return _build(vlm)
-    from worker.clients.factory import cached
-
-    return cached("batch", vlm, _build)
-
-
-def _build(vlm: VLMSpec) -> BatchBackend:
-    if vlm.backend == "gemini":
-        from worker.clients.gemini_batch import GeminiBatch
-
-        return GeminiBatch(vlm.gemini)
-    if vlm.backend == "openai":
-        from worker.clients.openai_batch import OpenAIBatch
-
-        return OpenAIBatch(vlm.openai)
-    if vlm.backend == "offline":
-        from worker.clients.offline_batch import OfflineBatch
-
-        return OfflineBatch(vlm)
-    raise ConfigError(f"vlm.backend = {vlm.backend!r} is not one of: gemini, openai, offline")
 
 
 def check_items(items: Sequence[BatchItem]) -> None:

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 from worker import settings
 from worker.clients.base import VLMClient
+from worker.clients.batch import BatchBackend
 from worker.errors import ConfigError
 from worker.spec import VLMSpec
 
@@ -73,6 +74,32 @@ def cached(kind: str, vlm: VLMSpec, build: Callable[[VLMSpec], T]) -> T:
         if obj is None:
             obj = _clients[key] = build(vlm)
         return obj
+
+
+def get_batch_backend(vlm: VLMSpec) -> BatchBackend:
+    """The batch backend for ``vlm.backend``, imported lazily like the online clients. Gemini's
+    and OpenAI's are kept per process and spec (``factory.cached``, as online clients are): an
+    SDK client owns a connection pool, and the coordinator asks on every poll. The offline
+    teacher's reads its settings from the environment when built, so it is built each time."""
+    if vlm.backend not in ("gemini", "openai"):
+        return _build_batch(vlm)
+    return cached("batch", vlm, _build_batch)
+
+
+def _build_batch(vlm: VLMSpec) -> BatchBackend:
+    if vlm.backend == "gemini":
+        from worker.clients.gemini_batch import GeminiBatch
+
+        return GeminiBatch(vlm.gemini)
+    if vlm.backend == "openai":
+        from worker.clients.openai_batch import OpenAIBatch
+
+        return OpenAIBatch(vlm.openai)
+    if vlm.backend == "offline":
+        from worker.clients.offline_batch import OfflineBatch
+
+        return OfflineBatch(vlm)
+    raise ConfigError(f"vlm.backend = {vlm.backend!r} is not one of: gemini, openai, offline")
 
 
 def clear_cache() -> None:

@@ -8,7 +8,8 @@ import pytest
 
 from tests.support.fake_vlm import FakeVLM
 from worker.clients.base import BlockedAnswer, StructuredOutputRejected, TruncatedAnswer, VLMRequest, VLMResponse
-from worker.clients.batch import BatchBackend, BatchItem, BatchUnsupported, get_batch_backend
+from worker.clients.batch import BatchBackend, BatchItem, BatchUnsupported
+from worker.clients.factory import get_batch_backend
 from worker.clients.openai_batch import OpenAIBatch
 from worker.clients.openai_compat import OpenAICompatClient
 from worker.errors import ClientError, PermanentClientError, RateLimited
