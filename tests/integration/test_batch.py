@@ -210,3 +210,50 @@ def test_requests_the_provider_answered_with_an_error_are_parked_again(fleet, ba
     retried = [e for j in ledger.jobs() if j.step == 1 for e in ledger.requests(j) if e["vlm_retries"]]
     assert len(retried) == 3
     assert without_calls(results / "annotations.jsonl") == online_reference(batch_env, demo_data, tmp_path)
+
+
+def test_a_full_results_volume_under_batch_mode_loses_nothing_and_sends_no_job_twice(fleet, batch_env, demo_data,
+                                                                                        tmp_path):
+    """The ledger lives on the results volume: while it is full, parking a request, writing a
+    job and writing its answers all fail (a real tmpfs, filled). Tasks retry and the coordinator
+    tries again next tick; once space is back the run ends with every image, no failure, and
+    every job sent once."""
+    from tests.support.faults import fill, tmpfs
+
+    with tmpfs(tmp_path / "vol", "16m") as vol:
+        results = vol / "results"
+        producer(batch_env, "enqueue", *batch_args(results, demo_data))
+        filler = fill(vol)  # not a byte left for the ledger, the sinks or the legacy files
+        fleet.start(2)
+        wait_until(lambda: sum(w.text().count("No space left on device") for w in fleet.workers) >= 3, 120,
+                   "workers to hit the full volume")
+        filler.unlink()
+        producer(batch_env, "wait", "--results-dir", str(results), "--timeout", "240", timeout=300)
+        assert without_calls(results / "annotations.jsonl") == online_reference(batch_env, demo_data, tmp_path)
+        assert not (results / "failures.jsonl").exists() or not (results / "failures.jsonl").read_text().strip()
+        names = submitted_names(tmp_path / "provider")
+        assert names and len(names) == len(set(names)), "a job was submitted twice"
+        assert {j.state for j in ledger_jobs(results)} == {"released"}
+
+
+def test_a_read_only_results_volume_mid_batch_run_loses_nothing(fleet, batch_env, demo_data, tmp_path):
+    """The volume turns read-only while jobs are in flight (answers to write, requests to park),
+    then writable again: every image ends done, none failed, no job sent twice."""
+    from tests.support.faults import remount, tmpfs
+
+    with tmpfs(tmp_path / "vol", "64m") as vol:
+        results = vol / "results"
+        fleet.start(2, extra_env={"REFEXP_OFFLINE_BATCH_POLLS": "3"})
+        producer(batch_env, "enqueue", *batch_args(results, demo_data))
+        wait_until(lambda: any(j.state == "submitted" for j in ledger_jobs(results)), 120, "a job submitted")
+        remount(vol, "ro")
+        try:
+            wait_until(lambda: sum(w.text().count("Read-only file system") for w in fleet.workers) >= 2, 120,
+                       "workers to hit the read-only volume")
+        finally:
+            remount(vol, "rw")
+        producer(batch_env, "wait", "--results-dir", str(results), "--timeout", "240", timeout=300)
+        assert without_calls(results / "annotations.jsonl") == online_reference(batch_env, demo_data, tmp_path)
+        assert not (results / "failures.jsonl").exists() or not (results / "failures.jsonl").read_text().strip()
+        names = submitted_names(tmp_path / "provider")
+        assert len(names) == len(set(names)), "a job was submitted twice"
