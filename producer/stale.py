@@ -5,8 +5,8 @@ spec would send now (``worker/steps/fingerprint.py``), or a step they read is st
 redoing them would cost; ``workflow.reprocess: changed`` is what redoes them (the workers make
 the same comparison, ``worker/execute.py::keep_if_current``). The check is the worker's: the
 first request rebuilt from the image's seed line and the upstream records, the image's content
-hash (``worker.images.content_hash``, read from the hash kept on the volume when a worker
-already computed it, else from the image), no model call.
+hash (``worker.images.content_hash``: each image read and hashed once; no hash file is written,
+since the workers keep those only while an image is in flight), no model call.
 
 It reads every step sink once and every image's hash, in bounded memory: the sinks' ``(image_id,
 offset)`` pairs are sorted externally and merge-joined with the seed, as finalize does
@@ -28,7 +28,6 @@ from producer.seed import iter_seed
 from producer.usage import call_cost
 from worker.budget import endpoint_key
 from worker.errors import InputError
-from worker.images import CACHE_DIR
 from worker.layout import Layout
 from worker.spec import Spec
 from worker.stepdefs import ALL_STEPS, STEP
@@ -77,7 +76,9 @@ def stale_report(spec: Spec, layout: Layout | None = None, templates: dict[str, 
     steps = sorted(spec.ire.workflow.steps)
     templates = templates if templates is not None else load_prompts(spec.ire.workflow.prompts_file)
     vlm = spec.ire.vlm
-    options = StepOptions.from_vlm(vlm, endpoint=endpoint_key(vlm), image_cache_dir=str(layout.root / CACHE_DIR))
+    # No image cache: a hash file written here for every image would stay (the workers drop an
+    # image's folder when it settles); each image is read and hashed once instead.
+    options = StepOptions.from_vlm(vlm, endpoint=endpoint_key(vlm))
     structured = vlm.backend in STRUCTURED_BACKENDS
     report = StaleReport([StepStale(s) for s in steps])
     per = {s.step: s for s in report.steps}

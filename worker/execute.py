@@ -167,8 +167,10 @@ def keep_if_current(ctx: RunContext, step: int, image_id: str, prior: int, recor
     if have not in want:
         log.debug("%s step %d: fingerprint %s is stale (now %s); redoing it", image_id, step, have, sorted(want))
         return False
-    ctx.state.finish(step, image_id, prior, ctx.spec.ire.workflow.steps)
+    settled = ctx.state.finish(step, image_id, prior, ctx.spec.ire.workflow.steps)
     ctx.state.drop_prior(step, image_id)
+    if settled:
+        _drop_image_cache(ctx, record)
     return True
 
 
@@ -191,9 +193,16 @@ def commit(ctx: RunContext, step: int, image_id: str, pending: dict) -> str:
                                quality=step_meta.get("quality"))
     if wf.reprocess == "changed":
         ctx.state.drop_prior(step, image_id)  # the record set aside is superseded
-    if settled and ctx.options.image_cache_dir and record.get("image_path"):
-        drop_cached(ctx.options.image_cache_dir, str(record["image_path"]))
+    if settled:
+        _drop_image_cache(ctx, record)
     return DONE
+
+
+def _drop_image_cache(ctx: RunContext, record: dict) -> None:
+    """The image has settled: its converted copies and its content-hash file go (the cache
+    holds the images in flight, not every image of the run)."""
+    if ctx.options.image_cache_dir and record.get("image_path"):
+        drop_cached(ctx.options.image_cache_dir, str(record["image_path"]))
 
 
 def record_failure(ctx: RunContext, step: int, image_id: str, exc: BaseException | dict, attempts: int) -> str:

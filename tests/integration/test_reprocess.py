@@ -74,6 +74,8 @@ def test_changed_redoes_only_what_the_spec_changed(fleet, fleet_env, fake_vlm, t
 
     # Nothing changed, or only what no request carries (the timeout): no call, same output.
     assert enqueue() == dict.fromkeys(STEPS, 0), fleet.logs()
+    # The checks hashed every image; the hash files went with each image as it settled.
+    assert not [p for p in (results / ".image-cache").rglob("*") if p.is_file()]
     assert enqueue(f"{P}.vlm.openai.timeout=45") == dict.fromkeys(STEPS, 0), fleet.logs()
     assert fingerprints(results) == before
 

@@ -106,7 +106,8 @@ def expected_fingerprints(step: int, record: dict, templates: dict[str, str], op
     """The fingerprints a record of ``step`` made from ``record`` (its input: seed and upstream
     records as they are now) would carry if it were made now, without asking the model: the
     first request rebuilt (``converse.plan``) and the image's hash (``images.content_hash``: a
-    stat and, usually, no read). ``structured``: whether this process would send a schema.
+    stat, then the hash kept while the image is in flight, else one read). ``structured``:
+    whether this process would send a schema.
     ``fell_back``: the existing record's endpoint refused a schema, so the text requests it
     sends then are also current (the endpoint would refuse again): the one right after the
     refusal (the structured budget) and the ones after it (the text budget). Raises ``InputError`` when
