@@ -14,7 +14,7 @@ last two thirds of each short run; then ``auto`` for ``--auto-seconds``, through
 ``--halve-at``, how long until the p99 latency of the calls finishing in a 2 s window is back
 within 2x the floor (L).
 
-    flock /work/wt/_bench.lock .venv/bin/python -m bench.adaptive --k 8 24 64
+    .venv/bin/python -m bench.adaptive --k 8 24 64
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ offline teacher: ``--backend offline``, no fleet budget), measured from Redis it
 The whole run is done twice: workers with task events (``-E``, what Flower needs) and without,
 and the two are reported separately.
 
-    flock /work/wt/_bench.lock .venv/bin/python -m bench.redis_cost --images 300 --workdir /tmp/bench-redis
+    .venv/bin/python -m bench.redis_cost --images 300 --workdir /tmp/bench-redis
     .venv/bin/python -m bench.redis_cost --images 300 --monitor --events on
     .venv/bin/python -m bench.redis_cost --images 2000 --events off --status-at 1000000
 """

@@ -9,8 +9,8 @@ peak RSS (its own ``VmHWM``; the pool processes' figure is ``ru_maxrss``, an upp
 phase runs at ``--small`` and at ``--images`` images; the difference gives the
 per-image slopes (bytes of RSS, µs of CPU) from which ten million is read off:
 
-    flock /work/wt/_bench.lock .venv/bin/python -m bench.scale --workdir /tmp/bench-store/scale
-    flock /work/wt/_bench.lock .venv/bin/python -m bench.scale --code /path/to/main --layout main
+    .venv/bin/python -m bench.scale --workdir /tmp/bench-store/scale
+    .venv/bin/python -m bench.scale --code /path/to/main --layout main
 
 Phases: ``seed_jsonl`` (``write_seed`` from ``data.input_annotations_jsonl``, width/height
 given: no image is opened), ``seed_dir`` (``write_seed`` from ``data.image_dir`` of

@@ -10,7 +10,7 @@ Only a local filesystem is here: on NFS/EFS every lock and fsync is a network ro
 "before" is bounded by one lock round trip per record fleet-wide, "after" by each writer's own
 fsync round trip (see docs/architecture.md).
 
-    flock /work/wt/_bench.lock .venv/bin/python -m bench.sinks --workdir /tmp/bench-store
+    .venv/bin/python -m bench.sinks --workdir /tmp/bench-store
 """
 
 from __future__ import annotations
