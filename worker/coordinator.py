@@ -332,27 +332,30 @@ class Desk:
             return
         keys = [e["key"] for e in self.ledger.requests(job)]
         answers: dict[str, dict] = {}
-        if st.state in ("succeeded", "expired"):
+        state, error = st.state, st.error
+        if state in ("succeeded", "expired"):
             # An expired job keeps the answers it finished in time (OpenAI writes them to its
             # output file): they are used, and only the rest is asked again.
             try:
                 with renewing(self.holds, self.renew_every):
                     answers = {k: answer_to_json(a) for k, a in backend.results(job.provider_id, expected_keys=keys)
-                               if not (st.state == "expired" and isinstance(a, ClientError))}
+                               if not (state == "expired" and isinstance(a, ClientError))}
             except ClientError as exc:
-                if st.state == "succeeded":
+                if state == "succeeded":  # a download cut: read again at the next poll
                     log.warning("batch job %s: its answers could not be read (%s); reading them next poll",
                                 job.job_id, exc)
-                    self.polled.pop(job.job_id, None)
                     return
                 log.warning("batch job %s expired and its partial answers could not be read (%s)", job.job_id, exc)
-        if st.state == "succeeded":
+            except PermanentClientError as exc:  # never readable: the job is lost as a whole
+                log.warning("batch job %s: its answers cannot be read (%s)", job.job_id, exc)
+                answers, state, error = {}, "failed", f"its answers cannot be read: {exc}"
+        if state == "succeeded":
             missing = ClientError(f"batch job {job.provider_id}: no answer for this request in its output")
             answers = {k: answers.get(k) or answer_to_json(missing) for k in keys}
         else:
-            failed = BatchJobFailed(f"batch job {job.provider_id} {st.state}: {st.error or 'no reason given'}")
+            failed = BatchJobFailed(f"batch job {job.provider_id} {state}: {error or 'no reason given'}")
             answers = {k: answers.get(k) or answer_to_json(failed) for k in keys}
-            log.warning("batch job %s: %s as a whole; %d of its %d requests are retried", job.job_id, st.state,
+            log.warning("batch job %s: %s as a whole; %d of its %d requests are retried", job.job_id, state,
                         sum(1 for k in keys if answers[k].get("error")), len(keys))
         self.collect(job, answers)
 
