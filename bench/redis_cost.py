@@ -16,7 +16,10 @@ offline teacher: ``--backend offline``, no fleet budget), measured from Redis it
 - with ``--status-at N``, how long ``producer status`` takes on a run whose index holds N images;
 - **Redis bytes per finished image-step**: ``used_memory`` after the run has settled (queue
   empty, every image out of the in-flight set) minus before the run, divided by 4 N; with the
-  remaining keys broken down by family (``MEMORY USAGE``), Celery's keys included.
+  remaining keys broken down by family (``MEMORY USAGE``), Celery's keys included. Celery's chord
+  markers (``.c``) are still there then (they expire 300 s after their chord joined): the figure
+  with their bytes subtracted is printed too, and ``--markers-wait 330`` reads memory once they
+  have gone instead.
 
 The whole run is done twice: workers with task events (``-E``, what Flower needs) and without,
 and the two are reported separately.
@@ -58,6 +61,10 @@ STEPS = 4
 POLL = 0.25
 #: Commands a poll of the bench sends (one pipeline, one round trip): HLEN x 4.
 POLL_COMMANDS = {"hlen": 4}
+#: Celery's chord "done" markers: read with the rest right after the run, but they expire
+#: ``MARKERS_TTL`` s after their chord joined (O(rate), not O(N)); both figures are reported.
+MARKERS = "celery-taskset-meta-*.c"
+MARKERS_TTL = 300
 
 
 def _commandstats(r) -> Counter:
@@ -73,6 +80,16 @@ def _data_memory(r) -> int:
     fleet's connections, not with the run's data)."""
     info = r.info("memory")
     return int(info["used_memory"]) - int(info.get("mem_clients_normal", 0))
+
+
+def _wait_markers_gone(r, timeout: float) -> bool:
+    """Wait (at most ``timeout`` s) until Redis has expired every chord marker; True if it did."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if next(r.scan_iter(match="celery-taskset-meta-*.c", count=1000), None) is None:
+            return True
+        time.sleep(2)
+    return False
 
 
 def key_family(key: str) -> str:
@@ -155,7 +172,7 @@ def _first_key(name: str, args: list[str]) -> str:
 
 def one_run(url: str, *, images_dir: Path, labels_dir: Path, results: Path, backend: str, fake, n_workers: int,
             threads: int, events: bool, monitor: bool, logdir: Path, deadline: Deadline,
-            concurrency: int | str = 32) -> dict:
+            concurrency: int | str = 32, markers_wait: float = 0) -> dict:
     r = redis_client(url)
     r.flushall()
     shutil.rmtree(results, ignore_errors=True)
@@ -194,6 +211,10 @@ def one_run(url: str, *, images_dir: Path, labels_dir: Path, results: Path, back
     # Read with the workers gone and the monitor stopped: connections and their buffers are not
     # what the run leaves behind.
     mem1 = _data_memory(r)
+    markers_gone = None
+    if markers_wait:  # what stays once the chord markers have expired, read rather than subtracted
+        markers_gone = _wait_markers_gone(r, markers_wait)
+        mem1 = _data_memory(r)
     keys = key_breakdown(r)
     cmds = cmd1 - cmd0
     for name, k in POLL_COMMANDS.items():
@@ -209,6 +230,8 @@ def one_run(url: str, *, images_dir: Path, labels_dir: Path, results: Path, back
             "by_sender": ({k: round(v / tasks, 2) for k, v in mon.counts.most_common()} if mon else None),
             "used_memory_before": mem0, "used_memory_after": mem1,
             "bytes_per_image_step": round((mem1 - mem0) / tasks, 1),
+            "bytes_per_image_step_less_markers": round((mem1 - mem0 - keys.get(MARKERS, (0, 0))[1]) / tasks, 1),
+            "markers_gone": markers_gone,
             "keys_after": {k: {"keys": c, "bytes": b, "per_image_step": round(b / tasks, 1)}
                            for k, (c, b) in keys.items()}}
 
@@ -253,6 +276,12 @@ def report(res: dict) -> None:
                 print(f"     {v:7.2f}  {k}")
     print(f"   used_memory (less client buffers) {res['used_memory_before']} -> {res['used_memory_after']} B: "
           f"{res['bytes_per_image_step']} B per finished image-step")
+    if res["markers_gone"] is None:
+        print(f"   {res['bytes_per_image_step_less_markers']} B per finished image-step once the chord markers "
+              f"({MARKERS}, {MARKERS_TTL} s) have expired (their bytes subtracted)")
+    else:
+        print(f"   (read after waiting for the chord markers to expire: "
+              f"{'all gone' if res['markers_gone'] else 'SOME LEFT at the time bound'})")
     print("   keys left after the run (family: keys, bytes, bytes per image-step):")
     for fam, v in res["keys_after"].items():
         print(f"     {fam}: {v['keys']}, {v['bytes']} B, {v['per_image_step']}")
@@ -270,6 +299,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="also time status on a run whose done index holds this many images (1000000: ~1 min)")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/refexp-bench"))
     ap.add_argument("--timeout", type=float, default=170)
+    ap.add_argument("--markers-wait", type=float, default=0,
+                    help=f"read memory once the chord markers have expired (they live {MARKERS_TTL} s): "
+                         "wait up to this many seconds for them")
     ap.add_argument("--json", default=None)
     ap.add_argument("--concurrency", default="32", help="vlm.max_concurrency: a number or auto")
     a = ap.parse_args(argv)
@@ -286,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
             res = one_run(url, images_dir=images_dir, labels_dir=labels_dir,
                           results=a.workdir / f"results-redis-cost-{int(events)}", backend=a.backend, fake=fake,
                           n_workers=n_workers, threads=threads, events=events, monitor=a.monitor,
-                          logdir=a.workdir / "logs", deadline=deadline, concurrency=a.concurrency)
+                          logdir=a.workdir / "logs", deadline=deadline, concurrency=a.concurrency,
+                          markers_wait=a.markers_wait)
             report(res)
             runs.append(res)
             ok = ok and res["settled"]
