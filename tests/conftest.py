@@ -90,7 +90,7 @@ def fleet(fleet_env, tmp_path):
     logdir.mkdir()
     f = Fleet(env=fleet_env, logdir=logdir)
     yield f
-    f.stop_all()
+    f.discard()
 
 
 @pytest.fixture(scope="session")

@@ -147,7 +147,7 @@ def fleet(site, tmp_path) -> Iterator[Fleet]:
     logdir.mkdir()
     f = Fleet(env=site.env, logdir=logdir)
     yield f
-    f.stop_all()  # before the site's namespaces go
+    f.discard()  # before the site's namespaces go
 
 
 @pytest.fixture(scope="module")
