@@ -56,8 +56,12 @@ netns:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 >/dev/null; \
 	  else echo "iproute2 is missing: install it (Debian: apt-get install iproute2) for the cross-host tests (run as root)"; fi; }
 
+# Two pytest-xdist workers: most of the suite waits on worker processes, fake endpoints and
+# timeouts, so two run side by side on two cores. TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
+
 test: install redis redis-server browser faketime netns
-	$(BIN)/pytest -q -p no:cacheprovider
+	$(BIN)/pytest -q -p no:cacheprovider -n $(TEST_WORKERS)
 
 lint: install
 	$(BIN)/ruff check .

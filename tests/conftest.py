@@ -2,6 +2,9 @@
 
 Redis: ``REFEXP_TEST_REDIS_URL`` when set (CI points it at a server it started; the database is
 flushed by each test that uses it), otherwise a private redis-server started for the session.
+Under pytest-xdist (``make test`` runs two workers) each worker is a session of its own: its own
+private redis-server, or its own database of ``REFEXP_TEST_REDIS_URL``'s server
+(``tests/support/parallel.py``).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import redis
 from producer.embedded import embedded_redis
 from tests.support.fake_vlm import FakeVLM
 from tests.support.fleet import Fleet
+from tests.support.parallel import worker_db_url
 from worker.settings import API_KEY_VARS
 
 API_KEYS = tuple(v for names in API_KEY_VARS.values() for v in names)
@@ -43,7 +47,12 @@ def fresh_process_caches():
 def redis_url():
     url = os.environ.get("REFEXP_TEST_REDIS_URL")
     if url:
-        redis.Redis.from_url(url).ping()  # a configured but dead server is an error, not a skip
+        url = worker_db_url(url, os.environ.get("PYTEST_XDIST_WORKER"))
+        try:
+            redis.Redis.from_url(url).ping()  # a configured but dead server is an error, not a skip
+        except redis.ResponseError as e:  # "DB index is out of range": fewer databases than workers
+            raise RuntimeError(f"REFEXP_TEST_REDIS_URL: this test worker's database ({url}) does not exist "
+                               f"({e}): run fewer workers (-n) or give the server more databases") from e
         yield url
         return
     with embedded_redis() as url:
@@ -81,7 +90,7 @@ def fleet(fleet_env, tmp_path):
     logdir.mkdir()
     f = Fleet(env=fleet_env, logdir=logdir)
     yield f
-    f.stop_all()
+    f.discard()
 
 
 @pytest.fixture(scope="session")

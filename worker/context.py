@@ -118,7 +118,7 @@ def get_context(run_ref: str) -> RunContext:
             endpoint_key=endpoint_key(vlm),
             max_concurrency=vlm.max_concurrency,
             requests_per_minute=vlm.requests_per_minute,
-            lease_seconds=float(timeout) + 30.0,
+            lease_seconds=float(timeout) + settings.budget_lease_margin(),
             ceiling=vlm.max_concurrency_ceiling,
         )
         ctx = RunContext(

@@ -47,6 +47,7 @@ from worker.images import load_payload
 from worker.keys import BATCH_LEASE, BATCH_RUNS, run_key
 from worker.ledger import Job, Ledger, Parked
 from worker.parking import BatchJobFailed, answer_to_json, request_from_json
+from worker.settings import env_seconds
 
 log = logging.getLogger("refexp.batch")
 
@@ -54,6 +55,14 @@ def lease_seconds_default() -> float:
     """How long the coordinator's lease lasts unrenewed (``REFEXP_BATCH_LEASE_SECONDS``, 30 by
     default; tests lower it so a killed holder is replaced quickly)."""
     return float(os.environ.get("REFEXP_BATCH_LEASE_SECONDS") or 30.0)
+
+
+def claim_stale_seconds(lease_seconds: float) -> float:
+    """How old the submit claim of a job still ``formed`` must be before another coordinator
+    takes it over (``Ledger.claim_submit``): ten leases, at least 60 s, so a slow upload is not
+    taken for a dead coordinator. ``REFEXP_BATCH_CLAIM_STALE_SECONDS`` sets it (tests lower it
+    with the lease, so a killed coordinator's job is not waited on for a minute)."""
+    return env_seconds("REFEXP_BATCH_CLAIM_STALE_SECONDS", max(60.0, 10 * lease_seconds), minimum=1)
 
 
 #: Ticks are at most this far apart (and at most a third of the lease).
@@ -442,7 +451,7 @@ class Coordinator:
             seen.setdefault(root, []).append(ref)
             if root not in self.desks:
                 self.desks[root] = Desk(Ledger(root), self.backend_for, token=self.token, holds=self.holds_lease,
-                                        claim_stale_after=max(60.0, 10 * self.lease_seconds),
+                                        claim_stale_after=claim_stale_seconds(self.lease_seconds),
                                         renew_every=self.lease_seconds / 3)
         now = time.time()
         try:

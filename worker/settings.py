@@ -133,6 +133,13 @@ def env_seconds(name: str, default: float, *, minimum: float, whole: bool = Fals
     return value
 
 
+def budget_lease_margin() -> float:
+    """``REFEXP_BUDGET_LEASE_MARGIN``: how long a call's concurrency slot outlives the VLM timeout
+    before it frees itself (30 s by default), which is how long a worker killed mid-call holds
+    its slots. Tests shorten it so the slots of a killed worker come back in seconds."""
+    return env_seconds("REFEXP_BUDGET_LEASE_MARGIN", 30.0, minimum=1)
+
+
 def visibility_timeout() -> int:
     """``REFEXP_VISIBILITY_TIMEOUT``: how long Redis waits before handing out an unacked task again."""
     return int(env_seconds("REFEXP_VISIBILITY_TIMEOUT", DEFAULT_VISIBILITY_TIMEOUT, minimum=5, whole=True))

@@ -79,10 +79,10 @@ def test_a_killed_workers_slots_come_back(fleet, fleet_env, fake_vlm, demo_data,
     fake_vlm.answer_fn = answer
     fake_vlm.capacity = cap = Capacity(k=100)
     pin_limit(redis_client, fake_vlm, 3)
-    env = {"REFEXP_VISIBILITY_TIMEOUT": SHORT_VT}
+    # A short timeout and lease margin keep the dead worker's leases short (2 s + 10 s, not + 30 s).
+    env = {"REFEXP_VISIBILITY_TIMEOUT": SHORT_VT, "REFEXP_BUDGET_LEASE_MARGIN": "10"}
     first = fleet.start(1, concurrency=4, extra_env=env)[0]
     results = tmp_path / "results"
-    # A short timeout keeps the dead worker's leases short (timeout + 30 s).
     producer(fleet_env, "enqueue", *job(fake_vlm, demo_data, results, AUTO,
                                         "image_referring_expression.vlm.openai.timeout=2"))
     wait_until(lambda: leases(redis_client, fake_vlm) == 3, 60, "the first worker to hold every slot")

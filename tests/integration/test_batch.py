@@ -5,6 +5,7 @@ live in a directory every process sees, as a provider's live on its servers."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 from pathlib import Path
 
@@ -13,10 +14,15 @@ import pytest
 from tests.support.fleet import producer, wait_until
 from worker.clients.offline_batch import OfflineBatch
 from worker.ledger import Ledger
+from worker.settings import API_KEY_VARS
 
 pytestmark = pytest.mark.integration
 
 V = "image_referring_expression.vlm"
+API_KEYS = tuple(v for names in API_KEY_VARS.values() for v in names)
+# A killed coordinator is replaced within 3 s, and a job it had claimed but not recorded as sent
+# is taken over after 15 s (by default: ten leases, at least a minute).
+SHORT_LEASE = {"REFEXP_BATCH_LEASE_SECONDS": "3", "REFEXP_BATCH_CLAIM_STALE_SECONDS": "15"}
 
 
 def batch_args(results: Path, data: tuple[Path, Path], *extra: str) -> list[str]:
@@ -41,7 +47,7 @@ def without_calls(path: Path) -> list[dict]:
 
 @pytest.fixture
 def batch_env(fleet_env, tmp_path) -> dict[str, str]:
-    env = {**fleet_env, "REFEXP_OFFLINE_BATCH_DIR": str(tmp_path / "provider"), "REFEXP_BATCH_LEASE_SECONDS": "3"}
+    env = {**fleet_env, "REFEXP_OFFLINE_BATCH_DIR": str(tmp_path / "provider"), **SHORT_LEASE}
     fleet_env.update(env)  # the fleet fixture starts workers with this dict
     return env
 
@@ -56,19 +62,26 @@ def ledger_jobs(results: Path) -> list:
     return Ledger(results).jobs()
 
 
-def online_reference(env: dict[str, str], data: tuple[Path, Path], tmp: Path) -> list[dict]:
-    image_dir, label_dir = data
-    out = tmp / "online"
-    producer(env, "run", f"{V}.backend=offline", "image_referring_expression.workflow.output_format=both",
-             "--image-dir", str(image_dir), "--label-dir", str(label_dir), "--results-dir", str(out), timeout=300)
+@pytest.fixture(scope="module")
+def online(demo_data, tmp_path_factory) -> list[dict]:
+    """What every batch run must reproduce: the records of an online ``producer run`` of the same
+    data with the same (deterministic) offline teacher. Made once per module, not once per test:
+    ``run`` uses an embedded Redis of its own and no batch setting, so no test's environment or
+    fault changes it."""
+    image_dir, label_dir = demo_data
+    out = tmp_path_factory.mktemp("online")
+    env = {k: v for k, v in os.environ.items() if k.removesuffix("_FILE") not in (*API_KEYS, "REDIS_PASSWORD")}
+    producer({**env, "PYTHONUNBUFFERED": "1"}, "run", f"{V}.backend=offline",
+             "image_referring_expression.workflow.output_format=both", "--image-dir", str(image_dir),
+             "--label-dir", str(label_dir), "--results-dir", str(out), timeout=300)
     return without_calls(out / "annotations.jsonl")
 
 
-def test_batch_run_gives_the_online_run_s_outputs(fleet, batch_env, demo_data, tmp_path):
+def test_batch_run_gives_the_online_run_s_outputs(fleet, batch_env, demo_data, tmp_path, online):
     fleet.start(2)
     results = tmp_path / "results"
     producer(batch_env, "enqueue", *batch_args(results, demo_data), "--wait", "--timeout", "240", timeout=300)
-    assert without_calls(results / "annotations.jsonl") == online_reference(batch_env, demo_data, tmp_path)
+    assert without_calls(results / "annotations.jsonl") == online
     # every call went through a provider job, each job was submitted once, and all were released
     jobs = ledger_jobs(results)
     names = submitted_names(tmp_path / "provider")
@@ -111,7 +124,7 @@ def test_a_job_that_finishes_while_no_worker_runs_is_collected_not_resubmitted(f
     assert st["finished"] and all(c["failed"] == 0 and c["pending"] == 0 for c in st["steps"].values())
 
 
-def test_killing_the_coordinating_worker_loses_nothing(fleet, batch_env, demo_data, tmp_path, redis_client):
+def test_killing_the_coordinating_worker_loses_nothing(fleet, batch_env, demo_data, tmp_path, redis_client, online):
     workers = fleet.start(2, extra_env={"REFEXP_OFFLINE_BATCH_POLLS": "3"})
     results = tmp_path / "results"
     producer(batch_env, "enqueue", *batch_args(results, demo_data))
@@ -121,12 +134,12 @@ def test_killing_the_coordinating_worker_loses_nothing(fleet, batch_env, demo_da
     fleet.kill(victim, signal.SIGKILL)
     victim.proc.wait()
     producer(batch_env, "wait", "--results-dir", str(results), "--timeout", "240", timeout=300)
-    assert without_calls(results / "annotations.jsonl") == online_reference(batch_env, demo_data, tmp_path)
+    assert without_calls(results / "annotations.jsonl") == online
     names = submitted_names(tmp_path / "provider")
     assert len(names) == len(set(names)), "a job was submitted twice"
 
 
-def test_a_job_that_expires_whole_is_retried_in_a_new_job(fleet, batch_env, demo_data, tmp_path):
+def test_a_job_that_expires_whole_is_retried_in_a_new_job(fleet, batch_env, demo_data, tmp_path, online):
     fleet.start(2, extra_env={"REFEXP_OFFLINE_BATCH_END": "expired:1"})
     results = tmp_path / "results"
     producer(batch_env, "enqueue", *batch_args(results, demo_data), "--wait", "--timeout", "240", timeout=300)
@@ -139,7 +152,7 @@ def test_a_job_that_expires_whole_is_retried_in_a_new_job(fleet, batch_env, demo
     later = {e["image_id"] for j in jobs if j.step == expired[0].step and j.job_id != expired[0].job_id
              for e in Ledger(results).requests(j)}
     assert {e["image_id"] for e in again} <= later
-    assert without_calls(results / "annotations.jsonl") == online_reference(batch_env, demo_data, tmp_path)
+    assert without_calls(results / "annotations.jsonl") == online
 
 
 def test_expired_jobs_past_max_retries_are_recorded_as_failures(fleet, batch_env, demo_data, tmp_path):
@@ -154,10 +167,10 @@ def test_expired_jobs_past_max_retries_are_recorded_as_failures(fleet, batch_env
     assert {f["attempts"] for f in failures} == {2}  # the first job, and the one its retry went into
 
 
-def test_producer_run_with_batch_on(batch_env, demo_data, tmp_path):
+def test_producer_run_with_batch_on(batch_env, demo_data, tmp_path, online):
     results = tmp_path / "local"
     producer(batch_env, "run", *batch_args(results, demo_data), timeout=300)
-    assert without_calls(results / "annotations.jsonl") == online_reference(batch_env, demo_data, tmp_path)
+    assert without_calls(results / "annotations.jsonl") == online
     assert OfflineBatch(directory=tmp_path / "provider").submitted()
 
 
@@ -170,7 +183,7 @@ def test_batch_on_an_endpoint_without_a_batch_api_fails_before_seeding(batch_env
     assert not (results / "seed_annotations.jsonl").exists()
 
 
-def test_a_redis_restarted_empty_loses_no_submitted_job(fleet_env, demo_data, tmp_path):
+def test_a_redis_restarted_empty_loses_no_submitted_job(fleet_env, demo_data, tmp_path, online):
     from producer.embedded import RedisServer
     from tests.integration.test_producer_outages import revive_crashed
     from tests.support.fleet import Fleet
@@ -178,7 +191,7 @@ def test_a_redis_restarted_empty_loses_no_submitted_job(fleet_env, demo_data, tm
     results = tmp_path / "results"
     server = RedisServer().start()
     env = {**fleet_env, "REDIS_URL": server.url, "REFEXP_OFFLINE_BATCH_DIR": str(tmp_path / "provider"),
-           "REFEXP_BATCH_LEASE_SECONDS": "3"}
+           **SHORT_LEASE}
     fleet = Fleet(env=env, logdir=tmp_path)
     try:
         fleet.start(2, extra_env={"REFEXP_OFFLINE_BATCH_POLLS": "6"})
@@ -193,13 +206,13 @@ def test_a_redis_restarted_empty_loses_no_submitted_job(fleet_env, demo_data, tm
         assert len(names) == len(set(names)), "a job was submitted twice"
         jobs = {j.job_id: j for j in ledger_jobs(results)}
         assert all(jobs[i].state == "released" for i in submitted), "a job submitted before the restart was lost"
-        assert without_calls(results / "annotations.jsonl") == online_reference(env, demo_data, tmp_path)
+        assert without_calls(results / "annotations.jsonl") == online
     finally:
         fleet.stop_all()
         server.stop()
 
 
-def test_requests_the_provider_answered_with_an_error_are_parked_again(fleet, batch_env, demo_data, tmp_path):
+def test_requests_the_provider_answered_with_an_error_are_parked_again(fleet, batch_env, demo_data, tmp_path, online):
     fleet.start(2, extra_env={"REFEXP_OFFLINE_BATCH_ERRORS": "image_caption:3"})
     results = tmp_path / "results"
     producer(batch_env, "enqueue", *batch_args(results, demo_data), "--wait", "--timeout", "240", timeout=300)
@@ -209,11 +222,11 @@ def test_requests_the_provider_answered_with_an_error_are_parked_again(fleet, ba
     assert len(step1) == len(set(step1)) + 3, "the three requests answered 503 went into a later job"
     retried = [e for j in ledger.jobs() if j.step == 1 for e in ledger.requests(j) if e["vlm_retries"]]
     assert len(retried) == 3
-    assert without_calls(results / "annotations.jsonl") == online_reference(batch_env, demo_data, tmp_path)
+    assert without_calls(results / "annotations.jsonl") == online
 
 
 def test_a_full_results_volume_under_batch_mode_loses_nothing_and_sends_no_job_twice(fleet, batch_env, demo_data,
-                                                                                        tmp_path):
+                                                                                        tmp_path, online):
     """The ledger lives on the results volume: while it is full, parking a request, writing a
     job and writing its answers all fail (a real tmpfs, filled). Tasks retry and the coordinator
     tries again next tick; once space is back the run ends with every image, no failure, and
@@ -229,14 +242,14 @@ def test_a_full_results_volume_under_batch_mode_loses_nothing_and_sends_no_job_t
                    "workers to hit the full volume")
         filler.unlink()
         producer(batch_env, "wait", "--results-dir", str(results), "--timeout", "240", timeout=300)
-        assert without_calls(results / "annotations.jsonl") == online_reference(batch_env, demo_data, tmp_path)
+        assert without_calls(results / "annotations.jsonl") == online
         assert not (results / "failures.jsonl").exists() or not (results / "failures.jsonl").read_text().strip()
         names = submitted_names(tmp_path / "provider")
         assert names and len(names) == len(set(names)), "a job was submitted twice"
         assert {j.state for j in ledger_jobs(results)} == {"released"}
 
 
-def test_a_read_only_results_volume_mid_batch_run_loses_nothing(fleet, batch_env, demo_data, tmp_path):
+def test_a_read_only_results_volume_mid_batch_run_loses_nothing(fleet, batch_env, demo_data, tmp_path, online):
     """The volume turns read-only while jobs are in flight (answers to write, requests to park),
     then writable again: every image ends done, none failed, no job sent twice."""
     from tests.support.faults import remount, tmpfs
@@ -253,7 +266,7 @@ def test_a_read_only_results_volume_mid_batch_run_loses_nothing(fleet, batch_env
         finally:
             remount(vol, "rw")
         producer(batch_env, "wait", "--results-dir", str(results), "--timeout", "240", timeout=300)
-        assert without_calls(results / "annotations.jsonl") == online_reference(batch_env, demo_data, tmp_path)
+        assert without_calls(results / "annotations.jsonl") == online
         assert not (results / "failures.jsonl").exists() or not (results / "failures.jsonl").read_text().strip()
         names = submitted_names(tmp_path / "provider")
         assert len(names) == len(set(names)), "a job was submitted twice"

@@ -33,7 +33,8 @@ def test_a_batch_run_through_the_provider_sdk_finishes_every_image(fleet, fleet_
                                                                    backend):
     image_dir, label_dir = demo_data
     key = {"OPENAI_API_KEY": "test-key"} if backend == "openai" else {"GOOGLE_API_KEY": "test-key"}
-    fleet.start(2, extra_env={**key, "REFEXP_BATCH_LEASE_SECONDS": "3"})
+    fleet.start(2, extra_env={**key, "REFEXP_BATCH_LEASE_SECONDS": "3",
+                                   "REFEXP_BATCH_CLAIM_STALE_SECONDS": "15"})
     fake_vlm.batch.finish_after(1)     # every job is seen running once before it ends
     fake_vlm.batch.fail_line(0, 429)   # the first job's first request is refused: asked again in a later job
     fake_vlm.batch.expire_next(answered=3)  # ... and the first job expires with three answers

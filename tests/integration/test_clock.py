@@ -45,9 +45,9 @@ def data(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.fixture
 def workers(fleet):
-    """The fleet; at teardown its workers are stopped and libfaketime's /dev/shm leftovers removed."""
+    """The fleet; at teardown its workers are killed and libfaketime's /dev/shm leftovers removed."""
     yield fleet
-    fleet.stop_all()
+    fleet.discard()
     for w in fleet.workers:
         remove_shm(w.proc.pid)
 

@@ -53,7 +53,9 @@ from tests.support.fleet import ROOT, Fleet, WorkerProc, producer, wait_until
 from tests.support.netlab import Host, NetLab
 from tests.support.tcpproxy import TcpProxy
 
-pytestmark = pytest.mark.integration
+# One lab at a time under pytest-xdist: labs pick a free 10.231.n.0/24 subnet by looking at the
+# machine's addresses, which two labs built at the same moment could both see free.
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("netns")]
 
 SHORT_VT = 6  # REFEXP_VISIBILITY_TIMEOUT for the fleet: unacked messages come back after 6 s
 ONE_WAY_DELAY = 0.001  # each worker host is 2 ms of round trip from Redis
@@ -145,7 +147,7 @@ def fleet(site, tmp_path) -> Iterator[Fleet]:
     logdir.mkdir()
     f = Fleet(env=site.env, logdir=logdir)
     yield f
-    f.stop_all()  # before the site's namespaces go
+    f.discard()  # before the site's namespaces go
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,13 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from tests.support.fleet import ROOT, wait_until
 from tests.support.netlab import PREFIX, NetLab, _links, _namespaces, ip, remove_leftovers
+
+# With the cross-host tests, on one pytest-xdist worker (tests/integration/test_hosts.py says why).
+pytestmark = pytest.mark.xdist_group("netns")
 
 PROBE = "import socket,sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3)"
 

@@ -198,3 +198,16 @@ def test_a_job_whose_coordinator_died_mid_submit_is_picked_up_not_sent_twice(ctx
         assert job.provider_id == earlier
     desk.poll(job, now + 1)
     assert job.state == "collected"
+
+
+def test_a_claim_is_stale_after_ten_leases_at_least_a_minute_unless_configured(monkeypatch):
+    from worker.coordinator import claim_stale_seconds
+
+    monkeypatch.delenv("REFEXP_BATCH_CLAIM_STALE_SECONDS", raising=False)
+    assert claim_stale_seconds(30.0) == 300.0
+    assert claim_stale_seconds(3.0) == 60.0  # a short lease does not make a slow upload look dead
+    monkeypatch.setenv("REFEXP_BATCH_CLAIM_STALE_SECONDS", "15")
+    assert claim_stale_seconds(3.0) == 15.0
+    monkeypatch.setenv("REFEXP_BATCH_CLAIM_STALE_SECONDS", "0")
+    with pytest.raises(ValueError, match="REFEXP_BATCH_CLAIM_STALE_SECONDS must be at least 1"):
+        claim_stale_seconds(3.0)

@@ -112,3 +112,13 @@ def test_a_password_protected_redis_is_reached_with_the_file(password_file, monk
                 redis.Redis.from_url(settings.state_url(), retry=Retry(NoBackoff(), 0)).ping()
         finally:
             redis.Redis.from_url(url, password=PASSWORD).config_set("requirepass", "")
+
+
+def test_budget_lease_margin_is_30_s_unless_configured(monkeypatch):
+    monkeypatch.delenv("REFEXP_BUDGET_LEASE_MARGIN", raising=False)
+    assert settings.budget_lease_margin() == 30.0
+    monkeypatch.setenv("REFEXP_BUDGET_LEASE_MARGIN", "10")
+    assert settings.budget_lease_margin() == 10.0
+    monkeypatch.setenv("REFEXP_BUDGET_LEASE_MARGIN", "0.5")
+    with pytest.raises(ValueError, match="REFEXP_BUDGET_LEASE_MARGIN must be at least 1"):
+        settings.budget_lease_margin()
