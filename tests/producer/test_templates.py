@@ -15,6 +15,7 @@ from collections import Counter
 import pytest
 import redis
 
+from producer.embedded import embedded_redis
 from producer.enqueue import publish_chunk
 from producer.publish import Publisher, publish_items, publish_items_plain
 from worker.keys import QUEUE_LISTS
@@ -97,11 +98,25 @@ def test_every_image_gets_its_own_ids(app, redis_client):
     assert {f"celery-taskset-meta-{g}.s" for g in groups} == set(sizes)
 
 
-def test_a_publish_cut_by_redis_marks_nothing_and_the_resume_publishes_everything(app, redis_client):
+def test_a_publish_cut_by_redis_marks_nothing_and_the_resume_publishes_everything(app, redis_url):
     """Redis refuses writes (maxmemory reached) in the middle of a chunk's pipelined LPUSHes:
     some messages are out, the publish raises, and no image of the chunk is marked in flight.
     Once Redis takes writes again, publishing the chunk again marks every image (the images
-    published twice are duplicates, which the workers' done check absorbs)."""
+    published twice are duplicates, which the workers' done check absorbs).
+
+    On a private server: ``maxmemory`` is server-wide, and the suite's other test worker may be
+    using another database of the shared one."""
+    from worker.app import repoint
+
+    with embedded_redis() as url:
+        repoint(url)
+        try:
+            _publish_cut_then_resumed(redis.Redis.from_url(url))
+        finally:
+            repoint(redis_url)
+
+
+def _publish_cut_then_resumed(redis_client: redis.Redis) -> None:
     state = RunState(redis_client, "run-cut")
     chunk = [(i * 10, f"img_{i:04d}", [0, 1, 2, 3]) for i in range(1000)]
     config = redis_client.config_get("maxmemory*")
