@@ -21,10 +21,10 @@ Vegas, with AIMD's cut for explicit overload:
   estimate of the calls waiting at the server, ``in flight x (1 - 1 / ratio)``;
 - 429, 503 or a timeout: cut to 0.7 (AIMD's multiplicative decrease); a stated Retry-After also
   pauses the fleet's new calls until then;
-- ``queued`` above beta (30 % of the limit, at least 3): the limit becomes ``limit / ratio``,
+- ``queued`` above beta (30 % of the limit, at least 1.5 calls): the limit becomes ``limit / ratio``,
   the concurrency at which the endpoint answers at its floor (Gradient2's ``limit x
   gradient``), plus alpha, at most halving it;
-- ``queued`` below alpha (10 % of the limit, at least 2) and the limit in use (calls waited for
+- ``queued`` below alpha (10 % of the limit, at least 0.5 calls) and the limit in use (calls waited for
   a slot, or the answered ones kept 80 % of it busy): grow, doubling while no congestion was
   seen yet (slow start), else by ``sqrt(limit) / 2``;
 - after a change nothing is decided on latency until the calls started under the new limit
@@ -32,7 +32,15 @@ Vegas, with AIMD's cut for explicit overload:
 - for a minute after a 429 or 503 (a quota's window is a minute) the limit grows by one at a
   time up to the quota's concurrency: 0.9 x the rate the endpoint accepted over the last minute
   (an average over about a minute of answered calls per second) x the latency (Little's law),
-  so the fleet runs under a per-minute quota instead of walking back into it.
+  so the fleet runs under a per-minute quota instead of walking back into it;
+- the limit moves in whole calls, and latency is read over at least 3 answers: at a small limit
+  (K = 4) one queued call is the whole band between growing and cutting.
+
+**The request rate** (``decide_rate``): a per-minute quota is a rate, which a concurrency limit
+does not keep to. The controller keeps one, enforced by the budget's acquire script: the quota
+the endpoint states (OpenAI's ``x-ratelimit-limit-requests`` on every answer, Gemini's
+``QuotaFailure`` in a 429) at 0.95 of it; else, from the first 429, 0.9 of the calls the
+endpoint accepted over the last minute (under a per-minute quota, the quota itself).
 """
 
 from __future__ import annotations

@@ -122,7 +122,7 @@ def test_the_controller_runs_once_for_the_fleet_and_status_shows_it(
 
 
 def test_a_stated_quota_keeps_429s_rare_and_status_shows_the_rate(
-        fleet, fleet_env, fake_vlm, tmp_path, redis_client):
+        fleet, fleet_env, fake_vlm, tmp_path, redis_client, request):
     """The fake states a quota of RPM calls a minute in OpenAI's x-ratelimit-* headers on every
     answer. The run needs more calls than that: a fleet keeping to no rate sends them in seconds
     (slow start doubles to dozens in flight at 0.1 s a call) and the endpoint refuses every call
@@ -130,6 +130,8 @@ def test_a_stated_quota_keeps_429s_rare_and_status_shows_the_rate(
     from producer.demo import make_demo_dataset
 
     rpm = 24  # 10 images make 34 calls
+    # The fake's URL is the session's: its learned rate must not slow a later test using auto.
+    request.addfinalizer(lambda: redis_client.delete(state_key(fake_vlm)))
     data = make_demo_dataset(tmp_path / "demo", n_images=10, seed=3)
     fake_vlm.latency = 0.1
     fake_vlm.capacity = cap = Capacity(k=100, rpm=rpm, style="openai")
