@@ -268,13 +268,6 @@ def decide_rate(new: State, s: Sample, *, now: float, interval: float) -> bool:
         # A lower rate learned from 429s since (a quota shared with others) stands until probed.
         if ((new.rate_source != "learned" or target < new.rate_limit)
                 and abs(target - new.rate_limit) > 1e-3 * target):
-            if before <= 0 and new.accepted and new.pause_until <= now:
-                # The calls sent before the quota was known are in its window: the first turn
-                # under the rate comes after them, as if they had been spaced too (a sliding
-                # window holds them; a token bucket, which starts full, would not need it).
-                first = min(e[0] for e in new.accepted)
-                turn = first + sum(n for _, n in new.accepted) / target
-                new.first_turn = turn if turn > now else 0.0
             new.rate_limit, new.rate_source = target, "stated"
             new.rate_reason = f"the endpoint states {s.stated * 60:g} requests/min"
     # A 429 stating the quota is explained by it; one stating nothing tells it by what was accepted.
@@ -298,6 +291,16 @@ def decide_rate(new: State, s: Sample, *, now: float, interval: float) -> bool:
             if new.rate_stated and raised >= ceiling:
                 new.rate_source = "stated"
             new.rate_reason = f"no 429 for {RATE_PROBE_AFTER:g} s with the rate in use: probing"
+    if before <= 0 < new.rate_limit and new.accepted:
+        # The calls sent before the rate was known are in the quota's window: the first turn
+        # under it comes after them, as if they had been spaced too (a sliding window holds
+        # them; a token bucket, which starts full, would not need it). After a burst that
+        # filled the quota this is about when the burst leaves the window, so calls resume at
+        # the rate instead of a 429 whenever the window is full again (a Retry-After says only
+        # when it has room for one call).
+        first = min(e[0] for e in new.accepted)
+        turn = first + sum(n for _, n in new.accepted) / new.rate_limit
+        new.first_turn = turn if turn > now else 0.0
     if new.rate_limit != before:
         new.rate_changed_at = now
         return True
@@ -355,6 +358,12 @@ def decide(st: State, s: Sample, *, now: float, interval: float, ceiling: int) -
             mean = latency_sum / answered if answered else new.floor() or 1.0
             new.refused_limit = max(1.0, QUOTA_MARGIN * new.rate * mean)
     decide_rate(new, s, now=now, interval=interval)
+    if (s.r429 or s.r503) and new.rate_limit > 0:
+        # Under a request rate a refusal is the rate's (a window briefly full), not a sign of
+        # too many calls in flight: the limit keeps what the rate needs (Little's law), or
+        # cutting it would hold the fleet below the rate for the minute the refusal is kept.
+        mean = latency_sum / answered if answered else new.floor() or 1.0
+        new.refused_limit = max(new.refused_limit, math.ceil(new.rate_limit * mean) + 1)
     # What was in flight: the limit when in use, else what was used (a limit nobody fills says
     # nothing about the endpoint); of it, Vegas's estimate of the calls queued at the server.
     base = current if in_use else min(current, used)
@@ -366,6 +375,8 @@ def decide(st: State, s: Sample, *, now: float, interval: float, ceiling: int) -
         limit = current * CUT
         if s.r429 or s.r503:  # down to the quota's concurrency, at most halving per step
             limit = min(limit, max(new.refused_limit, current * MAX_STEP_CUT))
+            if new.rate_limit > 0:  # and not below what the rate needs
+                limit = min(current, max(limit, new.refused_limit))
         limit = float(max(1, round(limit)))
         reason = ", ".join(parts) + (f" (Retry-After {s.retry_after:g} s)" if s.retry_after else "")
     elif ratio is not None and queued > beta:

@@ -324,3 +324,19 @@ def test_timed_out_calls_do_not_put_more_calls_on_the_server_than_a_fixed_cap(re
             t.join(60)
         assert outcomes.count("timeout") == 12, outcomes
         assert cap.stats()["peak"] <= 2, f"the server held {cap.stats()['peak']} calls against a cap of 2"
+
+
+def test_under_a_rate_a_429_keeps_the_concurrency_the_rate_needs_and_the_first_turn_waits_out_the_burst():
+    # A burst of 600 calls from t = 0 filled a quota of 600 a minute; its 429 states it. Calls
+    # resume when the burst would have left the window at the rate, not whenever it has room
+    # for one; and the limit is not cut below the rate's concurrency (9.5/s x 1 s, and one).
+    st = State(limit=128, floors={"s": 1.0}, accepted=[[float(t), 100.0] for t in range(6)])
+    new, _ = decide(st, sample(100, 1.0, sent=10, r429=10, stated=10.0, retry_after=54), now=6, interval=1,
+                    ceiling=256)
+    assert float(new.to_redis()["tat"]) == pytest.approx(600 / 9.5)
+    assert new.limit == 64  # at most halved
+    st = State(limit=12, floors={"s": 1.0}, slow_start=False, rate_limit=9.5, rate_source="stated",
+               rate_stated=10.0, rate_changed_at=0)
+    new, _ = decide(st, sample(10, 1.0, sent=10, r429=1, stated=10.0, retry_after=1), now=100, interval=1,
+                    ceiling=256)
+    assert new.limit == 11 and new.refused_limit == 11
