@@ -329,7 +329,12 @@ class FleetBudget:
                       min(adaptive.INITIAL_LIMIT, self.ceiling), self.fixed_rate, reserved, RATE_HORIZON,
                       adaptive.STATE_TTL])
             if code == 1:
-                break
+                if self._paused_until <= time.monotonic():
+                    break
+                # Another thread's call drew a 429 while this one was being granted: the quota
+                # is spent, so this call would draw one too. Hand the slot back and wait.
+                self._release(keys=[self._leases, *levels], args=[token, self.max_concurrency or self.ceiling, 0])
+                continue
             if code == 2:  # our turn under the rate is in `ms`: sleep until then, exactly
                 reserved = "1"
                 time.sleep(ms / 1000)
