@@ -85,7 +85,7 @@ RATE_MARGIN_STATED = 0.95
 RATE_MARGIN_LEARNED = 0.9
 RATE_MAX_CUT = 0.2  # of a rate already kept to, per refusal
 RATE_SETTLE = 10.0  # seconds after a rate change before 429s may lower it again
-RATE_PROBE_AFTER = 120.0
+RATE_PROBE_AFTER = 60.0  # a quota's window: what others used of it has left by then
 RATE_PROBE_STEP = 1.1
 STATE_TTL = 86_400  # the learned state outlives a quiet day, not a forgotten endpoint
 

@@ -199,7 +199,7 @@ def test_the_first_429_learns_the_rate_the_endpoint_accepted_over_the_last_minut
 def test_a_learned_rate_is_probed_upwards_after_a_quiet_spell_in_use():
     st = State(limit=16, floors={"s": 1.0}, rate_limit=9.0, rate_source="learned", rate_changed_at=0,
                refused_at=0)
-    new, _ = decide(st, sample(9, 1.0, sent=9), now=60, interval=1, ceiling=256)
+    new, _ = decide(st, sample(9, 1.0, sent=9), now=50, interval=1, ceiling=256)
     assert new.rate_limit == 9.0  # not yet
     new, _ = decide(st, sample(2, 1.0, sent=2), now=200, interval=1, ceiling=256)
     assert new.rate_limit == 9.0  # not in use: nothing to learn by raising it
