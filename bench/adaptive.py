@@ -12,9 +12,18 @@ For each K: a coarse sweep of fixed ``max_concurrency`` (8, 16, 32, 64, 96), thr
 last two thirds of each short run; then ``auto`` for ``--auto-seconds``, throughput in 5 s windows
 (when it first reaches 0.95 of the best fixed value), 429s, and, after K halves at
 ``--halve-at``, how long until the p99 latency of the calls finishing in a 2 s window is back
-within 2x the floor (L).
+within 2x the floor (L), and the controller's limit (min / median / max) over the 15 s before the
+halving and the last 15 s.
+
+With ``--rpm R`` the endpoint has a quota of R calls per rolling minute, stated as ``--style``
+says: ``openai`` (x-ratelimit-* headers on every answer), ``gemini`` (a QuotaFailure and a
+RetryInfo in the 429 body; use ``--backend gemini`` for the google-genai SDK) or ``plain`` (a
+Retry-After alone); the 429 share, the rate from 60 s on against the quota and the rate the
+controller ended with are printed.
 
     .venv/bin/python -m bench.adaptive --k 8 24 64
+    .venv/bin/python -m bench.adaptive --k 64 --rpm 600 --style gemini --backend gemini --fixed 8 \
+        --auto-seconds 120 --halve-at 110
 """
 
 from __future__ import annotations
@@ -56,9 +65,10 @@ class Timed:
 class Endpoint:
     """The fake endpoint process and its stdin controls."""
 
-    def __init__(self, k: int, latency: float, rpm: int):
+    def __init__(self, k: int, latency: float, rpm: int, style: str = "openai"):
         self.proc = subprocess.Popen(
-            [PY, "-m", "tests.support.fake_capacity", "--k", str(k), "--latency", str(latency), "--rpm", str(rpm)],
+            [PY, "-m", "tests.support.fake_capacity", "--k", str(k), "--latency", str(latency), "--rpm", str(rpm),
+             "--style", style],
             cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
             start_new_session=True)
         line = self.proc.stdout.readline()
@@ -81,8 +91,8 @@ class Endpoint:
 
 
 @contextlib.contextmanager
-def endpoint(k: int, latency: float, rpm: int) -> Iterator[Endpoint]:
-    ep = Endpoint(k, latency, rpm)
+def endpoint(k: int, latency: float, rpm: int, style: str = "openai") -> Iterator[Endpoint]:
+    ep = Endpoint(k, latency, rpm, style)
     try:
         yield ep
     finally:
@@ -90,7 +100,8 @@ def endpoint(k: int, latency: float, rpm: int) -> Iterator[Endpoint]:
 
 
 def run(redis_url: str, ep: Endpoint, *, concurrency: int | str, seconds: float, threads: int,
-        timeout: float, halve_at: float | None = None, k: int = 0) -> tuple[list[Call], float, dict]:
+        timeout: float, halve_at: float | None = None, k: int = 0,
+        backend: str = "openai") -> tuple[list[Call], float, dict]:
     """Calls in a loop from ``threads`` threads for ``seconds``; the calls, t0, the endpoint's stats."""
     import redis
 
@@ -102,10 +113,14 @@ def run(redis_url: str, ep: Endpoint, *, concurrency: int | str, seconds: float,
     from worker.spec import VLMSpec
 
     clear_cache()
-    vlm = VLMSpec(backend="openai", openai={"base_url": ep.url + "/v1", "model_name": "fake-vl",
-                                            "timeout": timeout}, structured_output="off",
-                  max_concurrency=concurrency)
-    key = f"openai|{ep.url}/v1|fake-vl|{time.time_ns()}"  # a fresh budget per run
+    if backend == "gemini":
+        vlm = VLMSpec(backend="gemini", gemini={"base_url": ep.url, "model": "gemini-2.5-flash", "timeout": timeout},
+                      structured_output="off", max_concurrency=concurrency)
+    else:
+        vlm = VLMSpec(backend="openai", openai={"base_url": ep.url + "/v1", "model_name": "fake-vl",
+                                                "timeout": timeout}, structured_output="off",
+                      max_concurrency=concurrency)
+    key = f"{backend}|{ep.url}|fake|{time.time_ns()}"  # a fresh budget per run
     budget = FleetBudget(redis.Redis.from_url(redis_url, max_connections=threads + 8), redis_url,
                          endpoint_key=key, max_concurrency=concurrency, requests_per_minute=0,
                          lease_seconds=timeout + 30, ceiling=256)
@@ -114,9 +129,19 @@ def run(redis_url: str, ep: Endpoint, *, concurrency: int | str, seconds: float,
     request = VLMRequest(image=ImagePayload(b"\x89PNG\r\n\x1a\n", "image/png", 8, 8, ""),
                          prompt="Describe the image in one sentence.", step="image_caption")
     calls: list[Call] = []
+    limits: list[tuple[float, int]] = []  # (s since t0, the controller's limit), every 0.25 s
     lock = threading.Lock()
     stop = threading.Event()
     t0 = time.monotonic()
+
+    def watch() -> None:
+        from worker.budget import controller_state
+
+        r = redis.Redis.from_url(redis_url)
+        while not stop.wait(0.25):
+            st = controller_state(r, key)
+            if st is not None:
+                limits.append((time.monotonic() - t0, st["limit"]))
 
     def loop() -> None:
         while not stop.is_set():
@@ -132,6 +157,8 @@ def run(redis_url: str, ep: Endpoint, *, concurrency: int | str, seconds: float,
                 calls.append(Call(timed.sent.at - t0, time.monotonic() - t0, status == "ok", status))
 
     pool = [threading.Thread(target=loop, daemon=True) for _ in range(threads)]
+    if concurrency == "auto":
+        pool.append(threading.Thread(target=watch, daemon=True))
     for t in pool:
         t.start()
     if halve_at is not None:
@@ -144,7 +171,9 @@ def run(redis_url: str, ep: Endpoint, *, concurrency: int | str, seconds: float,
     for t in pool:
         t.join(timeout + 5)
     ep.send(f"k {k}")
-    return calls, t0, ep.stats()
+    from worker.budget import controller_state
+
+    return calls, t0, {**ep.stats(), "limits": limits, "state": controller_state(redis.Redis.from_url(redis_url), key)}
 
 
 def served_rate(calls: list[Call], a: float, b: float) -> float:
@@ -159,6 +188,14 @@ def served_rate(calls: list[Call], a: float, b: float) -> float:
     return total / (b - a)
 
 
+def limit_spread(limits: list[tuple[float, int]], a: float, b: float) -> str:
+    """min / median / max of the controller's limit sampled in ``[a, b)``."""
+    xs = sorted(x for t, x in limits if a <= t < b)
+    if not xs:
+        return "no samples"
+    return f"{xs[0]} / {xs[len(xs) // 2]} / {xs[-1]}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--k", type=int, nargs="+", default=[8, 24, 64])
@@ -168,24 +205,30 @@ def main() -> None:
     ap.add_argument("--auto-seconds", type=float, default=70.0)
     ap.add_argument("--halve-at", type=float, default=40.0)
     ap.add_argument("--rpm", type=int, default=0, help="the endpoint's quota (429 above it)")
+    ap.add_argument("--style", choices=["openai", "gemini", "plain"], default="openai",
+                    help="how the fake states its quota: x-ratelimit-* headers on every answer (openai), "
+                         "QuotaFailure + RetryInfo in a 429 (gemini), a Retry-After alone (plain)")
+    ap.add_argument("--backend", choices=["openai", "gemini"], default="openai", help="the client (SDK) to call with")
     ap.add_argument("--threads", type=int, default=112)
     ap.add_argument("--timeout", type=float, default=30.0)
     ap.add_argument("--verbose", action="store_true", help="print every change of the auto limit")
     a = ap.parse_args()
-    banner("adaptive concurrency", k=a.k, latency=a.latency, fixed=a.fixed, threads=a.threads, rpm=a.rpm)
+    banner("adaptive concurrency", k=a.k, latency=a.latency, fixed=a.fixed, threads=a.threads, rpm=a.rpm,
+           style=a.style, backend=a.backend)
     os.environ.setdefault("OPENAI_API_KEY", "bench")
+    os.environ.setdefault("GOOGLE_API_KEY", "bench")
     if a.verbose:  # each change of the limit, as the worker logs it
         logging.basicConfig(format="             %(relativeCreated)8.0f ms %(message)s")
         logging.getLogger("refexp.worker").setLevel(logging.INFO)
     with redis_server() as url:
         redis_client(url).ping()
         for k in a.k:
-            with endpoint(k, a.latency, a.rpm) as ep:
+            with endpoint(k, a.latency, a.rpm, a.style) as ep:
                 print(f"\nK = {k}, L = {a.latency:g} s" + (f", quota {a.rpm}/min" if a.rpm else ""))
                 fixed = {}
                 for c in a.fixed:
                     calls, _, st = run(url, ep, concurrency=c, seconds=a.fixed_seconds, threads=a.threads,
-                                       timeout=a.timeout, k=k)
+                                       timeout=a.timeout, k=k, backend=a.backend)
                     half = a.fixed_seconds / 3
                     fixed[c] = served_rate(calls, half, a.fixed_seconds)
                     lat = [c_.end - c_.start for c_ in calls if c_.ok and c_.end >= half]
@@ -194,7 +237,7 @@ def main() -> None:
                 best_c = max(fixed, key=fixed.get)
                 best = fixed[best_c]
                 calls, _, st = run(url, ep, concurrency="auto", seconds=a.auto_seconds, threads=a.threads,
-                                   timeout=a.timeout, halve_at=a.halve_at, k=k)
+                                   timeout=a.timeout, halve_at=a.halve_at, k=k, backend=a.backend)
                 windows = [(t, served_rate(calls, t, t + 5)) for t in range(0, int(a.halve_at) - 4, 5)]
                 reached = next((t + 5 for t, x in windows if x >= 0.95 * best), None)
                 steady = served_rate(calls, a.halve_at - 15, a.halve_at)
@@ -207,8 +250,23 @@ def main() -> None:
                 print(f"             >= 0.95 of best first reached in the 5 s window ending at "
                       f"{reached if reached is not None else 'never'} s; windows: "
                       + " ".join(f"{x:.1f}" for _, x in windows))
+                before_halving = limit_spread(st["limits"], a.halve_at - 15, a.halve_at)
+                print(f"             limit min / median / max: {before_halving} "
+                      f"(K = {k}, 15 s before the halving), "
+                      f"{limit_spread(st['limits'], a.auto_seconds - 15, a.auto_seconds)} "
+                      f"(K = {max(1, k // 2)}, last 15 s)")
                 print(f"             429s {n429} of {len(calls)} calls ({100 * n429 / max(1, len(calls)):.2f} %), "
                       f"outcomes {sorted({c_.status for c_ in calls})}")
+                if a.rpm:
+                    quota = a.rpm / 60
+                    answered = sum(1 for c_ in calls if c_.ok)
+                    late = served_rate(calls, 60, a.halve_at)
+                    state = st.get("state") or {}
+                    print(f"             quota {a.rpm}/min = {quota:.2f} calls/s: answered {answered} in "
+                          f"{a.auto_seconds:g} s ({answered / a.auto_seconds:.2f}/s); from 60 s to the halving "
+                          f"{late:.2f} calls/s = {late / quota:.3f} of the quota; rate limit at the end "
+                          f"{state.get('rate_limit_per_minute', 'none')}/min ({state.get('rate_source', '')}: "
+                          f"{state.get('rate_reason', '')})")
                 back = None
                 for t in range(int(a.halve_at), int(a.auto_seconds) - 1):
                     lat = [c_.end - c_.start for c_ in calls if c_.ok and t <= c_.end < t + 2]

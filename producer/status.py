@@ -71,7 +71,10 @@ def status(state: RunState) -> dict:
         result["budget"] = {"endpoint": meta["endpoint"], **budget_stats(state.r, meta["endpoint"])}
         auto = controller_state(state.r, meta["endpoint"])
         if auto is not None:  # vlm.max_concurrency: auto has run for this endpoint
-            auto["changed_s_ago"] = round(max(0.0, _redis_now(state) - auto["changed_at"]), 1)
+            now = _redis_now(state)
+            auto["changed_s_ago"] = round(max(0.0, now - auto["changed_at"]), 1)
+            if "rate_changed_at" in auto:
+                auto["rate_changed_s_ago"] = round(max(0.0, now - auto["rate_changed_at"]), 1)
             result["budget"]["auto"] = auto
     counted = state.usage()
     if counted:
@@ -228,6 +231,9 @@ def format_status(st: dict) -> str:
             a = b["auto"]
             lines.append(f"  concurrency (auto): limit {a['limit']}, latency floor {a['floor_s']:.2f} s; "
                          f"last change {a['changed_s_ago']:.0f} s ago: {a['reason']}")
+            if "rate_limit_per_minute" in a:
+                lines.append(f"  request rate (auto, {a['rate_source']}): {a['rate_limit_per_minute']:g} calls/min; "
+                             f"set {a['rate_changed_s_ago']:.0f} s ago: {a['rate_reason']}")
     if st.get("batch"):
         lines += format_batch(st["batch"])
     if st.get("usage"):

@@ -2,9 +2,10 @@
 
 Concurrency is a lease-based counting semaphore: a sorted set of lease tokens scored by their
 expiry (Redis server time, so host clocks do not matter). A worker killed mid-call cannot leak
-its slot for longer than the lease. The per-minute rate is the ``limits`` library's sliding
-window counter on the same Redis: a well-kept implementation, two small keys per endpoint, and
-it answers "when may I try again" so a waiting thread sleeps exactly that long.
+its slot for longer than the lease. The request rate (``vlm.requests_per_minute``, or under
+``auto`` the quota the endpoint states or the controller learns from its 429s) is enforced in the
+same acquire script (GCRA, see ``_ACQUIRE``): no round trip of its own, and a caller is given its
+turn and sleeps until it instead of polling.
 
 A thread that finds every slot taken registers as a waiter of its call's level (the step's
 message priority, so a later step's call ranks before a head step's: depth-first, as the queue
@@ -33,9 +34,6 @@ import uuid
 from collections.abc import Iterator
 
 import redis
-from limits import RateLimitItemPerMinute
-from limits.storage import storage_from_string
-from limits.strategies import SlidingWindowCounterRateLimiter
 
 from worker import adaptive
 from worker.clients.factory import GEMINI_DEFAULT_BASE_URL, OPENAI_DEFAULT_BASE_URL
@@ -75,35 +73,73 @@ local function wake_first(base, n, now, maxc)
   for i = 1, n do
     if waiting(KEYS[base + i], now) > 0 then
       local w = KEYS[base + n + i]
-      redis.call('RPUSH', w, 1)
-      redis.call('LTRIM', w, -maxc, -1)
-      redis.call('EXPIRE', w, 60)
+      -- The list is made by this push when it returns 1 (waiters empty it as they wake): its
+      -- TTL is set then; trimmed only when it outgrows the limit.
+      local len = redis.call('RPUSH', w, 1)
+      if len == 1 then
+        redis.call('EXPIRE', w, 60)
+      elseif len > maxc then
+        redis.call('LTRIM', w, -maxc, -1)
+      end
       return
     end
   end
 end
 """
-# KEYS: leases, this minute's call counter, the controller's state (worker/adaptive.py), the
-# levels. ARGV: lease seconds, max concurrency (0 = auto: the controller's limit, ARGV[7] until
-# it has one), token, stats TTL, the caller's level (1-based), waiter entry seconds, the initial
-# limit. Returns 1 (a slot), 0 (wait to be woken) or, while the controller pauses the fleet for a
-# stated Retry-After, minus the milliseconds left.
+# KEYS: leases, this minute's call counter, the controller's state hash (worker/adaptive.py; it
+# also holds the request rate's theoretical arrival time, ``tat``), the levels. ARGV: lease
+# seconds, max concurrency (0 = auto: the controller's limit, ARGV[7] until it has one), token,
+# stats TTL, the caller's level (1-based), waiter entry seconds, the initial limit, the fixed
+# request rate (calls/s, 0 = none), whether this call's turn under the rate is already reserved
+# ('1'), the rate's horizon (seconds), the state's TTL.
+# Returns {code, ms}: 1 a slot; 0 wait to be woken; -1 the controller pauses the fleet for a
+# stated Retry-After (ms left: the caller's reserved turn, if any, is void); -2 the rate's turns
+# are reserved past the horizon (try again in ms); 2 a turn under the rate is reserved for this
+# call in ms (come back then, reserved).
+#
+# The rate is GCRA (a token bucket kept as one number): each call's turn is the previous turn
+# plus 1 / rate, so calls leave spaced by 1 / rate and no window of any length sees more than
+# its share, which keeps both a token-bucket quota (OpenAI) and a sliding-minute one (Gemini).
+# A caller is given its turn at once and sleeps until it, one script run for the wait instead of
+# polling; turns are given at most `horizon` seconds ahead, so a lowered rate applies soon.
 _ACQUIRE = _LEVELS + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 local n = (#KEYS - 3) / 2
 local maxc = tonumber(ARGV[2])
 local me = tonumber(ARGV[5])
-if maxc == 0 then
-  local ctl = redis.call('HMGET', KEYS[3], 'limit', 'pause_until')
-  maxc = math.max(1, math.floor(tonumber(ctl[1] or ARGV[7])))
-  local pause = tonumber(ctl[2] or '0')
-  if pause > now then
-    return -math.ceil((pause - now) * 1000)
+local rate = tonumber(ARGV[8])
+if maxc == 0 or rate > 0 then
+  local ctl = redis.call('HMGET', KEYS[3], 'limit', 'pause_until', 'rate_limit', 'tat')
+  if maxc == 0 then
+    maxc = math.max(1, math.floor(tonumber(ctl[1] or ARGV[7])))
+    local pause = tonumber(ctl[2] or '0')
+    if pause > now then
+      return {-1, math.ceil((pause - now) * 1000)}
+    end
+    local learned = tonumber(ctl[3] or '0')
+    if learned > 0 and (rate <= 0 or learned < rate) then
+      rate = learned
+    end
+  end
+  if rate > 0 and ARGV[9] ~= '1' then
+    local tat = math.max(tonumber(ctl[4] or '0'), now)
+    local wait = tat - now
+    local horizon = tonumber(ARGV[10])
+    if wait > horizon then
+      return {-2, math.ceil((wait - horizon) * 1000)}
+    end
+    if redis.call('HSET', KEYS[3], 'tat', tostring(tat + 1 / rate)) == 1 then
+      redis.call('EXPIRE', KEYS[3], tonumber(ARGV[11]))
+    end
+    if wait > 0.0005 then
+      return {2, math.ceil(wait * 1000)}
+    end
   end
 end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-local free = maxc - redis.call('ZCARD', KEYS[1])
+-- Live leases only: lapsed ones (a killed holder's) are not counted, and pruned once a minute.
+local busy = redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')
+local free = maxc - busy
 -- Nobody waiting (the usual case): one EXISTS instead of pruning and counting every level.
 local anyone = anyone_waiting(3, n)
 local ahead = 0
@@ -115,10 +151,17 @@ end
 local mine = KEYS[3 + me]
 if free > ahead then
   redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[3])
-  redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[1])) + 60)
-  -- The minute's counter is a new key each minute: its TTL is set once, when it is made.
-  if redis.call('INCR', KEYS[2]) == 1 then
+  -- The minute's counter is a new key each minute: its TTL is set once, when it is made. The
+  -- leases' TTL and pruning ride on it (once a minute while calls are made), and on the first
+  -- lease of an idle fleet (the set may be new); a lease never outlives its own expiry, so a
+  -- TTL renewed once a minute to a lease and two minutes outlives every live one.
+  local fresh = redis.call('INCR', KEYS[2]) == 1
+  if fresh then
     redis.call('EXPIRE', KEYS[2], tonumber(ARGV[4]))
+    redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+  end
+  if fresh or busy == 0 then
+    redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[1])) + 120)
   end
   if anyone then
     redis.call('ZREM', mine, ARGV[3])
@@ -126,7 +169,7 @@ if free > ahead then
       wake_first(3, n, now, maxc)
     end
   end
-  return 1
+  return {1, 0}
 end
 redis.call('ZREMRANGEBYSCORE', mine, '-inf', now)
 redis.call('ZADD', mine, now + tonumber(ARGV[6]), ARGV[3])
@@ -134,20 +177,23 @@ redis.call('EXPIRE', mine, math.ceil(tonumber(ARGV[6])) + 60)
 if free > 0 then
   wake_first(3, n, now, maxc)
 end
-return 0
+return {0, 0}
 """
-# KEYS: leases, the levels. ARGV: token, max concurrency (the wake lists' cap), hold seconds. A
-# lease that already expired (and may have been reclaimed) wakes nobody: its slot was handed on
-# when it was found expired. With nobody waiting, nothing is pushed (a waiter registers in the
-# same script that refuses it, so a release always sees it). A call the client abandoned (a
-# timeout) is not released but held `hold` seconds more (only if its lease is still there):
-# the server is likely still working on it.
+# KEYS: leases, the levels. ARGV: token, max concurrency (the wake lists' cap), hold seconds.
+# With nobody waiting, nothing is pushed (a waiter registers in the same script that refuses it,
+# so a release always sees it). A lease that lapsed and was pruned wakes nobody (its slot was
+# handed on when it lapsed); one that lapsed unpruned wakes a waiter that finds no slot and
+# waits again. A call the client abandoned (a timeout) is not released but held `hold` seconds
+# more (only while its lease is live): the server is likely still working on it.
 _RELEASE = _LEVELS + """
 local n = (#KEYS - 1) / 2
 local hold = tonumber(ARGV[3])
 if hold > 0 then
   local t = redis.call('TIME')
-  redis.call('ZADD', KEYS[1], 'XX', tonumber(t[1]) + tonumber(t[2]) / 1e6 + hold, ARGV[1])
+  local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+  if tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]) or '0') > now then
+    redis.call('ZADD', KEYS[1], 'XX', now + hold, ARGV[1])
+  end
   return 0
 end
 if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 and anyone_waiting(1, n) then
@@ -160,10 +206,12 @@ return 0
 _IN_FLIGHT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-return redis.call('ZCARD', KEYS[1])
+return redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')
 """
 STATS_TTL = 600
+#: Seconds ahead a call's turn under the request rate may be reserved: beyond it a caller
+#: sleeps and asks again, so a rate lowered meanwhile governs the calls not yet given a turn.
+RATE_HORIZON = 30.0
 #: Longest a waiting thread blocks before trying again: the bound on noticing an expired lease
 #: of a dead holder (whole seconds: Redis before 6.0 takes only integer BLPOP timeouts).
 WAIT_POLL = 1
@@ -244,22 +292,19 @@ class FleetBudget:
             self.controller = adaptive.Controller(
                 client, samples_key=_key(self.endpoint, "samples"), state_key=self._state,
                 ceiling=ceiling, label=endpoint_key, interval=controller_interval)
-        self._limiter = None
-        if requests_per_minute > 0:
-            self._limiter = SlidingWindowCounterRateLimiter(storage_from_string(redis_url))
-            self._rate = RateLimitItemPerMinute(requests_per_minute)
+        # Calls per second under a fixed vlm.requests_per_minute (0 = none): spaced evenly, so
+        # no 60 s window holds more than the stated number.
+        self.fixed_rate = requests_per_minute / 60.0
+        self._stated = 0.0  # the quota this process last saw stated (auto): a change is pushed at once
 
     @contextlib.contextmanager
     def slot(self, step: str = "") -> Iterator[None]:
-        """Hold one of the endpoint's concurrency slots (and one rate token) for one call made
+        """Hold one of the endpoint's concurrency slots (and a turn under its request rate) for one call made
         for ``step`` (a step name): while slots are short, a later step's waiting call gets the
         next free one before a head step's (the order the queue serves messages in).
 
         A call that times out (``TimedOut``) keeps its slot a while longer: the server is
         likely still working on it (``abandoned_hold``)."""
-        self._wait_rate()
-        while (left := self._paused_until - time.monotonic()) > 0:
-            time.sleep(min(left, self.wait_poll) * (0.5 + random.random() / 2))
         token = uuid.uuid4().hex
         level = level_of(step)
         levels = [*self._waiters, *self._wakes]
@@ -267,21 +312,48 @@ class FleetBudget:
         # no slot back from the levels behind it for longer than this.
         entry_seconds = 2 * self.wait_poll + 2
         waited = False
+        reserved = "0"  # whether this call's turn under the request rate is reserved
         while True:
-            got = self._acquire(keys=[self._leases, _stats_key(self.endpoint, "calls"), self._state, *levels],
-                                args=[self.lease_seconds, self.max_concurrency, token, STATS_TTL, level,
-                                      entry_seconds, min(adaptive.INITIAL_LIMIT, self.ceiling)])
-            if got == 1:
-                break
-            if waited is False and got == 0 and self.controller is not None:
-                self.controller.sampler.waited()  # demand is above the limit: it may grow
-            waited = waited or got == 0
-            if got < 0:  # the fleet is paused for a Retry-After the endpoint stated
-                time.sleep(min(-got / 1000, self.wait_poll) * (0.5 + random.random() / 2))
+            if self.controller is not None:
+                # Waiting threads push too: a process whose every thread waits (a pause, turns
+                # under the rate) would otherwise hold back the samples that decide for them.
+                self.controller.maybe_flush()
+            while (left := self._paused_until - time.monotonic()) > 0:
+                reserved = "0"  # a 429 here paused this process: a turn given before is void
+                time.sleep(min(left, self.wait_poll) * (0.5 + random.random() / 2))
+                if self.controller is not None:
+                    self.controller.maybe_flush()
+            code, ms = self._acquire(
+                keys=[self._leases, _stats_key(self.endpoint, "calls"), self._state, *levels],
+                args=[self.lease_seconds, self.max_concurrency, token, STATS_TTL, level, entry_seconds,
+                      min(adaptive.INITIAL_LIMIT, self.ceiling), self.fixed_rate, reserved, RATE_HORIZON,
+                      adaptive.STATE_TTL])
+            if code == 1:
+                if self._paused_until <= time.monotonic():
+                    break
+                # Another thread's call drew a 429 while this one was being granted: the quota
+                # is spent, so this call would draw one too. Hand the slot back and wait.
+                self._release(keys=[self._leases, *levels], args=[token, self.max_concurrency or self.ceiling, 0])
                 continue
+            if code == 2:  # our turn under the rate is in `ms`: sleep until then, exactly
+                reserved = "1"
+                time.sleep(ms / 1000)
+                continue
+            if code == -1:  # the fleet is paused for a Retry-After: a turn given before is void
+                reserved = "0"
+                time.sleep(min(ms / 1000, self.wait_poll) * (0.5 + random.random() / 2))
+                continue
+            if code == -2:  # turns are given out past the horizon: ask again later
+                time.sleep(min(ms / 1000, RATE_HORIZON / 2) * (0.5 + random.random() / 2))
+                continue
+            if not waited and self.controller is not None:
+                self.controller.sampler.waited()  # demand is above the limit: it may grow
+            waited = True
             # A wake token left for a waiter of our level that has gone wakes us at once: one
             # more try, no harm.
             self.r.blpop([self._wakes[level - 1]], timeout=self.wait_poll)
+        if self.controller is not None:
+            self.controller.sampler.sent()
         started = time.monotonic()
         hold = 0.0
         try:
@@ -292,6 +364,7 @@ class FleetBudget:
             raise
         except RateLimited as exc:
             self._note("429", exc.retry_after)
+            self.note_stated(exc.stated_rate)
             if self.controller is not None and exc.retry_after:
                 # This process stops at once; the fleet at the push below, not a second later.
                 until = time.monotonic() + float(exc.retry_after)
@@ -329,16 +402,19 @@ class FleetBudget:
         """
         return max(0.0, min(elapsed, self.lease_seconds - elapsed))
 
+    def note_stated(self, rate: float | None) -> None:
+        """The endpoint stated its request quota (requests per second) with an answer or a 429:
+        under ``auto`` the controller keeps the fleet to it; a new value is pushed at once."""
+        if self.controller is None or not rate:
+            return
+        self.controller.sampler.stated(rate)
+        if abs(rate - self._stated) > 1e-3 * rate:
+            self._stated = rate
+            self.controller.force_next()
+
     def _note(self, kind: str, retry_after: float | None = None) -> None:
         if self.controller is not None:
             self.controller.sampler.overloaded(kind, retry_after)
-
-    def _wait_rate(self) -> None:
-        if self._limiter is None:
-            return
-        while not self._limiter.hit(self._rate, self.endpoint):
-            reset, _ = self._limiter.get_window_stats(self._rate, self.endpoint)
-            time.sleep(min(max(reset - time.time(), 0.05), 5.0) * (0.5 + random.random()))
 
     def _count(self, what: str) -> None:
         """Count one event for ``producer status``; a Redis that refuses it must not replace the

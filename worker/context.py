@@ -87,10 +87,12 @@ class BudgetedClient:
     def generate(self, request: VLMRequest) -> VLMResponse:
         with self.budget.slot(request.step):
             try:
-                return self.inner.generate(request)
+                response = self.inner.generate(request)
             except RateLimited:
                 self.budget.note_rate_limited()
                 raise
+            self.budget.note_stated(response.stated_rate)
+            return response
 
 
 class RunNotInRedis(Exception):

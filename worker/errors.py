@@ -21,12 +21,18 @@ class InputError(PipelineError):
 
 
 class ClientError(PipelineError):
-    """A VLM call failed in a way that trying again may fix (429, 5xx, timeout, connection)."""
+    """A VLM call failed in a way that trying again may fix (429, 5xx, timeout, connection).
 
-    def __init__(self, message: str, *, retry_after: float | None = None, status: int | None = None):
+    ``stated_rate``: the request quota the endpoint stated with the error, in requests per second
+    (OpenAI's ``x-ratelimit-limit-requests``, Gemini's ``QuotaFailure``); the fleet budget
+    enforces it (``vlm.max_concurrency: auto``)."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None, status: int | None = None,
+                 stated_rate: float | None = None):
         super().__init__(message)
         self.retry_after = retry_after
         self.status = status
+        self.stated_rate = stated_rate
 
 
 class RateLimited(ClientError):

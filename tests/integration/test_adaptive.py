@@ -119,3 +119,34 @@ def test_the_controller_runs_once_for_the_fleet_and_status_shows_it(
     logs = "\n".join(w.text() for w in fleet.workers)  # whole logs: the changes come early
     changes = [line for line in logs.splitlines() if "vlm concurrency limit" in line]
     assert changes, fleet.logs()
+
+
+def test_a_stated_quota_keeps_429s_rare_and_status_shows_the_rate(
+        fleet, fleet_env, fake_vlm, tmp_path, redis_client, request):
+    """The fake states a quota of RPM calls a minute in OpenAI's x-ratelimit-* headers on every
+    answer. The run needs more calls than that: a fleet keeping to no rate sends them in seconds
+    (slow start doubles to dozens in flight at 0.1 s a call) and the endpoint refuses every call
+    past the quota until its minute has passed. Kept to the stated rate, almost none is refused."""
+    from producer.demo import make_demo_dataset
+
+    rpm = 24  # 10 images make 34 calls
+    # The fake's URL is the session's: its learned rate must not slow a later test using auto.
+    request.addfinalizer(lambda: redis_client.delete(state_key(fake_vlm)))
+    data = make_demo_dataset(tmp_path / "demo", n_images=10, seed=3)
+    fake_vlm.latency = 0.1
+    fake_vlm.capacity = cap = Capacity(k=100, rpm=rpm, style="openai")
+    fleet.start(3, concurrency=4)
+    results = tmp_path / "results"
+    producer(fleet_env, "enqueue", *job(fake_vlm, data, results, AUTO), "--wait", "--timeout", "400")
+    assert failures(results) == []
+    st = cap.stats()
+    calls = st["served"] + st["refused"]
+    assert st["served"] > rpm, f"{st['served']} calls: the run must need more than a minute's quota"
+    assert st["refused"] < 0.05 * calls, f"{st['refused']} of {calls} calls refused (429)"
+    auto = status_json(fleet_env, results)["budget"]["auto"]
+    assert auto["rate_limit_per_minute"] == pytest.approx(0.95 * rpm) and auto["rate_source"] == "stated", auto
+    assert f"{rpm} requests/min" in auto["rate_reason"]
+    text = producer(fleet_env, "status", "--results-dir", str(results)).stdout
+    assert "request rate (auto, stated): 22.8 calls/min" in text, text
+    logs = "\n".join(w.text() for w in fleet.workers)
+    assert "vlm request rate limit none -> 22.8 requests/min" in logs, fleet.logs()

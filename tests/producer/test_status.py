@@ -83,3 +83,41 @@ def test_auto_concurrency_shows_its_limit_floor_and_last_reason(make_state, redi
     auto = status(state)["budget"]["auto"]
     assert auto["limit"] >= 1 and auto["floor_s"] >= 0 and auto["reason"]
     assert f"concurrency (auto): limit {auto['limit']}" in format_status(status(state))
+
+
+def test_auto_shows_the_request_rate_it_keeps_to_and_why(make_state, redis_client):
+    import uuid
+
+    from worker.budget import FleetBudget
+
+    endpoint = f"openai|http://status-{uuid.uuid4().hex[:8]}/v1|m"
+    state = make_state()
+    state.set_meta(endpoint=endpoint)
+    budget = FleetBudget(redis_client, "redis://unused", endpoint_key=endpoint, max_concurrency="auto",
+                         requests_per_minute=0, lease_seconds=30)
+    with budget.slot("region_expr"):
+        pass
+    budget.controller.maybe_flush(force=True)
+    assert "rate_limit_per_minute" not in status(state)["budget"]["auto"]
+    budget.note_stated(10.0)  # an answer stated 600 requests a minute
+    redis_client.hset(budget._state, "next", 0)  # the next update is due now, not in a second
+    budget.controller.maybe_flush(force=True)
+    auto = status(state)["budget"]["auto"]
+    assert auto["rate_limit_per_minute"] == 570 and auto["rate_source"] == "stated"
+    text = format_status(status(state))
+    assert "request rate (auto, stated): 570 calls/min" in text and "states 600 requests/min" in text, text
+
+
+def test_a_fixed_request_rate_alone_shows_no_auto_section(make_state, redis_client):
+    import uuid
+
+    from worker.budget import FleetBudget
+
+    endpoint = f"openai|http://status-{uuid.uuid4().hex[:8]}/v1|m"
+    state = make_state()
+    state.set_meta(endpoint=endpoint)
+    budget = FleetBudget(redis_client, "redis://unused", endpoint_key=endpoint, max_concurrency=4,
+                         requests_per_minute=600, lease_seconds=30)
+    with budget.slot("region_expr"):
+        pass  # writes the rate's next turn into the endpoint's state hash
+    assert "auto" not in status(state)["budget"]

@@ -15,7 +15,12 @@ not FIFO, as a batch server's is). A request the client abandoned keeps its shar
 work is done: the handler thread keeps serving it, as the real server does.
 
 ``set_capacity`` changes K mid-run (other tenants, autoscaling); the quota is a sliding window
-of ``rpm`` admitted requests per 60 s, refused with the seconds until the window has room.
+of ``rpm`` admitted requests per 60 s, refused with the seconds until the window has room. How
+the quota is stated (``style``) follows the real endpoints: ``openai`` sends
+``x-ratelimit-limit-requests`` / ``-remaining-requests`` / ``-reset-requests`` on every OpenAI
+reply and a ``Retry-After`` on a 429; ``gemini`` answers a 429 with a ``google.rpc.QuotaFailure``
+(the quota id and its value) and a ``RetryInfo``, and no header; ``plain`` states nothing but a
+``Retry-After`` on a 429 (a proxy in front of a self-hosted server).
 ``stats()`` reports the peak number of requests in the server at once (``peak``) and the peak
 since the last ``mark()`` (to show that no more started after a limit dropped).
 
@@ -32,6 +37,8 @@ import threading
 import time
 from collections import deque
 
+STYLES = ("openai", "gemini", "plain")
+
 
 class Capacity:
     """K slots shared by every request in the server, and an optional per-minute quota.
@@ -41,9 +48,12 @@ class Capacity:
     :param clock: monotonic seconds (tests may pass their own).
     """
 
-    def __init__(self, k: int, *, rpm: int = 0, clock=time.monotonic):
+    def __init__(self, k: int, *, rpm: int = 0, style: str = "openai", clock=time.monotonic):
         if k < 1:
             raise ValueError(f"k must be at least 1, not {k}")
+        if style not in STYLES:
+            raise ValueError(f"style must be one of {STYLES}, not {style!r}")
+        self.style = style
         self._clock = clock
         self._cond = threading.Condition()
         self.k = k
@@ -75,7 +85,7 @@ class Capacity:
 
     def stats(self) -> dict:
         with self._cond:
-            return {"k": self.k, "rpm": self.rpm, "in_server": self._n, "peak": self.peak,
+            return {"k": self.k, "rpm": self.rpm, "style": self.style, "in_server": self._n, "peak": self.peak,
                     "peak_since_mark": self.peak_since_mark, "served": self.served,
                     "refused": self.refused, "abandoned": self.abandoned}
 
@@ -94,6 +104,20 @@ class Capacity:
                 return float(max(1, math.ceil(60.0 - (now - self._window[0]))))
             self._window.append(now)
             return None
+
+    def rate_headers(self) -> dict[str, str] | None:
+        """OpenAI's rate-limit headers for a reply under the quota (``style`` ``openai`` only):
+        the limit, what is left in the window now, and when the window is whole again."""
+        if not self.rpm or self.style != "openai":
+            return None
+        with self._cond:
+            now = self._clock()
+            while self._window and now - self._window[0] >= 60.0:
+                self._window.popleft()
+            reset = 60.0 - (now - self._window[0]) if self._window else 0.0
+            return {"x-ratelimit-limit-requests": str(self.rpm),
+                    "x-ratelimit-remaining-requests": str(max(0, self.rpm - len(self._window))),
+                    "x-ratelimit-reset-requests": f"{reset:.3f}s"}
 
     def serve(self, work: float, stopping: threading.Event | None = None,
               abandoned: threading.Event | None = None) -> None:
@@ -150,9 +174,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--k", type=int, required=True)
     p.add_argument("--rpm", type=int, default=0)
     p.add_argument("--latency", type=float, default=1.0)
+    p.add_argument("--style", choices=STYLES, default="openai", help="how the quota is stated")
     a = p.parse_args(argv)
     fake = FakeVLM(latency=a.latency, record=False).start()
-    fake.capacity = Capacity(k=a.k, rpm=a.rpm)
+    fake.capacity = Capacity(k=a.k, rpm=a.rpm, style=a.style)
     print(f"FAKE_VLM_URL={fake.url}", flush=True)
     for line in sys.stdin:
         cmd = line.split()

@@ -405,10 +405,18 @@ def openai_error(status: int, message: str | None = None) -> dict:
 
 
 def gemini_error(status: int, message: str | None = None, *, retry_after: float | None = None,
-                 reason: str | None = None) -> dict:
+                 reason: str | None = None, quota_per_minute: int | None = None) -> dict:
+    """A Gemini error body; a 429 over a quota carries a ``google.rpc.QuotaFailure`` naming it
+    (``quota_per_minute``), as Google's endpoint does, besides the RetryInfo."""
     err: dict = {"code": status, "message": message or f"fake error {status}",
                  "status": GEMINI_STATUS.get(status, "UNKNOWN")}
     details = []
+    if quota_per_minute:
+        details.append({"@type": "type.googleapis.com/google.rpc.QuotaFailure", "violations": [{
+            "quotaMetric": "generativelanguage.googleapis.com/generate_content_requests",
+            "quotaId": "GenerateRequestsPerMinutePerProjectPerModel",
+            "quotaDimensions": {"location": "global", "model": "fake"},
+            "quotaValue": str(quota_per_minute)}]})
     if reason:
         details.append({"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": reason,
                         "domain": "googleapis.com",
@@ -803,14 +811,20 @@ class FakeVLM:
             return directive.status, directive.body, {"Content-Type": directive.content_type}
         if isinstance(directive, _Hang):
             self._sleep(directive.seconds)
+        quota_headers = None
         if self.capacity is None:
             self._sleep(self.sample_latency())
         else:  # a GPU batch server with K slots and a quota (tests/support/fake_capacity.py)
             wait = self.capacity.admit()
             if wait is not None:
-                return self._error(protocol, 429, f"quota of {self.capacity.rpm} requests per minute exceeded",
-                                   retry_after=wait)
+                cap = self.capacity
+                return self._error(protocol, 429, f"quota of {cap.rpm} requests per minute exceeded",
+                                   retry_after=None if cap.style == protocol == "gemini" else wait,
+                                   detail_retry=wait,
+                                   quota_per_minute=cap.rpm if cap.style == "gemini" else None,
+                                   extra_headers=cap.rate_headers() if protocol == "openai" else None)
             self.capacity.serve(self.sample_latency(), self._stopping)
+            quota_headers = self.capacity.rate_headers() if protocol == "openai" else None
         image = parsed.images[0][0] if parsed.images else None
         if isinstance(directive, _Block):
             if protocol == "openai":
@@ -823,16 +837,19 @@ class FakeVLM:
             text, reason = fn(parsed.prompt, image, protocol), None
         if protocol == "openai":
             content = text if text or reason != "content_filter" else None
-            return 200, openai_completion(model, parsed.prompt, content, reason or "stop"), None
+            return 200, openai_completion(model, parsed.prompt, content, reason or "stop"), quota_headers
         return 200, gemini_response(model, parsed.prompt, text, reason or "STOP"), None
 
-    def _error(self, protocol, status, message, *, retry_after=None, detail_retry=None, reason=None) -> Reply:
+    def _error(self, protocol, status, message, *, retry_after=None, detail_retry=None, reason=None,
+               quota_per_minute=None, extra_headers=None) -> Reply:
         headers = {"Retry-After": f"{retry_after:g}"} if retry_after is not None else None
+        if extra_headers:
+            headers = {**(headers or {}), **extra_headers}
         if protocol == "openai":
             return status, openai_error(status, message), headers
         detail = detail_retry if detail_retry is not None else retry_after
         return status, gemini_error(status, message, retry_after=detail if status == 429 else None,
-                                    reason=reason), headers
+                                    reason=reason, quota_per_minute=quota_per_minute), headers
 
     def _handle_control(self, path: str, raw: bytes) -> Reply:
         try:

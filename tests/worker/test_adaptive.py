@@ -43,7 +43,7 @@ def test_queueing_cuts_to_the_concurrency_that_sees_the_floor_plus_headroom():
     # 64 in flight on a server with 32 slots: latency 2x its floor, throughput 32/s.
     st = State(limit=64, floors={"s": 1.0}, slow_start=True)
     new, changed = decide(st, sample(32, 2.0), now=10, interval=1.0, ceiling=256)
-    assert changed and new.limit == pytest.approx(32 + 6.4, rel=0.01)  # the floor's concurrency + alpha
+    assert changed and new.limit == 38  # the floor's concurrency + alpha (6.4), in whole calls
     assert not new.slow_start and "2.00x" in new.reason and "~32 calls queued" in new.reason
 
 
@@ -52,14 +52,32 @@ def test_a_cut_on_few_answers_scales_the_limit_in_use_and_at_most_halves_it():
     st = State(limit=16, floors={"s": 1.0})
     new, changed = decide(st, sample(3, 2.0, waited=20), now=10, interval=1.0, ceiling=256)
     assert changed and new.limit == pytest.approx(16 / 2.0 + 2, rel=0.01)
-    new, _ = decide(st, sample(2, 5.0, waited=20), now=10, interval=1.0, ceiling=256)
+    new, _ = decide(st, sample(3, 5.0, waited=20), now=10, interval=1.0, ceiling=256)
     assert new.limit == 8
 
 
-def test_a_small_limit_grows_when_calls_wait_for_it():
+def test_a_small_limit_grows_when_calls_wait_for_it_once_enough_answers_are_in():
+    # One answer an interval: its latency alone is noise, so the rule waits for three.
     st = State(limit=1, floors={"s": 1.0}, slow_start=False)
-    new, changed = decide(st, sample(1, 1.0, waited=5), now=10, interval=1.4, ceiling=256)
+    for t in (10, 11):
+        st, changed = decide(st, sample(1, 1.0, waited=5), now=t, interval=1.0, ceiling=256)
+        assert not changed and st.limit == 1
+    new, changed = decide(st, sample(1, 1.0, waited=5), now=12, interval=1.0, ceiling=256)
     assert changed and new.limit == 2
+
+
+def test_a_small_limit_holds_one_call_queued_and_moves_by_whole_calls():
+    # K = 4: 4 in flight see the floor (grow by one), 5 see 1.25x (one queued: hold), 6 see
+    # 1.5x (two queued: back to 5). The old band (2 to 3 queued) swung between 6 and 8.
+    st = State(limit=4, floors={"s": 1.0}, slow_start=False)
+    new, _ = decide(st, sample(4, 1.0, waited=3), now=10, interval=1.0, ceiling=256)
+    assert new.limit == 5
+    new, changed = decide(State(limit=5, floors={"s": 1.0}, slow_start=False), sample(4, 1.25, waited=3),
+                          now=10, interval=1.0, ceiling=256)
+    assert not changed and new.limit == 5
+    new, _ = decide(State(limit=6, floors={"s": 1.0}, slow_start=False), sample(4, 1.5, waited=3),
+                    now=10, interval=1.0, ceiling=256)
+    assert new.limit == 5
 
 
 def test_no_second_cut_before_the_first_one_settled():
@@ -76,7 +94,7 @@ def test_429s_and_timeouts_cut_multiplicatively_and_retry_after_pauses_the_fleet
     assert new.pause_until == 107
     warm = State(limit=20, floors={"s": 1.0}, slow_start=False, rate=12.0)
     new, _ = decide(warm, sample(12, 1.0, r429=1), now=100, interval=1.0, ceiling=256)
-    assert new.limit == pytest.approx(0.9 * 12, rel=0.01) and new.refused_limit == new.limit
+    assert new.limit == 11 and new.refused_limit == pytest.approx(0.9 * 12, rel=0.01)
     new, _ = decide(State(limit=20, floors={"s": 1.0}), Sample(timeouts=2), now=1, interval=1, ceiling=256)
     assert new.limit == pytest.approx(14) and new.reason == "2 timeouts" and not new.slow_start
     new, _ = decide(State(limit=1.2), Sample(timeouts=1), now=1, interval=1, ceiling=256)
@@ -136,6 +154,57 @@ def test_on_a_simulated_batch_server_the_limit_settles_near_capacity_and_follows
     k = 32
     limits = run(30, 40)
     assert all(32 <= x <= 50 for x in limits[-10:]), limits
+    k = 4  # small: it settles one call above K (once the calls of its cuts are back)
+    limits = run(40, 70)
+    assert all(x == 5 for x in limits[-20:]), limits
+
+
+# ----------------------------------------------------------------------------- the request rate
+
+def test_a_stated_quota_becomes_the_rate_limit_at_once():
+    new, _ = decide(State(limit=8, floors={"s": 1.0}), sample(8, 1.0, sent=8, stated=10.0), now=5,
+                    interval=1, ceiling=256)
+    assert new.rate_limit == pytest.approx(9.5) and new.rate_source == "stated"
+    assert "600 requests/min" in new.rate_reason and new.rate_changed_at == 5
+    same, _ = decide(new, sample(8, 1.0, sent=8, stated=10.0), now=6, interval=1, ceiling=256)
+    assert same.rate_changed_at == 5  # the same statement changes nothing
+    assert "tat" not in same.to_redis()  # the acquire script owns the turns once the rate is set
+
+
+def test_calls_sent_before_the_quota_was_stated_count_against_it():
+    # 19 calls left in the first second, before the first answer stated 600 a minute: the first
+    # turn under the rate (9.5/s) comes when those 19 would have been spaced out, 2 s after them.
+    st, _ = decide(State(limit=4), Sample(sent=19), now=100, interval=1, ceiling=256)
+    new, _ = decide(st, sample(4, 1.0, stated=10.0), now=100.5, interval=1, ceiling=256)
+    assert float(new.to_redis()["tat"]) == pytest.approx(102)
+
+
+def test_the_first_429_learns_the_rate_the_endpoint_accepted_over_the_last_minute():
+    # 600 calls went through in 6 s (slow start), then a 429: the quota is 600 a minute.
+    st = State(limit=64, floors={"s": 1.0})
+    for t in range(6):
+        st, _ = decide(st, sample(100, 1.0, sent=100), now=t, interval=1, ceiling=256)
+    assert st.rate_limit == 0
+    st, _ = decide(st, sample(50, 1.0, sent=20, r429=20, retry_after=54), now=6, interval=1, ceiling=256)
+    assert st.rate_limit == pytest.approx(0.9 * 600 / 60) and st.rate_source == "learned"
+    assert "20 429 after 600 calls accepted" in st.rate_reason and st.pause_until == 60
+    stated, _ = decide(State(limit=64, accepted=[[1, 100]]), sample(50, 1.0, sent=20, r429=20, stated=10.0),
+                       now=6, interval=1, ceiling=256)
+    assert stated.rate_limit == pytest.approx(9.5) and stated.rate_source == "stated"  # a 429 that says it
+    # 429s of calls sent before it, within the settle time, do not lower it again.
+    again, _ = decide(st, sample(0, 1.0, r429=5), now=8, interval=1, ceiling=256)
+    assert again.rate_limit == st.rate_limit
+
+
+def test_a_learned_rate_is_probed_upwards_after_a_quiet_spell_in_use():
+    st = State(limit=16, floors={"s": 1.0}, rate_limit=9.0, rate_source="learned", rate_changed_at=0,
+               refused_at=0)
+    new, _ = decide(st, sample(9, 1.0, sent=9), now=50, interval=1, ceiling=256)
+    assert new.rate_limit == 9.0  # not yet
+    new, _ = decide(st, sample(2, 1.0, sent=2), now=200, interval=1, ceiling=256)
+    assert new.rate_limit == 9.0  # not in use: nothing to learn by raising it
+    new, _ = decide(st, sample(9, 1.0, sent=9), now=200, interval=1, ceiling=256)
+    assert new.rate_limit == pytest.approx(9.9) and "probing" in new.rate_reason
 
 
 # ----------------------------------------------------------------------------- the fleet side
@@ -255,3 +324,19 @@ def test_timed_out_calls_do_not_put_more_calls_on_the_server_than_a_fixed_cap(re
             t.join(60)
         assert outcomes.count("timeout") == 12, outcomes
         assert cap.stats()["peak"] <= 2, f"the server held {cap.stats()['peak']} calls against a cap of 2"
+
+
+def test_under_a_rate_a_429_keeps_the_concurrency_the_rate_needs_and_the_first_turn_waits_out_the_burst():
+    # A burst of 600 calls from t = 0 filled a quota of 600 a minute; its 429 states it. Calls
+    # resume when the burst would have left the window at the rate, not whenever it has room
+    # for one; and the limit is not cut below the rate's concurrency (9.5/s x 1 s, and one).
+    st = State(limit=128, floors={"s": 1.0}, accepted=[[float(t), 100.0] for t in range(6)])
+    new, _ = decide(st, sample(100, 1.0, sent=10, r429=10, stated=10.0, retry_after=54), now=6, interval=1,
+                    ceiling=256)
+    assert float(new.to_redis()["tat"]) == pytest.approx(600 / 9.5)
+    assert new.limit == 64  # at most halved
+    st = State(limit=12, floors={"s": 1.0}, slow_start=False, rate_limit=9.5, rate_source="stated",
+               rate_stated=10.0, rate_changed_at=0)
+    new, _ = decide(st, sample(10, 1.0, sent=10, r429=1, stated=10.0, retry_after=1), now=100, interval=1,
+                    ceiling=256)
+    assert new.limit == 11 and new.refused_limit == 11

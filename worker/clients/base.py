@@ -41,6 +41,9 @@ class VLMResponse:
     finish_reason: str = ""
     truncated: bool = False
     usage: dict = field(default_factory=dict)
+    #: The request quota the endpoint stated with this answer (requests per second; OpenAI's
+    #: ``x-ratelimit-limit-requests``), None when it stated none. Read by the fleet budget.
+    stated_rate: float | None = None
 
 
 @runtime_checkable

@@ -116,6 +116,35 @@ def retry_after_seconds(headers, details=None) -> float | None:
     return None
 
 
+#: Gemini's quota ids name their window (``GenerateRequestsPerMinutePerProjectPerModel``):
+#: seconds per window. A daily quota is not a rate to keep to: its 429 pauses the fleet for the
+#: stated Retry-After instead.
+_QUOTA_WINDOWS = (("PerSecond", 1.0), ("PerMinute", 60.0))
+
+
+def stated_rate_from_details(details) -> float | None:
+    """The request quota a Gemini 429 states, in requests per second: the lowest of its
+    ``google.rpc.QuotaFailure`` violations whose quota id counts requests per second or minute
+    (``quotaValue`` in that window). None when the body names none."""
+    error = details.get("error", details) if isinstance(details, dict) else {}
+    rates = []
+    for d in error.get("details") or []:
+        if not isinstance(d, dict) or not str(d.get("@type", "")).endswith("google.rpc.QuotaFailure"):
+            continue
+        for v in d.get("violations") or []:
+            quota_id = str(v.get("quotaId", "")) if isinstance(v, dict) else ""
+            if "Request" not in quota_id:
+                continue  # input tokens per minute: not a request rate
+            window = next((w for name, w in _QUOTA_WINDOWS if name in quota_id), None)
+            try:
+                value = float(v.get("quotaValue"))
+            except (TypeError, ValueError):
+                continue
+            if window and value > 0:
+                rates.append(value / window)
+    return min(rates) if rates else None
+
+
 def _error_reasons(details) -> set[str]:
     error = details.get("error", details) if isinstance(details, dict) else {}
     return {d.get("reason", "") for d in error.get("details") or [] if isinstance(d, dict)}
@@ -227,4 +256,5 @@ class GeminiClient:
             Endpoint(self.name, self.base_url, self.model, "GOOGLE_API_KEY", _RETRYABLE_4XX), code,
             self._redact(str(exc.message or exc.status or ""))[:500], status_text=str(exc.status or ""),
             retry_after=retry_after_seconds(headers, exc.details) if code == 429 else None,
+            stated_rate=stated_rate_from_details(exc.details) if code == 429 else None,
             auth=code == 400 and "API_KEY_INVALID" in _error_reasons(exc.details), schema=schema)

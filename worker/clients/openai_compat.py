@@ -10,6 +10,7 @@ all threads (the SDK's httpx pool is thread-safe); ``worker.clients.factory`` ca
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import os
 from collections.abc import Iterator
@@ -20,7 +21,14 @@ import openai
 
 from worker import settings
 from worker.clients.base import VLMRequest, VLMResponse, check_answer
-from worker.clients.replies import Endpoint, map_status, not_the_api, retry_after_from_headers, strip_thinking
+from worker.clients.replies import (
+    Endpoint,
+    map_status,
+    not_the_api,
+    retry_after_from_headers,
+    stated_rate_from_headers,
+    strip_thinking,
+)
 from worker.errors import ClientError, EmptyAnswer, PermanentClientError, TimedOut
 from worker.spec import OpenAISpec
 
@@ -93,11 +101,16 @@ class OpenAICompatClient:
         return body
 
     def generate(self, request: VLMRequest) -> VLMResponse:
+        # The raw response: its headers state the endpoint's request quota (OpenAI's
+        # x-ratelimit-*), which the fleet budget enforces before any 429 (``auto``).
         with self.sdk_errors(schema=request.response_schema is not None):
-            resp = self._client.chat.completions.create(**self.body(request))
+            raw = self._client.chat.completions.with_raw_response.create(**self.body(request))
+            resp = raw.parse()
         if isinstance(resp, str):  # the SDK hands back the text of a body that is not JSON
             raise self._not_the_api(resp)
-        return self._response(resp)
+        out = self._response(resp)
+        rate = stated_rate_from_headers(raw.headers)
+        return dataclasses.replace(out, stated_rate=rate) if rate else out
 
     @contextmanager
     def sdk_errors(self, *, schema: bool = False, expected: str = "a chat completion") -> Iterator[None]:
@@ -153,6 +166,8 @@ class OpenAICompatClient:
 
     def _map_status(self, exc: openai.APIStatusError, *, schema: bool = False) -> Exception:
         code = exc.status_code
+        headers = exc.response.headers
         return map_status(
             self._endpoint(), code, self._detail(exc),
-            retry_after=retry_after_from_headers(exc.response.headers) if code == 429 else None, schema=schema)
+            retry_after=retry_after_from_headers(headers) if code == 429 else None, schema=schema,
+            stated_rate=stated_rate_from_headers(headers) if code == 429 else None)

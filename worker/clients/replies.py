@@ -43,6 +43,23 @@ def retry_after_from_headers(headers) -> float | None:
             return None
 
 
+def stated_rate_from_headers(headers) -> float | None:
+    """The request quota an OpenAI-style endpoint states on every reply, in requests per second:
+    ``x-ratelimit-limit-requests`` is the requests allowed per minute (OpenAI's RPM; the header
+    names no window, and OpenAI's documented request limits are per minute). None when absent,
+    unreadable or not positive (a server without a quota)."""
+    if headers is None:
+        return None
+    value = headers.get("x-ratelimit-limit-requests")
+    if not value:
+        return None
+    try:
+        limit = float(value)
+    except ValueError:
+        return None
+    return limit / 60.0 if limit > 0 else None
+
+
 @dataclass(frozen=True)
 class Endpoint:
     """Who answered, for messages: the client's name, its base URL, the model and the key hint."""
@@ -55,13 +72,14 @@ class Endpoint:
 
 
 def map_status(ep: Endpoint, code: int, detail: str, *, status_text: str = "", retry_after: float | None = None,
-               auth: bool = False, schema: bool = False) -> Exception:
+               auth: bool = False, schema: bool = False, stated_rate: float | None = None) -> Exception:
     """An HTTP error as ``RateLimited`` / ``ClientError`` (retry) or ``PermanentClientError`` (fix
-    something first); ``auth`` marks a rejected key that did not come as 401/403."""
+    something first); ``auth`` marks a rejected key that did not come as 401/403; ``stated_rate``
+    is the request quota the reply stated (requests per second), passed on with a 429."""
     http = f"HTTP {code}{' ' + status_text if status_text else ''}"
     if code == 429:
         return RateLimited(f"{ep.name}: rate limited by {ep.base_url} ({http}): {detail}",
-                           retry_after=retry_after, status=429)
+                           retry_after=retry_after, status=429, stated_rate=stated_rate)
     if auth or code in (401, 403):
         return PermanentClientError(f"the API key was rejected by {ep.base_url} ({http}: {detail}): "
                                     f"check {ep.key_env} on this worker", status=code)

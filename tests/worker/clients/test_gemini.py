@@ -126,6 +126,36 @@ def test_429_with_only_retry_info_detail(keyed, fake_vlm, png):
     assert info.value.retry_after == pytest.approx(2.5)
 
 
+def test_a_429_over_a_quota_states_it_in_its_quota_failure(keyed, fake_vlm, png):
+    from tests.support.fake_capacity import Capacity
+
+    fake_vlm.capacity = Capacity(k=10, rpm=1, style="gemini")
+    c = client(fake_vlm)
+    assert c.generate(VLMRequest(image=png, prompt="x")).stated_rate is None  # Gemini states it on 429s only
+    with pytest.raises(RateLimited) as info:
+        c.generate(VLMRequest(image=png, prompt="x"))
+    assert info.value.stated_rate == pytest.approx(1 / 60)  # GenerateRequestsPerMinute..., quotaValue 1
+    assert 0 < info.value.retry_after <= 60  # from the RetryInfo: the fake sends no header in this style
+
+
+def test_quota_failures_name_their_window_and_a_daily_one_is_no_rate():
+    from worker.clients.gemini import stated_rate_from_details
+
+    def body(*violations):
+        return {"error": {"code": 429, "details": [
+            {"@type": "type.googleapis.com/google.rpc.QuotaFailure", "violations": list(violations)},
+            {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "20s"}]}}
+
+    per_minute = {"quotaId": "GenerateRequestsPerMinutePerProjectPerModel-FreeTier", "quotaValue": "10"}
+    per_day = {"quotaId": "GenerateRequestsPerDayPerProjectPerModel-FreeTier", "quotaValue": "250"}
+    tokens = {"quotaId": "GenerateContentInputTokensPerModelPerMinute-FreeTier", "quotaValue": "250000"}
+    assert stated_rate_from_details(body(per_minute)) == pytest.approx(10 / 60)
+    assert stated_rate_from_details(body(per_day)) is None
+    assert stated_rate_from_details(body(tokens)) is None
+    assert stated_rate_from_details(body(per_day, per_minute)) == pytest.approx(10 / 60)
+    assert stated_rate_from_details({"error": {"code": 429}}) is None
+
+
 def test_429_without_hint(keyed, fake_vlm, png):
     fake_vlm.fail_next(1, 429)
     with pytest.raises(RateLimited) as info:

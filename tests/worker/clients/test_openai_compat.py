@@ -115,6 +115,22 @@ def test_server_side_rpm_limit_surfaces_as_rate_limited(make_fake, png):
     assert 0 < info.value.retry_after <= 60
 
 
+def test_the_quota_stated_in_x_ratelimit_headers_comes_with_answers_and_429s(fake_vlm, png):
+    from tests.support.fake_capacity import Capacity
+
+    fake_vlm.capacity = Capacity(k=10, rpm=1, style="openai")
+    c = client(fake_vlm)
+    answer = c.generate(VLMRequest(image=png, prompt="x"))
+    assert answer.stated_rate == pytest.approx(1 / 60)  # x-ratelimit-limit-requests: 1 (a minute)
+    with pytest.raises(RateLimited) as info:
+        c.generate(VLMRequest(image=png, prompt="x"))
+    assert info.value.stated_rate == pytest.approx(1 / 60) and 0 < info.value.retry_after <= 60
+
+
+def test_an_endpoint_stating_no_quota_gives_no_rate(fake_vlm, png):
+    assert client(fake_vlm).generate(VLMRequest(image=png, prompt="x")).stated_rate is None
+
+
 @pytest.mark.parametrize("status", [500, 502, 503])
 def test_5xx_is_retryable_and_not_retried_by_the_sdk(fake_vlm, png, status):
     fake_vlm.fail_next(1, status)
