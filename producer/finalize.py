@@ -112,8 +112,16 @@ def _scan_step(root: str, step: int, workdir: str, count_bad: bool, with_usage: 
     return sorted_pairs, usage, bad if count_bad else 0
 
 
-def _compact_step(root: str, step: int, latest: SortedPairs, generation: int) -> int:
-    return _compact(Layout(Path(root)).sink(step), step, latest, generation)
+def _scan_and_merge(root: str, step: int, workdir: str, count_bad: bool, with_usage: bool,
+                    generation: int | None) -> tuple[dict, int, int]:
+    """A step that is not in the final record: read (``_scan_step``) and, when it was on disk
+    as the parts were frozen (``generation``), merged, in one pool job (its pairs never travel
+    back to the parent); its usage, bad lines and lines in its merged file."""
+    pairs, usage, bad = _scan_step(root, step, workdir, count_bad, with_usage)
+    if generation is None:  # it came to exist during this finalize: merged next time
+        pairs.close()
+        return usage, bad, 0
+    return usage, bad, _compact(Layout(Path(root)).sink(step), step, pairs, generation)
 
 
 PARALLEL_BYTES = 64 << 20  # step sinks at least this big are read by a pool of processes
@@ -173,28 +181,22 @@ def finalize(layout: Layout, steps: list[int], prices: dict | None = None, *,
         with tempfile.TemporaryDirectory(prefix=_sort_prefix(layout), dir=layout.root) as tmpdir, \
                 _pool(layout, sinks) as pool:
             root = str(layout.root)
-            on_disk = list(generations)  # a sink that came to exist during this finalize: merged next time
             # The final steps' sinks are read first, in the pool, while this process sorts the
             # seed and the failures; it then writes the final file (merging the final steps'
-            # files in the same pass) while the pool reads and merges the other steps.
-            order = sorted(sinks, key=lambda s: (s not in final_steps, s))
-            scan_jobs = {s: _submit(pool, _scan_step, root, s, tmpdir, s in final_steps, s in steps) for s in order}
+            # files in the same pass) while the pool reads and merges each other step in one job.
+            jobs = {s: _submit(pool, _scan_step, root, s, tmpdir, True, s in steps) for s in final_steps}
+            others = {s: _submit(pool, _scan_and_merge, root, s, tmpdir, False, s in steps, generations.get(s))
+                      for s in sinks if s not in final_steps}
             seed, failures = _sort_ids(root, tmpdir, final_steps)
             usage = {s: call_counts((), s) for s in steps}
             latest: dict[int, SortedPairs] = {}
-            merges: dict[int, Callable[[], int]] = {}
             try:
-                for s in order:
-                    pairs, counts, bad = scan_jobs[s]()
-                    if s in usage:
-                        _add(usage[s], counts)
+                for s, job in jobs.items():
+                    latest[s], counts, bad = job()
+                    if s not in generations:  # it came to exist during this finalize: merged next time
+                        latest[s].close()
+                    _add(usage[s], counts)
                     report.bad_lines += bad
-                    if s not in on_disk:
-                        pairs.close()
-                    if s in final_steps:
-                        latest[s] = pairs
-                    elif s in on_disk:
-                        merges[s] = _submit(pool, _compact_step, root, s, pairs, generations[s])
             except BaseException:
                 for pairs in latest.values():
                     pairs.close()
@@ -202,9 +204,13 @@ def finalize(layout: Layout, steps: list[int], prices: dict | None = None, *,
                 failures.close()
                 raise
             report.compacted.update(_write_final(layout, steps, final_steps, sinks, latest, seed, failures, report,
-                                                 {s: generations[s] for s in final_steps if s in on_disk}))
-            for s, job in sorted(merges.items()):
-                report.compacted[s] = job()
+                                                 {s: generations[s] for s in final_steps if s in generations}))
+            for s, other in others.items():
+                counts, _, lines = other()
+                if s in usage:
+                    _add(usage[s], counts)
+                if s in generations:
+                    report.compacted[s] = lines
             report.compacted = dict(sorted(report.compacted.items()))
         per_step = {s: {"images": report.compacted.get(s, 0), **usage[s]} for s in steps}
     report.usage = usage_summary(per_step, prices)
