@@ -29,7 +29,17 @@ from producer.summary import write_summary
 from producer.usage import call_counts, usage_summary
 from worker import stepdefs
 from worker.layout import Layout
-from worker.sinks import JsonlSink, ReadStats, dumps, loads
+from worker.sinks import (
+    _OFFSET_MASK,
+    JsonlSink,
+    SinkReader,
+    _lines,
+    _parse,
+    dumps_line,
+    encode_offset,
+    loads,
+    loads_marked,
+)
 from worker.stepdefs import ALL_STEPS
 from worker.steps import final_record
 from worker.steps.records import deterministic
@@ -68,29 +78,50 @@ def _scan_step(root: str, step: int, workdir: str, count_bad: bool, with_usage: 
                ) -> tuple[SortedPairs, dict, int]:
     """One step sink read once: its ``(image_id, offset)`` pairs sorted, the usage of every
     line plus what earlier finalizes carried, and its bad lines (when ``count_bad``). Runs in a
-    pool process for a large run (``_pool``): the lines are parsed in parallel, one sink each."""
+    pool process for a large run (``_pool``): the lines are parsed in parallel, one sink each.
+    ``JsonlSink.scan``'s loop written out here: it runs once per line of every step."""
     sink = Layout(Path(root)).sink(step)
-    stats = ReadStats()
     usage = dict(sink.carried_usage()) if with_usage else {}
     lines: list[tuple[int, dict]] = []
-
-    def pairs() -> Iterator[tuple[str, int]]:
-        for off, rec in sink.scan(stats):
-            if with_usage:
-                lines.append((off, rec))
-                if len(lines) >= 4096:
-                    _add(usage, call_counts(lines, step))
-                    lines.clear()
-            yield str(rec["image_id"]), off
-
-    sorted_pairs = SortedPairs(pairs(), Path(workdir))
+    sorted_pairs = SortedPairs((), Path(workdir))
+    add = sorted_pairs.add
+    bad = 0
+    try:
+        for part, path in sink.files():
+            base = encode_offset(part, 0)
+            offset = 0
+            for line in _lines(path):
+                start, offset = offset, offset + len(line)
+                if start > _OFFSET_MASK:
+                    encode_offset(part, start)  # raises, as JsonlSink.scan does
+                rec = _parse(line)
+                if rec is None:
+                    bad += 1
+                    continue
+                if with_usage:
+                    lines.append((base + start, rec))
+                    if len(lines) >= 4096:
+                        _add(usage, call_counts(lines, step))
+                        lines.clear()
+                add((str(rec["image_id"]), base + start))
+    except BaseException:
+        sorted_pairs.close()
+        raise
     _add(usage, call_counts(lines, step) if with_usage else {})
     iter(sorted_pairs)  # spills the last chunk of a large sort: nothing held until it is read
-    return sorted_pairs, usage, stats.bad_lines if count_bad else 0
+    return sorted_pairs, usage, bad if count_bad else 0
 
 
-def _compact_step(root: str, step: int, latest: SortedPairs, generation: int) -> int:
-    return _compact(Layout(Path(root)).sink(step), step, latest, generation)
+def _scan_and_merge(root: str, step: int, workdir: str, count_bad: bool, with_usage: bool,
+                    generation: int | None) -> tuple[dict, int, int]:
+    """A step that is not in the final record: read (``_scan_step``) and, when it was on disk
+    as the parts were frozen (``generation``), merged, in one pool job (its pairs never travel
+    back to the parent); its usage, bad lines and lines in its merged file."""
+    pairs, usage, bad = _scan_step(root, step, workdir, count_bad, with_usage)
+    if generation is None:  # it came to exist during this finalize: merged next time
+        pairs.close()
+        return usage, bad, 0
+    return usage, bad, _compact(Layout(Path(root)).sink(step), step, pairs, generation)
 
 
 PARALLEL_BYTES = 64 << 20  # step sinks at least this big are read by a pool of processes
@@ -150,29 +181,37 @@ def finalize(layout: Layout, steps: list[int], prices: dict | None = None, *,
         with tempfile.TemporaryDirectory(prefix=_sort_prefix(layout), dir=layout.root) as tmpdir, \
                 _pool(layout, sinks) as pool:
             root = str(layout.root)
-            # In a pool, the seed's and failures' sorts run beside the step sinks' reads, and the
-            # steps that are not in the final record are merged while the final file is written.
-            ids = _submit(pool, _sort_ids, root, tmpdir, final_steps)
-            scan_jobs = {s: _submit(pool, _scan_step, root, s, tmpdir, s in final_steps, s in steps) for s in sinks}
-            scans = {s: job() for s, job in scan_jobs.items()}
-            latest = {s: pairs for s, (pairs, _, _) in scans.items()}
+            # The final steps' sinks are read first, in the pool, while this process sorts the
+            # seed and the failures; it then writes the final file (merging the final steps'
+            # files in the same pass) while the pool reads and merges each other step in one job.
+            jobs = {s: _submit(pool, _scan_step, root, s, tmpdir, True, s in steps) for s in final_steps}
+            others = {s: _submit(pool, _scan_and_merge, root, s, tmpdir, False, s in steps, generations.get(s))
+                      for s in sinks if s not in final_steps}
+            seed, failures = _sort_ids(root, tmpdir, final_steps)
             usage = {s: call_counts((), s) for s in steps}
-            for s, (_, counts, bad) in scans.items():
+            latest: dict[int, SortedPairs] = {}
+            try:
+                for s, job in jobs.items():
+                    latest[s], counts, bad = job()
+                    if s not in generations:  # it came to exist during this finalize: merged next time
+                        latest[s].close()
+                    _add(usage[s], counts)
+                    report.bad_lines += bad
+            except BaseException:
+                for pairs in latest.values():
+                    pairs.close()
+                seed.close()
+                failures.close()
+                raise
+            report.compacted.update(_write_final(layout, steps, final_steps, sinks, latest, seed, failures, report,
+                                                 {s: generations[s] for s in final_steps if s in generations}))
+            for s, other in others.items():
+                counts, _, lines = other()
                 if s in usage:
                     _add(usage[s], counts)
-                report.bad_lines += bad
-            # A sink that only came to exist during this finalize has no part frozen: merged next time.
-            on_disk = list(generations)
-            for s in set(latest) - set(on_disk):
-                latest[s].close()
-            early = {s: _submit(pool, _compact_step, root, s, latest[s], generations[s])
-                     for s in on_disk if s not in final_steps}
-            seed, failures = ids()
-            _write_final(layout, steps, final_steps, sinks, latest, seed, failures, report)
-            late = {s: _submit(pool, _compact_step, root, s, latest[s], generations[s])
-                    for s in on_disk if s in final_steps}
-            for s, job in sorted({**early, **late}.items()):
-                report.compacted[s] = job()
+                if s in generations:
+                    report.compacted[s] = lines
+            report.compacted = dict(sorted(report.compacted.items()))
         per_step = {s: {"images": report.compacted.get(s, 0), **usage[s]} for s in steps}
     report.usage = usage_summary(per_step, prices)
     write_summary(layout, report)
@@ -190,19 +229,25 @@ def _sort_ids(root: str, workdir: str, final_steps: list[int]) -> tuple[SortedPa
 
 def _write_final(layout: Layout, steps: list[int], final_steps: list[int], sinks: dict[int, JsonlSink],
                  latest: dict[int, SortedPairs], seed: SortedPairs, failures: SortedPairs,
-                 report: FinalizeReport) -> None:
-    """``annotations.jsonl``: a merge join of the sorted seed ids, failures and step records."""
-    cursors = {s: Cursor(last_per_key(latest[s])) for s in final_steps}
+                 report: FinalizeReport, generations: dict[int, int]) -> dict[int, int]:
+    """``annotations.jsonl``: a merge join of the sorted seed ids, failures and step records.
+
+    The final steps' files (``generations``: those on disk when the parts were frozen) are
+    merged in the same pass (``_Merge``): each of their lines is read once, copied raw to the
+    merged file and, for a seeded image, parsed for the final record. They replace the step
+    files once the final file is in place; returns step -> lines in its merged file."""
+    merging = {s: _Merge(sinks[s], s, latest[s], generations[s]) for s in final_steps if s in generations}
+    cursors: dict[int, _Merge | Cursor] = {s: merging.get(s) or Cursor(last_per_key(latest[s])) for s in final_steps}
+    readers = {s: sinks[s].reader() for s in final_steps if s not in merging}
     failed = Cursor(failures)
     tmp = layout.root / f"{_tmp_prefix(layout)}{socket.gethostname()}-{os.getpid()}.tmp"
-    readers = {s: sinks[s].reader() for s in final_steps}
     try:
-        with open(tmp, "w", encoding="utf-8") as out:
+        with open(tmp, "wb") as out:
             for image_id, _ in last_per_key(seed):
                 found = {s: cursors[s].take(image_id) for s in final_steps}
                 fails = failed.take(image_id)
                 if not all(found.values()):
-                    done = {s for s, offs in found.items() if offs}
+                    done = {s for s, got in found.items() if got}
                     if any(f == ANY_STEP or f not in done for f in fails):
                         report.n_failed += 1
                         if len(report.failed) < LISTED:
@@ -212,53 +257,112 @@ def _write_final(layout: Layout, steps: list[int], final_steps: list[int], sinks
                         if len(report.missing) < LISTED:
                             report.missing.append(image_id)
                     continue
-                records = {s: loads(readers[s].read_line_at(found[s][0])) for s in final_steps}
-                out.write(dumps(deterministic(final_record(steps, records))) + "\n")
+                records, clean = {}, True
+                for s in final_steps:
+                    got = found[s]
+                    line = got if isinstance(got, bytes) else readers[s].read_line_at(got[0])
+                    records[s], read_by_orjson = loads_marked(line)
+                    clean = clean and read_by_orjson
+                out.write(dumps_line(deterministic(final_record(steps, records)), clean))
                 report.written += 1
             out.flush()
             os.fsync(out.fileno())
+        merged = {s: m.finish() for s, m in merging.items()}  # the rest of each step file, fsynced
         os.replace(tmp, layout.final)
+        for m in merging.values():
+            m.commit()
+        return merged
     finally:
         for r in readers.values():
             r.close()
+        for m in merging.values():
+            m.close()
+        for s, pairs in latest.items():
+            if s not in merging:
+                pairs.close()
         seed.close()
         failures.close()
         tmp.unlink(missing_ok=True)
 
 
+class _Merge:
+    """A step file merged down to one line per image while its sorted ``(image_id, offset)``
+    pairs are walked: the last line of each image copied raw (byte for byte), sorted by image
+    id, into a temp file that ``commit`` makes the main file as ``generation`` (reserved
+    before the parts were frozen), dropping the merged parts. The lines left out were calls
+    paid for: their usage is carried (``JsonlSink.carried_usage``)."""
+
+    _END = ("", -1)
+
+    def __init__(self, sink: JsonlSink, step: int, latest: SortedPairs, generation: int):
+        self.sink, self.step, self.latest, self.generation = sink, step, latest, generation
+        self.tmp = sink.path.with_name(f".{sink.path.name}.compact-{socket.gethostname()}-{os.getpid()}.tmp")
+        self.lines = 0
+        self._dropped: list[tuple[int, dict]] = []
+        self._dropped_usage = call_counts((), step)
+        self._reader: SinkReader = sink.reader()
+        self._out = open(self.tmp, "wb")  # noqa: SIM115 - closed in finish or close
+        self._pairs = iter(latest)
+        self._head = next(self._pairs, self._END)
+
+    def take(self, key: str | None) -> bytes | None:
+        """Copy the lines of every image up to ``key`` (all that are left when None); the
+        line of ``key`` itself when the step has one."""
+        found = None
+        head, pairs, end = self._head, self._pairs, self._END
+        read, write = self._reader.read_line_at, self._out.write
+        while head is not end and (key is None or head[0] <= key):
+            nxt = next(pairs, end)
+            if nxt is not end and nxt[0] == head[0]:  # a superseded record of the same image
+                self._drop(head[1])
+            else:
+                line = read(head[1])
+                write(line)
+                self.lines += 1
+                if head[0] == key:
+                    found = line
+            head = nxt
+        self._head = head
+        return found
+
+    def _drop(self, offset: int) -> None:
+        self._dropped.append((offset, loads(self._reader.read_line_at(offset))))
+        if len(self._dropped) >= 1000:
+            _add(self._dropped_usage, call_counts(self._dropped, self.step))
+            self._dropped.clear()
+
+    def finish(self) -> int:
+        """The remaining lines copied and the temp file fsynced; lines in it."""
+        self.take(None)
+        self._out.flush()
+        os.fsync(self._out.fileno())
+        self._out.close()
+        _add(self._dropped_usage, call_counts(self._dropped, self.step))
+        self._dropped.clear()
+        return self.lines
+
+    def commit(self) -> None:
+        """The merged file in place of the step's main file (after ``finish``)."""
+        self.sink.replace_main(self.tmp, self.generation, {k: v for k, v in self._dropped_usage.items() if v})
+
+    def close(self) -> None:
+        self._out.close()
+        self._reader.close()
+        self.tmp.unlink(missing_ok=True)
+        self.latest.close()
+
+
 def _compact(sink: JsonlSink, step: int, latest: SortedPairs, generation: int) -> int:
     """Rewrite the step's main file with the last record per image, sorted by image id (raw
-    lines, byte for byte), replace it atomically as ``generation`` (reserved before the parts
-    were frozen) and drop the merged parts; lines written.
-    The lines left out were calls paid for: their usage is carried (``JsonlSink.carried_usage``)."""
-    tmp = sink.path.with_name(f".{sink.path.name}.compact-{socket.gethostname()}-{os.getpid()}.tmp")
-    n = 0
-    dropped: list[tuple[int, dict]] = []
-    dropped_usage = call_counts((), step)
+    lines, byte for byte), replace it atomically as ``generation`` and drop the merged parts;
+    lines written (``_Merge``, with no final file written beside it)."""
+    merge = _Merge(sink, step, latest, generation)
     try:
-        with sink.reader() as reader, open(tmp, "wb") as out:
-            prev: tuple[str, int] | None = None
-            for pair in latest:
-                if prev is not None and prev[0] != pair[0]:
-                    out.write(reader.read_line_at(prev[1]))
-                    n += 1
-                elif prev is not None:  # a superseded record of the same image
-                    dropped.append((prev[1], loads(reader.read_line_at(prev[1]))))
-                    if len(dropped) >= 1000:
-                        _add(dropped_usage, call_counts(dropped, step))
-                        dropped.clear()
-                prev = pair
-            if prev is not None:
-                out.write(reader.read_line_at(prev[1]))
-                n += 1
-            out.flush()
-            os.fsync(out.fileno())
-        _add(dropped_usage, call_counts(dropped, step))
-        sink.replace_main(tmp, generation, {k: v for k, v in dropped_usage.items() if v})
+        n = merge.finish()
+        merge.commit()
+        return n
     finally:
-        tmp.unlink(missing_ok=True)
-        latest.close()
-    return n
+        merge.close()
 
 
 def _add(total: dict, more: dict) -> None:

@@ -10,6 +10,9 @@ from worker.layout import Layout
 from worker.runstate import BATCH_USAGE_FIELDS, USAGE_FIELDS, RunState
 from worker.steps.records import PIPELINE_NAMES
 
+# ``call_counts`` spells these out (it runs once per line of every step sink at finalize).
+assert USAGE_FIELDS == ("input_tokens", "output_tokens", "image_tokens", "thinking_tokens")
+
 
 def run_prices(state: RunState, meta: dict | None = None) -> dict | None:
     """The run's ``vlm.prices`` from the spec stored in Redis (None when there is none)."""
@@ -103,17 +106,25 @@ def call_counts(records: Iterable[tuple[int, dict]], step: int) -> dict:
     """Calls, tokens and latency summed over a step's records."""
     name = PIPELINE_NAMES[step]
     c: dict = {"calls": 0, **dict.fromkeys(USAGE_FIELDS, 0), "latency_s": 0.0}
+    # Sums in local variables, the fields spelt out: finalize runs this over every line of every
+    # step sink. The latency is summed in the same order as ever, so the float total is the same.
+    calls, inp, out, image, thinking, latency = 0, 0, 0, 0, 0, 0.0
     for _, rec in records:
         call = ((rec.get("meta") or {}).get(name) or {}).get("call")
         if not call:
             continue
-        c["calls"] += 1
-        for f in USAGE_FIELDS:
-            c[f] += int(call.get(f) or 0)
+        get = call.get
+        calls += 1
+        inp += int(get("input_tokens") or 0)
+        out += int(get("output_tokens") or 0)
+        image += int(get("image_tokens") or 0)
+        thinking += int(get("thinking_tokens") or 0)
         for f in BATCH_FIELDS:
-            if call.get(f):
+            if get(f):
                 c[f] = c.get(f, 0) + int(call[f])
-        c["latency_s"] += float(call.get("latency_s") or 0)
+        latency += float(get("latency_s") or 0)
+    c.update(calls=calls, input_tokens=inp, output_tokens=out, image_tokens=image, thinking_tokens=thinking,
+             latency_s=latency)
     return c
 
 

@@ -167,6 +167,53 @@ def loads(line: bytes) -> Any:
         return _DECODE(line.decode("utf-8"))
 
 
+def loads_marked(line: bytes) -> tuple[Any, bool]:
+    """``loads``, and whether orjson read the line: only what orjson read may be written back
+    by ``dumps_line``'s fast path (what ``json`` alone takes, such as NaN, orjson would write
+    differently)."""
+    try:
+        return orjson.loads(line), True
+    except orjson.JSONDecodeError:
+        return _DECODE(line.decode("utf-8")), False
+
+
+def _risky_number(out: bytes) -> bool:
+    """Whether orjson's bytes may hold a number ``json`` (which uses ``repr``) writes otherwise:
+    one with an exponent (orjson writes ``e+``/``e-`` after a digit) or a fraction under 1e-4
+    (``repr`` writes ``8.87e-05``, orjson ``0.0000887``). Plain substring searches: a regex
+    costs more than the orjson encoding it guards. The same text inside a string only costs
+    the slow path."""
+    if b"0.0000" in out:
+        return True
+    for sign in (b"e+", b"e-"):
+        i = out.find(sign)
+        while i > 0:
+            if 48 <= out[i - 1] <= 57:  # a digit before the "e"
+                return True
+            i = out.find(sign, i + 2)
+    return False
+
+
+def dumps_line(record: Any, orjson_read: bool) -> bytes:
+    """``(dumps(record) + "\n")`` as UTF-8, byte for byte, about twenty times faster for a
+    record built from what orjson read (``loads_marked``): finalize writes one per image.
+
+    orjson and ``json`` (``ensure_ascii=False``, compact) agree on strings, integers, booleans,
+    null, key order and every float that has neither an exponent nor four zeros after the point
+    (checked over every code point and millions of floats); a record whose orjson bytes hold
+    such a number, or that orjson refuses (an integer past 64 bits, deep nesting), goes
+    through ``dumps``."""
+    if orjson_read:
+        try:
+            out = orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
+        except orjson.JSONEncodeError:
+            pass
+        else:
+            if not _risky_number(out):
+                return out
+    return (dumps(record) + "\n").encode("utf-8")
+
+
 def _parse(line: bytes) -> dict | None:
     """The record of a whole line, or None for a torn, corrupt or foreign one."""
     if not line.endswith(b"\n"):

@@ -318,14 +318,18 @@ def test_finalize_killed_mid_write_leaves_a_temp_file_the_next_finalize_removes(
         first.wait()
     (left,) = temps()
     assert f"-{first.pid}.tmp" in left.name and not (results / "annotations.jsonl").exists()
-    # Killed mid-write, it also left the folder its sorts spill runs to (made before the write).
+    # Killed mid-write, it also left the folder its sorts spill runs to (made before the write),
+    # and the step file it merges in the same pass.
     (spill,) = [p for p in leftovers() if p != left]
     assert spill.is_dir() and spill.name.startswith(".annotations.jsonl.sort-")
-    size = left.stat().st_size + sum(f.stat().st_size for f in spill.rglob("*") if f.is_file())
+    (merging,) = (results / step_dir_name(3)).glob(".annotations.jsonl.compact-*.tmp")
+    size = (left.stat().st_size + merging.stat().st_size
+            + sum(f.stat().st_size for f in spill.rglob("*") if f.is_file()))
 
     again = producer(env, "finalize", "--results-dir", str(results))
     assert temps() == [] and leftovers() == []
-    assert f"removed 1 temp file(s) and 1 temp folder(s) an interrupted finalize left in {results}" in again.stderr
+    assert list((results / step_dir_name(3)).glob(".*.tmp")) == []
+    assert f"removed 2 temp file(s) and 1 temp folder(s) an interrupted finalize left in {results}" in again.stderr
     assert f"({size / 1e6:.1f} MB)" in again.stderr
     assert f"({n} images; 0 failed, 0 missing)" in again.stdout
     ids = [json.loads(line)["image_id"] for line in (results / "annotations.jsonl").read_text().splitlines()]

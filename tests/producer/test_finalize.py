@@ -436,3 +436,36 @@ def test_finalize_warns_when_the_run_still_has_images_in_flight(tmp_path, redis_
     monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")
     gone = CliRunner().invoke(app, ["finalize", "--results-dir", str(run.root)])
     assert "in flight" not in gone.output and "wrote" in gone.output
+
+
+def test_the_final_file_holds_the_bytes_json_writes_whatever_the_values(tmp_path, monkeypatch):
+    """Records are encoded with orjson where that gives ``dumps``'s bytes, with ``json`` where it
+    would not (floats ``repr`` writes with an exponent, NaN that only ``json`` reads, integers
+    past 64 bits): the final file is what ``dumps`` of each final record gives, line for line,
+    read by one process or by a pool (which also merges the step file in the same pass). The
+    records are read as finalize always read them (``loads``: orjson, then ``json``)."""
+    import producer.finalize
+    from worker.sinks import loads
+    from worker.steps import final_record
+    from worker.steps.records import deterministic
+
+    values = [0.5, 1e-05, -8.87e-05, 0.0001, 1e16, 1.5e-07, 123456789.125, 2**63, 2**70, -0.0, "é\u2028\x00\"\\",
+              "white-ish 1e-5 0.00001", "\U0001F600", None, True]
+    lines = {f"i{n:02d}": dumps(rec(f"i{n:02d}", 3, v=v, expressions=[],
+                                    meta={"step3_double_check": {"call": {"input_tokens": 1, "latency_s": 0.25}}}))
+             for n, v in enumerate(values)}
+    lines["i90"] = '{"image_id":"i90","v":NaN,"w":1e-7,"pipeline_steps":["step3_double_check"]}'  # json reads it
+    lines["i91"] = '{"image_id":"i91","v":0.0000887,"w":1E400,"pipeline_steps":[]}'
+    lines["i92"] = '{"image_id":"i92","v":18446744073709551616,"w":[1.0,2.50],"pipeline_steps":[]}'
+    expect = "".join(dumps(deterministic(final_record([0, 1, 2, 3], {3: loads(line.encode())}))) + "\n"
+                     for _, line in sorted(lines.items())).encode("utf-8")
+    for pooled in (False, True):
+        layout = Layout(tmp_path / f"pooled-{pooled}")
+        seed(layout, sorted(lines))
+        layout.sink(3).path.parent.mkdir(parents=True)
+        layout.sink(3).path.write_text("".join(line + "\n" for line in lines.values()), encoding="utf-8")
+        monkeypatch.setattr(producer.finalize, "PARALLEL_BYTES", 0 if pooled else 64 << 20)
+        report = finalize(layout, [0, 1, 2, 3])
+        assert (report.written, report.bad_lines) == (len(lines), 0)
+        assert layout.final.read_bytes() == expect
+        assert layout.sink(3).path.read_text(encoding="utf-8").split("\n")[:-1] == [lines[i] for i in sorted(lines)]
