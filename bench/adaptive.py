@@ -212,6 +212,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=112)
     ap.add_argument("--timeout", type=float, default=30.0)
     ap.add_argument("--verbose", action="store_true", help="print every change of the auto limit")
+    ap.add_argument("--settle", type=float, default=0.0,
+                    help="seconds to wait after the fixed sweep, so that a quota's rolling minute holds "
+                         "none of its calls when auto starts (61 for a clean window)")
     a = ap.parse_args()
     banner("adaptive concurrency", k=a.k, latency=a.latency, fixed=a.fixed, threads=a.threads, rpm=a.rpm,
            style=a.style, backend=a.backend)
@@ -236,6 +239,8 @@ def main() -> None:
                           f"p99 {pct(lat, 0.99):5.2f} s, server peak {st['peak']}")
                 best_c = max(fixed, key=fixed.get)
                 best = fixed[best_c]
+                if a.settle > 0:  # a bench's pause, not a synchronisation: the quota's window empties
+                    time.sleep(a.settle)
                 calls, _, st = run(url, ep, concurrency="auto", seconds=a.auto_seconds, threads=a.threads,
                                    timeout=a.timeout, halve_at=a.halve_at, k=k, backend=a.backend)
                 windows = [(t, served_rate(calls, t, t + 5)) for t in range(0, int(a.halve_at) - 4, 5)]
