@@ -159,6 +159,11 @@ if free > ahead then
   if fresh then
     redis.call('EXPIRE', KEYS[2], tonumber(ARGV[4]))
     redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+    -- The rate's next turn must outlive the calls: under a fixed rate nothing else renews the
+    -- state's TTL (set when the hash was made), and a lost ``tat`` gives turns a second time.
+    if rate > 0 then
+      redis.call('EXPIRE', KEYS[3], tonumber(ARGV[11]))
+    end
   end
   if fresh or busy == 0 then
     redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[1])) + 120)

@@ -127,6 +127,27 @@ def test_requests_per_minute_spaces_a_burst_across_hosts(redis_client, redis_url
     assert st["calls_last_minute"] + st["calls_this_minute"] == 4
 
 
+def test_a_fixed_rates_turn_outlives_a_long_run(redis_client, redis_url, endpoint):
+    """The rate's next turn (``tat`` in the state hash) is the only record of the turns already
+    given: were the hash to expire while calls are made, the next caller would get a turn at
+    once beside the ones given up to the horizon ahead. Under a fixed rate no controller
+    writes the hash, so the acquire script renews its TTL once a minute (a new minute's
+    counter), not only when it makes the hash."""
+    from worker.budget import _stats_key
+    from worker.keys import budget_key
+
+    budget = make(redis_url, endpoint, max_concurrency=5, rpm=600_000)
+    with budget.slot():
+        pass
+    state = budget_key(budget.endpoint, "ctl")
+    assert redis_client.hexists(state, "tat")
+    redis_client.expire(state, 100)  # a day of calls later: the TTL set when the hash was made is running out
+    redis_client.delete(_stats_key(budget.endpoint, "calls"))  # a new minute begins
+    with budget.slot():
+        pass
+    assert redis_client.ttl(state) > 100
+
+
 def test_budget_stats_report_in_flight_calls_and_429s(redis_client, redis_url, endpoint):
     budget = make(redis_url, endpoint, max_concurrency=4)
     zero = budget_stats(redis_client, endpoint)
