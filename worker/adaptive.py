@@ -431,12 +431,27 @@ redis.call('DEL', KEYS[1])
 return {tostring(now), tostring(epoch), last, s, redis.call('HGETALL', KEYS[2])}
 """
 # KEYS: controller hash. ARGV: epoch, TTL, then field, value pairs. Written only by the holder
-# of the claim it names (a holder stalled past the next claim writes nothing).
+# of the claim it names (a holder stalled past the next claim writes nothing). The rate's next
+# turn (``tat``) is owned by the budget's acquire script, which may have given turns past the
+# one this update computed (a fixed rate beside auto's, or calls since the state was read): it
+# is only ever moved later, never back over turns already given.
 _WRITE = """
 if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then
   return 0
 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+local fields = {}
+for i = 3, #ARGV do
+  fields[i - 2] = ARGV[i]
+end
+for i = 1, #fields - 1, 2 do
+  if fields[i] == 'tat' then
+    local given = redis.call('HGET', KEYS[1], 'tat')
+    if given and tonumber(given) > tonumber(fields[i + 1]) then
+      fields[i + 1] = given
+    end
+  end
+end
+redis.call('HSET', KEYS[1], unpack(fields))
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
 return 1
 """

@@ -90,18 +90,23 @@ end
 # also holds the request rate's theoretical arrival time, ``tat``), the levels. ARGV: lease
 # seconds, max concurrency (0 = auto: the controller's limit, ARGV[7] until it has one), token,
 # stats TTL, the caller's level (1-based), waiter entry seconds, the initial limit, the fixed
-# request rate (calls/s, 0 = none), whether this call's turn under the rate is already reserved
-# ('1'), the rate's horizon (seconds), the state's TTL.
+# request rate (calls/s, 0 = none), the turn under the rate already reserved for this call
+# (server seconds, '0' = none), the rate's horizon (seconds), the state's TTL, the turn's slack
+# (seconds: a reserved turn the call comes back for later than this is void, see below).
 # Returns {code, ms}: 1 a slot; 0 wait to be woken; -1 the controller pauses the fleet for a
 # stated Retry-After (ms left: the caller's reserved turn, if any, is void); -2 the rate's turns
-# are reserved past the horizon (try again in ms); 2 a turn under the rate is reserved for this
-# call in ms (come back then, reserved).
+# are reserved past the horizon (try again in ms); {2, ms, turn} a turn under the rate is
+# reserved for this call in ms (come back then, with the turn).
 #
 # The rate is GCRA (a token bucket kept as one number): each call's turn is the previous turn
 # plus 1 / rate, so calls leave spaced by 1 / rate and no window of any length sees more than
 # its share, which keeps both a token-bucket quota (OpenAI) and a sliding-minute one (Gemini).
 # A caller is given its turn at once and sleeps until it, one script run for the wait instead of
-# polling; turns are given at most `horizon` seconds ahead, so a lowered rate applies soon.
+# polling; turns are given at most `horizon` seconds ahead, so a lowered rate applies soon. A
+# turn is given only when a slot is free, and used when it comes or not at all: a call that
+# found every slot taken at its turn and got one later takes a new turn, else every call that
+# waited for a slot so would leave at once when slots free, beyond the rate (the turn it
+# missed is lost, which errs low).
 _ACQUIRE = _LEVELS + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
@@ -109,8 +114,9 @@ local n = (#KEYS - 3) / 2
 local maxc = tonumber(ARGV[2])
 local me = tonumber(ARGV[5])
 local rate = tonumber(ARGV[8])
+local ctl = {}
 if maxc == 0 or rate > 0 then
-  local ctl = redis.call('HMGET', KEYS[3], 'limit', 'pause_until', 'rate_limit', 'tat')
+  ctl = redis.call('HMGET', KEYS[3], 'limit', 'pause_until', 'rate_limit', 'tat')
   if maxc == 0 then
     maxc = math.max(1, math.floor(tonumber(ctl[1] or ARGV[7])))
     local pause = tonumber(ctl[2] or '0')
@@ -120,20 +126,6 @@ if maxc == 0 or rate > 0 then
     local learned = tonumber(ctl[3] or '0')
     if learned > 0 and (rate <= 0 or learned < rate) then
       rate = learned
-    end
-  end
-  if rate > 0 and ARGV[9] ~= '1' then
-    local tat = math.max(tonumber(ctl[4] or '0'), now)
-    local wait = tat - now
-    local horizon = tonumber(ARGV[10])
-    if wait > horizon then
-      return {-2, math.ceil((wait - horizon) * 1000)}
-    end
-    if redis.call('HSET', KEYS[3], 'tat', tostring(tat + 1 / rate)) == 1 then
-      redis.call('EXPIRE', KEYS[3], tonumber(ARGV[11]))
-    end
-    if wait > 0.0005 then
-      return {2, math.ceil(wait * 1000)}
     end
   end
 end
@@ -150,6 +142,24 @@ if anyone then
 end
 local mine = KEYS[3 + me]
 if free > ahead then
+  -- A turn under the rate is given only to a call a slot is free for: one that waits for a
+  -- slot takes no turn (waiters retrying would give the rate away), and one whose turn passed
+  -- while it waited for a slot takes a new one.
+  local turn = tonumber(ARGV[9])
+  if rate > 0 and (turn <= 0 or now > turn + tonumber(ARGV[12])) then
+    local tat = math.max(tonumber(ctl[4] or '0'), now)
+    local wait = tat - now
+    local horizon = tonumber(ARGV[10])
+    if wait > horizon then
+      return {-2, math.ceil((wait - horizon) * 1000)}
+    end
+    if redis.call('HSET', KEYS[3], 'tat', tostring(tat + 1 / rate)) == 1 then
+      redis.call('EXPIRE', KEYS[3], tonumber(ARGV[11]))
+    end
+    if wait > 0.0005 then
+      return {2, math.ceil(wait * 1000), tostring(tat)}
+    end
+  end
   redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[3])
   -- The minute's counter is a new key each minute: its TTL is set once, when it is made. The
   -- leases' TTL and pruning ride on it (once a minute while calls are made), and on the first
@@ -159,6 +169,11 @@ if free > ahead then
   if fresh then
     redis.call('EXPIRE', KEYS[2], tonumber(ARGV[4]))
     redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+    -- The rate's next turn must outlive the calls: under a fixed rate nothing else renews the
+    -- state's TTL (set when the hash was made), and a lost ``tat`` gives turns a second time.
+    if rate > 0 then
+      redis.call('EXPIRE', KEYS[3], tonumber(ARGV[11]))
+    end
   end
   if fresh or busy == 0 then
     redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[1])) + 120)
@@ -212,6 +227,9 @@ STATS_TTL = 600
 #: Seconds ahead a call's turn under the request rate may be reserved: beyond it a caller
 #: sleeps and asks again, so a rate lowered meanwhile governs the calls not yet given a turn.
 RATE_HORIZON = 30.0
+#: Seconds after its turn under the rate a call may still leave on it (a sleep's overshoot, a
+#: round trip); a call later than that (it waited for a slot) takes a new turn.
+RATE_TURN_SLACK = 0.25
 #: Longest a waiting thread blocks before trying again: the bound on noticing an expired lease
 #: of a dead holder (whole seconds: Redis before 6.0 takes only integer BLPOP timeouts).
 WAIT_POLL = 1
@@ -312,7 +330,7 @@ class FleetBudget:
         # no slot back from the levels behind it for longer than this.
         entry_seconds = 2 * self.wait_poll + 2
         waited = False
-        reserved = "0"  # whether this call's turn under the request rate is reserved
+        reserved = "0"  # this call's turn under the request rate (server seconds; "0": none)
         while True:
             if self.controller is not None:
                 # Waiting threads push too: a process whose every thread waits (a pause, turns
@@ -323,11 +341,11 @@ class FleetBudget:
                 time.sleep(min(left, self.wait_poll) * (0.5 + random.random() / 2))
                 if self.controller is not None:
                     self.controller.maybe_flush()
-            code, ms = self._acquire(
+            code, ms, *turn = self._acquire(
                 keys=[self._leases, _stats_key(self.endpoint, "calls"), self._state, *levels],
                 args=[self.lease_seconds, self.max_concurrency, token, STATS_TTL, level, entry_seconds,
                       min(adaptive.INITIAL_LIMIT, self.ceiling), self.fixed_rate, reserved, RATE_HORIZON,
-                      adaptive.STATE_TTL])
+                      adaptive.STATE_TTL, RATE_TURN_SLACK])
             if code == 1:
                 if self._paused_until <= time.monotonic():
                     break
@@ -336,7 +354,7 @@ class FleetBudget:
                 self._release(keys=[self._leases, *levels], args=[token, self.max_concurrency or self.ceiling, 0])
                 continue
             if code == 2:  # our turn under the rate is in `ms`: sleep until then, exactly
-                reserved = "1"
+                reserved = turn[0].decode() if isinstance(turn[0], bytes) else str(turn[0])
                 time.sleep(ms / 1000)
                 continue
             if code == -1:  # the fleet is paused for a Retry-After: a turn given before is void

@@ -340,3 +340,21 @@ def test_under_a_rate_a_429_keeps_the_concurrency_the_rate_needs_and_the_first_t
     new, _ = decide(st, sample(10, 1.0, sent=10, r429=1, stated=10.0, retry_after=1), now=100, interval=1,
                     ceiling=256)
     assert new.limit == 11 and new.refused_limit == 11
+
+
+def test_a_first_turn_the_controller_writes_never_moves_the_turns_already_given_back(redis_client, endpoint):
+    """The controller writes the first turn under a rate it just learned (``tat``), computed from
+    the state it read; the acquire script may have given turns past it meanwhile (a fixed
+    ``requests_per_minute`` beside auto's rate): moving ``tat`` back would give those turns a
+    second time. The write keeps the later of the two; a later first turn is still written."""
+    from worker.adaptive import STATE_TTL, Controller
+
+    key = budget_key(f"test-{uuid.uuid4().hex[:8]}", "ctl")
+    ctl = Controller(redis_client, samples_key=key + ":samples", state_key=key, ceiling=8, label=endpoint)
+    given = time.time() + 25
+    redis_client.hset(key, mapping={"epoch": 7, "tat": f"{given:.6f}"})
+    assert ctl._write(keys=[key], args=[7, STATE_TTL, "limit", "4", "tat", f"{given - 20:.6f}"])
+    assert float(redis_client.hget(key, "tat")) == pytest.approx(given, abs=0.01)
+    assert redis_client.hget(key, "limit") == b"4"
+    assert ctl._write(keys=[key], args=[7, STATE_TTL, "tat", f"{given + 5:.6f}"])
+    assert float(redis_client.hget(key, "tat")) == pytest.approx(given + 5, abs=0.01)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 
 import pytest
+import redis
 
+from producer.embedded import embedded_redis
 from producer.publish import canvas
 from worker.keys import QUEUE_LISTS, queue_list
 from worker.stepdefs import STEP
@@ -24,7 +26,20 @@ def app(redis_client, redis_url):
     redis_client.delete(*QUEUE_LISTS)
 
 
-def test_publishing_chords_registers_no_pending_results_and_no_subscriptions(app, redis_client):
+def test_publishing_chords_registers_no_pending_results_and_no_subscriptions(redis_url):
+    """On a private server: pub/sub channels are server-wide (not per database), and the
+    suite's other test worker may be using another database of the shared one."""
+    from worker.app import app, repoint
+
+    with embedded_redis() as url:
+        repoint(url)
+        try:
+            _publish_and_look(app, redis.Redis.from_url(url))
+        finally:
+            repoint(redis_url)
+
+
+def _publish_and_look(app, redis_client: redis.Redis) -> None:
     backend = app.backend
     for i in range(200):
         canvas([0, 1, 2, 3], "run0:spec0", f"img_{i:04d}", i).apply_async()
