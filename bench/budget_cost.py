@@ -11,7 +11,6 @@ commandstats``, which counts the commands a Lua script runs as well as the ``EVA
 from __future__ import annotations
 
 import argparse
-import threading
 import uuid
 
 from bench.common import banner, redis_client, redis_server
@@ -28,28 +27,13 @@ def measure(url: str, max_concurrency: int | str, rpm: int, threads: int, calls:
     """Commands per call by name, for ``calls`` slots taken and released by ``threads`` threads."""
     import redis
 
+    from tests.support.budget_cost import commands_per_call
     from worker.budget import FleetBudget
 
-    r = redis_client(url)
     endpoint = f"openai|http://cost-{uuid.uuid4().hex[:8]}/v1|m"
     budget = FleetBudget(redis.Redis.from_url(url), url, endpoint_key=endpoint, max_concurrency=max_concurrency,
                          requests_per_minute=rpm, lease_seconds=30)
-    with budget.slot():
-        pass  # the scripts are loaded
-    r.config_resetstat()
-
-    def work() -> None:
-        for _ in range(calls // threads):
-            with budget.slot():
-                pass
-
-    pool = [threading.Thread(target=work) for _ in range(threads)]
-    for t in pool:
-        t.start()
-    for t in pool:
-        t.join()
-    stats = {k.removeprefix("cmdstat_"): v["calls"] / calls for k, v in r.info("commandstats").items()}
-    return {k: v for k, v in stats.items() if not k.startswith(("config", "info", "hello", "client"))}
+    return commands_per_call(redis_client(url), budget, calls, threads)
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ import pytest
 import redis
 
 from producer.embedded import embedded_redis
+from tests.support.budget_cost import commands_per_call
 from tests.support.fleet import wait_until
 from worker.budget import FleetBudget, budget_stats
 
@@ -294,27 +295,6 @@ def test_a_waiting_later_step_call_gets_the_next_free_slot_before_a_waiting_head
     t_head.join(5)
     assert order == [STEP[3].name, STEP[0].name], "the head call did not get the slot after the step-3 call"
     assert waiting(STEP[0].priority) == waiting(STEP[3].priority) == 0, "a served waiter left its entry behind"
-
-
-def commands_per_call(redis_client, budget: FleetBudget, calls: int, threads: int) -> dict[str, float]:
-    """Every command Redis ran for ``calls`` slots taken and released by ``threads`` threads, by
-    name, per call: the scripts' inner commands included (``INFO commandstats`` counts them)."""
-    with budget.slot():
-        pass  # the scripts are loaded
-    redis_client.config_resetstat()
-
-    def work() -> None:
-        for _ in range(calls // threads):
-            with budget.slot():
-                pass
-
-    pool = [threading.Thread(target=work) for _ in range(threads)]
-    for t in pool:
-        t.start()
-    for t in pool:
-        t.join(60)
-    stats = {k.removeprefix("cmdstat_"): v["calls"] / calls for k, v in redis_client.info("commandstats").items()}
-    return {k: v for k, v in stats.items() if not k.startswith(("config", "info", "hello", "client"))}
 
 
 def test_the_scripts_stay_lean(endpoint):
