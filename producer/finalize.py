@@ -19,13 +19,12 @@ import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
 from producer.extsort import Cursor, SortedPairs, last_per_key
 from producer.seed import iter_seed
-from producer.summary import write_summary
+from producer.summary import FinalizeReport, write_summary
 from producer.usage import call_counts, usage_summary
 from worker import stepdefs
 from worker.layout import Layout
@@ -49,21 +48,6 @@ ANY_STEP = -1  # a failure that counts whatever is done (seeding, or a step not 
 
 
 LISTED = 10_000  # image ids a report keeps of the failed and of the missing (the counts are whole)
-
-
-@dataclass
-class FinalizeReport:
-    path: Path
-    written: int = 0
-    failed: list[str] = field(default_factory=list)  # the first LISTED, sorted; n_failed counts them all
-    missing: list[str] = field(default_factory=list)  # the first LISTED, sorted; n_missing counts them all
-    n_failed: int = 0
-    n_missing: int = 0
-    bad_lines: int = 0
-    usage: dict = field(default_factory=dict)
-    stale_removed: list[tuple[str, int]] = field(default_factory=list)
-    seed_failed: int = 0  # images that could not be seeded (not in the seed file, so not in failed)
-    compacted: dict[int, int] = field(default_factory=dict)  # step -> lines in its merged file
 
 
 def _failure_pairs(layout: Layout, final_steps: list[int]) -> Iterator[tuple[str, int]]:

@@ -13,15 +13,31 @@ import json
 import os
 import socket
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from producer.exitcodes import for_images
 from worker.layout import Layout
 from worker.sinks import write_atomic
 
-if TYPE_CHECKING:
-    from producer.finalize import FinalizeReport
+
+@dataclass
+class FinalizeReport:
+    """What a finalize wrote and found: the summary is written from it (``finalize.LISTED``
+    bounds the ids kept)."""
+
+    path: Path
+    written: int = 0
+    failed: list[str] = field(default_factory=list)  # the first LISTED, sorted; n_failed counts them all
+    missing: list[str] = field(default_factory=list)  # the first LISTED, sorted; n_missing counts them all
+    n_failed: int = 0
+    n_missing: int = 0
+    bad_lines: int = 0
+    usage: dict = field(default_factory=dict)
+    stale_removed: list[tuple[str, int]] = field(default_factory=list)
+    seed_failed: int = 0  # images that could not be seeded (not in the seed file, so not in failed)
+    compacted: dict[int, int] = field(default_factory=dict)  # step -> lines in its merged file
+
 
 SUMMARY_FILE = "summary.json"
 FAILED_LISTED = 20  # failed image ids kept in the summary (the rest: failures.jsonl)
