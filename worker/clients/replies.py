@@ -43,11 +43,26 @@ def retry_after_from_headers(headers) -> float | None:
             return None
 
 
+#: A Go-style duration, as ``x-ratelimit-reset-requests`` gives it: "1s", "6m0s", "2m59.56s", "120ms".
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _duration_seconds(text: str) -> float | None:
+    parts = _DURATION.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text.strip():
+        return None
+    return sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+
+
 def stated_rate_from_headers(headers) -> float | None:
     """The request quota an OpenAI-style endpoint states on every reply, in requests per second:
     ``x-ratelimit-limit-requests`` is the requests allowed per minute (OpenAI's RPM; the header
     names no window, and OpenAI's documented request limits are per minute). None when absent,
-    unreadable or not positive (a server without a quota)."""
+    unreadable or not positive (a server without a quota), and when the reply shows the limit is
+    not a minute's: ``x-ratelimit-reset-requests`` past a minute means a longer window (some
+    OpenAI-compatible providers state a per-day limit in the same header); the fleet then learns
+    the rate from the endpoint's 429s instead."""
     if headers is None:
         return None
     value = headers.get("x-ratelimit-limit-requests")
@@ -56,6 +71,9 @@ def stated_rate_from_headers(headers) -> float | None:
     try:
         limit = float(value)
     except ValueError:
+        return None
+    reset = _duration_seconds(headers.get("x-ratelimit-reset-requests") or "")
+    if reset is not None and reset > 61.0:
         return None
     return limit / 60.0 if limit > 0 else None
 

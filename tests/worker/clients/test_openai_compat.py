@@ -275,3 +275,22 @@ def test_webp_keeps_its_mime(fake_vlm, tmp_path):
     client(fake_vlm).generate(VLMRequest(image=webp, prompt="x"))
     (req,) = fake_vlm.requests
     assert req.image_mime == "image/webp" and req.image == p.read_bytes()
+
+
+@pytest.mark.parametrize(("headers", "rate"), [
+    ({"x-ratelimit-limit-requests": "600", "x-ratelimit-reset-requests": "100ms"}, 10.0),
+    ({"x-ratelimit-limit-requests": "600", "x-ratelimit-reset-requests": "59.5s"}, 10.0),
+    ({"x-ratelimit-limit-requests": "600"}, 10.0),  # no reset stated: OpenAI's limits are per minute
+    # A reset past a minute: the limit is a longer window's (a per-day one, as some providers
+    # state in the same header), not a rate to keep to.
+    ({"x-ratelimit-limit-requests": "14400", "x-ratelimit-reset-requests": "2m59.56s"}, None),
+    ({"x-ratelimit-limit-requests": "14400", "x-ratelimit-reset-requests": "1h0m0s"}, None),
+    ({"x-ratelimit-limit-requests": "0"}, None),
+    ({"x-ratelimit-limit-requests": "many"}, None),
+    ({}, None),
+])
+def test_the_stated_request_quota_is_a_minute_s_only(headers, rate):
+    from worker.clients.replies import stated_rate_from_headers
+
+    assert stated_rate_from_headers(headers) == (pytest.approx(rate) if rate else None)
+
