@@ -271,11 +271,7 @@ def decide_rate(new: State, s: Sample, *, now: float, interval: float) -> bool:
             new.rate_limit, new.rate_source = target, "stated"
             new.rate_reason = f"the endpoint states {s.stated * 60:g} requests/min"
     # A 429 stating the quota is explained by it; one stating nothing tells it by what was accepted.
-    # So does one that comes while a stated quota has been kept to for a whole window: the
-    # statement is not the whole story (a quota shared with other clients, or a provider whose
-    # header states a longer window's limit, as a per-day one).
-    unexplained = not s.stated or (new.rate_source == "stated" and now >= new.rate_changed_at + RATE_PROBE_AFTER)
-    if s.r429 and unexplained and (new.rate_limit <= 0 or now >= new.rate_changed_at + RATE_SETTLE):
+    if s.r429 and not s.stated and (new.rate_limit <= 0 or now >= new.rate_changed_at + RATE_SETTLE):
         accepted = sum(n for _, n in new.accepted)
         learned = RATE_MARGIN_LEARNED * accepted / RATE_WINDOW
         if new.rate_limit > 0:
