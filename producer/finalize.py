@@ -220,12 +220,21 @@ def _write_final(layout: Layout, steps: list[int], final_steps: list[int], sinks
     merged in the same pass (``_Merge``): each of their lines is read once, copied raw to the
     merged file and, for a seeded image, parsed for the final record. They replace the step
     files once the final file is in place; returns step -> lines in its merged file."""
-    merging = {s: _Merge(sinks[s], s, latest[s], generations[s]) for s in final_steps if s in generations}
-    cursors: dict[int, _Merge | Cursor] = {s: merging.get(s) or Cursor(last_per_key(latest[s])) for s in final_steps}
-    readers = {s: sinks[s].reader() for s in final_steps if s not in merging}
-    failed = Cursor(failures)
     tmp = layout.root / f"{_tmp_prefix(layout)}{socket.gethostname()}-{os.getpid()}.tmp"
+    # Built inside the try: a merge that cannot open its temp file (a full or read-only disk)
+    # must not leave the ones opened before it behind.
+    merging: dict[int, _Merge] = {}
+    readers: dict = {}
     try:
+        for s in final_steps:
+            if s in generations:
+                merging[s] = _Merge(sinks[s], s, latest[s], generations[s])
+        cursors: dict[int, _Merge | Cursor] = {s: merging.get(s) or Cursor(last_per_key(latest[s]))
+                                               for s in final_steps}
+        for s in final_steps:
+            if s not in merging:
+                readers[s] = sinks[s].reader()
+        failed = Cursor(failures)
         with open(tmp, "wb") as out:
             for image_id, _ in last_per_key(seed):
                 found = {s: cursors[s].take(image_id) for s in final_steps}
@@ -285,9 +294,17 @@ class _Merge:
         self._dropped: list[tuple[int, dict]] = []
         self._dropped_usage = call_counts((), step)
         self._reader: SinkReader = sink.reader()
-        self._out = open(self.tmp, "wb")  # noqa: SIM115 - closed in finish or close
+        try:
+            self._out = open(self.tmp, "wb")  # noqa: SIM115 - closed in finish or close
+        except BaseException:
+            self._reader.close()
+            raise
         self._pairs = iter(latest)
-        self._head = next(self._pairs, self._END)
+        try:
+            self._head = next(self._pairs, self._END)
+        except BaseException:  # a spilled run unreadable: nothing of this merge stays behind
+            self.close()
+            raise
 
     def take(self, key: str | None) -> bytes | None:
         """Copy the lines of every image up to ``key`` (all that are left when None); the
