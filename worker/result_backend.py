@@ -145,8 +145,8 @@ class RefexpRedisBackend(RedisBackend):
     def queue_chord_size(self, pipe, group_id: str, size: int) -> None:
         """Queue on ``pipe`` (this backend's client or a pipeline of it) what publishing a chord
         of ``size`` header tasks writes: its bit string, or Celery's size key when it has too
-        many parts for one."""
-        if size > MAX_PARTS:
+        many parts for one (or none)."""
+        if not 0 < size <= MAX_PARTS:
             pipe.delete(self.get_key_for_group(group_id, ".c"))
             pipe.set(self.get_key_for_group(group_id, ".s"), size, ex=self.chord_expires or None)
         else:
@@ -212,7 +212,7 @@ class RefexpRedisBackend(RedisBackend):
         if not sent:
             callback = maybe_signature(request.chord, app=self.app)
             lease = self._chord_publish_claim_expires(self._claim_seconds(), callback)
-            if not client.set(ckey, token, nx=True, ex=lease) and client.get(ckey) != token.encode():
+            if not client.set(ckey, token, nx=True, ex=lease) and client.get(ckey) not in (token, token.encode()):
                 return  # another part holds the claim: it sends the body
             self._send_body(request, callback, failed)
             sent.append(True)

@@ -156,6 +156,24 @@ def test_a_part_finding_the_chord_complete_while_the_claimant_sends_sends_nothin
     assert chord_keys(redis_client) == ["test.b", "test.c"]  # the claimant deletes them once it has sent
 
 
+def test_a_retried_count_sends_the_body_once_whichever_reply_was_lost(chord, redis_client, app):
+    """``on_chord_part_return`` retries a count whose connection broke (the backend's ``ensure``)
+    with the same claim token and memory of what it sent: a claim taken in a lost reply is its own
+    (it sends), and a body already sent is not sent again (it only deletes the keys)."""
+    backend, part, body_sent = chord
+    body = app.signature("refexp.grounding_expr", args=("run0:spec0", "img", 0), immutable=True)
+    request = SimpleNamespace(id="t1", group="g-test", group_index=1, chord=dict(body))
+    for sent, expected in (([], 1), ([True], 0)):
+        backend.set_chord_size("g-test", 2)
+        part("t0", 0)
+        redis_client.execute_command(
+            "BITFIELD", "celery-taskset-meta-g-test.b", "SET", "u1", 3, 0)  # the first attempt counted
+        redis_client.set("celery-taskset-meta-g-test.c", "tok", ex=30)  # ... and took the claim
+        backend._count_part(request, "SUCCESS", "done", 1, "tok", sent)
+        assert body_sent() == expected and chord_keys(redis_client) == []
+        redis_client.delete("refexp")
+
+
 def test_a_failed_header_task_fails_the_body_instead_of_sending_it(chord, redis_client):
     backend, part, body_sent = chord
     backend.set_chord_size("g-test", 2)
@@ -196,7 +214,7 @@ def test_chords_this_path_does_not_take_are_joined_by_celery(chord, redis_client
 
 def test_a_chords_bits_read_back(chord):
     backend, _, _ = chord
-    for size in (1, 2, MAX_PARTS):
+    for size in (0, 1, 2, MAX_PARTS, MAX_PARTS + 1):
         backend.set_chord_size("g-size", size)
         assert backend.pop_chord_size("g-size") == size
     assert read_field(int.from_bytes(chord_bits(2), "big") >> 1) == (True, False, 0b11 << (MAX_PARTS - 2))
