@@ -201,16 +201,14 @@ def _compile(obj: Any, slots: dict, path: str = "") -> Copier | None:
 
 
 def _take_chord_sizes(backend, recording: list[tuple[Any, dict]]) -> list[tuple[str, int]]:
-    """``[(group id, size)]`` for the chords of a recording, as Celery set them in the result
-    backend (``set_chord_size``); the keys are deleted (no image will ever join them)."""
+    """``[(group id, size)]`` for the chords of a recording, as the result backend set them
+    (``set_chord_size``); the keys are deleted (no image will ever join them)."""
     sizes = []
     for gid in dict.fromkeys(kw["headers"]["group"] for body, kw in recording if body[2].get("chord") is not None):
-        skey, ckey = backend.get_key_for_group(gid, ".s"), backend.get_key_for_group(gid, ".c")
-        raw = backend.client.get(skey)
-        backend.client.delete(skey, ckey)
-        if raw is None:
+        size = backend.pop_chord_size(gid)
+        if size is None:
             raise TemplateError(f"no chord size was set for the template's group {gid}")
-        sizes.append((gid, int(raw)))
+        sizes.append((gid, size))
     return sizes
 
 
@@ -228,11 +226,11 @@ class CanvasTemplate:
     def __init__(self, app, make: Callable[[str, str, int], Signature], expected: int) -> None:
         """``make(run_ref, image_id, offset)`` builds the canvas (``publish.canvas`` for one step
         list); ``expected`` is how many messages it publishes."""
-        from celery.backends.redis import RedisBackend
+        from worker.result_backend import RefexpRedisBackend
 
         backend = app.backend
-        if not isinstance(backend, RedisBackend):
-            raise TemplateError(f"result backend {type(backend).__name__} is not Redis")
+        if not isinstance(backend, RefexpRedisBackend):
+            raise TemplateError(f"result backend {type(backend).__name__} is not refexp's Redis backend")
         first = _record(app, make(RUN_P, IMAGE_P, OFFSET_P), expected)
         second = _record(app, make(RUN_P, IMAGE_P, OFFSET_P), expected)
         ids_a, ids_b = _uuids(first, []), _uuids(second, [])
@@ -242,7 +240,6 @@ class CanvasTemplate:
         # Celery set both recordings' chord sizes: keep the first's sizes, delete both's keys.
         self._chords = _take_chord_sizes(backend, first)
         _take_chord_sizes(backend, second)
-        self._expires = backend.chord_expires or None
         self._backend = backend
         self._fresh = fresh
         self._argsrepr_max = app.amqp.argsrepr_maxsize
@@ -301,12 +298,10 @@ class CanvasTemplate:
                 raise TemplateError(f"argsrepr of {args!r} differs from Celery's saferepr")
 
     def set_chord_sizes(self, pipe, chords: list[tuple[str, int]]) -> None:
-        """Queue on ``pipe`` (the result backend's client) what ``RedisBackend.set_chord_size``
-        does per chord: drop the join counter, set the size (with the chord expiry)."""
-        b = self._backend
+        """Queue on ``pipe`` (the result backend's client) what ``set_chord_size`` writes per
+        chord (worker/result_backend.py: one ``SET`` of its bit string, with the chord expiry)."""
         for gid, size in chords:
-            pipe.delete(b.get_key_for_group(gid, ".c"))
-            pipe.set(b.get_key_for_group(gid, ".s"), size, ex=self._expires)
+            self._backend.queue_chord_size(pipe, gid, size)
 
 
 def expected_messages(sig: Signature) -> int:

@@ -194,12 +194,15 @@ if free > 0 then
 end
 return {0, 0}
 """
-# KEYS: leases, the levels. ARGV: token, max concurrency (the wake lists' cap), hold seconds.
+# KEYS: leases, the levels. ARGV: token, max concurrency (the wake lists' cap), hold seconds,
+# '1' when the caller removed the lease already (``FleetBudget._free``: someone waits, wake them).
 # With nobody waiting, nothing is pushed (a waiter registers in the same script that refuses it,
 # so a release always sees it). A lease that lapsed and was pruned wakes nobody (its slot was
 # handed on when it lapsed); one that lapsed unpruned wakes a waiter that finds no slot and
 # waits again. A call the client abandoned (a timeout) is not released but held `hold` seconds
 # more (only while its lease is live): the server is likely still working on it.
+# The usual release does not run this script: ``FleetBudget._free`` sends the ZREM and the
+# EXISTS in a plain pipeline, and runs the script only to wake a waiter it found.
 _RELEASE = _LEVELS + """
 local n = (#KEYS - 1) / 2
 local hold = tonumber(ARGV[3])
@@ -211,7 +214,7 @@ if hold > 0 then
   end
   return 0
 end
-if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 and anyone_waiting(1, n) then
+if (ARGV[4] == '1' or redis.call('ZREM', KEYS[1], ARGV[1]) == 1) and anyone_waiting(1, n) then
   local t = redis.call('TIME')
   local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
   wake_first(1, n, now, tonumber(ARGV[2]))
@@ -351,7 +354,7 @@ class FleetBudget:
                     break
                 # Another thread's call drew a 429 while this one was being granted: the quota
                 # is spent, so this call would draw one too. Hand the slot back and wait.
-                self._release(keys=[self._leases, *levels], args=[token, self.max_concurrency or self.ceiling, 0])
+                self._free(token, levels, 0)
                 continue
             if code == 2:  # our turn under the rate is in `ms`: sleep until then, exactly
                 reserved = turn[0].decode() if isinstance(turn[0], bytes) else str(turn[0])
@@ -399,8 +402,7 @@ class FleetBudget:
                 self.controller.sampler.answered(step, time.monotonic() - started)
         finally:
             try:
-                self._release(keys=[self._leases, *levels],
-                              args=[token, self.max_concurrency or self.ceiling, hold])
+                self._free(token, levels, hold)
             except redis.exceptions.RedisError as exc:
                 # The call is made and paid for: its answer must not be lost because Redis is
                 # unusable right now. The slot frees itself when its lease runs out.
@@ -408,6 +410,27 @@ class FleetBudget:
                             type(exc).__name__, exc, self.lease_seconds)
             if self.controller is not None:
                 self.controller.maybe_flush()
+
+    def _free(self, token: str, levels: list[str], hold: float) -> None:
+        """Give a slot back (or hold it ``hold`` seconds more: an abandoned call).
+
+        Usually two commands in a plain pipeline, no script: remove the lease, then look for
+        waiters (one ``EXISTS`` over the levels). Only when someone waits does a second round
+        trip run the release script to wake the first level with waiters. No transaction is
+        needed: Redis runs the two in order, so a waiter that registered before the ``ZREM``
+        is seen by the ``EXISTS``, and one whose acquire runs after the ``ZREM`` finds the slot
+        free (and takes it, or wakes the waiters ahead of it itself). It was the script's
+        ``EVALSHA`` on every call (issue 16)."""
+        cap = self.max_concurrency or self.ceiling
+        if hold > 0:
+            self._release(keys=[self._leases, *levels], args=[token, cap, hold])
+            return
+        pipe = self.r.pipeline(transaction=False)
+        pipe.zrem(self._leases, token)
+        pipe.exists(*self._waiters)
+        removed, waiting = pipe.execute()
+        if removed and waiting:
+            self._release(keys=[self._leases, *levels], args=[token, cap, 0, 1])
 
     def abandoned_hold(self, elapsed: float) -> float:
         """Seconds a timed-out call keeps its slot after the client gave up.

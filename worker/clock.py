@@ -53,6 +53,8 @@ from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual as kombu_virtual
 from kombu.utils import json as kombu_json
 
+from worker.transport import PipelinedQoS
+
 log = logging.getLogger("refexp.worker")
 
 #: A clock off by more than this is broken time sync whatever the visibility timeout.
@@ -181,9 +183,10 @@ class ClockGuard:
         return time.time() + self.offset if self.skewed else None
 
 
-class GuardedQoS(kombu_redis.QoS):
+class GuardedQoS(PipelinedQoS):
     """kombu's Redis QoS that sweeps only while the process's clock is within tolerance, and
-    stamps with Redis's time while it is not (see the module docstring).
+    stamps with Redis's time while it is not (see the module docstring). Its receipt and ack
+    writes are plain pipelines (worker/transport.py).
 
     It also keeps the worker alive when Redis refuses writes (``maxmemory`` with ``noeviction``,
     a read-only replica) or drops the connection at the wrong moment. kombu takes a message with

@@ -4,7 +4,9 @@ Run state hangs off ``refexp:run:<run_id>:...`` (``run_key``), the fleet budget 
 ``refexp:ep:<endpoint id>:...`` (``budget_key``), and Celery's own keys keep kombu's names:
 the queue list ``refexp`` (one more list per priority, ``refexp\\x06\\x16<n>``) and the
 ``unacked`` hash with its ``unacked_index`` sorted set, which the reconciler reads and the
-clock guard restamps. No secret is ever part of a key or a value.
+clock guard restamps; the result backend's chord keys keep Celery's prefix,
+``celery-taskset-meta-<group id>.b`` (a chord's bit string) and ``.c`` (its claim), see
+worker/result_backend.py. No secret is ever part of a key or a value.
 
 Run keys (``run_key(run_id, ...)``): ``spec:<hash>`` and ``prompts:<hash>`` (the run's public
 spec and prompt templates), ``meta``, ``done:<step>`` (image_id -> sink offset), ``failed:<step>``

@@ -19,6 +19,7 @@ from producer.embedded import embedded_redis
 from producer.enqueue import publish_chunk
 from producer.publish import Publisher, publish_items, publish_items_plain
 from worker.keys import QUEUE_LISTS
+from worker.result_backend import chord_bits
 from worker.runstate import RunState
 
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -80,9 +81,10 @@ def test_templated_messages_are_what_apply_async_sends_field_by_field(app, redis
         assert len(templated[0]) == len(plain[0])
         assert normalised(*templated) == normalised(*plain)
         assert all(m["body"][0] == ["run7:spec9", image_id, 1234] for m in templated[0])
-    # a chord sets one size key: 2 header tasks to count
+    # a chord sets one key: its bit string, 2 header tasks to count (worker/result_backend.py)
     if steps[:2] == [0, 1] and len(steps) > 2:
-        assert [v for v, _ttl in plain[1].values()] == [b"2"]
+        assert [v for v, _ttl in plain[1].values()] == [chord_bits(2)]
+        assert [k.rsplit(".", 1)[1] for k in plain[1]] == ["b"]
 
 
 def test_every_image_gets_its_own_ids(app, redis_client):
@@ -95,7 +97,7 @@ def test_every_image_gets_its_own_ids(app, redis_client):
     assert len(set(task_ids)) == 100
     assert len(groups) == 50 and set(groups.values()) == {2}, "the two header tasks of an image share a group"
     assert len(set(bodies)) == 50, "one chord body per image"
-    assert {f"celery-taskset-meta-{g}.s" for g in groups} == set(sizes)
+    assert {f"celery-taskset-meta-{g}.b" for g in groups} == set(sizes)
 
 
 def test_a_publish_cut_by_redis_marks_nothing_and_the_resume_publishes_everything(app, redis_url):

@@ -7,6 +7,8 @@ A real Redis and the real Celery app: the producer's canvases are published as `
 from __future__ import annotations
 
 import json
+from collections import Counter
+from types import SimpleNamespace
 
 import pytest
 import redis
@@ -14,6 +16,7 @@ import redis
 from producer.embedded import embedded_redis
 from producer.publish import canvas
 from worker.keys import QUEUE_LISTS, queue_list
+from worker.result_backend import MAX_PARTS, chord_bits, read_field
 from worker.stepdefs import STEP
 
 
@@ -64,34 +67,159 @@ def test_every_step_is_sent_to_store_no_result(app, redis_client):
     assert tails == {"refexp.grounding_expr": True, "refexp.double_check": True}
 
 
-def test_chord_counting_counts_each_header_task_once_sends_the_body_once_and_leaves_no_join_state(app, redis_client):
-    # worker/result_backend.py replaces Celery's part-return script with a leaner one: the same
-    # contract, driven here as a worker drives it when a header task returns.
-    from types import SimpleNamespace
+def _calls(r) -> Counter:
+    """Commands Redis ran so far, by name, less the ``INFO``s that read them."""
+    calls = Counter({k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in r.info("commandstats").items()})
+    calls.pop("info", None)
+    return calls
 
+
+@pytest.fixture
+def chord(app, redis_client):
+    """``(backend, part, body_sent)`` for one chord ``g-test`` of the given size, counted as a
+    worker counts a header task that returns (worker/result_backend.py)."""
     backend = app.backend
     assert type(backend).__name__ == "RefexpRedisBackend"
     body = app.signature("refexp.grounding_expr", args=("run0:spec0", "img", 0), immutable=True)
-    gid = "g-test"
-    backend.set_chord_size(gid, 2)
 
-    def part(tid: str, index: int) -> None:
-        request = SimpleNamespace(id=tid, group=gid, group_index=index, chord=dict(body))
-        backend.on_chord_part_return(request, "SUCCESS", "done")
+    def part(tid: str, index: int | None, state: str = "SUCCESS", gid: str = "g-test", chord_body=None) -> None:
+        request = SimpleNamespace(id=tid, group=gid, group_index=index, chord=dict(chord_body or body))
+        backend.on_chord_part_return(request, state, "done")
 
+    def body_sent() -> int:
+        return redis_client.llen("refexp")
+
+    yield backend, part, body_sent
+    redis_client.delete("refexp")
+
+
+def chord_keys(redis_client, gid: str = "g-test") -> list[str]:
+    return sorted(k.decode().rsplit("-", 1)[-1] for k in redis_client.scan_iter(f"celery-taskset-meta-{gid}*"))
+
+
+def test_chord_counting_counts_each_header_task_once_sends_the_body_once_and_leaves_nothing(chord, redis_client, app):
+    backend, part, body_sent = chord
+    backend.set_chord_size("g-test", 2)
+    assert 0 < redis_client.ttl("celery-taskset-meta-g-test.b") <= app.conf.result_chord_expires
+    before = _calls(redis_client)
     part("t0", 0)
+    assert +(_calls(redis_client) - before) == Counter(bitfield=1)  # one command per header task
     part("t0", 0)  # a redelivered header task counts once
-    assert redis_client.llen("refexp") == 0
-    for suffix in (".j", ".d", ".s"):
-        assert 0 < redis_client.ttl(f"celery-taskset-meta-{gid}{suffix}") <= app.conf.result_chord_expires
+    assert body_sent() == 0 and chord_keys(redis_client) == ["test.b"]
+    before = _calls(redis_client)
     part("t1", 1)
-    assert redis_client.llen("refexp") == 1  # the body, sent once
+    # the last part: its count, the claim, the body's LPUSH, and the chord's keys deleted
+    assert +(_calls(redis_client) - before) == Counter(bitfield=1, set=1, lpush=1, **{"del": 1})
+    assert body_sent() == 1  # the body, sent once
     assert json.loads(redis_client.lindex("refexp", 0))["headers"]["task"] == "refexp.grounding_expr"
-    left = sorted(k.decode() for k in redis_client.scan_iter(f"celery-taskset-meta-{gid}*"))
-    assert left == [f"celery-taskset-meta-{gid}.c"]  # Celery's short-lived "done" marker only
-    part("t1", 1)  # a late duplicate sends nothing and recreates nothing
-    assert redis_client.llen("refexp") == 1
-    assert sorted(k.decode() for k in redis_client.scan_iter(f"celery-taskset-meta-{gid}*")) == left
+    assert chord_keys(redis_client) == []  # no join state, no marker
+    part("t1", 1)  # a late duplicate sends nothing and leaves nothing
+    part("t0", 0)
+    assert body_sent() == 1 and chord_keys(redis_client) == []
+
+
+def test_the_body_waits_for_every_header_task_whatever_their_order_and_duplicates(chord, redis_client):
+    backend, part, body_sent = chord
+    backend.set_chord_size("g-test", 3)
+    for tid, index in (("t2", 2), ("t2", 2), ("t0", 0), ("t2", 2), ("t0", 0)):
+        part(tid, index)
+        assert body_sent() == 0
+    part("t1", 1)
+    assert body_sent() == 1
+    for tid, index in (("t0", 0), ("t1", 1), ("t2", 2)):
+        part(tid, index)
+    assert body_sent() == 1
+
+
+def test_a_part_redelivered_after_the_claimant_died_sends_the_body(chord, redis_client):
+    """The worker that counted the last part died before sending the body (its BITFIELD ran, then
+    nothing): the redelivered part finds the chord complete and the claim free, and sends it."""
+    backend, part, body_sent = chord
+    backend.set_chord_size("g-test", 2)
+    part("t0", 0)
+    # t1 counted, then its worker died
+    redis_client.execute_command("BITFIELD", "celery-taskset-meta-g-test.b", "SET", "u1", 3, 0)
+    assert body_sent() == 0
+    part("t1", 1)  # the redelivery
+    assert body_sent() == 1 and chord_keys(redis_client) == []
+
+
+def test_a_part_finding_the_chord_complete_while_the_claimant_sends_sends_nothing(chord, redis_client):
+    backend, part, body_sent = chord
+    backend.set_chord_size("g-test", 2)
+    part("t0", 0)
+    redis_client.execute_command("BITFIELD", "celery-taskset-meta-g-test.b", "SET", "u1", 3, 0)
+    redis_client.set("celery-taskset-meta-g-test.c", "the-claimants-token", ex=30)  # claimed, being sent
+    part("t0", 0)
+    part("t1", 1)
+    assert body_sent() == 0
+    assert chord_keys(redis_client) == ["test.b", "test.c"]  # the claimant deletes them once it has sent
+
+
+def test_a_retried_count_sends_the_body_once_whichever_reply_was_lost(chord, redis_client, app):
+    """``on_chord_part_return`` retries a count whose connection broke (the backend's ``ensure``)
+    with the same claim token and memory of what it sent: a claim taken in a lost reply is its own
+    (it sends), and a body already sent is not sent again (it only deletes the keys)."""
+    backend, part, body_sent = chord
+    body = app.signature("refexp.grounding_expr", args=("run0:spec0", "img", 0), immutable=True)
+    request = SimpleNamespace(id="t1", group="g-test", group_index=1, chord=dict(body))
+    for sent, expected in (([], 1), ([True], 0)):
+        backend.set_chord_size("g-test", 2)
+        part("t0", 0)
+        redis_client.execute_command(
+            "BITFIELD", "celery-taskset-meta-g-test.b", "SET", "u1", 3, 0)  # the first attempt counted
+        redis_client.set("celery-taskset-meta-g-test.c", "tok", ex=30)  # ... and took the claim
+        backend._count_part(request, "SUCCESS", "done", 1, "tok", sent)
+        assert body_sent() == expected and chord_keys(redis_client) == []
+        redis_client.delete("refexp")
+
+
+def test_a_failed_header_task_fails_the_body_instead_of_sending_it(chord, redis_client):
+    backend, part, body_sent = chord
+    backend.set_chord_size("g-test", 2)
+    part("t0", 0, state="FAILURE")
+    part("t1", 1)
+    assert body_sent() == 0 and chord_keys(redis_client) == []
+
+
+def test_a_body_that_takes_the_header_results_is_failed_not_called_without_them(chord, redis_client, app):
+    backend, part, body_sent = chord
+    backend.set_chord_size("g-test", 1)
+    part("t0", 0, chord_body=app.signature("refexp.grounding_expr", args=("run0:spec0",)))
+    assert body_sent() == 0 and chord_keys(redis_client) == []
+
+
+def test_chords_this_path_does_not_take_are_joined_by_celery(chord, redis_client):
+    """A chord published the Celery way (a producer of an earlier version: a ``.s`` size key),
+    one too big for a bit string, and a part without a group index: Celery's join counts them."""
+    from celery.backends.redis import RedisBackend
+
+    backend, part, body_sent = chord
+    RedisBackend.set_chord_size(backend, "g-old", 2)
+    part("t0", 0, gid="g-old")
+    part("t0", 0, gid="g-old")
+    assert body_sent() == 0 and "old.b" not in chord_keys(redis_client, "g-old")
+    part("t1", 1, gid="g-old")
+    assert body_sent() == 1
+    big = MAX_PARTS + 1
+    backend.set_chord_size("g-big", big)
+    assert chord_keys(redis_client, "g-big") == ["big.s"]
+    for i in range(big):
+        part(f"b{i}", i, gid="g-big")
+    assert body_sent() == 2
+    backend.set_chord_size("g-none", 1)
+    part("n0", None, gid="g-none")  # not counted on the bit string: the chord waits (as Celery's would)
+    assert body_sent() == 2
+
+
+def test_a_chords_bits_read_back(chord):
+    backend, _, _ = chord
+    for size in (0, 1, 2, MAX_PARTS, MAX_PARTS + 1):
+        backend.set_chord_size("g-size", size)
+        assert backend.pop_chord_size("g-size") == size
+    assert read_field(int.from_bytes(chord_bits(2), "big") >> 1) == (True, False, 0b11 << (MAX_PARTS - 2))
+    with pytest.raises(ValueError):
+        chord_bits(MAX_PARTS + 1)
 
 
 def test_each_step_is_published_with_its_priority_and_the_tail_carries_its_own(app, redis_client):
