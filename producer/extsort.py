@@ -57,9 +57,9 @@ class SortedPairs:
         sort is total, so where the chunks end does not change what iterating gives."""
         self._buf += pairs
         self.count += len(pairs)
-        if len(self._buf) >= self._chunk:
-            self._spill(self._buf)
-            self._buf = []
+        while len(self._buf) >= self._chunk:  # runs of one chunk each, as ``add`` spills them
+            self._spill(self._buf[:self._chunk])
+            self._buf = self._buf[self._chunk:]
 
     def _spill(self, buf: list[Pair]) -> None:
         if self._dir is None:

@@ -22,6 +22,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
+from orjson import loads as orjson_loads
+
 from producer.extsort import Cursor, SortedPairs, last_per_key
 from producer.seed import iter_seed
 from producer.summary import FinalizeReport, write_summary
@@ -33,7 +35,6 @@ from worker.sinks import (
     JsonlSink,
     SinkReader,
     _lines,
-    _parse,
     dumps_line,
     encode_offset,
     loads,
@@ -79,8 +80,15 @@ def _scan_step(root: str, step: int, workdir: str, count_bad: bool, with_usage: 
                 start, offset = offset, offset + len(line)
                 if start > _OFFSET_MASK:
                     encode_offset(part, start)  # raises, as JsonlSink.scan does
-                rec = _parse(line)
-                if rec is None:
+                # ``_parse`` written out
+                try:
+                    rec = orjson_loads(line)
+                except ValueError:
+                    try:
+                        rec = loads(line)  # what orjson refuses and ``json`` takes
+                    except ValueError:
+                        rec = None
+                if line[-1:] != b"\n" or not isinstance(rec, dict) or "image_id" not in rec:
                     bad += 1
                     continue
                 if with_usage:

@@ -121,6 +121,7 @@ def call_sums(entries: Iterable[dict | None]) -> dict:
     # Sums in local variables, the fields spelt out: finalize runs this over every line of every
     # step sink. The latency is summed in the same order as ever, so the float total is the same.
     calls, inp, out, image, thinking, latency = 0, 0, 0, 0, 0, 0.0
+    batch_keys = frozenset(BATCH_FIELDS)
     for call in entries:
         if not call:
             continue
@@ -130,9 +131,10 @@ def call_sums(entries: Iterable[dict | None]) -> dict:
         out += int(get("output_tokens") or 0)
         image += int(get("image_tokens") or 0)
         thinking += int(get("thinking_tokens") or 0)
-        for f in BATCH_FIELDS:
-            if get(f):
-                c[f] = c.get(f, 0) + int(call[f])
+        if not batch_keys.isdisjoint(call):  # one look for the three fields most calls lack
+            for f in BATCH_FIELDS:
+                if get(f):
+                    c[f] = c.get(f, 0) + int(call[f])
         latency += float(get("latency_s") or 0)
     c.update(calls=calls, input_tokens=inp, output_tokens=out, image_tokens=image, thinking_tokens=thinking,
              latency_s=latency)

@@ -242,6 +242,22 @@ def test_finalize_sorts_in_bounded_chunks(tmp_path, monkeypatch):
     assert not [p for p in tmp_path.iterdir() if ".sort-" in p.name]  # the runs were removed
 
 
+def test_pairs_added_a_batch_at_a_time_spill_chunk_sized_runs_and_sort_the_same(tmp_path):
+    """``SortedPairs.extend`` (finalize adds a step's pairs a batch at a time) spills one run
+    per chunk, as ``add`` does, so memory stays one chunk plus one batch, and the order is the
+    same as one sort of everything."""
+    from producer.extsort import SortedPairs
+
+    pairs = [(f"img{(i * 7919) % 97:03d}", i) for i in range(300)]
+    with SortedPairs((), tmp_path, chunk=16) as batched:
+        for i in range(0, len(pairs), 40):
+            batched.extend(pairs[i:i + 40])
+        assert batched.count == 300
+        assert len(batched._runs) == 300 // 16 and len(batched._buf) == 300 % 16
+        assert list(batched) == sorted(pairs)
+    assert not list(tmp_path.iterdir())  # the runs were removed
+
+
 def test_the_done_index_is_rebuilt_after_a_finalize_merged_the_sinks(tmp_path, redis_client):
     """A resume or retry-failed on the same Redis after a finalize: the index's offsets point
     into merged parts, so the producer sees the sinks' generation changed and reindexes."""
