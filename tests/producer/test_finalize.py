@@ -485,3 +485,41 @@ def test_the_final_file_holds_the_bytes_json_writes_whatever_the_values(tmp_path
         assert (report.written, report.bad_lines) == (len(lines), 0)
         assert layout.final.read_bytes() == expect
         assert layout.sink(3).path.read_text(encoding="utf-8").split("\n")[:-1] == [lines[i] for i in sorted(lines)]
+
+
+def test_the_usage_sums_keep_their_batches_so_the_latency_total_is_the_same_to_the_bit(tmp_path):
+    """The latency a step's lines used (a float) is summed in batches of ``USAGE_BATCH`` lines in
+    file order and the batch sums added, and the carried usage of the lines a merge leaves out in
+    batches of ``DROPPED_BATCH`` in image order: the grouping finalize always had, so its files
+    and summary keep their bytes. Latencies chosen so another grouping gives other bits."""
+    from producer.finalize import DROPPED_BATCH, USAGE_BATCH
+    from producer.usage import call_sums
+
+    layout = Layout(tmp_path)
+    n = USAGE_BATCH + 700
+    ids = [f"img{i:05d}" for i in range(n)]
+    seed(layout, ids)
+    latencies = [0.1 + (k % 97) * 0.013 + k * 1e-7 for k in range(2 * n)]
+    calls = [{"input_tokens": 10, "output_tokens": 2, "latency_s": lat} for lat in latencies]
+    lines = []
+    for k, i in enumerate(ids):  # each image twice: an older record, then the one that stays
+        lines.append((k, rec(i, 3, meta={"step3_double_check": {"call": calls[2 * k]}})))
+        lines.append((k, rec(i, 3, meta={"step3_double_check": {"call": calls[2 * k + 1]}})))
+    layout.sink(3).path.parent.mkdir(parents=True)
+    layout.sink(3).path.write_text("".join(dumps(r) + "\n" for _, r in lines), encoding="utf-8")
+
+    def batched(entries: list[dict], size: int, total: float = 0.0) -> float:
+        for i in range(0, len(entries), size):
+            total = total + call_sums(entries[i:i + size])["latency_s"]
+        return total
+
+    assert batched(calls, USAGE_BATCH) != sum(c["latency_s"] for c in calls)  # the grouping shows
+    report = finalize(layout, [3])
+    assert report.written == n
+    carried = layout.sink(3).carried_usage()
+    assert carried["calls"] == n
+    assert carried["latency_s"] == batched(calls[0::2], DROPPED_BATCH)
+    from producer.finalize import _scan_step  # a second read sees the merged file and the carried usage
+    pairs, usage, _ = _scan_step(str(tmp_path), 3, str(tmp_path), False, True)
+    pairs.close()
+    assert usage["latency_s"] == batched(calls[1::2], USAGE_BATCH, carried["latency_s"])
