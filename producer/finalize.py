@@ -367,10 +367,16 @@ class _Merge:
         self.sink.replace_main(self.tmp, self.generation, {k: v for k, v in self._dropped_usage.items() if v})
 
     def close(self) -> None:
-        self._out.close()
-        self._reader.close()
-        self.tmp.unlink(missing_ok=True)
-        self.latest.close()
+        """Everything of the merge released and its temp file removed, whatever failed: on a
+        full disk closing the temp file flushes its buffer and raises again (the file is closed
+        all the same), which must not keep the temp file from being removed."""
+        try:
+            with contextlib.suppress(OSError):
+                self._out.close()
+        finally:
+            self._reader.close()
+            self.tmp.unlink(missing_ok=True)
+            self.latest.close()
 
 
 def _compact(sink: JsonlSink, step: int, latest: SortedPairs, generation: int) -> int:

@@ -523,3 +523,49 @@ def test_the_usage_sums_keep_their_batches_so_the_latency_total_is_the_same_to_t
     pairs, usage, _ = _scan_step(str(tmp_path), 3, str(tmp_path), False, True)
     pairs.close()
     assert usage["latency_s"] == batched(calls[1::2], USAGE_BATCH, carried["latency_s"])
+
+
+def test_a_full_disk_at_any_point_of_a_finalize_leaves_no_temp_file_and_the_records_as_they_were(tmp_path,
+                                                                                                 monkeypatch):
+    """A finalize on a disk that fills up at one point or another (a real tmpfs, filled to a
+    different level each time; sorts in memory, then spilling runs) either finishes or raises: it
+    leaves no temp file or sort dir behind, the previous ``annotations.jsonl`` stays whole when it
+    raised, and every step sink holds the same last record per image as before (merged or not).
+    A merge whose temp file could not be flushed used to leave it behind (closing it raised
+    again, before the unlink)."""
+    import producer.extsort
+    from tests.support.faults import fill, free_bytes, tmpfs
+
+    ids = [f"img{i:03d}" for i in range(60)]
+    with tmpfs(tmp_path / "vol", "4m") as vol:
+        for chunk in (producer.extsort.CHUNK, 16):
+            monkeypatch.setattr(producer.extsort, "CHUNK", chunk)
+            layout = Layout(vol / f"results-{chunk}")
+            seed(layout, ids)
+            for step in (2, 3):
+                for i in ids:
+                    layout.sink(step).append(rec(i, step, expressions=[{"text": f"{i}-{'x' * 300}"}]))
+            finalize(layout, [2, 3])
+            outcomes = set()
+            for leave in (0, 2_000, 8_000, 20_000, 60_000, 130_000, 300_000, 1_000_000):
+                for i in ids[::4]:  # newer records in new parts: every finalize has a merge to do
+                    for step in (2, 3):
+                        layout.sink(step).append(rec(i, step, expressions=[{"text": f"{leave}-{i}"}]))
+                final_before = layout.final.read_bytes()
+                latest_before = {s: layout.sink(s).latest() for s in (2, 3)}
+                filler = fill(vol, leave=leave)
+                try:
+                    finalize(layout, [2, 3])
+                    outcomes.add("done")
+                except OSError:
+                    outcomes.add("raised")
+                    assert layout.final.read_bytes() == final_before
+                finally:
+                    filler.unlink()
+                left = [p for p in vol.rglob("*") if p.name.endswith(".tmp") or ".sort-" in p.name]
+                assert left == [], f"left behind with {leave} bytes free, chunk {chunk}: {left}"
+                assert {s: layout.sink(s).latest() for s in (2, 3)} == latest_before
+            assert outcomes == {"done", "raised"}  # the levels covered both
+            assert free_bytes(vol) > 0
+            finalize(layout, [2, 3])
+            assert [r["image_id"] for r in read_final(layout)] == ids
