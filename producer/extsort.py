@@ -52,6 +52,15 @@ class SortedPairs:
             self._spill(self._buf)
             self._buf = []
 
+    def extend(self, pairs: list[Pair]) -> None:
+        """Many more pairs at once (before iterating): one call per batch, not per pair. The
+        sort is total, so where the chunks end does not change what iterating gives."""
+        self._buf += pairs
+        self.count += len(pairs)
+        while len(self._buf) >= self._chunk:  # runs of one chunk each, as ``add`` spills them
+            self._spill(self._buf[:self._chunk])
+            self._buf = self._buf[self._chunk:]
+
     def _spill(self, buf: list[Pair]) -> None:
         if self._dir is None:
             self._dir = Path(tempfile.mkdtemp(prefix=".sort-", dir=self._workdir))

@@ -37,7 +37,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import orjson
 
@@ -588,26 +588,42 @@ class JsonlSink:
 
 
 class SinkReader:
-    """``read_line_at`` over a sink's files kept open; use as a context manager."""
+    """``read_line_at`` over a sink's files kept open; use as a context manager.
+
+    Each read is one ``pread`` at the offset (a buffered file would refill its whole buffer
+    after every seek): finalize reads a line per image per step this way."""
+
+    _GUESS = 4096  # bytes read first: most lines fit, a longer one takes more reads
 
     def __init__(self, sink: JsonlSink):
         self.sink = sink
-        self._files: dict[int, BinaryIO] = {}
+        self._files: dict[int, int] = {}
 
     def read_line_at(self, offset: int) -> bytes:
         part, pos = decode_offset(offset)
-        f = self._files.get(part)
-        if f is None:
-            f = self._files[part] = open(self.sink._file_of(part), "rb")  # noqa: SIM115 - closed in close()
-        f.seek(pos)
-        line = f.readline()
-        if not line.endswith(b"\n"):
-            raise ValueError(f"{self.sink.path}: no complete record at part {part} byte {pos}")
-        return line
+        fd = self._files.get(part)
+        if fd is None:
+            fd = self._files[part] = os.open(self.sink._file_of(part), os.O_RDONLY)
+        chunk = os.pread(fd, self._GUESS, pos)
+        end = chunk.find(b"\n")
+        if end >= 0:
+            return chunk[:end + 1]
+        chunks = [chunk]
+        size = self._GUESS
+        while len(chunk) == size:  # not at the end of the file yet: the line goes on
+            pos += size
+            size *= 2
+            chunk = os.pread(fd, size, pos)
+            end = chunk.find(b"\n")
+            if end >= 0:
+                chunks.append(chunk[:end + 1])
+                return b"".join(chunks)
+            chunks.append(chunk)
+        raise ValueError(f"{self.sink.path}: no complete record at part {part} byte {decode_offset(offset)[1]}")
 
     def close(self) -> None:
-        for f in self._files.values():
-            f.close()
+        for fd in self._files.values():
+            os.close(fd)
         self._files.clear()
 
     def __enter__(self) -> SinkReader:

@@ -242,6 +242,22 @@ def test_finalize_sorts_in_bounded_chunks(tmp_path, monkeypatch):
     assert not [p for p in tmp_path.iterdir() if ".sort-" in p.name]  # the runs were removed
 
 
+def test_pairs_added_a_batch_at_a_time_spill_chunk_sized_runs_and_sort_the_same(tmp_path):
+    """``SortedPairs.extend`` (finalize adds a step's pairs a batch at a time) spills one run
+    per chunk, as ``add`` does, so memory stays one chunk plus one batch, and the order is the
+    same as one sort of everything."""
+    from producer.extsort import SortedPairs
+
+    pairs = [(f"img{(i * 7919) % 97:03d}", i) for i in range(300)]
+    with SortedPairs((), tmp_path, chunk=16) as batched:
+        for i in range(0, len(pairs), 40):
+            batched.extend(pairs[i:i + 40])
+        assert batched.count == 300
+        assert len(batched._runs) == 300 // 16 and len(batched._buf) == 300 % 16
+        assert list(batched) == sorted(pairs)
+    assert not list(tmp_path.iterdir())  # the runs were removed
+
+
 def test_the_done_index_is_rebuilt_after_a_finalize_merged_the_sinks(tmp_path, redis_client):
     """A resume or retry-failed on the same Redis after a finalize: the index's offsets point
     into merged parts, so the producer sees the sinks' generation changed and reindexes."""
@@ -469,3 +485,87 @@ def test_the_final_file_holds_the_bytes_json_writes_whatever_the_values(tmp_path
         assert (report.written, report.bad_lines) == (len(lines), 0)
         assert layout.final.read_bytes() == expect
         assert layout.sink(3).path.read_text(encoding="utf-8").split("\n")[:-1] == [lines[i] for i in sorted(lines)]
+
+
+def test_the_usage_sums_keep_their_batches_so_the_latency_total_is_the_same_to_the_bit(tmp_path):
+    """The latency a step's lines used (a float) is summed in batches of ``USAGE_BATCH`` lines in
+    file order and the batch sums added, and the carried usage of the lines a merge leaves out in
+    batches of ``DROPPED_BATCH`` in image order: the grouping finalize always had, so its files
+    and summary keep their bytes. Latencies chosen so another grouping gives other bits."""
+    from producer.finalize import DROPPED_BATCH, USAGE_BATCH
+    from producer.usage import call_sums
+
+    layout = Layout(tmp_path)
+    n = USAGE_BATCH + 700
+    ids = [f"img{i:05d}" for i in range(n)]
+    seed(layout, ids)
+    latencies = [0.1 + (k % 97) * 0.013 + k * 1e-7 for k in range(2 * n)]
+    calls = [{"input_tokens": 10, "output_tokens": 2, "latency_s": lat} for lat in latencies]
+    lines = []
+    for k, i in enumerate(ids):  # each image twice: an older record, then the one that stays
+        lines.append((k, rec(i, 3, meta={"step3_double_check": {"call": calls[2 * k]}})))
+        lines.append((k, rec(i, 3, meta={"step3_double_check": {"call": calls[2 * k + 1]}})))
+    layout.sink(3).path.parent.mkdir(parents=True)
+    layout.sink(3).path.write_text("".join(dumps(r) + "\n" for _, r in lines), encoding="utf-8")
+
+    def batched(entries: list[dict], size: int, total: float = 0.0) -> float:
+        for i in range(0, len(entries), size):
+            total = total + call_sums(entries[i:i + size])["latency_s"]
+        return total
+
+    assert batched(calls, USAGE_BATCH) != sum(c["latency_s"] for c in calls)  # the grouping shows
+    report = finalize(layout, [3])
+    assert report.written == n
+    carried = layout.sink(3).carried_usage()
+    assert carried["calls"] == n
+    assert carried["latency_s"] == batched(calls[0::2], DROPPED_BATCH)
+    from producer.finalize import _scan_step  # a second read sees the merged file and the carried usage
+    pairs, usage, _ = _scan_step(str(tmp_path), 3, str(tmp_path), False, True)
+    pairs.close()
+    assert usage["latency_s"] == batched(calls[1::2], USAGE_BATCH, carried["latency_s"])
+
+
+def test_a_full_disk_at_any_point_of_a_finalize_leaves_no_temp_file_and_the_records_as_they_were(tmp_path,
+                                                                                                 monkeypatch):
+    """A finalize on a disk that fills up at one point or another (a real tmpfs, filled to a
+    different level each time; sorts in memory, then spilling runs) either finishes or raises: it
+    leaves no temp file or sort dir behind, the previous ``annotations.jsonl`` stays whole when it
+    raised, and every step sink holds the same last record per image as before (merged or not).
+    A merge whose temp file could not be flushed used to leave it behind (closing it raised
+    again, before the unlink)."""
+    import producer.extsort
+    from tests.support.faults import fill, free_bytes, tmpfs
+
+    ids = [f"img{i:03d}" for i in range(60)]
+    with tmpfs(tmp_path / "vol", "4m") as vol:
+        for chunk in (producer.extsort.CHUNK, 16):
+            monkeypatch.setattr(producer.extsort, "CHUNK", chunk)
+            layout = Layout(vol / f"results-{chunk}")
+            seed(layout, ids)
+            for step in (2, 3):
+                for i in ids:
+                    layout.sink(step).append(rec(i, step, expressions=[{"text": f"{i}-{'x' * 300}"}]))
+            finalize(layout, [2, 3])
+            outcomes = set()
+            for leave in (0, 2_000, 8_000, 20_000, 60_000, 130_000, 300_000, 1_000_000):
+                for i in ids[::4]:  # newer records in new parts: every finalize has a merge to do
+                    for step in (2, 3):
+                        layout.sink(step).append(rec(i, step, expressions=[{"text": f"{leave}-{i}"}]))
+                final_before = layout.final.read_bytes()
+                latest_before = {s: layout.sink(s).latest() for s in (2, 3)}
+                filler = fill(vol, leave=leave)
+                try:
+                    finalize(layout, [2, 3])
+                    outcomes.add("done")
+                except OSError:
+                    outcomes.add("raised")
+                    assert layout.final.read_bytes() == final_before
+                finally:
+                    filler.unlink()
+                left = [p for p in vol.rglob("*") if p.name.endswith(".tmp") or ".sort-" in p.name]
+                assert left == [], f"left behind with {leave} bytes free, chunk {chunk}: {left}"
+                assert {s: layout.sink(s).latest() for s in (2, 3)} == latest_before
+            assert outcomes == {"done", "raised"}  # the levels covered both
+            assert free_bytes(vol) > 0
+            finalize(layout, [2, 3])
+            assert [r["image_id"] for r in read_final(layout)] == ids

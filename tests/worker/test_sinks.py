@@ -393,3 +393,25 @@ def test_a_full_disk_under_a_part_leaves_it_as_it_was(tmp_path):
         assert off == 1 << 40 | len(before)
         stats = ReadStats()
         assert sorted(sink.latest_offsets(stats)) == ["a", "b"] and stats.bad_lines == 0
+
+
+def test_a_reader_reads_lines_longer_than_its_first_read_and_refuses_a_torn_last_one(tmp_path):
+    """``SinkReader`` reads a line with one ``pread`` of 4 KB, more when the line is longer: a
+    line of any length (also one ending right at a read's edge) comes back whole, and a last
+    line with no newline is refused, as a buffered ``readline`` did."""
+    from worker.sinks import SinkReader
+
+    sink = JsonlSink(tmp_path / "s.jsonl")
+    base = len(dumps({"image_id": "a", "x": ""}) + "\n")
+    sizes = [10, SinkReader._GUESS - base, SinkReader._GUESS - base + 1, 3 * SinkReader._GUESS, 40_000]
+    offsets = [sink.append({"image_id": "a", "x": "y" * n}) for n in sizes]
+    with open(sink.path, "ab") as f:
+        f.write(b'{"image_id":"torn","x":"' + b"z" * 9000)
+    torn = sink.path.stat().st_size - 9000 - len(b'{"image_id":"torn","x":"')
+    with sink.reader() as reader:
+        for n, off in zip(sizes, offsets, strict=True):
+            line = reader.read_line_at(off)
+            assert line == (dumps({"image_id": "a", "x": "y" * n}) + "\n").encode()
+        with pytest.raises(ValueError):
+            reader.read_line_at(torn)
+    assert len(sink.path.read_bytes().split(b"\n")[1]) + 1 == SinkReader._GUESS  # a line of exactly one read
