@@ -13,10 +13,19 @@ import pytest
 from kombu import Connection
 from kombu.transport import redis as kombu_redis
 
+from producer.embedded import embedded_redis
 from worker.clock import GuardedQoS
 from worker.transport import PipelinedQoS
 
 QUEUE = "transport-test"
+
+
+@pytest.fixture(scope="module")
+def redis_url():
+    """A private server for this module: ``INFO commandstats`` is server-wide, and under xdist the
+    suite's other worker may use another database of a shared server (CI's)."""
+    with embedded_redis() as url:
+        yield url
 
 
 def _calls(r) -> Counter:
