@@ -471,6 +471,12 @@ def _valid_row(b: object) -> bool:
     return all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in b[:4])
 
 
+#: The field of a seed line holding the image's ordinal: its bit in the done bitmaps
+#: (``worker.runstate``, ``bits:<step>``). Stable for the image across re-seeds; stripped from
+#: a step's input (``worker.steps.input_record``), so it never reaches a step record.
+ORDINAL = "ordinal"
+
+
 def write_seed(
     spec: Spec, results_dir: Path, report: SeedReport, on_record: Callable[[SeedEntry], None] | None = None
 ) -> Path:
@@ -480,6 +486,13 @@ def write_seed(
     readers (workers reading their image's line) see the old seed or the new one, never a part.
     The producer calls this only while it holds the results dir (``producer.guard``), after the
     inputs were checked against the ones the dir is bound to. ``report.sha256`` is the digest.
+
+    Each line carries the image's ``ordinal`` (``ORDINAL``). A first seeding numbers the lines
+    0, 1, 2, ... as it writes them. A re-seed (a seed file is there already) carries each kept
+    image's ordinal over and gives images new to the seed ordinals above every ordinal the old
+    seed used (a removed image's is never reused): ``_carry_ordinals``, in bounded memory.
+    ``on_record`` is called as each record is written; on a re-seed the offset it is given is
+    the line's before its ordinal is joined in (a progress count, not the final address).
     """
     results_dir.mkdir(parents=True, exist_ok=True)
     final = results_dir / SEED_FILE
@@ -487,21 +500,92 @@ def write_seed(
     source = seed_from_jsonl if spec.ire.data.input_annotations_jsonl else seed_from_images
     offset = 0
     digest = hashlib.sha256()
+    reseed = _has_ordinals(final)
+    ids: SortedPairs | None = SortedPairs() if reseed else None
     try:
         with open(tmp, "wb") as f:
-            for rec in source(spec, report):
+            for n, rec in enumerate(source(spec, report)):
+                if ids is None:
+                    rec[ORDINAL] = n
+                else:  # numbered once the old seed's ordinals are joined in (_carry_ordinals)
+                    rec.pop(ORDINAL, None)
+                    ids.add((str(rec["image_id"]), n))
                 line = (dumps(rec) + "\n").encode("utf-8")
                 f.write(line)
                 digest.update(line)
                 if on_record is not None:
                     on_record(SeedEntry(rec["image_id"], offset))
                 offset += len(line)
+        if ids is not None:
+            digest = _carry_ordinals(final, tmp, ids)
     except BaseException:
         tmp.unlink(missing_ok=True)  # a failed seed leaves the old one, and no half file
         raise
+    finally:
+        if ids is not None:
+            ids.close()
     os.replace(tmp, final)
     report.sha256 = digest.hexdigest()
     return final
+
+
+def _has_ordinals(seed: Path) -> bool:
+    """Whether ``seed`` exists and numbers its images (a seed written before ordinals did not:
+    no done bit was ever set by its lines, so a re-seed may number afresh)."""
+    try:
+        with open(seed, "rb") as f:
+            first = f.readline()
+    except FileNotFoundError:
+        return False
+    try:
+        rec = json.loads(first)
+    except ValueError:
+        return False
+    return isinstance(rec, dict) and isinstance(rec.get(ORDINAL), int)
+
+
+def _carry_ordinals(old_seed: Path, new_seed: Path, ids: SortedPairs):
+    """Number the lines of ``new_seed`` (written without ordinals; ``ids`` holds its
+    ``(image_id, line number)``) with the ordinals ``old_seed`` gave the same images, and
+    numbers above the old maximum for the others, in the new images' id order. Three streamed
+    passes (the old seed's ids sorted, the join, the rewrite by line number), so memory is a
+    sort chunk whatever the seed's size. Returns the new file's sha256."""
+    top = -1
+    with SortedPairs() as old:
+        for _, rec in iter_seed(old_seed):
+            o = rec.get(ORDINAL)
+            if isinstance(o, int) and not isinstance(o, bool):
+                old.add((str(rec["image_id"]), o))
+                top = max(top, o)
+        kept = Cursor(old)
+        with SortedPairs() as by_line:
+            for image_id, line in ids:
+                have = kept.take(image_id)
+                if have:
+                    o = have[-1]
+                else:
+                    top += 1
+                    o = top
+                by_line.add((f"{line:012d}", o))
+            digest = hashlib.sha256()
+            out = new_seed.with_name(new_seed.name + ".n")
+            try:
+                with open(new_seed, "rb") as src, open(out, "wb") as dst:
+                    for (_, o), line in zip(by_line, src, strict=True):
+                        numbered = line.rstrip(b"\n")[:-1] + f',"{ORDINAL}":{o}}}\n'.encode()
+                        dst.write(numbered)
+                        digest.update(numbered)
+                os.replace(out, new_seed)
+            except BaseException:
+                out.unlink(missing_ok=True)
+                raise
+    return digest
+
+
+def seed_ordinal(rec: dict) -> int | None:
+    """The ordinal a seed line gives its image, or None (a seed written before ordinals)."""
+    o = rec.get(ORDINAL)
+    return o if isinstance(o, int) and not isinstance(o, bool) else None
 
 
 def iter_seed(seed: JsonlSink | Path) -> Iterator[tuple[int, dict]]:

@@ -41,6 +41,8 @@ def input_record(step: int, seed: dict, upstream: dict[int, dict]) -> dict:
     """The record a step works on: the seed (when the step starts from it) merged with the
     upstream records it reads."""
     d = STEP[step]
+    if "ordinal" in seed:  # the seed's bookkeeping (the image's done bit), not the image's data
+        seed = {k: v for k, v in seed.items() if k != "ordinal"}
     return merge(*([seed] if d.reads_seed else []), *(upstream.get(s) for s in d.reads))
 
 
