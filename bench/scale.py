@@ -81,7 +81,10 @@ elif phase == "reindex":
         state.store_spec("h", {}, {"steps": [0, 1, 2, 3], "images": n, "enqueue_complete": True,
                                    "indexed": True, "enqueued_at": time.time()})
         t0, c0 = time.perf_counter(), time.process_time()
-        counts = reindex(state, Layout(results))
+        import inspect
+        # The run's steps, where reindex takes them: images done in every step become bits.
+        with_steps = "steps" in inspect.signature(reindex).parameters
+        counts = reindex(state, Layout(results), [0, 1, 2, 3]) if with_steps else reindex(state, Layout(results))
         out["images"] = min(counts.values())
         out["used_memory"] = state.r.info("memory")["used_memory"]
         out["wall_s"], out["cpu_s"] = time.perf_counter() - t0, time.process_time() - c0

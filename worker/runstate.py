@@ -114,25 +114,32 @@ for i = 1, nsteps do
   marks[#marks + 1] = KEYS[head + (i - 1) * per + 3]
 end
 local any_other_mark = redis.call('EXISTS', unpack(marks)) > 0
-local all_done = pos == 0 or mark == 1
-if pos > 0 then
-  local base = head + (pos - 1) * per
-  redis.call('HSET', KEYS[base + mark], image, ARGV[4])
-  if mark == 1 and any_other_mark then
-    redis.call('HDEL', KEYS[base + 2], image)
-    redis.call('HDEL', KEYS[base + 3], image)
+local function set_mark()
+  if pos > 0 then
+    local base = head + (pos - 1) * per
+    redis.call('HSET', KEYS[base + mark], image, ARGV[4])
+    if mark == 1 and any_other_mark then
+      redis.call('HDEL', KEYS[base + 2], image)
+      redis.call('HDEL', KEYS[base + 3], image)
+    end
   end
 end
+-- A step is settled by its done entry, a failed or blocked mark, or its bit. The bit is looked
+-- at by plain settles only (pos 0: a skipped task, the producer's settle after a publish): a
+-- task that marks has the image in flight, whose done steps have entries.
+local all_done = pos == 0 or mark == 1
 -- Later steps are the likelier to be unsettled: look at them first, and stop at the first.
 for i = nsteps, 1, -1 do
   if i ~= pos then
     local base = head + (i - 1) * per
     if redis.call('HEXISTS', KEYS[base + 1], image) == 0 then
-      if ord < 0 or redis.call('GETBIT', KEYS[base + 4], ord) == 0 then
+      if pos > 0 or ord < 0 or redis.call('GETBIT', KEYS[base + 4], ord) == 0 then
         if not any_other_mark then
+          set_mark()
           return 0
         end
         if redis.call('HEXISTS', KEYS[base + 2], image) == 0 and redis.call('HEXISTS', KEYS[base + 3], image) == 0 then
+          set_mark()
           return 0
         end
         all_done = false
@@ -142,11 +149,21 @@ for i = nsteps, 1, -1 do
 end
 redis.call('HDEL', KEYS[1], image)
 if all_done and ord >= 0 and not (any_other_mark and redis.call('EXISTS', KEYS[5]) > 0) then
+  -- Done in every step: its bits, and no offsets (the marked step's is never written).
+  if pos > 0 and any_other_mark then
+    local base = head + (pos - 1) * per
+    redis.call('HDEL', KEYS[base + 2], image)
+    redis.call('HDEL', KEYS[base + 3], image)
+  end
   for i = 1, nsteps do
     local base = head + (i - 1) * per
     redis.call('SETBIT', KEYS[base + 4], ord, 1)
-    redis.call('HDEL', KEYS[base + 1], image)
+    if i ~= pos then
+      redis.call('HDEL', KEYS[base + 1], image)
+    end
   end
+else
+  set_mark()
 end
 return 1
 """
@@ -260,24 +277,33 @@ class RunState:
 
     def lookup(self, image_id: str, steps: Iterable[int], prior_of: int | None, ordinal: int | None
                ) -> tuple[dict[int, int | None], set[int], int | None]:
-        """What a task needs to know of its image in one round trip: the done offsets of
-        ``steps``, the steps whose done bit is set (``ordinal`` known: the image left the
-        window done in every step, so its offsets are in the sinks only), and the record set
-        aside for a check (``prior_of``)."""
+        """What a task needs to know of its image: the done offsets of ``steps`` (its own step
+        first, then the steps it reads), the steps whose done bit is set (``ordinal`` known: the
+        image left the window done in every step, its offsets in the sinks only), and the record
+        set aside for a check (``prior_of``). One round trip, with the first step's bit only
+        (a late duplicate of a settled image's task must skip); a second one for the bits of
+        steps whose offset is missing, which an image in flight does not have."""
         steps = list(steps)
         pipe = self.r.pipeline(transaction=False)
         for s in steps:
             pipe.hget(run_key(self.run_id, Outcome.DONE, s), image_id)
-        if ordinal is not None:
-            for s in steps:
-                pipe.getbit(run_key(self.run_id, BITS, s), ordinal)
         if prior_of is not None:
             pipe.hget(run_key(self.run_id, RECHECK, prior_of), image_id)
+        if ordinal is not None:
+            pipe.getbit(run_key(self.run_id, BITS, steps[0]), ordinal)
         raw = pipe.execute()
         offsets = {s: int(v) if v is not None else None for s, v in zip(steps, raw, strict=False)}
-        bits = {s for s, b in zip(steps, raw[len(steps):2 * len(steps)], strict=False) if b} if ordinal is not None \
-            else set()
-        prior = raw[-1] if prior_of is not None else None
+        prior = raw[len(steps)] if prior_of is not None else None
+        bits: set[int] = set()
+        if ordinal is not None:
+            if raw[-1]:
+                bits.add(steps[0])
+            unknown = [s for s in steps[1:] if offsets[s] is None]
+            if unknown and not bits:
+                pipe = self.r.pipeline(transaction=False)
+                for s in unknown:
+                    pipe.getbit(run_key(self.run_id, BITS, s), ordinal)
+                bits |= {s for s, b in zip(unknown, pipe.execute(), strict=True) if b}
         return offsets, bits, int(prior) if prior is not None else None
 
     def has_bits(self, steps: Iterable[int]) -> bool:
