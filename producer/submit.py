@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import tempfile
 import time
@@ -29,7 +30,7 @@ from worker.constants import SEED_FILE
 from worker.keys import BATCH_RUNS
 from worker.layout import Layout
 from worker.run import Run
-from worker.runstate import RunRef, RunState
+from worker.runstate import IndexRebuild, RunRef, RunState
 from worker.sinks import SinkReader, loads
 from worker.spec import Spec
 from worker.stepdefs import ALL_STEPS
@@ -65,6 +66,19 @@ def _reindex(run_state: RunState, layout: Layout, steps: list[int]) -> dict[int,
     # Every step, even one whose sink is gone (a step dir deleted to redo it): the index is
     # replaced, so no entry survives whose record is not in the sink any more.
     rebuild = run_state.rebuild_index(ALL_STEPS)  # before the sinks are read: no bit is set meanwhile
+    try:
+        written = _rebuild(rebuild, layout, steps)
+    except BaseException:
+        with contextlib.suppress(redis.RedisError):
+            rebuild.abort()
+        raise
+    run_state.set_meta(sink_generations=sink_generations(layout))
+    return written
+
+
+def _rebuild(rebuild: IndexRebuild, layout: Layout, steps: list[int]) -> dict[int, int]:
+    """The merge of ``_reindex``: every sink's last record per image and the seed's ordinals,
+    by image id, into ``rebuild``; returns the entries and bits written per existing sink."""
     exists = {s: layout.sink(s).exists() for s in ALL_STEPS}
     chunk = max(1, CHUNK // (len(ALL_STEPS) + 1))  # the sorts are built side by side
     with tempfile.TemporaryDirectory(prefix=".reindex-", dir=layout.root) as tmp, ExitStack() as stack:
@@ -96,7 +110,6 @@ def _reindex(run_state: RunState, layout: Layout, steps: list[int]) -> dict[int,
                 else:
                     rebuild.done(s, image_id, offset)
         written = rebuild.commit({s: (lambda i, off, r=readers[s]: _record_at(r, i, off)) for s in ALL_STEPS})
-    run_state.set_meta(sink_generations=sink_generations(layout))
     return {s: n for s, n in written.items() if exists[s]}
 
 

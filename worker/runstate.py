@@ -691,6 +691,15 @@ class IndexRebuild:
         self.r.delete(self.flag)
         return out
 
+    def abort(self) -> None:
+        """Give the rebuild up (the sinks could not be read): the old index stays as it was,
+        and settling moves images to the bitmaps again."""
+        pipe = self.r.pipeline()
+        for s in self.steps:
+            pipe.delete(self._tmp(Outcome.DONE, s), self._tmp(BITS, s))
+        pipe.delete(self.flag)
+        pipe.execute()
+
     def _carry_over(self, step: int, still_there: Callable[[str, int], bool] | None) -> int:
         key, tmp = run_key(self.state.run_id, Outcome.DONE, step), self._tmp(Outcome.DONE, step)
         bits, tmp_bits = run_key(self.state.run_id, BITS, step), self._tmp(BITS, step)
