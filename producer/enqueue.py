@@ -24,7 +24,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from producer.publish import Publisher
-from producer.seed import iter_seed, seed_ordinal
+from producer.seed import iter_seed
+from worker.constants import seed_ordinal
 from worker.keys import run_key
 from worker.run import Run
 from worker.runstate import RunState

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from producer.extsort import Cursor, SortedPairs
-from worker.constants import SEED_FILE
+from worker.constants import SEED_FILE, SEED_ORDINAL
 from worker.errors import ConfigError, InputError
 from worker.images import IMAGE_SUFFIXES, UNSUPPORTED_SUFFIXES, read_size
 from worker.kitti import cap_boxes, decode_label_bytes, parse_kitti
@@ -471,12 +471,6 @@ def _valid_row(b: object) -> bool:
     return all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in b[:4])
 
 
-#: The field of a seed line holding the image's ordinal: its bit in the done bitmaps
-#: (``worker.runstate``, ``bits:<step>``). Stable for the image across re-seeds; stripped from
-#: a step's input (``worker.steps.input_record``), so it never reaches a step record.
-ORDINAL = "ordinal"
-
-
 def write_seed(
     spec: Spec, results_dir: Path, report: SeedReport, on_record: Callable[[SeedEntry], None] | None = None
 ) -> Path:
@@ -487,7 +481,7 @@ def write_seed(
     The producer calls this only while it holds the results dir (``producer.guard``), after the
     inputs were checked against the ones the dir is bound to. ``report.sha256`` is the digest.
 
-    Each line carries the image's ``ordinal`` (``ORDINAL``). A first seeding numbers the lines
+    Each line carries the image's ``ordinal`` (``SEED_ORDINAL``). A first seeding numbers the lines
     0, 1, 2, ... as it writes them. A re-seed (a seed file is there already) carries each kept
     image's ordinal over and gives images new to the seed ordinals above every ordinal the old
     seed used (a removed image's is never reused): ``_carry_ordinals``, in bounded memory.
@@ -506,9 +500,9 @@ def write_seed(
         with open(tmp, "wb") as f:
             for n, rec in enumerate(source(spec, report)):
                 if ids is None:
-                    rec[ORDINAL] = n
+                    rec[SEED_ORDINAL] = n
                 else:  # numbered once the old seed's ordinals are joined in (_carry_ordinals)
-                    rec.pop(ORDINAL, None)
+                    rec.pop(SEED_ORDINAL, None)
                     ids.add((str(rec["image_id"]), n))
                 line = (dumps(rec) + "\n").encode("utf-8")
                 f.write(line)
@@ -541,7 +535,7 @@ def _has_ordinals(seed: Path) -> bool:
         rec = json.loads(first)
     except ValueError:
         return False
-    return isinstance(rec, dict) and isinstance(rec.get(ORDINAL), int)
+    return isinstance(rec, dict) and isinstance(rec.get(SEED_ORDINAL), int)
 
 
 def _carry_ordinals(old_seed: Path, new_seed: Path, ids: SortedPairs):
@@ -553,7 +547,7 @@ def _carry_ordinals(old_seed: Path, new_seed: Path, ids: SortedPairs):
     top = -1
     with SortedPairs() as old:
         for _, rec in iter_seed(old_seed):
-            o = rec.get(ORDINAL)
+            o = rec.get(SEED_ORDINAL)
             if isinstance(o, int) and not isinstance(o, bool):
                 old.add((str(rec["image_id"]), o))
                 top = max(top, o)
@@ -572,7 +566,7 @@ def _carry_ordinals(old_seed: Path, new_seed: Path, ids: SortedPairs):
             try:
                 with open(new_seed, "rb") as src, open(out, "wb") as dst:
                     for (_, o), line in zip(by_line, src, strict=True):
-                        numbered = line.rstrip(b"\n")[:-1] + f',"{ORDINAL}":{o}}}\n'.encode()
+                        numbered = line.rstrip(b"\n")[:-1] + f',"{SEED_ORDINAL}":{o}}}\n'.encode()
                         dst.write(numbered)
                         digest.update(numbered)
                 os.replace(out, new_seed)
@@ -580,12 +574,6 @@ def _carry_ordinals(old_seed: Path, new_seed: Path, ids: SortedPairs):
                 out.unlink(missing_ok=True)
                 raise
     return digest
-
-
-def seed_ordinal(rec: dict) -> int | None:
-    """The ordinal a seed line gives its image, or None (a seed written before ordinals)."""
-    o = rec.get(ORDINAL)
-    return o if isinstance(o, int) and not isinstance(o, bool) else None
 
 
 def iter_seed(seed: JsonlSink | Path) -> Iterator[tuple[int, dict]]:

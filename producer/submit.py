@@ -23,10 +23,10 @@ from producer.guard import Claim, ResultsLock, claim
 from producer.outage import OUTAGE_ERRORS, RedisGaveUp, outage_of, patient_client
 from producer.publish import Publisher, auto_publishers
 from producer.runs import describe_redis, open_run, prepare, update_run_file, write_spec_file
-from producer.seed import SeedReport, iter_seed, seed_ordinal, write_seed
+from producer.seed import SeedReport, iter_seed, write_seed
 from producer.status import RunNotInRedis, status
 from worker.budget import endpoint_key
-from worker.constants import SEED_FILE
+from worker.constants import SEED_FILE, seed_ordinal
 from worker.keys import BATCH_RUNS
 from worker.layout import Layout
 from worker.run import Run

@@ -11,6 +11,7 @@ import logging
 import re
 
 from worker.clients.base import VLMClient, VLMRequest, VLMResponse
+from worker.constants import seed_ordinal
 from worker.context import RunContext
 from worker.errors import InputError
 from worker.images import drop_cached
@@ -73,12 +74,6 @@ def load_seed(ctx: RunContext, image_id: str, offset: int) -> dict | None:
         return read_seed(ctx, image_id, offset)
     except InputError:
         return None
-
-
-def seed_ordinal(seed: dict | None) -> int | None:
-    """The image's ordinal from its seed line (None: no line, or a seed written before ordinals)."""
-    o = (seed or {}).get("ordinal")
-    return o if isinstance(o, int) and not isinstance(o, bool) else None
 
 
 def read_upstream(ctx: RunContext, step: int, image_id: str, offset: int) -> dict | None:

@@ -47,6 +47,7 @@ from celery.exceptions import Reject, Retry
 from worker import settings
 from worker.app import app
 from worker.batchflow import after_step, load_answer, park
+from worker.constants import seed_ordinal
 from worker.context import RunContext, RunNotInRedis, get_context, state_redis
 from worker.errors import PERMANENT, RETRYABLE, ClientError
 from worker.execute import (
@@ -57,7 +58,6 @@ from worker.execute import (
     failure_payload,
     load_seed,
     record_failure,
-    seed_ordinal,
 )
 from worker.keys import WRITE_PROBE
 from worker.parking import AnswerClient, Parked, ParkingClient
