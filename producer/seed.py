@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from producer.extsort import Cursor, SortedPairs
-from worker.constants import SEED_FILE, SEED_ORDINAL
+from worker.constants import SEED_FILE, SEED_ORDINAL, seed_ordinal
 from worker.errors import ConfigError, InputError
 from worker.images import IMAGE_SUFFIXES, UNSUPPORTED_SUFFIXES, read_size
 from worker.kitti import cap_boxes, decode_label_bytes, parse_kitti
@@ -525,17 +525,12 @@ def write_seed(
 
 def _has_ordinals(seed: Path) -> bool:
     """Whether ``seed`` exists and numbers its images (a seed written before ordinals did not:
-    no done bit was ever set by its lines, so a re-seed may number afresh)."""
-    try:
-        with open(seed, "rb") as f:
-            first = f.readline()
-    except FileNotFoundError:
+    no done bit was ever set by its lines, so a re-seed may number afresh). Its first readable
+    line says (``iter_seed`` skips a torn one)."""
+    if not seed.exists():
         return False
-    try:
-        rec = json.loads(first)
-    except ValueError:
-        return False
-    return isinstance(rec, dict) and isinstance(rec.get(SEED_ORDINAL), int)
+    first = next(iter_seed(seed), None)
+    return first is not None and seed_ordinal(first[1]) is not None
 
 
 def _carry_ordinals(old_seed: Path, new_seed: Path, ids: SortedPairs):
@@ -547,8 +542,8 @@ def _carry_ordinals(old_seed: Path, new_seed: Path, ids: SortedPairs):
     top = -1
     with SortedPairs() as old:
         for _, rec in iter_seed(old_seed):
-            o = rec.get(SEED_ORDINAL)
-            if isinstance(o, int) and not isinstance(o, bool):
+            o = seed_ordinal(rec)
+            if o is not None:
                 old.add((str(rec["image_id"]), o))
                 top = max(top, o)
         kept = Cursor(old)
