@@ -66,10 +66,19 @@ def read_seed(ctx: RunContext, image_id: str, offset: int) -> dict:
     raise InputError(f"{seed.path}: image '{image_id}' is not in the seed file")
 
 
-def load_seed(ctx: RunContext, image_id: str, offset: int) -> dict | None:
+def load_seed(ctx: RunContext, image_id: str, offset: int, *, scan: bool = True) -> dict | None:
     """``read_seed``, or None when the image is in no seed line. Every task reads its image's
     seed line once: it holds the image's ordinal (its done bit, ``seed_ordinal``) besides the
-    input of the steps that start from the seed."""
+    input of the steps that start from the seed. ``scan=False`` (a step that needs only the
+    ordinal): a line at ``offset`` that is not the image's (the seed was rewritten since the
+    message went out) gives None instead of a scan of the whole seed; the image then keeps its
+    offsets in the index as a seed without ordinals does."""
+    if not scan:
+        try:
+            rec = ctx.layout.seed.read_at(offset)
+        except ValueError:
+            return None
+        return rec if rec.get("image_id") == image_id else None
     try:
         return read_seed(ctx, image_id, offset)
     except InputError:
@@ -122,7 +131,7 @@ def execute(ctx: RunContext, step: int, image_id: str, seed_offset: int, *, clie
     d = STEP[step]
     changed = wf.reprocess == "changed"
     if seed is None:
-        seed = load_seed(ctx, image_id, seed_offset)
+        seed = load_seed(ctx, image_id, seed_offset, scan=d.reads_seed)
     ordinal = seed_ordinal(seed)
     # One round trip: the done index (offsets, and the bits of an image that left the window done
     # in every step), and with ``reprocess: changed`` the record set aside at enqueue.

@@ -136,7 +136,8 @@ def run_task(task: Task, step: int, run_ref: str, image_id: str, seed_offset: in
         if failure is None and pending is None and (task.request.delivery_info or {}).get("redelivered"):
             pending = ctx.layout.read_spool(step, image_id, ctx.spec_hash)  # kept while Redis was unusable
         # The image's seed line: its ordinal (its done bit) for every path, its input for some.
-        seed = load_seed(ctx, image_id, seed_offset)
+        seed = load_seed(ctx, image_id, seed_offset, scan=STEP[step].reads_seed and pending is None
+                         and failure is None)
         ordinal = seed_ordinal(seed)
         settled_with_mark = True  # DONE, FAILED and BLOCKED settle in the same script that marks them
         if failure is not None:  # recorded unless an earlier attempt (or a duplicate) settled it since

@@ -158,3 +158,25 @@ def test_a_step_added_to_a_settled_image_reads_its_upstream_from_the_sink(ctx):
     assert state.queued_count() == 0
     assert all(state.done_offset(s, "img") is None for s in STEPS)
     assert all(bits(state, s) == [5] for s in STEPS)
+
+
+def test_a_step_without_seed_input_does_not_scan_a_rewritten_seed_for_its_ordinal(ctx, monkeypatch):
+    """A re-seed moved the image's line: a step that reads the seed only for the ordinal
+    takes none (no scan of the whole seed), and the image keeps its offsets."""
+    import json
+
+    from worker.sinks import JsonlSink
+
+    assert [execute(ctx, s, "img", 0) for s in (0, 1, 2)] == [DONE] * 3
+    line = ctx.layout.seed.path.read_text()
+    other = dumps({**json.loads(line), "image_id": "other", "ordinal": 6}) + "\n"
+    ctx.layout.seed.path.write_text(other + line)  # offset 0 is another image's line now
+
+    def no_scan(self):
+        raise AssertionError("the whole seed was scanned")
+
+    monkeypatch.setattr(JsonlSink, "scan", no_scan)
+    assert execute(ctx, 3, "img", 0) == DONE
+    assert ctx.state.queued_count() == 0
+    assert all(ctx.state.done_offset(s, "img") is not None for s in STEPS)
+    assert all(bits(ctx.state, s) == [] for s in STEPS)
