@@ -84,6 +84,7 @@ def _rebuild(rebuild: IndexRebuild, layout: Layout, steps: list[int]) -> dict[in
     with tempfile.TemporaryDirectory(prefix=".reindex-", dir=layout.root) as tmp, ExitStack() as stack:
         streams = []
         readers = {}
+        ordinals: SortedPairs | None = None
         for step in ALL_STEPS:
             sink = layout.sink(step)
             pairs = stack.enter_context(SortedPairs(((str(rec["image_id"]), off) for off, rec in sink.scan()),
@@ -109,8 +110,27 @@ def _rebuild(rebuild: IndexRebuild, layout: Layout, steps: list[int]) -> dict[in
                     rebuild.bit(s, ordinal)
                 else:
                     rebuild.done(s, image_id, offset)
-        written = rebuild.commit({s: (lambda i, off, r=readers[s]: _record_at(r, i, off)) for s in ALL_STEPS})
+        join = None if ordinals is None else (lambda pairs: _join_ordinals(pairs, ordinals, Path(tmp), chunk))
+        written = rebuild.commit({s: (lambda i, off, r=readers[s]: _record_at(r, i, off)) for s in ALL_STEPS}, join)
     return {s: n for s, n in written.items() if exists[s]}
+
+
+def _join_ordinals(pairs: Iterable[tuple[str, int]], ordinals: SortedPairs, workdir: Path, chunk: int
+                   ) -> Iterator[tuple[str, int, int | None]]:
+    """``(image_id, offset, ordinal)`` for each of ``pairs`` (done entries the rebuild did not
+    write), the ordinal from the seed's sorted ``(image_id, ordinal)``: a merge by id, both
+    sorted externally, so the carry-over of ``IndexRebuild.commit`` stays in bounded memory."""
+    with SortedPairs(pairs, workdir, chunk=chunk) as entries:
+        merged = heapq.merge(_tagged(entries, 0), _tagged(last_per_key(ordinals), -1))
+        for image_id, group in groupby(merged, key=itemgetter(0)):
+            ordinal, offsets = None, []
+            for _, tag, v in group:
+                if tag < 0:
+                    ordinal = v
+                else:
+                    offsets.append(v)
+            for offset in offsets:
+                yield image_id, offset, ordinal
 
 
 def _tagged(pairs: Iterable[tuple[str, int]], tag: int) -> Iterator[tuple[str, int, int]]:

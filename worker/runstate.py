@@ -633,6 +633,10 @@ class RunState:
         return [w.decode() for w in self.r.zrangebyscore(run_key(self.run_id, "workers"), since, "+inf")]
 
 
+#: Given ``(image_id, offset)`` pairs, yields ``(image_id, offset, seed ordinal or None)`` for each.
+OrdinalsOf = Callable[[Iterable[tuple[str, int]]], Iterator[tuple[str, int, "int | None"]]]
+
+
 class IndexRebuild:
     """A reindex's writes: done entries and bits go to temp keys, swapped in by ``commit``.
 
@@ -680,14 +684,18 @@ class IndexRebuild:
         self.written[step] += len(self._done[step]) + len(self._bits[step])
         self._done[step], self._bits[step] = {}, []
 
-    def commit(self, still_there: dict[int, Callable[[str, int], bool]]) -> dict[int, int]:
+    def commit(self, still_there: dict[int, Callable[[str, int], bool]],
+               ordinals_of: OrdinalsOf | None = None) -> dict[int, int]:
         """Swap the rebuilt index in, step by step; returns the entries and bits written per
         step. Done entries a worker set while the sinks were read are carried over (see
-        ``RunState.replace_done``)."""
+        ``RunState.replace_done``), except those of images the rebuild made bits: an image is
+        a bit or an entry, never both (status adds ``HLEN`` and ``BITCOUNT``). Telling them
+        needs the ordinals of the entries the rebuild did not write: ``ordinals_of`` (given
+        when the rebuild made bits) joins them with the seed's."""
         out = {}
         for step in self.steps:
             self._flush(step)
-            out[step] = self.written[step] + self._carry_over(step, still_there.get(step))
+            out[step] = self.written[step] + self._carry_over(step, still_there.get(step), ordinals_of)
         self.r.delete(self.flag)
         return out
 
@@ -700,18 +708,45 @@ class IndexRebuild:
         pipe.delete(self.flag)
         pipe.execute()
 
-    def _carry_over(self, step: int, still_there: Callable[[str, int], bool] | None) -> int:
+    def _carry_over(self, step: int, still_there: Callable[[str, int], bool] | None,
+                    ordinals_of: OrdinalsOf | None = None) -> int:
         key, tmp = run_key(self.state.run_id, Outcome.DONE, step), self._tmp(Outcome.DONE, step)
         bits, tmp_bits = run_key(self.state.run_id, BITS, step), self._tmp(BITS, step)
         kept: dict[str, int] = {}
         added = 0
-        old = self.r.hscan_iter(key, count=self.batch)
-        while chunk := [(k.decode(), int(v)) for k, v in itertools.islice(old, self.batch)]:
-            rebuilt = self.r.hmget(tmp, [k for k, _ in chunk])
-            for (image_id, offset), new in zip(chunk, rebuilt, strict=True):
-                if (new is None or offset > int(new)) and still_there is not None and still_there(image_id, offset):
-                    kept[image_id] = offset
-                    added += new is None
+
+        def keep(image_id: str, offset: int, fresh: bool) -> None:
+            nonlocal added
+            if still_there is not None and still_there(image_id, offset):
+                kept[image_id] = offset
+                added += fresh
+                if len(kept) >= self.batch:
+                    self.r.hset(tmp, mapping=kept)
+                    kept.clear()
+
+        def unindexed() -> Iterator[tuple[str, int]]:
+            """The old entries of images the rebuild wrote no entry for (newer ones kept here)."""
+            old = self.r.hscan_iter(key, count=self.batch)
+            while chunk := [(k.decode(), int(v)) for k, v in itertools.islice(old, self.batch)]:
+                rebuilt = self.r.hmget(tmp, [k for k, _ in chunk])
+                for (image_id, offset), new in zip(chunk, rebuilt, strict=True):
+                    if new is None:
+                        yield image_id, offset
+                    elif offset > int(new):
+                        keep(image_id, offset, False)
+
+        if ordinals_of is None or not self.r.exists(tmp_bits):
+            for image_id, offset in unindexed():
+                keep(image_id, offset, True)
+        else:
+            joined = ordinals_of(unindexed())
+            while chunk := list(itertools.islice(joined, self.batch)):
+                known = [o for _, _, o in chunk if o is not None]
+                got = iter(self.r.execute_command("BITFIELD", tmp_bits, *[a for o in known for a in ("GET", "u1", o)])
+                           if known else [])
+                for image_id, offset, ordinal in chunk:
+                    if ordinal is None or not next(got):  # a bit: done, its record found in the sink
+                        keep(image_id, offset, True)
         if kept:
             self.r.hset(tmp, mapping=kept)
         pipe = self.r.pipeline()

@@ -71,3 +71,25 @@ def test_a_seed_without_ordinals_is_reindexed_to_offsets(tmp_path, redis_client)
     state = RunState(redis_client, "run-no-ordinals")
     assert reindex(state, layout, STEPS) == {0: 1, 1: 1, 2: 1, 3: 1}
     assert all(state.done_offset(s, "a") is not None for s in STEPS)
+
+
+def test_a_reindex_over_an_index_that_holds_the_images_offsets_counts_each_image_once(tmp_path, redis_client,
+                                                                                       monkeypatch):
+    """An index made before the bitmaps (an offset for every image), or offsets workers set while
+    the sinks were read (no image moves to the bits meanwhile): images the rebuild makes bits
+    must not keep their offsets too, or status counts them twice."""
+    import producer.extsort as extsort
+
+    monkeypatch.setattr(extsort, "CHUNK", 2)
+    layout = Layout(tmp_path)
+    seed_with_ordinals(layout, {"a": 7, "b": 3, "c": 0})
+    state = RunState(redis_client, "run-upgraded")
+    for i in ("a", "b", "c"):
+        for s in (STEPS if i != "c" else [0, 1]):
+            state.mark_done(s, i, layout.sink(s).append(rec(i, s)))
+    reindex(state, layout, STEPS)
+    for s in STEPS:
+        assert bits(state, s) == [3, 7]
+        assert state.done_offset(s, "a") is None and state.done_offset(s, "b") is None
+    assert {s: c["done"] for s, c in state.counts(STEPS).items()} == {0: 3, 1: 3, 2: 2, 3: 2}
+    assert layout.sink(1).read_at(state.done_offset(1, "c"))["image_id"] == "c"
