@@ -483,8 +483,10 @@ def write_seed(
 
     Each line carries the image's ``ordinal`` (``SEED_ORDINAL``). A first seeding numbers the lines
     0, 1, 2, ... as it writes them. A re-seed (a seed file is there already) carries each kept
-    image's ordinal over and gives images new to the seed ordinals above every ordinal the old
-    seed used (a removed image's is never reused): ``_carry_ordinals``, in bounded memory.
+    image's ordinal over and gives images new to the seed ordinals above every ordinal any
+    seed of the dir gave (a removed image's is never reused, its done bits may still be set):
+    ``_carry_ordinals``, in bounded memory. The highest ordinal given is kept beside the seed
+    (``ORDINAL_TOP_FILE``), since the image that had it may have left the seed since.
     ``on_record`` is called as each record is written; on a re-seed the offset it is given is
     the line's before its ordinal is joined in (a progress count, not the final address).
     """
@@ -495,12 +497,15 @@ def write_seed(
     offset = 0
     digest = hashlib.sha256()
     reseed = _has_ordinals(final)
+    given = _ordinal_top(results_dir)
+    base = given + 1 if not reseed and given is not None else 0  # a seed gone, its bits maybe not
     ids: SortedPairs | None = SortedPairs() if reseed else None
+    n = -1
     try:
         with open(tmp, "wb") as f:
             for n, rec in enumerate(source(spec, report)):
                 if ids is None:
-                    rec[SEED_ORDINAL] = n
+                    rec[SEED_ORDINAL] = base + n
                 else:  # numbered once the old seed's ordinals are joined in (_carry_ordinals)
                     rec.pop(SEED_ORDINAL, None)
                     ids.add((str(rec["image_id"]), n))
@@ -511,7 +516,11 @@ def write_seed(
                     on_record(SeedEntry(rec["image_id"], offset))
                 offset += len(line)
         if ids is not None:
-            digest = _carry_ordinals(final, tmp, ids)
+            digest, top = _carry_ordinals(final, tmp, ids, given)
+        else:
+            top = base + n
+        if top >= 0 and top != given:  # before the seed that uses it: a crash between leaves a gap only
+            _write_ordinal_top(results_dir, top)
     except BaseException:
         tmp.unlink(missing_ok=True)  # a failed seed leaves the old one, and no half file
         raise
@@ -533,13 +542,32 @@ def _has_ordinals(seed: Path) -> bool:
     return first is not None and seed_ordinal(first[1]) is not None
 
 
-def _carry_ordinals(old_seed: Path, new_seed: Path, ids: SortedPairs):
+#: Beside the seed: the highest ordinal a seed of this results dir has given.
+ORDINAL_TOP_FILE = ".seed_ordinal_top"
+
+
+def _ordinal_top(results_dir: Path) -> int | None:
+    """The highest ordinal given in this results dir (None: no record of one)."""
+    try:
+        return int((results_dir / ORDINAL_TOP_FILE).read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _write_ordinal_top(results_dir: Path, top: int) -> None:
+    tmp = results_dir / f"{ORDINAL_TOP_FILE}.{os.getpid()}.tmp"
+    tmp.write_text(f"{top}\n")
+    os.replace(tmp, results_dir / ORDINAL_TOP_FILE)
+
+
+def _carry_ordinals(old_seed: Path, new_seed: Path, ids: SortedPairs, given: int | None = None):
     """Number the lines of ``new_seed`` (written without ordinals; ``ids`` holds its
     ``(image_id, line number)``) with the ordinals ``old_seed`` gave the same images, and
-    numbers above the old maximum for the others, in the new images' id order. Three streamed
-    passes (the old seed's ids sorted, the join, the rewrite by line number), so memory is a
-    sort chunk whatever the seed's size. Returns the new file's sha256."""
-    top = -1
+    numbers above the old maximum (and ``given``, the highest any seed gave) for the others, in
+    the new images' id order. Three streamed passes (the old seed's ids sorted, the join, the
+    rewrite by line number), so memory is a sort chunk whatever the seed's size. Returns the
+    new file's sha256 and the highest ordinal given now."""
+    top = -1 if given is None else given
     with SortedPairs() as old:
         for _, rec in iter_seed(old_seed):
             o = seed_ordinal(rec)
@@ -568,7 +596,7 @@ def _carry_ordinals(old_seed: Path, new_seed: Path, ids: SortedPairs):
             except BaseException:
                 out.unlink(missing_ok=True)
                 raise
-    return digest
+    return digest, top
 
 
 def iter_seed(seed: JsonlSink | Path) -> Iterator[tuple[int, dict]]:

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from producer.seed import (
+    ORDINAL_TOP_FILE,
     SeedEntry,
     SeedReport,
     iter_seed,
@@ -577,7 +578,7 @@ def test_a_re_seed_keeps_every_kept_image_s_ordinal_and_never_reuses_a_removed_o
     before = (results / SEED_FILE).read_bytes()
     write_seed(spec_for(images), results, SeedReport())
     assert (results / SEED_FILE).read_bytes() == before
-    assert not [p for p in results.iterdir() if p.name != SEED_FILE]
+    assert not [p for p in results.iterdir() if p.name not in (SEED_FILE, ORDINAL_TOP_FILE)]
 
 
 def test_a_re_seed_from_an_input_jsonl_in_another_order_keeps_the_ordinals(tmp_path):
@@ -602,3 +603,24 @@ def test_the_ordinal_never_reaches_a_step_s_input():
     seed = {"image_id": "a", "image_path": "/x.png", "width": 3, "height": 2, "kitti_bboxes": [], "ordinal": 7}
     assert "ordinal" not in input_record(0, seed, {})
     assert "ordinal" in seed
+
+
+def test_an_ordinal_freed_by_a_removed_image_is_not_reused_by_a_later_re_seed(dirs):
+    """The image with the highest ordinal removed, then an image added in a later re-seed: the
+    new image must not take the removed one's ordinal (its done bits are still set, so the new
+    image would be counted done and never sent)."""
+    images, _, results = dirs
+    for stem in ("a", "b", "c"):
+        image(images / f"{stem}.png")
+    write_seed(spec_for(images), results, SeedReport())
+    assert ordinals(results) == {"a": 0, "b": 1, "c": 2}
+    (images / "c.png").unlink()
+    write_seed(spec_for(images), results, SeedReport())
+    assert ordinals(results) == {"a": 0, "b": 1}
+    image(images / "d.png")
+    write_seed(spec_for(images), results, SeedReport())
+    assert ordinals(results) == {"a": 0, "b": 1, "d": 3}
+    # The seed file deleted (the run's bits still in Redis): a seeding afresh numbers above them.
+    (results / SEED_FILE).unlink()
+    write_seed(spec_for(images), results, SeedReport())
+    assert ordinals(results) == {"a": 4, "b": 5, "d": 6}
