@@ -150,6 +150,14 @@ def execute(ctx: RunContext, step: int, image_id: str, seed_offset: int, *, clie
             if found is not None:
                 upstream[s] = found[1]
     missing = [s for s in d.required(wf.steps) if s not in upstream]
+    if missing and ordinal is None and seed is None and not d.reads_seed:
+        # The line at the message's offset is not the image's (a re-seed moved it) and the
+        # upstream is not in the hashes: the image may have settled into the bits (a late
+        # duplicate). Only here is the seed scanned for its line, to look at its bits before
+        # calling it blocked.
+        found = load_seed(ctx, image_id, seed_offset)
+        if seed_ordinal(found) is not None:
+            return execute(ctx, step, image_id, seed_offset, client=client, seed=found)
     if missing:
         ctx.state.block_and_settle(step, image_id, f"waiting on step(s) {missing}", wf.steps, ordinal)
         if changed:

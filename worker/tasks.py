@@ -136,8 +136,10 @@ def run_task(task: Task, step: int, run_ref: str, image_id: str, seed_offset: in
         if failure is None and pending is None and (task.request.delivery_info or {}).get("redelivered"):
             pending = ctx.layout.read_spool(step, image_id, ctx.spec_hash)  # kept while Redis was unusable
         # The image's seed line: its ordinal (its done bit) for every path, its input for some.
-        seed = load_seed(ctx, image_id, seed_offset, scan=STEP[step].reads_seed and pending is None
-                         and failure is None)
+        # A failure or a kept answer (rare paths) finds its line even when a re-seed moved it:
+        # without the ordinal it would mark failed, or write again, a step whose bit is set.
+        seed = load_seed(ctx, image_id, seed_offset,
+                         scan=STEP[step].reads_seed or pending is not None or failure is not None)
         ordinal = seed_ordinal(seed)
         settled_with_mark = True  # DONE, FAILED and BLOCKED settle in the same script that marks them
         if failure is not None:  # recorded unless an earlier attempt (or a duplicate) settled it since

@@ -180,3 +180,23 @@ def test_a_step_without_seed_input_does_not_scan_a_rewritten_seed_for_its_ordina
     assert ctx.state.queued_count() == 0
     assert all(ctx.state.done_offset(s, "img") is not None for s in STEPS)
     assert all(bits(ctx.state, s) == [] for s in STEPS)
+
+
+def test_a_late_duplicate_after_a_re_seed_moved_the_line_skips_instead_of_blocking(ctx):
+    """A settled image (its bits set, its offsets gone), then a re-seed moves its seed line, then
+    a late duplicate of a step that reads no seed input: the line at the message's offset is
+    another image's, so the ordinal is not at hand. The task must still find the image done
+    (not mark it blocked: it would count both done and blocked, for good)."""
+    import json
+
+    assert [execute(ctx, s, "img", 0) for s in STEPS] == [DONE] * 4
+    line = ctx.layout.seed.path.read_text()
+    other = dumps({**json.loads(line), "image_id": "other", "ordinal": 6}) + "\n"
+    ctx.layout.seed.path.write_text(other + line)  # offset 0 is another image's line now
+    before = [lines(ctx, s) for s in STEPS]
+    assert execute(ctx, 3, "img", 0) == SKIPPED
+    assert execute(ctx, 2, "img", 0) == SKIPPED
+    assert ctx.state.counts(STEPS)[3] == {"done": 1, "failed": 0, "blocked": 0}
+    assert ctx.state.counts(STEPS)[2] == {"done": 1, "failed": 0, "blocked": 0}
+    assert [lines(ctx, s) for s in STEPS] == before
+    assert ctx.state.done_offset(3, "img") is None and ctx.state.done_offset(2, "img") is None
