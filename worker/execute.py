@@ -136,8 +136,11 @@ def execute(ctx: RunContext, step: int, image_id: str, seed_offset: int, *, clie
     # One round trip: the done index (offsets, and the bits of an image that left the window done
     # in every step), and with ``reprocess: changed`` the record set aside at enqueue.
     offsets, bits, prior = ctx.state.lookup(image_id, (step, *d.reads), step if changed else None, ordinal)
-    if not wf.force_reprocess and (offsets[step] is not None or step in bits):
-        return SKIPPED  # a bit: a late duplicate of a settled image's task (or a step added since)
+    # A bit: a late duplicate of a settled image's task (or a step added since). Under
+    # ``reprocess: all`` too: the producer clears an image's bits before it publishes it, so a
+    # bit set now was set by this run, and a redo would leave the image a bit and an entry.
+    if (not wf.force_reprocess and offsets[step] is not None) or step in bits:
+        return SKIPPED
     upstream: dict[int, dict] = {}
     for s in d.reads:
         off = offsets[s]

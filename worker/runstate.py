@@ -235,10 +235,14 @@ class RunState:
         raw = self.r.hget(run_key(self.run_id, Outcome.DONE, step), image_id)
         return int(raw) if raw is not None else None
 
-    def is_done(self, step: int, image_id: str, ordinal: int | None) -> bool:
-        """Whether the image-step is done: in the done hash, or its bit set (one round trip)."""
+    def is_done(self, step: int, image_id: str, ordinal: int | None, *, bit_only: bool = False) -> bool:
+        """Whether the image-step is done: in the done hash, or its bit set (one round trip).
+        ``bit_only``: the bit alone answers (a forced redo, whose done entries are redone)."""
+        if bit_only and ordinal is None:
+            return False
         pipe = self.r.pipeline(transaction=False)
-        pipe.hexists(run_key(self.run_id, Outcome.DONE, step), image_id)
+        if not bit_only:
+            pipe.hexists(run_key(self.run_id, Outcome.DONE, step), image_id)
         if ordinal is not None:
             pipe.getbit(run_key(self.run_id, BITS, step), ordinal)
         return any(pipe.execute())

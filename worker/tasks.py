@@ -202,7 +202,8 @@ def _keep(ctx: RunContext, step: int, image_id: str, exc: Uncommitted) -> None:
 
 def _commit_pending(ctx: RunContext, step: int, image_id: str, pending: dict, ordinal: int | None = None) -> str:
     """Write the answer an earlier attempt kept (unless a duplicate delivery wrote it since)."""
-    if not ctx.spec.ire.workflow.force_reprocess and ctx.state.is_done(step, image_id, ordinal):
+    force = ctx.spec.ire.workflow.force_reprocess  # a bit is this run's even then (see ``execute``)
+    if ctx.state.is_done(step, image_id, ordinal, bit_only=force):
         return SKIPPED
     try:
         return commit(ctx, step, image_id, pending, ordinal)

@@ -200,3 +200,24 @@ def test_a_late_duplicate_after_a_re_seed_moved_the_line_skips_instead_of_blocki
     assert ctx.state.counts(STEPS)[2] == {"done": 1, "failed": 0, "blocked": 0}
     assert [lines(ctx, s) for s in STEPS] == before
     assert ctx.state.done_offset(3, "img") is None and ctx.state.done_offset(2, "img") is None
+
+
+def test_a_late_duplicate_in_a_forced_run_does_not_leave_the_image_both_a_bit_and_an_offset(
+        tmp_path, redis_client, redis_url):
+    """``reprocess: all``: the producer clears an image's bits before it publishes it, so a bit a
+    task meets was set in this run (the image settled since): a duplicate delivery of one of its
+    tasks skips, rather than write its record again and a done entry beside the bit (status would
+    count the image twice, and the entry would stay for good)."""
+    from tests.worker.test_execute import P
+    from worker.tasks import _commit_pending
+
+    c = make_ctx(tmp_path, redis_client, redis_url,
+                 overrides=(f"{P}.workflow.output_format=both", f"{P}.workflow.reprocess=all"))
+    with_ordinal(c, 5)
+    assert [execute(c, s, "img", 0) for s in STEPS] == [DONE] * 4
+    assert all(bits(c.state, s) == [5] for s in STEPS)
+    calls, before = c.client.calls, [lines(c, s) for s in STEPS]
+    assert execute(c, 1, "img", 0) == SKIPPED
+    assert _commit_pending(c, 2, "img", {"record": {"image_id": "img"}, "legacy": None}, 5) == SKIPPED
+    assert c.client.calls == calls and [lines(c, s) for s in STEPS] == before
+    assert {s: n["done"] for s, n in c.state.counts(STEPS).items()} == {s: 1 for s in STEPS}
