@@ -51,6 +51,9 @@ class SeedReport:
     problems: list[str] = field(default_factory=list)
     failures: list[tuple[str, str, str]] = field(default_factory=list)  # (image_id, path, message)
     sha256: str = ""  # of the seed file written (run.json records it: did the inputs' content change?)
+    # The seed was numbered afresh although ordinals were given before (the seed file deleted):
+    # done bits the run holds may be other images' now (producer.submit.register reindexes).
+    renumbered: bool = False
 
     def note(self, message: str) -> None:
         if len(self.problems) < MAX_REPORTED:
@@ -499,6 +502,7 @@ def write_seed(
     reseed = _has_ordinals(final)
     given = _ordinal_top(results_dir)
     base = given + 1 if not reseed and given is not None else 0  # a seed gone, its bits maybe not
+    report.renumbered = base > 0
     ids: SortedPairs | None = SortedPairs() if reseed else None
     n = -1
     try:

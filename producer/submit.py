@@ -247,7 +247,10 @@ def register(run: Run, report: SeedReport) -> dict[int, int]:
     # their bits become done entries again (``unpack_bits``), and move back as they settle.
     wants_offsets = (run.spec.ire.workflow.reprocess == "changed"
                      or bool(set(steps) - set(meta.get("steps") or steps)))
-    if not index_is_current(meta, run.layout):
+    # A seed numbered afresh (its file was deleted) leaves the run's bits at ordinals other
+    # images may hold now: they are rebuilt from the sinks at the new ordinals.
+    renumbered = report.renumbered and run.state.has_bits(ALL_STEPS)
+    if renumbered or not index_is_current(meta, run.layout):
         reindexed = reindex(run.state, run.layout, None if wants_offsets else steps)
     elif wants_offsets and run.state.has_bits(ALL_STEPS):
         reindexed = unpack_bits(run.state, run.layout)
