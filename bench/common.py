@@ -406,10 +406,12 @@ def run_id(results: Path) -> str:
 
 
 def settled_count(client, rid: str, step: int = 3) -> int:
-    """Images whose ``step`` is done, failed or blocked."""
+    """Images whose ``step`` is done (an offset, or a bit once the image settled done in every
+    step), failed or blocked."""
     pipe = client.pipeline()
     for kind in ("done", "failed", "blocked"):
         pipe.hlen(run_key(rid, kind, step))
+    pipe.bitcount(run_key(rid, "bits", step))
     return sum(pipe.execute())
 
 

@@ -59,8 +59,8 @@ from worker.keys import QUEUE_LISTS, run_key
 
 STEPS = 4
 POLL = 0.25
-#: Commands a poll of the bench sends (one pipeline, one round trip): HLEN x 4.
-POLL_COMMANDS = {"hlen": 4}
+#: Commands a poll of the bench sends (one pipeline, one round trip): HLEN x 4, BITCOUNT x 1.
+POLL_COMMANDS = {"hlen": 4, "bitcount": 1}
 #: Celery's chord "done" markers: read with the rest right after the run, but they expire
 #: ``MARKERS_TTL`` s after their chord joined (O(rate), not O(N)); both figures are reported.
 MARKERS = "celery-taskset-meta-*.c"
@@ -193,9 +193,10 @@ def one_run(url: str, *, images_dir: Path, labels_dir: Path, results: Path, back
             for kind in ("done", "failed", "blocked"):
                 pipe.hlen(run_key(rid, kind, 3))
             pipe.hlen(run_key(rid, "queued"))
-            d, f, b, q = pipe.execute()
+            pipe.bitcount(run_key(rid, "bits", 3))
+            d, f, b, q, bits = pipe.execute()
             polls += 1
-            if d + f + b >= n and q == 0:
+            if d + bits + f + b >= n and q == 0:
                 break
             time.sleep(POLL)
         settled = not deadline.hit
@@ -238,8 +239,9 @@ def one_run(url: str, *, images_dir: Path, labels_dir: Path, results: Path, back
 
 def status_at(url: str, n: int, runs: int = 5) -> dict:
     """``producer status``'s Redis part (``producer.status.status``) on a run whose index holds
-    ``n`` images done in every step (written with ``bulk_done``, as a reindex does): the seconds
-    it takes, best and worst of ``runs``, and the bytes the index takes."""
+    ``n`` images done in every step (written as a reindex writes them: one bit per image-step,
+    ``RunState.rebuild_index``): the seconds it takes, best and worst of ``runs``, and the bytes
+    the index takes."""
     from producer.status import status
     from worker.runstate import RunState
 
@@ -248,8 +250,11 @@ def status_at(url: str, n: int, runs: int = 5) -> dict:
     state = RunState(r, "status-bench")
     state.set_meta(images=n, steps=list(range(STEPS)), enqueue_complete=True, enqueued_at=time.time())
     mem0 = _data_memory(r)
+    rebuild = state.rebuild_index(range(STEPS), batch=5000)
     for step in range(STEPS):
-        state.bulk_done(step, ((f"img_{i:08d}", i * 700) for i in range(n)), batch=5000)
+        for i in range(n):
+            rebuild.bit(step, i)
+    rebuild.commit({})
     mem1 = _data_memory(r)
     times = []
     for _ in range(runs):

@@ -13,11 +13,12 @@ per-image slopes (bytes of RSS, µs of CPU) from which ten million is read off:
     .venv/bin/python -m bench.scale --code /path/to/main --layout main
 
 Phases: ``seed_jsonl`` (``write_seed`` from ``data.input_annotations_jsonl``, width/height
-given: no image is opened), ``seed_dir`` (``write_seed`` from ``data.image_dir`` of
-``--dir-images`` hard links to one 8x8 PNG, headers read; no labels), ``finalize``
-(``producer.finalize.finalize``, steps 0-3), ``reindex`` (the done index rebuilt from the
-sinks into a private Redis, ``producer.submit.reindex``) and ``status`` (``producer.status.status``
-on that run, timed alone after the reindex).
+given: no image is opened), ``reseed_jsonl`` (the same again over an existing seed, as every
+``producer enqueue`` of a resume does: each kept image's ordinal carried over), ``seed_dir``
+(``write_seed`` from ``data.image_dir`` of ``--dir-images`` hard links to one 8x8 PNG,
+headers read; no labels), ``finalize`` (``producer.finalize.finalize``, steps 0-3), ``reindex``
+(the done index rebuilt from the sinks into a private Redis, ``producer.submit.reindex``) and
+``status`` (``producer.status.status`` on that run, timed alone after the reindex).
 """
 
 from __future__ import annotations
@@ -47,17 +48,19 @@ from pathlib import Path
 root = Path(root)
 results = root / "results"
 out = {}
-if phase in ("seed_jsonl", "seed_dir"):
+if phase in ("seed_jsonl", "seed_dir", "reseed_jsonl"):
     from producer.seed import SeedReport, write_seed
     from worker.spec import load_spec
     over = [f"results_dir={results}"]
-    if phase == "seed_jsonl":
+    if phase in ("seed_jsonl", "reseed_jsonl"):
         over.append(f"{P}.data.input_annotations_jsonl={root / 'input.jsonl'}")
     else:
         over.append(f"{P}.data.image_dir={root / 'images'}")
         results = root / "results-dir"
         over[0] = f"results_dir={results}"
     spec = load_spec(None, over)
+    if phase == "reseed_jsonl" and not (results / "seed_annotations.jsonl").exists():
+        write_seed(spec, results, SeedReport())  # the first seeding (not timed): this phase times the next
     t0, c0 = time.perf_counter(), time.process_time()
     report = SeedReport()
     write_seed(spec, results, report)
@@ -81,7 +84,10 @@ elif phase == "reindex":
         state.store_spec("h", {}, {"steps": [0, 1, 2, 3], "images": n, "enqueue_complete": True,
                                    "indexed": True, "enqueued_at": time.time()})
         t0, c0 = time.perf_counter(), time.process_time()
-        counts = reindex(state, Layout(results))
+        import inspect
+        # The run's steps, where reindex takes them: images done in every step become bits.
+        with_steps = "steps" in inspect.signature(reindex).parameters
+        counts = reindex(state, Layout(results), [0, 1, 2, 3]) if with_steps else reindex(state, Layout(results))
         out["images"] = min(counts.values())
         out["used_memory"] = state.r.info("memory")["used_memory"]
         out["wall_s"], out["cpu_s"] = time.perf_counter() - t0, time.process_time() - c0

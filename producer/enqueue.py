@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from producer.publish import Publisher
 from producer.seed import iter_seed
+from worker.constants import seed_ordinal
 from worker.keys import run_key
 from worker.run import Run
 from worker.runstate import RunState
@@ -45,10 +46,11 @@ class EnqueueReport:
     already_queued: int = 0
 
 
-def _batches(run: Run, size: int = BATCH) -> Iterator[list[tuple[int, str]]]:
-    batch: list[tuple[int, str]] = []
+def _batches(run: Run, size: int = BATCH) -> Iterator[list[tuple[int, str, int | None]]]:
+    """``(seed offset, image_id, ordinal)`` of the seeded images, a batch at a time."""
+    batch: list[tuple[int, str, int | None]] = []
     for offset, rec in iter_seed(run.layout.seed):
-        batch.append((offset, rec["image_id"]))
+        batch.append((offset, rec["image_id"], seed_ordinal(rec)))
         if len(batch) >= size:
             yield batch
             batch = []
@@ -98,15 +100,16 @@ def enqueue(
     restore = not (force or changed) and run.state.has_prior(steps)
     report = EnqueueReport()
     for batch in _batches(run, BATCH * publisher.processes):
-        ids = [image_id for _, image_id in batch]
+        ids = [image_id for _, image_id, _ in batch]
+        ordinals = [o for _, _, o in batch]
         report.images += len(ids)
         queued = run.state.queued_many(ids)
         if restore:  # a `changed` re-run stopped midway: its set-aside records are done again
             for s in steps:
                 run.state.restore_prior(s, [image_id for i, image_id in enumerate(ids) if not queued[i]])
-        done = {s: run.state.done_many(s, ids) for s in steps} if not (force or changed) else {}
+        done = {s: run.state.done_many(s, ids, ordinals) for s in steps} if not (force or changed) else {}
         todo: list[tuple[int, str, list[int]]] = []
-        for i, (offset, image_id) in enumerate(batch):
+        for i, (offset, image_id, _) in enumerate(batch):
             if queued[i]:
                 report.already_queued += 1
                 continue
@@ -116,7 +119,8 @@ def enqueue(
                 continue
             todo.append((offset, image_id, remaining))
         report.enqueued += dispatch(run.state, run.ref, todo, steps, publisher, max_inflight=max_inflight,
-                                    force=force, on_wait=on_wait, recheck=changed)
+                                    force=force, on_wait=on_wait, recheck=changed,
+                                    ordinals=dict(zip(ids, ordinals, strict=True)))
         if progress is not None:
             progress(len(batch))
     return report
@@ -126,15 +130,17 @@ Todo = list[tuple[int, str, list[int]]]  # (seed offset, image_id, steps to run)
 
 
 def dispatch(state: RunState, run_ref: str, todo: Todo, steps: list[int], publisher: Publisher, *,
-             max_inflight: int, force: bool = False, on_wait: OnWait | None = None, recheck: bool = False) -> int:
+             max_inflight: int, force: bool = False, on_wait: OnWait | None = None, recheck: bool = False,
+             ordinals: dict[str, int | None] | None = None) -> int:
     """The one way images go out (``enqueue``, ``retry-failed``): in chunks that fit the window,
     each published before it is marked in flight (``publish_chunk``, which the reconciler uses
-    alone: the images it puts back hold their places in the window already). Returns how many."""
+    alone: the images it puts back hold their places in the window already). Returns how many.
+    ``ordinals``: the images' seed ordinals (``publish_chunk``)."""
     sent = 0
     while todo:
         room = wait_for_window(state, max_inflight, on_wait=on_wait)
         chunk, todo = todo[:room], todo[room:]
-        publish_chunk(state, run_ref, chunk, steps, publisher, force=force, recheck=recheck)
+        publish_chunk(state, run_ref, chunk, steps, publisher, force=force, recheck=recheck, ordinals=ordinals)
         sent += len(chunk)
     return sent
 
@@ -146,15 +152,21 @@ def batch_mode(state: RunState) -> bool:
 
 
 def publish_chunk(state: RunState, run_ref: str, chunk: Todo, steps: list[int], publisher: Publisher, *,
-                  force: bool = False, recheck: bool = False) -> None:
+                  force: bool = False, recheck: bool = False, ordinals: dict[str, int | None] | None = None) -> None:
     """Clear old outcomes, publish, then mark in flight (in that order: a producer killed between
     the publish and the mark causes at most a duplicate message, never a lost image), then settle
     the images a fast worker finished before the mark. ``recheck``: done marks are set aside
-    for a fingerprint check instead of kept (``RunState.clear_attempt``)."""
+    for a fingerprint check instead of kept (``RunState.clear_attempt``).
+
+    ``ordinals`` (image_id -> seed ordinal): a forced redo clears the images' done bits, the
+    in-flight mark keeps the ordinal (the reconciler republishes from it), and the settle
+    looks at the bits (an image a fast worker finished before the mark has moved to them)."""
+    ordinals = ordinals or {}
     for s in steps:
-        state.clear_attempt(s, [image_id for _, image_id, r in chunk if s in r], done=force, recheck=recheck)
+        ids = [image_id for _, image_id, r in chunk if s in r]
+        state.clear_attempt(s, ids, done=force, recheck=recheck, ordinals=[ordinals.get(i) for i in ids])
     if batch_mode(state):  # no chord, no chain: each step task publishes the next (worker/batchflow.py)
         chunk = [(offset, image_id, first_wave(remaining)) for offset, image_id, remaining in chunk]
     publisher.publish([(remaining, run_ref, image_id, offset) for offset, image_id, remaining in chunk])
-    state.mark_queued({image_id: offset for offset, image_id, _ in chunk})
-    state.settle_many([image_id for _, image_id, _ in chunk], steps)
+    state.mark_queued({image_id: offset for offset, image_id, _ in chunk}, ordinals)
+    state.settle_many([image_id for _, image_id, _ in chunk], steps, [ordinals.get(i) for _, i, _ in chunk])

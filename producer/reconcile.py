@@ -156,7 +156,8 @@ class Reconciler:
         if not old:
             self.suspects = {}
             return 0
-        outcomes = self.state.outcomes(list(old), steps)
+        ordinals = self.state.queued_ordinals(list(old))
+        outcomes = self.state.outcomes(list(old), steps, ordinals)
         settled = [i for i in old if all(outcomes[i][s] is not None for s in steps)]
         self.state.unqueue(settled)  # finished, but the settle that drops them was lost
         self.dropped += len(settled)
@@ -170,11 +171,12 @@ class Reconciler:
         self.suspects = {i: off for i, off in now_suspect.items() if i not in stranded}
         if stranded:
             self.requeue(stranded, steps, str(RunRef(self.state.run_id, meta["spec_hash"])),
-                         {i: outcomes[i] for i in stranded})
+                         {i: outcomes[i] for i in stranded}, {i: ordinals.get(i) for i in stranded})
         return len(stranded)
 
     def requeue(self, stranded: dict[str, int | None], steps: list[int], run_ref: str,
-                outcomes: dict[str, dict[int, Outcome | None]]) -> None:
+                outcomes: dict[str, dict[int, Outcome | None]],
+                ordinals: dict[str, int | None] | None = None) -> None:
         """Publish the stranded images again for their steps without an outcome (and the blocked
         ones), through ``enqueue.publish_chunk`` like every other publish."""
         offsets = _fill_offsets(self.state, stranded)
@@ -186,7 +188,7 @@ class Reconciler:
                 log.warning("%s: in flight with no task anywhere; published again for steps %s", image_id, redo)
         if todo:
             with Publisher(1) as publisher:
-                publish_chunk(self.state, run_ref, todo, steps, publisher)
+                publish_chunk(self.state, run_ref, todo, steps, publisher, ordinals=ordinals)
             self.requeued += len(todo)
 
 

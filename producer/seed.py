@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from producer.extsort import Cursor, SortedPairs
-from worker.constants import SEED_FILE
+from worker.constants import SEED_FILE, SEED_ORDINAL, seed_ordinal
 from worker.errors import ConfigError, InputError
 from worker.images import IMAGE_SUFFIXES, UNSUPPORTED_SUFFIXES, read_size
 from worker.kitti import cap_boxes, decode_label_bytes, parse_kitti
@@ -51,6 +51,9 @@ class SeedReport:
     problems: list[str] = field(default_factory=list)
     failures: list[tuple[str, str, str]] = field(default_factory=list)  # (image_id, path, message)
     sha256: str = ""  # of the seed file written (run.json records it: did the inputs' content change?)
+    # The seed was numbered afresh although ordinals were given before (the seed file deleted):
+    # done bits the run holds may be other images' now (producer.submit.register reindexes).
+    renumbered: bool = False
 
     def note(self, message: str) -> None:
         if len(self.problems) < MAX_REPORTED:
@@ -480,6 +483,15 @@ def write_seed(
     readers (workers reading their image's line) see the old seed or the new one, never a part.
     The producer calls this only while it holds the results dir (``producer.guard``), after the
     inputs were checked against the ones the dir is bound to. ``report.sha256`` is the digest.
+
+    Each line carries the image's ``ordinal`` (``SEED_ORDINAL``). A first seeding numbers the lines
+    0, 1, 2, ... as it writes them. A re-seed (a seed file is there already) carries each kept
+    image's ordinal over and gives images new to the seed ordinals above every ordinal any
+    seed of the dir gave (a removed image's is never reused, its done bits may still be set):
+    ``_carry_ordinals``, in bounded memory. The highest ordinal given is kept beside the seed
+    (``ORDINAL_TOP_FILE``), since the image that had it may have left the seed since.
+    ``on_record`` is called as each record is written; on a re-seed the offset it is given is
+    the line's before its ordinal is joined in (a progress count, not the final address).
     """
     results_dir.mkdir(parents=True, exist_ok=True)
     final = results_dir / SEED_FILE
@@ -487,21 +499,108 @@ def write_seed(
     source = seed_from_jsonl if spec.ire.data.input_annotations_jsonl else seed_from_images
     offset = 0
     digest = hashlib.sha256()
+    reseed = _has_ordinals(final)
+    given = _ordinal_top(results_dir)
+    base = given + 1 if not reseed and given is not None else 0  # a seed gone, its bits maybe not
+    report.renumbered = base > 0
+    ids: SortedPairs | None = SortedPairs() if reseed else None
+    n = -1
     try:
         with open(tmp, "wb") as f:
-            for rec in source(spec, report):
+            for n, rec in enumerate(source(spec, report)):
+                if ids is None:
+                    rec[SEED_ORDINAL] = base + n
+                else:  # numbered once the old seed's ordinals are joined in (_carry_ordinals)
+                    rec.pop(SEED_ORDINAL, None)
+                    ids.add((str(rec["image_id"]), n))
                 line = (dumps(rec) + "\n").encode("utf-8")
                 f.write(line)
                 digest.update(line)
                 if on_record is not None:
                     on_record(SeedEntry(rec["image_id"], offset))
                 offset += len(line)
+        if ids is not None:
+            digest, top = _carry_ordinals(final, tmp, ids, given)
+        else:
+            top = base + n
+        if top >= 0 and top != given:  # before the seed that uses it: a crash between leaves a gap only
+            _write_ordinal_top(results_dir, top)
     except BaseException:
         tmp.unlink(missing_ok=True)  # a failed seed leaves the old one, and no half file
         raise
+    finally:
+        if ids is not None:
+            ids.close()
     os.replace(tmp, final)
     report.sha256 = digest.hexdigest()
     return final
+
+
+def _has_ordinals(seed: Path) -> bool:
+    """Whether ``seed`` exists and numbers its images (a seed written before ordinals did not:
+    no done bit was ever set by its lines, so a re-seed may number afresh). Its first readable
+    line says (``iter_seed`` skips a torn one)."""
+    if not seed.exists():
+        return False
+    first = next(iter_seed(seed), None)
+    return first is not None and seed_ordinal(first[1]) is not None
+
+
+#: Beside the seed: the highest ordinal a seed of this results dir has given.
+ORDINAL_TOP_FILE = ".seed_ordinal_top"
+
+
+def _ordinal_top(results_dir: Path) -> int | None:
+    """The highest ordinal given in this results dir (None: no record of one)."""
+    try:
+        return int((results_dir / ORDINAL_TOP_FILE).read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _write_ordinal_top(results_dir: Path, top: int) -> None:
+    tmp = results_dir / f"{ORDINAL_TOP_FILE}.{os.getpid()}.tmp"
+    tmp.write_text(f"{top}\n")
+    os.replace(tmp, results_dir / ORDINAL_TOP_FILE)
+
+
+def _carry_ordinals(old_seed: Path, new_seed: Path, ids: SortedPairs, given: int | None = None):
+    """Number the lines of ``new_seed`` (written without ordinals; ``ids`` holds its
+    ``(image_id, line number)``) with the ordinals ``old_seed`` gave the same images, and
+    numbers above the old maximum (and ``given``, the highest any seed gave) for the others, in
+    the new images' id order. Three streamed passes (the old seed's ids sorted, the join, the
+    rewrite by line number), so memory is a sort chunk whatever the seed's size. Returns the
+    new file's sha256 and the highest ordinal given now."""
+    top = -1 if given is None else given
+    with SortedPairs() as old:
+        for _, rec in iter_seed(old_seed):
+            o = seed_ordinal(rec)
+            if o is not None:
+                old.add((str(rec["image_id"]), o))
+                top = max(top, o)
+        kept = Cursor(old)
+        with SortedPairs() as by_line:
+            for image_id, line in ids:
+                have = kept.take(image_id)
+                if have:
+                    o = have[-1]
+                else:
+                    top += 1
+                    o = top
+                by_line.add((f"{line:012d}", o))
+            digest = hashlib.sha256()
+            out = new_seed.with_name(new_seed.name + ".n")
+            try:
+                with open(new_seed, "rb") as src, open(out, "wb") as dst:
+                    for (_, o), line in zip(by_line, src, strict=True):
+                        numbered = line.rstrip(b"\n")[:-1] + f',"{SEED_ORDINAL}":{o}}}\n'.encode()
+                        dst.write(numbered)
+                        digest.update(numbered)
+                os.replace(out, new_seed)
+            except BaseException:
+                out.unlink(missing_ok=True)
+                raise
+    return digest, top
 
 
 def iter_seed(seed: JsonlSink | Path) -> Iterator[tuple[int, dict]]:

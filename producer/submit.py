@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import heapq
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
+from itertools import groupby
+from operator import itemgetter
 from pathlib import Path
 
 import redis
 
 from producer.binding import inputs_of
 from producer.enqueue import DEFAULT_MAX_INFLIGHT, EnqueueReport, OnWait, Todo, dispatch, enqueue
-from producer.extsort import SortedPairs, last_per_key
+from producer.extsort import CHUNK, SortedPairs, last_per_key
 from producer.finalize import finalize_lock
 from producer.guard import Claim, ResultsLock, claim
 from producer.outage import OUTAGE_ERRORS, RedisGaveUp, outage_of, patient_client
@@ -21,11 +26,11 @@ from producer.runs import describe_redis, open_run, prepare, update_run_file, wr
 from producer.seed import SeedReport, iter_seed, write_seed
 from producer.status import RunNotInRedis, status
 from worker.budget import endpoint_key
-from worker.constants import SEED_FILE
+from worker.constants import SEED_FILE, seed_ordinal
 from worker.keys import BATCH_RUNS
 from worker.layout import Layout
 from worker.run import Run
-from worker.runstate import RunRef, RunState
+from worker.runstate import IndexRebuild, RunRef, RunState
 from worker.sinks import SinkReader, loads
 from worker.spec import Spec
 from worker.stepdefs import ALL_STEPS
@@ -42,32 +47,107 @@ class Submission:
     notes: list[str] = field(default_factory=list)  # warnings for the user (another fleet, a changed seed)
 
 
-def reindex(run_state: RunState, layout: Layout) -> dict[int, int]:
+def reindex(run_state: RunState, layout: Layout, steps: list[int] | None = None) -> dict[int, int]:
     """Rebuild the done index from the sinks (Redis was flushed, restarted empty, or is new; or a
     finalize merged the sinks, so the offsets it held are stale). Sorted externally, so the
     producer holds a chunk of pairs at a time, not every image.
 
+    ``steps``: the run's steps. An image with a record in each of them and an ordinal in the
+    seed becomes bits (``bits:<step>``), as if it had settled; every other record a done entry
+    (its offset). Without ``steps`` every record is a done entry (``unpack_bits``).
+
     Holds the finalize lock: no finalize merges the sinks while they are read, and a killed
     reindex's spill folder (``.reindex-*``) is removed by the next finalize (``remove_stale_temps``)."""
     with finalize_lock(layout):
-        return _reindex(run_state, layout)
+        return _reindex(run_state, layout, list(steps or []))
 
 
-def _reindex(run_state: RunState, layout: Layout) -> dict[int, int]:
-    counts = {}
-    for step in ALL_STEPS:
-        sink = layout.sink(step)
-        exists = sink.exists()
-        # Every step, even one whose sink is gone (a step dir deleted to redo it): the index is
-        # replaced, so no entry survives whose record is not in the sink any more.
-        with tempfile.TemporaryDirectory(prefix=".reindex-", dir=layout.root) as tmp, \
-                SortedPairs(((str(rec["image_id"]), off) for off, rec in sink.scan()), Path(tmp)) as pairs, \
-                sink.reader() as reader:
-            n = run_state.replace_done(step, last_per_key(pairs), lambda i, off: _record_at(reader, i, off))
-        if exists:
-            counts[step] = n
+def _reindex(run_state: RunState, layout: Layout, steps: list[int]) -> dict[int, int]:
+    # Every step, even one whose sink is gone (a step dir deleted to redo it): the index is
+    # replaced, so no entry survives whose record is not in the sink any more.
+    rebuild = run_state.rebuild_index(ALL_STEPS)  # before the sinks are read: no bit is set meanwhile
+    try:
+        written = _rebuild(rebuild, layout, steps)
+    except BaseException:
+        with contextlib.suppress(redis.RedisError):
+            rebuild.abort()
+        raise
     run_state.set_meta(sink_generations=sink_generations(layout))
-    return counts
+    return written
+
+
+def _rebuild(rebuild: IndexRebuild, layout: Layout, steps: list[int]) -> dict[int, int]:
+    """The merge of ``_reindex``: every sink's last record per image and the seed's ordinals,
+    by image id, into ``rebuild``; returns the entries and bits written per existing sink."""
+    exists = {s: layout.sink(s).exists() for s in ALL_STEPS}
+    chunk = max(1, CHUNK // (len(ALL_STEPS) + 1))  # the sorts are built side by side
+    with tempfile.TemporaryDirectory(prefix=".reindex-", dir=layout.root) as tmp, ExitStack() as stack:
+        streams = []
+        readers = {}
+        ordinals: SortedPairs | None = None
+        for step in ALL_STEPS:
+            sink = layout.sink(step)
+            pairs = stack.enter_context(SortedPairs(((str(rec["image_id"]), off) for off, rec in sink.scan()),
+                                                    Path(tmp), chunk=chunk))
+            readers[step] = stack.enter_context(sink.reader())
+            streams.append(_tagged(last_per_key(pairs), step))
+        if steps and layout.seed.exists():
+            seeded = ((str(rec["image_id"]), seed_ordinal(rec)) for _, rec in iter_seed(layout.seed))
+            ordinals = stack.enter_context(SortedPairs(((i, o) for i, o in seeded if o is not None),
+                                                       Path(tmp), chunk=chunk))
+            streams.append(_tagged(last_per_key(ordinals), -1))
+        for image_id, group in groupby(heapq.merge(*streams), key=itemgetter(0)):
+            found: dict[int, int] = {}
+            ordinal = None
+            for _, s, v in group:
+                if s < 0:
+                    ordinal = v
+                else:
+                    found[s] = v
+            as_bits = ordinal is not None and bool(steps) and all(s in found for s in steps)
+            for s, offset in found.items():
+                if as_bits and s in steps:
+                    rebuild.bit(s, ordinal)
+                else:
+                    rebuild.done(s, image_id, offset)
+        join = None if ordinals is None else (lambda pairs: _join_ordinals(pairs, ordinals, Path(tmp), chunk))
+        written = rebuild.commit({s: (lambda i, off, r=readers[s]: _record_at(r, i, off)) for s in ALL_STEPS}, join)
+    return {s: n for s, n in written.items() if exists[s]}
+
+
+def _join_ordinals(pairs: Iterable[tuple[str, int]], ordinals: SortedPairs, workdir: Path, chunk: int
+                   ) -> Iterator[tuple[str, int, int | None]]:
+    """``(image_id, offset, ordinal)`` for each of ``pairs`` (done entries the rebuild did not
+    write), the ordinal from the seed's sorted ``(image_id, ordinal)``: a merge by id, both
+    sorted externally, so the carry-over of ``IndexRebuild.commit`` stays in bounded memory."""
+    with SortedPairs(pairs, workdir, chunk=chunk) as entries:
+        merged = heapq.merge(_tagged(entries, 0), _tagged(last_per_key(ordinals), -1))
+        for image_id, group in groupby(merged, key=itemgetter(0)):
+            ordinal, offsets = None, []
+            for _, tag, v in group:
+                if tag < 0:
+                    ordinal = v
+                else:
+                    offsets.append(v)
+            for offset in offsets:
+                yield image_id, offset, ordinal
+
+
+def _tagged(pairs: Iterable[tuple[str, int]], tag: int) -> Iterator[tuple[str, int, int]]:
+    """``(key, tag, value)``: a sorted stream marked with its source, for a merge by key."""
+    for key, value in pairs:
+        yield key, tag, value
+
+
+def unpack_bits(run_state: RunState, layout: Layout) -> dict[int, int]:
+    """Turn the bitmaps back into done entries with offsets (one reindex without ``steps``).
+
+    For an enqueue that must know the record offsets of images done in every step: a
+    ``reprocess: changed`` re-run sets each published image's records aside for a check, and a
+    run given steps it did not have reads the old steps' records as upstream. Redis then holds
+    an offset per image-step again (O(N), ~80 B each) until the images settle anew and move
+    back to the bitmaps."""
+    return reindex(run_state, layout, None)
 
 
 def _record_at(reader: SinkReader, image_id: str, offset: int) -> bool:
@@ -160,9 +240,20 @@ def register(run: Run, report: SeedReport) -> dict[int, int]:
     sinks if this Redis has not got it (new, flushed, or restarted empty); returns what was
     reindexed per step."""
     reindexed = {}
-    if not index_is_current(run.state.meta(), run.layout):
-        reindexed = reindex(run.state, run.layout)
+    meta = run.state.meta()
     steps = run.spec.ire.workflow.steps
+    # The enqueue needs the record offsets of images done in every step when it sets their
+    # records aside for a check (`changed`) or gives them a step they had not (its upstream):
+    # their bits become done entries again (``unpack_bits``), and move back as they settle.
+    wants_offsets = (run.spec.ire.workflow.reprocess == "changed"
+                     or bool(set(steps) - set(meta.get("steps") or steps)))
+    # A seed numbered afresh (its file was deleted) leaves the run's bits at ordinals other
+    # images may hold now: they are rebuilt from the sinks at the new ordinals.
+    renumbered = report.renumbered and run.state.has_bits(ALL_STEPS)
+    if renumbered or not index_is_current(meta, run.layout):
+        reindexed = reindex(run.state, run.layout, None if wants_offsets else steps)
+    elif wants_offsets and run.state.has_bits(ALL_STEPS):
+        reindexed = unpack_bits(run.state, run.layout)
     # `changed` and `all` publish every image again (its done marks set aside or cleared): the
     # run's progress starts from nothing, not from the records already there.
     last_done = 0 if run.spec.ire.workflow.reprocess != "missing" else run.state.counts([steps[-1]])[steps[-1]]["done"]
@@ -318,7 +409,7 @@ def retry_failed(run_id: str, layout: Layout, state: RunState, *,
     if not steps or not spec_hash:
         raise RunNotInRedis(run_id)
     if not index_is_current(meta, layout):
-        reindex(state, layout)  # a finalize merged the sinks: the offsets workers would read moved
+        reindex(state, layout, steps)  # a finalize merged the sinks: the offsets workers would read moved
     first_failed: dict[str, int] = {}
     for s in steps:
         for image_id in state.iter_failed(s):
@@ -327,14 +418,16 @@ def retry_failed(run_id: str, layout: Layout, state: RunState, *,
         return 0
     run_ref = str(RunRef(run_id, spec_hash))
     todo: Todo = []
+    ordinals: dict[str, int | None] = {}
     for offset, rec in iter_seed(layout.seed):
         image_id = rec["image_id"]
-        if image_id in first_failed:
+        if image_id in first_failed:  # an image with a failed step keeps its offsets in the done hashes
             redo = [s for s in steps if s >= first_failed[image_id] and state.done_offset(s, image_id) is None]
             if redo:
                 todo.append((offset, image_id, redo))
+                ordinals[image_id] = seed_ordinal(rec)
     state.set_meta(enqueue_complete=False)
     with Publisher(1) as publisher:
-        n = dispatch(state, run_ref, todo, steps, publisher, max_inflight=max_inflight)
+        n = dispatch(state, run_ref, todo, steps, publisher, max_inflight=max_inflight, ordinals=ordinals)
     state.set_meta(enqueue_complete=True)
     return n

@@ -5,6 +5,10 @@ The steps are declared in ``worker/stepdefs.py``, the Redis keys in ``worker/key
 from __future__ import annotations
 
 SEED_FILE = "seed_annotations.jsonl"
+#: The field of a seed line holding the image's ordinal: its bit in the done bitmaps
+#: (``worker.runstate``, ``bits:<step>``). Stable for the image across re-seeds
+#: (``producer.seed.write_seed``); stripped from a step's input (``worker.steps.input_record``).
+SEED_ORDINAL = "ordinal"
 FAILURES_FILE = "failures.jsonl"
 FINAL_FILE = "annotations.jsonl"
 RUN_FILE = "run.json"
@@ -16,3 +20,9 @@ SPOOL_DIR = ".spool"  # answers paid for but not yet written (worker/tasks.py)
 
 # Box coordinates the VLM sees are normalised to this range.
 NORM = 1000
+
+
+def seed_ordinal(seed: dict | None) -> int | None:
+    """The image's ordinal from its seed line (None: no line, or a seed written before ordinals)."""
+    o = (seed or {}).get(SEED_ORDINAL)
+    return o if isinstance(o, int) and not isinstance(o, bool) else None

@@ -11,6 +11,7 @@ import logging
 import re
 
 from worker.clients.base import VLMClient, VLMRequest, VLMResponse
+from worker.constants import seed_ordinal
 from worker.context import RunContext
 from worker.errors import InputError
 from worker.images import drop_cached
@@ -65,6 +66,25 @@ def read_seed(ctx: RunContext, image_id: str, offset: int) -> dict:
     raise InputError(f"{seed.path}: image '{image_id}' is not in the seed file")
 
 
+def load_seed(ctx: RunContext, image_id: str, offset: int, *, scan: bool = True) -> dict | None:
+    """``read_seed``, or None when the image is in no seed line. Every task reads its image's
+    seed line once: it holds the image's ordinal (its done bit, ``seed_ordinal``) besides the
+    input of the steps that start from the seed. ``scan=False`` (a step that needs only the
+    ordinal): a line at ``offset`` that is not the image's (the seed was rewritten since the
+    message went out) gives None instead of a scan of the whole seed; the image then keeps its
+    offsets in the index as a seed without ordinals does."""
+    if not scan:
+        try:
+            rec = ctx.layout.seed.read_at(offset)
+        except ValueError:
+            return None
+        return rec if rec.get("image_id") == image_id else None
+    try:
+        return read_seed(ctx, image_id, offset)
+    except InputError:
+        return None
+
+
 def read_upstream(ctx: RunContext, step: int, image_id: str, offset: int) -> dict | None:
     """Step ``step``'s record of the image at ``offset``, as the done index says. A finalize
     may have merged the part that offset was in (``StaleOffset``): the record is then found
@@ -95,11 +115,13 @@ class Uncommitted(Exception):
         self.cause = cause
 
 
-def execute(ctx: RunContext, step: int, image_id: str, seed_offset: int, *, client: VLMClient | None = None) -> str:
+def execute(ctx: RunContext, step: int, image_id: str, seed_offset: int, *, client: VLMClient | None = None,
+            seed: dict | None = None) -> str:
     """Run ``step`` for one image; return DONE, SKIPPED or BLOCKED, or raise.
 
     ``client``: the client in place of the run's online one (batch mode: ``worker.parking``'s
     ``ParkingClient``, which raises ``Parked`` with the built request, or ``AnswerClient``).
+    ``seed``: the image's seed line as the caller read it (``load_seed``); read here otherwise.
 
     DONE and BLOCKED mean the outcome is marked and the image settled, in one round trip; the
     caller settles a SKIPPED image-step. When the call succeeded but its write failed, raises
@@ -108,9 +130,16 @@ def execute(ctx: RunContext, step: int, image_id: str, seed_offset: int, *, clie
     wf = ctx.spec.ire.workflow
     d = STEP[step]
     changed = wf.reprocess == "changed"
-    # One round trip: the done index, and with ``reprocess: changed`` the record set aside at enqueue.
-    offsets, prior = ctx.state.offsets_and_prior(image_id, (step, *d.reads), step if changed else None)
-    if not wf.force_reprocess and offsets[step] is not None:
+    if seed is None:
+        seed = load_seed(ctx, image_id, seed_offset, scan=d.reads_seed)
+    ordinal = seed_ordinal(seed)
+    # One round trip: the done index (offsets, and the bits of an image that left the window done
+    # in every step), and with ``reprocess: changed`` the record set aside at enqueue.
+    offsets, bits, prior = ctx.state.lookup(image_id, (step, *d.reads), step if changed else None, ordinal)
+    # A bit: a late duplicate of a settled image's task (or a step added since). Under
+    # ``reprocess: all`` too: the producer clears an image's bits before it publishes it, so a
+    # bit set now was set by this run, and a redo would leave the image a bit and an entry.
+    if (not wf.force_reprocess and offsets[step] is not None) or step in bits:
         return SKIPPED
     upstream: dict[int, dict] = {}
     for s in d.reads:
@@ -119,15 +148,28 @@ def execute(ctx: RunContext, step: int, image_id: str, seed_offset: int, *, clie
             rec = read_upstream(ctx, s, image_id, off)
             if rec is not None:
                 upstream[s] = rec
+        elif s in bits:  # done with its offset dropped: the sink is the index (binary search once merged)
+            found = ctx.layout.sink(s).find_latest(image_id)
+            if found is not None:
+                upstream[s] = found[1]
     missing = [s for s in d.required(wf.steps) if s not in upstream]
+    if missing and ordinal is None and seed is None and not d.reads_seed:
+        # The line at the message's offset is not the image's (a re-seed moved it) and the
+        # upstream is not in the hashes: the image may have settled into the bits (a late
+        # duplicate). Only here is the seed scanned for its line, to look at its bits before
+        # calling it blocked.
+        found = load_seed(ctx, image_id, seed_offset)
+        if seed_ordinal(found) is not None:
+            return execute(ctx, step, image_id, seed_offset, client=client, seed=found)
     if missing:
-        ctx.state.block_and_settle(step, image_id, f"waiting on step(s) {missing}", wf.steps)
+        ctx.state.block_and_settle(step, image_id, f"waiting on step(s) {missing}", wf.steps, ordinal)
         if changed:
             ctx.state.drop_prior(step, image_id)
         return BLOCKED
-    seed = read_seed(ctx, image_id, seed_offset) if d.reads_seed else {}
-    record = input_record(step, seed, upstream)
-    if prior is not None and keep_if_current(ctx, step, image_id, prior, record):
+    if d.reads_seed and seed is None:
+        raise InputError(f"{ctx.layout.seed.path}: image '{image_id}' is not in the seed file")
+    record = input_record(step, seed if d.reads_seed and seed is not None else {}, upstream)
+    if prior is not None and keep_if_current(ctx, step, image_id, prior, record, ordinal):
         return DONE
     outcome = run_step(step, record, ValidText(client or ctx.client, image_id), ctx.prompts,
                        max_pixels=ctx.spec.ire.vlm.max_image_pixels, options=ctx.options)
@@ -138,12 +180,13 @@ def execute(ctx: RunContext, step: int, image_id: str, seed_offset: int, *, clie
         outcome.record = batch_usage(outcome.record, step, used_batch)
     pending = {"record": outcome.record, "legacy": outcome.legacy}
     try:
-        return commit(ctx, step, image_id, pending)
+        return commit(ctx, step, image_id, pending, ordinal)
     except Exception as exc:
         raise Uncommitted(pending, exc) from exc
 
 
-def keep_if_current(ctx: RunContext, step: int, image_id: str, prior: int, record: dict) -> bool:
+def keep_if_current(ctx: RunContext, step: int, image_id: str, prior: int, record: dict,
+                    ordinal: int | None = None) -> bool:
     """``reprocess: changed``: keep the record set aside at enqueue (mark it done again, no
     call) when its fingerprint is what the current spec would send for ``record`` (the step's
     input as it is now: upstream steps of this run already kept or redone). A record without a
@@ -167,14 +210,14 @@ def keep_if_current(ctx: RunContext, step: int, image_id: str, prior: int, recor
     if have not in want:
         log.debug("%s step %d: fingerprint %s is stale (now %s); redoing it", image_id, step, have, sorted(want))
         return False
-    settled = ctx.state.finish(step, image_id, prior, ctx.spec.ire.workflow.steps)
+    settled = ctx.state.finish(step, image_id, prior, ctx.spec.ire.workflow.steps, ordinal=ordinal)
     ctx.state.drop_prior(step, image_id)
     if settled:
         _drop_image_cache(ctx, record)
     return True
 
 
-def commit(ctx: RunContext, step: int, image_id: str, pending: dict) -> str:
+def commit(ctx: RunContext, step: int, image_id: str, pending: dict, ordinal: int | None = None) -> str:
     """Write a finished step's answer and mark it done, in the order that keeps "done" true.
 
     The legacy file first (when the output format asks for one), then the sink line (written in
@@ -190,7 +233,7 @@ def commit(ctx: RunContext, step: int, image_id: str, pending: dict) -> str:
     offset = ctx.layout.sink(step).append(record)
     step_meta = record.get("meta", {}).get(PIPELINE_NAMES[step], {})
     settled = ctx.state.finish(step, image_id, offset, wf.steps, call=step_meta.get("call"),
-                               quality=step_meta.get("quality"))
+                               quality=step_meta.get("quality"), ordinal=ordinal)
     if wf.reprocess == "changed":
         ctx.state.drop_prior(step, image_id)  # the record set aside is superseded
     if settled:
@@ -205,7 +248,8 @@ def _drop_image_cache(ctx: RunContext, record: dict) -> None:
         drop_cached(ctx.options.image_cache_dir, str(record["image_path"]))
 
 
-def record_failure(ctx: RunContext, step: int, image_id: str, exc: BaseException | dict, attempts: int) -> str:
+def record_failure(ctx: RunContext, step: int, image_id: str, exc: BaseException | dict, attempts: int,
+                   ordinal: int | None = None) -> str:
     """A failure for good: a line in failures.jsonl, then the failed mark and the settle check
     (one round trip); the image stays resumable.
 
@@ -217,7 +261,7 @@ def record_failure(ctx: RunContext, step: int, image_id: str, exc: BaseException
     ctx.layout.record_failure(image_id=image_id, step=step, error=payload["message"], kind=payload["error"],
                               attempts=attempts, **extra)
     ctx.state.fail_and_settle(step, image_id, f"{payload['error']}: {payload['message']}",
-                              ctx.spec.ire.workflow.steps)
+                              ctx.spec.ire.workflow.steps, ordinal)
     if ctx.spec.ire.workflow.reprocess == "changed":
         ctx.state.drop_prior(step, image_id)  # failed now; the old record stays in the sink, not done
     return FAILED

@@ -55,6 +55,12 @@ class Outcome(StrEnum):
 
 #: Done marks set aside while a ``reprocess: changed`` re-run checks their records' fingerprints.
 RECHECK = "recheck"
+#: ``bits:<step>``: one bit per image (at its seed ordinal) done in that step, for the images
+#: that left the window done in every step; their offsets are no longer in ``done:<step>``.
+BITS = "bits"
+#: Set while a reindex rebuilds the index: settling moves no image to the bitmaps meanwhile.
+REINDEXING = "reindexing"
+REINDEXING_TTL = 3600  # a killed reindex stops the moves for an hour at most
 
 #: The marks that settle an image-step, in the order ``counts`` and ``outcomes`` report them.
 MARKS = (Outcome.DONE, Outcome.FAILED, Outcome.BLOCKED)
@@ -67,14 +73,23 @@ TALLY_FOLD = 100
 
 # Mark an image-step (or not) and settle the image, atomically: one round trip, and the fewest
 # commands Redis runs (every call inside the script counts; bench/redis_cost.py).
-# KEYS: queued, tally, usage, quality, then done, failed, blocked of each of the run's steps.
+# KEYS: queued, tally, usage, quality, reindexing, then done, failed, blocked, bits of each of
+#       the run's steps.
 # ARGV: image_id, position of the marked step among the run's steps (1-based; 0: mark nothing),
 #       mark (1 done, 2 failed, 3 blocked), value (sink offset or reason), tally entry ("" for
-#       none: "<u|q><field>\t<n>\t..." with u for usage, q for quality), TALLY_FOLD.
+#       none: "<u|q><field>\t<n>\t..." with u for usage, q for quality), TALLY_FOLD, the
+#       image's ordinal (-1: unknown).
 # Returns 1 when every step of the image has a mark (it left the in-flight set), else 0.
+# An image that leaves the window done in every step (and whose ordinal is known) moves from
+# the done hashes to the bitmaps: its bit set in each ``bits:<step>``, its offsets dropped, so
+# the index holds offsets only for the window and the images with a failed or blocked step.
+# Nothing moves while a reindex rebuilds the index (the ``reindexing`` key): the rebuild carries
+# over hash entries set meanwhile, not bits.
 _MARK_AND_SETTLE = """
 local image, pos, mark = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local nsteps = (#KEYS - 4) / 3
+local ord = tonumber(ARGV[7] or '-1')
+local head, per = 5, 4
+local nsteps = (#KEYS - head) / per
 if ARGV[5] ~= '' and redis.call('RPUSH', KEYS[2], ARGV[5]) >= tonumber(ARGV[6]) then
   local totals = {}
   for _, entry in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
@@ -91,37 +106,65 @@ end
 if nsteps == 0 then
   return 0
 end
--- Failed and blocked marks are rare: one EXISTS over all their hashes spares looking in them
--- (and clearing them) image by image while the run has none.
-local marks = {}
+-- Failed and blocked marks are rare: one EXISTS over all their hashes (and the reindex flag)
+-- spares looking in them (and clearing them) image by image while the run has none.
+local marks = {KEYS[5]}
 for i = 1, nsteps do
-  marks[#marks + 1] = KEYS[4 + (i - 1) * 3 + 2]
-  marks[#marks + 1] = KEYS[4 + (i - 1) * 3 + 3]
+  marks[#marks + 1] = KEYS[head + (i - 1) * per + 2]
+  marks[#marks + 1] = KEYS[head + (i - 1) * per + 3]
 end
 local any_other_mark = redis.call('EXISTS', unpack(marks)) > 0
-if pos > 0 then
-  local base = 4 + (pos - 1) * 3
-  redis.call('HSET', KEYS[base + mark], image, ARGV[4])
-  if mark == 1 and any_other_mark then
-    redis.call('HDEL', KEYS[base + 2], image)
-    redis.call('HDEL', KEYS[base + 3], image)
+local function set_mark()
+  if pos > 0 then
+    local base = head + (pos - 1) * per
+    redis.call('HSET', KEYS[base + mark], image, ARGV[4])
+    if mark == 1 and any_other_mark then
+      redis.call('HDEL', KEYS[base + 2], image)
+      redis.call('HDEL', KEYS[base + 3], image)
+    end
   end
 end
+-- A step is settled by its done entry, a failed or blocked mark, or its bit. The bit is looked
+-- at by plain settles only (pos 0: a skipped task, the producer's settle after a publish): a
+-- task that marks has the image in flight, whose done steps have entries.
+local all_done = pos == 0 or mark == 1
 -- Later steps are the likelier to be unsettled: look at them first, and stop at the first.
 for i = nsteps, 1, -1 do
   if i ~= pos then
-    local base = 4 + (i - 1) * 3
+    local base = head + (i - 1) * per
     if redis.call('HEXISTS', KEYS[base + 1], image) == 0 then
-      if not any_other_mark then
-        return 0
-      end
-      if redis.call('HEXISTS', KEYS[base + 2], image) == 0 and redis.call('HEXISTS', KEYS[base + 3], image) == 0 then
-        return 0
+      if pos > 0 or ord < 0 or redis.call('GETBIT', KEYS[base + 4], ord) == 0 then
+        if not any_other_mark then
+          set_mark()
+          return 0
+        end
+        if redis.call('HEXISTS', KEYS[base + 2], image) == 0 and redis.call('HEXISTS', KEYS[base + 3], image) == 0 then
+          set_mark()
+          return 0
+        end
+        all_done = false
       end
     end
   end
 end
 redis.call('HDEL', KEYS[1], image)
+if all_done and ord >= 0 and not (any_other_mark and redis.call('EXISTS', KEYS[5]) > 0) then
+  -- Done in every step: its bits, and no offsets (the marked step's is never written).
+  if pos > 0 and any_other_mark then
+    local base = head + (pos - 1) * per
+    redis.call('HDEL', KEYS[base + 2], image)
+    redis.call('HDEL', KEYS[base + 3], image)
+  end
+  for i = 1, nsteps do
+    local base = head + (i - 1) * per
+    redis.call('SETBIT', KEYS[base + 4], ord, 1)
+    if i ~= pos then
+      redis.call('HDEL', KEYS[base + 1], image)
+    end
+  end
+else
+  set_mark()
+end
 return 1
 """
 # Move entries of some images from one hash to another, in one round trip: done marks set
@@ -187,13 +230,39 @@ class RunState:
 
     # -- per image-step index ---------------------------------------------------------------
     def done_offset(self, step: int, image_id: str) -> int | None:
+        """The offset of the image-step's record as the done hash holds it (None when not
+        there: not done, or done and moved to the bitmap: ``is_done`` tells)."""
         raw = self.r.hget(run_key(self.run_id, Outcome.DONE, step), image_id)
         return int(raw) if raw is not None else None
 
-    def done_many(self, step: int, image_ids: list[str]) -> list[bool]:
+    def is_done(self, step: int, image_id: str, ordinal: int | None, *, bit_only: bool = False) -> bool:
+        """Whether the image-step is done: in the done hash, or its bit set (one round trip).
+        ``bit_only``: the bit alone answers (a forced redo, whose done entries are redone)."""
+        if bit_only and ordinal is None:
+            return False
+        pipe = self.r.pipeline(transaction=False)
+        if not bit_only:
+            pipe.hexists(run_key(self.run_id, Outcome.DONE, step), image_id)
+        if ordinal is not None:
+            pipe.getbit(run_key(self.run_id, BITS, step), ordinal)
+        return any(pipe.execute())
+
+    def done_many(self, step: int, image_ids: list[str], ordinals: list[int | None] | None = None) -> list[bool]:
+        """Whether each image is done in ``step``: its done entry, or (``ordinals`` given) its
+        bit; one round trip (an HMGET and one BITFIELD for the batch)."""
         if not image_ids:
             return []
-        return [v is not None for v in self.r.hmget(run_key(self.run_id, Outcome.DONE, step), image_ids)]
+        known = [(i, o) for i, o in enumerate(ordinals or []) if o is not None]
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hmget(run_key(self.run_id, Outcome.DONE, step), image_ids)
+        if known:
+            args = [a for _, o in known for a in ("GET", "u1", o)]
+            pipe.execute_command("BITFIELD", run_key(self.run_id, BITS, step), *args)
+        raw = pipe.execute()
+        done = [v is not None for v in raw[0]]
+        for (i, _), bit in zip(known, raw[1] if known else [], strict=True):
+            done[i] = done[i] or bool(bit)
+        return done
 
     def done_offsets(self, image_id: str, steps: Iterable[int]) -> dict[int, int | None]:
         """``done_offset`` for several steps of one image in one round trip."""
@@ -207,16 +276,44 @@ class RunState:
                           ) -> tuple[dict[int, int | None], int | None]:
         """``done_offsets``, and (when ``prior_of`` is a step) the offset of that step's record
         set aside for a fingerprint check (``clear_attempt(recheck=True)``), in one round trip."""
+        offsets, _, prior = self.lookup(image_id, steps, prior_of, None)
+        return offsets, prior
+
+    def lookup(self, image_id: str, steps: Iterable[int], prior_of: int | None, ordinal: int | None
+               ) -> tuple[dict[int, int | None], set[int], int | None]:
+        """What a task needs to know of its image: the done offsets of ``steps`` (its own step
+        first, then the steps it reads), the steps whose done bit is set (``ordinal`` known: the
+        image left the window done in every step, its offsets in the sinks only), and the record
+        set aside for a check (``prior_of``). One round trip, with the first step's bit only
+        (a late duplicate of a settled image's task must skip); a second one for the bits of
+        steps whose offset is missing, which an image in flight does not have."""
         steps = list(steps)
         pipe = self.r.pipeline(transaction=False)
         for s in steps:
             pipe.hget(run_key(self.run_id, Outcome.DONE, s), image_id)
         if prior_of is not None:
             pipe.hget(run_key(self.run_id, RECHECK, prior_of), image_id)
+        if ordinal is not None:
+            pipe.getbit(run_key(self.run_id, BITS, steps[0]), ordinal)
         raw = pipe.execute()
         offsets = {s: int(v) if v is not None else None for s, v in zip(steps, raw, strict=False)}
-        prior = raw[-1] if prior_of is not None else None
-        return offsets, int(prior) if prior is not None else None
+        prior = raw[len(steps)] if prior_of is not None else None
+        bits: set[int] = set()
+        if ordinal is not None:
+            if raw[-1]:
+                bits.add(steps[0])
+            unknown = [s for s in steps[1:] if offsets[s] is None]
+            if unknown and not bits:
+                pipe = self.r.pipeline(transaction=False)
+                for s in unknown:
+                    pipe.getbit(run_key(self.run_id, BITS, s), ordinal)
+                bits |= {s for s, b in zip(unknown, pipe.execute(), strict=True) if b}
+        return offsets, bits, int(prior) if prior is not None else None
+
+    def has_bits(self, steps: Iterable[int]) -> bool:
+        """Whether any image of these steps is done as a bit (its offsets dropped)."""
+        keys = [run_key(self.run_id, BITS, s) for s in steps]
+        return bool(keys) and self.r.exists(*keys) > 0
 
     def has_prior(self, steps: Iterable[int]) -> bool:
         """Whether any record is set aside for a check (a ``changed`` re-run is, or was, going)."""
@@ -254,13 +351,14 @@ class RunState:
             self.r.hset(key, image_id, offset)
 
     def finish(self, step: int, image_id: str, offset: int, steps: list[int], *,
-               call: dict | None = None, quality: dict | None = None) -> bool:
+               call: dict | None = None, quality: dict | None = None, ordinal: int | None = None) -> bool:
         """``mark_done``, the call's usage and quality counters and ``settle``, atomically, in
         one round trip (one script); returns ``settle``'s answer. The settle check runs after
         the mark inside the same script, so of two header tasks finishing together the later
-        one sees both marks."""
+        one sees both marks. ``ordinal``: the image's seed ordinal, so that an image done in
+        every step moves to the bitmaps as it settles (None: it keeps its offsets)."""
         tally = _tally(step, call, quality)
-        return self._settle_script(image_id, steps, step, Outcome.DONE, offset, tally)
+        return self._settle_script(image_id, steps, step, Outcome.DONE, offset, tally, ordinal)
 
     def add_usage(self, step: int, call: dict) -> None:
         """Count one finished call's tokens into ``usage`` (``<step>:<field>`` -> total), for
@@ -308,27 +406,36 @@ class RunState:
     def mark_blocked(self, step: int, image_id: str, reason: str) -> None:
         self.r.hset(run_key(self.run_id, Outcome.BLOCKED, step), image_id, reason[:200])
 
-    def fail_and_settle(self, step: int, image_id: str, reason: str, steps: list[int]) -> bool:
+    def fail_and_settle(self, step: int, image_id: str, reason: str, steps: list[int],
+                        ordinal: int | None = None) -> bool:
         """``mark_failed`` and ``settle`` in one script (one round trip)."""
-        return self._settle_script(image_id, steps, step, Outcome.FAILED, reason[:500])
+        return self._settle_script(image_id, steps, step, Outcome.FAILED, reason[:500], ordinal=ordinal)
 
-    def block_and_settle(self, step: int, image_id: str, reason: str, steps: list[int]) -> bool:
+    def block_and_settle(self, step: int, image_id: str, reason: str, steps: list[int],
+                         ordinal: int | None = None) -> bool:
         """``mark_blocked`` and ``settle`` in one script (one round trip)."""
-        return self._settle_script(image_id, steps, step, Outcome.BLOCKED, reason[:200])
+        return self._settle_script(image_id, steps, step, Outcome.BLOCKED, reason[:200], ordinal=ordinal)
 
     def clear_attempt(self, step: int, image_ids: Iterable[str], *, done: bool = False,
-                      recheck: bool = False) -> None:
+                      recheck: bool = False, ordinals: Iterable[int | None] = ()) -> None:
         """Forget failed/blocked marks (and done marks, for a forced redo) before an image-step is
         enqueued again, so status counts it as pending until its new outcome lands.
 
         ``recheck`` (``reprocess: changed``): done marks are moved to ``recheck:<step>`` instead,
         where the task finds the record it keeps when its fingerprint is current. Only images
-        being enqueued are there, so it holds at most the window's (and moves, not copies)."""
+        being enqueued are there, so it holds at most the window's (and moves, not copies).
+
+        ``ordinals`` (with ``done``): the bits of these images are cleared too. A ``recheck``
+        needs the offsets of the records it sets aside: the images' bits must have been turned
+        back into done entries first (``producer.submit.unpack_bits``)."""
         ids = list(image_ids)
         if ids:
             pipe = self.r.pipeline()
             for kind in (Outcome.FAILED, Outcome.BLOCKED, *((Outcome.DONE,) if done else ())):
                 pipe.hdel(run_key(self.run_id, kind, step), *ids)
+            clear = [a for o in ordinals if o is not None for a in ("SET", "u1", o, 0)] if done else []
+            if clear:
+                pipe.execute_command("BITFIELD", run_key(self.run_id, BITS, step), *clear)
             if recheck and not done:
                 self._move_entries(keys=[run_key(self.run_id, Outcome.DONE, step), run_key(self.run_id, RECHECK, step)],
                                    args=[1, *ids], client=pipe)
@@ -339,43 +446,39 @@ class RunState:
             yield key.decode()
 
     def counts(self, steps: Iterable[int]) -> dict[int, dict[str, int]]:
+        """Per step, how many image-steps hold each mark: ``done`` is the done hash's entries
+        plus the bitmap's set bits (``BITCOUNT``: a few ms at ten million images)."""
         pipe = self.r.pipeline()
         steps = list(steps)
         for s in steps:
             for kind in MARKS:
                 pipe.hlen(run_key(self.run_id, kind, s))
+            pipe.bitcount(run_key(self.run_id, BITS, s))
         values = iter(pipe.execute())
-        return {s: {str(kind): next(values) for kind in MARKS} for s in steps}
+        out = {}
+        for s in steps:
+            per = {str(kind): next(values) for kind in MARKS}
+            per[str(Outcome.DONE)] += next(values)
+            out[s] = per
+        return out
 
     def replace_done(self, step: int, pairs: Iterable[tuple[str, int]], still_there: Callable[[str, int], bool],
                      batch: int = 1000) -> int:
         """Make ``pairs`` the whole done index of ``step`` (a reindex), not an overlay: an entry
-        whose record is gone must not stay done. Built into a temp hash and RENAMEd over the old
-        one. A done mark a worker set during the rebuild (its line written after the sink was
-        read) is carried over when it is newer than the rebuilt entry and ``still_there(image_id,
-        offset)`` (its record is readable at that offset). Returns the entries written."""
-        key = run_key(self.run_id, Outcome.DONE, step)
-        tmp = f"{key}:reindex"
-        self.r.delete(tmp)
-        n = self.bulk_done(step, pairs, batch, key=tmp)
-        kept: dict[str, int] = {}
-        added = 0
-        old = self.r.hscan_iter(key, count=batch)
-        while chunk := [(k.decode(), int(v)) for k, v in itertools.islice(old, batch)]:
-            rebuilt = self.r.hmget(tmp, [k for k, _ in chunk])
-            for (image_id, offset), new in zip(chunk, rebuilt, strict=True):
-                if (new is None or offset > int(new)) and still_there(image_id, offset):
-                    kept[image_id] = offset
-                    added += new is None
-        if kept:
-            self.r.hset(tmp, mapping=kept)
-        pipe = self.r.pipeline()
-        if n or kept:
-            pipe.rename(tmp, key)
-        else:
-            pipe.delete(key, tmp)
-        pipe.execute()
-        return n + added
+        whose record is gone must not stay done (the step's bits go too). Built into a temp
+        hash and RENAMEd over the old one. A done mark a worker set during the rebuild (its line
+        written after the sink was read) is carried over when it is newer than the rebuilt entry
+        and ``still_there(image_id, offset)`` (its record is readable at that offset). Returns
+        the entries written."""
+        rebuild = self.rebuild_index([step], batch)
+        for image_id, offset in pairs:
+            rebuild.done(step, image_id, offset)
+        return rebuild.commit({step: still_there})[step]
+
+    def rebuild_index(self, steps: Iterable[int], batch: int = 1000) -> IndexRebuild:
+        """Start a reindex of ``steps``: from now until its ``commit``, settling moves no image
+        to the bitmaps (the rebuild could not carry a bit set meanwhile over)."""
+        return IndexRebuild(self, list(steps), batch)
 
     def bulk_done(self, step: int, pairs: Iterable[tuple[str, int]], batch: int = 1000, *,
                   key: str | None = None) -> int:
@@ -399,14 +502,31 @@ class RunState:
         sec, usec = self.r.time()
         return sec + usec / 1e6
 
-    def mark_queued(self, offsets: dict[str, int]) -> None:
-        """Record images as in flight: ``image_id -> "<Redis time>:<seed offset>"``. The time
-        tells the reconciler how long an image has been in flight, the offset lets it publish
-        the image again without reading the seed file."""
+    def mark_queued(self, offsets: dict[str, int], ordinals: dict[str, int | None] | None = None) -> None:
+        """Record images as in flight: ``image_id -> "<Redis time>:<seed offset>[:<ordinal>]"``.
+        The time tells the reconciler how long an image has been in flight, the offset lets it
+        publish the image again without reading the seed file, the ordinal (when known) lets
+        it look at the image's done bits."""
         if offsets:
             stamp = int(self.server_time())
+            ordinals = ordinals or {}
+
+            def entry(image_id: str, offset: int) -> str:
+                o = ordinals.get(image_id)
+                return f"{stamp}:{offset}" if o is None else f"{stamp}:{offset}:{o}"
+
             self.r.hset(run_key(self.run_id, "queued"),
-                        mapping={image_id: f"{stamp}:{offset}" for image_id, offset in offsets.items()})
+                        mapping={image_id: entry(image_id, offset) for image_id, offset in offsets.items()})
+
+    def queued_ordinals(self, image_ids: list[str]) -> dict[str, int | None]:
+        """The ordinals the in-flight marks of these images hold (None where none)."""
+        if not image_ids:
+            return {}
+        out: dict[str, int | None] = {}
+        for image_id, raw in zip(image_ids, self.r.hmget(run_key(self.run_id, "queued"), image_ids), strict=True):
+            parts = raw.decode().split(":") if raw is not None else []
+            out[image_id] = int(parts[2]) if len(parts) > 2 and parts[2] else None
+        return out
 
     def queued_many(self, image_ids: list[str]) -> list[bool]:
         if not image_ids:
@@ -420,7 +540,8 @@ class RunState:
         """Every image in flight: ``(image_id, since, seed offset)``; ``since`` in Redis time
         (0 and no offset for marks written by an older producer, which stored the time only)."""
         for key, raw in self.r.hscan_iter(run_key(self.run_id, "queued"), count=1000):
-            stamp, _, offset = raw.decode().partition(":")
+            stamp, _, rest = raw.decode().partition(":")
+            offset = rest.partition(":")[0]
             try:
                 since = float(stamp)
             except ValueError:
@@ -431,48 +552,58 @@ class RunState:
         if image_ids:
             self.r.hdel(run_key(self.run_id, "queued"), *image_ids)
 
-    def settle(self, image_id: str, steps: list[int]) -> bool:
+    def settle(self, image_id: str, steps: list[int], ordinal: int | None = None) -> bool:
         """Drop the image from the in-flight set once every step is done, failed or blocked.
 
         Called after each step's outcome is marked (or with the mark, in the same script); of
         two header tasks finishing together at least one sees both marks, so the image always
         leaves the set.
         """
-        return self._settle_script(image_id, steps)
+        return self._settle_script(image_id, steps, ordinal=ordinal)
 
     def _settle_keys(self, steps: list[int]) -> list[str]:
-        keys = [run_key(self.run_id, part) for part in ("queued", "tally", "usage", "quality")]
-        return keys + [run_key(self.run_id, kind, s) for s in steps for kind in MARKS]
+        keys = [run_key(self.run_id, part) for part in ("queued", "tally", "usage", "quality", REINDEXING)]
+        return keys + [run_key(self.run_id, kind, s) for s in steps for kind in (*MARKS, BITS)]
 
     def _settle_script(self, image_id: str, steps: list[int], step: int | None = None,
-                       mark: Outcome | None = None, value: object = "", tally: str = "") -> bool:
+                       mark: Outcome | None = None, value: object = "", tally: str = "",
+                       ordinal: int | None = None) -> bool:
         steps = list(steps)
         if step is not None and step not in steps:  # a step outside the run's list: mark it too
             steps.append(step)
         pos = steps.index(step) + 1 if step is not None else 0
         kind = MARKS.index(mark) + 1 if mark is not None else 0
         return bool(self._mark_and_settle(keys=self._settle_keys(steps),
-                                          args=[image_id, pos, kind, value, tally, TALLY_FOLD]))
+                                          args=[image_id, pos, kind, value, tally, TALLY_FOLD,
+                                                -1 if ordinal is None else ordinal]))
 
-    def outcomes(self, image_ids: list[str], steps: list[int]) -> dict[str, dict[int, str | None]]:
-        """``image_id -> step -> Outcome (DONE, FAILED or BLOCKED) | None`` in one round trip."""
+    def outcomes(self, image_ids: list[str], steps: list[int], ordinals: dict[str, int | None] | None = None
+                 ) -> dict[str, dict[int, str | None]]:
+        """``image_id -> step -> Outcome (DONE, FAILED or BLOCKED) | None`` in one round trip.
+        An image whose ordinal is in ``ordinals`` is DONE in a step whose bit is set."""
         kinds = MARKS
+        ordinals = ordinals or {}
         pipe = self.r.pipeline(transaction=False)
         for image_id in image_ids:
+            ordinal = ordinals.get(image_id)
             for s in steps:
                 for kind in kinds:
                     pipe.hexists(run_key(self.run_id, kind, s), image_id)
+                if ordinal is not None:
+                    pipe.getbit(run_key(self.run_id, BITS, s), ordinal)
         flags = iter(pipe.execute())
         out: dict[str, dict[int, str | None]] = {}
         for image_id in image_ids:
             per_step = {}
             for s in steps:
                 marks = [next(flags) for _ in kinds]
+                if ordinals.get(image_id) is not None and next(flags):
+                    marks[0] = True
                 per_step[s] = next((k for k, m in zip(kinds, marks, strict=True) if m), None)
             out[image_id] = per_step
         return out
 
-    def settle_many(self, image_ids: list[str], steps: list[int]) -> int:
+    def settle_many(self, image_ids: list[str], steps: list[int], ordinals: list[int | None] | None = None) -> int:
         """``settle`` for a batch in one round trip; returns how many left the in-flight set.
 
         The producer calls it right after marking a batch in flight: a worker that finished an
@@ -482,18 +613,19 @@ class RunState:
         if not image_ids:
             return 0
         keys = self._settle_keys(list(steps))
+        ords = [-1 if o is None else o for o in (ordinals or [None] * len(image_ids))]
         try:
-            return self._settle_batch(keys, image_ids)
+            return self._settle_batch(keys, image_ids, ords)
         except redis.exceptions.NoScriptError:
             # Redis restarted between the pipeline's script load and its EVALSHAs (the
             # connection retry re-sent them to an empty server): a new pipeline loads the script
             # again. Settling is idempotent, so running the batch twice is safe.
-            return self._settle_batch(keys, image_ids)
+            return self._settle_batch(keys, image_ids, ords)
 
-    def _settle_batch(self, keys: list[str], image_ids: list[str]) -> int:
+    def _settle_batch(self, keys: list[str], image_ids: list[str], ordinals: list[int]) -> int:
         pipe = self.r.pipeline(transaction=False)
-        for image_id in image_ids:
-            self._mark_and_settle(keys=keys, args=[image_id, 0, 0, "", "", TALLY_FOLD], client=pipe)
+        for image_id, ordinal in zip(image_ids, ordinals, strict=True):
+            self._mark_and_settle(keys=keys, args=[image_id, 0, 0, "", "", TALLY_FOLD, ordinal], client=pipe)
         return sum(int(x) for x in pipe.execute())
 
     # -- fleet ---------------------------------------------------------------------------------
@@ -503,6 +635,135 @@ class RunState:
     def workers_seen(self, window: float = WORKER_SEEN_WINDOW) -> list[str]:
         since = time.time() - window
         return [w.decode() for w in self.r.zrangebyscore(run_key(self.run_id, "workers"), since, "+inf")]
+
+
+#: Given ``(image_id, offset)`` pairs, yields ``(image_id, offset, seed ordinal or None)`` for each.
+OrdinalsOf = Callable[[Iterable[tuple[str, int]]], Iterator[tuple[str, int, "int | None"]]]
+
+
+class IndexRebuild:
+    """A reindex's writes: done entries and bits go to temp keys, swapped in by ``commit``.
+
+    Creating one sets the ``reindexing`` key (so no settle moves an image to the bitmaps while
+    the sinks are read: a bit set then would be lost in the swap, its offsets dropped with it);
+    ``commit`` removes it. The key expires on its own should the producer die midway."""
+
+    def __init__(self, state: RunState, steps: list[int], batch: int = 1000):
+        self.state, self.steps, self.batch = state, steps, batch
+        self.flag = run_key(state.run_id, REINDEXING)
+        self.r = state.r
+        self._done: dict[int, dict[str, int]] = {s: {} for s in steps}
+        self._bits: dict[int, list[int]] = {s: [] for s in steps}
+        self.written = dict.fromkeys(steps, 0)
+        pipe = self.r.pipeline()
+        pipe.set(self.flag, 1, ex=REINDEXING_TTL)
+        for s in steps:
+            pipe.delete(self._tmp(Outcome.DONE, s), self._tmp(BITS, s))
+        pipe.execute()
+
+    def _tmp(self, kind: str, step: int) -> str:
+        return f"{run_key(self.state.run_id, kind, step)}:reindex"
+
+    def done(self, step: int, image_id: str, offset: int) -> None:
+        """The image-step is done, its record at ``offset``."""
+        self._done[step][image_id] = offset
+        if len(self._done[step]) >= self.batch:
+            self._flush(step)
+
+    def bit(self, step: int, ordinal: int) -> None:
+        """The image (done in every step of the run) is done in ``step``: its bit."""
+        self._bits[step].append(ordinal)
+        if len(self._bits[step]) >= self.batch:
+            self._flush(step)
+
+    def _flush(self, step: int) -> None:
+        pipe = self.r.pipeline(transaction=False)
+        if self._done[step]:
+            pipe.hset(self._tmp(Outcome.DONE, step), mapping=self._done[step])
+        if self._bits[step]:
+            pipe.execute_command("BITFIELD", self._tmp(BITS, step),
+                                 *[a for o in self._bits[step] for a in ("SET", "u1", o, 1)])
+        pipe.set(self.flag, 1, ex=REINDEXING_TTL)  # a long rebuild keeps its flag
+        pipe.execute()
+        self.written[step] += len(self._done[step]) + len(self._bits[step])
+        self._done[step], self._bits[step] = {}, []
+
+    def commit(self, still_there: dict[int, Callable[[str, int], bool]],
+               ordinals_of: OrdinalsOf | None = None) -> dict[int, int]:
+        """Swap the rebuilt index in, step by step; returns the entries and bits written per
+        step. Done entries a worker set while the sinks were read are carried over (see
+        ``RunState.replace_done``), except those of images the rebuild made bits: an image is
+        a bit or an entry, never both (status adds ``HLEN`` and ``BITCOUNT``). Telling them
+        needs the ordinals of the entries the rebuild did not write: ``ordinals_of`` (given
+        when the rebuild made bits) joins them with the seed's."""
+        out = {}
+        for step in self.steps:
+            self._flush(step)
+            out[step] = self.written[step] + self._carry_over(step, still_there.get(step), ordinals_of)
+        self.r.delete(self.flag)
+        return out
+
+    def abort(self) -> None:
+        """Give the rebuild up (the sinks could not be read): the old index stays as it was,
+        and settling moves images to the bitmaps again."""
+        pipe = self.r.pipeline()
+        for s in self.steps:
+            pipe.delete(self._tmp(Outcome.DONE, s), self._tmp(BITS, s))
+        pipe.delete(self.flag)
+        pipe.execute()
+
+    def _carry_over(self, step: int, still_there: Callable[[str, int], bool] | None,
+                    ordinals_of: OrdinalsOf | None = None) -> int:
+        key, tmp = run_key(self.state.run_id, Outcome.DONE, step), self._tmp(Outcome.DONE, step)
+        bits, tmp_bits = run_key(self.state.run_id, BITS, step), self._tmp(BITS, step)
+        kept: dict[str, int] = {}
+        added = 0
+
+        def keep(image_id: str, offset: int, fresh: bool) -> None:
+            nonlocal added
+            if still_there is not None and still_there(image_id, offset):
+                kept[image_id] = offset
+                added += fresh
+                if len(kept) >= self.batch:
+                    self.r.hset(tmp, mapping=kept)
+                    kept.clear()
+
+        def unindexed() -> Iterator[tuple[str, int]]:
+            """The old entries of images the rebuild wrote no entry for (newer ones kept here)."""
+            old = self.r.hscan_iter(key, count=self.batch)
+            while chunk := [(k.decode(), int(v)) for k, v in itertools.islice(old, self.batch)]:
+                rebuilt = self.r.hmget(tmp, [k for k, _ in chunk])
+                for (image_id, offset), new in zip(chunk, rebuilt, strict=True):
+                    if new is None:
+                        yield image_id, offset
+                    elif offset > int(new):
+                        keep(image_id, offset, False)
+
+        if ordinals_of is None or not self.r.exists(tmp_bits):
+            for image_id, offset in unindexed():
+                keep(image_id, offset, True)
+        else:
+            joined = ordinals_of(unindexed())
+            while chunk := list(itertools.islice(joined, self.batch)):
+                known = [o for _, _, o in chunk if o is not None]
+                got = iter(self.r.execute_command("BITFIELD", tmp_bits, *[a for o in known for a in ("GET", "u1", o)])
+                           if known else [])
+                for image_id, offset, ordinal in chunk:
+                    if ordinal is None or not next(got):  # a bit: done, its record found in the sink
+                        keep(image_id, offset, True)
+        if kept:
+            self.r.hset(tmp, mapping=kept)
+        pipe = self.r.pipeline()
+        if self.r.exists(tmp):
+            pipe.rename(tmp, key)
+        else:
+            pipe.delete(key)
+        if self.r.exists(tmp_bits):
+            pipe.rename(tmp_bits, bits)
+        else:
+            pipe.delete(bits)
+        pipe.execute()
+        return added
 
 
 def _tally(step: int, call: dict | None, quality: dict | None) -> str:

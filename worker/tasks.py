@@ -47,9 +47,18 @@ from celery.exceptions import Reject, Retry
 from worker import settings
 from worker.app import app
 from worker.batchflow import after_step, load_answer, park
+from worker.constants import seed_ordinal
 from worker.context import RunContext, RunNotInRedis, get_context, state_redis
 from worker.errors import PERMANENT, RETRYABLE, ClientError
-from worker.execute import SKIPPED, Uncommitted, commit, execute, failure_payload, record_failure
+from worker.execute import (
+    SKIPPED,
+    Uncommitted,
+    commit,
+    execute,
+    failure_payload,
+    load_seed,
+    record_failure,
+)
 from worker.keys import WRITE_PROBE
 from worker.parking import AnswerClient, Parked, ParkingClient
 from worker.sinks import StaleOffset
@@ -119,32 +128,39 @@ def run_task(task: Task, step: int, run_ref: str, image_id: str, seed_offset: in
     """
     ctx: RunContext | None = None
     batch = False
+    ordinal: int | None = None
     try:
         ctx = get_context(run_ref)
         batch = ctx.spec.ire.vlm.batch.enabled
         _heartbeat(ctx, task.request.hostname or "unknown")
         if failure is None and pending is None and (task.request.delivery_info or {}).get("redelivered"):
             pending = ctx.layout.read_spool(step, image_id, ctx.spec_hash)  # kept while Redis was unusable
+        # The image's seed line: its ordinal (its done bit) for every path, its input for some.
+        # A failure or a kept answer (rare paths) finds its line even when a re-seed moved it:
+        # without the ordinal it would mark failed, or write again, a step whose bit is set.
+        seed = load_seed(ctx, image_id, seed_offset,
+                         scan=STEP[step].reads_seed or pending is not None or failure is not None)
+        ordinal = seed_ordinal(seed)
         settled_with_mark = True  # DONE, FAILED and BLOCKED settle in the same script that marks them
         if failure is not None:  # recorded unless an earlier attempt (or a duplicate) settled it since
-            outcome = ctx.state.outcomes([image_id], [step])[image_id][step]
+            outcome = ctx.state.outcomes([image_id], [step], {image_id: ordinal})[image_id][step]
             settled_with_mark = outcome is None
             outcome = outcome or record_failure(ctx, step, image_id, failure,
-                                                failure.get("attempts", vlm_retries + 1))
+                                                failure.get("attempts", vlm_retries + 1), ordinal)
         elif pending is not None:
-            outcome = _commit_pending(ctx, step, image_id, pending)
+            outcome = _commit_pending(ctx, step, image_id, pending, ordinal)
             ctx.layout.drop_spool(step, image_id, ctx.spec_hash)
         elif batch:
             client = (AnswerClient(load_answer(ctx, batch_answer), ctx.client) if batch_answer
                       else ParkingClient(ctx.client))
             try:
-                outcome = execute(ctx, step, image_id, seed_offset, client=client)
+                outcome = execute(ctx, step, image_id, seed_offset, client=client, seed=seed)
             except Parked as parked:
                 return park(ctx, step, image_id, seed_offset, parked.request, vlm_retries)
         else:
-            outcome = execute(ctx, step, image_id, seed_offset)
+            outcome = execute(ctx, step, image_id, seed_offset, seed=seed)
         if outcome == SKIPPED or not settled_with_mark:
-            ctx.state.settle(image_id, ctx.spec.ire.workflow.steps)
+            ctx.state.settle(image_id, ctx.spec.ire.workflow.steps, ordinal)
         if batch:
             after_step(ctx, step, image_id, seed_offset)
         return outcome
@@ -152,7 +168,7 @@ def run_task(task: Task, step: int, run_ref: str, image_id: str, seed_offset: in
         raise
     except Exception as exc:
         try:
-            outcome = _settle_error(task, ctx, step, image_id, exc, vlm_retries)
+            outcome = _settle_error(task, ctx, step, image_id, exc, vlm_retries, ordinal)
         except (Retry, Reject):
             raise
         except Exception:  # a bug in settling itself: still never acknowledge an unsettled image-step
@@ -184,18 +200,19 @@ def _keep(ctx: RunContext, step: int, image_id: str, exc: Uncommitted) -> None:
             ctx.layout.write_spool(step, image_id, ctx.spec_hash, exc.pending)
 
 
-def _commit_pending(ctx: RunContext, step: int, image_id: str, pending: dict) -> str:
+def _commit_pending(ctx: RunContext, step: int, image_id: str, pending: dict, ordinal: int | None = None) -> str:
     """Write the answer an earlier attempt kept (unless a duplicate delivery wrote it since)."""
-    if not ctx.spec.ire.workflow.force_reprocess and ctx.state.done_offset(step, image_id) is not None:
+    force = ctx.spec.ire.workflow.force_reprocess  # a bit is this run's even then (see ``execute``)
+    if ctx.state.is_done(step, image_id, ordinal, bit_only=force):
         return SKIPPED
     try:
-        return commit(ctx, step, image_id, pending)
+        return commit(ctx, step, image_id, pending, ordinal)
     except Exception as exc:
         raise Uncommitted(pending, exc) from exc
 
 
 def _settle_error(task: Task, ctx: RunContext | None, step: int, image_id: str, exc: Exception,
-                  vlm_retries: int) -> str:
+                  vlm_retries: int, ordinal: int | None = None) -> str:
     """Turn what went wrong into a retry or a recorded failure; never let the image-step go."""
     backoff = min(task.request.retries, 5)
     if is_infra_error(exc):
@@ -224,7 +241,7 @@ def _settle_error(task: Task, ctx: RunContext | None, step: int, image_id: str, 
             image_id, step, type(exc).__name__, exc, exc_info=not expected)
     payload = {**failure_payload(exc), "attempts": vlm_retries + 1}
     try:
-        return record_failure(ctx, step, image_id, payload, payload["attempts"])  # marked and settled
+        return record_failure(ctx, step, image_id, payload, payload["attempts"], ordinal)  # marked and settled
     except Exception as rec_exc:
         log.warning("%s step %s: could not record the failure (%s: %s); trying again later",
                     image_id, step, type(rec_exc).__name__, rec_exc)

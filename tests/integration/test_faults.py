@@ -108,6 +108,17 @@ def hash_ids(client: redis.Redis, run_id: str, kind: str, step: int) -> set[str]
     return {k.decode() for k in client.hkeys(run_key(run_id, kind, step))}
 
 
+def done_ids(state, results: Path, step: int) -> set[str]:
+    """The images done in ``step`` as the index says: a done entry (an offset), or the bit at
+    the image's seed ordinal (it settled done in every step, and its offsets left Redis)."""
+    from worker.keys import run_key
+
+    ids = hash_ids(state.r, state.run_id, "done", step)
+    key = run_key(state.run_id, "bits", step)
+    return ids | {r["image_id"] for r in seed_records(results)
+                  if isinstance(r.get("ordinal"), int) and state.r.getbit(key, r["ordinal"])}
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> tuple[Path, Path]:
     """8 drawn road scenes with KITTI labels (one has no label file, so no boxes)."""

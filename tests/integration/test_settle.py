@@ -18,6 +18,7 @@ import pytest
 from tests.integration.test_faults import (
     SHORT_VT,
     assert_finalized_once,
+    done_ids,
     failures,
     hash_ids,
     job,
@@ -282,7 +283,7 @@ def test_repair_puts_back_images_stranded_mid_chain(fleet, fleet_env, fake_vlm, 
     assert early.stdout.startswith("0 stranded images published again"), early.stdout
     # ... old ones are put back, for exactly the steps that have no outcome.
     state = run_state(redis_url, results)
-    done_before = {s: hash_ids(state.r, state.run_id, "done", s) for s in STEPS}
+    done_before = {s: done_ids(state, results, s) for s in STEPS}
     seeds = {r["image_id"]: r for r in seed_records(results)}
     owed = sum(1 for i, r in seeds.items() for s in STEPS if i not in done_before[s] and (s == 1 or r["kitti_bboxes"]))
     calls_before = fake_vlm.stats()["calls"]
@@ -324,3 +325,46 @@ def test_max_inflight_holds_below_the_publish_batch(fleet, fleet_env, fake_vlm, 
         t.join()
     assert_finalized_once(results, [r["image_id"] for r in seed_records(results)])
     assert 1 <= peak[0] <= 5, f"{peak[0]} images in flight with --max-inflight 5"
+
+
+def test_redis_emptied_mid_run_the_next_enqueue_rebuilds_bits_and_offsets_and_redoes_nothing(
+        fleet, fleet_env, fake_vlm, data, tmp_path, redis_url, redis_client):
+    """Redis loses everything (FLUSHDB) with some images settled (their bits set, offsets
+    dropped) and others part-way: the next ``enqueue`` reindexes from the sinks (bits for the
+    images done in every step, offsets for the others) and the run completes with exactly the
+    calls that were owed."""
+    from worker.keys import run_key
+
+    env = {**fleet_env, **WORKER_ENV}
+    fake_vlm.latency = 0.3
+    fleet.start(2, concurrency=2, extra_env=WORKER_ENV)
+    results = tmp_path / "results"
+    producer(env, "enqueue", *job(fake_vlm, data, results))
+    seeds = {r["image_id"]: r for r in seed_records(results)}
+    n = len(seeds)
+    state = run_state(redis_url, results)
+    wait_until(lambda: 1 <= state.counts([3])[3]["done"] <= n - 3, 60, "some images settled and others not",
+               interval=0.05)
+    fleet.stop_all()  # warm shutdown: the calls in flight finish and are written
+    fleet.workers.clear()
+    settled = done_ids(state, results, 3)
+    assert settled and not (settled & hash_ids(state.r, state.run_id, "done", 3)), "settled images are bits"
+    on_disk = {s: set(JsonlSink(results / step_dir_name(s) / "annotations.jsonl").latest_offsets(ReadStats()))
+               for s in STEPS}
+    owed = sum(1 for i, r in seeds.items() for s in STEPS if i not in on_disk[s] and (s == 1 or r["kitti_bboxes"]))
+    assert owed > 0
+    redis_client.flushdb()
+    calls_before = fake_vlm.stats()["calls"]
+    producer(env, "enqueue", *job(fake_vlm, data, results))  # reindexes: this Redis holds nothing of the run
+    done_all = {i for i in seeds if all(i in on_disk[s] for s in STEPS)}
+    for s in STEPS:
+        bits_now = {i for i, r in seeds.items() if redis_client.getbit(run_key(state.run_id, "bits", s), r["ordinal"])}
+        assert bits_now == done_all, f"step {s}: the reindex made bits of the images done in every step"
+    fleet.start(2, concurrency=4, extra_env=WORKER_ENV)
+    producer(env, "wait", "--results-dir", str(results), "--timeout", "90")
+    assert_finalized_once(results, sorted(seeds))
+    assert failures(results) == []
+    assert fake_vlm.stats()["calls"] - calls_before == owed, "a step that was done was asked again, or one was lost"
+    assert all(hash_ids(state.r, state.run_id, "done", s) == set() for s in STEPS), "the index is all bits"
+    assert status_json(env, results)["steps"]["3"]["done"] == n
+    print(f"Redis emptied mid-run: {len(done_all)} of {n} images rebuilt as bits; {owed} calls owed and made")

@@ -63,3 +63,68 @@ def test_a_publisher_process_sends_to_the_broker_this_process_points_at(app, red
 def test_small_runs_publish_in_process():
     assert auto_publishers(AUTO_MIN_IMAGES - 1) == 1
     assert 1 <= auto_publishers(10 * AUTO_MIN_IMAGES) <= 4
+
+
+def test_a_run_given_a_new_step_turns_the_bits_back_into_offsets_and_publishes_only_that_step(
+        app, redis_client, demo_data, tmp_path):
+    """Steps [0, 1] finished (the images settled: bits, no offsets), then the run is enqueued
+    with [0, 1, 2, 3]: step 2 reads steps 0 and 1, so the enqueue turns their bits back into
+    offsets (``submit.unpack_bits``) and publishes steps 2 and 3 alone."""
+    from producer.seed import iter_seed
+    from worker.constants import seed_ordinal
+    from worker.keys import run_key
+
+    images, labels = demo_data
+    base = [f"results_dir={tmp_path / 'out'}", f"{P}.vlm.backend=offline", f"{P}.data.image_dir={images}",
+            f"{P}.data.kitti_label_dir={labels}"]
+    first = submit(load_spec(None, [*base, f"{P}.workflow.steps=[0,1]"]), redis_client)
+    state, layout = first.run.state, first.run.layout
+    redis_client.delete(*QUEUE_LISTS)
+    for _, rec in iter_seed(layout.seed):  # a fleet finishes every image: lines, marks, settles
+        for s in (0, 1):
+            offset = layout.sink(s).append({"image_id": rec["image_id"], "step": s})
+            state.finish(s, rec["image_id"], offset, [0, 1], ordinal=seed_ordinal(rec))
+    assert state.queued_count() == 0
+    assert redis_client.hlen(run_key(state.run_id, "done", 0)) == 0 and state.counts([1])[1]["done"] == 50
+
+    second = submit(load_spec(None, [*base, f"{P}.workflow.steps=[0,1,2,3]"]), redis_client)
+    assert second.enqueue.enqueued == 50 and second.enqueue.already_done == 0
+    assert not redis_client.exists(run_key(state.run_id, "bits", 0), run_key(state.run_id, "bits", 1))
+    for _, rec in iter_seed(layout.seed):
+        for s in (0, 1):
+            assert layout.sink(s).read_at(state.done_offset(s, rec["image_id"]))["step"] == s
+    assert queued_images(redis_client) == Counter(), "no head step is published again"
+    assert redis_client.llen(queue_list(STEP[2].priority)) == 50
+
+
+def test_a_seed_written_afresh_over_a_run_with_bits_reindexes_and_redoes_nothing(
+        app, redis_client, demo_data, tmp_path):
+    """The seed file deleted after the images settled into the bits, and an image added: the
+    seed written afresh numbers its images above every ordinal given before (their old bits may
+    be any image's now), so the enqueue rebuilds the bits from the sinks at the new ordinals:
+    only the new image goes out, and status counts each image once."""
+    import shutil
+
+    from producer.seed import iter_seed
+    from worker.constants import seed_ordinal
+
+    images, labels = (shutil.copytree(d, tmp_path / d.name) for d in demo_data)  # one image is added
+    base = [f"results_dir={tmp_path / 'out'}", f"{P}.vlm.backend=offline", f"{P}.data.image_dir={images}",
+            f"{P}.data.kitti_label_dir={labels}", f"{P}.workflow.steps=[0,1]"]
+    first = submit(load_spec(None, base), redis_client)
+    state, layout = first.run.state, first.run.layout
+    redis_client.delete(*QUEUE_LISTS)
+    for _, rec in iter_seed(layout.seed):  # a fleet finishes every image: lines, marks, settles
+        for s in (0, 1):
+            offset = layout.sink(s).append({"image_id": rec["image_id"], "step": s})
+            state.finish(s, rec["image_id"], offset, [0, 1], ordinal=seed_ordinal(rec))
+    assert state.queued_count() == 0 and state.counts([1])[1]["done"] == 50
+    layout.seed.path.unlink()
+    first_image = sorted(images.iterdir())[0]
+    shutil.copy(first_image, images / f"zz_new{first_image.suffix}")
+    shutil.copy(labels / f"{first_image.stem}.txt", labels / "zz_new.txt")
+
+    second = submit(load_spec(None, base), redis_client)
+    assert (second.enqueue.enqueued, second.enqueue.already_done) == (1, 50)
+    assert set(queued_images(redis_client)) == {"zz_new"}
+    assert state.counts([0, 1]) == {s: {"done": 50, "failed": 0, "blocked": 0} for s in (0, 1)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 
@@ -9,6 +10,7 @@ import pytest
 from PIL import Image
 
 from producer.seed import (
+    ORDINAL_TOP_FILE,
     SeedEntry,
     SeedReport,
     iter_seed,
@@ -532,3 +534,93 @@ def test_image_paths_are_inside_the_root_by_component_not_by_string_prefix(tmp_p
     assert inside(str(tmp_path / "real2" / "f.png")) is None  # a string prefix of the real root
     assert inside(str(tmp_path / "linkx" / "g.png")) is None  # and of the root as written
     assert inside("../../etc/passwd") is None
+
+
+# --------------------------------------------------------------------------- ordinals
+
+
+def ordinals(results) -> dict[str, int]:
+    return {r["image_id"]: r["ordinal"] for _, r in iter_seed(results / SEED_FILE)}
+
+
+def test_a_first_seeding_numbers_the_lines(dirs):
+    images, _, results = dirs
+    for stem in ("c", "a", "b"):
+        image(images / f"{stem}.png")
+    write_seed(spec_for(images), results, SeedReport())
+    assert ordinals(results) == {"a": 0, "b": 1, "c": 2}
+
+
+def test_a_re_seed_keeps_every_kept_image_s_ordinal_and_never_reuses_a_removed_one(dirs, monkeypatch):
+    """Images added before, between and after the old ones, one removed: the kept images keep
+    their ordinals (their done bits), the new ones get numbers above every old one. The sorts
+    spill to disk (chunks of 2), so the join is the bounded-memory one."""
+    import producer.extsort as extsort
+
+    monkeypatch.setattr(extsort, "CHUNK", 2)
+    images, _, results = dirs
+    for stem in ("b", "d", "f", "h"):
+        image(images / f"{stem}.png")
+    write_seed(spec_for(images), results, SeedReport())
+    first = ordinals(results)
+    assert first == {"b": 0, "d": 1, "f": 2, "h": 3}
+    (images / "f.png").unlink()
+    for stem in ("a", "e", "z"):
+        image(images / f"{stem}.png")
+    report = SeedReport()
+    write_seed(spec_for(images), results, report)
+    second = ordinals(results)
+    assert {i: second[i] for i in ("b", "d", "h")} == {"b": 0, "d": 1, "h": 3}
+    assert sorted(second[i] for i in ("a", "e", "z")) == [4, 5, 6], "new ordinals above the old maximum"
+    assert [r["image_id"] for _, r in iter_seed(results / SEED_FILE)] == ["a", "b", "d", "e", "h", "z"]
+    assert report.sha256 == hashlib.sha256((results / SEED_FILE).read_bytes()).hexdigest()
+    # The same inputs again: the same file, byte for byte.
+    before = (results / SEED_FILE).read_bytes()
+    write_seed(spec_for(images), results, SeedReport())
+    assert (results / SEED_FILE).read_bytes() == before
+    assert not [p for p in results.iterdir() if p.name not in (SEED_FILE, ORDINAL_TOP_FILE)]
+
+
+def test_a_re_seed_from_an_input_jsonl_in_another_order_keeps_the_ordinals(tmp_path):
+    img = image(tmp_path / "x.png", size=(30, 20))
+    src = tmp_path / "in.jsonl"
+    results = tmp_path / "results"
+
+    def write(ids):
+        src.write_text("".join(json.dumps({"image_id": i, "image_path": str(img), "ordinal": 99}) + "\n"
+                               for i in ids))
+        write_seed(jsonl_spec(src), results, SeedReport())
+
+    write(["q", "p", "r"])
+    assert ordinals(results) == {"q": 0, "p": 1, "r": 2}, "an input's own `ordinal` is not taken"
+    write(["s", "r", "q"])
+    assert ordinals(results) == {"s": 3, "r": 2, "q": 0}
+
+
+def test_the_ordinal_never_reaches_a_step_s_input():
+    from worker.steps import input_record
+
+    seed = {"image_id": "a", "image_path": "/x.png", "width": 3, "height": 2, "kitti_bboxes": [], "ordinal": 7}
+    assert "ordinal" not in input_record(0, seed, {})
+    assert "ordinal" in seed
+
+
+def test_an_ordinal_freed_by_a_removed_image_is_not_reused_by_a_later_re_seed(dirs):
+    """The image with the highest ordinal removed, then an image added in a later re-seed: the
+    new image must not take the removed one's ordinal (its done bits are still set, so the new
+    image would be counted done and never sent)."""
+    images, _, results = dirs
+    for stem in ("a", "b", "c"):
+        image(images / f"{stem}.png")
+    write_seed(spec_for(images), results, SeedReport())
+    assert ordinals(results) == {"a": 0, "b": 1, "c": 2}
+    (images / "c.png").unlink()
+    write_seed(spec_for(images), results, SeedReport())
+    assert ordinals(results) == {"a": 0, "b": 1}
+    image(images / "d.png")
+    write_seed(spec_for(images), results, SeedReport())
+    assert ordinals(results) == {"a": 0, "b": 1, "d": 3}
+    # The seed file deleted (the run's bits still in Redis): a seeding afresh numbers above them.
+    (results / SEED_FILE).unlink()
+    write_seed(spec_for(images), results, SeedReport())
+    assert ordinals(results) == {"a": 4, "b": 5, "d": 6}

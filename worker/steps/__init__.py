@@ -13,6 +13,7 @@ from importlib import import_module
 from types import ModuleType
 
 from worker.clients.base import VLMClient, VLMResponse
+from worker.constants import SEED_ORDINAL
 from worker.images import DEFAULT_MAX_PIXELS, content_hash
 from worker.stepdefs import PIPELINE, STEP, final_steps
 from worker.steps import fingerprint
@@ -41,6 +42,8 @@ def input_record(step: int, seed: dict, upstream: dict[int, dict]) -> dict:
     """The record a step works on: the seed (when the step starts from it) merged with the
     upstream records it reads."""
     d = STEP[step]
+    if SEED_ORDINAL in seed:  # the seed's bookkeeping (the image's done bit), not the image's data
+        seed = {k: v for k, v in seed.items() if k != SEED_ORDINAL}
     return merge(*([seed] if d.reads_seed else []), *(upstream.get(s) for s in d.reads))
 
 
