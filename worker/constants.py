@@ -8,7 +8,9 @@ SEED_FILE = "seed_annotations.jsonl"
 #: The field of a seed line holding the image's ordinal: its bit in the done bitmaps
 #: (``worker.runstate``, ``bits:<step>``). Stable for the image across re-seeds
 #: (``producer.seed.write_seed``); stripped from a step's input (``worker.steps.input_record``).
-SEED_ORDINAL = "ordinal"
+#: Named so that it cannot take the place of a field of the user's own records (an input jsonl's
+#: lines are seeded with every field they have).
+SEED_ORDINAL = "_refexp_ordinal"
 FAILURES_FILE = "failures.jsonl"
 FINAL_FILE = "annotations.jsonl"
 RUN_FILE = "run.json"

@@ -23,6 +23,7 @@ from PIL import Image
 
 from producer.embedded import embedded_redis, free_port
 from tests.support.fleet import ROOT, Fleet, producer, wait_until
+from worker.constants import SEED_ORDINAL
 from worker.sinks import JsonlSink
 from worker.stepdefs import STEP_NAMES, step_dir_name
 
@@ -116,7 +117,7 @@ def done_ids(state, results: Path, step: int) -> set[str]:
     ids = hash_ids(state.r, state.run_id, "done", step)
     key = run_key(state.run_id, "bits", step)
     return ids | {r["image_id"] for r in seed_records(results)
-                  if isinstance(r.get("ordinal"), int) and state.r.getbit(key, r["ordinal"])}
+                  if isinstance(r.get(SEED_ORDINAL), int) and state.r.getbit(key, r[SEED_ORDINAL])}
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,7 @@ from tests.integration.test_faults import (
 )
 from tests.support.faults import PrivateRedis, fill, remount, tmpfs
 from tests.support.fleet import producer, wait_until
+from worker.constants import SEED_ORDINAL
 from worker.sinks import JsonlSink, ReadStats
 from worker.stepdefs import step_dir_name
 
@@ -358,7 +359,8 @@ def test_redis_emptied_mid_run_the_next_enqueue_rebuilds_bits_and_offsets_and_re
     producer(env, "enqueue", *job(fake_vlm, data, results))  # reindexes: this Redis holds nothing of the run
     done_all = {i for i in seeds if all(i in on_disk[s] for s in STEPS)}
     for s in STEPS:
-        bits_now = {i for i, r in seeds.items() if redis_client.getbit(run_key(state.run_id, "bits", s), r["ordinal"])}
+        key = run_key(state.run_id, "bits", s)
+        bits_now = {i for i, r in seeds.items() if redis_client.getbit(key, r[SEED_ORDINAL])}
         assert bits_now == done_all, f"step {s}: the reindex made bits of the images done in every step"
     fleet.start(2, concurrency=4, extra_env=WORKER_ENV)
     producer(env, "wait", "--results-dir", str(results), "--timeout", "90")

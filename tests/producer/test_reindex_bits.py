@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from producer.submit import reindex, unpack_bits
 from tests.producer.test_finalize import rec
+from worker.constants import SEED_ORDINAL
 from worker.keys import run_key
 from worker.layout import Layout
 from worker.runstate import RunState
@@ -18,7 +19,7 @@ def seed_with_ordinals(layout: Layout, ordinals: dict[str, int]) -> None:
     with open(layout.seed.path, "w", encoding="utf-8") as f:
         for i, o in ordinals.items():
             f.write(dumps({"image_id": i, "image_path": f"/img/{i}.png", "width": 10, "height": 10,
-                           "kitti_bboxes": [], "ordinal": o}) + "\n")
+                           "kitti_bboxes": [], SEED_ORDINAL: o}) + "\n")
 
 
 def bits(state: RunState, step: int) -> list[int]:

@@ -19,7 +19,7 @@ from producer.seed import (
     seed_from_images,
     write_seed,
 )
-from worker.constants import SEED_FILE
+from worker.constants import SEED_FILE, SEED_ORDINAL
 from worker.errors import ConfigError
 from worker.spec import load_spec
 from worker.steps.records import SOURCE
@@ -540,7 +540,7 @@ def test_image_paths_are_inside_the_root_by_component_not_by_string_prefix(tmp_p
 
 
 def ordinals(results) -> dict[str, int]:
-    return {r["image_id"]: r["ordinal"] for _, r in iter_seed(results / SEED_FILE)}
+    return {r["image_id"]: r[SEED_ORDINAL] for _, r in iter_seed(results / SEED_FILE)}
 
 
 def test_a_first_seeding_numbers_the_lines(dirs):
@@ -587,12 +587,14 @@ def test_a_re_seed_from_an_input_jsonl_in_another_order_keeps_the_ordinals(tmp_p
     results = tmp_path / "results"
 
     def write(ids):
-        src.write_text("".join(json.dumps({"image_id": i, "image_path": str(img), "ordinal": 99}) + "\n"
-                               for i in ids))
+        src.write_text("".join(json.dumps({"image_id": i, "image_path": str(img), SEED_ORDINAL: 99, "ordinal": "mine"})
+                               + "\n" for i in ids))
         write_seed(jsonl_spec(src), results, SeedReport())
 
     write(["q", "p", "r"])
-    assert ordinals(results) == {"q": 0, "p": 1, "r": 2}, "an input's own `ordinal` is not taken"
+    assert ordinals(results) == {"q": 0, "p": 1, "r": 2}, "an input's own ordinal field is not taken"
+    kept = {r["ordinal"] for _, r in iter_seed(results / SEED_FILE)}
+    assert kept == {"mine"}, "the user's field named ordinal is kept"
     write(["s", "r", "q"])
     assert ordinals(results) == {"s": 3, "r": 2, "q": 0}
 
@@ -600,9 +602,9 @@ def test_a_re_seed_from_an_input_jsonl_in_another_order_keeps_the_ordinals(tmp_p
 def test_the_ordinal_never_reaches_a_step_s_input():
     from worker.steps import input_record
 
-    seed = {"image_id": "a", "image_path": "/x.png", "width": 3, "height": 2, "kitti_bboxes": [], "ordinal": 7}
-    assert "ordinal" not in input_record(0, seed, {})
-    assert "ordinal" in seed
+    seed = {"image_id": "a", "image_path": "/x.png", "width": 3, "height": 2, "kitti_bboxes": [], SEED_ORDINAL: 7}
+    assert SEED_ORDINAL not in input_record(0, seed, {})
+    assert SEED_ORDINAL in seed
 
 
 def test_an_ordinal_freed_by_a_removed_image_is_not_reused_by_a_later_re_seed(dirs):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from tests.worker.test_execute import make_ctx
+from worker.constants import SEED_ORDINAL
 from worker.execute import DONE, SKIPPED, execute, record_failure
 from worker.keys import run_key
 from worker.runstate import Outcome, RunState
@@ -20,7 +21,7 @@ def with_ordinal(ctx, ordinal: int) -> None:
     import json
 
     rec = json.loads(ctx.layout.seed.path.read_text())
-    ctx.layout.seed.path.write_text(dumps({**rec, "ordinal": ordinal}) + "\n")
+    ctx.layout.seed.path.write_text(dumps({**rec, SEED_ORDINAL: ordinal}) + "\n")
 
 
 @pytest.fixture
@@ -169,7 +170,7 @@ def test_a_step_without_seed_input_does_not_scan_a_rewritten_seed_for_its_ordina
 
     assert [execute(ctx, s, "img", 0) for s in (0, 1, 2)] == [DONE] * 3
     line = ctx.layout.seed.path.read_text()
-    other = dumps({**json.loads(line), "image_id": "other", "ordinal": 6}) + "\n"
+    other = dumps({**json.loads(line), "image_id": "other", SEED_ORDINAL: 6}) + "\n"
     ctx.layout.seed.path.write_text(other + line)  # offset 0 is another image's line now
 
     def no_scan(self):
@@ -191,7 +192,7 @@ def test_a_late_duplicate_after_a_re_seed_moved_the_line_skips_instead_of_blocki
 
     assert [execute(ctx, s, "img", 0) for s in STEPS] == [DONE] * 4
     line = ctx.layout.seed.path.read_text()
-    other = dumps({**json.loads(line), "image_id": "other", "ordinal": 6}) + "\n"
+    other = dumps({**json.loads(line), "image_id": "other", SEED_ORDINAL: 6}) + "\n"
     ctx.layout.seed.path.write_text(other + line)  # offset 0 is another image's line now
     before = [lines(ctx, s) for s in STEPS]
     assert execute(ctx, 3, "img", 0) == SKIPPED
