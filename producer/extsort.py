@@ -4,14 +4,19 @@ merged with ``heapq.merge``.
 Why: finalize, reindex and seeding need the records of a run in image-id order (or the last
 record per image), and a run may hold tens of millions of images; an in-memory dict or sorted
 list of them all grows with N (~100 B per image), so each of them sorts through this instead.
-Memory is one chunk of pairs while sorting plus one batch per run while merging.
+Memory is one chunk of pairs while sorting plus one batch per run while merging, and runs are
+merged at most ``FAN_IN`` at a time (more runs are first merged into fewer, pass by pass), so
+the merge holds at most ``FAN_IN`` batches whatever N: a merge of every run at once held one
+batch (~300 KB) per run, which grows with N / chunk (a reindex at 1M images, five sorts side by
+side with a fifth of a chunk each, held 250 of them, ~70 MB, and ten times that at 10M).
 """
 
 from __future__ import annotations
 
 import heapq
-import os
+import itertools
 import pickle
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -19,6 +24,7 @@ from typing import Any
 
 CHUNK = 100_000  # pairs sorted in memory at a time (~15 MB of short ids and ints)
 BATCH = 2_048  # pairs per pickle in a run file: what one run holds in memory while merging
+FAN_IN = 16  # runs merged at once: a merge holds FAN_IN batches (~5 MB of short ids and ints)
 
 Pair = tuple[str, Any]  # (key, value): an image id and an offset, a line number or a file name
 
@@ -35,6 +41,7 @@ class SortedPairs:
         self._workdir = workdir
         self._chunk = chunk or CHUNK
         self._runs: list[Path] = []
+        self._made = 0  # run files written so far (their names)
         self._buf: list[Pair] = []
         self.count = 0
         try:
@@ -62,14 +69,37 @@ class SortedPairs:
             self._buf = self._buf[self._chunk:]
 
     def _spill(self, buf: list[Pair]) -> None:
+        buf.sort()
+        self._runs.append(self._write_run(buf))
+
+    def _write_run(self, pairs: Iterable[Pair]) -> Path:
+        """A run file of sorted ``pairs``, written in pickles of ``BATCH`` pairs."""
         if self._dir is None:
             self._dir = Path(tempfile.mkdtemp(prefix=".sort-", dir=self._workdir))
-        buf.sort()
-        path = self._dir / f"run-{len(self._runs):05d}"
-        with open(path, "wb") as f:
-            for i in range(0, len(buf), BATCH):
-                pickle.dump(buf[i:i + BATCH], f, protocol=pickle.HIGHEST_PROTOCOL)
-        self._runs.append(path)
+        self._made += 1
+        path = self._dir / f"run-{self._made:05d}"
+        try:
+            with open(path, "wb") as f:
+                it = iter(pairs)
+                while batch := list(itertools.islice(it, BATCH)):
+                    pickle.dump(batch, f, protocol=pickle.HIGHEST_PROTOCOL)
+        except BaseException:  # a full disk: no half-written run left behind
+            path.unlink(missing_ok=True)
+            raise
+        return path
+
+    def _fewer_runs(self) -> None:
+        """Merge the runs ``FAN_IN`` at a time until at most ``FAN_IN`` are left (one more pass
+        over the pairs per factor of ``FAN_IN``), so iterating holds ``FAN_IN`` batches."""
+        while len(self._runs) > FAN_IN:
+            merged: list[Path] = []
+            for i in range(0, len(self._runs), FAN_IN):
+                group = self._runs[i:i + FAN_IN]
+                merged.append(group[0] if len(group) == 1 else self._write_run(heapq.merge(*map(_read_run, group))))
+                if len(group) > 1:
+                    for path in group:
+                        path.unlink(missing_ok=True)
+            self._runs = merged
 
     def __iter__(self) -> Iterator[Pair]:
         if self._runs and self._buf:  # spilled already: the last, partial chunk goes too, so a
@@ -78,13 +108,14 @@ class SortedPairs:
         self._buf.sort()
         if not self._runs:
             return iter(self._buf)
+        self._fewer_runs()
         return heapq.merge(*(_read_run(p) for p in self._runs), self._buf)
 
     def close(self) -> None:
         for path in self._runs:
             path.unlink(missing_ok=True)
-        if self._dir is not None:
-            os.rmdir(self._dir)
+        if self._dir is not None:  # with any run a merge that failed midway left unlisted
+            shutil.rmtree(self._dir)
         self._runs, self._buf, self._dir = [], [], None
 
     def __enter__(self) -> SortedPairs:
