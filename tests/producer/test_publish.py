@@ -65,13 +65,23 @@ def test_small_runs_publish_in_process():
     assert 1 <= auto_publishers(10 * AUTO_MIN_IMAGES) <= 4
 
 
+def finish_every_image(state, layout, steps: list[int]) -> None:
+    """What a fleet does for every seeded image: its lines, its marks, its settle."""
+    from producer.seed import iter_seed
+    from worker.constants import seed_ordinal
+
+    for _, rec in iter_seed(layout.seed):
+        for s in steps:
+            offset = layout.sink(s).append({"image_id": rec["image_id"], "step": s})
+            state.finish(s, rec["image_id"], offset, steps, ordinal=seed_ordinal(rec))
+
+
 def test_a_run_given_a_new_step_turns_the_bits_back_into_offsets_and_publishes_only_that_step(
         app, redis_client, demo_data, tmp_path):
     """Steps [0, 1] finished (the images settled: bits, no offsets), then the run is enqueued
     with [0, 1, 2, 3]: step 2 reads steps 0 and 1, so the enqueue turns their bits back into
     offsets (``submit.unpack_bits``) and publishes steps 2 and 3 alone."""
     from producer.seed import iter_seed
-    from worker.constants import seed_ordinal
     from worker.keys import run_key
 
     images, labels = demo_data
@@ -80,10 +90,7 @@ def test_a_run_given_a_new_step_turns_the_bits_back_into_offsets_and_publishes_o
     first = submit(load_spec(None, [*base, f"{P}.workflow.steps=[0,1]"]), redis_client)
     state, layout = first.run.state, first.run.layout
     redis_client.delete(*QUEUE_LISTS)
-    for _, rec in iter_seed(layout.seed):  # a fleet finishes every image: lines, marks, settles
-        for s in (0, 1):
-            offset = layout.sink(s).append({"image_id": rec["image_id"], "step": s})
-            state.finish(s, rec["image_id"], offset, [0, 1], ordinal=seed_ordinal(rec))
+    finish_every_image(state, layout, [0, 1])
     assert state.queued_count() == 0
     assert redis_client.hlen(run_key(state.run_id, "done", 0)) == 0 and state.counts([1])[1]["done"] == 50
 
@@ -105,19 +112,13 @@ def test_a_seed_written_afresh_over_a_run_with_bits_reindexes_and_redoes_nothing
     only the new image goes out, and status counts each image once."""
     import shutil
 
-    from producer.seed import iter_seed
-    from worker.constants import seed_ordinal
-
     images, labels = (shutil.copytree(d, tmp_path / d.name) for d in demo_data)  # one image is added
     base = [f"results_dir={tmp_path / 'out'}", f"{P}.vlm.backend=offline", f"{P}.data.image_dir={images}",
             f"{P}.data.kitti_label_dir={labels}", f"{P}.workflow.steps=[0,1]"]
     first = submit(load_spec(None, base), redis_client)
     state, layout = first.run.state, first.run.layout
     redis_client.delete(*QUEUE_LISTS)
-    for _, rec in iter_seed(layout.seed):  # a fleet finishes every image: lines, marks, settles
-        for s in (0, 1):
-            offset = layout.sink(s).append({"image_id": rec["image_id"], "step": s})
-            state.finish(s, rec["image_id"], offset, [0, 1], ordinal=seed_ordinal(rec))
+    finish_every_image(state, layout, [0, 1])
     assert state.queued_count() == 0 and state.counts([1])[1]["done"] == 50
     layout.seed.path.unlink()
     first_image = sorted(images.iterdir())[0]
