@@ -29,8 +29,9 @@ from worker.budget import endpoint_key
 from worker.constants import SEED_FILE, seed_ordinal
 from worker.keys import BATCH_RUNS
 from worker.layout import Layout
+from worker.reindex import IndexRebuild
 from worker.run import Run
-from worker.runstate import IndexRebuild, RunRef, RunState
+from worker.runstate import RunRef, RunState
 from worker.sinks import SinkReader, loads
 from worker.spec import Spec
 from worker.stepdefs import ALL_STEPS
