@@ -255,3 +255,33 @@ def test_each_step_is_published_with_its_priority_and_the_tail_carries_its_own(a
     _args, _kwargs, embed = json.loads(msg["body"])
     tails = {t["task"]: t["options"].get("priority") for t in embed["chord"]["kwargs"]["tasks"]}
     assert tails == {"refexp.grounding_expr": STEP[2].priority, "refexp.double_check": STEP[3].priority}
+
+
+def test_a_header_task_that_returns_before_celery_sets_the_chord_size_is_counted(chord, redis_client):
+    """Celery's canvas (``apply_async``, the producer's fallback when a canvas has no template)
+    sends a chord's first header task before it sets the chord's size (``group._apply_tasks``
+    calls ``set_chord_size`` just before the last one). A first header task that returns in
+    between (a worker skipping a step already done takes milliseconds) must still count: its
+    bit must not be set pending again after it cleared it, or the body never goes out."""
+    from celery.signals import after_task_publish
+
+    _, part, body_sent = chord
+    sent: dict[int, tuple[str, str]] = {}
+
+    def returns_at_once(sender=None, headers=None, **_: object) -> None:
+        index = (headers or {}).get("group_index")
+        if index is not None and headers.get("group"):
+            sent[index] = (headers["id"], headers["group"])
+            if index == 0:  # a worker took it and returned before Celery went on
+                part(headers["id"], 0, gid=headers["group"])
+
+    after_task_publish.connect(returns_at_once, weak=False)
+    try:
+        canvas([0, 1, 2, 3], "run0:spec0", "img_early", 0).apply_async()
+    finally:
+        after_task_publish.disconnect(returns_at_once)
+    assert sorted(sent) == [0, 1]
+    tid, gid = sent[1]
+    part(tid, 1, gid=gid)
+    assert body_sent() == 1
+    assert chord_keys(redis_client, gid) == []
