@@ -161,15 +161,15 @@ class RefexpRedisBackend(RedisBackend):
         header task (``group._apply_tasks``): an earlier one can run and return in between, and
         it would find no bit string (taken for a late duplicate, dropped) and then have its bit
         set pending again, the body never sent. Celery's own join survives that (its parts are
-        listed, the size compared later); a bit string must exist first. A header of plain
+        listed, the size compared later), but a part of a chord too big for a bit string
+        goes there only when it finds the size key: both must exist first. A header of plain
         tasks has one part per result, so the size is known here; ``set_chord_size`` then
         sends nothing when the size it is given is the one set here. ``producer/templates.py``
         writes a chunk's bit strings before its messages (it comes here only to record a
         template)."""
         super().apply_chord(header_result_args, body, **kwargs)
         group_id, results = header_result_args[0], header_result_args[1]
-        if isinstance(results, (list, tuple)) and 0 < len(results) <= MAX_PARTS \
-                and not any(isinstance(r, GroupResult) for r in results):
+        if isinstance(results, (list, tuple)) and results and not any(isinstance(r, GroupResult) for r in results):
             self.ensure(self.queue_chord_size, (self.client, group_id, len(results), True))
             if len(self._preset) >= 1024:  # left by publishes that failed before their last header task
                 self._preset.clear()
@@ -177,7 +177,7 @@ class RefexpRedisBackend(RedisBackend):
 
     @cached_property
     def _preset(self) -> dict[str, int]:
-        """``{group id: size}`` of the bit strings ``apply_chord`` set, until ``set_chord_size``."""
+        """``{group id: size}`` of the chords ``apply_chord`` set, until ``set_chord_size``."""
         return {}
 
     def set_chord_size(self, group_id, chord_size):
