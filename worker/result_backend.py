@@ -51,6 +51,7 @@ join, claim and cleanup cost ~29 commands per two-task chord; this costs 5, publ
 from __future__ import annotations
 
 import logging
+import threading
 from functools import cached_property, partial
 from uuid import uuid4
 
@@ -68,6 +69,9 @@ LIVE, FAILED, PENDING0 = 0, 1, 2
 FIELD = 63
 #: The most header tasks a chord can have on this path (one pending bit each after LIVE and FAILED).
 MAX_PARTS = FIELD - PENDING0
+#: Sizes ``apply_chord`` remembers for ``set_chord_size`` (each for one publish; a publish that
+#: failed in between leaves its entry, the oldest go first).
+PRESET_KEPT = 1024
 
 
 def chord_bits(size: int) -> bytes:
@@ -171,20 +175,28 @@ class RefexpRedisBackend(RedisBackend):
         group_id, results = header_result_args[0], header_result_args[1]
         if isinstance(results, (list, tuple)) and results and not any(isinstance(r, GroupResult) for r in results):
             self.ensure(self.queue_chord_size, (self.client, group_id, len(results), True))
-            if len(self._preset) >= 1024:  # left by publishes that failed before their last header task
-                self._preset.clear()
-            self._preset[group_id] = len(results)
+            with self._preset_lock:
+                while len(self._preset) >= PRESET_KEPT:  # the oldest: left by publishes that failed
+                    del self._preset[next(iter(self._preset))]
+                self._preset[group_id] = len(results)
 
     @cached_property
     def _preset(self) -> dict[str, int]:
-        """``{group id: size}`` of the chords ``apply_chord`` set, until ``set_chord_size``."""
+        """``{group id: size}`` of the chords ``apply_chord`` set, until ``set_chord_size`` (the
+        app's backend is shared by its threads: ``_preset_lock``)."""
         return {}
+
+    @cached_property
+    def _preset_lock(self) -> threading.Lock:
+        return threading.Lock()
 
     def set_chord_size(self, group_id, chord_size):
         """Celery's canvas calls this before sending a chord's last header task, after the
         others: a bit string ``apply_chord`` set for this size may hold counts already, and is
         kept. Any other size (a header Celery counts otherwise, nested canvases) is written."""
-        if self._preset.pop(group_id, None) == chord_size:
+        with self._preset_lock:
+            preset = self._preset.pop(group_id, None)
+        if preset == chord_size:
             return
         self.ensure(self.queue_chord_size, (self.client, group_id, chord_size))
 

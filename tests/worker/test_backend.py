@@ -298,3 +298,23 @@ def test_a_header_task_that_returns_before_celery_sets_the_chord_size_is_counted
     assert body_sent() == 1
     if size == 2:
         assert chord_keys(redis_client, gid) == []
+
+
+def test_sizes_remembered_for_publishes_that_failed_midway_stay_bounded(chord, redis_client, app):
+    """A publish that fails between ``apply_chord`` and ``set_chord_size`` leaves its size
+    remembered: the oldest go, and a chord being published keeps its counts."""
+    from celery.result import AsyncResult
+
+    from worker.result_backend import PRESET_KEPT
+
+    backend, part, body_sent = chord
+    for i in range(PRESET_KEPT + 5):
+        backend.apply_chord((f"g-lost{i}", [AsyncResult(f"x{i}-0", app=app), AsyncResult(f"x{i}-1", app=app)]), None)
+    assert len(backend._preset) == PRESET_KEPT
+    backend.apply_chord(("g-test", [AsyncResult("t0", app=app), AsyncResult("t1", app=app)]), None)
+    part("t0", 0)  # returned before Celery set the size
+    backend.set_chord_size("g-test", 2)
+    part("t1", 1)
+    assert body_sent() == 1
+    redis_client.delete(*(f"celery-taskset-meta-g-lost{i}.b" for i in range(PRESET_KEPT + 5)))
+    backend._preset.clear()
