@@ -19,7 +19,8 @@ Chord counting (``on_chord_part_return``) is one Redis command per header task: 
 chord instead of Celery's join keys (bench/README.md, issue 16: Celery's part-return script,
 join, claim and cleanup cost ~29 commands per two-task chord; this costs 5, publishing included).
 
-- **Publishing** (``set_chord_size``, and ``producer/templates.py`` for a chunk of images) sets
+- **Publishing** (``apply_chord``, before Celery's canvas sends the first header task, and
+  ``producer/templates.py`` for a chunk of images, before its messages) sets
   the chord's key ``<group>.b`` to 8 bytes: bit 0 *live* (the body is not sent yet), bit 1 *a
   part failed*, and one *pending* bit per header task from bit 2 on (``PENDING0 + group_index``),
   with the chord expiry. One ``SET``, where Celery sent ``DEL .c`` and ``SET .s``.
@@ -50,6 +51,7 @@ join, claim and cleanup cost ~29 commands per two-task chord; this costs 5, publ
 from __future__ import annotations
 
 import logging
+import threading
 from functools import cached_property, partial
 from uuid import uuid4
 
@@ -57,6 +59,7 @@ from celery import states
 from celery.backends.redis import RedisBackend
 from celery.canvas import _chain, maybe_signature
 from celery.exceptions import ChordError
+from celery.result import GroupResult
 
 log = logging.getLogger("refexp.worker")
 
@@ -66,6 +69,9 @@ LIVE, FAILED, PENDING0 = 0, 1, 2
 FIELD = 63
 #: The most header tasks a chord can have on this path (one pending bit each after LIVE and FAILED).
 MAX_PARTS = FIELD - PENDING0
+#: Sizes ``apply_chord`` remembers for ``set_chord_size`` (each for one publish; a publish that
+#: failed in between leaves its entry, the oldest go first).
+PRESET_KEPT = 1024
 
 
 def chord_bits(size: int) -> bytes:
@@ -142,17 +148,56 @@ class RefexpRedisBackend(RedisBackend):
         """The chord's bit string (see the module docstring)."""
         return self.get_key_for_group(group_id, ".b")
 
-    def queue_chord_size(self, pipe, group_id: str, size: int) -> None:
+    def queue_chord_size(self, pipe, group_id: str, size: int, nx: bool = False) -> None:
         """Queue on ``pipe`` (this backend's client or a pipeline of it) what publishing a chord
         of ``size`` header tasks writes: its bit string, or Celery's size key when it has too
-        many parts for one (or none)."""
+        many parts for one (or none). ``nx``: leave a bit string already set alone."""
         if not 0 < size <= MAX_PARTS:
             pipe.delete(self.get_key_for_group(group_id, ".c"))
             pipe.set(self.get_key_for_group(group_id, ".s"), size, ex=self.chord_expires or None)
         else:
-            pipe.set(self.chord_key(group_id), chord_bits(size), ex=self.chord_expires or None)
+            pipe.set(self.chord_key(group_id), chord_bits(size), ex=self.chord_expires or None, nx=nx)
+
+    def apply_chord(self, header_result_args, body, **kwargs):
+        """Set the chord's bit string before Celery's canvas sends any header task.
+
+        Celery sets a chord's size (``set_chord_size``) only just before it sends the *last*
+        header task (``group._apply_tasks``): an earlier one can run and return in between, and
+        it would find no bit string (taken for a late duplicate, dropped) and then have its bit
+        set pending again, the body never sent. Celery's own join survives that (its parts are
+        listed, the size compared later), but a part of a chord too big for a bit string
+        goes there only when it finds the size key: both must exist first. A header of plain
+        tasks has one part per result, so the size is known here; ``set_chord_size`` then
+        sends nothing when the size it is given is the one set here. ``producer/templates.py``
+        writes a chunk's bit strings before its messages (it comes here only to record a
+        template)."""
+        super().apply_chord(header_result_args, body, **kwargs)
+        group_id, results = header_result_args[0], header_result_args[1]
+        if isinstance(results, (list, tuple)) and results and not any(isinstance(r, GroupResult) for r in results):
+            self.ensure(self.queue_chord_size, (self.client, group_id, len(results), True))
+            with self._preset_lock:
+                while len(self._preset) >= PRESET_KEPT:  # the oldest: left by publishes that failed
+                    del self._preset[next(iter(self._preset))]
+                self._preset[group_id] = len(results)
+
+    @cached_property
+    def _preset(self) -> dict[str, int]:
+        """``{group id: size}`` of the chords ``apply_chord`` set, until ``set_chord_size`` (the
+        app's backend is shared by its threads: ``_preset_lock``)."""
+        return {}
+
+    @cached_property
+    def _preset_lock(self) -> threading.Lock:
+        return threading.Lock()
 
     def set_chord_size(self, group_id, chord_size):
+        """Celery's canvas calls this before sending a chord's last header task, after the
+        others: a bit string ``apply_chord`` set for this size may hold counts already, and is
+        kept. Any other size (a header Celery counts otherwise, nested canvases) is written."""
+        with self._preset_lock:
+            preset = self._preset.pop(group_id, None)
+        if preset == chord_size:
+            return
         self.ensure(self.queue_chord_size, (self.client, group_id, chord_size))
 
     def pop_chord_size(self, group_id: str) -> int | None:

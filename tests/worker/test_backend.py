@@ -12,6 +12,8 @@ from types import SimpleNamespace
 
 import pytest
 import redis
+from celery import chord as celery_chord
+from celery import group
 
 from producer.embedded import embedded_redis
 from producer.publish import canvas
@@ -255,3 +257,64 @@ def test_each_step_is_published_with_its_priority_and_the_tail_carries_its_own(a
     _args, _kwargs, embed = json.loads(msg["body"])
     tails = {t["task"]: t["options"].get("priority") for t in embed["chord"]["kwargs"]["tasks"]}
     assert tails == {"refexp.grounding_expr": STEP[2].priority, "refexp.double_check": STEP[3].priority}
+
+
+@pytest.mark.parametrize("size", [2, MAX_PARTS + 1])
+def test_a_header_task_that_returns_before_celery_sets_the_chord_size_is_counted(chord, redis_client, app, size):
+    """Celery's canvas (``apply_async``, the producer's fallback when a canvas has no template)
+    sends a chord's first header task before it sets the chord's size (``group._apply_tasks``
+    calls ``set_chord_size`` just before the last one). A first header task that returns in
+    between (a worker skipping a step already done takes milliseconds) must still count: its
+    bit must not be set pending again after it cleared it, or the body never goes out."""
+    from celery.signals import after_task_publish
+
+    _, part, body_sent = chord
+    sent: dict[int, tuple[str, str]] = {}
+
+    def returns_at_once(sender=None, headers=None, **_: object) -> None:
+        index = (headers or {}).get("group_index")
+        if index is not None and headers.get("group"):
+            sent[index] = (headers["id"], headers["group"])
+            if index == 0:  # a worker took it and returned before Celery went on
+                part(headers["id"], 0, gid=headers["group"])
+
+    after_task_publish.connect(returns_at_once, weak=False)
+    try:
+        if size == 2:
+            canvas([0, 1, 2, 3], "run0:spec0", "img_early", 0).apply_async()
+        else:  # too big for a bit string: Celery's join, whose size key must be there first too
+            header = [app.signature("refexp.grounding_expr", args=("run0:spec0", f"img_{i}", i), immutable=True,
+                                    options={"priority": STEP[0].priority}) for i in range(size)]
+            celery_chord(group(header), app.signature("refexp.double_check", args=("run0:spec0", "img", 0),
+                                                      immutable=True, options={"priority": STEP[0].priority})
+                         ).apply_async()
+    finally:
+        after_task_publish.disconnect(returns_at_once)
+    assert sorted(sent) == list(range(size))
+    gid = sent[0][1]
+    for index in range(1, size):
+        assert body_sent() == 0
+        part(sent[index][0], index, gid=gid)
+    assert body_sent() == 1
+    if size == 2:
+        assert chord_keys(redis_client, gid) == []
+
+
+def test_sizes_remembered_for_publishes_that_failed_midway_stay_bounded(chord, redis_client, app):
+    """A publish that fails between ``apply_chord`` and ``set_chord_size`` leaves its size
+    remembered: the oldest go, and a chord being published keeps its counts."""
+    from celery.result import AsyncResult
+
+    from worker.result_backend import PRESET_KEPT
+
+    backend, part, body_sent = chord
+    for i in range(PRESET_KEPT + 5):
+        backend.apply_chord((f"g-lost{i}", [AsyncResult(f"x{i}-0", app=app), AsyncResult(f"x{i}-1", app=app)]), None)
+    assert len(backend._preset) == PRESET_KEPT
+    backend.apply_chord(("g-test", [AsyncResult("t0", app=app), AsyncResult("t1", app=app)]), None)
+    part("t0", 0)  # returned before Celery set the size
+    backend.set_chord_size("g-test", 2)
+    part("t1", 1)
+    assert body_sent() == 1
+    redis_client.delete(*(f"celery-taskset-meta-g-lost{i}.b" for i in range(PRESET_KEPT + 5)))
+    backend._preset.clear()
