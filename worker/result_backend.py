@@ -141,6 +141,13 @@ return {readycount, totaldiff, size, claimed}
 
 
 class RefexpRedisBackend(RedisBackend):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        #: ``{group id: size}`` of the chords ``apply_chord`` set, until ``set_chord_size``; made
+        #: here, not on first use, since the app's backend is shared by its threads.
+        self._preset: dict[str, int] = {}
+        self._preset_lock = threading.Lock()
+
     def on_task_call(self, producer, task_id):
         return None
 
@@ -180,15 +187,6 @@ class RefexpRedisBackend(RedisBackend):
                     del self._preset[next(iter(self._preset))]
                 self._preset[group_id] = len(results)
 
-    @cached_property
-    def _preset(self) -> dict[str, int]:
-        """``{group id: size}`` of the chords ``apply_chord`` set, until ``set_chord_size`` (the
-        app's backend is shared by its threads: ``_preset_lock``)."""
-        return {}
-
-    @cached_property
-    def _preset_lock(self) -> threading.Lock:
-        return threading.Lock()
 
     def set_chord_size(self, group_id, chord_size):
         """Celery's canvas calls this before sending a chord's last header task, after the
