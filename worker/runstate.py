@@ -275,13 +275,6 @@ class RunState:
             pipe.hget(run_key(self.run_id, Outcome.DONE, s), image_id)
         return {s: int(raw) if raw is not None else None for s, raw in zip(steps, pipe.execute(), strict=True)}
 
-    def offsets_and_prior(self, image_id: str, steps: Iterable[int], prior_of: int | None
-                          ) -> tuple[dict[int, int | None], int | None]:
-        """``done_offsets``, and (when ``prior_of`` is a step) the offset of that step's record
-        set aside for a fingerprint check (``clear_attempt(recheck=True)``), in one round trip."""
-        offsets, _, prior = self.lookup(image_id, steps, prior_of, None)
-        return offsets, prior
-
     def lookup(self, image_id: str, steps: Iterable[int], prior_of: int | None, ordinal: int | None
                ) -> tuple[dict[int, int | None], set[int], int | None]:
         """What a task needs to know of its image: the done offsets of ``steps`` (its own step
@@ -484,22 +477,6 @@ class RunState:
         from worker.reindex import IndexRebuild  # it builds on RunState: imported when used
 
         return IndexRebuild(self, list(steps), batch)
-
-    def bulk_done(self, step: int, pairs: Iterable[tuple[str, int]], batch: int = 1000, *,
-                  key: str | None = None) -> int:
-        n = 0
-        key = key or run_key(self.run_id, Outcome.DONE, step)
-        chunk: dict[str, int] = {}
-        for image_id, offset in pairs:
-            chunk[image_id] = offset
-            if len(chunk) >= batch:
-                self.r.hset(key, mapping=chunk)
-                n += len(chunk)
-                chunk = {}
-        if chunk:
-            self.r.hset(key, mapping=chunk)
-            n += len(chunk)
-        return n
 
     # -- images in flight (the producer's window) ----------------------------------------------
     def server_time(self) -> float:
