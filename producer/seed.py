@@ -23,7 +23,7 @@ from worker.constants import SEED_FILE, SEED_ORDINAL, seed_ordinal
 from worker.errors import ConfigError, InputError
 from worker.images import IMAGE_SUFFIXES, UNSUPPORTED_SUFFIXES, read_size
 from worker.kitti import cap_boxes, decode_label_bytes, parse_kitti
-from worker.sinks import JsonlSink, dumps
+from worker.sinks import JsonlSink, dumps, write_atomic
 from worker.spec import Spec
 from worker.steps.records import SOURCE
 
@@ -559,9 +559,7 @@ def _ordinal_top(results_dir: Path) -> int | None:
 
 
 def _write_ordinal_top(results_dir: Path, top: int) -> None:
-    tmp = results_dir / f"{ORDINAL_TOP_FILE}.{os.getpid()}.tmp"
-    tmp.write_text(f"{top}\n")
-    os.replace(tmp, results_dir / ORDINAL_TOP_FILE)
+    write_atomic(results_dir / ORDINAL_TOP_FILE, f"{top}\n")  # a full disk leaves no temp file
 
 
 def _carry_ordinals(old_seed: Path, new_seed: Path, ids: SortedPairs, given: int | None = None):

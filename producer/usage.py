@@ -104,8 +104,7 @@ def usage_from_sinks(layout: Layout, steps: list[int], prices: dict | None = Non
 
 def call_counts(records: Iterable[tuple[int, dict]], step: int) -> dict:
     """Calls, tokens and latency summed over a step's records."""
-    name = PIPELINE_NAMES[step]
-    return call_sums(((rec.get("meta") or {}).get(name) or {}).get("call") for _, rec in records)
+    return call_sums(call_of(rec, step) for _, rec in records)
 
 
 def call_of(record: dict, step: int) -> dict | None:
