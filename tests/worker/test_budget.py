@@ -423,3 +423,50 @@ def test_calls_are_counted_at_a_clean_shutdown(redis_client, redis_url, endpoint
     worker_shutdown.send(sender=None)
     st = budget_stats(redis_client, endpoint)
     assert st["calls_last_minute"] + st["calls_this_minute"] == 5 and st["calls_per_minute"] >= 1, st
+
+
+def test_an_estimate_of_redis_time_seconds_off_keeps_the_limit(redis_client, redis_url, endpoint):
+    """An estimate can be wrong only by a step of Redis's own clock since the last reading (the
+    host's wall clock plays no part), until the next reading (30 s). Seconds off are harmless
+    too: leases last the call's timeout plus 30 s, so a process ahead by 2 s still counts every
+    live lease, and one behind by 2 s leases 2 s shorter (by Redis's clock) than it thinks."""
+    from worker.clock import RedisClock
+
+    def off_by(seconds: float):
+        def redis_time() -> tuple[int, int]:
+            secs, micros = redis_client.time()
+            t = secs + micros / 1e6 + seconds
+            return int(t), int((t % 1) * 1e6)
+        return redis_time
+
+    budgets = []
+    for seconds in (2.0, -2.0, 0.0):
+        b = make(redis_url, endpoint, max_concurrency=2)
+        b.clock = RedisClock(off_by(seconds))
+        budgets.append(b)
+    lock = threading.Lock()
+    holders = peak = calls = 0
+
+    def call(budget: FleetBudget) -> None:
+        nonlocal holders, peak, calls
+        for _ in range(4):
+            with budget.slot():
+                with lock:
+                    holders += 1
+                    peak = max(peak, holders)
+                time.sleep(0.01)  # the "VLM call": hold the slot a moment
+                with lock:
+                    holders -= 1
+                    calls += 1
+
+    threads = [threading.Thread(target=call, args=(budgets[i % 3],)) for i in range(9)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "a thread never got a slot"
+    assert calls == 36 and peak == 2, (calls, peak)
+    for b in budgets:
+        b.flush_counts()
+    assert _calls_counted(redis_client, endpoint) == 36
+    assert budget_stats(redis_client, endpoint)["in_flight"] == 0
