@@ -51,7 +51,6 @@ import redis
 
 from worker import adaptive
 from worker.clients.factory import GEMINI_DEFAULT_BASE_URL, OPENAI_DEFAULT_BASE_URL
-from worker.clock import RedisClock
 from worker.errors import ClientError, RateLimited, TimedOut
 from worker.keys import PRIORITY_STEPS
 from worker.keys import budget_key as _key
@@ -369,6 +368,10 @@ class FleetBudget:
         self._in_flight = client.register_script(_IN_FLIGHT)
         self._add_calls = client.register_script(_COUNT)
         # Redis's time for the scripts, estimated here (one TIME every 30 s, see RedisClock).
+        # Imported here: worker.clock imports Celery and kombu, which the producer's commands
+        # that read the budget (``producer status``) do not need.
+        from worker.clock import RedisClock
+
         self.clock = RedisClock(client.time)
         # Calls granted but not yet added to the minute's counter (see _take_counts).
         self.count_interval = count_interval
