@@ -10,9 +10,10 @@ import logging
 
 import redis
 from celery import Celery
-from celery.signals import celeryd_after_setup
+from celery.signals import celeryd_after_setup, worker_process_shutdown, worker_shutdown
 
 from worker import settings
+from worker.budget import flush_all_counts
 from worker.clock import ClockCheck
 from worker.coordstep import BatchCoordinatorStep
 from worker.keys import PRIORITY_SEP, PRIORITY_STEPS, QUEUE
@@ -131,6 +132,15 @@ def say_where_redis_should_be(sender: object = None, conf: object = None, **_: o
                     "until Redis answers.", settings.broker_source(), type(exc).__name__, exc)
     finally:
         client.close()
+
+
+@worker_shutdown.connect(weak=False)
+@worker_process_shutdown.connect(weak=False)
+def add_the_last_calls(**_: object) -> None:
+    """At a clean shutdown (sent after a warm shutdown's tasks have finished; in each child of a
+    prefork pool too): the fleet budget counts calls in the process and adds them about once a
+    second (worker/budget.py), so the calls of the last second reach ``producer status``."""
+    flush_all_counts()
 
 
 def repoint(url: str) -> None:

@@ -2,7 +2,19 @@
 
 Concurrency is a lease-based counting semaphore: a sorted set of lease tokens scored by their
 expiry (Redis server time, so host clocks do not matter). A worker killed mid-call cannot leak
-its slot for longer than the lease. The request rate (``vlm.requests_per_minute``, or under
+its slot for longer than the lease. The scripts do not read ``TIME`` on every call: each process
+passes its estimate of Redis's time (worker/clock.py ``RedisClock``: one ``TIME`` every 30 s,
+anchored to the monotonic clock, right within about half a round trip). An estimate a few ms off
+is harmless: leases (the call's timeout plus 30 s) and waiter entries (4 s) expire a few ms early
+or late; a pause for a Retry-After ends a few ms early or late; and a turn under the rate less
+than 5 ms away is taken at once anyway (see ``_ACQUIRE``). With no good estimate (every reading
+slower than 100 ms for 90 s) the scripts read ``TIME`` themselves.
+
+Calls are counted for ``producer status`` (calls per minute) in each process and added to the
+minute's counter with one ``INCRBY`` at most about once a second: inside a later acquire (no
+command of its own), or, when the process makes no call for two seconds, by a timer, and at a
+worker's clean shutdown (worker/app.py). A process killed with ``kill -9`` loses the count of its
+last second or two of calls (never a call, a slot or a turn). The request rate (``vlm.requests_per_minute``, or under
 ``auto`` the quota the endpoint states or the controller learns from its 429s) is enforced in the
 same acquire script (GCRA, see ``_ACQUIRE``): no round trip of its own, and a caller is given its
 turn and sleeps until it instead of polling.
@@ -29,8 +41,10 @@ import hashlib
 import logging
 import os
 import random
+import threading
 import time
 import uuid
+import weakref
 from collections.abc import Iterator
 
 import redis
@@ -45,6 +59,18 @@ from worker.stepdefs import PRIORITY_BY_NAME, PRIORITY_HEAD
 
 log = logging.getLogger("refexp.worker")
 
+# Redis's time in every script: the caller's estimate when it passed one (worker/clock.py
+# ``RedisClock``: one TIME per process every 30 s instead of one per call), else read here.
+_CLOCK = """
+local function clock(given)
+  local t = tonumber(given)
+  if t and t > 0 then
+    return t
+  end
+  t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1e6
+end
+"""
 # Waiting threads are kept per priority level (the message priorities, worker/keys.py
 # PRIORITY_STEPS, lowest number first), each level with a sorted set of waiter tokens (scored by
 # when the entry lapses unless refreshed) and a wake list its waiters block on. A free slot is
@@ -56,7 +82,7 @@ log = logging.getLogger("refexp.worker")
 # registers at that level, or go with the key a minute after the last one); wake the first
 # level with waiters.
 # KEYS layout of both scripts after their own keys: waiters_1..waiters_n, wake_1..wake_n.
-_LEVELS = """
+_LEVELS = _CLOCK + """
 local function waiting(k, now)
   -- Live entries only (scored by when they lapse): one ZCOUNT, no pruning on every look. A
   -- level's lapsed entries are pruned when a waiter registers there.
@@ -86,13 +112,36 @@ local function wake_first(base, n, now, maxc)
   end
 end
 """
+# Adds n calls to this minute's counter (KEYS[2]). The counter is a new key each minute: the add
+# that makes it (INCRBY returns n) sets its TTL, and the leases' (KEYS[1]) TTL and pruning ride on
+# it (once a minute while calls are made); a lease never outlives its own expiry, so a TTL renewed
+# once a minute to a lease and two minutes outlives every live one. The rate's next turn must
+# outlive the calls too: under a fixed rate nothing else renews the state's (KEYS[3]) TTL (set
+# when the hash was made), and a lost ``tat`` gives turns a second time.
+_COUNTING = """
+local function count(n, now, lease, stats_ttl, rated, state_ttl)
+  if redis.call('INCRBY', KEYS[2], n) ~= n then
+    return false
+  end
+  redis.call('EXPIRE', KEYS[2], stats_ttl)
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+  redis.call('EXPIRE', KEYS[1], math.ceil(lease) + 120)
+  if rated then
+    redis.call('EXPIRE', KEYS[3], state_ttl)
+  end
+  return true
+end
+"""
 # KEYS: leases, this minute's call counter, the controller's state hash (worker/adaptive.py; it
 # also holds the request rate's theoretical arrival time, ``tat``), the levels. ARGV: lease
 # seconds, max concurrency (0 = auto: the controller's limit, ARGV[7] until it has one), token,
 # stats TTL, the caller's level (1-based), waiter entry seconds, the initial limit, the fixed
 # request rate (calls/s, 0 = none), the turn under the rate already reserved for this call
 # (server seconds, '0' = none), the rate's horizon (seconds), the state's TTL, the turn's slack
-# (seconds: a reserved turn the call comes back for later than this is void, see below).
+# (seconds: a reserved turn the call comes back for later than this is void, see below), the
+# calls to count if a slot is granted (this one and the ones the process has not counted yet,
+# ``FleetBudget._take_counts``; 0: count nothing, the process keeps this call for a later add),
+# Redis's time as the caller estimates it ('0': read TIME).
 # Returns {code, ms}: 1 a slot; 0 wait to be woken; -1 the controller pauses the fleet for a
 # stated Retry-After (ms left: the caller's reserved turn, if any, is void); -2 the rate's turns
 # are reserved past the horizon (try again in ms); {2, ms, turn} a turn under the rate is
@@ -107,9 +156,8 @@ end
 # found every slot taken at its turn and got one later takes a new turn, else every call that
 # waited for a slot so would leave at once when slots free, beyond the rate (the turn it
 # missed is lost, which errs low).
-_ACQUIRE = _LEVELS + """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+_ACQUIRE = _LEVELS + _COUNTING + """
+local now = clock(ARGV[14])
 local n = (#KEYS - 3) / 2
 local maxc = tonumber(ARGV[2])
 local me = tonumber(ARGV[5])
@@ -156,26 +204,22 @@ if free > ahead then
     if redis.call('HSET', KEYS[3], 'tat', tostring(tat + 1 / rate)) == 1 then
       redis.call('EXPIRE', KEYS[3], tonumber(ARGV[11]))
     end
-    if wait > 0.0005 then
+    -- A turn less than 5 ms away is taken now: the times the processes pass differ by about
+    -- that much (each estimate is off by up to half a round trip, and a thread reads it a moment
+    -- before its script runs), and a call that slept a few ms would only ask again. It lets a
+    -- window see at most 0.005 * rate calls more than its share (0.05 at 10 calls/s).
+    if wait > 0.005 then
       return {2, math.ceil(wait * 1000), tostring(tat)}
     end
   end
   redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[3])
-  -- The minute's counter is a new key each minute: its TTL is set once, when it is made. The
-  -- leases' TTL and pruning ride on it (once a minute while calls are made), and on the first
-  -- lease of an idle fleet (the set may be new); a lease never outlives its own expiry, so a
-  -- TTL renewed once a minute to a lease and two minutes outlives every live one.
-  local fresh = redis.call('INCR', KEYS[2]) == 1
-  if fresh then
-    redis.call('EXPIRE', KEYS[2], tonumber(ARGV[4]))
-    redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-    -- The rate's next turn must outlive the calls: under a fixed rate nothing else renews the
-    -- state's TTL (set when the hash was made), and a lost ``tat`` gives turns a second time.
-    if rate > 0 then
-      redis.call('EXPIRE', KEYS[3], tonumber(ARGV[11]))
-    end
-  end
-  if fresh or busy == 0 then
+  -- Calls are counted in batches (at most about once a second per process); the add that makes
+  -- a minute's counter also renews the TTLs and prunes the leases (``count``). The first lease
+  -- of an idle fleet renews the leases' TTL too (the set may be new).
+  local calls = tonumber(ARGV[13])
+  local fresh = calls > 0 and count(calls, now, tonumber(ARGV[1]), tonumber(ARGV[4]), rate > 0,
+                                    tonumber(ARGV[11]))
+  if busy == 0 and not fresh then
     redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[1])) + 120)
   end
   if anyone then
@@ -195,7 +239,8 @@ end
 return {0, 0}
 """
 # KEYS: leases, the levels. ARGV: token, max concurrency (the wake lists' cap), hold seconds,
-# '1' when the caller removed the lease already (``FleetBudget._free``: someone waits, wake them).
+# '1' when the caller removed the lease already (``FleetBudget._free``: someone waits, wake them),
+# Redis's time as the caller estimates it ('0' or none: read TIME).
 # With nobody waiting, nothing is pushed (a waiter registers in the same script that refuses it,
 # so a release always sees it). A lease that lapsed and was pruned wakes nobody (its slot was
 # handed on when it lapsed); one that lapsed unpruned wakes a waiter that finds no slot and
@@ -207,18 +252,25 @@ _RELEASE = _LEVELS + """
 local n = (#KEYS - 1) / 2
 local hold = tonumber(ARGV[3])
 if hold > 0 then
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+  local now = clock(ARGV[5])
   if tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]) or '0') > now then
     redis.call('ZADD', KEYS[1], 'XX', now + hold, ARGV[1])
   end
   return 0
 end
 if (ARGV[4] == '1' or redis.call('ZREM', KEYS[1], ARGV[1]) == 1) and anyone_waiting(1, n) then
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+  local now = clock(ARGV[5])
   wake_first(1, n, now, tonumber(ARGV[2]))
 end
+return 0
+"""
+# KEYS: leases, this minute's call counter, the controller's state hash. ARGV: calls to add,
+# Redis's time as the caller estimates it ('0': read TIME), lease seconds, stats TTL, '1' under a
+# fixed rate, the state's TTL. Adds the calls a process counted but had no later acquire to add
+# them with (it made no more calls for a while, or it is shutting down).
+_COUNT = _CLOCK + _COUNTING + """
+count(tonumber(ARGV[1]), clock(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5] == '1',
+      tonumber(ARGV[6]))
 return 0
 """
 _IN_FLIGHT = """
@@ -236,6 +288,12 @@ RATE_TURN_SLACK = 0.25
 #: Longest a waiting thread blocks before trying again: the bound on noticing an expired lease
 #: of a dead holder (whole seconds: Redis before 6.0 takes only integer BLPOP timeouts).
 WAIT_POLL = 1
+#: Seconds a process keeps the calls it made before adding them to the minute's counter with its
+#: next acquire (one ``INCRBY`` inside the script, not an ``INCR`` per call); a process that
+#: makes no call for twice as long adds them with a script of its own.
+COUNT_INTERVAL = 1.0
+#: Seconds a process keeps trying to add calls Redis refused to count (``FleetBudget.flush_counts``).
+COUNT_GIVE_UP = 60.0
 #: Levels of waiting, best first: the message priorities (a later step's call is served first).
 LEVELS: tuple[int, ...] = PRIORITY_STEPS
 
@@ -291,6 +349,7 @@ class FleetBudget:
         wait_poll: int = WAIT_POLL,
         ceiling: int = 256,
         controller_interval: float = adaptive.INTERVAL,
+        count_interval: float = COUNT_INTERVAL,
     ):
         self.r = client
         self.endpoint = endpoint_id(endpoint_key)
@@ -307,6 +366,20 @@ class FleetBudget:
         self._acquire = client.register_script(_ACQUIRE)
         self._release = client.register_script(_RELEASE)
         self._in_flight = client.register_script(_IN_FLIGHT)
+        self._add_calls = client.register_script(_COUNT)
+        # Redis's time for the scripts, estimated here (one TIME every 30 s, see RedisClock).
+        # Imported here: worker.clock imports Celery and kombu, which the producer's commands
+        # that read the budget (``producer status``) do not need.
+        from worker.clock import RedisClock
+
+        self.clock = RedisClock(client.time)
+        # Calls granted but not yet added to the minute's counter (see _take_counts).
+        self.count_interval = count_interval
+        self._counts_lock = threading.Lock()
+        self._pending = 0
+        self._pending_since = 0.0  # monotonic: when the oldest pending call was counted
+        self._count_timer: threading.Timer | None = None
+        _LIVE.add(self)
         self.controller: adaptive.Controller | None = None
         self._paused_until = 0.0  # monotonic: this process's pause for a stated Retry-After (auto)
         if self.auto:
@@ -344,11 +417,20 @@ class FleetBudget:
                 time.sleep(min(left, self.wait_poll) * (0.5 + random.random() / 2))
                 if self.controller is not None:
                     self.controller.maybe_flush()
-            code, ms, *turn = self._acquire(
-                keys=[self._leases, _stats_key(self.endpoint, "calls"), self._state, *levels],
-                args=[self.lease_seconds, self.max_concurrency, token, STATS_TTL, level, entry_seconds,
-                      min(adaptive.INITIAL_LIMIT, self.ceiling), self.fixed_rate, reserved, RATE_HORIZON,
-                      adaptive.STATE_TTL, RATE_TURN_SLACK])
+            carried = self._take_counts()
+            try:
+                code, ms, *turn = self._acquire(
+                    keys=[self._leases, _stats_key(self.endpoint, "calls"), self._state, *levels],
+                    args=[self.lease_seconds, self.max_concurrency, token, STATS_TTL, level, entry_seconds,
+                          min(adaptive.INITIAL_LIMIT, self.ceiling), self.fixed_rate, reserved, RATE_HORIZON,
+                          adaptive.STATE_TTL, RATE_TURN_SLACK, carried + 1 if carried else 0, self._now_arg()])
+            except BaseException:
+                self._keep_counts(carried)
+                raise
+            if code != 1:
+                self._keep_counts(carried)
+            elif not carried:
+                self._keep_counts(1)  # this call: added with a later acquire
             if code == 1:
                 if self._paused_until <= time.monotonic():
                     break
@@ -423,14 +505,84 @@ class FleetBudget:
         ``EVALSHA`` on every call (issue 16)."""
         cap = self.max_concurrency or self.ceiling
         if hold > 0:
-            self._release(keys=[self._leases, *levels], args=[token, cap, hold])
+            self._release(keys=[self._leases, *levels], args=[token, cap, hold, 0, self._now_arg()])
             return
         pipe = self.r.pipeline(transaction=False)
         pipe.zrem(self._leases, token)
         pipe.exists(*self._waiters)
         removed, waiting = pipe.execute()
         if removed and waiting:
-            self._release(keys=[self._leases, *levels], args=[token, cap, 0, 1])
+            self._release(keys=[self._leases, *levels], args=[token, cap, 0, 1, self._now_arg()])
+
+    def _now_arg(self) -> str:
+        """Redis's time by this process's estimate, for a script's ARGV ('0': the script reads TIME)."""
+        now = self.clock.now()
+        return "0" if now is None else f"{now:.6f}"
+
+    def _take_counts(self) -> int:
+        """The calls this process granted but has not added to the minute's counter yet, when the
+        oldest is ``count_interval`` old (the acquire adds them with its own: one ``INCRBY`` in its
+        script, about once a second per process instead of an ``INCR`` per call); else 0."""
+        with self._counts_lock:
+            if not self._pending or time.monotonic() - self._pending_since < self.count_interval:
+                return 0
+            n, self._pending = self._pending, 0
+            return n
+
+    def _keep_counts(self, n: int, since: float | None = None, retry_in: float = 0.0) -> None:
+        """Keep ``n`` calls for a later add (this call, or counts an acquire took but did not add:
+        it was refused a slot, or Redis failed), and make sure they are added even if this process
+        makes no other call: a timer adds them after twice ``count_interval``. ``since``: when
+        the oldest of them was counted (monotonic; default now); ``retry_in``: the least delay
+        of the timer (Redis refused to add them just now)."""
+        if not n:
+            return
+        since = time.monotonic() if since is None else since
+        with self._counts_lock:
+            self._pending_since = since if not self._pending else min(self._pending_since, since)
+            self._pending += n
+            self._arm_count_timer(retry_in)
+
+    def _arm_count_timer(self, least: float = 0.0) -> None:
+        """(Holding the counts' lock.) One timer at a time, due when the oldest pending call is
+        twice ``count_interval`` old: a busy process's acquires take the counts before that, so
+        the timer adds nothing then and only re-arms."""
+        if self._count_timer is not None:
+            return
+        delay = max(0.05, least, self._pending_since + 2 * self.count_interval - time.monotonic())
+        self._count_timer = threading.Timer(delay, self._on_count_timer)
+        self._count_timer.daemon = True
+        self._count_timer.start()
+
+    def _on_count_timer(self) -> None:
+        with self._counts_lock:
+            self._count_timer = None
+            if not self._pending:
+                return
+            if time.monotonic() - self._pending_since < 1.5 * self.count_interval:
+                self._arm_count_timer()  # an acquire took the old counts; these are newer
+                return
+        self.flush_counts()
+
+    def flush_counts(self, *, retry: bool = True) -> None:
+        """Add every call this process counted to the minute's counter now (one script: the idle
+        timer, and a clean shutdown, ``flush_all_counts``). When Redis refuses, the timer tries
+        again (``retry``) for up to ``COUNT_GIVE_UP`` seconds: calls per minute of a minute long
+        past are not worth a process that keeps retrying."""
+        with self._counts_lock:
+            n, self._pending, since = self._pending, 0, self._pending_since
+        if not n:
+            return
+        try:
+            self._add_calls(keys=[self._leases, _stats_key(self.endpoint, "calls"), self._state],
+                            args=[n, self._now_arg(), self.lease_seconds, STATS_TTL,
+                                  "1" if self.fixed_rate > 0 else "0", adaptive.STATE_TTL])
+        except redis.exceptions.RedisError as exc:
+            again = retry and time.monotonic() - since < COUNT_GIVE_UP
+            log.warning("could not add %d VLM calls to the calls-per-minute count (%s: %s)%s", n,
+                        type(exc).__name__, exc, "; trying again" if again else "; they are not counted")
+            if again:
+                self._keep_counts(n, since, retry_in=max(1.0, 2 * self.count_interval))
 
     def abandoned_hold(self, elapsed: float) -> float:
         """Seconds a timed-out call keeps its slot after the client gave up.
@@ -469,6 +621,18 @@ class FleetBudget:
 
     def note_rate_limited(self) -> None:
         self._count("429")
+
+
+#: Every budget of this process, for ``flush_all_counts``.
+_LIVE: weakref.WeakSet[FleetBudget] = weakref.WeakSet()
+
+
+def flush_all_counts() -> None:
+    """Add the calls every budget of this process still holds to the minute's counters: at a
+    worker's clean shutdown (worker/app.py), so ``producer status`` counts every call made. A
+    process killed with ``kill -9`` loses the calls of its last second or two."""
+    for budget in list(_LIVE):
+        budget.flush_counts(retry=False)
 
 
 def controller_state(client: redis.Redis, endpoint_key: str) -> dict | None:

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -297,3 +298,71 @@ class ClockCheck(bootsteps.StartStopStep):
                 log.critical("%s", exc)
                 raise WorkerShutdown(EXIT_SKEWED) from exc
             self.started_once = True
+
+
+#: Seconds an estimate of Redis's time (:class:`RedisClock`) serves before one ``TIME`` renews it.
+ESTIMATE_REFRESH = 30.0
+#: The largest error an estimate may start with: half the round trip it was measured over. A
+#: slower reading is not used (the previous estimate serves, or the scripts read ``TIME``).
+ESTIMATE_MAX_ERROR = 0.05
+#: The oldest reading an estimate may come from (when the readings since were slow or failed).
+ESTIMATE_MAX_AGE = 3 * ESTIMATE_REFRESH
+
+
+class RedisClock:
+    """Redis's time, estimated in this process: one ``TIME`` every ``refresh`` seconds, not one per use.
+
+    Why: the fleet budget's acquire script scores leases, waiter entries and the request rate's
+    turns by Redis's clock, so that hosts' clocks do not matter; reading ``TIME`` inside the
+    script cost one command per VLM call (issue 16 counts those). Instead each process measures
+    Redis's time once in a while and passes its estimate to the script.
+
+    The estimate is anchored to ``time.monotonic()``, not to the wall clock: Redis's time at the
+    middle of the round trip (NTP's assumption, :func:`reading`) minus the monotonic clock then.
+    So this host's wall clock, however far off or however it is stepped, plays no part; what is
+    left is half the round trip of the reading (at most ``max_error``, 50 ms; about 0.1 ms on a
+    LAN) plus the monotonic clock's drift against Redis's since (crystal error, tens of ppm: a
+    few µs over 30 s; NTP slews Redis's host by at most 500 ppm, 15 ms) and a step of Redis's
+    own clock, which the next reading (``refresh``, 30 s) takes in. A reading whose round trip
+    is longer than ``2 * max_error`` is not used: the previous estimate serves (a retry in a
+    second), and after ``max_age`` (90 s) without a good one :meth:`now` returns None and the
+    callers fall back to reading ``TIME`` in their scripts.
+    """
+
+    def __init__(self, redis_time: RedisTime, *, refresh: float = ESTIMATE_REFRESH,
+                 max_error: float = ESTIMATE_MAX_ERROR, max_age: float = ESTIMATE_MAX_AGE) -> None:
+        self._time = redis_time
+        self.refresh, self.max_error, self.max_age = refresh, max_error, max_age
+        self._anchor: float | None = None  # Redis's time minus time.monotonic()
+        self._measured = 0.0  # time.monotonic() of the reading behind the anchor
+        self._next = 0.0  # when to measure again
+        self._lock = threading.Lock()
+
+    def now(self) -> float | None:
+        """Redis's time now by the estimate (measured first when due, by one thread while the
+        others use the previous estimate), or None when there is no good one."""
+        if time.monotonic() >= self._next and self._lock.acquire(blocking=False):
+            try:
+                self._measure()
+            finally:
+                self._lock.release()
+        anchor, measured = self._anchor, self._measured
+        mono = time.monotonic()
+        if anchor is None or mono - measured > self.max_age:
+            return None
+        return mono + anchor
+
+    def _measure(self) -> None:
+        start = time.monotonic()
+        try:
+            seconds, micros = self._time()
+        except redis.exceptions.RedisError:
+            self._next = time.monotonic() + 1.0  # the caller's own command will say what is wrong
+            return
+        rtt = time.monotonic() - start
+        if rtt / 2 > self.max_error:
+            self._next = time.monotonic() + 1.0
+            return
+        r = reading(start, rtt, seconds + micros / 1e6)  # against the monotonic clock, see above
+        self._anchor, self._measured = r.offset, start + rtt / 2
+        self._next = self._measured + self.refresh

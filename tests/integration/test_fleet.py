@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.fleet import producer
+from tests.support.fleet import producer, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -51,6 +51,12 @@ def chord_state_left(redis_client) -> dict[str, int]:
     return kinds
 
 
+def calls_counted(redis_client) -> int:
+    """Every VLM call the fleet budget has counted, over all minutes (``producer status`` shows the
+    last two of these per-minute counters as calls per minute)."""
+    return sum(int(redis_client.get(k) or 0) for k in redis_client.scan_iter("refexp:ep:*:calls:*"))
+
+
 def test_fleet_runs_every_image_once_and_resumes_for_free(fleet, fleet_env, fake_vlm, demo_data, tmp_path,
                                                            redis_client):
     fleet.start(2)
@@ -83,6 +89,9 @@ def test_fleet_runs_every_image_once_and_resumes_for_free(fleet, fleet_env, fake
     calls = fake_vlm.stats()["calls"]
     no_box = sum(1 for r in final if not r["kitti_bboxes"])
     assert calls == 4 * len(ids) - 3 * no_box  # steps 0, 2, 3 skip the model without boxes
+    # Each worker process adds its calls to the minute's counter about once a second, and by
+    # itself a second or two after its last call: idle workers have counted every call.
+    wait_until(lambda: calls_counted(redis_client) == calls, 10, f"the {calls} calls to be counted")
 
     # A second enqueue of the same run: nothing left to do, no VLM call.
     again = producer(fleet_env, "enqueue", *openai_args(fake_vlm, results, demo_data), "--wait", "--timeout", "60")
@@ -96,6 +105,8 @@ def test_fleet_runs_every_image_once_and_resumes_for_free(fleet, fleet_env, fake
              "--wait", "--timeout", "240")
     assert fake_vlm.stats()["calls"] == 2 * calls
     assert (results / "annotations.jsonl").read_bytes() == before
+    fleet.stop_all()  # a clean shutdown adds what a worker has not counted yet
+    assert calls_counted(redis_client) == 2 * calls
 
 
 @pytest.mark.parametrize("steps", [[0, 2, 3], [1]])

@@ -124,8 +124,14 @@ def test_requests_per_minute_spaces_a_burst_across_hosts(redis_client, redis_url
     for t in threads:
         t.join(timeout=20)
     assert len(done) == 4, "waiting calls did not go through at their turns"
+    # Each process adds its calls to the minute's counter with a later acquire, or, making no
+    # more calls, after about two seconds by itself.
+    wait_until(lambda: _calls_counted(redis_client, endpoint) == 4, 5, "the 4 calls to be counted")
+
+
+def _calls_counted(redis_client: redis.Redis, endpoint: str) -> int:
     st = budget_stats(redis_client, endpoint)
-    assert st["calls_last_minute"] + st["calls_this_minute"] == 4
+    return st["calls_last_minute"] + st["calls_this_minute"]
 
 
 def test_turns_kept_while_waiting_for_a_slot_do_not_leave_together(redis_client, redis_url, endpoint):
@@ -178,25 +184,39 @@ def _waiting(redis_client: redis.Redis, budget: FleetBudget) -> int:
     return sum(redis_client.zcard(k) for k in budget._waiters)
 
 
-def test_a_fixed_rates_turn_outlives_a_long_run(redis_client, redis_url, endpoint):
+@pytest.mark.parametrize("added_by", ["acquire", "flush"])
+def test_a_fixed_rates_turn_outlives_a_long_run(redis_client, redis_url, endpoint, added_by):
     """The rate's next turn (``tat`` in the state hash) is the only record of the turns already
     given: were the hash to expire while calls are made, the next caller would get a turn at
     once beside the ones given up to the horizon ahead. Under a fixed rate no controller
-    writes the hash, so the acquire script renews its TTL once a minute (a new minute's
-    counter), not only when it makes the hash."""
+    writes the hash, so the add that makes a new minute's call counter renews its TTL, not only
+    the script that makes the hash: whether an acquire adds the calls or the process does by
+    itself (it made no more calls, or it shuts down)."""
     from worker.budget import _stats_key
     from worker.keys import budget_key
 
-    budget = make(redis_url, endpoint, max_concurrency=5, rpm=600_000)
+    budget = FleetBudget(redis.Redis.from_url(redis_url), redis_url, endpoint_key=endpoint, max_concurrency=5,
+                         requests_per_minute=600_000, lease_seconds=30, count_interval=3600)
     with budget.slot():
         pass
+    budget.flush_counts()
     state = budget_key(budget.endpoint, "ctl")
     assert redis_client.hexists(state, "tat")
     redis_client.expire(state, 100)  # a day of calls later: the TTL set when the hash was made is running out
     redis_client.delete(_stats_key(budget.endpoint, "calls"))  # a new minute begins
     with budget.slot():
         pass
+    assert redis_client.ttl(state) <= 100, "the call is not added yet: no add, no renewal"
+    if added_by == "acquire":
+        budget.count_interval = 0.0  # the next acquire adds the call above (and its own)
+        with budget.slot():
+            pass
+        added = 2
+    else:
+        budget.flush_counts()
+        added = 1
     assert redis_client.ttl(state) > 100
+    assert int(redis_client.get(_stats_key(budget.endpoint, "calls"))) == added
 
 
 def test_budget_stats_report_in_flight_calls_and_429s(redis_client, redis_url, endpoint):
@@ -208,6 +228,7 @@ def test_budget_stats_report_in_flight_calls_and_429s(redis_client, redis_url, e
     first, second = budget.slot(), budget.slot()
     first.__enter__()
     second.__enter__()
+    budget.flush_counts()  # what a clean shutdown does, or the process itself a second or two later
     st = budget_stats(redis_client, endpoint)
     assert st["in_flight"] == 2
     assert st["calls_last_minute"] + st["calls_this_minute"] == 2
@@ -254,8 +275,8 @@ def test_releases_nobody_waits_for_leave_no_wake_tokens(redis_client, redis_url,
         with budget.slot(step):
             pass
     assert [redis_client.llen(budget_key(budget.endpoint, "wake", p)) for p in LEVELS] == [0] * len(LEVELS)
-    st = budget_stats(redis_client, endpoint)
-    assert st["calls_this_minute"] + st["calls_last_minute"] == 12  # counted in the acquire script
+    budget.flush_counts()
+    assert _calls_counted(redis_client, endpoint) == 12
 
 
 def test_a_waiting_later_step_call_gets_the_next_free_slot_before_a_waiting_head_call(
@@ -299,11 +320,13 @@ def test_a_waiting_later_step_call_gets_the_next_free_slot_before_a_waiting_head
 
 def test_the_scripts_stay_lean(endpoint):
     """Issue 16 counts every command inside the scripts. Per call, with 4 threads under a limit of
-    8: TIME, ZCOUNT (live leases), EXISTS (waiters?), ZADD, INCR in the acquire script; ZREM,
-    EXISTS in the release, a plain pipeline (it was a script: one EVALSHA more per call); the
-    leases' EXPIRE only when the fleet was idle or a minute begins (it was 9.0, with a
-    ZREMRANGEBYSCORE + ZCARD and an EXPIRE on every call). A fixed rate adds HMGET + HSET in the
-    same script (it was a second round trip of GET, GET, PTTL, PTTL, PTTL, INCRBY, EXPIRE).
+    8: ZCOUNT (live leases), EXISTS (waiters?), ZADD in the acquire script; ZREM, EXISTS in the
+    release, a plain pipeline (it was a script: one EVALSHA more per call); the leases' EXPIRE
+    only when the fleet was idle or a minute begins (it was 9.0, with a ZREMRANGEBYSCORE + ZCARD
+    and an EXPIRE on every call). No TIME (the process passes its estimate of Redis's time) and
+    no INCR (calls are added to the minute's counter about once a second per process: the 200
+    calls here take less than that). A fixed rate adds HMGET + HSET in the same script (it was a
+    second round trip of GET, GET, PTTL, PTTL, PTTL, INCRBY, EXPIRE).
 
     On a private server: INFO commandstats and CONFIG RESETSTAT are server-wide, and the suite's
     other test worker may be using another database of the shared one."""
@@ -314,12 +337,14 @@ def test_the_scripts_stay_lean(endpoint):
 def _scripts_stay_lean(redis_client: redis.Redis, redis_url: str, endpoint: str) -> None:
     plain = commands_per_call(redis_client, make(redis_url, endpoint, max_concurrency=8), 200, 4)
     inner = sum(v for k, v in plain.items() if k != "evalsha")
-    assert plain["evalsha"] == pytest.approx(1, abs=0.05) and inner <= 7.6, plain
+    assert plain["evalsha"] == pytest.approx(1, abs=0.05) and inner <= 5.6, plain
     assert plain.get("zremrangebyscore", 0) < 0.1 and plain.get("zcard", 0) == 0, plain
+    assert "time" not in plain and "incr" not in plain and plain.get("incrby", 0) < 0.02, plain
     rated = commands_per_call(redis_client, make(redis_url, endpoint + "-rpm", max_concurrency=8, rpm=600_000),
                               200, 4)
     inner = sum(v for k, v in rated.items() if k != "evalsha")
-    assert rated["evalsha"] == pytest.approx(1, abs=0.05) and inner <= 9.6, rated
+    assert rated["evalsha"] == pytest.approx(1, abs=0.05) and inner <= 7.6, rated
+    assert "time" not in rated and "incr" not in rated and rated.get("incrby", 0) < 0.02, rated
 
 
 def test_the_rate_the_controller_learned_spaces_calls_fleet_wide(redis_client, redis_url, endpoint):
@@ -345,3 +370,103 @@ def test_the_rate_the_controller_learned_spaces_calls_fleet_wide(redis_client, r
     for t in threads:
         t.join(timeout=15)
     assert len(done) == 3
+
+
+def test_the_acquire_takes_redis_time_from_the_process_and_reads_time_without_an_estimate(endpoint):
+    """The acquire script takes Redis's time from the process's estimate (no TIME per call: the
+    estimate costs one TIME a process every 30 s); with no estimate (every reading too slow to
+    trust) it reads TIME itself, and the budget works the same. On a private server: INFO
+    commandstats is server-wide."""
+    from worker.clock import RedisClock
+
+    with embedded_redis() as redis_url:
+        client = redis.Redis.from_url(redis_url)
+        estimated = commands_per_call(client, make(redis_url, endpoint, max_concurrency=8), 100, 4)
+        assert "time" not in estimated, estimated
+        blind = make(redis_url, endpoint + "-blind", max_concurrency=8)
+        blind.clock = RedisClock(client.time, max_error=0.0)  # no reading is ever good enough
+        assert blind.clock.now() is None
+        read = commands_per_call(client, blind, 100, 4)
+        assert read["time"] >= 1.0 and read["zadd"] == 1.0, read
+        assert budget_stats(client, endpoint + "-blind")["in_flight"] == 0
+
+
+def test_a_host_clock_an_hour_off_scores_leases_by_redis_time(redis_client, redis_url, endpoint, monkeypatch):
+    """The time the process passes is Redis's, measured against the monotonic clock: a host whose
+    wall clock is an hour ahead (or is stepped by an hour mid-run) takes leases that expire a lease
+    from now by Redis's clock, which every other host counts as in flight."""
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 3600.0)
+    ahead = make(redis_url, endpoint, max_concurrency=2, lease_seconds=30)
+    with ahead.slot():
+        secs, micros = redis_client.time()
+        (score,) = [s for _, s in redis_client.zrange(f"refexp:ep:{ahead.endpoint}:leases", 0, -1, withscores=True)]
+        assert score == pytest.approx(secs + micros / 1e6 + 30, abs=2.0)
+        assert budget_stats(redis_client, endpoint)["in_flight"] == 1  # counted by Redis's TIME
+    assert budget_stats(redis_client, endpoint)["in_flight"] == 0
+
+
+def test_calls_are_counted_at_a_clean_shutdown(redis_client, redis_url, endpoint):
+    """A process adds its calls to the minute's counter about once a second; the calls of its last
+    second are added when the worker shuts down cleanly (Celery's worker_shutdown signal, sent
+    once a warm shutdown's tasks have finished), so ``producer status`` shows every call."""
+    from celery.signals import worker_shutdown
+
+    import worker.app  # noqa: F401 - connects the shutdown hook, as a worker process has
+
+    budgets = [FleetBudget(redis.Redis.from_url(redis_url), redis_url, endpoint_key=endpoint, max_concurrency=4,
+                           requests_per_minute=0, lease_seconds=30, count_interval=3600) for _ in range(2)]
+    for i in range(5):
+        with budgets[i % 2].slot():
+            pass
+    assert _calls_counted(redis_client, endpoint) == 0, "counted per call: the per-call INCR is back"
+    worker_shutdown.send(sender=None)
+    st = budget_stats(redis_client, endpoint)
+    assert st["calls_last_minute"] + st["calls_this_minute"] == 5 and st["calls_per_minute"] >= 1, st
+
+
+def test_an_estimate_of_redis_time_seconds_off_keeps_the_limit(redis_client, redis_url, endpoint):
+    """An estimate can be wrong only by a step of Redis's own clock since the last reading (the
+    host's wall clock plays no part), until the next reading (30 s). Seconds off are harmless
+    too: leases last the call's timeout plus 30 s, so a process ahead by 2 s still counts every
+    live lease, and one behind by 2 s leases 2 s shorter (by Redis's clock) than it thinks."""
+    from worker.clock import RedisClock
+
+    def off_by(seconds: float):
+        def redis_time() -> tuple[int, int]:
+            secs, micros = redis_client.time()
+            t = secs + micros / 1e6 + seconds
+            return int(t), int((t % 1) * 1e6)
+        return redis_time
+
+    budgets = []
+    for seconds in (2.0, -2.0, 0.0):
+        b = make(redis_url, endpoint, max_concurrency=2)
+        b.clock = RedisClock(off_by(seconds))
+        budgets.append(b)
+    lock = threading.Lock()
+    holders = peak = calls = 0
+
+    def call(budget: FleetBudget) -> None:
+        nonlocal holders, peak, calls
+        for _ in range(4):
+            with budget.slot():
+                with lock:
+                    holders += 1
+                    peak = max(peak, holders)
+                time.sleep(0.01)  # the "VLM call": hold the slot a moment
+                with lock:
+                    holders -= 1
+                    calls += 1
+
+    threads = [threading.Thread(target=call, args=(budgets[i % 3],)) for i in range(9)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "a thread never got a slot"
+    assert calls == 36 and peak == 2, (calls, peak)
+    for b in budgets:
+        b.flush_counts()
+    assert _calls_counted(redis_client, endpoint) == 36
+    assert budget_stats(redis_client, endpoint)["in_flight"] == 0

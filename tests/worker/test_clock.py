@@ -13,12 +13,14 @@ import pytest
 from kombu import Connection
 from kombu.transport import redis as kombu_redis
 
+from tests.support.fleet import wait_until
 from worker.clock import (
     MAX_TOLERANCE,
     ClockGuard,
     ClockSkewError,
     GuardedQoS,
     Reading,
+    RedisClock,
     measure,
     out_of_tolerance,
     reading,
@@ -78,6 +80,65 @@ def test_measure_keeps_the_reading_with_the_shortest_round_trip():
 def test_measure_against_a_real_redis_on_this_host_finds_no_skew(redis_client):
     r = measure(redis_client.time)
     assert abs(r.offset) < 0.05 and 0 < r.rtt < 0.5
+
+
+def counted(redis_time):
+    """``redis_time`` that counts its calls (``calls[0]``)."""
+    calls = [0]
+
+    def timed() -> tuple[int, int]:
+        calls[0] += 1
+        return redis_time()
+
+    return timed, calls
+
+
+def test_redis_clock_estimates_redis_time_with_one_time_per_refresh():
+    """The fleet budget's scripts take Redis's time from this estimate: one TIME per process every
+    ``refresh`` seconds instead of one per VLM call, and as right as the reading was."""
+    shift = [7.0]  # Redis 7 s ahead of this host: the estimate is Redis's time, not ours
+    redis_time, calls = counted(shifted_redis(shift))
+    clock = RedisClock(redis_time, refresh=1.0)
+    for _ in range(200):
+        assert clock.now() == pytest.approx(time.time() + 7.0, abs=0.01)
+    assert calls[0] == 1
+
+    shift[0] = 12.0  # Redis's own clock is stepped: the next reading takes it in
+    wait_until(lambda: clock.now() == pytest.approx(time.time() + 12.0, abs=0.01), 5, "the step to be taken in")
+    assert calls[0] == 2
+
+
+def test_redis_clock_ignores_this_hosts_wall_clock(monkeypatch):
+    """Anchored to the monotonic clock: a host whose wall clock is stepped by an hour after the
+    reading (NTP, an operator) still passes Redis's time."""
+    redis_time = shifted_redis([0.0])
+    clock = RedisClock(redis_time, refresh=3600)
+    truth = clock.now()
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 3600.0)
+    assert clock.now() == pytest.approx(truth, abs=0.05)
+
+
+def test_redis_clock_gives_no_estimate_from_a_slow_reading():
+    """Half the round trip is the reading's error: a reading slower than ``2 * max_error`` is not
+    used (None: the scripts read TIME), and the previous estimate serves while one is slow."""
+    slow = RedisClock(shifted_redis([0.0], delays=[0.2]), max_error=0.05)
+    assert slow.now() is None
+    readings = iter([(0.0, 0.0), (0.2, 5.0)])  # (round trip, Redis's shift): the slow one is off by 5 s
+
+    def redis_time() -> tuple[int, int]:
+        delay, shift = next(readings)
+        return shifted_redis([shift], delays=[delay])()
+
+    good = RedisClock(redis_time, refresh=0.0, max_error=0.05, max_age=60)
+    assert good.now() == pytest.approx(time.time(), abs=0.01)
+    assert good.now() == pytest.approx(time.time(), abs=0.01), "the slow second reading replaced the estimate"
+
+
+def test_redis_clock_against_a_real_redis(redis_client):
+    clock = RedisClock(redis_client.time)
+    secs, micros = redis_client.time()
+    assert clock.now() == pytest.approx(secs + micros / 1e6, abs=0.05)
 
 
 def test_guard_logs_each_change_once_and_stamps_with_redis_time_while_skewed(caplog):
