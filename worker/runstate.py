@@ -282,7 +282,11 @@ class RunState:
         image left the window done in every step, its offsets in the sinks only), and the record
         set aside for a check (``prior_of``). One round trip, with the first step's bit only
         (a late duplicate of a settled image's task must skip); a second one for the bits of
-        steps whose offset is missing, which an image in flight does not have."""
+        steps whose offset is missing, which an image in flight does not have.
+
+        The first step's bit is read even when another step's offset is there: an image can
+        hold both (a duplicate task that looked it up in flight and commits after it moved to
+        the bits writes its offset beside them), and must not be taken for one in flight."""
         steps = list(steps)
         pipe = self.r.pipeline(transaction=False)
         for s in steps:
