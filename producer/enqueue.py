@@ -160,7 +160,29 @@ def publish_chunk(state: RunState, run_ref: str, chunk: Todo, steps: list[int], 
 
     ``ordinals`` (image_id -> seed ordinal): a forced redo clears the images' done bits, the
     in-flight mark keeps the ordinal (the reconciler republishes from it), and the settle
-    looks at the bits (an image a fast worker finished before the mark has moved to them)."""
+    looks at the bits (an image a fast worker finished before the mark has moved to them).
+
+    The settle after the mark runs only for the images whose last step (``steps[-1]``) holds a
+    mark, found in one round trip for the whole chunk (``RunState.settled_in``: its done entry
+    or bit, a failed or blocked mark), instead of the settle script image by image (some four
+    commands each, and nearly always to find nothing). This drops no image that needs it:
+
+    - The settle script looks at ``steps[-1]`` first and leaves an image untouched when that
+      step holds no mark; an image settled in every step has it settled. So the images the
+      filter passes over are ones the script would have left in flight at the same moment.
+    - The filter reads after the mark is written. A mark a task sets after that read runs the
+      settle in the same script (``RunState.finish``, ``fail_and_settle``, ``block_and_settle``),
+      sees the image in flight and drops it itself if it was the image's last unsettled step.
+      A mark set before the read is seen by it, as the script run after the read would see it.
+    - A done mark is an entry in ``done:<step>`` or, once the image has moved to the bitmaps
+      (as it settles, or in batches later), its bit; both are read in one MULTI, so a move in
+      between cannot hide it.
+    - The reconciler's republish and two producers publishing one run go through this same
+      function, and the argument is the same for each call: whatever finished before its mark
+      shows in its filter, whatever finishes after settles itself. An image the mark puts back in
+      flight while it is settled (a second producer, a republish racing the last task) is
+      dropped here, as before.
+    """
     ordinals = ordinals or {}
     for s in steps:
         ids = [image_id for _, image_id, r in chunk if s in r]
@@ -169,4 +191,10 @@ def publish_chunk(state: RunState, run_ref: str, chunk: Todo, steps: list[int], 
         chunk = [(offset, image_id, first_wave(remaining)) for offset, image_id, remaining in chunk]
     publisher.publish([(remaining, run_ref, image_id, offset) for offset, image_id, remaining in chunk])
     state.mark_queued({image_id: offset for offset, image_id, _ in chunk}, ordinals)
-    state.settle_many([image_id for _, image_id, _ in chunk], steps, [ordinals.get(i) for _, i, _ in chunk])
+    if not steps:
+        return
+    ids = [image_id for _, image_id, _ in chunk]
+    ords = [ordinals.get(i) for i in ids]
+    late = [k for k, settled in enumerate(state.settled_in(steps[-1], ids, ords)) if settled]
+    if late:
+        state.settle_many([ids[k] for k in late], steps, [ords[k] for k in late])

@@ -282,7 +282,11 @@ class RunState:
         image left the window done in every step, its offsets in the sinks only), and the record
         set aside for a check (``prior_of``). One round trip, with the first step's bit only
         (a late duplicate of a settled image's task must skip); a second one for the bits of
-        steps whose offset is missing, which an image in flight does not have."""
+        steps whose offset is missing, which an image in flight does not have.
+
+        The first step's bit is read even when another step's offset is there: an image can
+        hold both (a duplicate task that looked it up in flight and commits after it moved to
+        the bits writes its offset beside them), and must not be taken for one in flight."""
         steps = list(steps)
         pipe = self.r.pipeline(transaction=False)
         for s in steps:
@@ -585,12 +589,33 @@ class RunState:
             out[image_id] = per_step
         return out
 
+    def settled_in(self, step: int, image_ids: list[str], ordinals: list[int | None] | None = None) -> list[bool]:
+        """Whether each image's ``step`` holds a mark: a done entry or (ordinal known) its done bit,
+        or a failed or blocked mark. One round trip of four commands whatever the number of
+        images (three HMGETs and one BITFIELD GET), in a MULTI so that an image moving between
+        the done hash and the bitmap meanwhile is seen in one or the other."""
+        if not image_ids:
+            return []
+        known = [(i, o) for i, o in enumerate(ordinals or []) if o is not None]
+        pipe = self.r.pipeline()  # MULTI: one consistent look
+        for kind in MARKS:
+            pipe.hmget(run_key(self.run_id, kind, step), image_ids)
+        if known:
+            pipe.execute_command("BITFIELD", run_key(self.run_id, BITS, step),
+                                 *[a for _, o in known for a in ("GET", "u1", o)])
+        raw = pipe.execute()
+        settled = [any(v is not None for v in marks) for marks in zip(*raw[:len(MARKS)], strict=True)]
+        for (i, _), bit in zip(known, raw[len(MARKS)] if known else [], strict=True):
+            settled[i] = settled[i] or bool(bit)
+        return settled
+
     def settle_many(self, image_ids: list[str], steps: list[int], ordinals: list[int | None] | None = None) -> int:
         """``settle`` for a batch in one round trip; returns how many left the in-flight set.
 
-        The producer calls it right after marking a batch in flight: a worker that finished an
-        image between its publish and that mark found nothing to drop, and would otherwise leave
-        it "in flight" for ever (and the run never finished).
+        The producer calls it right after marking a batch in flight, for the images whose last
+        step is settled already (``settled_in``; ``enqueue.publish_chunk``): a worker that
+        finished an image between its publish and that mark found nothing to drop, and would
+        otherwise leave it "in flight" for ever (and the run never finished).
         """
         if not image_ids:
             return 0

@@ -473,6 +473,64 @@ def test_tasks_delivered_twice_leave_one_correct_record_per_image(fleet, fleet_e
     print(f"duplicate deliveries: {extra} image-steps processed twice, {calls} VLM calls")
 
 
+FINISH_BEFORE_THE_MARK = """
+import sys, time
+from producer.enqueue import publish_chunk
+from producer.publish import Publisher
+from producer.runs import connect, existing_run
+from producer.seed import iter_seed
+from worker.constants import seed_ordinal
+
+run_id, layout, state = existing_run(sys.argv[1], connect())
+meta = state.meta()
+steps = meta["steps"]
+seeded = [(offset, rec["image_id"], seed_ordinal(rec)) for offset, rec in iter_seed(layout.seed)]
+ids, ords = [i for _, i, _ in seeded], [o for _, _, o in seeded]
+assert None not in ords, "a seed without ordinals: the bits would not be looked at"
+
+
+class FinishedBeforeTheMark(Publisher):
+    # Returns only once the workers have redone every image it published: each image's last
+    # step settles before publish_chunk marks the chunk in flight.
+    def publish(self, items):
+        sent = super().publish(items)
+        deadline = time.monotonic() + 60
+        while not all(state.settled_in(steps[-1], ids, ords)):
+            if time.monotonic() > deadline:
+                raise SystemExit("the workers did not redo the images within 60 s")
+            time.sleep(0.05)
+        return sent
+
+
+with FinishedBeforeTheMark(1) as publisher:
+    publish_chunk(state, f"{run_id}:{meta['spec_hash']}", [(o, i, steps) for o, i, _ in seeded], steps,
+                  publisher, force=True, ordinals=dict(zip(ids, ords)))
+print(state.queued_count())
+"""
+
+
+def test_a_chunk_the_workers_finished_before_its_mark_leaves_the_window(fleet, fleet_env, fake_vlm, tmp_path):
+    """``publish_chunk`` with real workers, made to lose the race every time: the publisher
+    returns only once the workers have done every image of the chunk again (a forced redo of a
+    finished run), so each image's last task settled while the image was not in flight yet and
+    found nothing to drop. The settle after the mark must find them all (their bits, as they
+    moved to the bitmaps when they finished), or they stay "in flight" for ever."""
+    fleet.start(2, concurrency=4)
+    n = 6
+    images = tiny_images(tmp_path / "images", n)
+    results = tmp_path / "results"
+    producer(fleet_env, "enqueue", *job(fake_vlm, images, results), "--wait", "--timeout", "60")
+    calls = fake_vlm.stats()["calls"]
+    redo = subprocess.run([sys.executable, "-c", FINISH_BEFORE_THE_MARK, str(results)], cwd=ROOT, env=fleet_env,
+                          capture_output=True, text=True, timeout=120)
+    assert redo.returncode == 0, redo.stderr
+    assert fake_vlm.stats()["calls"] - calls == n, "the workers did not redo every image before the mark"
+    assert int(redo.stdout) == 0, "an image finished before its mark stayed in flight"
+    st = status_json(fleet_env, results)
+    assert st["finished"] and st["in_flight_images"] == 0
+    assert all(st["steps"][str(s)]["done"] == n for s in STEPS)
+
+
 def test_images_finished_before_they_are_marked_in_flight_do_not_hang_the_run(fleet, fleet_env, fake_vlm,
                                                                               tmp_path):
     # Warm workers finish a one-task image faster than the producer publishes a 200-image batch and

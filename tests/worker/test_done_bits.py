@@ -222,3 +222,18 @@ def test_a_late_duplicate_in_a_forced_run_does_not_leave_the_image_both_a_bit_an
     assert _commit_pending(c, 2, "img", {"record": {"image_id": "img"}, "legacy": None}, 5) == SKIPPED
     assert c.client.calls == calls and [lines(c, s) for s in STEPS] == before
     assert {s: n["done"] for s, n in c.state.counts(STEPS).items()} == {s: 1 for s in STEPS}
+
+
+def test_a_late_duplicate_that_commits_after_the_move_leaves_the_next_step_skipping(ctx):
+    """A duplicate of step 2 that looked its image up while it was in flight commits after the
+    image moved to the bits: its offset lands beside them (the mark script looks at no bit for a
+    task that marks). A later delivery of step 3 then finds an offset of its upstream, and must
+    still skip: ``RunState.lookup`` reads the task's own bit whatever offsets it finds, so an
+    image holding offsets and bits at once is never taken for one in flight."""
+    assert [execute(ctx, s, "img", 0) for s in STEPS] == [DONE] * 4
+    offset, _ = ctx.layout.sink(2).find_latest("img")
+    ctx.state.finish(2, "img", offset, list(STEPS), ordinal=5)  # the duplicate's commit
+    assert ctx.state.done_offset(2, "img") == offset and bits(ctx.state, 2) == [5]
+    written = lines(ctx, 3)
+    assert execute(ctx, 3, "img", 0) == SKIPPED
+    assert lines(ctx, 3) == written and ctx.state.done_offset(3, "img") is None
