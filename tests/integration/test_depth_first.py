@@ -15,10 +15,12 @@ from pathlib import Path
 
 import pytest
 import redis
+from kombu.transport import redis as kombu_redis
 
 from tests.integration.test_faults import SHORT_VT, assert_finalized_once, failures, job, seed_records, status_json
 from tests.support.fake_vlm import STRUCTURED_MARKERS
 from tests.support.fleet import producer, wait_until
+from worker.clock import GuardedQoS
 from worker.keys import QUEUE_LISTS, UNACKED, UNACKED_INDEX, UNACKED_MESSAGES, queue_list
 from worker.stepdefs import STEP
 from worker.transport import unacked_payloads
@@ -111,7 +113,9 @@ def test_a_killed_workers_later_step_comes_back_into_its_own_priority_list(
     heads_queued = client.llen(queue_list(STEP[0].priority))
     assert heads_queued > 0, "the backlog's head steps should still be queued"
 
-    # Nothing but kombu's own sweep (as a live worker runs it) restores the message.
+    # Nothing but the sweep, as a live worker runs it (kombu's, with the QoS the worker installs:
+    # worker/clock.py, worker/transport.py), restores the message.
+    monkeypatch.setattr(kombu_redis.Channel, "QoS", GuardedQoS)
     monkeypatch.setenv("REFEXP_VISIBILITY_TIMEOUT", SHORT_VT)
     monkeypatch.setenv("REDIS_URL", redis_url)
     from worker.app import make_app

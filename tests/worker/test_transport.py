@@ -245,3 +245,21 @@ def test_an_unroutable_message_is_logged_and_dropped_as_kombu_does(channel, redi
     ch.qos.restore_visible(num=10, interval=1)
     assert redis_client.zcard(MESSAGES) == 0
     assert any("Could not restore message" in r.getMessage() for r in caplog.records)
+
+
+def _task_message(args: list) -> dict:
+    """A Celery task message as kombu stores it (protocol 2 body, base64)."""
+    body = base64.b64encode(json.dumps([args, {}, {}]).encode()).decode()
+    return {"body": body, "headers": {"task": "t", "argsrepr": repr(args)}, "properties": {"body_encoding": "base64"}}
+
+
+def test_the_reconciler_sees_the_messages_held_in_either_format(redis_client):
+    """An image whose message a worker holds is not stranded, whichever release's worker holds it."""
+    from producer.reconcile import referenced
+
+    new = f"tag-1{SEP}{json.dumps([_task_message(['run1:0', 'img-new']), QUEUE, QUEUE])}"
+    redis_client.zadd(MESSAGES, {new: time.time()})
+    redis_client.hset(HASH, "tag-2", json.dumps([_task_message(["run1:0", "img-old"]), QUEUE, QUEUE]))
+    redis_client.zadd(INDEX, {"tag-2": time.time()})
+    redis_client.hset(HASH, "tag-3", json.dumps([_task_message(["run2:0", "img-other-run"]), QUEUE, QUEUE]))
+    assert referenced(redis_client, "run1") == {"img-new", "img-old"}
