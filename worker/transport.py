@@ -1,11 +1,12 @@
-"""kombu's Redis ack emulation in one sorted set: 2 Redis commands per task instead of 8.
+"""kombu's Redis ack emulation in one sorted set: 2 Redis commands per task (kombu's takes 8).
 
 kombu's Redis transport records a message it hands to a worker as *unacked*, so that the message
 of a worker that dies is handed out again: on receipt it adds the delivery tag to a sorted set
 scored by the time (``unacked_index``) and the message to a hash (``unacked``), and on the ack it
-removes both, each pair in a ``MULTI``/``EXEC`` transaction: 8 commands per task for the 2 that
-move the message (bench/README.md, issue 16). :class:`PipelinedQoS` keeps each unacked message
-as ONE member of another sorted set, ``unacked_messages``, that carries the message itself::
+removes both, each pair in a ``MULTI``/``EXEC`` transaction: 8 commands per task (4 as plain
+pipelines in the earlier release, whence the class's name; bench/README.md, issue 16).
+:class:`PipelinedQoS` keeps each unacked message as ONE member of another sorted set,
+``unacked_messages``, that carries the message itself::
 
     member = "<delivery tag>\\x1f<json [message, exchange, routing key]>"   score = the stamp
 
@@ -34,7 +35,8 @@ Why a sorted set of its own rather than the payload in ``unacked_index``: a mixe
 rolling upgrade. A worker of the earlier release sweeps ``unacked_index`` with kombu's own code,
 which reads each tag's message from the hash and removes the entry either way: it would drop a
 new-format member (no hash entry) without re-queueing it. In a key of its own, the new members
-are invisible to old workers, and the new sweep reads both keys: ``unacked_messages`` as above,
+are invisible to old workers (and to any other process that sweeps with kombu's stock QoS),
+and the new sweep reads both keys: ``unacked_messages`` as above,
 and ``unacked_index`` with kombu's hash path (its ``WATCH``ed transaction), for the entries
 written by old workers. So a mixed fleet loses nothing; the one thing to keep in step is the
 producer, whose reconciler (producer/reconcile.py) must know the new key to see the messages new
