@@ -207,7 +207,7 @@ def one_run(url: str, *, images_dir: Path, labels_dir: Path, results: Path, back
         # The last chord cleanups and acks land within a round trip of the last mark; give the
         # queue a moment to drain its bookkeeping before memory is read.
         end = time.monotonic() + 5
-        while time.monotonic() < end and (any(r.llen(q) for q in QUEUE_LISTS) or r.hlen("unacked")):
+        while time.monotonic() < end and (any(r.llen(q) for q in QUEUE_LISTS) or r.zcard("unacked_messages")):
             time.sleep(0.05)
     # Read with the workers gone and the monitor stopped: connections and their buffers are not
     # what the run leaves behind.

@@ -38,9 +38,10 @@ from producer.enqueue import publish_chunk
 from producer.publish import Publisher
 from producer.seed import iter_seed
 from worker import settings
-from worker.keys import QUEUE_LISTS, UNACKED
+from worker.keys import QUEUE_LISTS
 from worker.layout import Layout
 from worker.runstate import Outcome, RunRef, RunState
+from worker.transport import unacked_payloads
 
 log = logging.getLogger("refexp.producer")
 
@@ -69,8 +70,9 @@ def _queue_keys() -> list[str]:
 
 
 def _unacked(broker: redis.Redis) -> Iterator[bytes]:
-    for _, raw in broker.hscan_iter(UNACKED, count=SCAN_CHUNK):
-        yield raw
+    """The messages workers hold: this release's ``unacked_messages`` members and the earlier
+    release's ``unacked`` hash (a fleet mid-upgrade has both)."""
+    yield from unacked_payloads(broker, count=SCAN_CHUNK)
 
 
 def _messages(broker: redis.Redis) -> Iterator[bytes]:

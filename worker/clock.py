@@ -52,7 +52,6 @@ from celery import bootsteps
 from celery.exceptions import WorkerShutdown
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual as kombu_virtual
-from kombu.utils import json as kombu_json
 
 from worker.transport import PipelinedQoS
 
@@ -187,7 +186,7 @@ class ClockGuard:
 class GuardedQoS(PipelinedQoS):
     """kombu's Redis QoS that sweeps only while the process's clock is within tolerance, and
     stamps with Redis's time while it is not (see the module docstring). Its receipt and ack
-    writes are plain pipelines (worker/transport.py).
+    are one command each (worker/transport.py).
 
     It also keeps the worker alive when Redis refuses writes (``maxmemory`` with ``noeviction``,
     a read-only replica) or drops the connection at the wrong moment. kombu takes a message with
@@ -238,21 +237,13 @@ class GuardedQoS(PipelinedQoS):
             kombu_virtual.QoS.ack(self, delivery_tag)
 
     def append(self, message, delivery_tag):
-        """kombu's ``append``, stamped with Redis's time while this clock is skewed: in the same
-        write, so no other worker's sweep ever sees a stamp from the wrong clock (restamping it
-        afterwards left a round trip in which a clock an hour behind made the task look an hour
-        old to everyone)."""
+        """The receipt's ``ZADD`` (worker/transport.py), stamped with Redis's time while this clock
+        is skewed: in the same write, so no other worker's sweep ever sees a stamp from the wrong
+        clock (restamping it afterwards left a round trip in which a clock an hour behind made the
+        task look an hour old to everyone)."""
         stamp = self.guard.stamp() if self.guard is not None else None
         try:
-            if stamp is None:
-                super().append(message, delivery_tag)
-            else:
-                delivery = message.delivery_info
-                raw = kombu_json.dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
-                with self.pipe_or_acquire() as pipe:
-                    pipe.zadd(self.unacked_index_key, {delivery_tag: stamp}) \
-                        .hset(self.unacked_key, delivery_tag, raw).execute()
-                kombu_virtual.QoS.append(self, message, delivery_tag)
+            super().append(message, delivery_tag, stamp=stamp)
         except redis.exceptions.RedisError as exc:
             task_id = (getattr(message, "headers", None) or {}).get("id", "?")
             log.error("task %s taken from the queue could not be recorded as unacked (%s: %s); running it "

@@ -2,11 +2,13 @@
 
 Run state hangs off ``refexp:run:<run_id>:...`` (``run_key``), the fleet budget off
 ``refexp:ep:<endpoint id>:...`` (``budget_key``), and Celery's own keys keep kombu's names:
-the queue list ``refexp`` (one more list per priority, ``refexp\\x06\\x16<n>``) and the
-``unacked`` hash with its ``unacked_index`` sorted set, which the reconciler reads and the
-clock guard restamps; the result backend's chord keys keep Celery's prefix,
-``celery-taskset-meta-<group id>.b`` (a chord's bit string) and ``.c`` (its claim), see
-worker/result_backend.py. No secret is ever part of a key or a value.
+the queue list ``refexp`` (one more list per priority, ``refexp\\x06\\x16<n>``); the
+``unacked_messages`` sorted set (each member a message a worker holds, scored by its delivery
+stamp, which the clock guard sets; worker/transport.py) and, written by workers of the earlier
+release, the ``unacked`` hash with its ``unacked_index`` sorted set: the reconciler reads both
+kinds. The result backend's chord keys keep Celery's prefix, ``celery-taskset-meta-<group
+id>.b`` (a chord's bit string) and ``.c`` (its claim), see worker/result_backend.py. No secret
+is ever part of a key or a value.
 
 Run keys (``run_key(run_id, ...)``): ``spec:<hash>`` and ``prompts:<hash>`` (the run's public
 spec and prompt templates), ``meta``, ``done:<step>`` (image_id -> sink offset), ``failed:<step>``
@@ -23,9 +25,13 @@ from __future__ import annotations
 KEY_PREFIX = "refexp"
 #: The Celery queue (its Redis list has the same name), kept apart from other apps on a shared Redis.
 QUEUE = "refexp"
-#: kombu's Redis transport: unacknowledged messages, and their delivery stamps.
+#: kombu's Redis transport: unacknowledged messages, and their delivery stamps, as kombu and the
+#: earlier release keep them (a worker of this release still sweeps them, worker/transport.py).
 UNACKED = "unacked"
 UNACKED_INDEX = "unacked_index"
+#: Unacknowledged messages as this release's workers keep them: one sorted-set member per message,
+#: ``<delivery tag>\x1f<json [message, exchange, routing key]>``, scored by its delivery stamp.
+UNACKED_MESSAGES = "unacked_messages"
 #: kombu's separator between a queue's name and its priority in the per-priority list names, and
 #: its default priority steps (a list per step; step 0 is the queue's own list).
 PRIORITY_SEP = "\x06\x16"

@@ -15,12 +15,15 @@ from pathlib import Path
 
 import pytest
 import redis
+from kombu.transport import redis as kombu_redis
 
 from tests.integration.test_faults import SHORT_VT, assert_finalized_once, failures, job, seed_records, status_json
 from tests.support.fake_vlm import STRUCTURED_MARKERS
 from tests.support.fleet import producer, wait_until
-from worker.keys import QUEUE_LISTS, UNACKED, queue_list
+from worker.clock import GuardedQoS
+from worker.keys import QUEUE_LISTS, UNACKED, UNACKED_INDEX, UNACKED_MESSAGES, queue_list
 from worker.stepdefs import STEP
+from worker.transport import unacked_payloads
 
 pytestmark = pytest.mark.integration
 
@@ -102,13 +105,17 @@ def test_a_killed_workers_later_step_comes_back_into_its_own_priority_list(
     release.set()
 
     client = redis.Redis.from_url(redis_url)
-    unacked = [json.loads(raw)[0] for raw in client.hvals(UNACKED)]
+    # Held as one member of the unacked sorted set, payload included (worker/transport.py).
+    assert client.zcard(UNACKED_MESSAGES) == 1 and client.hlen(UNACKED) == 0 and client.zcard(UNACKED_INDEX) == 0
+    unacked = [json.loads(raw)[0] for raw in unacked_payloads(client)]
     assert [m["headers"]["task"] for m in unacked] == [STEP[2].task_name], "the killed worker held one step 2"
     assert unacked[0]["properties"]["priority"] == STEP[2].priority
     heads_queued = client.llen(queue_list(STEP[0].priority))
     assert heads_queued > 0, "the backlog's head steps should still be queued"
 
-    # Nothing but kombu's own sweep (as a live worker runs it) restores the message.
+    # Nothing but the sweep, as a live worker runs it (kombu's, with the QoS the worker installs:
+    # worker/clock.py, worker/transport.py), restores the message.
+    monkeypatch.setattr(kombu_redis.Channel, "QoS", GuardedQoS)
     monkeypatch.setenv("REFEXP_VISIBILITY_TIMEOUT", SHORT_VT)
     monkeypatch.setenv("REDIS_URL", redis_url)
     from worker.app import make_app
@@ -126,6 +133,7 @@ def test_a_killed_workers_later_step_comes_back_into_its_own_priority_list(
     assert msg["headers"]["task"] == STEP[2].task_name and msg["headers"]["redelivered"] is True
     assert client.llen(queue_list(STEP[0].priority)) == heads_queued, "the restored step 2 went to the head list"
     assert sum(client.llen(k) for k in QUEUE_LISTS) == heads_queued + 1
+    assert client.zcard(UNACKED_MESSAGES) == 0, "the restore removed the killed worker's member"
 
     fake_vlm.answer_fn = None
     fleet.start(1, concurrency=2, extra_env=vt)
@@ -147,7 +155,7 @@ def test_step_3_sent_by_the_chain_after_step_2_has_step_3s_priority(fleet, fleet
     try:
         assert held.wait(60), "no step-3 call reached the fake"
         client = redis.Redis.from_url(redis_url)
-        unacked = [json.loads(raw)[0] for raw in client.hvals(UNACKED)]
+        unacked = [json.loads(raw)[0] for raw in unacked_payloads(client)]
         assert [m["headers"]["task"] for m in unacked] == [STEP[3].task_name]
         assert unacked[0]["properties"]["priority"] == STEP[3].priority == 0
     finally:
@@ -175,7 +183,7 @@ def test_a_retried_step_2_keeps_step_2s_priority(fleet, fleet_env, fake_vlm, dat
     client = redis.Redis.from_url(redis_url)
 
     def retried() -> list[dict]:
-        msgs = [json.loads(raw)[0] for raw in client.hvals(UNACKED)]
+        msgs = [json.loads(raw)[0] for raw in unacked_payloads(client)]
         return [m for m in msgs if m["headers"]["task"] == STEP[2].task_name and m["headers"].get("retries")]
 
     (msg, *_) = wait_until(retried, 60, "the step-2 retry's message", interval=0.05)

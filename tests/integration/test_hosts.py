@@ -225,7 +225,7 @@ def wait_run(site: Site, results: Path, timeout: float) -> tuple[subprocess.Comp
                              if client.hexists(f"refexp:run:{state.run_id}:{kind}:{s}", i)), "none")
                     for s in (0, 1, 2, 3)} for i in in_flight}
     return out, (f"images still in flight: {outcomes}; messages queued: {client.llen('refexp')}, unacked: "
-                 f"{client.hlen('unacked')}\n{out.stdout[-1000:]}\n{out.stderr[-1000:]}")
+                 f"{client.zcard('unacked_messages')}\n{out.stdout[-1000:]}\n{out.stderr[-1000:]}")
 
 
 # --------------------------------------------------------------------------- the test

@@ -227,11 +227,11 @@ def test_redis_stalled_longer_than_the_socket_timeout(fleet, fleet_env, fake_vlm
 def _lose_every_message(client) -> int:
     """Delete every queued and unacknowledged message of the fleet's queue, as a lost Redis key,
     a hand-made mistake or a bug would: the images stay "in flight" with nothing to move them."""
-    from worker.keys import QUEUE, UNACKED, UNACKED_INDEX, is_queue_list
+    from worker.keys import QUEUE, UNACKED, UNACKED_INDEX, UNACKED_MESSAGES, is_queue_list
 
     keys = [k for k in client.scan_iter(match=f"{QUEUE}*", _type="list") if is_queue_list(k.decode())]
-    lost = sum(client.llen(k) for k in keys) + client.hlen(UNACKED)
-    client.delete(*keys, UNACKED, UNACKED_INDEX)
+    lost = sum(client.llen(k) for k in keys) + client.hlen(UNACKED) + client.zcard(UNACKED_MESSAGES)
+    client.delete(*keys, UNACKED, UNACKED_INDEX, UNACKED_MESSAGES)
     return lost
 
 

@@ -26,6 +26,7 @@ from worker.clock import (
     reading,
     tolerance,
 )
+from worker.transport import split_member
 
 
 def shifted_redis(shift: list[float], delays: list[float] | None = None):
@@ -192,29 +193,35 @@ def guarded_channel(redis_url, redis_client, monkeypatch):
         queue.close()
 
 
+def _stamps(redis_client) -> dict[str, float]:
+    """delivery tag -> stamp of the unacked messages (worker/transport.py's members)."""
+    return {split_member(m)[0]: score
+            for m, score in redis_client.zrange("unacked_messages", 0, -1, withscores=True)}
+
+
 def test_guarded_qos_restamps_a_taken_message_with_redis_time_while_skewed(guarded_channel, redis_client):
     guard, channel, queue = guarded_channel
     assert isinstance(channel.qos, GuardedQoS)
     queue.put({"n": 1})
     queue.put({"n": 2})
-    first = queue.get(timeout=5)  # taken, not acked: stamped in the unacked index
+    first = queue.get(timeout=5)  # taken, not acked: stamped in the unacked set
     guard.skewed, guard.offset = True, -100.0  # as if this host ran 100 s ahead of Redis
     second = queue.get(timeout=5)
-    stamps = dict(redis_client.zrange("unacked_index", 0, -1, withscores=True))
+    stamps = _stamps(redis_client)
     now = time.time()
-    assert stamps[first.delivery_tag.encode()] == pytest.approx(now, abs=2)
-    assert stamps[second.delivery_tag.encode()] == pytest.approx(now - 100, abs=2)
+    assert stamps[first.delivery_tag] == pytest.approx(now, abs=2)
+    assert stamps[second.delivery_tag] == pytest.approx(now - 100, abs=2)
     first.ack()
     second.ack()
-    assert redis_client.zcard("unacked_index") == 0
+    assert redis_client.zcard("unacked_messages") == 0
 
 
 def test_guarded_qos_sweeps_with_a_right_clock(guarded_channel, redis_client):
     guard, channel, queue = guarded_channel
     queue.put({"n": 1})
-    msg = queue.get(timeout=5)
-    tag = msg.delivery_tag.encode()
-    redis_client.zadd("unacked_index", {tag: time.time() - 60})  # taken a minute ago by a dead worker
+    queue.get(timeout=5)
+    (member,) = redis_client.zrange("unacked_messages", 0, -1)
+    redis_client.zadd("unacked_messages", {member: time.time() - 60})  # taken a minute ago by a dead worker
     channel.qos.restore_visible(num=10, interval=1)
-    assert redis_client.zcard("unacked_index") == 0 and redis_client.llen("clock-test") == 1
+    assert redis_client.zcard("unacked_messages") == 0 and redis_client.llen("clock-test") == 1
     assert not guard.skewed
