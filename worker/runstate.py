@@ -9,6 +9,8 @@ the sinks. No secret is ever written here.
 What a task changes here is done by one Lua script (``_MARK_AND_SETTLE``): its mark, its
 counters and the settle check in one round trip and as few commands as Redis can run them,
 since every command inside a script counts against what one Redis serves (bench/redis_cost.py).
+A task done whose canvas runs a later step of the image after it needs no settle check (the
+later step's settles the image): its mark and counters go out as a plain pipeline (``finish``).
 """
 
 from __future__ import annotations
@@ -132,10 +134,13 @@ end
 -- task that marks has the image in flight, whose done steps have entries.
 local all_done = pos == 0 or mark == 1
 -- Later steps are the likelier to be unsettled: look at them first, and stop at the first.
+local done_steps = {}
 for i = nsteps, 1, -1 do
   if i ~= pos then
     local base = head + (i - 1) * per
-    if redis.call('HEXISTS', KEYS[base + 1], image) == 0 then
+    if redis.call('HEXISTS', KEYS[base + 1], image) == 1 then
+      done_steps[#done_steps + 1] = base
+    else
       if pos > 0 or ord < 0 or redis.call('GETBIT', KEYS[base + 4], ord) == 0 then
         if not any_other_mark then
           set_mark()
@@ -151,6 +156,15 @@ for i = nsteps, 1, -1 do
   end
 end
 redis.call('HDEL', KEYS[1], image)
+-- A step done by its entry may still hold a stale failed or blocked mark (a duplicate canvas's),
+-- which a task marking done without the script (RunState.finish, settle=False) left: cleared
+-- here, so the settled image's status is exact.
+if any_other_mark then
+  for _, base in ipairs(done_steps) do
+    redis.call('HDEL', KEYS[base + 2], image)
+    redis.call('HDEL', KEYS[base + 3], image)
+  end
+end
 if all_done and ord >= 0 and not (any_other_mark and redis.call('EXISTS', KEYS[5]) > 0) then
   -- Done in every step: its bits, and no offsets (the marked step's is never written).
   if pos > 0 and any_other_mark then
@@ -347,13 +361,36 @@ class RunState:
             self.r.hset(key, image_id, offset)
 
     def finish(self, step: int, image_id: str, offset: int, steps: list[int], *,
-               call: dict | None = None, quality: dict | None = None, ordinal: int | None = None) -> bool:
+               call: dict | None = None, quality: dict | None = None, ordinal: int | None = None,
+               settle: bool = True) -> bool:
         """``mark_done``, the call's usage and quality counters and ``settle``, atomically, in
         one round trip (one script); returns ``settle``'s answer. The settle check runs after
         the mark inside the same script, so of two header tasks finishing together the later
         one sees both marks. ``ordinal``: the image's seed ordinal, so that an image done in
-        every step moves to the bitmaps as it settles (None: it keeps its offsets)."""
+        every step moves to the bitmaps as it settles (None: it keeps its offsets).
+
+        ``settle=False``: a task whose canvas runs a later step of the image after it (a chord
+        header, a chain part with more chain to come; ``worker.tasks.run_task`` decides). Its
+        done mark and tally entry go out as a plain pipeline (``HSET`` and ``RPUSH``, one round
+        trip, no script): no failed/blocked clean-up and no settle check, which could only
+        answer "not settled" since the later step has no outcome yet. No image is stranded in
+        the in-flight set by it: the later step always runs after this one returns (the chord
+        body once every header part returned, the chain's next link once this one did), and
+        its own settle (the full script: its mark's, its failure's or its skip's) sees this
+        mark; should the canvas die between the two (the body or link lost with a worker or
+        with Redis), the image's later step has no outcome, so the reconciler publishes it
+        again and that settle runs then. A stale failed or blocked mark of this image-step (a
+        duplicate canvas's) that the plain mark leaves is cleared by that full settle, which
+        clears those of every step it finds done when the run has any such mark. Returns
+        False (not settled) in that case."""
         tally = _tally(step, call, quality)
+        if not settle:
+            pipe = self.r.pipeline(transaction=False)
+            pipe.hset(run_key(self.run_id, Outcome.DONE, step), image_id, offset)
+            if tally:
+                pipe.rpush(run_key(self.run_id, "tally"), tally)
+            pipe.execute()
+            return False
         return self._settle_script(image_id, steps, step, Outcome.DONE, offset, tally, ordinal)
 
     def add_usage(self, step: int, call: dict) -> None:
