@@ -227,6 +227,12 @@ local function settle()
       if redis.call('HEXISTS', key(i, 1), image) == 1 then
         done_steps[#done_steps + 1] = i
       elseif pos > 0 or ord < 0 or redis.call('GETBIT', key(i, 4), ord) == 0 then
+        -- An earlier step without an entry, under a done mark: a duplicate of this task that
+        -- ran alongside may have settled the image, and the fold moved it, since this one
+        -- looked (RunState.lookup). Its bit says so: an entry beside it would count it twice.
+        if mark == 1 and i < pos and ord >= 0 and redis.call('GETBIT', key(pos, 4), ord) == 1 then
+          return 0
+        end
         if not any_other_mark then
           set_mark()
           return 0

@@ -330,3 +330,16 @@ def test_usage_reads_the_tally_beside_move_entries(redis_client):
     state.fold(list(STEPS))
     assert {s: u["input_tokens"] for s, u in state.usage().items()} == {0: 10, 1: 10, 2: 10, 3: 1}
     assert state.usage()[0]["calls"] == 1
+
+
+def test_a_duplicate_last_step_that_looked_before_the_move_writes_no_entry_beside_the_bit(redis_client):
+    """Two deliveries of an image's last step both pass the skip check; one settles the image and
+    the fold moves it; the other's mark then finds its step's bit set and writes no done entry
+    (status would count the image twice in that step, for good)."""
+    state = RunState(redis_client, "dup")
+    state.mark_queued({"a": 0}, {"a": 4})
+    assert _settle_all(state, "a", 4)
+    state.fold(list(STEPS))
+    assert state.finish(3, "a", 99, list(STEPS), ordinal=4) is False
+    assert state.done_offset(3, "a") is None
+    assert _done_counts(state) == {s: 1 for s in STEPS}
