@@ -699,9 +699,9 @@ class RunState:
     def settle(self, image_id: str, steps: list[int], ordinal: int | None = None) -> bool:
         """Drop the image from the in-flight set once every step is done, failed or blocked.
 
-        Called after each step's outcome is marked (or with the mark, in the same script); of
-        two header tasks finishing together at least one sees both marks, so the image always
-        leaves the set.
+        Called after a step's outcome is marked (or with the mark, in the same script); of two
+        tasks settling together at least one sees both marks, so the image always leaves the
+        set. A task whose canvas runs a later step after it does not settle (``finish``).
         """
         return self._settle_script(image_id, steps, ordinal=ordinal)
 
