@@ -364,7 +364,12 @@ def wait(state: RunState, *, timeout: float | None = None, poll: float = 0.5,
         st = status(state)
         if on_status:
             on_status(st)
-        if st["finished"] or (until is not None and until(st)):
+        if st["finished"]:
+            # The moves to the bitmaps still pending (fewer than TALLY_FOLD images') go now: a
+            # finished run's index is all bits (plus its failed and blocked images' offsets).
+            state.fold([int(s) for s in st["steps"]])
+            return st
+        if until is not None and until(st):
             return st
         if reconciler is not None:
             reconciler.tick()

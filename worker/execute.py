@@ -116,14 +116,17 @@ class Uncommitted(Exception):
 
 
 def execute(ctx: RunContext, step: int, image_id: str, seed_offset: int, *, client: VLMClient | None = None,
-            seed: dict | None = None) -> str:
+            seed: dict | None = None, settle: bool = True) -> str:
     """Run ``step`` for one image; return DONE, SKIPPED or BLOCKED, or raise.
 
     ``client``: the client in place of the run's online one (batch mode: ``worker.parking``'s
     ``ParkingClient``, which raises ``Parked`` with the built request, or ``AnswerClient``).
     ``seed``: the image's seed line as the caller read it (``load_seed``); read here otherwise.
+    ``settle=False``: a later step of the image's canvas runs after this one, and settles it
+    (``RunState.finish``): a DONE is marked without the settle check.
 
-    DONE and BLOCKED mean the outcome is marked and the image settled, in one round trip; the
+    DONE and BLOCKED mean the outcome is marked and the image settled (a DONE with ``settle``
+    only), in one round trip; the
     caller settles a SKIPPED image-step. When the call succeeded but its write failed, raises
     ``Uncommitted`` with the answer, so the write can be retried without a second call.
     """
@@ -169,7 +172,7 @@ def execute(ctx: RunContext, step: int, image_id: str, seed_offset: int, *, clie
     if d.reads_seed and seed is None:
         raise InputError(f"{ctx.layout.seed.path}: image '{image_id}' is not in the seed file")
     record = input_record(step, seed if d.reads_seed and seed is not None else {}, upstream)
-    if prior is not None and keep_if_current(ctx, step, image_id, prior, record, ordinal):
+    if prior is not None and keep_if_current(ctx, step, image_id, prior, record, ordinal, settle=settle):
         return DONE
     outcome = run_step(step, record, ValidText(client or ctx.client, image_id), ctx.prompts,
                        max_pixels=ctx.spec.ire.vlm.max_image_pixels, options=ctx.options)
@@ -180,13 +183,13 @@ def execute(ctx: RunContext, step: int, image_id: str, seed_offset: int, *, clie
         outcome.record = batch_usage(outcome.record, step, used_batch)
     pending = {"record": outcome.record, "legacy": outcome.legacy}
     try:
-        return commit(ctx, step, image_id, pending, ordinal)
+        return commit(ctx, step, image_id, pending, ordinal, settle=settle)
     except Exception as exc:
         raise Uncommitted(pending, exc) from exc
 
 
 def keep_if_current(ctx: RunContext, step: int, image_id: str, prior: int, record: dict,
-                    ordinal: int | None = None) -> bool:
+                    ordinal: int | None = None, *, settle: bool = True) -> bool:
     """``reprocess: changed``: keep the record set aside at enqueue (mark it done again, no
     call) when its fingerprint is what the current spec would send for ``record`` (the step's
     input as it is now: upstream steps of this run already kept or redone). A record without a
@@ -210,19 +213,22 @@ def keep_if_current(ctx: RunContext, step: int, image_id: str, prior: int, recor
     if have not in want:
         log.debug("%s step %d: fingerprint %s is stale (now %s); redoing it", image_id, step, have, sorted(want))
         return False
-    settled = ctx.state.finish(step, image_id, prior, ctx.spec.ire.workflow.steps, ordinal=ordinal)
+    settled = ctx.state.finish(step, image_id, prior, ctx.spec.ire.workflow.steps, ordinal=ordinal, settle=settle)
     ctx.state.drop_prior(step, image_id)
     if settled:
         _drop_image_cache(ctx, record)
     return True
 
 
-def commit(ctx: RunContext, step: int, image_id: str, pending: dict, ordinal: int | None = None) -> str:
+def commit(ctx: RunContext, step: int, image_id: str, pending: dict, ordinal: int | None = None, *,
+           settle: bool = True) -> str:
     """Write a finished step's answer and mark it done, in the order that keeps "done" true.
 
     The legacy file first (when the output format asks for one), then the sink line (written in
     full and verified by ``JsonlSink.append``), and only then the done mark, usage and quality
-    counters and the settle check, in one Redis script (``RunState.finish``). A failure at any point leaves the
+    counters and the settle check, in one Redis script (``RunState.finish``; the mark and the
+    counters alone with ``settle=False``, when a later step of the canvas settles the image). A
+    failure at any point leaves the
     image-step not done, and ``commit`` can simply run again: the legacy file is replaced
     whole, and a second sink line for the image is absorbed by readers (last line wins).
     """
@@ -233,7 +239,7 @@ def commit(ctx: RunContext, step: int, image_id: str, pending: dict, ordinal: in
     offset = ctx.layout.sink(step).append(record)
     step_meta = record.get("meta", {}).get(PIPELINE_NAMES[step], {})
     settled = ctx.state.finish(step, image_id, offset, wf.steps, call=step_meta.get("call"),
-                               quality=step_meta.get("quality"), ordinal=ordinal)
+                               quality=step_meta.get("quality"), ordinal=ordinal, settle=settle)
     if wf.reprocess == "changed":
         ctx.state.drop_prior(step, image_id)  # the record set aside is superseded
     if settled:

@@ -24,7 +24,10 @@ class IndexRebuild:
 
     Creating one sets the ``reindexing`` key (so no settle moves an image to the bitmaps while
     the sinks are read: a bit set then would be lost in the swap, its offsets dropped with it);
-    ``commit`` removes it. The key expires on its own should the producer die midway."""
+    ``commit`` removes it, and with it the moves still pending in the ``tally`` list
+    (``RunState.drop_moves``): they were written for the old index, and an ``unpack_bits``
+    must not see its offsets turn back into bits. The key expires on its own should the
+    producer die midway."""
 
     def __init__(self, state: RunState, steps: list[int], batch: int = 1000):
         self.state, self.steps, self.batch = state, steps, batch
@@ -78,7 +81,7 @@ class IndexRebuild:
         for step in self.steps:
             self._flush(step)
             out[step] = self.written[step] + self._carry_over(step, still_there.get(step), ordinals_of)
-        self.r.delete(self.flag)
+        self.state.drop_moves()  # with the flag: moves written before the rebuild are void
         return out
 
     def abort(self) -> None:

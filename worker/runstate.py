@@ -9,6 +9,8 @@ the sinks. No secret is ever written here.
 What a task changes here is done by one Lua script (``_MARK_AND_SETTLE``): its mark, its
 counters and the settle check in one round trip and as few commands as Redis can run them,
 since every command inside a script counts against what one Redis serves (bench/redis_cost.py).
+A task done whose canvas runs a later step of the image after it needs no settle check (the
+later step's settles the image): its mark and counters go out as a plain pipeline (``finish``).
 """
 
 from __future__ import annotations
@@ -78,26 +80,69 @@ TALLY_FOLD = 100
 # commands Redis runs (every call inside the script counts; bench/redis_cost.py).
 # KEYS: queued, tally, usage, quality, reindexing, then done, failed, blocked, bits of each of
 #       the run's steps.
-# ARGV: image_id, position of the marked step among the run's steps (1-based; 0: mark nothing),
-#       mark (1 done, 2 failed, 3 blocked), value (sink offset or reason), tally entry ("" for
-#       none: "<u|q><field>\t<n>\t..." with u for usage, q for quality), TALLY_FOLD, the
-#       image's ordinal (-1: unknown).
+# ARGV: image_id ("" to settle nothing), position of the marked step among the run's steps
+#       (1-based; 0: mark nothing), mark (1 done, 2 failed, 3 blocked), value (sink offset or
+#       reason), tally entry ("" for none: "<u|q><field>\t<n>\t..." with u for usage, q for
+#       quality), TALLY_FOLD (0: fold now), the image's ordinal (-1: unknown).
 # Returns 1 when every step of the image has a mark (it left the in-flight set), else 0.
-# An image that leaves the window done in every step (and whose ordinal is known) moves from
-# the done hashes to the bitmaps: its bit set in each ``bits:<step>``, its offsets dropped, so
-# the index holds offsets only for the window and the images with a failed or blocked step.
-# Nothing moves while a reindex rebuilds the index (the ``reindexing`` key): the rebuild carries
-# over hash entries set meanwhile, not bits.
+# An image that leaves the window done in every step (and whose ordinal is known) is to move
+# from the done hashes to the bitmaps: a move entry ("m<ordinal> <image_id>") goes to the
+# ``tally`` list in the same RPUSH as the task's tally entry, and the fold moves the whole
+# batch (per step one HMGET, one BITFIELD, one HDEL) instead of 4 SETBIT + 3 HDEL per image.
+# So the index holds offsets only for the window, the images with a failed or blocked step, and
+# the moves pending (fewer than TALLY_FOLD entries). Nothing moves while a reindex rebuilds the
+# index (the ``reindexing`` key): the rebuild carries over hash entries set meanwhile, not bits.
 _MARK_AND_SETTLE = """
 local image, pos, mark = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local ord = tonumber(ARGV[7] or '-1')
 local head, per = 5, 4
 local nsteps = (#KEYS - head) / per
-if ARGV[5] ~= '' and redis.call('RPUSH', KEYS[2], ARGV[5]) >= tonumber(ARGV[6]) then
-  local totals = {}
+local function key(i, k)
+  return KEYS[head + (i - 1) * per + k]
+end
+-- Failed and blocked marks are rare: one EXISTS over all their hashes (and the reindex flag)
+-- spares looking in them (and clearing them) image by image while the run has none.
+local any_other_mark = false
+if nsteps > 0 then
+  local marks = {KEYS[5]}
+  for i = 1, nsteps do
+    marks[#marks + 1] = key(i, 2)
+    marks[#marks + 1] = key(i, 3)
+  end
+  any_other_mark = redis.call('EXISTS', unpack(marks)) > 0
+end
+local reindexing = nil
+local function is_reindexing()
+  if reindexing == nil then
+    reindexing = any_other_mark and redis.call('EXISTS', KEYS[5]) > 0
+  end
+  return reindexing
+end
+-- A command takes a bounded number of arguments from a script (Lua's unpack): long lists go in
+-- chunks (a multiple of 3 and 4: BITFIELD's GET and SET operations stay whole).
+local CHUNK = 1200
+local function chunked(cmd, k, items)
+  local out = {}
+  for first = 1, #items, CHUNK do
+    local got = redis.call(cmd, k, unpack(items, first, math.min(first + CHUNK - 1, #items)))
+    if type(got) == 'table' then
+      for _, v in ipairs(got) do out[#out + 1] = v end
+    end
+  end
+  return out
+end
+
+-- The fold: the tally entries' counters into the usage and quality hashes (one HINCRBY per
+-- distinct counter), and the move entries' images from the done hashes to the bitmaps.
+local function fold()
+  local totals, moves = {}, {}
   for _, entry in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
-    for field, n in string.gmatch(entry, '([^\t]+)\t([^\t]+)') do
-      totals[field] = (totals[field] or 0) + tonumber(n)
+    if string.sub(entry, 1, 1) == 'm' then
+      moves[#moves + 1] = entry
+    else
+      for field, n in string.gmatch(entry, '([^\t]+)\t([^\t]+)') do
+        totals[field] = (totals[field] or 0) + tonumber(n)
+      end
     end
   end
   redis.call('DEL', KEYS[2])
@@ -105,43 +150,94 @@ if ARGV[5] ~= '' and redis.call('RPUSH', KEYS[2], ARGV[5]) >= tonumber(ARGV[6]) 
     local hash = string.sub(field, 1, 1) == 'u' and KEYS[3] or KEYS[4]
     redis.call('HINCRBY', hash, string.sub(field, 2), n)
   end
-end
-if nsteps == 0 then
-  return 0
-end
--- Failed and blocked marks are rare: one EXISTS over all their hashes (and the reindex flag)
--- spares looking in them (and clearing them) image by image while the run has none.
-local marks = {KEYS[5]}
-for i = 1, nsteps do
-  marks[#marks + 1] = KEYS[head + (i - 1) * per + 2]
-  marks[#marks + 1] = KEYS[head + (i - 1) * per + 3]
-end
-local any_other_mark = redis.call('EXISTS', unpack(marks)) > 0
-local function set_mark()
-  if pos > 0 then
-    local base = head + (pos - 1) * per
-    redis.call('HSET', KEYS[base + mark], image, ARGV[4])
-    if mark == 1 and any_other_mark then
-      redis.call('HDEL', KEYS[base + 2], image)
-      redis.call('HDEL', KEYS[base + 3], image)
+  if #moves == 0 then
+    return
+  end
+  if nsteps == 0 or is_reindexing() then  -- kept for a later fold
+    chunked('RPUSH', KEYS[2], moves)
+    return
+  end
+  local ids, ords, movable = {}, {}, {}
+  for j, entry in ipairs(moves) do
+    local o, id = string.match(entry, '^m(%d+) (.*)$')
+    ids[j], ords[j], movable[j] = id or '', o, o ~= nil
+  end
+  -- Only images still done in every step move: a forced redo or a `reprocess: changed` may
+  -- have cleared a mark since the entry was written (the image is then in flight again, and
+  -- its next settle writes a new entry). A step may be done as a bit already (the run's step
+  -- list grew since the image first settled).
+  for i = 1, nsteps do
+    local present = chunked('HMGET', key(i, 1), ids)
+    local miss, get = {}, {}
+    for j = 1, #ids do
+      if movable[j] and not present[j] then
+        miss[#miss + 1] = j
+        get[#get + 1] = 'GET'; get[#get + 1] = 'u1'; get[#get + 1] = ords[j]
+      end
+    end
+    if #miss > 0 then
+      local got = chunked('BITFIELD', key(i, 4), get)
+      for n, j in ipairs(miss) do
+        if got[n] == 0 then movable[j] = false end
+      end
+    end
+  end
+  local set, drop = {}, {}
+  for j = 1, #ids do
+    if movable[j] then
+      set[#set + 1] = 'SET'; set[#set + 1] = 'u1'; set[#set + 1] = ords[j]; set[#set + 1] = 1
+      drop[#drop + 1] = ids[j]
+    end
+  end
+  if #drop == 0 then
+    return
+  end
+  for i = 1, nsteps do
+    chunked('BITFIELD', key(i, 4), set)
+    chunked('HDEL', key(i, 1), drop)
+    if any_other_mark then
+      chunked('HDEL', key(i, 2), drop)
+      chunked('HDEL', key(i, 3), drop)
     end
   end
 end
--- A step is settled by its done entry, a failed or blocked mark, or its bit. The bit is looked
--- at by plain settles only (pos 0: a skipped task, the producer's settle after a publish): a
--- task that marks has the image in flight, whose done steps have entries.
-local all_done = pos == 0 or mark == 1
--- Later steps are the likelier to be unsettled: look at them first, and stop at the first.
-for i = nsteps, 1, -1 do
-  if i ~= pos then
-    local base = head + (i - 1) * per
-    if redis.call('HEXISTS', KEYS[base + 1], image) == 0 then
-      if pos > 0 or ord < 0 or redis.call('GETBIT', KEYS[base + 4], ord) == 0 then
+
+local entries = {}
+if ARGV[5] ~= '' then
+  entries[1] = ARGV[5]
+end
+local function set_mark()
+  if pos > 0 then
+    redis.call('HSET', key(pos, mark), image, ARGV[4])
+    if mark == 1 and any_other_mark then
+      redis.call('HDEL', key(pos, 2), image)
+      redis.call('HDEL', key(pos, 3), image)
+    end
+  end
+end
+local function settle()
+  -- A step is settled by its done entry, a failed or blocked mark, or its bit. The bit is looked
+  -- at by plain settles only (pos 0: a skipped task, the producer's settle after a publish): a
+  -- task that marks has the image in flight, whose done steps have entries.
+  local all_done = pos == 0 or mark == 1
+  local done_steps = {}
+  -- Later steps are the likelier to be unsettled: look at them first, and stop at the first.
+  for i = nsteps, 1, -1 do
+    if i ~= pos then
+      if redis.call('HEXISTS', key(i, 1), image) == 1 then
+        done_steps[#done_steps + 1] = i
+      elseif pos > 0 or ord < 0 or redis.call('GETBIT', key(i, 4), ord) == 0 then
+        -- An earlier step without an entry, under a done mark: a duplicate of this task that
+        -- ran alongside may have settled the image, and the fold moved it, since this one
+        -- looked (RunState.lookup). Its bit says so: an entry beside it would count it twice.
+        if mark == 1 and i < pos and ord >= 0 and redis.call('GETBIT', key(pos, 4), ord) == 1 then
+          return 0
+        end
         if not any_other_mark then
           set_mark()
           return 0
         end
-        if redis.call('HEXISTS', KEYS[base + 2], image) == 0 and redis.call('HEXISTS', KEYS[base + 3], image) == 0 then
+        if redis.call('HEXISTS', key(i, 2), image) == 0 and redis.call('HEXISTS', key(i, 3), image) == 0 then
           set_mark()
           return 0
         end
@@ -149,26 +245,36 @@ for i = nsteps, 1, -1 do
       end
     end
   end
-end
-redis.call('HDEL', KEYS[1], image)
-if all_done and ord >= 0 and not (any_other_mark and redis.call('EXISTS', KEYS[5]) > 0) then
-  -- Done in every step: its bits, and no offsets (the marked step's is never written).
-  if pos > 0 and any_other_mark then
-    local base = head + (pos - 1) * per
-    redis.call('HDEL', KEYS[base + 2], image)
-    redis.call('HDEL', KEYS[base + 3], image)
-  end
-  for i = 1, nsteps do
-    local base = head + (i - 1) * per
-    redis.call('SETBIT', KEYS[base + 4], ord, 1)
-    if i ~= pos then
-      redis.call('HDEL', KEYS[base + 1], image)
+  redis.call('HDEL', KEYS[1], image)
+  set_mark()
+  -- A step done by its entry may still hold a stale failed or blocked mark (a duplicate
+  -- canvas's), which a task marking done without the script (RunState.finish, settle=False)
+  -- left: cleared here, so the settled image's status is exact.
+  if any_other_mark then
+    for _, i in ipairs(done_steps) do
+      redis.call('HDEL', key(i, 2), image)
+      redis.call('HDEL', key(i, 3), image)
     end
   end
-else
-  set_mark()
+  if all_done and ord >= 0 and not is_reindexing() then
+    entries[#entries + 1] = 'm' .. ord .. ' ' .. image
+  end
+  return 1
 end
-return 1
+
+local settled = 0
+if nsteps > 0 and image ~= '' then
+  settled = settle()
+end
+local fold_at = tonumber(ARGV[6])
+local n = 0
+if #entries > 0 then
+  n = redis.call('RPUSH', KEYS[2], unpack(entries))
+end
+if fold_at <= 0 or (#entries > 0 and n >= fold_at) then
+  fold()
+end
+return settled
 """
 # Move entries of some images from one hash to another, in one round trip: done marks set
 # aside for a ``reprocess: changed`` re-run (``RunState.clear_attempt``: the image-step is
@@ -188,6 +294,21 @@ for i = 2, #ARGV do
 end
 return 0
 """
+# Drop the move entries from the ``tally`` list (its counter entries stay) and the reindex flag.
+# KEYS: tally, reindexing.
+_DROP_MOVES = """
+local keep = {}
+for _, entry in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
+  if string.sub(entry, 1, 1) ~= 'm' then
+    keep[#keep + 1] = entry
+  end
+end
+redis.call('DEL', KEYS[1], KEYS[2])
+for first = 1, #keep, 1000 do
+  redis.call('RPUSH', KEYS[1], unpack(keep, first, math.min(first + 999, #keep)))
+end
+return 0
+"""
 WORKER_SEEN_WINDOW = 120.0
 USAGE_FIELDS = ("input_tokens", "output_tokens", "image_tokens", "thinking_tokens")
 #: Batch mode: the part of a call's tokens a provider batch job answered (batch-priced).
@@ -202,6 +323,7 @@ class RunState:
         self.run_id = run_id
         self._mark_and_settle = client.register_script(_MARK_AND_SETTLE)
         self._move_entries = client.register_script(_MOVE_ENTRIES)
+        self._drop_moves = client.register_script(_DROP_MOVES)
 
     # -- spec ---------------------------------------------------------------------------------
     def store_spec(self, spec_hash: str, public_spec: dict, meta: dict,
@@ -351,13 +473,36 @@ class RunState:
             self.r.hset(key, image_id, offset)
 
     def finish(self, step: int, image_id: str, offset: int, steps: list[int], *,
-               call: dict | None = None, quality: dict | None = None, ordinal: int | None = None) -> bool:
+               call: dict | None = None, quality: dict | None = None, ordinal: int | None = None,
+               settle: bool = True) -> bool:
         """``mark_done``, the call's usage and quality counters and ``settle``, atomically, in
         one round trip (one script); returns ``settle``'s answer. The settle check runs after
         the mark inside the same script, so of two header tasks finishing together the later
         one sees both marks. ``ordinal``: the image's seed ordinal, so that an image done in
-        every step moves to the bitmaps as it settles (None: it keeps its offsets)."""
+        every step moves to the bitmaps as it settles (None: it keeps its offsets).
+
+        ``settle=False``: a task whose canvas runs a later step of the image after it (a chord
+        header, a chain part with more chain to come; ``worker.tasks.run_task`` decides). Its
+        done mark and tally entry go out as a plain pipeline (``HSET`` and ``RPUSH``, one round
+        trip, no script): no failed/blocked clean-up and no settle check, which could only
+        answer "not settled" since the later step has no outcome yet. No image is stranded in
+        the in-flight set by it: the later step always runs after this one returns (the chord
+        body once every header part returned, the chain's next link once this one did), and
+        its own settle (the full script: its mark's, its failure's or its skip's) sees this
+        mark; should the canvas die between the two (the body or link lost with a worker or
+        with Redis), the image's later step has no outcome, so the reconciler publishes it
+        again and that settle runs then. A stale failed or blocked mark of this image-step (a
+        duplicate canvas's) that the plain mark leaves is cleared by that full settle, which
+        clears those of every step it finds done when the run has any such mark. Returns
+        False (not settled) in that case."""
         tally = _tally(step, call, quality)
+        if not settle:
+            pipe = self.r.pipeline(transaction=False)
+            pipe.hset(run_key(self.run_id, Outcome.DONE, step), image_id, offset)
+            if tally:
+                pipe.rpush(run_key(self.run_id, "tally"), tally)
+            pipe.execute()
+            return False
         return self._settle_script(image_id, steps, step, Outcome.DONE, offset, tally, ordinal)
 
     def add_usage(self, step: int, call: dict) -> None:
@@ -372,6 +517,21 @@ class RunState:
 
     def _tally_only(self, entry: str) -> None:
         self._mark_and_settle(keys=self._settle_keys([]), args=["", 0, 0, "", entry, TALLY_FOLD])
+
+    def fold(self, steps: list[int]) -> None:
+        """Fold the ``tally`` list now (``_MARK_AND_SETTLE`` does it every TALLY_FOLD entries):
+        its counters into ``usage`` and ``quality``, and the images whose move is pending from
+        the done hashes to the bitmaps (kept while a reindex runs). ``producer wait`` calls it
+        when the run has finished, so a finished run's index is all bits; until then the moves
+        pending cost the hash entries of fewer than TALLY_FOLD images."""
+        self._mark_and_settle(keys=self._settle_keys(list(steps)), args=["", 0, 0, "", "", 0, -1])
+
+    def drop_moves(self) -> None:
+        """Forget the moves pending (their images keep their offsets in the done hashes) and end
+        a reindex (``reindexing``), atomically: the index the reindex swapped in is the truth
+        now, and ``submit.unpack_bits`` must leave no image to become a bit again by an entry
+        written before it (a ``reprocess: changed`` re-run needs their offsets)."""
+        self._drop_moves(keys=[run_key(self.run_id, "tally"), run_key(self.run_id, REINDEXING)])
 
     def usage(self) -> dict[int, dict[str, int]]:
         """``step -> {calls, input_tokens, ..., latency_ms}`` as counted by ``add_usage``."""
@@ -390,6 +550,8 @@ class RunState:
         folded, pending = pipe.execute()
         totals = {k.decode(): int(v) for k, v in folded.items()}
         for entry in pending:
+            if entry.startswith(b"m"):  # a move entry (``_MARK_AND_SETTLE``), no counter
+                continue
             words = entry.decode().split("\t")
             for field, n in zip(words[::2], words[1::2], strict=False):
                 if field.startswith(kind):
@@ -541,9 +703,9 @@ class RunState:
     def settle(self, image_id: str, steps: list[int], ordinal: int | None = None) -> bool:
         """Drop the image from the in-flight set once every step is done, failed or blocked.
 
-        Called after each step's outcome is marked (or with the mark, in the same script); of
-        two header tasks finishing together at least one sees both marks, so the image always
-        leaves the set.
+        Called after a step's outcome is marked (or with the mark, in the same script); of two
+        tasks settling together at least one sees both marks, so the image always leaves the
+        set. A task whose canvas runs a later step after it does not settle (``finish``).
         """
         return self._settle_script(image_id, steps, ordinal=ordinal)
 

@@ -142,13 +142,15 @@ def run_task(task: Task, step: int, run_ref: str, image_id: str, seed_offset: in
                          scan=STEP[step].reads_seed or pending is not None or failure is not None)
         ordinal = seed_ordinal(seed)
         settled_with_mark = True  # DONE, FAILED and BLOCKED settle in the same script that marks them
+        # ... but a DONE whose canvas runs a later step of the image after it: that step settles.
+        settle = batch or not has_later_step(task)
         if failure is not None:  # recorded unless an earlier attempt (or a duplicate) settled it since
             outcome = ctx.state.outcomes([image_id], [step], {image_id: ordinal})[image_id][step]
             settled_with_mark = outcome is None
             outcome = outcome or record_failure(ctx, step, image_id, failure,
                                                 failure.get("attempts", vlm_retries + 1), ordinal)
         elif pending is not None:
-            outcome = _commit_pending(ctx, step, image_id, pending, ordinal)
+            outcome = _commit_pending(ctx, step, image_id, pending, ordinal, settle=settle)
             ctx.layout.drop_spool(step, image_id, ctx.spec_hash)
         elif batch:
             client = (AnswerClient(load_answer(ctx, batch_answer), ctx.client) if batch_answer
@@ -158,7 +160,7 @@ def run_task(task: Task, step: int, run_ref: str, image_id: str, seed_offset: in
             except Parked as parked:
                 return park(ctx, step, image_id, seed_offset, parked.request, vlm_retries)
         else:
-            outcome = execute(ctx, step, image_id, seed_offset, seed=seed)
+            outcome = execute(ctx, step, image_id, seed_offset, seed=seed, settle=settle)
         if outcome == SKIPPED or not settled_with_mark:
             ctx.state.settle(image_id, ctx.spec.ire.workflow.steps, ordinal)
         if batch:
@@ -200,13 +202,25 @@ def _keep(ctx: RunContext, step: int, image_id: str, exc: Uncommitted) -> None:
             ctx.layout.write_spool(step, image_id, ctx.spec_hash, exc.pending)
 
 
-def _commit_pending(ctx: RunContext, step: int, image_id: str, pending: dict, ordinal: int | None = None) -> str:
+def has_later_step(task: Task) -> bool:
+    """Whether the canvas this task came in runs another step of its image after it: a chord
+    header (``request.chord``: the body is sent once every header part returned) or a chain
+    link with more chain to come (``request.chain``: Celery sends the next link when this one
+    returns). Both travel in the message (retries and redeliveries keep them), as Celery's
+    ``apply_async`` and ``producer/templates.py`` write them. Such a task marks done without
+    the settle check (``RunState.finish``)."""
+    request = task.request
+    return bool(getattr(request, "chord", None)) or bool(getattr(request, "chain", None))
+
+
+def _commit_pending(ctx: RunContext, step: int, image_id: str, pending: dict, ordinal: int | None = None, *,
+                    settle: bool = True) -> str:
     """Write the answer an earlier attempt kept (unless a duplicate delivery wrote it since)."""
     force = ctx.spec.ire.workflow.force_reprocess  # a bit is this run's even then (see ``execute``)
     if ctx.state.is_done(step, image_id, ordinal, bit_only=force):
         return SKIPPED
     try:
-        return commit(ctx, step, image_id, pending, ordinal)
+        return commit(ctx, step, image_id, pending, ordinal, settle=settle)
     except Exception as exc:
         raise Uncommitted(pending, exc) from exc
 

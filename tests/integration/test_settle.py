@@ -25,6 +25,7 @@ from tests.integration.test_faults import (
     normal_calls,
     run_state,
     seed_records,
+    sink_lines,
     status_json,
 )
 from tests.support.faults import PrivateRedis, fill, remount, tmpfs
@@ -349,7 +350,9 @@ def test_redis_emptied_mid_run_the_next_enqueue_rebuilds_bits_and_offsets_and_re
     fleet.stop_all()  # warm shutdown: the calls in flight finish and are written
     fleet.workers.clear()
     settled = done_ids(state, results, 3)
-    assert settled and not (settled & hash_ids(state.r, state.run_id, "done", 3)), "settled images are bits"
+    pending = {e.decode().partition(" ")[2] for e in state.r.lrange(run_key(state.run_id, "tally"), 0, -1)
+               if e.startswith(b"m")}  # moves to the bits not folded yet: their images keep entries
+    assert settled and settled & hash_ids(state.r, state.run_id, "done", 3) <= pending, "settled images are bits"
     on_disk = {s: set(JsonlSink(results / step_dir_name(s) / "annotations.jsonl").latest_offsets(ReadStats()))
                for s in STEPS}
     owed = sum(1 for i, r in seeds.items() for s in STEPS if i not in on_disk[s] and (s == 1 or r["kitti_bboxes"]))
@@ -370,3 +373,53 @@ def test_redis_emptied_mid_run_the_next_enqueue_rebuilds_bits_and_offsets_and_re
     assert all(hash_ids(state.r, state.run_id, "done", s) == set() for s in STEPS), "the index is all bits"
     assert status_json(env, results)["steps"]["3"]["done"] == n
     print(f"Redis emptied mid-run: {len(done_all)} of {n} images rebuilt as bits; {owed} calls owed and made")
+
+
+def _headers_done_chain_pending(state, results: Path) -> list[str]:
+    """Images whose chord header steps (0 and 1) are marked done while they are still in flight
+    and step 2 has no outcome: the header tasks marked done without the settle check (a later
+    step of their canvas settles the image), and that later step has not run."""
+    from worker.keys import run_key
+
+    queued = {k.decode() for k in state.r.hkeys(run_key(state.run_id, "queued"))}
+    done = {s: hash_ids(state.r, state.run_id, "done", s) for s in (0, 1, 2)}
+    other = hash_ids(state.r, state.run_id, "failed", 2) | hash_ids(state.r, state.run_id, "blocked", 2)
+    return sorted(i for i in queued if i in done[0] and i in done[1] and i not in done[2] and i not in other)
+
+
+def test_headers_done_while_their_chain_is_lost_are_settled_by_repair(fleet, fleet_env, fake_vlm, data, tmp_path,
+                                                                      redis_url, redis_client):
+    """A chord header marks done without settling (its chain's last step settles the image). Its
+    chain lost (the worker killed, every message gone) leaves the image in flight with steps 0
+    and 1 done and step 2 without an outcome: the reconciler publishes it again for the steps
+    that have none, the headers are not asked again, and the run finishes with status exact."""
+    env = {**fleet_env, **WORKER_ENV}
+    fake_vlm.latency = 0.5
+    fleet.start(1, concurrency=1, extra_env=WORKER_ENV)
+    results = tmp_path / "results"
+    producer(env, "enqueue", *job(fake_vlm, data, results))
+    state = run_state(redis_url, results)
+    wait_until(lambda: _headers_done_chain_pending(state, results), 60,
+               "an image with its header steps done and its chain not run yet", interval=0.05)
+    w1 = fleet.workers[0]
+    fleet.kill(w1)  # kill -9: nothing runs the chain from now on
+    w1.proc.wait(timeout=10)
+    fleet.workers.clear()
+    _lose_every_message(redis_client)
+    stranded = _headers_done_chain_pending(state, results)
+    assert stranded, "the kill came after the chain's step 2 was marked"
+    seeds = {r["image_id"]: r for r in seed_records(results)}
+    out = producer(env, "repair", "--results-dir", str(results), "--older-than", "0")
+    assert "stranded images published again" in out.stdout and not out.stdout.startswith("0 "), out.stdout
+    fleet.start(1, concurrency=2, extra_env=WORKER_ENV)
+    producer(env, "wait", "--results-dir", str(results), "--timeout", "90")
+    assert_finalized_once(results, sorted(seeds))
+    assert failures(results) == []
+    st = status_json(env, results)
+    assert st["finished"] and st["in_flight_images"] == 0, st
+    for s in STEPS:  # exact: every image done once in every step, nothing failed or blocked
+        assert st["steps"][str(s)]["done"] == len(seeds), (s, st)
+        assert st["steps"][str(s)]["failed"] == st["steps"][str(s)]["blocked"] == 0, st
+    lines = sink_lines(results)
+    assert all(lines[s][i] == 1 for i in stranded for s in (0, 1)), "a header step that was done was redone"
+    print(f"headers done, chain lost: {len(stranded)} images settled by `producer repair`")
