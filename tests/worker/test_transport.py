@@ -13,6 +13,7 @@ import time
 from collections import Counter
 
 import pytest
+import redis
 from kombu import Connection
 from kombu.transport import redis as kombu_redis
 
@@ -263,3 +264,36 @@ def test_the_reconciler_sees_the_messages_held_in_either_format(redis_client):
     redis_client.zadd(INDEX, {"tag-2": time.time()})
     redis_client.hset(HASH, "tag-3", json.dumps([_task_message(["run2:0", "img-other-run"]), QUEUE, QUEUE]))
     assert referenced(redis_client, "run1") == {"img-new", "img-old"}
+
+
+def test_a_redis_that_refuses_writes_loses_no_held_message(monkeypatch):
+    """``maxmemory`` with ``noeviction`` refuses ``RPUSH`` but not ``ZREM``. A requeue and a warm
+    shutdown's restore remove the member and push the message in ONE script, and Redis lets a
+    script that has written go on writing, so each message is pushed; the sweep takes kombu's
+    mutex first, which a full Redis refuses, so it changes nothing. Were the ``ZREM`` and the
+    push two commands, the push would be refused after the member was gone: the message lost.
+    On a private server (CONFIG SET is server-wide)."""
+    with embedded_redis() as url:
+        r = redis.Redis.from_url(url)
+        with _connect(url, monkeypatch, qos=GuardedQoS) as conn:
+            ch = conn.channel()
+            queue = conn.SimpleQueue(QUEUE, channel=ch)
+            for n in range(3):
+                queue.put({"n": n, "pad": "x" * 2000})
+            held = [queue.get(timeout=5) for _ in range(3)]
+            _age(r)
+            r.config_set("maxmemory-policy", "noeviction")
+            r.config_set("maxmemory", str(max(1, int(r.info("memory")["used_memory"]) - 100_000)))
+            try:
+                with pytest.raises(redis.exceptions.ResponseError, match="maxmemory"):
+                    r.rpush("probe", "x" * 1000)
+                ch.qos.restore_visible(num=10, interval=1)  # refused: logged, nothing changed
+                assert r.zcard(MESSAGES) == 3 and r.llen(QUEUE) == 0
+                held[0].reject(requeue=True)  # a task's Reject(requeue=True)
+                ch.qos.restore_unacked()  # warm shutdown: the two still held
+            finally:
+                r.config_set("maxmemory", "0")
+            assert r.zcard(MESSAGES) == 0 and r.llen(QUEUE) == 3
+            back = sorted(queue.get(timeout=5).payload["n"] for _ in range(3))
+            assert back == [0, 1, 2]
+            queue.close()
