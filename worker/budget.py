@@ -207,7 +207,10 @@ if free > ahead then
     -- A turn less than 5 ms away is taken now: the times the processes pass differ by about
     -- that much (each estimate is off by up to half a round trip, and a thread reads it a moment
     -- before its script runs), and a call that slept a few ms would only ask again. It lets a
-    -- window see at most 0.005 * rate calls more than its share (0.05 at 10 calls/s).
+    -- window see at most (0.005 + e) * rate calls more than its share, e being how far ahead of
+    -- Redis's time a process's estimate runs: about 0.1 ms on a LAN (0.05 calls more at 10
+    -- calls/s), up to 50 ms over a slow link (RedisClock uses no reading with a round trip over
+    -- 100 ms), more until the next reading (30 s) after Redis's own clock is stepped.
     if wait > 0.005 then
       return {2, math.ceil(wait * 1000), tostring(tat)}
     end

@@ -30,7 +30,8 @@ QUEUE = "refexp"
 UNACKED = "unacked"
 UNACKED_INDEX = "unacked_index"
 #: Unacknowledged messages as this release's workers keep them: one sorted-set member per message,
-#: ``<delivery tag>\x1f<json [message, exchange, routing key]>``, scored by its delivery stamp.
+#: ``<delivery tag>\x1e<receipt id>\x1f<json [message, exchange, routing key]>``, scored by its
+#: delivery stamp (worker/transport.py; members without the receipt id are read alike).
 UNACKED_MESSAGES = "unacked_messages"
 #: kombu's separator between a queue's name and its priority in the per-priority list names, and
 #: its default priority steps (a list per step; step 0 is the queue's own list).

@@ -8,12 +8,13 @@ pipelines in the earlier release, whence the class's name; bench/README.md, issu
 :class:`PipelinedQoS` keeps each unacked message as ONE member of another sorted set,
 ``unacked_messages``, that carries the message itself::
 
-    member = "<delivery tag>\\x1f<json [message, exchange, routing key]>"   score = the stamp
+    member = "<delivery tag>\\x1e<receipt id>\\x1f<json [message, exchange, routing key]>"
+    score = the stamp
 
 - receipt: one ``ZADD`` (stamped with this host's time, or Redis's while the clock guard says so,
   worker/clock.py);
 - ack, or reject without requeue: one ``ZREM`` of the exact member. The QoS keeps ``tag ->
-  member`` in memory for the messages it holds (kombu's own ``_delivered`` holds them too), and
+  members`` in memory for the messages it holds (kombu's own ``_delivered`` holds them too), and
   drops the entry on ack or reject;
 - the sweep (``restore_visible``, under kombu's mutex and the clock guard as before) reads the
   members stamped longer ago than the visibility timeout, takes message, exchange and routing key
@@ -30,6 +31,21 @@ pipelines in the earlier release, whence the class's name; bench/README.md, issu
 
 The separator ``\\x1f`` never occurs in a delivery tag (a UUID) and JSON escapes it, so the first
 one splits the member.
+
+Why a receipt id (a random one per receipt, after ``\\x1e``): one message can be held twice under
+one delivery tag. The sweep hands a message out again when its holder looks dead (a task that
+outran the visibility timeout, a paused worker), and the first holder may still be running it;
+a message handed out again a second time then has the very same payload (its ``redelivered``
+flags were set the first time). Without the receipt id both deliveries would be one member, and
+the first holder's ack would remove the second's record: were the second worker to die, its
+message would be neither queued nor held (kombu's hash, keyed by the tag, does that on the first
+redelivery already). With it each delivery is its own member, and a worker that holds one tag
+twice keeps both members, oldest first: an ack removes the oldest, which for the earlier
+delivery is the one the sweep already removed (a no-op), so the later delivery keeps its record;
+should the later delivery be acked first, the earlier's record stays until a sweep hands the
+message out once more, a duplicate the done check skips, never a loss. Readers take the payload
+after the first ``\\x1f`` and ignore the tag part, so members with and without a receipt id are
+restored alike by either version of this code.
 
 Why a sorted set of its own rather than the payload in ``unacked_index``: a mixed fleet, during a
 rolling upgrade. A worker of the earlier release sweeps ``unacked_index`` with kombu's own code,
@@ -54,6 +70,8 @@ would replace the transport kombu picks from the URL's scheme (``rediss://``, ``
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -67,6 +85,8 @@ from worker.keys import UNACKED, UNACKED_MESSAGES
 
 #: Between the delivery tag and the message in a member of ``unacked_messages``.
 SEP = "\x1f"
+#: Between the delivery tag and the receipt id, in the tag part of a member.
+RECEIPT_SEP = "\x1e"
 
 #: Restores one member: removes it and, only if it was still there, pushes the message to the
 #: queue lists. KEYS[1] the sorted set, KEYS[2..] the lists (already prefixed with kombu's global
@@ -83,9 +103,12 @@ return 0
 """
 
 
-def member_of(delivery_tag: str, raw: Any, exchange: str, routing_key: str) -> str:
-    """The ``unacked_messages`` member of a message: tag, separator, kombu's unacked JSON."""
-    return f"{delivery_tag}{SEP}{dumps([raw, exchange, routing_key])}"
+def member_of(delivery_tag: str, raw: Any, exchange: str, routing_key: str, receipt: str | None = None) -> str:
+    """The ``unacked_messages`` member of one receipt of a message: tag and receipt id (random
+    unless given: each delivery of a message is a member of its own, see the module docstring),
+    separator, kombu's unacked JSON."""
+    receipt = os.urandom(6).hex() if receipt is None else receipt
+    return f"{delivery_tag}{RECEIPT_SEP}{receipt}{SEP}{dumps([raw, exchange, routing_key])}"
 
 
 def split_member(member: bytes | str) -> tuple[str, str]:
@@ -95,7 +118,7 @@ def split_member(member: bytes | str) -> tuple[str, str]:
     tag, sep, raw = text.partition(SEP)
     if not sep:
         raise ValueError(f"not an unacked_messages member: {text[:80]!r}")
-    return tag, raw
+    return tag.partition(RECEIPT_SEP)[0], raw
 
 
 def unacked_payloads(client: redis.Redis, count: int = 1000) -> Iterator[bytes]:
@@ -117,7 +140,11 @@ class PipelinedQoS(kombu_redis.QoS):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._members: dict[str, str] = {}
+        # tag -> the members of the deliveries of that tag this QoS holds, oldest first (one,
+        # but for a message handed out again while its earlier delivery still runs here). The
+        # consumer's thread adds, the pool's threads take (acks): under a lock.
+        self._members: dict[str, list[str]] = {}
+        self._members_lock = threading.Lock()
         self._restore_script: Any = None
 
     @property
@@ -134,13 +161,26 @@ class PipelinedQoS(kombu_redis.QoS):
         it (a reply lost with its connection), the ack still removes the exact member."""
         delivery = message.delivery_info
         member = member_of(delivery_tag, message._raw, delivery["exchange"], delivery["routing_key"])
-        self._members[delivery_tag] = member
+        with self._members_lock:
+            self._members.setdefault(delivery_tag, []).append(member)
         with self.channel.conn_or_acquire() as client:
             client.zadd(self.messages_key, {member: kombu_redis.time() if stamp is None else stamp})
         kombu_virtual.QoS.append(self, message, delivery_tag)
 
+    def _take(self, delivery_tag: str) -> str | None:
+        """The oldest member held for ``delivery_tag``, no longer held (None: none held). The
+        oldest: see the module docstring, "Why a receipt id"."""
+        with self._members_lock:
+            members = self._members.get(delivery_tag)
+            if not members:
+                return None
+            member = members.pop(0)
+            if not members:
+                del self._members[delivery_tag]
+            return member
+
     def ack(self, delivery_tag):
-        member = self._members.pop(delivery_tag, None)
+        member = self._take(delivery_tag)
         if member is None:  # not appended here (cannot happen through kombu): the earlier format's removal
             return super().ack(delivery_tag)
         with self.channel.conn_or_acquire() as client:
@@ -148,7 +188,7 @@ class PipelinedQoS(kombu_redis.QoS):
         kombu_virtual.QoS.ack(self, delivery_tag)
 
     def reject(self, delivery_tag, requeue=False):
-        member = self._members.pop(delivery_tag, None)
+        member = self._take(delivery_tag)
         if member is None:
             return super().reject(delivery_tag, requeue=requeue)
         with self.channel.conn_or_acquire() as client:
@@ -164,22 +204,23 @@ class PipelinedQoS(kombu_redis.QoS):
         """Hand a message this QoS holds back to its queue; a tag it does not hold is looked for
         the earlier way (kombu's, in the ``unacked`` hash)."""
         key = tag.decode() if isinstance(tag, bytes) else tag
-        member = self._members.pop(key, None)
+        member = self._take(key)
         if member is None:
             return super().restore_by_tag(tag, client=client, leftmost=leftmost)
         with self.channel.conn_or_acquire(client) as client:
             self._restore_member(member, client, leftmost=leftmost)
 
     def restore_unacked(self, client=None):
-        """Warm shutdown: every message still held goes back to its queue. Tags acked since the
-        last flush of kombu's ``_delivered`` have no member any more and are skipped (kombu's
-        version looked each of them up in the hash)."""
+        """Warm shutdown: every message still held goes back to its queue: the members this QoS
+        holds (kombu's ``_delivered`` may still list tags acked since its last flush, and lists
+        a tag held twice once, and dropped it at the first ack)."""
         with self.channel.conn_or_acquire(client) as client:
-            for tag in list(self._delivered):
-                if tag in self._members:
-                    self.restore_by_tag(tag, client=client)
+            with self._members_lock:
+                tags = list(self._members)
+            for tag in tags:
+                while (member := self._take(tag)) is not None:  # a tag held twice: both
+                    self._restore_member(member, client)
         self._delivered.clear()
-        self._members.clear()
 
     def restore_visible(self, start=0, num=10, interval=10):
         """kombu's sweep (same throttle, mutex and window) over both formats: the members of

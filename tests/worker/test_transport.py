@@ -13,6 +13,7 @@ import time
 from collections import Counter
 
 import pytest
+import redis
 from kombu import Connection
 from kombu.transport import redis as kombu_redis
 
@@ -96,16 +97,19 @@ def test_the_member_carries_the_message(channel, redis_client):
     assert list(unacked_payloads(redis_client)) == []
 
 
-def test_a_dead_workers_message_is_handed_out_again_with_its_payload(channel, redis_client):
+def test_a_dead_workers_message_is_handed_out_again_with_its_payload(channel, redis_url, redis_client, monkeypatch):
     ch, queue = channel
     queue.put({"n": 7})
-    queue.get(timeout=5)  # taken, never acked: its worker died
-    ch.qos.restore_visible(num=10, interval=1)
-    assert redis_client.zcard(MESSAGES) == 1, "younger than the visibility timeout: left alone"
-    _age(redis_client)
-    ch.qos.restore_visible(num=10, interval=1)
-    assert redis_client.zcard(MESSAGES) == 0
-    again = queue.get(timeout=5)
+    with _connect(redis_url, monkeypatch) as dead:  # another worker's connection
+        dead.SimpleQueue(QUEUE, channel=dead.channel()).get(timeout=5)  # taken, never acked: its worker died
+        ch.qos.restore_visible(num=10, interval=1)
+        assert redis_client.zcard(MESSAGES) == 1, "younger than the visibility timeout: left alone"
+        _age(redis_client)
+        ch.qos.restore_visible(num=10, interval=1)
+        assert redis_client.zcard(MESSAGES) == 0
+        again = queue.get(timeout=5)
+    # (leaving the dead worker's block closed its connection, whose restore found nothing to push)
+    assert redis_client.llen(QUEUE) == 0
     assert again.payload == {"n": 7} and again.headers.get("redelivered") is True
     assert again.delivery_info.get("redelivered") is True
     again.ack()
@@ -263,3 +267,99 @@ def test_the_reconciler_sees_the_messages_held_in_either_format(redis_client):
     redis_client.zadd(INDEX, {"tag-2": time.time()})
     redis_client.hset(HASH, "tag-3", json.dumps([_task_message(["run2:0", "img-other-run"]), QUEUE, QUEUE]))
     assert referenced(redis_client, "run1") == {"img-new", "img-old"}
+
+
+def test_a_redis_that_refuses_writes_loses_no_held_message(monkeypatch):
+    """``maxmemory`` with ``noeviction`` refuses ``RPUSH`` but not ``ZREM``. A requeue and a warm
+    shutdown's restore remove the member and push the message in ONE script, and Redis lets a
+    script that has written go on writing, so each message is pushed; the sweep takes kombu's
+    mutex first, which a full Redis refuses, so it changes nothing. Were the ``ZREM`` and the
+    push two commands, the push would be refused after the member was gone: the message lost.
+    On a private server (CONFIG SET is server-wide)."""
+    with embedded_redis() as url:
+        r = redis.Redis.from_url(url)
+        with _connect(url, monkeypatch, qos=GuardedQoS) as conn:
+            ch = conn.channel()
+            queue = conn.SimpleQueue(QUEUE, channel=ch)
+            for n in range(3):
+                queue.put({"n": n, "pad": "x" * 2000})
+            held = [queue.get(timeout=5) for _ in range(3)]
+            _age(r)
+            r.config_set("maxmemory-policy", "noeviction")
+            r.config_set("maxmemory", str(max(1, int(r.info("memory")["used_memory"]) - 100_000)))
+            try:
+                with pytest.raises(redis.exceptions.ResponseError, match="maxmemory"):
+                    r.rpush("probe", "x" * 1000)
+                ch.qos.restore_visible(num=10, interval=1)  # refused: logged, nothing changed
+                assert r.zcard(MESSAGES) == 3 and r.llen(QUEUE) == 0
+                held[0].reject(requeue=True)  # a task's Reject(requeue=True)
+                ch.qos.restore_unacked()  # warm shutdown: the two still held
+            finally:
+                r.config_set("maxmemory", "0")
+            assert r.zcard(MESSAGES) == 0 and r.llen(QUEUE) == 3
+            back = sorted(queue.get(timeout=5).payload["n"] for _ in range(3))
+            assert back == [0, 1, 2]
+            queue.close()
+
+
+def _hand_out_again(redis_client, ch) -> None:
+    """The sweep finds the held messages older than the visibility timeout (their holder looks
+    dead: a task that outran the timeout, a paused worker) and hands them out again."""
+    _age(redis_client)
+    ch.qos.restore_visible(num=10, interval=1)
+
+
+def test_an_earlier_holders_ack_leaves_a_later_holders_record(redis_url, redis_client, monkeypatch):
+    """A message handed out again while its first holder still runs it is held twice, under one
+    delivery tag. The first holder's ack must remove its own delivery's record only: were the
+    second holder's record removed too, its worker dying would leave the message nowhere (not
+    in the queue, not held). Here the message is handed out again twice (so both deliveries
+    carry the same redelivered flags: the same payload), to workers on two connections."""
+    with _connect(redis_url, monkeypatch) as conn_a, _connect(redis_url, monkeypatch) as conn_b:
+        ch_a, ch_b = conn_a.channel(), conn_b.channel()
+        queue_a, queue_b = conn_a.SimpleQueue(QUEUE, channel=ch_a), conn_b.SimpleQueue(QUEUE, channel=ch_b)
+        queue_a.put({"n": 5})
+        queue_a.get(timeout=5)  # its worker died
+        _hand_out_again(redis_client, ch_a)
+        first = queue_a.get(timeout=5)  # a redelivery, run for longer than the visibility timeout
+        _hand_out_again(redis_client, ch_b)
+        second = queue_b.get(timeout=5)
+        assert second.delivery_tag == first.delivery_tag and redis_client.zcard(MESSAGES) == 1
+        first.ack()
+        assert redis_client.zcard(MESSAGES) == 1, "the first holder's ack removed the second holder's record"
+        _hand_out_again(redis_client, ch_a)  # the second holder died: its message comes back
+        assert queue_a.get(timeout=5).payload == {"n": 5}
+        queue_a.close()
+        queue_b.close()
+
+
+def test_a_message_held_twice_by_one_worker_keeps_the_later_record(channel, redis_client):
+    """The same within one worker: the message it runs is handed out again (the visibility
+    timeout passed) and taken by another of its threads. The ack of the earlier delivery leaves
+    the later one's record (the sweep removed the earlier's), and the later ack removes it."""
+    ch, queue = channel
+    queue.put({"n": 6})
+    first = queue.get(timeout=5)
+    _hand_out_again(redis_client, ch)
+    second = queue.get(timeout=5)
+    assert second.delivery_tag == first.delivery_tag and redis_client.zcard(MESSAGES) == 1
+    first.ack()
+    assert redis_client.zcard(MESSAGES) == 1, "the earlier delivery's ack removed the later one's record"
+    second.ack()
+    assert redis_client.zcard(MESSAGES) == 0 and redis_client.llen(QUEUE) == 0
+
+
+def test_a_warm_shutdown_gives_back_a_message_held_twice_once(channel, redis_client):
+    """kombu's ``_delivered`` lists a tag held twice once (and forgets it at the first ack): the
+    warm shutdown's restore goes by the members held, so the later delivery, still running, goes
+    back to the queue, once."""
+    ch, queue = channel
+    queue.put({"n": 8})
+    first = queue.get(timeout=5)
+    _hand_out_again(redis_client, ch)
+    queue.get(timeout=5)  # the later delivery, still running at the shutdown
+    first.ack()
+    ch.qos._flush()  # kombu drops the tag from _delivered at its next receipt
+    ch.qos.restore_unacked()
+    assert redis_client.zcard(MESSAGES) == 0 and redis_client.llen(QUEUE) == 1
+    assert queue.get(timeout=5).payload == {"n": 8}
