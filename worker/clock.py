@@ -1,6 +1,7 @@
 """Workers keep their clock within tolerance of Redis, or stay out of the unacked sweep.
 
-Why: kombu's Redis transport emulates acks with a sorted set, ``unacked_index``. A worker stamps
+Why: kombu's Redis transport emulates acks with a sorted set (ours: ``unacked_messages``,
+worker/transport.py; kombu's own: ``unacked_index``). A worker stamps
 every message it takes with its own ``time()``, and every worker's consumer periodically
 "restores" (hands out again) the messages whose stamp is older than its own ``time()`` minus the
 visibility timeout. Each worker reads its own clock on both sides, so a worker whose clock runs
