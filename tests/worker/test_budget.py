@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections.abc import Callable
 
 import pytest
 import redis
@@ -31,11 +32,12 @@ def make(redis_url: str, endpoint: str, *, max_concurrency: int = 3, rpm: int = 
                        max_concurrency=max_concurrency, requests_per_minute=rpm, lease_seconds=lease_seconds)
 
 
-def test_many_threads_on_many_hosts_never_exceed_max_concurrency(redis_client, redis_url, endpoint):
-    budgets = [make(redis_url, endpoint, max_concurrency=3) for _ in range(3)]  # three "hosts"
+def hammer(budgets: list[FleetBudget], threads: int, *, hold: float,
+           while_held: Callable[[], None] = lambda: None) -> tuple[int, int]:
+    """``threads`` threads (spread over ``budgets``, the "hosts") each make 4 calls holding a slot
+    ``hold`` s (``while_held`` runs in it); returns (calls made, most slots held at once)."""
     lock = threading.Lock()
     holders = peak = calls = 0
-    samples: list[int] = []
 
     def call(budget: FleetBudget) -> None:
         nonlocal holders, peak, calls
@@ -44,18 +46,26 @@ def test_many_threads_on_many_hosts_never_exceed_max_concurrency(redis_client, r
                 with lock:
                     holders += 1
                     peak = max(peak, holders)
-                samples.append(budget_stats(redis_client, endpoint)["in_flight"])
-                time.sleep(0.02)  # the "VLM call": hold the slot a moment
+                while_held()
+                time.sleep(hold)  # the "VLM call": hold the slot a moment
                 with lock:
                     holders -= 1
                     calls += 1
 
-    threads = [threading.Thread(target=call, args=(budgets[i % 3],)) for i in range(12)]
-    for t in threads:
+    workers = [threading.Thread(target=call, args=(budgets[i % len(budgets)],)) for i in range(threads)]
+    for t in workers:
         t.start()
-    for t in threads:
+    for t in workers:
         t.join(timeout=60)
-    assert not any(t.is_alive() for t in threads), "a thread never got a slot"
+    assert not any(t.is_alive() for t in workers), "a thread never got a slot"
+    return calls, peak
+
+
+def test_many_threads_on_many_hosts_never_exceed_max_concurrency(redis_client, redis_url, endpoint):
+    budgets = [make(redis_url, endpoint, max_concurrency=3) for _ in range(3)]  # three "hosts"
+    samples: list[int] = []
+    calls, peak = hammer(budgets, 12, hold=0.02,
+                         while_held=lambda: samples.append(budget_stats(redis_client, endpoint)["in_flight"]))
     assert calls == 48
     assert peak == 3, f"at most 3 holders at once, and the limit is reached (peak {peak})"
     assert max(samples) <= 3
@@ -444,27 +454,7 @@ def test_an_estimate_of_redis_time_seconds_off_keeps_the_limit(redis_client, red
         b = make(redis_url, endpoint, max_concurrency=2)
         b.clock = RedisClock(off_by(seconds))
         budgets.append(b)
-    lock = threading.Lock()
-    holders = peak = calls = 0
-
-    def call(budget: FleetBudget) -> None:
-        nonlocal holders, peak, calls
-        for _ in range(4):
-            with budget.slot():
-                with lock:
-                    holders += 1
-                    peak = max(peak, holders)
-                time.sleep(0.01)  # the "VLM call": hold the slot a moment
-                with lock:
-                    holders -= 1
-                    calls += 1
-
-    threads = [threading.Thread(target=call, args=(budgets[i % 3],)) for i in range(9)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert not any(t.is_alive() for t in threads), "a thread never got a slot"
+    calls, peak = hammer(budgets, 9, hold=0.01)
     assert calls == 36 and peak == 2, (calls, peak)
     for b in budgets:
         b.flush_counts()
