@@ -117,7 +117,10 @@ def warm_pair(workers, fleet_env, fake_vlm, tmp_path) -> tuple[WorkerProc, Worke
 
 def test_a_clock_that_jumps_ahead_mid_run_hands_out_no_running_task(workers, fleet_env, fake_vlm, data, tmp_path):
     _, b, clock = warm_pair(workers, fleet_env, fake_vlm, tmp_path)
-    fake_vlm.latency = 1.0
+    # Calls of 2 s (a quarter of the visibility timeout: no task outlives it): the run lasts well
+    # past the few seconds b takes to notice its jump (the clock file's 1 s cache, then its next
+    # sweep), also on a loaded machine, where 1 s calls had all ended by then.
+    fake_vlm.latency = 2.0
     results = tmp_path / "results"
     producer(fleet_env, "enqueue", *job(fake_vlm, data, results))
     wait_until(lambda: fake_vlm.stats()["in_flight"] >= 3, 30, "calls in flight on both workers", interval=0.05)
